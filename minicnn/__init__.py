@@ -1,0 +1,21 @@
+"""minicnn: a small CNN written from scratch in NumPy, with Numba kernels.
+
+    import minicnn
+    x_train, y_train, x_test, y_test = minicnn.datasets.load("mnist10k")
+    model = minicnn.zoo.lenet5(seed=0)
+    minicnn.fit(model, x_train, y_train, epochs=10, batch_size=64, optimizer=minicnn.Adam(1e-3))
+    print(model.summary(), minicnn.evaluate(model, x_test, y_test))
+"""
+
+from . import datasets, kernels, losses, zoo
+from .layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
+from .model import Sequential
+from .optimizers import SGD, Adam
+from .serialization import load, save
+from .training import evaluate, fit
+
+__all__ = [
+    "Adam", "Conv2D", "Dense", "Flatten", "Layer", "MaxPool2D", "ReLU", "SGD", "Sequential",
+    "datasets", "evaluate", "fit", "kernels", "load", "losses", "save", "zoo",
+]
+__version__ = "0.1.0"

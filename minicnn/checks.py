@@ -1,0 +1,47 @@
+"""Input checks shared by layers, losses, training and file readers.
+
+Every public entry point validates its arguments here, so that a wrong rank,
+shape, dtype or a NaN is reported where it enters, with the offending value
+in the message, instead of surfacing as an obscure error deep in a kernel.
+"""
+
+import numpy as np
+
+
+def check_array(x, name, ndim=None, kind="f", finite=True):
+    """Return `x` as an ndarray after checking rank, dtype kind and finiteness.
+
+    kind: "f" floating, "i" integer (signed or unsigned), None for any.
+    Raises TypeError for a wrong type or dtype, ValueError for a wrong rank
+    or non-finite values.
+    """
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have rank {ndim}, got shape {x.shape}")
+    if kind == "f" and x.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
+    if kind == "i" and x.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
+    if finite and x.dtype.kind == "f" and not np.isfinite(x).all():
+        bad = np.argwhere(~np.isfinite(x))[0]
+        raise ValueError(f"{name} has non-finite values (first at index {tuple(bad)})")
+    return x
+
+
+def check_labels(y, n, num_classes, name="y"):
+    """Check integer labels: shape (n,), values in [0, num_classes)."""
+    check_array(y, name, ndim=1, kind="i")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} labels for {n} samples")
+    if y.size and (y.min() < 0 or y.max() >= num_classes):
+        raise ValueError(
+            f"{name} must lie in [0, {num_classes}), got values in [{y.min()}, {y.max()}]"
+        )
+    return y
+
+
+def check_positive_int(v, name, minimum=1):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
+    return int(v)

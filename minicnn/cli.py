@@ -1,0 +1,65 @@
+"""The `minicnn` command line (also `python -m minicnn`).
+
+    minicnn train --model lenet5 --data mnist10k --epochs 10 --out lenet5.npz
+"""
+
+import argparse
+import sys
+import time
+
+from . import datasets, zoo
+from .optimizers import SGD, Adam
+from .serialization import save
+from .training import evaluate, fit
+
+
+def cmd_train(args):
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = zoo.build(args.model, seed=args.seed)
+    optimizer = Adam(args.lr) if args.optimizer == "adam" else SGD(args.lr, momentum=args.momentum)
+    print(f"training {args.model} on {args.data}: {len(x_train)} images, "
+          f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {args.lr}")
+    start = time.perf_counter()
+    fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=optimizer, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    print(model.summary())
+    accuracy = evaluate(model, x_test, y_test)
+    print(f"test accuracy {accuracy:.4f} on {len(x_test)} images "
+          f"({elapsed:.1f} s, {args.epochs * len(x_train) / elapsed:.0f} samples/s)")
+    if args.out:
+        save(model, args.out)
+        print(f"saved {args.out}")
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("train", help="train a zoo model and save it")
+    p.add_argument("--model", default="lenet5", choices=sorted(zoo.MODELS))
+    p.add_argument("--data", default="mnist10k", choices=sorted(datasets.DATASETS))
+    p.add_argument("--root", default=None, help="folder of IDX files for mnist / fashion-mnist")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.9, help="for sgd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the trained model (.npz)")
+    p.set_defaults(run=cmd_train)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError) as e:
+        print(f"minicnn {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,257 @@
+"""The hot loops of the network: convolution and max-pooling, twice over.
+
+Each op comes as a plain NumPy reference (`*_ref`: short, obviously right,
+the specification) and a fast version with the same signature that the
+layers use. Tests check that the two agree on random shapes, strides and
+paddings (tests/test_kernels.py).
+
+Legend (NCHW everywhere):
+    N batch, C input channels, H W input height/width, F filters (output
+    channels), KH KW kernel size, S stride, P padding,
+    Ho = 1 + (H + 2P - KH) // S,  Wo = 1 + (W + 2P - KW) // S.
+
+Convolution (really cross-correlation, as in every framework):
+
+    out[n, f, i, j] = b[f] + sum_{c, kh, kw} xp[n, c, i*S + kh, j*S + kw] * W[f, c, kh, kw]
+
+where xp is x zero-padded by P on each side. The fast version rewrites it as
+one matrix product (the im2row / im2col trick of Caffe and CS231n): lay every
+receptive field out as a row,
+
+    rows[(n*Ho + i)*Wo + j, (c*KH + kh)*KW + kw] = xp[n, c, i*S + kh, j*S + kw]
+
+so that out = rows @ W.reshape(F, -1).T + b. The gathering (im2row) and its
+adjoint scatter-add (row2im) are Numba loops; the three matrix products
+(forward, dW = dout^T rows, drows = dout W) go to BLAS through numpy.matmul,
+the fastest matrix product on the machine (bench/ measures both).
+
+Max-pooling keeps the flat index of each window's maximum (the first one
+on ties, as numpy.argmax does), so backward routes dout to it.
+"""
+
+import os
+
+import numba
+import numpy as np
+from numba import prange
+
+# Numba's default OpenMP workers and OpenBLAS's threads both spin after a
+# parallel region. A conv alternates the two (im2row in Numba, GEMM in BLAS),
+# and on a 2-core machine each switch then waited a whole scheduler tick
+# (~8 ms measured, against 0.1 ms). The workqueue layer's workers sleep.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+fast = numba.njit(parallel=True, cache=True)
+
+
+def conv_output_size(size, kernel, stride, padding):
+    """H' = 1 + (H + 2P - K) // S."""
+    return 1 + (size + 2 * padding - kernel) // stride
+
+
+def pad(x, padding):
+    """Zero-pad the two spatial axes of x (N, C, H, W) by `padding`."""
+    if padding == 0:
+        return x
+    p = padding
+    return np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+
+
+# --------------------------------------------------------------------------
+# Convolution: reference
+
+
+def conv2d_forward_ref(x, W, b, stride, padding):
+    """out (N, F, Ho, Wo) from x (N, C, H, W), W (F, C, KH, KW), b (F,)."""
+    KH, KW = W.shape[2:]
+    windows = np.lib.stride_tricks.sliding_window_view(pad(x, padding), (KH, KW), axis=(2, 3))
+    windows = windows[:, :, ::stride, ::stride]  # (N, C, Ho, Wo, KH, KW)
+    return np.einsum("nchwij,fcij->nfhw", windows, W) + b[None, :, None, None]
+
+
+def conv2d_backward_ref(dout, x, W, stride, padding):
+    """(dx, dW, db) for out = conv2d_forward_ref(x, W, b, stride, padding).
+
+    dW[f, c, kh, kw] = sum_{n,i,j} dout[n, f, i, j] * xp[n, c, i*S + kh, j*S + kw]
+    dxp[n, c, i*S + kh, j*S + kw] += sum_f dout[n, f, i, j] * W[f, c, kh, kw]
+    """
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    Ho, Wo = dout.shape[2:]
+    S = stride
+    xp = pad(x, padding)
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (KH, KW), axis=(2, 3))[:, :, ::S, ::S]
+    dW = np.einsum("nfhw,nchwij->fcij", dout, windows)
+    db = dout.sum(axis=(0, 2, 3))
+    dxp = np.zeros_like(xp)
+    for kh in range(KH):
+        for kw in range(KW):
+            dxp[:, :, kh : kh + S * Ho : S, kw : kw + S * Wo : S] += np.einsum(
+                "nfhw,fc->nchw", dout, W[:, :, kh, kw]
+            )
+    dx = dxp[:, :, padding : padding + H, padding : padding + Wd]
+    return dx, dW, db
+
+
+# --------------------------------------------------------------------------
+# Convolution: fast (Numba im2row / row2im around BLAS matrix products)
+
+
+def im2row_ref(xp, KH, KW, stride):
+    """rows (N*Ho*Wo, C*KH*KW) from padded xp (N, C, Hp, Wp)."""
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (KH, KW), axis=(2, 3))
+    windows = windows[:, :, ::stride, ::stride]  # (N, C, Ho, Wo, KH, KW)
+    N, C, Ho, Wo = windows.shape[:4]
+    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(N * Ho * Wo, C * KH * KW)
+
+
+def _im2row_loops(xp, KH, KW, stride):
+    N, C, Hp, Wp = xp.shape
+    Ho = (Hp - KH) // stride + 1
+    Wo = (Wp - KW) // stride + 1
+    rows = np.empty((N * Ho * Wo, C * KH * KW), dtype=xp.dtype)
+    for t in prange(N * Ho):  # one output row of one image per task
+        n, i = t // Ho, t % Ho
+        for j in range(Wo):
+            r = t * Wo + j
+            k = 0
+            for c in range(C):
+                for kh in range(KH):
+                    for kw in range(KW):
+                        rows[r, k] = xp[n, c, i * stride + kh, j * stride + kw]
+                        k += 1
+    return rows
+
+
+im2row = fast(_im2row_loops)
+
+
+def row2im_ref(rows, xp_shape, KH, KW, stride):
+    """Adjoint of im2row: scatter-add rows (N*Ho*Wo, C*KH*KW) into dxp (N, C, Hp, Wp)."""
+    N, C, Hp, Wp = xp_shape
+    Ho = (Hp - KH) // stride + 1
+    Wo = (Wp - KW) // stride + 1
+    blocks = rows.reshape(N, Ho, Wo, C, KH, KW)
+    dxp = np.zeros(xp_shape, dtype=rows.dtype)
+    for kh in range(KH):
+        for kw in range(KW):
+            dxp[:, :, kh : kh + stride * Ho : stride, kw : kw + stride * Wo : stride] += blocks[
+                :, :, :, :, kh, kw
+            ].transpose(0, 3, 1, 2)
+    return dxp
+
+
+def _row2im_loops(rows, xp_shape, KH, KW, stride):
+    N, C, Hp, Wp = xp_shape
+    Ho = (Hp - KH) // stride + 1
+    Wo = (Wp - KW) // stride + 1
+    dxp = np.zeros((N, C, Hp, Wp), dtype=rows.dtype)
+    # Tasks own whole (n, c) planes, so overlapping windows never race.
+    for t in prange(N * C):
+        n, c = t // C, t % C
+        for i in range(Ho):
+            for j in range(Wo):
+                r = (n * Ho + i) * Wo + j
+                k0 = c * KH * KW
+                for kh in range(KH):
+                    for kw in range(KW):
+                        dxp[n, c, i * stride + kh, j * stride + kw] += rows[r, k0 + kh * KW + kw]
+    return dxp
+
+
+row2im = fast(_row2im_loops)
+
+
+def conv2d_forward(x, W, b, stride, padding):
+    """Fast conv: returns (out (N, F, Ho, Wo), rows) where rows is kept for backward."""
+    N, C, H, Wd = x.shape
+    F, _, KH, KW = W.shape
+    Ho = conv_output_size(H, KH, stride, padding)
+    Wo = conv_output_size(Wd, KW, stride, padding)
+    rows = im2row(pad(x, padding), KH, KW, stride)
+    out = rows @ W.reshape(F, -1).T  # (N*Ho*Wo, F): one GEMM for the whole batch
+    out += b
+    return np.ascontiguousarray(out.reshape(N, Ho, Wo, F).transpose(0, 3, 1, 2)), rows
+
+
+def conv2d_backward(dout, rows, x_shape, W, stride, padding):
+    """Fast conv backward from the rows saved by conv2d_forward: (dx, dW, db)."""
+    N, C, H, Wd = x_shape
+    F, _, KH, KW = W.shape
+    dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, F)  # (N*Ho*Wo, F)
+    dW = (dout_rows.T @ rows).reshape(W.shape)
+    db = dout_rows.sum(axis=0)
+    drows = dout_rows @ W.reshape(F, -1)
+    xp_shape = (N, C, H + 2 * padding, Wd + 2 * padding)
+    dxp = row2im(drows, xp_shape, KH, KW, stride)
+    dx = dxp[:, :, padding : padding + H, padding : padding + Wd]
+    return np.ascontiguousarray(dx), dW, db
+
+
+# --------------------------------------------------------------------------
+# Max-pooling
+
+
+def maxpool_forward_ref(x, k, stride):
+    """(out, argmax), both (N, C, Ho, Wo); argmax is the flat index h*W + w in x's plane."""
+    windows = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))
+    windows = windows[:, :, ::stride, ::stride]
+    N, C, Ho, Wo = windows.shape[:4]
+    flat = windows.reshape(N, C, Ho, Wo, k * k)
+    arg = flat.argmax(axis=-1)  # first maximum on ties
+    out = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    ih = np.arange(Ho)[:, None] * stride + arg // k
+    iw = np.arange(Wo)[None, :] * stride + arg % k
+    return out, (ih * x.shape[3] + iw).astype(np.int32)
+
+
+def _maxpool_forward_loops(x, k, stride):
+    N, C, H, W = x.shape
+    Ho = (H - k) // stride + 1
+    Wo = (W - k) // stride + 1
+    out = np.empty((N, C, Ho, Wo), dtype=x.dtype)
+    arg = np.empty((N, C, Ho, Wo), dtype=np.int32)
+    for t in prange(N * C):
+        n, c = t // C, t % C
+        for i in range(Ho):
+            for j in range(Wo):
+                h0, w0 = i * stride, j * stride
+                best = x[n, c, h0, w0]
+                where = h0 * W + w0
+                for dh in range(k):
+                    for dw in range(k):
+                        v = x[n, c, h0 + dh, w0 + dw]
+                        if v > best:
+                            best = v
+                            where = (h0 + dh) * W + w0 + dw
+                out[n, c, i, j] = best
+                arg[n, c, i, j] = where
+    return out, arg
+
+
+maxpool_forward = fast(_maxpool_forward_loops)
+
+
+def maxpool_backward_ref(dout, argmax, x_shape):
+    """dx (N, C, H, W): each dout goes to the position its window's maximum came from."""
+    N, C, H, W = x_shape
+    dx = np.zeros((N * C, H * W), dtype=dout.dtype)
+    rows = np.repeat(np.arange(N * C), argmax[0, 0].size)
+    np.add.at(dx, (rows, argmax.reshape(-1)), dout.reshape(-1))
+    return dx.reshape(x_shape)
+
+
+def _maxpool_backward_loops(dout, argmax, x_shape):
+    N, C, H, W = x_shape
+    Ho, Wo = dout.shape[2], dout.shape[3]
+    dx = np.zeros((N, C, H * W), dtype=dout.dtype)
+    for t in prange(N * C):
+        n, c = t // C, t % C
+        for i in range(Ho):
+            for j in range(Wo):
+                dx[n, c, argmax[n, c, i, j]] += dout[n, c, i, j]
+    return dx.reshape((N, C, H, W))
+
+
+maxpool_backward = fast(_maxpool_backward_loops)

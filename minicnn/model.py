@@ -1,0 +1,81 @@
+"""Sequential: a list of layers run in order, forward and backward."""
+
+import numpy as np
+
+from .checks import check_array, check_positive_int
+from .summary import format_summary
+
+
+class Sequential:
+    """A feed-forward network. `layers` is a list of Layer objects.
+
+    input_shape is the per-sample shape, e.g. (1, 28, 28); it is checked
+    against the layers at construction, so a mis-wired model fails here and
+    not in the middle of training.
+    """
+
+    def __init__(self, layers, input_shape=(1, 28, 28)):
+        self.layers = list(layers)
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.output_shapes()
+
+    def output_shapes(self):
+        """Per-sample output shape of every layer; raises if the layers do not fit together."""
+        shapes, shape = [], self.input_shape
+        for i, layer in enumerate(self.layers):
+            try:
+                shape = layer.output_shape(shape)
+            except ValueError as e:
+                raise ValueError(f"layer {i} ({type(layer).__name__}) does not fit its input: {e}") from None
+            shapes.append(shape)
+        return shapes
+
+    @property
+    def num_classes(self):
+        return self.output_shapes()[-1][0]
+
+    def forward(self, x):
+        """x (N, *input_shape) float -> logits (N, num_classes)."""
+        check_array(x, "model input", ndim=1 + len(self.input_shape))
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"model expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dout):
+        """Backpropagate d(loss)/d(logits) (N, num_classes); fills every layer's grads."""
+        for layer in reversed(self.layers):
+            dout = layer.backward(dout)
+        return dout
+
+    def predict(self, x, batch_size=256):
+        """Logits (N, num_classes) float32, computed batch by batch; argmax gives the class."""
+        batch_size = check_positive_int(batch_size, "batch_size")
+        outs = [self.forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        for layer in self.layers:
+            layer.cache = None  # inference keeps no activations alive
+        if not outs:
+            return np.zeros((0, self.num_classes), np.float32)
+        return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def astype(self, dtype):
+        """Convert every parameter in place (float64 for gradient checks)."""
+        for layer in self.layers:
+            layer.astype(dtype)
+        return self
+
+    def save(self, path):
+        """Write architecture and weights to `path` (.npz), atomically."""
+        from .serialization import save  # serialization imports this module
+
+        save(self, path)
+
+    def summary(self):
+        """A table of layers: output shape, parameters, nonzeros, bits per weight,
+        bytes of the stored weights and multiply-accumulates per sample."""
+        return format_summary(self)
+
+    def __repr__(self):
+        inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        return f"Sequential([\n  {inner}\n], input_shape={self.input_shape})"

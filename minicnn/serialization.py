@@ -1,0 +1,121 @@
+"""Model files: one .npz holding a JSON description and the arrays.
+
+Layout of a file written by `save`:
+
+    meta              0-d unicode array: JSON {"format": "minicnn", "version": 1,
+                      "model": "sequential", "input_shape": [...],
+                      "layers": [{"kind": "conv2d", "config": {...}}, ...]}
+    layers.<i>.<name> the arrays of layer i, as returned by `layer.state()`
+
+Nothing is pickled: the file is read with allow_pickle=False, so loading a
+model file never runs code. Compressed layers from `optim` (pruned, shared,
+quantized, binary) store their own arrays under their own kinds; `load`
+finds those kinds in `optim.LAYER_KINDS`, imported only when a file needs it.
+The file is uncompressed on purpose: its size on disk is the honest size of
+the format, not of zlib's work.
+"""
+
+import json
+import zipfile
+
+import numpy as np
+
+from .atomic import atomic_path
+from .layers import LAYER_KINDS
+from .model import Sequential
+
+FORMAT, VERSION = "minicnn", 1
+
+
+def save(model, path):
+    """Write `model` (a Sequential) to `path` atomically: a failed save leaves the old file intact."""
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": "sequential",
+        "input_shape": list(model.input_shape),
+        "layers": [{"kind": layer.kind, "config": layer.config()} for layer in model.layers],
+    }
+    arrays = {"meta": np.array(json.dumps(meta))}
+    for i, layer in enumerate(model.layers):
+        for name, value in state_of(layer).items():
+            arrays[f"layers.{i}.{name}"] = value
+    write_npz(path, arrays)
+
+
+def write_npz(path, arrays):
+    """np.savez to a temporary file, then rename it onto `path`."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
+            np.savez(f, **arrays)
+
+
+def read_npz(path):
+    """(meta dict, {name: array}) from a file written by `write_npz`; ValueError if it is not ours."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path}: not a readable model file (corrupt or truncated .npz: {e})") from None
+    if "meta" not in arrays:
+        raise ValueError(f"{path}: not a minicnn model file (no 'meta' entry)")
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: corrupt model description: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a minicnn model file")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path}: unsupported model file version {meta.get('version')!r}")
+    return meta, arrays
+
+
+def state_of(layer):
+    """The arrays a layer stores: `layer.state()` if it defines one, else its params."""
+    return layer.state() if hasattr(layer, "state") else layer.params
+
+
+def layer_from_state(kind, config, arrays):
+    """Rebuild one layer from its kind, config and stored arrays."""
+    cls = LAYER_KINDS.get(kind)
+    if cls is None:
+        import optim  # compressed layer kinds live there; minicnn never imports optim eagerly
+
+        cls = optim.LAYER_KINDS.get(kind)
+    if cls is None:
+        raise ValueError(f"unknown layer kind {kind!r}")
+    if hasattr(cls, "from_state"):
+        return cls.from_state(config, arrays)
+    layer = cls(**config)
+    for name, p in layer.params.items():
+        if name not in arrays:
+            raise ValueError(f"{kind} layer is missing its {name!r} array")
+        a = arrays[name]
+        if a.shape != p.shape or a.dtype.kind != "f":
+            raise ValueError(f"{kind} layer {name!r}: expected float {p.shape}, got {a.dtype} {a.shape}")
+        layer.params[name] = a
+        layer.grads[name] = np.zeros_like(a)
+    return layer
+
+
+def load(path):
+    """Load any model file this project writes; the result has predict(x) and summary()."""
+    meta, arrays = read_npz(path)
+    kind = meta.get("model")
+    if kind != "sequential":
+        import optim
+
+        if kind not in optim.MODEL_KINDS:
+            raise ValueError(f"{path}: unknown model kind {kind!r}")
+        return optim.MODEL_KINDS[kind](meta, arrays)
+    try:
+        layers = []
+        for i, spec in enumerate(meta["layers"]):
+            prefix = f"layers.{i}."
+            own = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            layers.append(layer_from_state(spec["kind"], spec["config"], own))
+        return Sequential(layers, input_shape=meta["input_shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: invalid model file: {e}") from None

@@ -1,0 +1,51 @@
+"""The networks the rest of the project trains and compresses.
+
+All take (N, 1, 28, 28) images and return 10 logits; `seed` fixes the
+initial weights.
+"""
+
+import numpy as np
+
+from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from .model import Sequential
+
+
+def seed_cnn(seed=0):
+    """The example this project grew from: Conv 32@3x3, ReLU, MaxPool 2, Dense 10."""
+    rng = np.random.default_rng(seed)
+    return Sequential([
+        Conv2D(1, 32, 3, rng=rng), ReLU(), MaxPool2D(2),
+        Flatten(), Dense(32 * 13 * 13, 10, rng=rng),
+    ])
+
+
+def lenet5(seed=0):
+    """LeNet-5 as in Caffe and Deep Compression (431K weights): conv 20@5x5, pool,
+    conv 50@5x5, pool, fc 800->500, ReLU, fc 500->10 (no ReLU after the convs)."""
+    rng = np.random.default_rng(seed)
+    return Sequential([
+        Conv2D(1, 20, 5, rng=rng), MaxPool2D(2),
+        Conv2D(20, 50, 5, rng=rng), MaxPool2D(2),
+        Flatten(), Dense(800, 500, rng=rng), ReLU(), Dense(500, 10, rng=rng),
+    ])
+
+
+def lenet300(seed=0):
+    """LeNet-300-100: a 784-300-100-10 perceptron with ReLUs (266K weights)."""
+    rng = np.random.default_rng(seed)
+    return Sequential([
+        Flatten(),
+        Dense(784, 300, rng=rng), ReLU(),
+        Dense(300, 100, rng=rng), ReLU(),
+        Dense(100, 10, rng=rng),
+    ])
+
+
+MODELS = {"seed_cnn": seed_cnn, "lenet5": lenet5, "lenet300": lenet300}
+
+
+def build(name, seed=0):
+    """A fresh, untrained model by zoo name."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    return MODELS[name](seed)

@@ -1,0 +1,27 @@
+"""The command line, run in-process and as `python -m minicnn`."""
+
+import subprocess
+import sys
+
+import minicnn
+from minicnn.cli import main
+
+
+def test_train_prints_summary_and_saves(tmp_path, capsys):
+    out = tmp_path / "mlp.npz"
+    assert main(["train", "--model", "lenet300", "--epochs", "1", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Total" in text and "test accuracy" in text
+    accuracy = float(text.split("test accuracy ")[1].split()[0])
+    x, y = minicnn.datasets.load()[2:]
+    assert abs(minicnn.evaluate(minicnn.load(out), x, y) - accuracy) <= 5e-5  # printed with 4 decimals
+
+
+def test_errors_are_reported_not_raised(tmp_path, capsys):
+    assert main(["train", "--model", "lenet300", "--epochs", "1", "--data", "mnist", "--root", str(tmp_path / "none")]) == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_python_dash_m_help():
+    result = subprocess.run([sys.executable, "-m", "minicnn", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "train" in result.stdout

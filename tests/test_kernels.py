@@ -1,0 +1,86 @@
+"""Fast kernels agree with their NumPy references on any valid geometry."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minicnn import kernels as K
+from strategies import conv_geometry, pool_geometry, random_array
+
+seeds = st.integers(0, 2**31 - 1)
+
+
+@given(conv_geometry(), seeds, st.sampled_from([np.float32, np.float64]))
+def test_conv_forward_matches_reference(geom, seed, dtype):
+    N, C, H, W, F, k, s, p = geom
+    x = random_array(seed, (N, C, H, W), dtype)
+    w = random_array(seed + 1, (F, C, k, k), dtype)
+    b = random_array(seed + 2, (F,), dtype)
+    out, _ = K.conv2d_forward(x, w, b, s, p)
+    ref = K.conv2d_forward_ref(x, w, b, s, p)
+    assert out.shape == ref.shape == (N, F, K.conv_output_size(H, k, s, p), K.conv_output_size(W, k, s, p))
+    assert out.dtype == dtype
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
+
+
+@given(conv_geometry(), seeds)
+def test_conv_backward_matches_reference(geom, seed):
+    N, C, H, W, F, k, s, p = geom
+    x = random_array(seed, (N, C, H, W))
+    w = random_array(seed + 1, (F, C, k, k))
+    b = random_array(seed + 2, (F,))
+    out, rows = K.conv2d_forward(x, w, b, s, p)
+    dout = random_array(seed + 3, out.shape)
+    for fast, ref in zip(K.conv2d_backward(dout, rows, x.shape, w, s, p), K.conv2d_backward_ref(dout, x, w, s, p)):
+        assert fast.shape == ref.shape
+        np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-10)
+
+
+@given(conv_geometry(), seeds)
+def test_im2row_and_row2im_match_reference_and_are_adjoint(geom, seed):
+    N, C, H, W, F, k, s, p = geom
+    xp = K.pad(random_array(seed, (N, C, H, W)), p)
+    rows = K.im2row(xp, k, k, s)
+    np.testing.assert_array_equal(rows, K.im2row_ref(xp, k, k, s))
+    r = random_array(seed + 1, rows.shape)
+    back = K.row2im(r, xp.shape, k, k, s)
+    np.testing.assert_allclose(back, K.row2im_ref(r, xp.shape, k, k, s), rtol=1e-12, atol=1e-12)
+    # <im2row(x), r> == <x, row2im(r)>: the scatter is the exact adjoint of the gather.
+    assert np.isclose((rows * r).sum(), (xp * back).sum())
+
+
+@given(pool_geometry(), seeds, st.sampled_from([np.float32, np.float64]))
+def test_maxpool_matches_reference(geom, seed, dtype):
+    N, C, H, W, k, s = geom
+    x = random_array(seed, (N, C, H, W), dtype)
+    out, arg = K.maxpool_forward(x, k, s)
+    ref_out, ref_arg = K.maxpool_forward_ref(x, k, s)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(arg, ref_arg)
+    dout = random_array(seed + 1, out.shape, dtype)
+    np.testing.assert_allclose(K.maxpool_backward(dout, arg, x.shape), K.maxpool_backward_ref(dout, ref_arg, x.shape), rtol=1e-6)
+
+
+def test_maxpool_ties_go_to_the_first_maximum():
+    x = np.zeros((1, 1, 2, 2), np.float32)
+    out, arg = K.maxpool_forward(x, 2, 2)
+    assert out.item() == 0 and arg.item() == 0
+    dx = K.maxpool_backward(np.ones((1, 1, 1, 1), np.float32), arg, x.shape)
+    np.testing.assert_array_equal(dx.ravel(), [1, 0, 0, 0])
+
+
+def test_conv_hand_computed():
+    # 3x3 input of 1..9, 2x2 kernel of ones: each output sums a 2x2 window.
+    x = np.arange(1, 10, dtype=np.float32).reshape(1, 1, 3, 3)
+    w = np.ones((1, 1, 2, 2), np.float32)
+    out, _ = K.conv2d_forward(x, w, np.array([0.5], np.float32), 1, 0)
+    np.testing.assert_array_equal(out[0, 0], [[12.5, 16.5], [24.5, 28.5]])
+    out, _ = K.conv2d_forward(x, w, np.zeros(1, np.float32), 2, 1)  # padded corners
+    np.testing.assert_array_equal(out[0, 0], [[1, 5], [11, 28]])
+
+
+@pytest.mark.parametrize("size,k,s,p,expected", [(28, 5, 1, 0, 24), (28, 3, 1, 1, 28), (7, 3, 2, 1, 4), (5, 5, 1, 0, 1)])
+def test_conv_output_size(size, k, s, p, expected):
+    assert K.conv_output_size(size, k, s, p) == expected
