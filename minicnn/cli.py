@@ -4,6 +4,7 @@
 """
 
 import argparse
+import os
 import sys
 import time
 
@@ -11,6 +12,22 @@ from . import datasets, zoo
 from .optimizers import SGD, Adam
 from .serialization import save
 from .training import evaluate, fit
+
+
+def add_data_args(p):
+    """--data and --root: which data set, and where its IDX files are."""
+    p.add_argument("--data", default="mnist10k", choices=sorted(datasets.DATASETS))
+    p.add_argument("--root", default=None, help="folder of IDX files for mnist / fashion-mnist")
+
+
+def report(title, model, x_test, y_test, path=None):
+    """Print a model's summary, its test accuracy and (if saved) its bytes on disk; return the accuracy."""
+    accuracy = evaluate(model, x_test, y_test)
+    print(f"\n== {title} ==")
+    print(model.summary())
+    size = f", {os.path.getsize(path):,} bytes on disk ({path})" if path else ""
+    print(f"test accuracy {accuracy:.4f} on {len(x_test)} images{size}")
+    return accuracy
 
 
 def cmd_train(args):
@@ -23,13 +40,10 @@ def cmd_train(args):
     fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
         optimizer=optimizer, seed=args.seed)
     elapsed = time.perf_counter() - start
-    print(model.summary())
-    accuracy = evaluate(model, x_test, y_test)
-    print(f"test accuracy {accuracy:.4f} on {len(x_test)} images "
-          f"({elapsed:.1f} s, {args.epochs * len(x_train) / elapsed:.0f} samples/s)")
+    print(f"trained in {elapsed:.1f} s ({args.epochs * len(x_train) / elapsed:.0f} samples/s)")
     if args.out:
         save(model, args.out)
-        print(f"saved {args.out}")
+    report(f"{args.model} trained on {args.data}", model, x_test, y_test, args.out)
     return 0
 
 
@@ -39,8 +53,7 @@ def build_parser():
 
     p = commands.add_parser("train", help="train a zoo model and save it")
     p.add_argument("--model", default="lenet5", choices=sorted(zoo.MODELS))
-    p.add_argument("--data", default="mnist10k", choices=sorted(datasets.DATASETS))
-    p.add_argument("--root", default=None, help="folder of IDX files for mnist / fashion-mnist")
+    add_data_args(p)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])

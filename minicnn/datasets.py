@@ -259,3 +259,17 @@ def _prepare(x, y, what):
     x = x.astype(np.float32)
     x /= 255  # in place: the full training set is 188 MB as float32
     return x.reshape(-1, 1, 28, 28), y.astype(np.int64)
+
+
+def split_validation(x, y, fraction=0.1, seed=0):
+    """Hold out a random `fraction` of (x, y) for validation: (x_fit, y_fit, x_val, y_val).
+
+    Decisions made while compressing (which layer to cut, how far to prune)
+    are taken on this split, so the test split stays untouched for the report.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng(seed).permutation(len(x))
+    n_val = max(1, int(round(fraction * len(x))))
+    val, fit = order[:n_val], order[n_val:]
+    return x[fit], y[fit], x[val], y[val]

@@ -1,5 +1,7 @@
 """Sequential: a list of layers run in order, forward and backward."""
 
+import copy
+
 import numpy as np
 
 from .checks import check_array, check_positive_int
@@ -58,6 +60,10 @@ class Sequential:
         if not outs:
             return np.zeros((0, self.num_classes), np.float32)
         return np.concatenate(outs).astype(np.float32, copy=False)
+
+    def copy(self):
+        """An independent deep copy: compression techniques work on one, never on the original."""
+        return copy.deepcopy(self)
 
     def astype(self, dtype):
         """Convert every parameter in place (float64 for gradient checks)."""

@@ -337,3 +337,15 @@ def test_load_rejects_bad_images(tmp_path):
     datasets.write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 27), dtype=np.uint8))
     with pytest.raises(ValueError, match=r"images must be uint8 \(N, 28, 28\), got uint8 \(3, 28, 27\)"):
         datasets.load("mnist", root=tmp_path)
+
+
+def test_split_validation_is_a_seeded_partition():
+    x = np.arange(20, dtype=np.float32).reshape(20, 1, 1, 1)
+    y = np.arange(20)
+    xf, yf, xv, yv = datasets.split_validation(x, y, 0.25, seed=3)
+    assert len(yv) == 5 and len(yf) == 15
+    assert sorted(np.concatenate([yf, yv]).tolist()) == list(range(20))
+    np.testing.assert_array_equal(xv.ravel(), yv)
+    np.testing.assert_array_equal(datasets.split_validation(x, y, 0.25, seed=3)[3], yv)
+    with pytest.raises(ValueError, match="fraction"):
+        datasets.split_validation(x, y, 1.0)

@@ -117,3 +117,10 @@ def test_summary_columns_and_totals():
     text = zoo.lenet5().summary()
     assert text.splitlines()[0].split() == ["Layer", "Output", "shape", "Params", "Nonzero", "Bits/w", "Bytes", "MACs"]
     assert "(N, 20, 24, 24)" in text and "431,080" in text and "2,293,000" in text
+
+
+def test_copy_is_independent():
+    model = zoo.lenet300()
+    twin = model.copy()
+    twin.layers[1].params["W"][:] = 0
+    assert model.layers[1].params["W"].any()
