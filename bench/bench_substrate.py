@@ -21,8 +21,8 @@ Every figure is the median over repeats after a warm-up that takes Numba's
 compilation out (see bench/common.py). The speed ratio is always
 torch time / minicnn time for the same work, so > 1 means minicnn is faster:
 for throughput that is minicnn/torch, for latency torch_ms/minicnn_ms.
-Ratios are more trustworthy than absolute figures on a shared machine: both
-sides are measured in the same process within seconds of each other.
+Ratios are more trustworthy than absolute figures on a shared machine: the
+contestants are timed in interleaved rounds, so a busy spell slows both.
 
 The data are random: shape and dtype are all that matter for speed.
 
@@ -41,7 +41,9 @@ sys.path.insert(0, str(ROOT))  # measure this working tree's minicnn, not an ins
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
-from bench.common import FULL, QUICK, format_facts, format_table, machine_facts, measure, num, pct, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    FULL, QUICK, compare, format_facts, format_table, load_average, machine_facts, measure, num, pct, write_json,
+)
 from minicnn import kernels, zoo  # noqa: E402
 from minicnn.losses import cross_entropy  # noqa: E402
 from minicnn.optimizers import Adam  # noqa: E402
@@ -219,12 +221,6 @@ class OnnxRuntime:
 # Figures
 
 
-def time_all(fns, budget):
-    """Time each contestant in turn. One after the other, never interleaved: a
-    switch between thread pools costs a warm-up's worth of spinning threads."""
-    return {label: measure(fn, budget) for label, fn in fns.items()}
-
-
 def speed_ratio(timings, other, ours="minicnn"):
     """other's time / our time for the same work: > 1 means minicnn is faster."""
     if other not in timings:
@@ -251,10 +247,10 @@ def network_figures(sides, budget):
             x, y = random_batch(batch)
             fns = {s.label: s.train_step(name, x, y) for s in sides if hasattr(s, "train_step")}
             rows.append(record(f"{name} train b{batch}", "samples/s", lambda t, b=batch: b / t,
-                               time_all(fns, budget), batch=batch))
+                               compare(fns, budget), batch=batch))
         for batch in (1, INFER_BATCH):
             x, _ = random_batch(batch)
-            timings = time_all({s.label: s.infer(name, x) for s in sides}, budget)
+            timings = compare({s.label: s.infer(name, x) for s in sides}, budget)
             if batch == 1:
                 rows.append(record(f"{name} infer b1 latency", "ms", lambda t: 1e3 * t, timings, batch=1))
             else:
@@ -267,7 +263,7 @@ def conv_case(C, F, H, K, N=KERNEL_BATCH, seed=0):
     rng = np.random.default_rng(seed)
     Ho = H - K + 1
     x = rng.random((N, C, H, H), dtype=np.float32)
-    W = rng.standard_normal((F, C, K, K), dtype=np.float32) / np.sqrt(C * K * K)
+    W = rng.standard_normal((F, C, K, K), dtype=np.float32) / np.float32(np.sqrt(C * K * K))
     b = rng.standard_normal(F, dtype=np.float32)
     dout = rng.standard_normal((N, F, Ho, Ho), dtype=np.float32)
     macs = N * F * Ho * Ho * C * K * K
@@ -283,16 +279,16 @@ def kernel_figures(sides, budget):
     rows = []
     a = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
     rows.append(record("GEMM 1024^3", "GFLOP/s", gflops(2 * 1024**3),
-                       time_all({s.label: s.gemm(a, a) for s in sides}, budget), shape="1024x1024x1024"))
+                       compare({s.label: s.gemm(a, a) for s in sides}, budget), shape="1024x1024x1024"))
     for name, C, F, H, K in CONVS:
         x, W, b, dout, macs = conv_case(C, F, H, K)
         shape = f"{x.shape[0]}x{C}x{H}x{H} * {F}x{C}x{K}x{K}"
-        fwd = time_all({s.label: s.conv_forward(x, W, b) for s in sides}, budget)
-        bwd = time_all({s.label: s.conv_backward(x, W, b, dout) for s in sides}, budget)
+        fwd = compare({s.label: s.conv_forward(x, W, b) for s in sides}, budget)
+        bwd = compare({s.label: s.conv_backward(x, W, b, dout) for s in sides}, budget)
         # The forward's GEMM alone, same shapes: rows (N*Ho*Wo, C*K*K) @ W (F, C*K*K).T
         M, Kd = dout.shape[0] * dout.shape[2] * dout.shape[3], C * K * K
         rows_, w = np.random.default_rng(1).random((M, Kd), dtype=np.float32), W.reshape(F, -1)
-        gemm = time_all({s.label: s.gemm(rows_, w) for s in sides}, budget)
+        gemm = compare({s.label: s.gemm(rows_, w) for s in sides}, budget)
         of_gemm = gemm["minicnn"].median / fwd["minicnn"].median
         rows.append(record(f"{name} fwd", "GFLOP/s", gflops(2 * macs), fwd, shape=shape, macs=macs,
                            fraction_of_own_gemm=of_gemm))
@@ -326,20 +322,17 @@ def pool_figures(budget):
 # Tables
 
 
-def comparison_table(rows, labels, extra_header=None, extra=None):
+def comparison_table(rows, labels, extras=()):
+    """One row per figure: value per contestant, speed ratios, spreads; extras are
+    (header, row -> cell) columns added at the end."""
     others = [label for label in labels if label != "minicnn"]
-    headers = ["figure", "unit", *labels, *(f"speed vs {o}" for o in others), "spread"]
-    if extra_header:
-        headers.append(extra_header)
+    headers = ["figure", "unit", *labels, *(f"speed vs {o}" for o in others), "spread", *(h for h, _ in extras)]
     body = []
     for r in rows:
+        ratios = [r["speed_ratio"].get(o) for o in others]
         spreads = "/".join(pct(r["timing"][label]["spread"]) if label in r["timing"] else "-" for label in labels)
-        cells = [r["figure"], r["unit"], *(r["value"].get(label) for label in labels),
-                 *(num(r["speed_ratio"].get(o)) + "x" if r["speed_ratio"].get(o) else "-" for o in others),
-                 spreads]
-        if extra:
-            cells.append(extra(r))
-        body.append(cells)
+        body.append([r["figure"], r["unit"], *(r["value"].get(label) for label in labels),
+                     *(f"{num(x)}x" if x else "-" for x in ratios), spreads, *(f(r) for _, f in extras)])
     return format_table(headers, body)
 
 
@@ -397,8 +390,11 @@ def main(argv=None):
     sides, notes, info = contestants(not args.no_torch, threads)
     facts = {**machine_facts(), **{f"{k}_{f}": v for k, d in info.items() for f, v in d.items()}}
     print("machine:\n" + format_facts(facts), flush=True)
-    print(f"budget: {budget.repeats} repeats of >= {budget.min_time * 1e3:.0f} ms after >= "
+    print(f"budget: {budget.repeats} interleaved repeats of >= {budget.min_time * 1e3:.0f} ms after >= "
           f"{budget.warm_time * 1e3:.0f} ms warm-up; figures are medians", flush=True)
+    if (facts["load_avg_1min"] or 0) > 0.5 * facts["usable_cores"]:
+        print(f"warning: load average {facts['load_avg_1min']:.1f} on {facts['usable_cores']} cores: "
+              "the machine is busy, absolute figures will be low and noisy (ratios less so)")
     for note in notes:
         print(note)
 
@@ -421,15 +417,16 @@ def main(argv=None):
     result["kernels"] = kernel_figures(kernel_sides, budget)
     print(f"\nkernels at batch {KERNEL_BATCH} (minicnn column = numpy for GEMM rows; "
           "fwd = 2*MACs, bwd = 4*MACs; 'of GEMM' = conv fwd speed / its own GEMM's speed)")
-    print(comparison_table(result["kernels"], [s.label for s in kernel_sides], "of GEMM",
-                           lambda r: pct(r.get("fraction_of_own_gemm"))), flush=True)
+    extras = [("of GEMM", lambda r: pct(r.get("fraction_of_own_gemm"))), ("shape", lambda r: r["shape"])]
+    print(comparison_table(result["kernels"], [s.label for s in kernel_sides], extras), flush=True)
 
     result["pools"] = pool_figures(budget)
     print("\n" + pool_table(result["pools"]))
 
     result["seconds"] = time.perf_counter() - started
+    result["load_avg_1min_at_end"] = load = load_average()
     write_json(args.json, result)
-    print(f"\n{result['seconds']:.0f} s; wrote {args.json}")
+    print(f"\n{result['seconds']:.0f} s, load average {num(load)} at the end; wrote {args.json}")
 
 
 if __name__ == "__main__":

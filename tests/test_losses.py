@@ -42,7 +42,7 @@ def test_cross_entropy_hand_computed():
 @given(st.integers(1, 5), st.integers(2, 6), st.integers(0, 10**6))
 def test_cross_entropy_gradient_is_numerical(n, k, seed):
     rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, k)) * 3
+    z = rng.standard_normal((n, k))  # saturated softmax would leave the finite difference only rounding noise
     y = rng.integers(0, k, n)
     _, dz = cross_entropy(z, y)
     num = numerical_gradient(lambda: np.array(cross_entropy(z, y)[0]), z, np.array(1.0))
