@@ -1,0 +1,118 @@
+"""Knowledge distillation: the loss, its gradient, the T^2 scaling, bad input, a short run."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import minicnn
+from minicnn.losses import softmax
+from optim.distillation import distill, distillation_loss
+from gradcheck import numerical_gradient, relative_error
+
+temperatures = st.floats(0.1, 50)
+alphas = st.floats(0, 1)
+
+
+def random_case(seed, n, k, scale=3.0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, k)) * scale, rng.standard_normal((n, k)) * scale, rng.integers(0, k, n)
+
+
+@given(st.integers(1, 5), st.integers(2, 6), temperatures, alphas, st.integers(0, 10**6))
+def test_gradient_is_numerical(n, k, temperature, alpha, seed):
+    s, t, y = random_case(seed, n, k)
+    _, grad = distillation_loss(s, t, y, temperature, alpha)
+    num = numerical_gradient(lambda: np.array(distillation_loss(s, t, y, temperature, alpha)[0]),
+                             s, np.array(1.0))
+    err = relative_error(grad, num)
+    assert err < 1e-6, f"T={temperature}, alpha={alpha}: relative error {err:.2e}\nours {grad}\nnumerical {num}"
+
+
+def test_hand_computed_case():
+    # K = 2, T = 2, alpha = 1/2, one sample: t = (0, 0) gives p = (1/2, 1/2);
+    # s = (2 ln 3, 0) gives q = softmax(s / 2) = (3/4, 1/4), softmax(s) = (9/10, 1/10).
+    s = np.array([[2 * np.log(3), 0.0]])
+    t = np.zeros((1, 2))
+    loss, grad = distillation_loss(s, t, np.array([1]), temperature=2.0, alpha=0.5)
+    kl = 0.5 * np.log(0.5 / 0.75) + 0.5 * np.log(0.5 / 0.25)
+    ce = -np.log(0.1)
+    assert loss == pytest.approx(0.5 * 4 * kl + 0.5 * ce)
+    expected = 0.5 * 2 * np.array([0.75 - 0.5, 0.25 - 0.5]) + 0.5 * np.array([0.9, 0.1 - 1])
+    np.testing.assert_allclose(grad, [expected], rtol=1e-12)
+
+
+def test_gradient_is_a_mean_over_the_batch():
+    s, t, y = random_case(1, 4, 5)
+    loss, grad = distillation_loss(s, t, y, 3.0, 0.7)
+    loss2, grad2 = distillation_loss(np.tile(s, (2, 1)), np.tile(t, (2, 1)), np.tile(y, 2), 3.0, 0.7)
+    assert loss2 == pytest.approx(loss)
+    np.testing.assert_allclose(grad2, np.tile(grad, (2, 1)) / 2, rtol=1e-12)
+
+
+@given(st.integers(1, 5), st.integers(2, 6), temperatures, st.integers(0, 10**6))
+def test_zero_loss_when_the_student_copies_the_teacher(n, k, temperature, seed):
+    s, _, y = random_case(seed, n, k)
+    loss, grad = distillation_loss(s, s.copy(), y, temperature, alpha=1.0)
+    assert abs(loss) < 1e-12, f"loss {loss} for identical logits"
+    np.testing.assert_allclose(grad, 0, atol=1e-15)
+
+
+@given(st.integers(0, 10**6))
+def test_alpha_zero_is_plain_cross_entropy(seed):
+    s, t, y = random_case(seed, 3, 4)
+    loss, grad = distillation_loss(s, t, y, 5.0, alpha=0.0)
+    ce, dce = minicnn.losses.cross_entropy(s, y)
+    assert loss == pytest.approx(ce)
+    np.testing.assert_allclose(grad, dce, rtol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [200.0, 2000.0, 20000.0])
+def test_high_temperature_limit_is_logit_matching(temperature):
+    # With zero-mean logits, T^2 * dKL/ds -> (s - t) / K as T grows (Hinton et al., section 2.1),
+    # with an error of order 1/T: the soft term's gradient does not fade with T.
+    n, k = 4, 10
+    s, t, y = random_case(7, n, k)
+    s -= s.mean(axis=1, keepdims=True)
+    t -= t.mean(axis=1, keepdims=True)
+    _, grad = distillation_loss(s, t, y, temperature, alpha=1.0)
+    limit = (s - t) / (k * n)
+    err = relative_error(grad, limit)
+    assert err < 20 / temperature, f"T={temperature}: relative error {err:.2e} from (s - t) / K"
+
+
+def test_soft_gradient_magnitude_does_not_depend_on_temperature():
+    s, t, y = random_case(3, 8, 10, scale=1.0)
+    norms = [np.linalg.norm(distillation_loss(s, t, y, T, 1.0)[1]) for T in (10.0, 100.0, 1000.0)]
+    np.testing.assert_allclose(norms, norms[-1], rtol=0.1)
+    # Without the T^2 factor the same gradients would differ by a factor 10^4.
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 20.0])
+def test_huge_logits_stay_finite(temperature):
+    # float32 logits of 1e30: exp(1e30 / T) overflows unless the row maximum is subtracted first.
+    s = np.array([[1e30, -1e30, 0.0], [0.0, 1e30, -1e30]], dtype=np.float32)
+    t = np.array([[-1e30, 1e30, 0.0], [1e30, 0.0, 0.0]], dtype=np.float32)
+    assert np.isfinite(softmax(s, temperature)).all()
+    loss, grad = distillation_loss(s, t, np.array([0, 1]), temperature, 0.5)
+    assert np.isfinite(loss), f"loss {loss}"
+    assert np.isfinite(grad).all() and grad.dtype == np.float32
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"temperature": 0.0}, "temperature"),
+    ({"temperature": -2.0}, "temperature"),
+    ({"temperature": np.inf}, "temperature"),
+    ({"alpha": 1.5}, "alpha"),
+    ({"alpha": -0.1}, "alpha"),
+    ({"alpha": np.nan}, "alpha"),
+    ({"t": np.zeros((2, 4))}, "same classes"),
+    ({"s": np.array([[0.0, np.nan, 1.0], [0, 0, 0]])}, "non-finite"),
+    ({"t": np.array([[0.0, np.inf, 1.0], [0, 0, 0]])}, "non-finite"),
+    ({"y": np.array([0, 3])}, r"\[0, 3\)"),
+])
+def test_bad_input(kwargs, message):
+    args = {"s": np.zeros((2, 3)), "t": np.zeros((2, 3)), "y": np.array([0, 1]),
+            "temperature": 2.0, "alpha": 0.5, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        distillation_loss(args["s"], args["t"], args["y"], args["temperature"], args["alpha"])
