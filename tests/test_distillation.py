@@ -1,4 +1,6 @@
-"""Knowledge distillation: the loss, its gradient, the T^2 scaling, bad input, a short run."""
+"""Knowledge distillation: the loss, its gradient, the T^2 scaling, bad input, short runs."""
+
+import json
 
 import numpy as np
 import pytest
@@ -6,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minicnn
+from minicnn.cli import main
 from minicnn.losses import softmax
-from optim.distillation import distill, distillation_loss
+from optim.distillation import distill, distillation_loss, omitted_class
 from gradcheck import numerical_gradient, relative_error
 
 temperatures = st.floats(0.1, 50)
@@ -116,3 +119,102 @@ def test_bad_input(kwargs, message):
             "temperature": 2.0, "alpha": 0.5, **kwargs}
     with pytest.raises(ValueError, match=message):
         distillation_loss(args["s"], args["t"], args["y"], args["temperature"], args["alpha"])
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    """2,000 training and 500 test images of mnist10k, and a LeNet-300-100 teacher
+    trained on them for 3 epochs (a few seconds)."""
+    x_train, y_train, x_test, y_test = minicnn.datasets.load("mnist10k")
+    data = (x_train[:2000], y_train[:2000], x_test[:500], y_test[:500])
+    teacher = minicnn.zoo.lenet300(seed=0)
+    minicnn.fit(teacher, data[0], data[1], epochs=3, batch_size=32, seed=0, verbose=False)
+    return teacher, data
+
+
+def test_distill_trains_a_copy_of_the_student(small_data):
+    teacher, (x, y, x_test, y_test) = small_data
+    fresh = minicnn.zoo.small_mlp(seed=0)
+    before = [p.copy() for layer in fresh.layers for p in layer.params.values()]
+    teacher_before = teacher.predict(x_test)
+    student = distill(teacher, fresh, x, y, temperature=4.0, alpha=0.9, epochs=3, batch_size=32,
+                      verbose=False)
+    assert all(np.array_equal(a, p) for a, p in
+               zip(before, (p for layer in fresh.layers for p in layer.params.values()))), "student modified"
+    np.testing.assert_array_equal(teacher.predict(x_test), teacher_before)
+    accuracy = minicnn.evaluate(student, x_test, y_test)
+    assert accuracy > 0.8, f"distilled student accuracy {accuracy}"
+
+
+def test_distill_from_a_teacher_with_other_classes_fails(small_data):
+    teacher, (x, y, _, _) = small_data
+    student = minicnn.Sequential([minicnn.Flatten(), minicnn.Dense(784, 5)])
+    with pytest.raises(ValueError, match="5 classes"):
+        distill(teacher, student, x[:10], y[:10] % 5, epochs=1, verbose=False)
+
+
+def test_omitted_class_is_learned_from_soft_targets_only(small_data):
+    teacher, data = small_data
+    results = {}
+    for alpha in (0.0, 0.9):
+        student, results[alpha] = omitted_class(teacher, minicnn.zoo.small_mlp, data, digit=3, temperature=8.0,
+                                                alpha=alpha, epochs=5, batch_size=32, verbose=False)
+    hard, soft = results[0.0], results[0.9]
+    assert hard["omitted"] > 0 and hard["transfer_set"] + hard["omitted"] == 1800  # 10% held out
+    # Hard labels alone never name a 3; the teacher's soft targets do, on other digits.
+    assert hard["distilled"]["class_accuracy"] < 0.05, hard
+    assert soft["distilled"]["class_accuracy"] > 0.5, soft
+    assert soft["distilled_corrected"]["class_accuracy"] >= soft["distilled"]["class_accuracy"], soft
+    shifted = minicnn.evaluate(student, data[2], data[3])
+    assert abs(1 - shifted - soft["distilled_corrected"]["test_error"]) < 1e-12
+
+
+@pytest.fixture(scope="module")
+def teacher_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("teacher") / "lenet300.npz"
+    assert main(["train", "--model", "lenet300", "--epochs", "1", "--out", str(path)]) == 0
+    return path
+
+
+def test_cli_distill_saves_a_loadable_student(teacher_file, tmp_path, capsys):
+    out = tmp_path / "student.npz"
+    args = ["distill", "--teacher", str(teacher_file), "--student", "small_mlp", "--temperature", "4",
+            "--alpha", "0.9", "--epochs", "1", "--out", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "before distillation" in text and text.count("Total") == 3, text
+    accuracy = float(text.rsplit("test accuracy ", 1)[1].split()[0])
+    x, y = minicnn.datasets.load()[2:]
+    student = minicnn.load(out)
+    assert student.predict(x[:3]).shape == (3, 10)
+    assert abs(minicnn.evaluate(student, x, y) - accuracy) <= 5e-5 and accuracy > 0.8
+
+
+def test_cli_compare_writes_the_json(teacher_file, tmp_path, capsys):
+    path = tmp_path / "compare.json"
+    args = ["distill", "--teacher", str(teacher_file), "--student", "small_mlp", "--compare", "--seeds", "2",
+            "--temperature", "2", "--temperatures", "1,2", "--epochs", "1", "--json", str(path)]
+    assert main(args) == 0
+    result = json.loads(path.read_text())
+    for name in ("teacher", "scratch", "distilled"):
+        assert 0 <= result[name]["mean_error"] <= 1 and result[name]["std_error"] >= 0
+    assert len(result["scratch"]["errors"]) == len(result["distilled"]["errors"]) == 2
+    assert [r["temperature"] for r in result["temperature_sweep"]] == [1.0, 2.0]
+    assert result["distilled"]["errors"] == result["temperature_sweep"][1]["errors"]
+    assert "distilled / scratch" in capsys.readouterr().out
+
+
+def test_cli_omit_class(teacher_file, capsys):
+    args = ["distill", "--teacher", str(teacher_file), "--omit-class", "7", "--epochs", "1"]
+    assert main(args) == 0
+    assert "accuracy on test 7s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "0"], "temperature"),
+    (["--alpha", "2"], "alpha"),
+    (["--omit-class", "10"], "omitted class"),
+])
+def test_cli_bad_input(teacher_file, capsys, flags, message):
+    assert main(["distill", "--teacher", str(teacher_file), "--epochs", "1", *flags]) == 2
+    assert message in capsys.readouterr().err
