@@ -187,8 +187,24 @@ def compare(teacher, build_student, data, seeds=(0, 1, 2), temperature=4.0, alph
     result["ratio"] = result["distilled"]["mean_error"] / max(result["scratch"]["mean_error"], 1e-12)
     result["settings"] = {"seeds": seeds, "temperature": float(temperature), "alpha": float(alpha),
                           "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                          "transfer_set": len(x_train), "test_set": len(x_test)}
+                          "transfer_set": len(x_train), "report_set": len(x_test)}
     return result
+
+
+def format_comparison(result):
+    """The table `compare` results print as: mean +- std of the errors, the ratio, the sweep."""
+    runs = len(result["scratch"]["errors"])
+    where = result["settings"].get("reported_on", "test")
+    lines = [f"\n{where} error over {runs} seeds ({result['settings']['report_set']} images), mean +- std:"]
+    for name in ("teacher", "scratch", "distilled"):
+        r = result[name]
+        lines.append(f"  {name:<10} {r['mean_error']:.4f} +- {r['std_error']:.4f}")
+    lines.append(f"  distilled / scratch = {result['ratio']:.3f}")
+    for r in result["temperature_sweep"]:
+        lines.append(f"  distilled at T = {r['temperature']:<5g} {r['mean_error']:.4f} +- {r['std_error']:.4f}")
+    if "seconds" in result:
+        lines.append(f"compared in {result['seconds']:.0f} s ({result['cpu_seconds']:.0f} s of CPU time)")
+    return "\n".join(lines)
 
 
 def omitted_class(teacher, build_student, data, digit, temperature=4.0, alpha=0.9, epochs=10,
@@ -248,6 +264,18 @@ def best_bias_shift(model, x_val, y_val, digit, shifts=np.arange(0.0, 20.25, 0.2
         shifted[:, digit] += shift
         accuracies.append(float((shifted.argmax(axis=1) == y_val).mean()))
     return float(shifts[int(np.argmax(accuracies))])
+
+
+def format_omitted_class(result):
+    """The lines `omitted_class` results print as."""
+    d = result["digit"]
+    lines = [f"transfer set: {result['transfer_set']} images, {result['omitted']} {d}s left out"]
+    for name in ("teacher", "distilled", "distilled_corrected"):
+        r = result[name]
+        lines.append(f"  {name:<20} accuracy on the test {d}s {r['class_accuracy']:.4f}, "
+                     f"test error {r['test_error']:.4f}")
+    lines.append(f"  bias shift of class {d}, chosen on the validation split: {result['bias_shift']:+.2f}")
+    return "\n".join(lines)
 
 
 def _class_report(model, x, y, is_class):

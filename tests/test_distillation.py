@@ -207,7 +207,7 @@ def test_cli_compare_writes_the_json(teacher_file, tmp_path, capsys):
 def test_cli_omit_class(teacher_file, capsys):
     args = ["distill", "--teacher", str(teacher_file), "--omit-class", "7", "--epochs", "1"]
     assert main(args) == 0
-    assert "accuracy on test 7s" in capsys.readouterr().out
+    assert "accuracy on the test 7s" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags,message", [
