@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import minicnn
 from minicnn.cli import main
 from minicnn.losses import softmax
-from optim.distillation import distill, distillation_loss, omitted_class
+from optim.distillation import best_bias_shift, distill, distillation_loss, omitted_class, output_bias
 from gradcheck import numerical_gradient, relative_error
 
 temperatures = st.floats(0.1, 50)
@@ -121,6 +121,18 @@ def test_bad_input(kwargs, message):
         distillation_loss(args["s"], args["t"], args["y"], args["temperature"], args["alpha"])
 
 
+def weights(model):
+    return sum(p.size for layer in model.layers for p in layer.params.values())
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "small_mlp"])
+def test_students_have_at_most_a_tenth_of_lenet5s_weights(name):
+    student, teacher = minicnn.zoo.build(name, seed=0), minicnn.zoo.lenet5(seed=0)
+    assert weights(teacher) == 431_080
+    assert weights(student) <= weights(teacher) / 10, f"{name}: {weights(student)} weights"
+    assert student.predict(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 10)
+
+
 @pytest.fixture(scope="module")
 def small_data():
     """2,000 training and 500 test images of mnist10k, and a LeNet-300-100 teacher
@@ -167,6 +179,19 @@ def test_omitted_class_is_learned_from_soft_targets_only(small_data):
     assert soft["distilled_corrected"]["class_accuracy"] >= soft["distilled"]["class_accuracy"], soft
     shifted = minicnn.evaluate(student, data[2], data[3])
     assert abs(1 - shifted - soft["distilled_corrected"]["test_error"]) < 1e-12
+
+
+def test_best_bias_shift_hand_computed():
+    # Class 2 trails the winner by 1.1 on the two images labelled 2, and on the
+    # image labelled 0 it trails by 1.6: the best shift is in (1.1, 1.6), the smallest on the grid 1.25.
+    class Fixed:
+        def predict(self, x, batch_size=256):
+            return np.array([[1.1, 0.0, 0.0], [0.0, 1.1, 0.0], [1.6, 0.0, 0.0]], np.float32)
+
+    assert best_bias_shift(Fixed(), None, np.array([2, 2, 0]), digit=2) == 1.25
+    model = minicnn.zoo.small_mlp(seed=0)
+    output_bias(model)[4] += 1.0
+    assert model.layers[-1].params["b"][4] == output_bias(minicnn.zoo.small_mlp(seed=0))[4] + 1.0
 
 
 @pytest.fixture(scope="module")
