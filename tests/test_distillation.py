@@ -195,9 +195,9 @@ def test_best_bias_shift_hand_computed():
 
 
 @pytest.fixture(scope="module")
-def teacher_file(tmp_path_factory):
+def teacher_file(small_data, tmp_path_factory):
     path = tmp_path_factory.mktemp("teacher") / "lenet300.npz"
-    assert main(["train", "--model", "lenet300", "--epochs", "1", "--out", str(path)]) == 0
+    small_data[0].save(path)
     return path
 
 
