@@ -131,7 +131,7 @@ def build_parser():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="where to save the distilled student (.npz)")
+    p.add_argument("--out", default=None, help="where to save the distilled student (.npz); not with --compare")
     p.add_argument("--compare", action="store_true",
                    help="train the student from scratch and distilled over several seeds, with a temperature sweep")
     p.add_argument("--seeds", type=int, default=3, help="with --compare: seeds seed, seed+1, ...")
