@@ -47,6 +47,64 @@ def cmd_train(args):
     return 0
 
 
+def cmd_distill(args):
+    import json
+
+    from optim import distillation
+
+    from .atomic import atomic_path
+    from .serialization import load
+
+    data = datasets.load(args.data, root=args.root)
+    x_train, y_train, x_test, y_test = data
+    teacher = load(args.teacher)
+    report(f"teacher {args.teacher}", teacher, x_test, y_test)
+
+    def build_student(seed):
+        return zoo.build(args.student, seed=seed)
+
+    student = build_student(args.seed)
+    report(f"{args.student} before distillation", student, x_test, y_test)
+    recipe = (f"T {args.temperature}, alpha {args.alpha}, {args.epochs} epochs, batch {args.batch_size}, "
+              f"adam lr {args.lr}")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if args.compare:
+        if args.validation:
+            # Tuning: report on training images held out of the transfer set, never on the test set.
+            data = datasets.split_validation(x_train, y_train, args.validation)
+            print(f"\nreporting on a validation split of {len(data[2])} training images, not on the test set")
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        print(f"\n{args.student} from scratch and distilled, seeds {seeds}, sweep T in {args.temperatures}; {recipe}")
+        result = distillation.compare(teacher, build_student, data, seeds, args.temperature, args.alpha,
+                                      args.temperatures, args.epochs, args.batch_size, args.lr)
+        result["settings"].update(student=args.student, teacher=args.teacher, data=args.data,
+                                  reported_on="validation" if args.validation else "test")
+        result["seconds"] = time.perf_counter() - start
+        result["cpu_seconds"] = time.process_time() - cpu_start  # all threads; steadier on a shared machine
+        print(distillation.format_comparison(result))
+        if args.json:
+            with atomic_path(args.json) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(result, f, indent=2)
+            print(f"wrote {args.json}")
+        return 0
+    if args.omit_class is not None:
+        print(f"\ndistilling {args.student} without any {args.omit_class} in the transfer set; {recipe}")
+        student, result = distillation.omitted_class(
+            teacher, build_student, data, args.omit_class, args.temperature, args.alpha, args.epochs,
+            args.batch_size, args.lr, args.seed)
+        print(distillation.format_omitted_class(result))
+    else:
+        print(f"\ndistilling into {args.student} on {len(x_train)} images; {recipe}")
+        student = distillation.distill(teacher, student, x_train, y_train, args.temperature, args.alpha,
+                                       args.epochs, args.batch_size, Adam(args.lr), args.seed, in_place=True)
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    if args.out:
+        save(student, args.out)
+    report(f"{args.student} distilled from {args.teacher}", student, x_test, y_test, args.out)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +120,29 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save the trained model (.npz)")
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("distill", help="train a small student on a teacher's soft targets (Hinton et al. 2015)")
+    p.add_argument("--teacher", required=True, help="the teacher model file (.npz)")
+    p.add_argument("--student", default="small_mlp", choices=sorted(zoo.MODELS))
+    add_data_args(p)
+    p.add_argument("--temperature", type=float, default=8.0)
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft targets, in [0, 1]")
+    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the distilled student (.npz); not with --compare")
+    p.add_argument("--compare", action="store_true",
+                   help="train the student from scratch and distilled over several seeds, with a temperature sweep")
+    p.add_argument("--seeds", type=int, default=3, help="with --compare: seeds seed, seed+1, ...")
+    p.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")], default=[1, 2, 4, 8, 20],
+                   help="with --compare: the sweep, comma-separated")
+    p.add_argument("--json", default=None, help="with --compare: write the results here")
+    p.add_argument("--validation", type=float, default=None,
+                   help="with --compare: report on this fraction of the training images, held out (for tuning)")
+    p.add_argument("--omit-class", type=int, default=None,
+                   help="distill without this class in the transfer set, report the student's accuracy on it")
+    p.set_defaults(run=cmd_distill)
     return parser
 
 

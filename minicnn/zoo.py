@@ -41,7 +41,26 @@ def lenet300(seed=0):
     ])
 
 
-MODELS = {"seed_cnn": seed_cnn, "lenet5": lenet5, "lenet300": lenet300}
+def small_cnn(seed=0):
+    """A distillation student with 7% of LeNet-5's weights (30,134): conv 8@5x5, pool,
+    ReLU, conv 16@5x5, pool, ReLU, fc 256->100, ReLU, fc 100->10."""
+    rng = np.random.default_rng(seed)
+    return Sequential([
+        Conv2D(1, 8, 5, rng=rng), MaxPool2D(2), ReLU(),
+        Conv2D(8, 16, 5, rng=rng), MaxPool2D(2), ReLU(),
+        Flatten(), Dense(256, 100, rng=rng), ReLU(), Dense(100, 10, rng=rng),
+    ])
+
+
+def small_mlp(seed=0):
+    """A distillation student with 9% of LeNet-5's weights (39,760): a 784-50-10
+    perceptron with a ReLU."""
+    rng = np.random.default_rng(seed)
+    return Sequential([Flatten(), Dense(784, 50, rng=rng), ReLU(), Dense(50, 10, rng=rng)])
+
+
+MODELS = {"seed_cnn": seed_cnn, "lenet5": lenet5, "lenet300": lenet300,
+          "small_cnn": small_cnn, "small_mlp": small_mlp}
 
 
 def build(name, seed=0):

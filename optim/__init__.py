@@ -8,3 +8,5 @@ classes and loaders that read them back, for `minicnn.load`.
 
 LAYER_KINDS = {}
 MODEL_KINDS = {}
+
+from .distillation import distill, distillation_loss
