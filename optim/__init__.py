@@ -8,3 +8,11 @@ classes and loaders that read them back, for `minicnn.load`.
 
 LAYER_KINDS = {}
 MODEL_KINDS = {}
+
+# int8 quantization (Jacob et al., CVPR 2018): integer-only inference
+from .quantization import (  # noqa: E402
+    QuantizedModel, calibrate, convert, format_ranges, load_quantized, quantization_aware_training,
+    quantize_model,
+)
+
+MODEL_KINDS[QuantizedModel.kind] = load_quantized
