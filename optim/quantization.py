@@ -715,7 +715,7 @@ class FakeQuantWeights(Layer):
         q, scales = quantize_weights(W, axis, self.per_channel)
         shape = [1] * W.ndim
         shape[axis] = len(scales)
-        rounded = (q * scales.reshape(shape)).astype(W.dtype)
+        rounded = q * scales.astype(W.dtype).reshape(shape)
         self.inner.params = {"W": rounded, "b": self.params["b"]}
         return self.inner.forward(x)
 
