@@ -297,7 +297,9 @@ class _IntLinear:
         if worst > K.INT32_MAX:
             raise ValueError(f"{type(self).__name__}: int32 accumulators could overflow "
                              f"({wt.shape[1]} products per output, bias up to {np.abs(folded).max()})")
-        self.wt, self.folded_bias, self.F = wt, folded.astype(np.int32), F
+        self.depth = wt.shape[1]  # products per output
+        self.wt = K.pad_columns(wt, K.padded_width(self.depth))
+        self.folded_bias, self.F = folded.astype(np.int32), F
 
     def real_multipliers(self):
         """M = S_in S_w / S_out per output channel, computed from the stored float32 scales."""
@@ -375,7 +377,7 @@ class IntConv2D(_IntLinear):
         super().__init__(W, w_scale, b, in_q, out_q, relu, multiplier, shift)
 
     def kernel_weights(self):
-        """wt (F, KH*KW*C): the columns in im2row_nhwc's (kh, kw, c) order."""
+        """wt (F, KH*KW*C): the columns in im2row_nhwc's (kh, kw, c) order (before padding)."""
         F = self.W.shape[0]
         return np.ascontiguousarray(self.W.transpose(0, 2, 3, 1).reshape(F, -1))
 
@@ -383,7 +385,7 @@ class IntConv2D(_IntLinear):
         N, H, W, _ = x.shape
         F, _, KH, KW = self.W.shape
         im2row = K.im2row_nhwc_ref if reference else K.im2row_nhwc
-        rows = im2row(x, KH, KW, self.stride, self.padding, self.in_q[1])  # pad with the code of 0
+        rows = im2row(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad with the code of 0
         Ho = K.conv_output_size(H, KH, self.stride, self.padding)
         Wo = K.conv_output_size(W, KW, self.stride, self.padding)
         return self.matmul(rows, reference).reshape(N, Ho, Wo, F)
@@ -417,7 +419,7 @@ class IntDense(_IntLinear):
         return np.ascontiguousarray(self.W.T)  # (out, in): each output one contiguous dot product
 
     def forward(self, x, reference=False):
-        return self.matmul(x, reference)
+        return self.matmul(K.pad_columns(x, self.wt.shape[1]), reference)
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.W.shape[0],):
@@ -469,7 +471,8 @@ class IntMaxPool2D(_IntPassThrough):
 
     def __init__(self, in_q, kernel_size, stride):
         super().__init__(in_q)
-        self.kernel_size, self.stride = check_positive_int(kernel_size, "kernel_size"), check_positive_int(stride, "stride")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        self.stride = check_positive_int(stride, "stride")
 
     def forward(self, x, reference=False):
         fn = K.maxpool_nhwc_ref if reference else K.maxpool_nhwc
@@ -546,7 +549,8 @@ class QuantizedModel:
         """float (N, C, H, W) -> int8 (N, H, W, C) codes (or (N, F) for flat inputs)."""
         check_array(x, "model input", ndim=1 + len(self.input_shape))
         if x.shape[1:] != self.input_shape:
-            raise ValueError(f"model expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+            expected = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"model expects inputs of shape (N, {expected}), got {x.shape}")
         q = affine_quantize(x, *self.input_q)
         return np.ascontiguousarray(q.transpose(0, 2, 3, 1)) if q.ndim == 4 else q
 
@@ -631,7 +635,8 @@ def convert(model, ranges, per_channel=True):
     steps = plan(model)
     points = _observed_points(steps)
     if len(ranges) != 1 + len(points):
-        raise ValueError(f"expected {1 + len(points)} activation ranges (input + {len(points)} layers), got {len(ranges)}")
+        raise ValueError(f"expected {1 + len(points)} activation ranges (input + {len(points)} layers), "
+                         f"got {len(ranges)}")
     qparams = [activation_qparams(r.lo, r.hi, r.name) for r in ranges]
     current, ops, point = qparams[0], [], 1
     for n, (op, i, relu) in enumerate(steps):

@@ -206,7 +206,14 @@ def test_im2row_nhwc_matches_reference(geom, seed):
     N, C, H, W, F, k, s, p = geom
     x = random_codes(np.random.default_rng(seed), (N, H, W, C))
     fill = int(np.random.default_rng(seed + 1).integers(-128, 128))
-    np.testing.assert_array_equal(K.im2row_nhwc(x, k, k, s, p, fill), K.im2row_nhwc_ref(x, k, k, s, p, fill))
+    width = K.padded_width(k * k * C)
+    rows = K.im2row_nhwc(x, k, k, s, p, fill, width)
+    np.testing.assert_array_equal(rows, K.im2row_nhwc_ref(x, k, k, s, p, fill, width))
+    assert rows.shape[1] % K.ROW_ALIGN == 0 and np.all(rows[:, k * k * C:] == 0)
+    # The unpadded columns are the float im2row's, reordered from (c, kh, kw) to (kh, kw, c).
+    float_rows = FK.im2row_ref(FK.pad(x.transpose(0, 3, 1, 2).astype(np.float64) - fill, p), k, k, s) + fill
+    reordered = float_rows.reshape(-1, C, k, k).transpose(0, 2, 3, 1).reshape(len(float_rows), -1)
+    np.testing.assert_array_equal(rows[:, : k * k * C], reordered)
 
 
 @given(st.integers(1, 70), st.integers(1, 300), st.integers(1, 40), seeds, st.booleans())
