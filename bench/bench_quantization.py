@@ -24,6 +24,11 @@ Weights are the zoo's seed-0 initialisation and the data random images in
 `minicnn quantize`, see README).
 
     python bench/bench_quantization.py [--quick] [--rounds 3] [--json PATH]
+
+On a busy machine, the float32 path's spinning BLAS threads suffer more from
+contention than Numba's sleeping workers; a per-core comparison is
+
+    NUMBA_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 python bench/bench_quantization.py
 """
 
 import argparse

@@ -78,6 +78,12 @@ def check_scale(scale, name="scale"):
     return s
 
 
+def check_zero_point(zero_point, name="zero point"):
+    if not QMIN <= zero_point <= QMAX:
+        raise ValueError(f"{name} must lie in [{QMIN}, {QMAX}], got {zero_point}")
+    return zero_point
+
+
 def affine_quantize(r, scale, zero_point, qmin=QMIN, qmax=QMAX):
     """int8 codes q = clamp(round(r / S) + Z, qmin, qmax) (round half to even).
 
@@ -279,9 +285,12 @@ class _IntLinear:
         self.out_q = None if out_q is None else (float(out_q[0]), int(out_q[1]))
         check_scale(self.in_q[0], "input scale")
         check_scale(w_scale, "weight scales")
-        F = len(b)
+        check_zero_point(self.in_q[1], "input zero point")
+        if W.size and W.min() < -WMAX:
+            raise ValueError(f"{type(self).__name__}: weight codes must lie in [-{WMAX}, {WMAX}], got {W.min()}")
         if self.out_q is not None:
             check_scale(self.out_q[0], "output scale")
+            check_zero_point(self.out_q[1], "output zero point")
             expected = [K.quantize_multiplier(m) for m in self.real_multipliers()]
             if multiplier is None:
                 multiplier = np.array([m for m, _ in expected], dtype=np.int32)
@@ -297,9 +306,8 @@ class _IntLinear:
         if worst > K.INT32_MAX:
             raise ValueError(f"{type(self).__name__}: int32 accumulators could overflow "
                              f"({wt.shape[1]} products per output, bias up to {np.abs(folded).max()})")
-        self.depth = wt.shape[1]  # products per output
-        self.wt = K.pad_columns(wt, K.padded_width(self.depth))
-        self.folded_bias, self.F = folded.astype(np.int32), F
+        self.wt = K.pad_columns(wt, K.padded_width(wt.shape[1]))
+        self.folded_bias = folded.astype(np.int32)
 
     def real_multipliers(self):
         """M = S_in S_w / S_out per output channel, computed from the stored float32 scales."""
@@ -535,6 +543,7 @@ class QuantizedModel:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.input_q = (float(input_q[0]), int(input_q[1]))
         check_scale(self.input_q[0], "input scale")
+        check_zero_point(self.input_q[1], "input zero point")
         self.per_channel = bool(per_channel)
         self.ranges = list(ranges)
         shape = self.input_shape

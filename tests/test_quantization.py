@@ -535,6 +535,10 @@ def test_bad_scales_bits_and_layers():
         Q.IntDense(W, np.array([0.1, -0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
     with pytest.raises(ValueError, match="output scale"):
         Q.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.0, 0), False)
+    with pytest.raises(ValueError, match="output zero point"):
+        Q.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 200), False)
+    with pytest.raises(ValueError, match="weight codes"):
+        Q.IntDense(np.full((3, 2), -128, np.int8), np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
     for bits in (1, 4, 16, True, "8"):
         with pytest.raises(ValueError, match="unsupported bit width"):
             Q.quantize_model(small_models(0)["mlp"], np.ones((2, 1, 28, 28), np.float32), bits=bits)
