@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+import numpy as np
+
 from . import datasets, zoo
 from .optimizers import SGD, Adam
 from .serialization import save
@@ -105,6 +107,32 @@ def cmd_distill(args):
     return 0
 
 
+def cmd_quantize_int8(args):
+    """Post-training int8 quantization (or QAT with --qat-epochs) of a saved model."""
+    from optim import quantization  # minicnn never imports optim at module level
+
+    from .serialization import load
+
+    quantization.check_bits(args.bits)
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = load(args.model)
+    report(f"float model {args.model}", model, x_test, y_test, args.model)
+    x_cal = x_train[np.random.default_rng(args.seed).permutation(len(x_train))[: args.calibration]]
+    print(f"\ncalibrating on {len(x_cal)} training images ({args.method}), "
+          f"{'per-channel' if args.per_channel else 'per-tensor'} weights")
+    if args.qat_epochs:
+        qmodel = quantization.quantization_aware_training(
+            model, x_train, y_train, epochs=args.qat_epochs, per_channel=args.per_channel, seed=args.seed,
+            calibration_size=args.calibration)
+    else:
+        qmodel = quantization.quantize_model(model, x_cal, per_channel=args.per_channel, method=args.method,
+                                             percentile=args.percentile)
+    print(quantization.format_ranges(qmodel.ranges))
+    qmodel.save(args.out)
+    report(f"int8 model {args.out}", qmodel, x_test, y_test, args.out)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -143,6 +171,19 @@ def build_parser():
     p.add_argument("--omit-class", type=int, default=None,
                    help="distill without this class in the transfer set, report the student's accuracy on it")
     p.set_defaults(run=cmd_distill)
+
+    p = commands.add_parser("quantize", help="quantize a saved model to int8 (integer-only inference)")
+    p.add_argument("--model", required=True, help="a float model file (.npz)")
+    add_data_args(p)
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
+    p.add_argument("--calibration", type=int, default=1000, help="training images used to calibrate")
+    p.add_argument("--method", default="minmax", choices=["minmax", "ema", "percentile"])
+    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+    p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="where to save the int8 model (.npz)")
+    p.set_defaults(run=cmd_quantize_int8)
     return parser
 
 

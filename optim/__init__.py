@@ -1,12 +1,16 @@
 """optim: model-optimization techniques built on minicnn.
 
-Each technique lives in its own module (pruning, sharing, structured,
-cutting, quantization, binary, distillation) as the project grows.
-`LAYER_KINDS` and `MODEL_KINDS` map the kinds those modules save to the
-classes and loaders that read them back, for `minicnn.load`.
+Each technique lives in its own module: distillation (Hinton et al. 2015),
+quantization (int8, Jacob et al. 2018), ... `LAYER_KINDS` and `MODEL_KINDS`
+map the kinds those modules save to the classes and loaders that read them
+back, for `minicnn.load`.
 """
 
-LAYER_KINDS = {}
-MODEL_KINDS = {}
-
 from .distillation import distill, distillation_loss
+from .quantization import (
+    QuantizedModel, calibrate, convert, format_ranges, load_quantized, quantization_aware_training,
+    quantize_model,
+)
+
+LAYER_KINDS = {}
+MODEL_KINDS = {QuantizedModel.kind: load_quantized}

@@ -1,0 +1,586 @@
+"""Int8 quantization: the affine maps, TFLite's fixed-point arithmetic, the integer
+kernels against their references, the integer model against the float model,
+files and bad input."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import minicnn
+from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from minicnn import kernels as FK
+from optim import intkernels as K
+from optim import quantization as Q
+from strategies import conv_geometry, pool_geometry
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+int32s = st.integers(INT32_MIN, INT32_MAX) | st.sampled_from([INT32_MIN, INT32_MIN + 1, -1, 0, 1, INT32_MAX])
+multipliers = st.integers(2**30, INT32_MAX)  # M0 as quantize_multiplier makes it
+shifts = st.integers(*K.SHIFT_RANGE)
+seeds = st.integers(0, 2**31 - 1)
+
+
+# --------------------------------------------------------------------------
+# An exact big-integer transcription of TFLite's C++ (Python ints never overflow)
+
+
+def c_div(n, d):
+    """C integer division: truncates toward zero."""
+    q = abs(n) // abs(d)
+    return q if (n >= 0) == (d > 0) else -q
+
+
+def tflite_srdhm(a, b):
+    if a == b == INT32_MIN:
+        return INT32_MAX
+    ab = a * b
+    nudge = (1 << 30) if ab >= 0 else 1 - (1 << 30)
+    return c_div(ab + nudge, 1 << 31)
+
+
+def tflite_rdbpot(x, exponent):
+    mask = (1 << exponent) - 1
+    remainder = x & mask  # Python's & on negatives is two's complement, like int32
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if remainder > threshold else 0)
+
+
+def tflite_mbqm(x, m0, shift):
+    left, right = max(shift, 0), max(-shift, 0)
+    x = min(max(x * (1 << left), INT32_MIN), INT32_MAX)  # undefined in C; saturates here
+    return tflite_rdbpot(tflite_srdhm(x, m0), right)
+
+
+def ours_scalar_and_vector(x, m0, shift):
+    scalar = int(K.multiply_by_quantized_multiplier_scalar(x, m0, shift))
+    vector = int(K.multiply_by_quantized_multiplier(np.array([x]), np.array([m0]), np.array([shift]))[0])
+    return scalar, vector
+
+
+# --------------------------------------------------------------------------
+# Fixed point
+
+
+@given(int32s, int32s)
+@example(1 << 15, 1 << 15)  # a*b / 2^31 = +0.5 exactly
+@example(-(1 << 15), 1 << 15)  # -0.5
+@example(3 << 14, 1 << 16)  # +1.5
+@example(-(3 << 14), 1 << 16)  # -1.5
+@example(INT32_MIN, INT32_MIN)  # the one overflow
+def test_doubling_high_mul_is_tflites(a, b):
+    expected = tflite_srdhm(a, b)
+    assert int(K.saturating_rounding_doubling_high_mul_scalar(a, b)) == expected
+    assert int(K.saturating_rounding_doubling_high_mul(np.array([a]), np.array([b]))[0]) == expected
+    if not a == b == INT32_MIN:
+        # What the C code means: round(a*b / 2^31), ties toward +infinity.
+        assert expected == (Fraction(a * b, 1 << 31) + Fraction(1, 2)).__floor__()
+
+
+@given(int32s, st.integers(0, 31))
+@example(-3, 1)
+@example(3, 1)
+@example(-2, 2)
+@example(2, 2)
+@example(INT32_MIN, 31)
+def test_rounding_divide_by_pot_is_tflites(x, exponent):
+    expected = tflite_rdbpot(x, exponent)
+    assert int(K.rounding_divide_by_pot_scalar(x, exponent)) == expected
+    assert int(K.rounding_divide_by_pot(np.array([x]), np.array([exponent]))[0]) == expected
+    # round(x / 2^e), ties away from zero
+    q = Fraction(x, 1 << exponent)
+    assert expected == (1 if q >= 0 else -1) * (abs(q) + Fraction(1, 2)).__floor__()
+
+
+@given(st.integers(1, 31), st.integers(0, 2**20), st.booleans())
+def test_rounding_divide_by_pot_ties_go_away_from_zero(exponent, k, negative):
+    x = (2 * k + 1) << (exponent - 1)  # an exact tie: (k + 1/2) * 2^e
+    if x > INT32_MAX:
+        return
+    x, expected = (-x, -(k + 1)) if negative else (x, k + 1)
+    ours = int(K.rounding_divide_by_pot_scalar(x, exponent))
+    assert ours == expected, f"ours {ours}, expected {expected} for the tie {x} / 2^{exponent}"
+
+
+@given(int32s, multipliers, shifts)
+@example(INT32_MAX, INT32_MAX, 30)  # saturating left shift
+@example(INT32_MIN, 2**30, -31)  # largest right shift
+@example(-(1 << 30), 2**30, 0)
+def test_multiply_by_quantized_multiplier_is_tflites(x, m0, shift):
+    expected = tflite_mbqm(x, m0, shift)
+    scalar, vector = ours_scalar_and_vector(x, m0, shift)
+    assert scalar == expected and vector == expected, f"ours {scalar}, {vector}; TFLite {expected}"
+
+
+@given(int32s, multipliers, st.integers(-31, 0))
+def test_multiply_by_quantized_multiplier_rounds_x_times_m(x, m0, shift):
+    # Two roundings: <= 1/2 of the high product, seen through the shift, then 1/2.
+    exact = Fraction(x * m0, 1 << (31 - shift))
+    ours = ours_scalar_and_vector(x, m0, shift)[0]
+    assert abs(ours - exact) <= Fraction(1, 2) + Fraction(1, 2 << -shift), f"ours {ours}, x*M = {float(exact)}"
+
+
+@given(st.floats(1e-9, 1e9, allow_nan=False))
+@example(1 - 2**-40)  # rounds up to 2^31: TFLite halves M0 and bumps the shift
+@example(0.5)
+def test_quantize_multiplier(m):
+    m0, shift = K.quantize_multiplier(m)
+    if m < 2**-32:
+        return
+    assert 2**30 <= m0 < 2**31
+    approx = Fraction(m0) * Fraction(2) ** (shift - 31)
+    assert abs(approx - Fraction(m)) <= Fraction(2) ** (shift - 32), f"M0 {m0}, shift {shift} for {m}"
+
+
+def test_quantize_multiplier_edges():
+    assert K.quantize_multiplier(1 - 2**-40) == (2**30, 1)
+    assert K.quantize_multiplier(0.5) == (2**30, 0)
+    assert K.quantize_multiplier(2.0**-40) == (0, 0)  # below 2^-32: TFLite gives up, as do we
+    for bad in (0.0, -0.5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="multiplier"):
+            K.quantize_multiplier(bad)
+
+
+# --------------------------------------------------------------------------
+# Affine quantization
+
+
+@given(st.floats(1e-3, 10), st.integers(-128, 127), seeds)
+def test_quantize_error_inside_and_saturation_outside(scale, zero_point, seed):
+    rng = np.random.default_rng(seed)
+    lo, hi = scale * (-128 - zero_point), scale * (127 - zero_point)
+    r = rng.uniform(lo - 3 * scale * 128, hi + 3 * scale * 128, 500)
+    q = Q.affine_quantize(r, scale, zero_point)
+    assert q.dtype == np.int8
+    back = Q.affine_dequantize(q, scale, zero_point)
+    inside = (r >= lo) & (r <= hi)
+    err = np.abs(back - r)[inside]
+    assert err.max(initial=0) <= scale / 2 * (1 + 1e-12), f"error {err.max()} > S/2 = {scale / 2}"
+    np.testing.assert_array_equal(q[r < lo - scale / 2], -128)
+    np.testing.assert_array_equal(q[r > hi + scale / 2], 127)
+
+
+def test_quantize_hand_computed():
+    q = Q.affine_quantize(np.array([-1.0, 0.0, 0.25, 0.26, 1.0, 100.0]), 0.5, 10)
+    np.testing.assert_array_equal(q, [8, 10, 10, 11, 12, 127])  # 0.25 / 0.5 = 0.5 rounds to even
+
+
+@given(st.floats(-50, 0), st.floats(0, 50))
+def test_activation_qparams_cover_the_range_and_zero(lo, hi):
+    if hi - lo < 1e-6:
+        return
+    scale, zp = Q.activation_qparams(lo, hi)
+    assert -128 <= zp <= 127
+    assert scale * (-128 - zp) <= lo + scale / 2 and scale * (127 - zp) >= hi - scale / 2
+    assert Q.affine_dequantize(Q.affine_quantize(0.0, scale, zp), scale, zp) == 0.0  # the real 0 is a code
+
+
+@given(seeds, st.booleans())
+def test_weights_are_symmetric_per_channel(seed, per_channel):
+    rng = np.random.default_rng(seed)
+    W = rng.standard_normal((6, 3, 3, 3)) * rng.uniform(0.01, 5, (6, 1, 1, 1))
+    W[2] = 0  # a pruned filter
+    q, scales = Q.quantize_weights(W, 0, per_channel)
+    assert q.dtype == np.int8 and scales.dtype == np.float32 and np.all(scales > 0)
+    assert np.abs(q).max() == 127 and np.all(q[2] == 0)
+    err = np.abs(q * scales.astype(np.float64)[:, None, None, None] - W)
+    assert np.all(err <= scales[:, None, None, None] / 2 * (1 + 1e-6))
+    if per_channel:
+        assert all(np.abs(q[f]).max() == 127 for f in range(6) if f != 2)
+    else:
+        assert np.all(scales == scales[0])
+
+
+# --------------------------------------------------------------------------
+# Integer kernels against their references, bit for bit
+
+
+def random_codes(rng, shape, low=-128, high=128):
+    return rng.integers(low, high, shape).astype(np.int8)
+
+
+@given(conv_geometry(), seeds)
+def test_im2row_nhwc_matches_reference(geom, seed):
+    N, C, H, W, F, k, s, p = geom
+    x = random_codes(np.random.default_rng(seed), (N, H, W, C))
+    fill = int(np.random.default_rng(seed + 1).integers(-128, 128))
+    width = K.padded_width(k * k * C)
+    rows = K.im2row_nhwc(x, k, k, s, p, fill, width)
+    np.testing.assert_array_equal(rows, K.im2row_nhwc_ref(x, k, k, s, p, fill, width))
+    assert rows.shape[1] % K.ROW_ALIGN == 0 and np.all(rows[:, k * k * C:] == 0)
+    # The unpadded columns are the float im2row's, reordered from (c, kh, kw) to (kh, kw, c).
+    float_rows = FK.im2row_ref(FK.pad(x.transpose(0, 3, 1, 2).astype(np.float64) - fill, p), k, k, s) + fill
+    reordered = float_rows.reshape(-1, C, k, k).transpose(0, 2, 3, 1).reshape(len(float_rows), -1)
+    np.testing.assert_array_equal(rows[:, : k * k * C], reordered)
+
+
+@given(st.integers(1, 70), st.integers(1, 300), st.integers(1, 40), seeds, st.booleans())
+def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
+    rng = np.random.default_rng(seed)
+    a, wt = random_codes(rng, (M, Kdim)), random_codes(rng, (F, Kdim), -127)
+    bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
+    m0 = rng.integers(2**30, 2**31, F).astype(np.int32)
+    shift = rng.integers(-31, 2, F).astype(np.int8)
+    z = int(rng.integers(-128, 128))
+    lo = z if relu else -128
+    ours = K.qgemm(a, wt, bias, m0, shift, z, lo, 127)
+    ref = K.qgemm_ref(a, wt, bias, m0, shift, z, lo, 127)
+    assert ours.dtype == np.int8
+    np.testing.assert_array_equal(ours, ref)
+    lo32 = 0 if relu else INT32_MIN
+    np.testing.assert_array_equal(K.qgemm_int32(a, wt, bias, lo32), K.qgemm_int32_ref(a, wt, bias, lo32))
+
+
+def test_qgemm_hand_computed():
+    a = np.array([[1, 2, 3], [-4, 0, 4]], np.int8)
+    wt = np.array([[1, 1, 1], [2, -1, 0]], np.int8)
+    bias = np.array([4, -1], np.int32)
+    np.testing.assert_array_equal(K.qgemm_int32(a, wt, bias, INT32_MIN), [[10, -1], [4, -9]])
+    np.testing.assert_array_equal(K.qgemm_int32(a, wt, bias, 0), [[10, 0], [4, 0]])
+    # M = 1/2 as M0 = 2^30, shift 0: one rounding, in the high product, ties toward +inf:
+    # 5, -0.5 -> 0, 2, -4.5 -> -4; then + Z_out = 3
+    half = np.full(2, 2**30, np.int32), np.zeros(2, np.int8)
+    np.testing.assert_array_equal(K.qgemm(a, wt, bias, *half, 3, -128, 127), [[8, 3], [5, -1]])
+    np.testing.assert_array_equal(K.qgemm(a, wt, bias, *half, 3, 3, 127), [[8, 3], [5, 3]])  # fused ReLU
+    # M = 1/4 as M0 = 2^30, shift -1: 10 -> 5 -> 2.5 -> 3 (RoundingDivideByPOT: away from zero),
+    # -1 -> -0.5 -> 0, 4 -> 2 -> 1, -9 -> -4.5 -> -4 -> -2
+    quarter = np.full(2, 2**30, np.int32), np.full(2, -1, np.int8)
+    np.testing.assert_array_equal(K.qgemm(a, wt, bias, *quarter, 3, -128, 127), [[6, 3], [4, 1]])
+
+
+@given(pool_geometry(), seeds)
+def test_maxpool_nhwc_matches_reference_and_float_pool(geom, seed):
+    N, C, H, W, k, s = geom
+    x = random_codes(np.random.default_rng(seed), (N, H, W, C))
+    ours = K.maxpool_nhwc(x, k, s)
+    np.testing.assert_array_equal(ours, K.maxpool_nhwc_ref(x, k, s))
+    float_pool, _ = FK.maxpool_forward_ref(x.transpose(0, 3, 1, 2).astype(np.float64), k, s)
+    np.testing.assert_array_equal(ours.transpose(0, 3, 1, 2), float_pool)
+
+
+# --------------------------------------------------------------------------
+# One integer layer against exact real arithmetic
+
+
+def conv_layer_case(seed, geom, relu):
+    """An IntConv2D with random codes and scales, its input codes, and the exact real output."""
+    N, C, H, W, F, k, s, p = geom
+    rng = np.random.default_rng(seed)
+    Wq = random_codes(rng, (F, C, k, k), -127)
+    w_scale = rng.uniform(1e-3, 1e-1, F).astype(np.float32)
+    in_q = (float(rng.uniform(1e-3, 1e-1)), int(rng.integers(-128, 128)))
+    out_q = (float(rng.uniform(1e-3, 1)), int(rng.integers(-128, 128)))
+    b = rng.integers(-5000, 5000, F).astype(np.int32)
+    op = Q.IntConv2D(Wq, w_scale, b, in_q, out_q, relu, s, p)
+    x = random_codes(rng, (N, H, W, C))
+    x_real = Q.affine_dequantize(x, *in_q).transpose(0, 3, 1, 2)
+    w_real = Wq * w_scale.astype(np.float64)[:, None, None, None]
+    y = FK.conv2d_forward_ref(x_real, w_real, b * in_q[0] * w_scale.astype(np.float64), s, p)
+    return op, x, (np.maximum(y, 0) if relu else y)
+
+
+@given(seeds, conv_geometry(), st.booleans())
+def test_int_conv_is_exact_real_conv_rounded_once(seed, geom, relu):
+    op, x, y = conv_layer_case(seed, geom, relu)
+    out = op.forward(x)
+    np.testing.assert_array_equal(out, op.forward(x, reference=True))
+    scale, zp = op.out_q
+    got = Q.affine_dequantize(out, scale, zp).transpose(0, 3, 1, 2)
+    lo, hi = scale * (-128 - zp), scale * (127 - zp)
+    target = np.clip(y, lo, hi)  # saturation is the only other error
+    # <= S_out (two roundings) + |y| 2^-31 (M0's 31 bits) + float64 noise
+    bound = scale + np.abs(y) * 2.0**-31 + 1e-9
+    worst = np.abs(got - target).max(initial=0)
+    assert np.all(np.abs(got - target) <= bound), f"worst error {worst} vs S_out {scale}"
+
+
+# --------------------------------------------------------------------------
+# Whole models
+
+
+def small_models(seed):
+    rng = np.random.default_rng(seed)
+    return {
+        "lenet-like": Sequential([
+            Conv2D(1, 4, 5, rng=rng), MaxPool2D(2), Conv2D(4, 6, 3, rng=rng), ReLU(), MaxPool2D(2),
+            Flatten(), Dense(6 * 5 * 5, 16, rng=rng), ReLU(), Dense(16, 10, rng=rng)]),
+        "strided, padded, loose relu": Sequential([
+            Conv2D(1, 5, 3, stride=2, padding=1, rng=rng), MaxPool2D(2), ReLU(),
+            Flatten(), Dense(5 * 7 * 7, 10, rng=rng)]),
+        "mlp": Sequential([Flatten(), Dense(784, 20, rng=rng), ReLU(), Dense(20, 10, rng=rng), ReLU()]),
+    }
+
+
+def error_bound(model, qmodel, x):
+    """Elementwise bound on |int8 logits - float logits| from the quantization steps;
+    on the way, check each integer layer against exact real arithmetic.
+
+    Along the float layers, e bounds |dequantized integer activation - float
+    activation|. The input: S_in / 2. A layer y = W x + b computed on the
+    dequantized x' with quantized W', b' differs from the float one by
+    |W| e + |W' - W| |x'| + |b' - b| <= |W| e + (S_w / 2) |x'| + S_b / 2, and its
+    requantization adds S_out (two roundings) + S_out / 2 (a range endpoint
+    may lie S/2 past the last code); ReLU and max-pool are 1-Lipschitz.
+    The bound assumes every error adds up with the same sign, so it is loose
+    (~100x the errors seen); the per-layer check is the tight one: an integer
+    layer's output is within 1.5 S_out of the exact real layer with the
+    quantized weights on its dequantized input (exact for the int32 last layer).
+    """
+    steps = Q.plan(model)
+    a = x.astype(np.float64)
+    e = np.full_like(a, qmodel.input_q[0] / 2)
+    q = qmodel.quantize_input(x)
+    for (op_name, i, relu), op in zip(steps, qmodel.layers):
+        layer = model.layers[i]
+        x_int = Q.affine_dequantize(q, *op.in_q) if op_name == "compute" else None
+        q = op.forward(q)
+        if op_name == "compute":
+            conv = layer.kind == "conv2d"
+            if conv:
+                x_int = x_int.transpose(0, 3, 1, 2)
+            W, b = layer.params["W"].astype(np.float64), layer.params["b"].astype(np.float64)
+            half_sw = op.w_scale.astype(np.float64) / 2
+            half_sb = op.in_q[0] * half_sw
+            w_q = op.W * op.w_scale.astype(np.float64).reshape((-1, 1, 1, 1) if conv else (1, -1))
+            b_q = op.b * op.in_q[0] * op.w_scale.astype(np.float64)
+            exact = (FK.conv2d_forward_ref(x_int, w_q, b_q, layer.stride, layer.padding) if conv else x_int @ w_q + b_q)
+            exact = np.maximum(exact, 0) if relu else exact
+            scale, zero_point = op.output_scale
+            got = Q.affine_dequantize(q, scale, zero_point)
+            got = got.transpose(0, 3, 1, 2) if conv else got
+            tight = 1.5 * scale if op.out_q is not None else 1e-9 * np.abs(exact).max()
+            assert np.abs(got - exact).max() <= tight + 1e-9, f"layer {i}: {np.abs(got - exact).max()} > {tight}"
+            if conv:
+                ext = (layer.stride, layer.padding)
+                grow = FK.conv2d_forward_ref(e, np.abs(W), half_sb, *ext) + FK.conv2d_forward_ref(
+                    np.abs(x_int), np.broadcast_to(half_sw[:, None, None, None], W.shape), np.zeros_like(b), *ext)
+                a = FK.conv2d_forward_ref(a, W, b, *ext)
+            else:
+                grow = e @ np.abs(W) + np.abs(x_int) @ np.broadcast_to(half_sw, W.shape) + half_sb
+                a = a @ W + b
+            e = grow + (1.5 * op.out_q[0] if op.out_q is not None else 0)
+            if relu:
+                a = np.maximum(a, 0)
+        elif op_name == "maxpool2d":
+            a = FK.maxpool_forward_ref(a, layer.kernel_size, layer.stride)[0]
+            e = FK.maxpool_forward_ref(e, layer.kernel_size, layer.stride)[0]
+        elif op_name == "flatten":
+            a, e = a.reshape(len(a), -1), e.reshape(len(e), -1)
+        else:
+            a = np.maximum(a, 0)
+    return a, e
+
+
+@pytest.mark.parametrize("name", ["lenet-like", "strided, padded, loose relu", "mlp"])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_integer_model_within_quantization_bound_of_float_model(name, per_channel):
+    model = small_models(0)[name]
+    x = np.random.default_rng(1).random((64, 1, 28, 28), dtype=np.float32)
+    qmodel = Q.quantize_model(model, x, per_channel=per_channel)
+    logits = qmodel.predict(x)
+    np.testing.assert_array_equal(logits, qmodel.predict(x, reference=True))  # Numba == NumPy, bit for bit
+    float_logits, bound = error_bound(model, qmodel, x)
+    np.testing.assert_allclose(float_logits, model.predict(x), rtol=1e-4, atol=1e-5)
+    err = np.abs(logits - float_logits)
+    worst = np.unravel_index(np.argmax(err - bound), err.shape)
+    assert np.all(err <= bound * (1 + 1e-6) + 1e-6), (
+        f"int8 logit {logits[worst]} vs float {float_logits[worst]}: error {err[worst]:.3g} > bound {bound[worst]:.3g}")
+
+
+def test_fused_relu_is_a_clamp_at_the_zero_point():
+    model = small_models(0)["lenet-like"]
+    x = np.random.default_rng(2).random((16, 1, 28, 28), dtype=np.float32)
+    qmodel = Q.quantize_model(model, x)
+    conv2 = qmodel.layers[2]
+    assert conv2.relu and not qmodel.layers[0].relu
+    q = qmodel.quantize_input(x)
+    for op in qmodel.layers[:3]:
+        q = op.forward(q)
+    assert q.min() == conv2.out_q[1]  # the code of 0.0, and nothing below it
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A small CNN trained for one epoch on 2000 images, and test data."""
+    x, y, x_test, y_test = minicnn.datasets.load("mnist10k")
+    model = small_models(0)["lenet-like"]
+    minicnn.fit(model, x[:2000], y[:2000], epochs=1, batch_size=32, verbose=False)
+    return model, x[:2000], y[:2000], x_test[:1000], y_test[:1000]
+
+
+@pytest.mark.parametrize("method", Q.METHODS)
+def test_post_training_quantization_keeps_accuracy(trained, method):
+    model, x, _, x_test, y_test = trained
+    before = {k: v.copy() for k, v in model.layers[0].params.items()}
+    qmodel = Q.quantize_model(model, x[:500], method=method)
+    float_acc, int_acc = minicnn.evaluate(model, x_test, y_test), minicnn.evaluate(qmodel, x_test, y_test)
+    assert int_acc >= float_acc - 0.01, f"int8 {int_acc:.4f} vs float {float_acc:.4f} ({method})"
+    np.testing.assert_array_equal(model.layers[0].params["W"], before["W"])  # the float model is untouched
+    assert [r.method for r in qmodel.ranges] == [method] * 4 and "scale" in Q.format_ranges(qmodel.ranges)
+
+
+def test_percentile_clips_and_ema_lies_inside_minmax(trained):
+    model, x, *_ = trained
+    full = Q.calibrate(model, x[:512], "minmax")
+    for method in ("percentile", "ema"):
+        for r, m in zip(Q.calibrate(model, x[:512], method, percentile=99.0), full):
+            assert m.lo <= r.lo <= r.hi <= m.hi and (r.seen_lo, r.seen_hi) == (m.lo, m.hi)
+    assert Q.calibrate(model, x[:512], "percentile", percentile=99.0)[1].hi < full[1].hi
+
+
+def test_save_load_round_trip_is_bit_exact(trained, tmp_path):
+    model, x, _, x_test, _ = trained
+    qmodel = Q.quantize_model(model, x[:300], per_channel=True)
+    path = tmp_path / "int8.npz"
+    qmodel.save(path)
+    loaded = minicnn.load(path)
+    assert isinstance(loaded, Q.QuantizedModel)
+    np.testing.assert_array_equal(loaded.predict(x_test), qmodel.predict(x_test))
+    for a, b in zip(qmodel.layers, loaded.layers):
+        for name, arr in a.state().items():
+            assert arr.dtype == b.state()[name].dtype
+            np.testing.assert_array_equal(arr, b.state()[name])
+    with np.load(path) as f:
+        stored = sum(f[k].nbytes for k in f.files if k != "meta")
+    assert sum(op.stats()["bytes"] for op in loaded.layers) == stored  # the summary reports the real bytes
+    assert f"{stored:,}" in loaded.summary() and "IntConv2D" in loaded.summary()
+
+
+def test_lenet5_file_is_a_quarter_of_float32(tmp_path):
+    model = minicnn.zoo.lenet5(seed=0)
+    x = np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)
+    Q.quantize_model(model, x).save(tmp_path / "int8.npz")
+    model.save(tmp_path / "float.npz")
+    ratio = (tmp_path / "int8.npz").stat().st_size / (tmp_path / "float.npz").stat().st_size
+    assert ratio <= 0.27, f"int8 file is {ratio:.4f} of the float32 file"
+
+
+def test_quantization_aware_training(trained):
+    model, x, y, x_test, y_test = trained
+    before = model.layers[0].params["W"].copy()
+    qmodel = Q.quantization_aware_training(model, x, y, epochs=1, calibration_size=500, verbose=False)
+    np.testing.assert_array_equal(model.layers[0].params["W"], before)
+    assert [r.method for r in qmodel.ranges] == ["qat-ema"] * 4
+    float_acc, int_acc = minicnn.evaluate(model, x_test, y_test), minicnn.evaluate(qmodel, x_test, y_test)
+    assert int_acc >= float_acc - 0.01, f"QAT int8 {int_acc:.4f} vs float {float_acc:.4f}"
+
+
+def test_fake_quant_weights_forward_and_straight_through_gradient():
+    rng = np.random.default_rng(0)
+    conv = Conv2D(2, 3, 3, rng=rng).astype(np.float64)
+    fq = Q.FakeQuantWeights(conv, per_channel=True)
+    q, scales = Q.quantize_weights(conv.params["W"], 0)
+    plain = Conv2D(2, 3, 3).astype(np.float64)
+    plain.params["W"] = q * scales.astype(np.float64)[:, None, None, None]
+    plain.params["b"] = conv.params["b"]
+    x = rng.standard_normal((2, 2, 6, 6))
+    np.testing.assert_allclose(fq.forward(x), plain.forward(x), rtol=1e-12)
+    dout = rng.standard_normal((2, 3, 4, 4))
+    dx = fq.backward(dout)
+    np.testing.assert_allclose(dx, plain.backward(dout), rtol=1e-12)  # gradient at the rounded weights ...
+    np.testing.assert_allclose(fq.grads["W"], plain.grads["W"], rtol=1e-12)  # ... applied to the float ones
+    # Given the rounded weights the layer is linear in x: its input gradient is exact.
+    from gradcheck import numerical_gradient, relative_error
+    assert relative_error(dx, numerical_gradient(lambda: fq.forward(x), x, dout)) < 1e-6
+    assert fq.release() is conv and conv.params is fq.params
+
+
+def test_fake_quant_activation_straight_through_inside_the_range():
+    fq = Q.FakeQuantActivation(-1.0, 1.0)
+    fq.observing = False
+    x = np.array([[-3.0, -0.5, 0.0, 0.3, 0.99, 2.0]])  # codes reach 127 * 2/255 = 0.996
+    out = fq.forward(x)
+    scale, _ = Q.activation_qparams(-1, 1)
+    assert np.all(np.abs(out[:, 1:5] - x[:, 1:5]) <= scale / 2 + 1e-12)
+    np.testing.assert_array_equal(fq.backward(np.ones_like(x)), [[0, 1, 1, 1, 1, 0]])
+
+
+# --------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_calibration_data():
+    model = small_models(0)["mlp"]
+    with pytest.raises(ValueError, match="empty"):
+        Q.quantize_model(model, np.zeros((0, 1, 28, 28), np.float32))
+    with pytest.raises(ValueError, match="per-sample shape"):
+        Q.quantize_model(model, np.zeros((4, 1, 14, 14), np.float32))
+    with pytest.raises(ValueError, match="rank"):
+        Q.quantize_model(model, np.zeros((4, 28, 28), np.float32))
+    with pytest.raises(TypeError, match="floating"):
+        Q.quantize_model(model, np.zeros((4, 1, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        Q.quantize_model(model, np.ones((4, 1, 28, 28), np.float32), method="kl")
+
+
+def test_all_constant_activations_have_no_range():
+    model = small_models(0)["mlp"]
+    with pytest.raises(ValueError, match="input: every calibration value is 0"):
+        Q.quantize_model(model, np.zeros((4, 1, 28, 28), np.float32))
+    for layer in model.layers:
+        for p in layer.params.values():
+            p[...] = 0  # a dead network: its hidden activations are all 0
+    with pytest.raises(ValueError, match="2: ReLU output: every calibration value is 0"):
+        Q.quantize_model(model, np.ones((4, 1, 28, 28), np.float32))
+
+
+def test_bad_scales_bits_and_layers():
+    for scale in (0.0, -1.0, float("nan"), np.array([1.0, 0.0])):
+        with pytest.raises(ValueError, match="scale must be finite and > 0"):
+            Q.affine_quantize(np.zeros(2), scale, 0)
+    W, b = np.ones((3, 2), np.int8), np.zeros(2, np.int32)
+    with pytest.raises(ValueError, match="weight scales"):
+        Q.IntDense(W, np.array([0.1, -0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
+    with pytest.raises(ValueError, match="output scale"):
+        Q.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.0, 0), False)
+    with pytest.raises(ValueError, match="output zero point"):
+        Q.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 200), False)
+    with pytest.raises(ValueError, match="weight codes"):
+        Q.IntDense(np.full((3, 2), -128, np.int8), np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
+    for bits in (1, 4, 16, True, "8"):
+        with pytest.raises(ValueError, match="unsupported bit width"):
+            Q.quantize_model(small_models(0)["mlp"], np.ones((2, 1, 28, 28), np.float32), bits=bits)
+
+    class Odd(ReLU):
+        kind = "odd"
+
+    with pytest.raises(ValueError, match="kind 'odd'"):
+        Q.plan(Sequential([Flatten(), Odd(), Dense(784, 10)]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda a: a.update({"ops.0.W": a["ops.0.W"].astype(np.float32)}), "expected int8 weights"),
+    (lambda a: a.pop("ops.0.multiplier"), "missing its 'multiplier'"),
+    (lambda a: a.update({"ops.0.b": a["ops.0.b"][:-1]}), "expected int32"),
+    (lambda a: a.update({"ops.0.multiplier": a["ops.0.multiplier"] + 1}), "do not match"),
+    (lambda a: a.update({"ops.9.W": np.zeros(3, np.int8)}), "unexpected arrays"),
+])
+def test_a_file_whose_arrays_do_not_match_is_refused(tmp_path, damage, message):
+    model = small_models(0)["lenet-like"]
+    path = tmp_path / "q.npz"
+    Q.quantize_model(model, np.random.default_rng(0).random((8, 1, 28, 28), dtype=np.float32)).save(path)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    damage(arrays)
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    with pytest.raises(ValueError, match=message):
+        minicnn.load(path)
+
+
+def test_cli_quantize(tmp_path, capsys):
+    from minicnn.cli import main
+
+    src, out = tmp_path / "mlp.npz", tmp_path / "mlp-int8.npz"
+    minicnn.zoo.lenet300(seed=0).save(src)
+    assert main(["quantize", "--model", str(src), "--bits", "8", "--per-channel", "--calibration", "200",
+                 "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert text.count("Total") == 2 and "zero pt" in text and "IntDense" in text
+    accuracy = float(text.rsplit("test accuracy ", 1)[1].split()[0])
+    x, y = minicnn.datasets.load()[2:]
+    assert abs(minicnn.evaluate(minicnn.load(out), x, y) - accuracy) <= 5e-5
+    assert main(["quantize", "--model", str(src), "--bits", "4", "--out", str(out)]) == 2
+    assert "unsupported bit width" in capsys.readouterr().err
