@@ -321,13 +321,16 @@ def choose_rates(table, max_drop):
     return chosen
 
 
-def prune_and_finetune(model, rates, x, y, steps=1, epochs=1, criterion="l1", batch_size=64,
-                       optimizer=None, seed=0, validation=None, verbose=True):
+def prune_and_finetune(model, rates, x, y, steps=1, epochs=1, criterion="l1", batch_size=64, lr=3e-4,
+                       seed=0, score_data=None, validation=None, verbose=True):
     """Prune in `steps` equal steps up to `rates`, fine-tuning `epochs` epochs after each.
 
     After step s of S, layer i has lost floor(rates[i] * n_i * s / S) of its
-    original n_i units. optimizer: a fresh Adam(1e-3) per step by default
-    (Adam's state restarts anyway where shapes changed). Returns the new model.
+    original n_i units. x, y: fine-tuning data; score_data: (x, y) for the
+    data-driven criteria (default x, y); validation: (x, y) shown after each
+    epoch. Fine-tuning uses a fresh Adam(lr) per step, lower than training's
+    1e-3 since the weights are already good. Returns the new model; the given
+    one is not changed.
     """
     steps = check_positive_int(steps, "steps")
     epochs = check_positive_int(epochs, "epochs", minimum=0)
@@ -339,12 +342,11 @@ def prune_and_finetune(model, rates, x, y, steps=1, epochs=1, criterion="l1", ba
         for i, n0 in original.items():
             target = n0 - int(np.floor(rates[i] * n0 * step / steps))
             counts[i] = num_units(current.layers[i]) - target
-        current = remove_lowest(current, counts, criterion, x, y)
+        current = remove_lowest(current, counts, criterion, *(score_data or (x, y)))
         if verbose:
             print(f"step {step}/{steps}: units {[num_units(current.layers[i]) for i in original]}, "
                   f"{total_macs(current):,} MACs")
-        fit(current, x, y, epochs=epochs, batch_size=batch_size,
-            optimizer=Adam(1e-3) if optimizer is None else optimizer, seed=seed + step,
+        fit(current, x, y, epochs=epochs, batch_size=batch_size, optimizer=Adam(lr), seed=seed + step,
             validation=validation, verbose=verbose)
     return current
 

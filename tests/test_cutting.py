@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from minicnn.cli import main
 from optim import cutting
 
 
@@ -184,6 +185,22 @@ def test_truncate_keeps_the_body_and_trains_a_head(tmp_path):
     assert minicnn.evaluate(short, x_test[:500], y_test[:500]) > 0.75  # chance is 0.1
     conv_cut = cutting.truncate(minicnn.zoo.seed_cnn(), 2, x[:64], y[:64], epochs=1, verbose=False)
     assert type(conv_cut.layers[3]) is Flatten and conv_cut.layers[4].params["W"].shape == (32 * 13 * 13, 10)
+
+
+def test_cli_cut_prints_both_summaries_and_saves(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    model = Sequential([Flatten(), Dense(784, 32, rng=rng), ReLU(), Dense(32, 32, rng=rng), ReLU(),
+                        Dense(32, 32, rng=rng), ReLU(), Dense(32, 10, rng=rng)])
+    source, out = tmp_path / "mlp.npz", tmp_path / "cut.npz"
+    model.save(source)
+    assert main(["cut", "--model", str(source), "--remove", "2", "--retrain-epochs", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "before cutting" in text and "after cutting" in text and "removed 4 layers" in text
+    assert len(minicnn.load(out).layers) == len(model.layers) - 4
+    assert main(["cut", "--model", str(source), "--truncate-after", "2", "--out", str(out)]) == 0
+    assert len(minicnn.load(out).layers) == 4
+    assert main(["cut", "--model", str(source), "--remove", "3"]) == 2
+    assert "cannot remove 3 blocks" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------

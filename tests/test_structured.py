@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from minicnn.cli import main
 from optim import structured
 
 
@@ -288,6 +289,23 @@ def test_sensitivity_and_choose_rates():
     assert set(table["accuracy"]) == {1, 3} and all(len(v) == 2 for v in table["accuracy"].values())
     hand = {"baseline": 0.9, "rates": [0.25, 0.5, 0.75], "accuracy": {0: [0.9, 0.89, 0.5], 2: [0.7, 0.6, 0.5]}}
     assert structured.choose_rates(hand, 0.02) == {0: 0.5, 2: 0.0}
+
+
+def test_cli_prune_prints_both_summaries_and_saves(tmp_path, capsys):
+    source, out = tmp_path / "mlp.npz", tmp_path / "narrow.npz"
+    minicnn.zoo.lenet300(seed=0).save(source)
+    assert main(["prune", "--model", str(source), "--method", "filters", "--rate", "0.5",
+                 "--retrain-epochs", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "before pruning" in text and "after pruning" in text and text.count("Total") == 3
+    assert "300 -> 150" in text and "100 -> 50" in text
+    narrow = minicnn.load(out)
+    assert [structured.num_units(narrow.layers[i]) for i in (1, 3)] == [150, 50]
+    x, y = minicnn.datasets.load()[2:]
+    accuracy = float(text.split("test accuracy ")[-1].split()[0])
+    assert abs(minicnn.evaluate(narrow, x, y) - accuracy) <= 5e-5
+    assert main(["prune", "--model", str(source), "--rate", "1.0"]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
 
 
 def test_compare_reports_the_reduction():
