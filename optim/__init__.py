@@ -8,3 +8,5 @@ classes and loaders that read them back, for `minicnn.load`.
 
 LAYER_KINDS = {}
 MODEL_KINDS = {}
+
+from . import cutting, structured  # noqa: E402  (structured pruning and layer cutting: plain Sequentials, no new kinds)

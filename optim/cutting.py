@@ -34,22 +34,16 @@ from minicnn.model import Sequential
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
+from .structured import check_layer_index
+
 CRITERIA = ("accuracy", "distance")
-
-
-def _check_index(model, index):
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
-        raise TypeError(f"layer index must be an integer, got {index!r}")
-    if not 0 <= index < len(model.layers):
-        raise ValueError(f"layer index {index} is out of range: the model has {len(model.layers)} layers")
-    return int(index)
 
 
 def block_at(model, index):
     """The layer indices of the removable block that starts at layer `index`:
     (index,) or (index, index + 1) when a ReLU follows. ValueError if layer
     `index` is not a Conv2D / Dense whose output shape equals its input shape."""
-    index = _check_index(model, index)
+    index = check_layer_index(model, index)
     layer = model.layers[index]
     if type(layer) not in (Conv2D, Dense):
         raise ValueError(f"layer {index} is a {type(layer).__name__}: only a Conv2D or Dense block can be cut")
@@ -174,7 +168,7 @@ def truncate(model, after, x, y, epochs=5, batch_size=64, optimizer=None, seed=0
     new Sequential: copies of layers 0..after, a Flatten if their output is not
     flat, and the trained Dense(features, num_classes). The model is not changed.
     """
-    after = _check_index(model, after)
+    after = check_layer_index(model, after)
     if after == len(model.layers) - 1:
         raise ValueError(f"layer {after} is the last layer: there is nothing to cut after it")
     check_array(x, "x", ndim=1 + len(model.input_shape))

@@ -74,7 +74,10 @@ def num_params(model):
 # Which layers can lose units
 
 
-def _check_index(model, index):
+def check_layer_index(model, index):
+    """`index` as an int, after checking that model is a Sequential and has such a layer."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"expected a minicnn Sequential, got {type(model).__name__}")
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
         raise TypeError(f"layer index must be an integer, got {index!r}")
     if not 0 <= index < len(model.layers):
@@ -89,7 +92,7 @@ def consumer(model, index):
     the output layer (its units are the classes), or if something other than
     ReLU / MaxPool2D / Flatten sits between it and the next weighted layer.
     """
-    index = _check_index(model, index)
+    index = check_layer_index(model, index)
     layer = model.layers[index]
     if type(layer) not in WEIGHTED:
         raise ValueError(

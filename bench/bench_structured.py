@@ -1,0 +1,201 @@
+"""Do narrower and shallower networks run faster? Structured pruning and cutting, measured.
+
+Side by side in one run:
+
+1. LeNet-5 and LeNet-5 with >= 50% of its conv filters and fc1 neurons
+   removed (optim.structured): MACs per image, parameters, bytes on disk,
+   test accuracy, batch-1 latency (ms per `predict` of one image) and
+   batch-256 throughput (images/s).
+2. deep_cnn and deep_cnn with blocks cut (optim.cutting): the same figures.
+
+Pass the trained and compressed files made by the CLI to get their accuracy
+(see README); without them the benchmark builds the pairs itself (a fresh
+LeNet-5 pruned by L1 norm at 50%, a fresh deep_cnn with its two
+least-distant blocks cut): speed depends on the shapes only, so the timings
+hold, but accuracies are then of untrained networks and are not reported.
+
+Validation first: the compressed networks must have the expected shapes
+and give the same logits one image at a time as in a batch. Timing: the
+pair is measured in alternating rounds (A, B, A, B, ...) and the speed-up
+is the median of the per-round ratios, so a burst of load from another job
+hits both sides. Every figure is a median over repeats after warm-up
+(bench/common.py).
+
+    python bench/bench_structured.py [--quick] [--lenet5 F --pruned F] [--deep F --cut F] [--json PATH]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # measure this working tree's code, not an installed copy
+
+import numpy as np  # noqa: E402
+
+import minicnn  # noqa: E402
+from bench.common import FULL, QUICK, format_facts, format_table, machine_facts, measure, num, write_json  # noqa: E402
+from optim import cutting, structured  # noqa: E402
+
+ROUNDS = 3
+LATENCY_BATCH, THROUGHPUT_BATCH = 1, 256
+
+
+def disk_bytes(model):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.npz")
+        model.save(path)
+        return os.path.getsize(path)
+
+
+def units(model):
+    return {i: structured.num_units(model.layers[i]) for i, layer in enumerate(model.layers)
+            if type(layer) in structured.WEIGHTED}
+
+
+def load_pair(base_path, small_path, build, compress):
+    """(base, small, trained?) from files, or built here when no files are given."""
+    if (base_path is None) != (small_path is None):
+        raise SystemExit("give both files of a pair, or neither")
+    if base_path is None:
+        base = build()
+        return base, compress(base), False
+    return minicnn.load(base_path), minicnn.load(small_path), True
+
+
+def validate(base, small, x):
+    """Same logits one image at a time as in a batch; finite outputs."""
+    for model in (base, small):
+        batch = model.predict(x)
+        single = np.concatenate([model.predict(x[i : i + 1]) for i in range(len(x))])
+        assert np.isfinite(batch).all(), "non-finite logits"
+        assert np.allclose(single, batch, rtol=1e-4, atol=1e-4), "batch-1 and batch logits differ"
+
+
+def check_lenet5_pruning(base, small):
+    before, after = units(base), units(small)
+    removed = {i: 1 - after[i] / before[i] for i in (0, 2, 5)}
+    assert all(r >= 0.5 for r in removed.values()), f"expected >= 50% removed per layer, got {removed}"
+    return removed
+
+
+def check_cut(base, small):
+    removed = len(base.layers) - len(small.layers)
+    weighted = sum(type(layer) in structured.WEIGHTED for layer in base.layers)
+    cut_weighted = weighted - sum(type(layer) in structured.WEIGHTED for layer in small.layers)
+    assert cut_weighted >= 2, f"expected at least two weighted layers cut, got {cut_weighted}"
+    return {"layers_removed": removed, "weighted_layers_removed": cut_weighted}
+
+
+def speed(base, small, budget):
+    """Alternating rounds of batch-1 latency and batch-256 throughput for both models."""
+    rng = np.random.default_rng(0)
+    one = rng.random((LATENCY_BATCH, *base.input_shape), dtype=np.float32)
+    many = rng.random((THROUGHPUT_BATCH, *base.input_shape), dtype=np.float32)
+    rounds = []
+    for _ in range(ROUNDS):
+        r = {}
+        for name, model in (("base", base), ("small", small)):
+            r[name] = {"latency": measure(lambda m=model: m.predict(one), budget),
+                       "batch": measure(lambda m=model: m.predict(many, batch_size=THROUGHPUT_BATCH), budget)}
+        rounds.append(r)
+
+    def median(name, what):
+        return statistics.median(t for r in rounds for t in r[name][what].times)
+
+    return {
+        "latency_ms": {n: 1e3 * median(n, "latency") for n in ("base", "small")},
+        "throughput_ips": {n: THROUGHPUT_BATCH / median(n, "batch") for n in ("base", "small")},
+        "latency_speedup": statistics.median(r["base"]["latency"].median / r["small"]["latency"].median
+                                             for r in rounds),
+        "throughput_speedup": statistics.median(r["base"]["batch"].median / r["small"]["batch"].median
+                                                for r in rounds),
+        "spread": max(t.spread for r in rounds for side in r.values() for t in side.values()),
+    }
+
+
+def figures(label, base, small, trained, budget, data):
+    x_test, y_test = data
+    validate(base, small, x_test[:16])
+    row = {"pair": label, "trained": trained}
+    for name, model in (("base", base), ("small", small)):
+        row[name] = {"macs": structured.total_macs(model), "params": structured.num_params(model),
+                     "disk_bytes": disk_bytes(model), "units": units(model), "layers": len(model.layers),
+                     "accuracy": minicnn.evaluate(model, x_test, y_test) if trained else None}
+    row["macs_ratio"] = row["base"]["macs"] / row["small"]["macs"]
+    row["speed"] = speed(base, small, budget)
+    return row
+
+
+def table(rows):
+    headers = ["model", "layers", "MACs", "params", "disk KB", "test acc", "batch-1 ms", "b256 img/s"]
+    body = []
+    for r in rows:
+        s = r["speed"]
+        for name, label in (("base", r["pair"][0]), ("small", r["pair"][1])):
+            m = r[name]
+            acc = "-" if m["accuracy"] is None else f"{100 * m['accuracy']:.2f}%"
+            body.append([label, m["layers"], m["macs"], m["params"], m["disk_bytes"] / 1024, acc,
+                         s["latency_ms"][name], s["throughput_ips"][name]])
+        body.append(["  ratio", "", f"{num(r['macs_ratio'])}x fewer", "", "", "",
+                     f"{num(s['latency_speedup'])}x faster", f"{num(s['throughput_speedup'])}x faster"])
+    return format_table(headers, body)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few short repeats: a smoke run")
+    p.add_argument("--lenet5", type=Path, help="trained LeNet-5 (.npz)")
+    p.add_argument("--pruned", type=Path, help="the same after `minicnn prune --method filters`")
+    p.add_argument("--deep", type=Path, help="trained deep_cnn (.npz)")
+    p.add_argument("--cut", type=Path, help="the same after `minicnn cut`")
+    p.add_argument("--json", type=Path, default=None,
+                   help="where to write the results (default bench/results/structured[_quick].json)")
+    args = p.parse_args(argv)
+    if args.json is None:
+        args.json = ROOT / "bench" / "results" / ("structured_quick.json" if args.quick else "structured.json")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    _, _, x_test, y_test = minicnn.datasets.load("mnist10k")
+    lenet = load_pair(args.lenet5, args.pruned, lambda: minicnn.zoo.lenet5(seed=0),
+                      lambda m: structured.prune(m, 0.5, "l1"))
+    deep = load_pair(args.deep, args.cut, lambda: minicnn.zoo.deep_cnn(seed=0),
+                     lambda m: cutting.cut(m, x_test[:200], y_test[:200], "distance", remove=2)[0])
+    removed = check_lenet5_pruning(*lenet[:2])
+    cut = check_cut(*deep[:2])
+    minicnn.zoo.lenet5().predict(x_test[:1])  # starts Numba's pool: names its threading layer
+    facts = machine_facts()
+    print("machine:\n" + format_facts(facts), flush=True)
+    print(f"budget: {ROUNDS} alternating rounds x {budget.repeats} repeats of >= {budget.min_time * 1e3:.0f} ms; "
+          f"speed-ups are medians of per-round ratios", flush=True)
+    print("LeNet-5 units removed per layer: " + ", ".join(f"layer {i} {100 * r:.0f}%" for i, r in removed.items()))
+    print(f"deep_cnn: {cut['weighted_layers_removed']} weighted layers cut ({cut['layers_removed']} with their ReLUs)")
+
+    rows = [figures(("lenet5", "lenet5 pruned"), *lenet, budget, (x_test, y_test)),
+            figures(("deep_cnn", "deep_cnn cut"), *deep, budget, (x_test, y_test))]
+    print()
+    print(table(rows))
+    for r in rows:
+        if r["trained"]:
+            drop = 100 * (r["base"]["accuracy"] - r["small"]["accuracy"])
+            print(f"{r['pair'][1]}: accuracy loss {drop:.2f} points on {len(y_test)} test images")
+        else:
+            print(f"{r['pair'][1]}: built here from an untrained model (pass the files for accuracies)")
+    result = {"benchmark": "structured", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
+              "budget": vars(budget), "rounds": ROUNDS, "machine": facts, "lenet5_units_removed": removed,
+              "deep_cut": cut, "pairs": rows, "seconds": time.perf_counter() - started}
+    write_json(args.json, result)
+    print(f"\n{result['seconds']:.0f} s; wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
