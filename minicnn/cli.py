@@ -61,10 +61,15 @@ def cmd_prune_filters(args):
     x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
     model = load(args.model)
     report(f"{args.model} before pruning", model, x_test, y_test)
-    print(f"\nremoving {args.rate:.0%} of the units of layers {structured.prunable_layers(model)} "
-          f"by {args.criterion} score, {args.steps} step(s), {args.retrain_epochs} fine-tuning epoch(s) each")
+    rates = {i: args.rate for i in structured.prunable_layers(model)}
+    if args.max_drop is not None:
+        table = structured.sensitivity(model, x_val, y_val, criterion=args.criterion)
+        print(f"\nsensitivity: validation accuracy with one layer pruned\n{structured.format_sensitivity(table)}")
+        rates = structured.choose_rates(table, args.max_drop)
+    print(f"\nremoving units by {args.criterion} score, rates {rates}, {args.steps} step(s), "
+          f"{args.retrain_epochs} fine-tuning epoch(s) each")
     pruned = structured.prune_and_finetune(
-        model, args.rate, x_fit, y_fit, steps=args.steps, epochs=args.retrain_epochs,
+        model, rates, x_fit, y_fit, steps=args.steps, epochs=args.retrain_epochs,
         criterion=args.criterion, batch_size=args.batch_size,
         lr=args.lr, seed=args.seed, score_data=(x_val, y_val), validation=(x_val, y_val))
     print()
@@ -124,6 +129,9 @@ def build_parser():
     p.add_argument("--method", default="filters", choices=["filters"],
                    help="filters: structured, removes conv filters and dense neurons")
     p.add_argument("--rate", type=float, default=0.5, help="fraction of the units of every prunable layer, in [0, 1)")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="instead of --rate: per-layer rates from a sensitivity analysis, the largest whose "
+                        "validation accuracy drop (a fraction, e.g. 0.02) stays within this")
     p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"])
     p.add_argument("--steps", type=int, default=1, help="prune and fine-tune in this many steps")
     p.add_argument("--retrain-epochs", type=int, default=3, help="fine-tuning epochs after each step")

@@ -324,6 +324,16 @@ def choose_rates(table, max_drop):
     return chosen
 
 
+def format_sensitivity(table):
+    """A `sensitivity` table as text: one row per layer, validation accuracy per rate."""
+    rates = table["rates"]
+    lines = [f"nothing pruned: {table['baseline']:.4f}",
+             f"{'layer':<8}" + "".join(f"{f'rate {r:g}':>11}" for r in rates)]
+    for index, accuracies in table["accuracy"].items():
+        lines.append(f"{index:<8}" + "".join(f"{a:>11.4f}" for a in accuracies))
+    return "\n".join(lines)
+
+
 def prune_and_finetune(model, rates, x, y, steps=1, epochs=1, criterion="l1", batch_size=64, lr=3e-4,
                        seed=0, score_data=None, validation=None, verbose=True):
     """Prune in `steps` equal steps up to `rates`, fine-tuning `epochs` epochs after each.
