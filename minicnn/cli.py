@@ -133,6 +133,66 @@ def cmd_quantize_int8(args):
     return 0
 
 
+def _finetune_data(args):
+    """(x_fit, y_fit, x_val, y_val, x_test, y_test): decisions on validation, report on test."""
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    return (*datasets.split_validation(x_train, y_train, 0.1, args.seed), x_test, y_test)
+
+
+def cmd_prune_filters(args):
+    from optim import structured  # optim builds on minicnn: import it only when asked
+
+    from .serialization import load
+
+    x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
+    model = load(args.model)
+    report(f"{args.model} before pruning", model, x_test, y_test)
+    rates = {i: args.rate for i in structured.prunable_layers(model)}
+    if args.max_drop is not None:
+        table = structured.sensitivity(model, x_val, y_val, criterion=args.criterion)
+        print(f"\nsensitivity: validation accuracy with one layer pruned\n{structured.format_sensitivity(table)}")
+        rates = structured.choose_rates(table, args.max_drop)
+    print(f"\nremoving units by {args.criterion} score, rates {rates}, {args.steps} step(s), "
+          f"{args.retrain_epochs} fine-tuning epoch(s) each")
+    pruned = structured.prune_and_finetune(
+        model, rates, x_fit, y_fit, steps=args.steps, epochs=args.retrain_epochs,
+        criterion=args.criterion, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, score_data=(x_val, y_val), validation=(x_val, y_val))
+    print()
+    print(structured.compare(model, pruned))
+    if args.out:
+        save(pruned, args.out)
+    report("after pruning and fine-tuning", pruned, x_test, y_test, args.out)
+    return 0
+
+
+def cmd_cut(args):
+    from optim import cutting
+
+    from .serialization import load
+
+    x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
+    model = load(args.model)
+    report(f"{args.model} before cutting", model, x_test, y_test)
+    if args.truncate_after is not None:
+        print(f"\nkeeping layers 0..{args.truncate_after} and training a new head")
+        cut = cutting.truncate(model, args.truncate_after, x_fit, y_fit, epochs=max(args.retrain_epochs, 1),
+                               batch_size=args.batch_size, optimizer=Adam(args.lr), seed=args.seed)
+    else:
+        cut, scores = cutting.cut(model, x_val, y_val, args.criterion, args.remove, args.threshold)
+        print(f"\n{'block':<10}{'val accuracy without it':>26}{'drop':>9}{'distance':>10}")
+        for s in scores:
+            print(f"{str(s['block']):<10}{s['accuracy']:>26.4f}{s['accuracy_drop']:>+9.4f}{s['distance']:>10.3f}")
+        removed = len(model.layers) - len(cut.layers)
+        print(f"removed {removed} layers by {args.criterion}; fine-tuning {args.retrain_epochs} epoch(s)")
+        fit(cut, x_fit, y_fit, epochs=args.retrain_epochs, batch_size=args.batch_size,
+            optimizer=Adam(args.lr), seed=args.seed, validation=(x_val, y_val))
+    if args.out:
+        save(cut, args.out)
+    report("after cutting", cut, x_test, y_test, args.out)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,6 +244,40 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="where to save the int8 model (.npz)")
     p.set_defaults(run=cmd_quantize_int8)
+
+    p = commands.add_parser("prune", help="remove whole filters and neurons (optim.structured), fine-tune")
+    p.add_argument("--model", required=True, help="model file (.npz) to prune")
+    add_data_args(p)
+    p.add_argument("--method", default="filters", choices=["filters"],
+                   help="filters: structured, removes conv filters and dense neurons")
+    p.add_argument("--rate", type=float, default=0.5, help="fraction of the units of every prunable layer, in [0, 1)")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="instead of --rate: per-layer rates from a sensitivity analysis, the largest whose "
+                        "validation accuracy drop (a fraction, e.g. 0.02) stays within this")
+    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"])
+    p.add_argument("--steps", type=int, default=1, help="prune and fine-tune in this many steps")
+    p.add_argument("--retrain-epochs", type=int, default=3, help="fine-tuning epochs after each step")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate for fine-tuning")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the pruned model (.npz)")
+    p.set_defaults(run=cmd_prune_filters)
+
+    p = commands.add_parser("cut", help="remove whole layers, or truncate and train a new head (optim.cutting)")
+    p.add_argument("--model", required=True, help="model file (.npz) to cut")
+    add_data_args(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=int, help="remove the K least important blocks")
+    how.add_argument("--threshold", type=float,
+                     help="remove every block scoring below T (accuracy drop as a fraction, e.g. 0.005)")
+    how.add_argument("--truncate-after", type=int, help="keep layers 0..I and train a new classifier head")
+    p.add_argument("--criterion", default="accuracy", choices=["accuracy", "distance"])
+    p.add_argument("--retrain-epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate for fine-tuning or the new head")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the cut model (.npz)")
+    p.set_defaults(run=cmd_cut)
     return parser
 
 

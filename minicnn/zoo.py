@@ -59,7 +59,25 @@ def small_mlp(seed=0):
     return Sequential([Flatten(), Dense(784, 50, rng=rng), ReLU(), Dense(50, 10, rng=rng)])
 
 
-MODELS = {"seed_cnn": seed_cnn, "lenet5": lenet5, "lenet300": lenet300,
+def deep_cnn(seed=0):
+    """A deeper CNN where cutting layers is meaningful (525K weights, 6.6M MACs):
+    conv 32@3x3 'same', ReLU, pool, [conv 32->32 3x3 'same', ReLU] x 3, pool,
+    conv 64@3x3, ReLU, fc 1600->256, ReLU, fc 256->256, ReLU, fc 256->10.
+    The three middle convs and fc 256->256 keep their input's shape, so any
+    of them can be removed (optim.cutting) and the network still fits together."""
+    rng = np.random.default_rng(seed)
+    middle = [layer for _ in range(3) for layer in (Conv2D(32, 32, 3, padding=1, rng=rng), ReLU())]
+    return Sequential([
+        Conv2D(1, 32, 3, padding=1, rng=rng), ReLU(), MaxPool2D(2),
+        *middle, MaxPool2D(2),
+        Conv2D(32, 64, 3, rng=rng), ReLU(), Flatten(),
+        Dense(64 * 5 * 5, 256, rng=rng), ReLU(),
+        Dense(256, 256, rng=rng), ReLU(),
+        Dense(256, 10, rng=rng),
+    ])
+
+
+MODELS = {"seed_cnn": seed_cnn, "lenet5": lenet5, "lenet300": lenet300, "deep_cnn": deep_cnn,
           "small_cnn": small_cnn, "small_mlp": small_mlp}
 
 

@@ -1,11 +1,13 @@
 """optim: model-optimization techniques built on minicnn.
 
 Each technique lives in its own module: distillation (Hinton et al. 2015),
-quantization (int8, Jacob et al. 2018), ... `LAYER_KINDS` and `MODEL_KINDS`
-map the kinds those modules save to the classes and loaders that read them
-back, for `minicnn.load`.
+quantization (int8, Jacob et al. 2018), structured (filter and neuron
+pruning, Li et al. 2017), cutting (layer removal), ... `LAYER_KINDS` and
+`MODEL_KINDS` map the kinds those modules save to the classes and loaders
+that read them back, for `minicnn.load`.
 """
 
+from . import cutting, structured
 from .distillation import distill, distillation_loss
 from .quantization import (
     QuantizedModel, calibrate, convert, format_ranges, load_quantized, quantization_aware_training,
