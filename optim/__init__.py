@@ -8,3 +8,11 @@ classes and loaders that read them back, for `minicnn.load`.
 
 LAYER_KINDS = {}
 MODEL_KINDS = {}
+
+# Binary networks (BinaryConnect, BNN, XNOR-Net): optim/binary.py, optim/xnor.py
+from .binary import (  # noqa: E402
+    LAYER_KINDS as _BINARY_KINDS, BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, binarize,
+    clip_latent, pack,
+)
+
+LAYER_KINDS.update(_BINARY_KINDS)
