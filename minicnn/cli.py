@@ -1,6 +1,7 @@
 """The `minicnn` command line (also `python -m minicnn`).
 
     minicnn train --model lenet5 --data mnist10k --epochs 10 --out lenet5.npz
+    minicnn quantize --model lenet5.npz --bits 1 --retrain-epochs 5 --out lenet5-bin.npz
 """
 
 import argparse
@@ -10,7 +11,7 @@ import time
 
 from . import datasets, zoo
 from .optimizers import SGD, Adam
-from .serialization import save
+from .serialization import load, save
 from .training import evaluate, fit
 
 
@@ -47,6 +48,26 @@ def cmd_train(args):
     return 0
 
 
+def cmd_quantize_binary(args):
+    """--bits 1: binarize the middle weight layers (optim/binary.py), retrain with the STE, pack to bits."""
+    from optim.binary import binarize, clip_latent, pack  # optim builds on minicnn: imported only when used
+
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = load(args.model)
+    report(f"float model {args.model}", model, x_test, y_test, args.model)
+    binary = binarize(model, binary_activations=args.binary_activations)
+    names = [f"{i}: {type(layer).__name__}" for i, layer in enumerate(binary.layers) if layer.kind.startswith("binary")]
+    print(f"\nbinarized {', '.join(names)} ({'binary' if args.binary_activations else 'real'} activations); "
+          f"first and last weight layers stay float32. Retraining {args.retrain_epochs} epochs, "
+          f"adam lr {args.lr}, latent weights clipped to [-1, 1]")
+    fit(binary, x_train, y_train, epochs=args.retrain_epochs, batch_size=args.batch_size,
+        optimizer=Adam(args.lr), seed=args.seed, constraint=clip_latent)
+    packed = pack(binary)
+    save(packed, args.out)
+    report("binary model, weights packed one bit each", packed, x_test, y_test, args.out)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +83,18 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save the trained model (.npz)")
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("quantize", help="quantize a saved model (--bits 1: binary weights)")
+    p.add_argument("--model", required=True, help="a float model file (.npz)")
+    p.add_argument("--bits", type=int, required=True, choices=[1])
+    p.add_argument("--retrain-epochs", type=int, default=5, help="epochs of training with binary weights")
+    p.add_argument("--binary-activations", action="store_true", help="binarize the middle layers' inputs too (XNOR)")
+    add_data_args(p)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="where to save the packed model (.npz)")
+    p.set_defaults(run=cmd_quantize_binary)
     return parser
 
 

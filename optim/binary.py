@@ -231,7 +231,7 @@ def packed_rows_forward(rows, bits, alpha, b, binary_input):
     if binary_input:
         beta = np.abs(rows).mean(axis=1, dtype=np.float32)
         dots = xnor.xnor_matmul(xnor.pack_signs(rows), bits, n)
-        out = dots * (beta[:, None] * alpha)
+        out = dots.astype(np.float32) * (beta[:, None] * alpha)  # exact below 2**24
     else:
         out = xnor.addsub_matmul(rows, bits) * alpha
     out += b
