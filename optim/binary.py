@@ -227,13 +227,18 @@ def _drop_feeding_relu(layers_so_far):
 
 def packed_rows_forward(rows, bits, alpha, b, binary_input):
     """out (R, F) float32 from rows (R, n) float32 and packed signs bits (F, words), alpha (F,), b (F,)."""
-    n = rows.shape[1]
     if binary_input:
-        beta = np.abs(rows).mean(axis=1, dtype=np.float32)
-        dots = xnor.xnor_matmul(xnor.pack_signs(rows), bits, n)
-        out = dots.astype(np.float32) * (beta[:, None] * alpha)  # exact below 2**24
-    else:
-        out = xnor.addsub_matmul(rows, bits) * alpha
+        return xnor_forward(xnor.pack_signs(rows), np.abs(rows).mean(axis=1, dtype=np.float32), bits, alpha, b,
+                            rows.shape[1])
+    out = xnor.addsub_matmul(rows, bits) * alpha
+    out += b
+    return out
+
+
+def xnor_forward(signs, beta, bits, alpha, b, n):
+    """out (R, F) float32 = beta alpha (n - 2 popcount(signs XOR bits)) + b; signs (R, words), beta (R,)."""
+    dots = xnor.xnor_matmul(signs, bits, n)
+    out = dots.astype(np.float32) * (beta[:, None] * alpha)  # exact below 2**24
     out += b
     return out
 
@@ -369,9 +374,12 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         check_array(x, f"{type(self).__name__} input", ndim=4, finite=False)
         _, Ho, Wo = self.output_shape(x.shape[1:])
         x = np.ascontiguousarray(x, dtype=np.float32)
-        k = self.kernel_size
-        rows = kernels.im2row(kernels.pad(x, self.padding), k, k, self.stride)
-        out = packed_rows_forward(rows, self.bits, self.alpha, self.b, self.binary_input)
+        k, xp = self.kernel_size, kernels.pad(x, self.padding)
+        if self.binary_input:
+            signs, beta = xnor.im2row_signs(xp, k, k, self.stride)
+            out = xnor_forward(signs, beta, self.bits, self.alpha, self.b, self.n)
+        else:
+            out = packed_rows_forward(kernels.im2row(xp, k, k, self.stride), self.bits, self.alpha, self.b, False)
         return np.ascontiguousarray(out.reshape(x.shape[0], Ho, Wo, -1).transpose(0, 3, 1, 2))
 
     def macs(self, in_shape):

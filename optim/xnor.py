@@ -32,6 +32,7 @@ import numba
 import numpy as np
 from numba import prange
 
+from minicnn import kernels
 from minicnn.kernels import fast  # also selects Numba's sleeping "workqueue" threads
 
 # Float sums in any order: without reassociation LLVM may not vectorize a
@@ -103,6 +104,46 @@ def unpack_signs(packed, n):
     as_bytes = np.ascontiguousarray(packed).astype("<u8").view(np.uint8).reshape(R, -1)
     bits = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :n]
     return np.where(bits == 1, np.float32(1), np.float32(-1))
+
+
+def im2row_signs_ref(xp, KH, KW, stride):
+    """Padded xp (N, C, Hp, Wp) -> (packed signs of the im2row rows (N*Ho*Wo, words), beta (N*Ho*Wo,) = mean |row|)."""
+    rows = kernels.im2row_ref(xp, KH, KW, stride)
+    return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
+
+
+def _im2row_signs_loops(xp, KH, KW, stride):
+    N, C, Hp, Wp = xp.shape
+    Ho = (Hp - KH) // stride + 1
+    Wo = (Wp - KW) // stride + 1
+    n = C * KH * KW
+    packed = np.empty((N * Ho * Wo, words_for(n)), np.uint64)
+    beta = np.empty(N * Ho * Wo, np.float32)
+    for t in prange(N * Ho):  # one output row of one image per task, as kernels.im2row
+        image, i = t // Ho, t % Ho
+        for j in range(Wo):
+            r = t * Wo + j
+            k = 0
+            word = np.uint64(0)  # built in a register, stored when full
+            total = np.float32(0)
+            for c in range(C):
+                for kh in range(KH):
+                    for kw in range(KW):
+                        v = xp[image, c, i * stride + kh, j * stride + kw]
+                        total += abs(v)
+                        word |= np.uint64(v >= 0) << np.uint64(k % 64)
+                        k += 1
+                        if k % 64 == 0:
+                            packed[r, k // 64 - 1] = word
+                            word = np.uint64(0)
+            if k % 64:
+                packed[r, k // 64] = word
+            beta[r] = total / n
+    return packed, beta
+
+
+# A conv with binary inputs never needs the float rows (32 bits per value): straight to bits.
+im2row_signs = fast(_im2row_signs_loops)
 
 
 # --------------------------------------------------------------------------

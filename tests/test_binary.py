@@ -348,3 +348,13 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
     accuracy = float(text.split("test accuracy ")[-1].split()[0])
     x, y = minicnn.datasets.load()[2:]
     assert abs(minicnn.evaluate(minicnn.load(out), x, y) - accuracy) <= 5e-5
+
+
+@given(conv_geometry(max_channels=5), seeds)
+def test_im2row_signs_matches_reference(geom, seed):
+    N, C, H, W, F, k, s, p = geom
+    xp = kernels.pad(random_array(seed, (N, C, H, W), np.float32), p)
+    bits, beta = xnor.im2row_signs(xp, k, k, s)
+    ref_bits, ref_beta = xnor.im2row_signs_ref(xp, k, k, s)
+    np.testing.assert_array_equal(bits, ref_bits, err_msg="packed receptive fields vs pack_signs_ref(im2row_ref)")
+    np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
