@@ -112,38 +112,54 @@ def im2row_signs_ref(xp, KH, KW, stride):
     return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
 
 
-def _im2row_signs_loops(xp, KH, KW, stride):
-    N, C, Hp, Wp = xp.shape
-    Ho = (Hp - KH) // stride + 1
-    Wo = (Wp - KW) // stride + 1
+@numba.njit(cache=True)
+def _bits_at(line, p, width):
+    """`width` (< 64) bits of a packed line starting at bit p, in the low bits of a uint64."""
+    w, o = p // 64, p % 64
+    bits = line[w] >> np.uint64(o)
+    if o + width > 64:  # the run continues in the next word
+        bits |= line[w + 1] << np.uint64(64 - o)
+    return bits & ((np.uint64(1) << np.uint64(width)) - np.uint64(1))
+
+
+def _gather_rows_loops(lines, KH, KW, stride, Ho, Wo):
+    N, C = lines.shape[:2]
     n = C * KH * KW
-    packed = np.empty((N * Ho * Wo, words_for(n)), np.uint64)
-    beta = np.empty(N * Ho * Wo, np.float32)
-    for t in prange(N * Ho):  # one output row of one image per task, as kernels.im2row
-        image, i = t // Ho, t % Ho
-        for j in range(Wo):
-            r = t * Wo + j
-            k = 0
-            word = np.uint64(0)  # built in a register, stored when full
-            total = np.float32(0)
-            for c in range(C):
-                for kh in range(KH):
-                    for kw in range(KW):
-                        v = xp[image, c, i * stride + kh, j * stride + kw]
-                        total += abs(v)
-                        word |= np.uint64(v >= 0) << np.uint64(k % 64)
-                        k += 1
-                        if k % 64 == 0:
-                            packed[r, k // 64 - 1] = word
-                            word = np.uint64(0)
-            if k % 64:
-                packed[r, k // 64] = word
-            beta[r] = total / n
-    return packed, beta
+    packed = np.zeros((N * Ho * Wo, words_for(n)), np.uint64)
+    for r in prange(N * Ho * Wo):
+        image, i, j = r // (Ho * Wo), (r // Wo) % Ho, r % Wo
+        k = 0  # bit position in the row, which runs (c, kh, kw) as im2row's columns
+        for c in range(C):
+            for kh in range(KH):
+                run = _bits_at(lines[image, c, i * stride + kh], j * stride, KW)
+                o = k % 64
+                packed[r, k // 64] |= run << np.uint64(o)
+                if o + KW > 64:
+                    packed[r, k // 64 + 1] |= run >> np.uint64(64 - o)
+                k += KW
+    return packed
 
 
-# A conv with binary inputs never needs the float rows (32 bits per value): straight to bits.
-im2row_signs = fast(_im2row_signs_loops)
+_gather_rows = fast(_gather_rows_loops)
+
+
+def im2row_signs(xp, KH, KW, stride):
+    """Fast im2row_signs_ref, without ever building the float rows.
+
+    Each input value is in KH*KW receptive fields. So its sign is packed once,
+    line by line (bit w of line (n, c, h) is xp[n, c, h, w] >= 0), and a row
+    is gathered as C*KH runs of KW consecutive bits. beta comes from
+    A = sum_c |xp| summed over each KH x KW window (XNOR-Net's K = A * k).
+    """
+    if KW >= 64:
+        raise ValueError(f"binary-input convolution supports kernels narrower than 64, got {KW}")
+    N, C, Hp, Wp = xp.shape
+    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
+    lines = pack_signs(xp.reshape(-1, Wp)).reshape(N, C, Hp, -1)
+    A = np.abs(xp).sum(axis=1, dtype=np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
+    beta = windows.sum(axis=(3, 4), dtype=np.float32).reshape(-1) / np.float32(C * KH * KW)
+    return _gather_rows(lines, KH, KW, stride, Ho, Wo), beta
 
 
 # --------------------------------------------------------------------------

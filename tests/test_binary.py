@@ -358,3 +358,13 @@ def test_im2row_signs_matches_reference(geom, seed):
     ref_bits, ref_beta = xnor.im2row_signs_ref(xp, k, k, s)
     np.testing.assert_array_equal(bits, ref_bits, err_msg="packed receptive fields vs pack_signs_ref(im2row_ref)")
     np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
+
+
+@pytest.mark.parametrize("width,k,stride", [(70, 5, 1), (150, 7, 3), (64, 3, 2), (129, 1, 1)])
+def test_im2row_signs_wide_inputs(width, k, stride):
+    """Lines longer than one word: runs of bits that straddle word boundaries."""
+    xp = random_array(width, (2, 3, k + 2, width), np.float32)
+    bits, beta = xnor.im2row_signs(xp, k, k, stride)
+    ref_bits, ref_beta = xnor.im2row_signs_ref(xp, k, k, stride)
+    np.testing.assert_array_equal(bits, ref_bits)
+    np.testing.assert_allclose(beta, ref_beta, rtol=1e-5)
