@@ -38,8 +38,22 @@ from minicnn.kernels import fast  # also selects Numba's sleeping "workqueue" th
 # Float sums in any order: without reassociation LLVM may not vectorize a
 # float reduction. Only the add/subtract kernel needs it.
 fast_sum = numba.njit(parallel=True, cache=True, fastmath={"reassoc", "nsz"})
+# Not cached: Numba's cache tells two compilations of one function apart by
+# signature only, so a cached one-thread copy would load the parallel code.
+serial = numba.njit
+serial_sum = numba.njit(fastmath={"reassoc", "nsz"})
 
 ROW_BLOCK = 64  # input rows that stay in cache while every weight row streams past them
+
+# Waking Numba's worker threads costs tens of microseconds, more than a
+# small job (a batch-1 LeNet-5 layer) takes on one thread: below this many
+# inner-loop steps the kernels run serially (same loops, prange = range).
+PARALLEL_WORK = 1 << 16
+
+
+def _pick(kernels_pair, work):
+    parallel, one_thread = kernels_pair
+    return parallel if work >= PARALLEL_WORK else one_thread
 
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
@@ -95,7 +109,12 @@ def _pack_signs_loops(v):
     return packed
 
 
-pack_signs = fast(_pack_signs_loops)
+PACK_SIGNS = (fast(_pack_signs_loops), serial(_pack_signs_loops))
+
+
+def pack_signs(v):
+    """Fast pack_signs_ref: v (R, n) float -> (R, ceil(n/64)) uint64."""
+    return _pick(PACK_SIGNS, v.size)(v)
 
 
 def unpack_signs(packed, n):
@@ -140,7 +159,7 @@ def _gather_rows_loops(lines, KH, KW, stride, Ho, Wo):
     return packed
 
 
-_gather_rows = fast(_gather_rows_loops)
+GATHER_ROWS = (fast(_gather_rows_loops), serial(_gather_rows_loops))
 
 
 def im2row_signs(xp, KH, KW, stride):
@@ -159,7 +178,8 @@ def im2row_signs(xp, KH, KW, stride):
     A = np.abs(xp).sum(axis=1, dtype=np.float32)
     windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
     beta = windows.sum(axis=(3, 4), dtype=np.float32).reshape(-1) / np.float32(C * KH * KW)
-    return _gather_rows(lines, KH, KW, stride, Ho, Wo), beta
+    gather = _pick(GATHER_ROWS, N * Ho * Wo * C * KH)
+    return gather(lines, KH, KW, stride, Ho, Wo), beta
 
 
 # --------------------------------------------------------------------------
@@ -187,7 +207,12 @@ def _xnor_matmul_loops(a, w, n):
     return out
 
 
-xnor_matmul = fast(_xnor_matmul_loops)
+XNOR_MATMUL = (fast(_xnor_matmul_loops), serial(_xnor_matmul_loops))
+
+
+def xnor_matmul(a, w, n):
+    """Fast xnor_matmul_ref: a (R, words), w (F, words) -> (R, F) int32."""
+    return _pick(XNOR_MATMUL, a.size * w.shape[0])(a, w, n)
 
 
 # --------------------------------------------------------------------------
@@ -227,4 +252,9 @@ def _addsub_matmul_loops(x, w):
     return out
 
 
-addsub_matmul = fast_sum(_addsub_matmul_loops)
+ADDSUB_MATMUL = (fast_sum(_addsub_matmul_loops), serial_sum(_addsub_matmul_loops))
+
+
+def addsub_matmul(x, w):
+    """Fast addsub_matmul_ref: x (R, n) float32, w (F, words) -> (R, F) float32."""
+    return _pick(ADDSUB_MATMUL, x.size * w.shape[0])(x, w)
