@@ -128,7 +128,8 @@ def main(argv=None):
               "budget": vars(budget), "machine": facts}
 
     result["dense"] = dense_figures(budget)
-    print(f"\nDense {DENSE} -> {DENSE} (speedup = float32 time / this time; the kernel column excludes packing the input)")
+    print(f"\nDense {DENSE} -> {DENSE} (speedup = float32 time / this time; "
+          "the kernel column excludes packing the input)")
     print(table(result["dense"], "batch"), flush=True)
 
     result["lenet5"], weight_bytes = network_figures(budget)

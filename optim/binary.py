@@ -328,7 +328,9 @@ class PackedBinaryDense(PackedBinaryLayer):
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.in_features,):
-            raise ValueError(f"{type(self).__name__} expects inputs of shape ({self.in_features},), got {tuple(in_shape)}")
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of shape ({self.in_features},), got {tuple(in_shape)}"
+            )
         return (self.out_features,)
 
     def forward(self, x):

@@ -55,6 +55,7 @@ def _pick(kernels_pair, work):
     parallel, one_thread = kernels_pair
     return parallel if work >= PARALLEL_WORK else one_thread
 
+
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
 _M4 = np.uint64(0x0F0F0F0F0F0F0F0F)

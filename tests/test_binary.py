@@ -182,7 +182,9 @@ def check_ste_gradients(layer, x, surrogate, seed):
     for name, arr in {"input": x, **layer.params}.items():
         num = numerical_gradient(lambda: surrogate(layer, x, x0, W0), arr, g)
         err = relative_error(analytic[name], num)
-        assert err < 1e-6, f"{type(layer).__name__} d/d{name}: relative error {err:.2e}; ours {analytic[name]}, numerical {num}"
+        assert err < 1e-6, (
+            f"{type(layer).__name__} d/d{name}: relative error {err:.2e}; ours {analytic[name]}, numerical {num}"
+        )
 
 
 @given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 4), st.booleans(), seeds)
@@ -262,7 +264,8 @@ def test_binary_activations_remove_the_feeding_relu():
 
 
 def latent_extremes(model):
-    return max(np.abs(layer.params["W"]).max() for layer in model.layers if isinstance(layer, (BinaryDense, BinaryConv2D)))
+    binary = (layer for layer in model.layers if isinstance(layer, (BinaryDense, BinaryConv2D)))
+    return max(np.abs(layer.params["W"]).max() for layer in binary)
 
 
 def test_clipping_keeps_latent_weights_in_range():
@@ -364,7 +367,8 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
     float_path, out = tmp_path / "mlp.npz", tmp_path / "mlp-bin.npz"
     minicnn.zoo.lenet300(seed=0).save(float_path)
     # No retraining: the pipeline is under test here, the training in test_binary_training_learns_and_packs.
-    assert main(["quantize", "--model", str(float_path), "--bits", "1", "--retrain-epochs", "0", "--out", str(out)]) == 0
+    args = ["quantize", "--model", str(float_path), "--bits", "1", "--retrain-epochs", "0", "--out", str(out)]
+    assert main(args) == 0
     text = capsys.readouterr().out
     assert "float model" in text and "PackedBinaryDense" in text and text.count("Total") == 2
     accuracy = float(text.split("test accuracy ")[-1].split()[0])
