@@ -1,6 +1,11 @@
 """The `minicnn` command line (also `python -m minicnn`).
 
     minicnn train --model lenet5 --data mnist10k --epochs 10 --out lenet5.npz
+    minicnn prune | quantize | distill | cut ...   (optim/commands.py)
+
+`train` lives here; the technique commands live in optim/commands.py and
+are added to the parser when it is built (optim builds on minicnn, so
+minicnn imports it only then).
 """
 
 import argparse
@@ -8,11 +13,8 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from . import datasets, zoo
 from .optimizers import SGD, Adam
-from .serialization import save
 from .training import evaluate, fit
 
 
@@ -32,6 +34,14 @@ def report(title, model, x_test, y_test, path=None):
     return accuracy
 
 
+def finish(title, model, x_test, y_test, out):
+    """Save `model` to `out` (if given), then `report` it; the exit status of a command."""
+    if out:
+        model.save(out)
+    report(title, model, x_test, y_test, out)
+    return 0
+
+
 def cmd_train(args):
     x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
     model = zoo.build(args.model, seed=args.seed)
@@ -43,158 +53,13 @@ def cmd_train(args):
         optimizer=optimizer, seed=args.seed)
     elapsed = time.perf_counter() - start
     print(f"trained in {elapsed:.1f} s ({args.epochs * len(x_train) / elapsed:.0f} samples/s)")
-    if args.out:
-        save(model, args.out)
-    report(f"{args.model} trained on {args.data}", model, x_test, y_test, args.out)
-    return 0
-
-
-def cmd_distill(args):
-    import json
-
-    from optim import distillation
-
-    from .atomic import atomic_path
-    from .serialization import load
-
-    data = datasets.load(args.data, root=args.root)
-    x_train, y_train, x_test, y_test = data
-    teacher = load(args.teacher)
-    report(f"teacher {args.teacher}", teacher, x_test, y_test)
-
-    def build_student(seed):
-        return zoo.build(args.student, seed=seed)
-
-    student = build_student(args.seed)
-    report(f"{args.student} before distillation", student, x_test, y_test)
-    recipe = (f"T {args.temperature}, alpha {args.alpha}, {args.epochs} epochs, batch {args.batch_size}, "
-              f"adam lr {args.lr}")
-    start, cpu_start = time.perf_counter(), time.process_time()
-    if args.compare:
-        if args.validation:
-            # Tuning: report on training images held out of the transfer set, never on the test set.
-            data = datasets.split_validation(x_train, y_train, args.validation)
-            print(f"\nreporting on a validation split of {len(data[2])} training images, not on the test set")
-        seeds = list(range(args.seed, args.seed + args.seeds))
-        print(f"\n{args.student} from scratch and distilled, seeds {seeds}, sweep T in {args.temperatures}; {recipe}")
-        result = distillation.compare(teacher, build_student, data, seeds, args.temperature, args.alpha,
-                                      args.temperatures, args.epochs, args.batch_size, args.lr)
-        result["settings"].update(student=args.student, teacher=args.teacher, data=args.data,
-                                  reported_on="validation" if args.validation else "test")
-        result["seconds"] = time.perf_counter() - start
-        result["cpu_seconds"] = time.process_time() - cpu_start  # all threads; steadier on a shared machine
-        print(distillation.format_comparison(result))
-        if args.json:
-            with atomic_path(args.json) as tmp:
-                with open(tmp, "w") as f:
-                    json.dump(result, f, indent=2)
-            print(f"wrote {args.json}")
-        return 0
-    if args.omit_class is not None:
-        print(f"\ndistilling {args.student} without any {args.omit_class} in the transfer set; {recipe}")
-        student, result = distillation.omitted_class(
-            teacher, build_student, data, args.omit_class, args.temperature, args.alpha, args.epochs,
-            args.batch_size, args.lr, args.seed)
-        print(distillation.format_omitted_class(result))
-    else:
-        print(f"\ndistilling into {args.student} on {len(x_train)} images; {recipe}")
-        student = distillation.distill(teacher, student, x_train, y_train, args.temperature, args.alpha,
-                                       args.epochs, args.batch_size, Adam(args.lr), args.seed, in_place=True)
-    print(f"done in {time.perf_counter() - start:.1f} s")
-    if args.out:
-        save(student, args.out)
-    report(f"{args.student} distilled from {args.teacher}", student, x_test, y_test, args.out)
-    return 0
-
-
-def cmd_quantize_int8(args):
-    """Post-training int8 quantization (or QAT with --qat-epochs) of a saved model."""
-    from optim import quantization  # minicnn never imports optim at module level
-
-    from .serialization import load
-
-    quantization.check_bits(args.bits)
-    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
-    model = load(args.model)
-    report(f"float model {args.model}", model, x_test, y_test, args.model)
-    x_cal = x_train[np.random.default_rng(args.seed).permutation(len(x_train))[: args.calibration]]
-    print(f"\ncalibrating on {len(x_cal)} training images ({args.method}), "
-          f"{'per-channel' if args.per_channel else 'per-tensor'} weights")
-    if args.qat_epochs:
-        qmodel = quantization.quantization_aware_training(
-            model, x_train, y_train, epochs=args.qat_epochs, per_channel=args.per_channel, seed=args.seed,
-            calibration_size=args.calibration)
-    else:
-        qmodel = quantization.quantize_model(model, x_cal, per_channel=args.per_channel, method=args.method,
-                                             percentile=args.percentile)
-    print(quantization.format_ranges(qmodel.ranges))
-    qmodel.save(args.out)
-    report(f"int8 model {args.out}", qmodel, x_test, y_test, args.out)
-    return 0
-
-
-def _finetune_data(args):
-    """(x_fit, y_fit, x_val, y_val, x_test, y_test): decisions on validation, report on test."""
-    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
-    return (*datasets.split_validation(x_train, y_train, 0.1, args.seed), x_test, y_test)
-
-
-def cmd_prune_filters(args):
-    from optim import structured  # optim builds on minicnn: import it only when asked
-
-    from .serialization import load
-
-    x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
-    model = load(args.model)
-    report(f"{args.model} before pruning", model, x_test, y_test)
-    rates = {i: args.rate for i in structured.prunable_layers(model)}
-    if args.max_drop is not None:
-        table = structured.sensitivity(model, x_val, y_val, criterion=args.criterion)
-        print(f"\nsensitivity: validation accuracy with one layer pruned\n{structured.format_sensitivity(table)}")
-        rates = structured.choose_rates(table, args.max_drop)
-    print(f"\nremoving units by {args.criterion} score, rates {rates}, {args.steps} step(s), "
-          f"{args.retrain_epochs} fine-tuning epoch(s) each")
-    pruned = structured.prune_and_finetune(
-        model, rates, x_fit, y_fit, steps=args.steps, epochs=args.retrain_epochs,
-        criterion=args.criterion, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, score_data=(x_val, y_val), validation=(x_val, y_val))
-    print()
-    print(structured.compare(model, pruned))
-    if args.out:
-        save(pruned, args.out)
-    report("after pruning and fine-tuning", pruned, x_test, y_test, args.out)
-    return 0
-
-
-def cmd_cut(args):
-    from optim import cutting
-
-    from .serialization import load
-
-    x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
-    model = load(args.model)
-    report(f"{args.model} before cutting", model, x_test, y_test)
-    if args.truncate_after is not None:
-        print(f"\nkeeping layers 0..{args.truncate_after} and training a new head")
-        cut = cutting.truncate(model, args.truncate_after, x_fit, y_fit, epochs=max(args.retrain_epochs, 1),
-                               batch_size=args.batch_size, optimizer=Adam(args.lr), seed=args.seed)
-    else:
-        cut, scores = cutting.cut(model, x_val, y_val, args.criterion, args.remove, args.threshold)
-        print(f"\n{'block':<10}{'val accuracy without it':>26}{'drop':>9}{'distance':>10}")
-        for s in scores:
-            print(f"{str(s['block']):<10}{s['accuracy']:>26.4f}{s['accuracy_drop']:>+9.4f}{s['distance']:>10.3f}")
-        removed = len(model.layers) - len(cut.layers)
-        print(f"removed {removed} layers by {args.criterion}; fine-tuning {args.retrain_epochs} epoch(s)")
-        fit(cut, x_fit, y_fit, epochs=args.retrain_epochs, batch_size=args.batch_size,
-            optimizer=Adam(args.lr), seed=args.seed, validation=(x_val, y_val))
-    if args.out:
-        save(cut, args.out)
-    report("after cutting", cut, x_test, y_test, args.out)
-    return 0
+    return finish(f"{args.model} trained on {args.data}", model, x_test, y_test, args.out)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
+    from optim.commands import add_commands
+
+    parser = argparse.ArgumentParser(prog="minicnn", description="A small CNN from scratch, and how to make it smaller and faster.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("train", help="train a zoo model and save it")
@@ -209,75 +74,7 @@ def build_parser():
     p.add_argument("--out", default=None, help="where to save the trained model (.npz)")
     p.set_defaults(run=cmd_train)
 
-    p = commands.add_parser("distill", help="train a small student on a teacher's soft targets (Hinton et al. 2015)")
-    p.add_argument("--teacher", required=True, help="the teacher model file (.npz)")
-    p.add_argument("--student", default="small_mlp", choices=sorted(zoo.MODELS))
-    add_data_args(p)
-    p.add_argument("--temperature", type=float, default=8.0)
-    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft targets, in [0, 1]")
-    p.add_argument("--epochs", type=int, default=50)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="where to save the distilled student (.npz); not with --compare")
-    p.add_argument("--compare", action="store_true",
-                   help="train the student from scratch and distilled over several seeds, with a temperature sweep")
-    p.add_argument("--seeds", type=int, default=3, help="with --compare: seeds seed, seed+1, ...")
-    p.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")], default=[1, 2, 4, 8, 20],
-                   help="with --compare: the sweep, comma-separated")
-    p.add_argument("--json", default=None, help="with --compare: write the results here")
-    p.add_argument("--validation", type=float, default=None,
-                   help="with --compare: report on this fraction of the training images, held out (for tuning)")
-    p.add_argument("--omit-class", type=int, default=None,
-                   help="distill without this class in the transfer set, report the student's accuracy on it")
-    p.set_defaults(run=cmd_distill)
-
-    p = commands.add_parser("quantize", help="quantize a saved model to int8 (integer-only inference)")
-    p.add_argument("--model", required=True, help="a float model file (.npz)")
-    add_data_args(p)
-    p.add_argument("--bits", type=int, default=8)
-    p.add_argument("--per-channel", action="store_true", help="one weight scale per output channel")
-    p.add_argument("--calibration", type=int, default=1000, help="training images used to calibrate")
-    p.add_argument("--method", default="minmax", choices=["minmax", "ema", "percentile"])
-    p.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
-    p.add_argument("--qat-epochs", type=int, default=0, help="quantization-aware fine-tuning epochs")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="where to save the int8 model (.npz)")
-    p.set_defaults(run=cmd_quantize_int8)
-
-    p = commands.add_parser("prune", help="remove whole filters and neurons (optim.structured), fine-tune")
-    p.add_argument("--model", required=True, help="model file (.npz) to prune")
-    add_data_args(p)
-    p.add_argument("--method", default="filters", choices=["filters"],
-                   help="filters: structured, removes conv filters and dense neurons")
-    p.add_argument("--rate", type=float, default=0.5, help="fraction of the units of every prunable layer, in [0, 1)")
-    p.add_argument("--max-drop", type=float, default=None,
-                   help="instead of --rate: per-layer rates from a sensitivity analysis, the largest whose "
-                        "validation accuracy drop (a fraction, e.g. 0.02) stays within this")
-    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"])
-    p.add_argument("--steps", type=int, default=1, help="prune and fine-tune in this many steps")
-    p.add_argument("--retrain-epochs", type=int, default=3, help="fine-tuning epochs after each step")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate for fine-tuning")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="where to save the pruned model (.npz)")
-    p.set_defaults(run=cmd_prune_filters)
-
-    p = commands.add_parser("cut", help="remove whole layers, or truncate and train a new head (optim.cutting)")
-    p.add_argument("--model", required=True, help="model file (.npz) to cut")
-    add_data_args(p)
-    how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--remove", type=int, help="remove the K least important blocks")
-    how.add_argument("--threshold", type=float,
-                     help="remove every block scoring below T (accuracy drop as a fraction, e.g. 0.005)")
-    how.add_argument("--truncate-after", type=int, help="keep layers 0..I and train a new classifier head")
-    p.add_argument("--criterion", default="accuracy", choices=["accuracy", "distance"])
-    p.add_argument("--retrain-epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate for fine-tuning or the new head")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="where to save the cut model (.npz)")
-    p.set_defaults(run=cmd_cut)
+    add_commands(commands)
     return parser
 
 

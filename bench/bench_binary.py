@@ -1,0 +1,147 @@
+"""How fast are the bit kernels of optim/binary.py against minicnn's float32?
+
+Measured in one run, side by side, after checking the results agree:
+
+1. Dense 4096 -> 4096 at batch 1, 64 and 256:
+   - float32: minicnn's Dense.forward (numpy matmul, BLAS);
+   - XNOR-popcount kernel: xnor.xnor_matmul on inputs already packed to bits
+     (the issue's target: >= 8x faster than float32 at batch 64);
+   - XNOR layer: PackedBinaryDense with binary inputs, i.e. the kernel plus
+     packing the input signs and the beta * alpha scaling;
+   - add/subtract layer: PackedBinaryDense with real inputs (binary weights only).
+2. LeNet-5 end to end (model.predict) at batch 1 and 256: float32 against the
+   packed binary-weight model (conv2 and fc1 binary, real activations) and
+   the packed XNOR model (conv2 and fc1 with binary inputs too); the first
+   and last layers stay float32 in both.
+
+The weights are random (seeded): speed depends on shapes only. Every figure
+is a median over repeats after a warm-up that excludes Numba's compilation
+(bench/common.py). speedup = float32 time / binary time, so > 1 means the
+binary path is faster.
+
+    python bench/bench_binary.py [--quick] [--json PATH]
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed copy
+
+import numpy as np  # noqa: E402
+
+from bench.common import FULL, QUICK, format_facts, format_table, machine_facts, measure, num, write_json  # noqa: E402
+from minicnn import zoo  # noqa: E402
+from minicnn.layers import Dense  # noqa: E402
+from optim import xnor  # noqa: E402
+from optim.binary import BinaryDense, PackedBinaryDense, binarize, pack  # noqa: E402
+
+DENSE = 4096
+DENSE_BATCHES = (1, 64, 256)
+NET_BATCHES = (1, 256)
+
+
+def check(condition, message):
+    if not condition:
+        raise SystemExit(f"validation failed: {message}")
+
+
+def dense_figures(budget):
+    rng = np.random.default_rng(0)
+    float_layer = Dense(DENSE, DENSE, rng=rng)
+    trained = {}  # the training-time layers (float computation on binarized values): the validation reference
+    for binary_input in (False, True):
+        trained[binary_input] = BinaryDense(DENSE, DENSE, binary_input=binary_input)
+        trained[binary_input].params = float_layer.params
+    addsub_layer = PackedBinaryDense.from_layer(trained[False])
+    xnor_layer = PackedBinaryDense.from_layer(trained[True])
+    bits = xnor_layer.bits
+    rows = []
+    for batch in DENSE_BATCHES:
+        x = rng.standard_normal((batch, DENSE)).astype(np.float32)
+        a = xnor.pack_signs(x)
+        check(np.array_equal(xnor.xnor_matmul(a[:4], bits, DENSE), xnor.xnor_matmul_ref(a[:4], bits, DENSE)),
+              "xnor_matmul vs its reference")
+        for name, layer, binary_input in (("add/subtract", addsub_layer, False), ("XNOR", xnor_layer, True)):
+            check(np.allclose(layer.forward(x[:4]), trained[binary_input].forward(x[:4]), rtol=1e-4, atol=1e-4),
+                  f"{name} layer vs the training-time forward")
+        t = {
+            "float32 Dense": measure(lambda: float_layer.forward(x), budget),
+            "XNOR-popcount kernel": measure(lambda: xnor.xnor_matmul(a, bits, DENSE), budget),
+            "XNOR layer (packs input)": measure(lambda: xnor_layer.forward(x), budget),
+            "add/subtract layer": measure(lambda: addsub_layer.forward(x), budget),
+        }
+        rows.append({"batch": batch, "timing": {k: v.to_dict() for k, v in t.items()},
+                     "ms": {k: 1e3 * v.median for k, v in t.items()},
+                     "speedup": {k: t["float32 Dense"].median / v.median for k, v in t.items()}})
+        print(f"  dense batch {batch} done", flush=True)
+    return rows
+
+
+def network_figures(budget):
+    float_model = zoo.lenet5(seed=0)
+    models = {
+        "float32": float_model,
+        "binary weights": pack(binarize(float_model)),
+        "XNOR (binary inputs too)": pack(binarize(float_model, binary_activations=True)),
+    }
+    trained_form = {"binary weights": binarize(float_model),
+                    "XNOR (binary inputs too)": binarize(float_model, binary_activations=True)}
+    rng = np.random.default_rng(1)
+    rows = []
+    for batch in NET_BATCHES:
+        x = rng.random((batch, 1, 28, 28), dtype=np.float32)
+        for name, model in trained_form.items():
+            check(np.allclose(models[name].predict(x), model.predict(x), rtol=1e-4, atol=1e-4),
+                  f"packed {name} LeNet-5 vs its training-time forward")
+        t = {name: measure(lambda m=m: m.predict(x, batch_size=batch), budget) for name, m in models.items()}
+        rows.append({"batch": batch, "timing": {k: v.to_dict() for k, v in t.items()},
+                     "ms": {k: 1e3 * v.median for k, v in t.items()},
+                     "images_per_s": {k: batch / v.median for k, v in t.items()},
+                     "speedup": {k: t["float32"].median / v.median for k, v in t.items()}})
+        print(f"  lenet5 batch {batch} done", flush=True)
+    return rows, {name: m.layers[2].stats()["bytes"] + m.layers[5].stats()["bytes"] for name, m in models.items()}
+
+
+def table(rows, first):
+    names = list(rows[0]["ms"])
+    headers = [first, *(f"{n} ms" for n in names), *(f"{n} speedup" for n in names[1:])]
+    body = [[str(r["batch"]), *(r["ms"][n] for n in names), *(num(r["speedup"][n]) + "x" for n in names[1:])]
+            for r in rows]
+    return format_table(headers, body)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="few short repeats: a smoke run")
+    p.add_argument("--json", type=Path, default=None, help="default bench/results/binary[_quick].json")
+    args = p.parse_args(argv)
+    path = args.json or ROOT / "bench" / "results" / ("binary_quick.json" if args.quick else "binary.json")
+    budget = QUICK if args.quick else FULL
+    started = time.perf_counter()
+    xnor.pack_signs(np.zeros((1, 1), np.float32))  # starts Numba's thread pool, so the facts name its layer
+    facts = machine_facts()
+    print("machine:\n" + format_facts(facts), flush=True)
+    result = {"benchmark": "binary", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "quick": args.quick,
+              "budget": vars(budget), "machine": facts}
+
+    result["dense"] = dense_figures(budget)
+    print(f"\nDense {DENSE} -> {DENSE} (speedup = float32 time / this time; "
+          "the kernel column excludes packing the input)")
+    print(table(result["dense"], "batch"), flush=True)
+
+    result["lenet5"], weight_bytes = network_figures(budget)
+    result["lenet5_middle_weight_bytes"] = weight_bytes
+    print("\nLeNet-5 end to end, model.predict (conv2 and fc1 binarized; first and last layers float32)")
+    print(table(result["lenet5"], "batch"))
+    print("conv2 + fc1 stored bytes: " + ", ".join(f"{k} {v:,}" for k, v in weight_bytes.items()))
+
+    result["seconds"] = time.perf_counter() - started
+    write_json(path, result)
+    print(f"\n{result['seconds']:.0f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The technique subcommands of the `minicnn` command line.
+
+minicnn/cli.py owns the parser, `train` and the shared helpers; it imports
+this module only while building the parser, so `import minicnn` never
+imports optim. Each command loads a model file, prints its summary and test
+accuracy, applies one technique (with progress bars from `minicnn.fit`),
+and prints the summary and accuracy again, with the bytes of the saved file.
+"""
+
+import json
+import time
+
+import numpy as np
+
+from minicnn import datasets, zoo
+from minicnn.atomic import atomic_path
+from minicnn.cli import add_data_args, finish, report
+from minicnn.optimizers import Adam
+from minicnn.serialization import load
+from minicnn.training import fit
+
+from . import binary, cutting, distillation, quantization, structured
+
+
+def _finetune_data(args):
+    """(x_fit, y_fit, x_val, y_val, x_test, y_test): decisions on validation, report on test."""
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    return (*datasets.split_validation(x_train, y_train, 0.1, args.seed), x_test, y_test)
+
+
+def cmd_distill(args):
+    data = datasets.load(args.data, root=args.root)
+    x_train, y_train, x_test, y_test = data
+    teacher = load(args.teacher)
+    report(f"teacher {args.teacher}", teacher, x_test, y_test)
+
+    def build_student(seed):
+        return zoo.build(args.student, seed=seed)
+
+    student = build_student(args.seed)
+    report(f"{args.student} before distillation", student, x_test, y_test)
+    recipe = (f"T {args.temperature}, alpha {args.alpha}, {args.epochs} epochs, batch {args.batch_size}, "
+              f"adam lr {args.lr}")
+    start, cpu_start = time.perf_counter(), time.process_time()
+    if args.compare:
+        if args.validation:
+            # Tuning: report on training images held out of the transfer set, never on the test set.
+            data = datasets.split_validation(x_train, y_train, args.validation)
+            print(f"\nreporting on a validation split of {len(data[2])} training images, not on the test set")
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        print(f"\n{args.student} from scratch and distilled, seeds {seeds}, sweep T in {args.temperatures}; {recipe}")
+        result = distillation.compare(teacher, build_student, data, seeds, args.temperature, args.alpha,
+                                      args.temperatures, args.epochs, args.batch_size, args.lr)
+        result["settings"].update(student=args.student, teacher=args.teacher, data=args.data,
+                                  reported_on="validation" if args.validation else "test")
+        result["seconds"] = time.perf_counter() - start
+        result["cpu_seconds"] = time.process_time() - cpu_start  # all threads; steadier on a shared machine
+        print(distillation.format_comparison(result))
+        if args.json:
+            with atomic_path(args.json) as tmp:
+                with open(tmp, "w") as f:
+                    json.dump(result, f, indent=2)
+            print(f"wrote {args.json}")
+        return 0
+    if args.omit_class is not None:
+        print(f"\ndistilling {args.student} without any {args.omit_class} in the transfer set; {recipe}")
+        student, result = distillation.omitted_class(
+            teacher, build_student, data, args.omit_class, args.temperature, args.alpha, args.epochs,
+            args.batch_size, args.lr, args.seed)
+        print(distillation.format_omitted_class(result))
+    else:
+        print(f"\ndistilling into {args.student} on {len(x_train)} images; {recipe}")
+        student = distillation.distill(teacher, student, x_train, y_train, args.temperature, args.alpha,
+                                       args.epochs, args.batch_size, Adam(args.lr), args.seed, in_place=True)
+    print(f"done in {time.perf_counter() - start:.1f} s")
+    return finish(f"{args.student} distilled from {args.teacher}", student, x_test, y_test, args.out)
+
+
+def cmd_quantize(args):
+    """--bits 8: int8 integer-only inference; --bits 1: binary weights (and activations)."""
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = load(args.model)
+    report(f"float model {args.model}", model, x_test, y_test, args.model)
+    if args.bits == 8:
+        x_cal = x_train[np.random.default_rng(args.seed).permutation(len(x_train))[: args.calibration]]
+        print(f"\ncalibrating on {len(x_cal)} training images ({args.method}), "
+              f"{'per-channel' if args.per_channel else 'per-tensor'} weights")
+        if args.qat_epochs:
+            small = quantization.quantization_aware_training(
+                model, x_train, y_train, epochs=args.qat_epochs, per_channel=args.per_channel, seed=args.seed,
+                calibration_size=args.calibration)
+        else:
+            small = quantization.quantize_model(model, x_cal, per_channel=args.per_channel, method=args.method,
+                                                percentile=args.percentile)
+        print(quantization.format_ranges(small.ranges))
+        return finish("int8 model, integer-only inference", small, x_test, y_test, args.out)
+    trained = binary.binarize(model, binary_activations=args.binary_activations)
+    names = [f"{i}: {type(layer).__name__}" for i, layer in enumerate(trained.layers) if layer.kind.startswith("binary")]
+    print(f"\nbinarized {', '.join(names)} ({'binary' if args.binary_activations else 'real'} activations); "
+          f"first and last weight layers stay float32. Retraining {args.retrain_epochs} epochs, "
+          f"adam lr {args.lr}, latent weights clipped to [-1, 1]")
+    fit(trained, x_train, y_train, epochs=args.retrain_epochs, batch_size=args.batch_size,
+        optimizer=Adam(args.lr), seed=args.seed, constraint=binary.clip_latent)
+    return finish("binary model, weights packed one bit each", binary.pack(trained), x_test, y_test, args.out)
+
+
+def cmd_prune(args):
+    x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
+    model = load(args.model)
+    report(f"{args.model} before pruning", model, x_test, y_test)
+    rates = {i: args.rate for i in structured.prunable_layers(model)}
+    if args.max_drop is not None:
+        table = structured.sensitivity(model, x_val, y_val, criterion=args.criterion)
+        print(f"\nsensitivity: validation accuracy with one layer pruned\n{structured.format_sensitivity(table)}")
+        rates = structured.choose_rates(table, args.max_drop)
+    print(f"\nremoving units by {args.criterion} score, rates {rates}, {args.steps} step(s), "
+          f"{args.retrain_epochs} fine-tuning epoch(s) each")
+    pruned = structured.prune_and_finetune(
+        model, rates, x_fit, y_fit, steps=args.steps, epochs=args.retrain_epochs,
+        criterion=args.criterion, batch_size=args.batch_size,
+        lr=args.lr, seed=args.seed, score_data=(x_val, y_val), validation=(x_val, y_val))
+    print()
+    print(structured.compare(model, pruned))
+    return finish("after pruning and fine-tuning", pruned, x_test, y_test, args.out)
+
+
+def cmd_cut(args):
+    x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
+    model = load(args.model)
+    report(f"{args.model} before cutting", model, x_test, y_test)
+    if args.truncate_after is not None:
+        print(f"\nkeeping layers 0..{args.truncate_after} and training a new head")
+        cut = cutting.truncate(model, args.truncate_after, x_fit, y_fit, epochs=max(args.retrain_epochs, 1),
+                               batch_size=args.batch_size, optimizer=Adam(args.lr), seed=args.seed)
+    else:
+        cut, scores = cutting.cut(model, x_val, y_val, args.criterion, args.remove, args.threshold)
+        print(f"\n{'block':<10}{'val accuracy without it':>26}{'drop':>9}{'distance':>10}")
+        for s in scores:
+            print(f"{str(s['block']):<10}{s['accuracy']:>26.4f}{s['accuracy_drop']:>+9.4f}{s['distance']:>10.3f}")
+        removed = len(model.layers) - len(cut.layers)
+        print(f"removed {removed} layers by {args.criterion}; fine-tuning {args.retrain_epochs} epoch(s)")
+        fit(cut, x_fit, y_fit, epochs=args.retrain_epochs, batch_size=args.batch_size,
+            optimizer=Adam(args.lr), seed=args.seed, validation=(x_val, y_val))
+    return finish("after cutting", cut, x_test, y_test, args.out)
+
+
+def _add_training_args(p, epochs_flag, epochs, lr):
+    """The fine-tuning recipe shared by every command that retrains."""
+    p.add_argument(epochs_flag, type=int, default=epochs)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=lr, help="Adam's learning rate")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_commands(commands):
+    """Add the technique subcommands to the `minicnn` parser's subparsers."""
+    p = commands.add_parser("distill", help="train a small student on a teacher's soft targets (Hinton et al. 2015)")
+    p.add_argument("--teacher", required=True, help="the teacher model file (.npz)")
+    p.add_argument("--student", default="small_mlp", choices=sorted(zoo.MODELS))
+    add_data_args(p)
+    p.add_argument("--temperature", type=float, default=8.0)
+    p.add_argument("--alpha", type=float, default=0.9, help="weight of the soft targets, in [0, 1]")
+    _add_training_args(p, "--epochs", 50, 1e-3)
+    p.add_argument("--out", default=None, help="where to save the distilled student (.npz); not with --compare")
+    p.add_argument("--compare", action="store_true",
+                   help="train the student from scratch and distilled over several seeds, with a temperature sweep")
+    p.add_argument("--seeds", type=int, default=3, help="with --compare: seeds seed, seed+1, ...")
+    p.add_argument("--temperatures", type=lambda s: [float(t) for t in s.split(",")], default=[1, 2, 4, 8, 20],
+                   help="with --compare: the sweep, comma-separated")
+    p.add_argument("--json", default=None, help="with --compare: write the results here")
+    p.add_argument("--validation", type=float, default=None,
+                   help="with --compare: report on this fraction of the training images, held out (for tuning)")
+    p.add_argument("--omit-class", type=int, default=None,
+                   help="distill without this class in the transfer set, report the student's accuracy on it")
+    p.set_defaults(run=cmd_distill)
+
+    p = commands.add_parser("quantize", help="int8 integer-only inference (--bits 8) or binary weights (--bits 1)")
+    p.add_argument("--model", required=True, help="a float model file (.npz)")
+    add_data_args(p)
+    p.add_argument("--bits", type=int, default=8, choices=[8, 1])
+    p.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
+    p.add_argument("--calibration", type=int, default=1000, help="int8: training images used to calibrate")
+    p.add_argument("--method", default="minmax", choices=["minmax", "ema", "percentile"], help="int8: calibration")
+    p.add_argument("--percentile", type=float, default=99.99, help="int8: for --method percentile")
+    p.add_argument("--qat-epochs", type=int, default=0, help="int8: quantization-aware fine-tuning epochs")
+    p.add_argument("--binary-activations", action="store_true",
+                   help="binary: binarize the middle layers' inputs too (XNOR-popcount inference)")
+    _add_training_args(p, "--retrain-epochs", 5, 1e-3)
+    p.add_argument("--out", required=True, help="where to save the quantized model (.npz)")
+    p.set_defaults(run=cmd_quantize)
+
+    p = commands.add_parser("prune", help="remove whole filters and neurons (optim.structured), fine-tune")
+    p.add_argument("--model", required=True, help="model file (.npz) to prune")
+    add_data_args(p)
+    p.add_argument("--method", default="filters", choices=["filters"],
+                   help="filters: structured, removes conv filters and dense neurons")
+    p.add_argument("--rate", type=float, default=0.5, help="fraction of the units of every prunable layer, in [0, 1)")
+    p.add_argument("--max-drop", type=float, default=None,
+                   help="instead of --rate: per-layer rates from a sensitivity analysis, the largest whose "
+                        "validation accuracy drop (a fraction, e.g. 0.02) stays within this")
+    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"])
+    p.add_argument("--steps", type=int, default=1, help="prune and fine-tune in this many steps")
+    _add_training_args(p, "--retrain-epochs", 3, 3e-4)
+    p.add_argument("--out", default=None, help="where to save the pruned model (.npz)")
+    p.set_defaults(run=cmd_prune)
+
+    p = commands.add_parser("cut", help="remove whole layers, or truncate and train a new head (optim.cutting)")
+    p.add_argument("--model", required=True, help="model file (.npz) to cut")
+    add_data_args(p)
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--remove", type=int, help="remove the K least important blocks")
+    how.add_argument("--threshold", type=float,
+                     help="remove every block scoring below T (accuracy drop as a fraction, e.g. 0.005)")
+    how.add_argument("--truncate-after", type=int, help="keep layers 0..I and train a new classifier head")
+    p.add_argument("--criterion", default="accuracy", choices=["accuracy", "distance"])
+    _add_training_args(p, "--retrain-epochs", 3, 3e-4)
+    p.add_argument("--out", default=None, help="where to save the cut model (.npz)")
+    p.set_defaults(run=cmd_cut)

@@ -1,0 +1,261 @@
+"""Bit kernels for binary layers: signs packed into uint64 words, XNOR-popcount
+and add/subtract matrix products (Rastegari et al., XNOR-Net, ECCV 2016;
+Hubara et al., Binarized Neural Networks, NeurIPS 2016).
+
+Packing. A row v of n values becomes ceil(n / 64) uint64 words: bit k
+(least significant first) of word w is 1 iff v[64 w + k] >= 0, i.e. the
+sign +1, and the 64 * words - n padding bits are 0. A float32 weight takes
+32 bits, its sign one: 32x smaller.
+
+XNOR-popcount. For a, w in {-1, +1}^n the product a_i w_i is +1 where the
+bits agree and -1 where they differ, so
+
+    dot(a, w) = (n - d) - d = n - 2 d,      d = popcount(a XOR w).
+
+Padding bits are 0 in both rows, their XOR is 0 and they never count, so
+any n works, not only multiples of 64.
+
+Add/subtract. With real x and w in {-1, +1}^n no multiplication is needed:
+
+    dot(x, w) = sum_{bit_i = 1} x_i - sum_{bit_i = 0} x_i.
+
+Each kernel comes as a plain NumPy reference (`*_ref`, through
+np.unpackbits and a float matrix product: the specification) and a Numba
+version with the same signature; tests/test_binary.py checks they agree.
+popcount is the classic SWAR bit trick (Hacker's Delight, 5-1): numba has
+no popcount of its own, and LLVM recognises the idiom and emits the
+hardware instruction (`popcnt`, or `vpopcntq` on 8 words at once where
+AVX-512 VPOPCNTDQ exists), as fast as an explicit intrinsic, measured.
+"""
+
+import numba
+import numpy as np
+from numba import prange
+
+from minicnn import kernels
+from minicnn.kernels import fast  # also selects Numba's sleeping "workqueue" threads
+
+# Float sums in any order: without reassociation LLVM may not vectorize a
+# float reduction. Only the add/subtract kernel needs it.
+fast_sum = numba.njit(parallel=True, cache=True, fastmath={"reassoc", "nsz"})
+# Not cached: Numba's cache tells two compilations of one function apart by
+# signature only, so a cached one-thread copy would load the parallel code.
+serial = numba.njit
+serial_sum = numba.njit(fastmath={"reassoc", "nsz"})
+
+ROW_BLOCK = 64  # input rows that stay in cache while every weight row streams past them
+
+# Waking Numba's worker threads costs tens of microseconds, more than a
+# small job (a batch-1 LeNet-5 layer) takes on one thread: below this many
+# inner-loop steps the kernels run serially (same loops, prange = range).
+PARALLEL_WORK = 1 << 16
+
+
+def _pick(kernels_pair, work):
+    parallel, one_thread = kernels_pair
+    return parallel if work >= PARALLEL_WORK else one_thread
+
+
+_M1 = np.uint64(0x5555555555555555)
+_M2 = np.uint64(0x3333333333333333)
+_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
+_H01 = np.uint64(0x0101010101010101)
+
+
+@numba.njit(cache=True)
+def words_for(n):
+    """uint64 words holding n bits."""
+    return (n + 63) // 64
+
+
+@numba.njit(cache=True)
+def popcount(x):
+    """Set bits of a uint64: count in pairs, nibbles, bytes, then add the bytes with one multiply."""
+    x = x - ((x >> np.uint64(1)) & _M1)
+    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
+    x = (x + (x >> np.uint64(4))) & _M4
+    return np.int64((x * _H01) >> np.uint64(56))  # signed, so n - 2 * count stays an integer
+
+
+def popcount_ref(x):
+    """Set bits of each uint64 in x, through np.unpackbits."""
+    x = np.asarray(x, dtype="<u8")
+    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
+
+
+# --------------------------------------------------------------------------
+# Packing signs
+
+
+def pack_signs_ref(v):
+    """v (R, n) float -> (R, ceil(n/64)) uint64; bit i of a row is v[:, i] >= 0."""
+    R, n = v.shape
+    bits = np.zeros((R, 64 * words_for(n)), np.uint8)
+    bits[:, :n] = v >= 0
+    # 8 little-endian bytes, least significant bit first, make one word.
+    return np.packbits(bits, axis=1, bitorder="little").view("<u8").astype(np.uint64)
+
+
+def _pack_signs_loops(v):
+    R, n = v.shape
+    K = words_for(n)
+    packed = np.empty((R, K), np.uint64)
+    for r in prange(R):
+        for k in range(K):
+            word = np.uint64(0)  # built in a register, stored once
+            for b in range(min(64, n - 64 * k)):
+                if v[r, 64 * k + b] >= 0:
+                    word |= np.uint64(1) << np.uint64(b)
+            packed[r, k] = word
+    return packed
+
+
+PACK_SIGNS = (fast(_pack_signs_loops), serial(_pack_signs_loops))
+
+
+def pack_signs(v):
+    """Fast pack_signs_ref: v (R, n) float -> (R, ceil(n/64)) uint64."""
+    return _pick(PACK_SIGNS, v.size)(v)
+
+
+def unpack_signs(packed, n):
+    """(R, words) uint64 -> (R, n) float32 in {-1, +1}: the inverse of pack_signs."""
+    R = packed.shape[0]
+    as_bytes = np.ascontiguousarray(packed).astype("<u8").view(np.uint8).reshape(R, -1)
+    bits = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :n]
+    return np.where(bits == 1, np.float32(1), np.float32(-1))
+
+
+def im2row_signs_ref(xp, KH, KW, stride):
+    """Padded xp (N, C, Hp, Wp) -> (packed signs of the im2row rows (N*Ho*Wo, words), beta (N*Ho*Wo,) = mean |row|)."""
+    rows = kernels.im2row_ref(xp, KH, KW, stride)
+    return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
+
+
+@numba.njit(cache=True)
+def _bits_at(line, p, width):
+    """`width` (< 64) bits of a packed line starting at bit p, in the low bits of a uint64."""
+    w, o = p // 64, p % 64
+    bits = line[w] >> np.uint64(o)
+    if o + width > 64:  # the run continues in the next word
+        bits |= line[w + 1] << np.uint64(64 - o)
+    return bits & ((np.uint64(1) << np.uint64(width)) - np.uint64(1))
+
+
+def _gather_rows_loops(lines, KH, KW, stride, Ho, Wo):
+    N, C = lines.shape[:2]
+    n = C * KH * KW
+    packed = np.zeros((N * Ho * Wo, words_for(n)), np.uint64)
+    for r in prange(N * Ho * Wo):
+        image, i, j = r // (Ho * Wo), (r // Wo) % Ho, r % Wo
+        k = 0  # bit position in the row, which runs (c, kh, kw) as im2row's columns
+        for c in range(C):
+            for kh in range(KH):
+                run = _bits_at(lines[image, c, i * stride + kh], j * stride, KW)
+                o = k % 64
+                packed[r, k // 64] |= run << np.uint64(o)
+                if o + KW > 64:
+                    packed[r, k // 64 + 1] |= run >> np.uint64(64 - o)
+                k += KW
+    return packed
+
+
+GATHER_ROWS = (fast(_gather_rows_loops), serial(_gather_rows_loops))
+
+
+def im2row_signs(xp, KH, KW, stride):
+    """Fast im2row_signs_ref, without ever building the float rows.
+
+    Each input value is in KH*KW receptive fields. So its sign is packed once,
+    line by line (bit w of line (n, c, h) is xp[n, c, h, w] >= 0), and a row
+    is gathered as C*KH runs of KW consecutive bits. beta comes from
+    A = sum_c |xp| summed over each KH x KW window (XNOR-Net's K = A * k).
+    """
+    if KW >= 64:
+        raise ValueError(f"binary-input convolution supports kernels narrower than 64, got {KW}")
+    N, C, Hp, Wp = xp.shape
+    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
+    lines = pack_signs(xp.reshape(-1, Wp)).reshape(N, C, Hp, -1)
+    A = np.abs(xp).sum(axis=1, dtype=np.float32)
+    windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
+    beta = windows.sum(axis=(3, 4), dtype=np.float32).reshape(-1) / np.float32(C * KH * KW)
+    gather = _pick(GATHER_ROWS, N * Ho * Wo * C * KH)
+    return gather(lines, KH, KW, stride, Ho, Wo), beta
+
+
+# --------------------------------------------------------------------------
+# XNOR-popcount: binary activations times binary weights
+
+
+def xnor_matmul_ref(a, w, n):
+    """a (R, words), w (F, words) packed rows of n signs -> (R, F) int32 dot products."""
+    exact = unpack_signs(a, n).astype(np.float64) @ unpack_signs(w, n).astype(np.float64).T
+    return exact.astype(np.int32)  # integers below 2**53: float64 is exact
+
+
+def _xnor_matmul_loops(a, w, n):
+    R, K = a.shape
+    F = w.shape[0]
+    out = np.empty((R, F), np.int32)
+    blocks = (R + ROW_BLOCK - 1) // ROW_BLOCK
+    for t in prange(blocks * F):
+        first, j = (t // F) * ROW_BLOCK, t % F
+        for r in range(first, min(R, first + ROW_BLOCK)):
+            differ = 0
+            for k in range(K):
+                differ += popcount(a[r, k] ^ w[j, k])
+            out[r, j] = n - 2 * differ
+    return out
+
+
+XNOR_MATMUL = (fast(_xnor_matmul_loops), serial(_xnor_matmul_loops))
+
+
+def xnor_matmul(a, w, n):
+    """Fast xnor_matmul_ref: a (R, words), w (F, words) -> (R, F) int32."""
+    return _pick(XNOR_MATMUL, a.size * w.shape[0])(a, w, n)
+
+
+# --------------------------------------------------------------------------
+# Add/subtract: real activations times binary weights
+
+
+def addsub_matmul_ref(x, w):
+    """x (R, n) float32, w (F, words) packed signs -> (R, F) float32 = x @ signs(w).T."""
+    return (x @ unpack_signs(w, x.shape[1]).T).astype(np.float32)
+
+
+@numba.njit(cache=True, fastmath={"reassoc", "nsz"})
+def _signed_sum(x_part, word, count):
+    """sum of x_part[b] where bit b of word is 1, minus the others, b < count."""
+    acc = np.float32(0)
+    for b in range(count):
+        v = x_part[b]
+        acc += v if (word >> np.uint64(b)) & np.uint64(1) else -v
+    return acc
+
+
+def _addsub_matmul_loops(x, w):
+    R, n = x.shape
+    F, K = w.shape
+    full = n // 64  # whole words: a fixed trip count of 64 lets LLVM vectorize the select-and-add
+    out = np.empty((R, F), np.float32)
+    blocks = (R + ROW_BLOCK - 1) // ROW_BLOCK
+    for t in prange(blocks * F):
+        first, j = (t // F) * ROW_BLOCK, t % F
+        for r in range(first, min(R, first + ROW_BLOCK)):
+            acc = np.float32(0)
+            for k in range(full):
+                acc += _signed_sum(x[r, 64 * k : 64 * k + 64], w[j, k], 64)
+            if full < K:
+                acc += _signed_sum(x[r, 64 * full :], w[j, full], n - 64 * full)
+            out[r, j] = acc
+    return out
+
+
+ADDSUB_MATMUL = (fast_sum(_addsub_matmul_loops), serial_sum(_addsub_matmul_loops))
+
+
+def addsub_matmul(x, w):
+    """Fast addsub_matmul_ref: x (R, n) float32, w (F, words) -> (R, F) float32."""
+    return _pick(ADDSUB_MATMUL, x.size * w.shape[0])(x, w)
