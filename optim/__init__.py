@@ -8,3 +8,11 @@ classes and loaders that read them back, for `minicnn.load`.
 
 LAYER_KINDS = {}
 MODEL_KINDS = {}
+
+# pruning (issue 3): sparse layers and their file format, magnitude pruning
+from .sparse import SparseConv2D, SparseDense, to_sparse  # noqa: E402
+
+LAYER_KINDS.update({SparseDense.kind: SparseDense, SparseConv2D.kind: SparseConv2D})
+from .pruning import (  # noqa: E402
+    cubic_sparsity, global_masks, clip_masks, prune_clip, prune_global, sensitivity,
+)
