@@ -47,6 +47,32 @@ def cmd_train(args):
     return 0
 
 
+def cmd_prune(args):
+    from optim import pruning, sparse  # optim builds on minicnn; imported only when used
+
+    from .serialization import load
+
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = sparse.to_dense(load(args.model))  # a pruned file can be pruned further
+    report(f"{args.model} before pruning", model, x_test, y_test, args.model)
+    common = dict(iterations=args.iterations, retrain_epochs=args.retrain_epochs, lr=args.lr,
+                  batch_size=args.batch_size, seed=args.seed, layers=args.layers)
+    if args.method == "clip":
+        if args.quality is None:
+            raise ValueError("--method clip needs --quality Q (weights with |w| < Q * std(W) are removed)")
+        result = pruning.prune_clip(model, x_train, y_train, args.quality, **common)
+    else:
+        if args.sparsity is None:
+            raise ValueError("--method global needs --sparsity S (the fraction of weights to remove)")
+        result = pruning.prune_global(model, x_train, y_train, args.sparsity, ends_scale=args.ends_scale, **common)
+    print("\nweights removed per layer:\n" + pruning.format_sparsity(result.model, args.layers))
+    pruned = sparse.to_sparse(result.model)
+    if args.out:
+        save(pruned, args.out)
+    report(f"pruned ({args.method})", pruned, x_test, y_test, args.out)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +88,26 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save the trained model (.npz)")
     p.set_defaults(run=cmd_train)
+
+    p = commands.add_parser("prune", help="prune a model file, retrain, and save it sparse")
+    p.add_argument("--model", required=True, help="model file (.npz) to prune")
+    add_data_args(p)
+    p.add_argument("--method", default="global", choices=["clip", "global"],
+                   help="clip: per-layer |w| < Q std(W) (Han 2015); global: one magnitude threshold "
+                        "on the cubic schedule (Zhu & Gupta 2017)")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--quality", type=float, help="for clip: the threshold in standard deviations")
+    amount.add_argument("--sparsity", type=float, help="for global: the fraction of weights to remove, in [0, 1)")
+    p.add_argument("--iterations", type=int, default=1, help="prune-retrain rounds (clip) or pruning steps (global)")
+    p.add_argument("--retrain-epochs", type=int, default=4, help="epochs of retraining in total")
+    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate for retraining")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--ends-scale", type=float, default=1.0,
+                   help="for global: prune the first and last layers to this fraction of the sparsity")
+    p.add_argument("--layers", nargs="+", default=None, help="layers to prune (conv1 ... fc1 ...); default all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the pruned, sparse model (.npz)")
+    p.set_defaults(run=cmd_prune)
     return parser
 
 

@@ -508,6 +508,8 @@ def to_sparse(model, index_bits=None):
     index_bits: None picks, per layer, the width that minimises its bytes.
     Layers with few zeros stay dense: 4 bytes a weight beats 4 + b/8.
     """
+    if not isinstance(model, Sequential):
+        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
     layers = []
     for layer in model.layers:
         sparse_cls = SPARSE_LAYERS.get(type(layer))
@@ -517,4 +519,12 @@ def to_sparse(model, index_bits=None):
                 layers.append(candidate)
                 continue
         layers.append(copy.deepcopy(layer))
+    return Sequential(layers, input_shape=model.input_shape)
+
+
+def to_dense(model):
+    """A copy of `model` with its sparse layers turned back into Dense/Conv2D (to prune further or train)."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
+    layers = [layer.to_dense() if isinstance(layer, _SparseLayer) else copy.deepcopy(layer) for layer in model.layers]
     return Sequential(layers, input_shape=model.input_shape)
