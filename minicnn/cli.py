@@ -55,6 +55,11 @@ def cmd_prune(args):
     x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
     model = sparse.to_dense(load(args.model))  # a pruned file can be pruned further
     report(f"{args.model} before pruning", model, x_test, y_test, args.model)
+    if args.sensitivity:
+        *_, x_val, y_val = datasets.split_validation(x_train, y_train, 0.1, args.seed)
+        curves = pruning.sensitivity(model, x_val, y_val, layers=args.layers)
+        print(f"\nsensitivity: validation accuracy ({len(x_val)} training images) with one layer pruned, "
+              "no retraining\n" + pruning.format_sensitivity(curves))
     common = dict(iterations=args.iterations, retrain_epochs=args.retrain_epochs, lr=args.lr,
                   batch_size=args.batch_size, seed=args.seed, layers=args.layers)
     if args.method == "clip":
@@ -105,6 +110,8 @@ def build_parser():
     p.add_argument("--ends-scale", type=float, default=1.0,
                    help="for global: prune the first and last layers to this fraction of the sparsity")
     p.add_argument("--layers", nargs="+", default=None, help="layers to prune (conv1 ... fc1 ...); default all")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="first print each layer's accuracy against its sparsity, without retraining")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save the pruned, sparse model (.npz)")
     p.set_defaults(run=cmd_prune)

@@ -9,10 +9,10 @@ classes and loaders that read them back, for `minicnn.load`.
 LAYER_KINDS = {}
 MODEL_KINDS = {}
 
-# pruning (issue 3): sparse layers and their file format, magnitude pruning
-from .sparse import SparseConv2D, SparseDense, to_sparse  # noqa: E402
+# pruning (issue 3): magnitude pruning, and the sparse layers a pruned model is saved with
+from .pruning import (  # noqa: E402
+    clip_masks, cubic_sparsity, global_masks, prune_clip, prune_global, sensitivity,
+)
+from .sparse import SparseConv2D, SparseDense, to_dense, to_sparse  # noqa: E402
 
 LAYER_KINDS.update({SparseDense.kind: SparseDense, SparseConv2D.kind: SparseConv2D})
-from .pruning import (  # noqa: E402
-    cubic_sparsity, global_masks, clip_masks, prune_clip, prune_global, sensitivity,
-)

@@ -178,11 +178,11 @@ def global_masks(model, sparsity, layers=None, masks=None, ends_scale=1.0):
 
 def layer_sparsity(model, layers=None):
     """{name: (zeros, size)} of each chosen layer's W, counted on the weights themselves."""
-    return {
-        name: (int(W.size - np.count_nonzero(W)), int(W.size))
-        for name, index in select_layers(model, layers)
-        for W in [model.layers[index].params["W"]]
-    }
+    table = {}
+    for name, index in select_layers(model, layers):
+        W = model.layers[index].params["W"]
+        table[name] = (int(W.size - np.count_nonzero(W)), int(W.size))
+    return table
 
 
 def format_sparsity(model, layers=None):
@@ -330,3 +330,11 @@ def sensitivity(model, x, y, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), layers
             W[...] = original
         curves[name] = curve
     return curves
+
+
+def format_sensitivity(curves):
+    """The sensitivity curves as a table: one row per layer, one column per sparsity."""
+    sparsities = [s for s, _ in next(iter(curves.values()))]
+    header = "  layer  " + "".join(f"{s:>8.0%}" for s in sparsities)
+    rows = [f"  {name:<7}" + "".join(f"{acc:>8.2%}" for _, acc in curve) for name, curve in curves.items()]
+    return "\n".join([header, *rows])

@@ -227,8 +227,10 @@ def test_cli_prune_saves_a_smaller_model_that_loads(tmp_path, capsys):
 def test_cli_prune_clip_and_errors(tmp_path, capsys):
     src, out = tmp_path / "mlp.npz", tmp_path / "pruned.npz"
     minicnn.zoo.lenet300(seed=0).save(src)
-    assert main(["prune", "--model", str(src), "--method", "clip", "--quality", "1.0",
+    assert main(["prune", "--model", str(src), "--method", "clip", "--quality", "1.0", "--sensitivity",
                  "--retrain-epochs", "0", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "sensitivity" in text and "fc3" in text.split("sensitivity")[1]
     assert main(["prune", "--model", str(out), "--method", "clip", "--retrain-epochs", "0"]) == 2
     assert "needs --quality" in capsys.readouterr().err
     assert main(["prune", "--model", str(out), "--sparsity", "0.5", "--layers", "conv1",
