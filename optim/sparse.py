@@ -65,9 +65,12 @@ from .bitpack import pack_bits, unpack_bits
 
 MAX_INDEX_BITS = 16
 
-# Densities below which the sparse kernel beats the dense one, per layer type
-# (bench/bench_pruning.py, "density sweep", on the shapes of LeNet-5).
-SPARSE_BELOW = {"dense": 0.4, "conv2d": 0.25}
+# Densities below which the sparse kernel beats the dense one, per layer type.
+# Measured by bench/bench_pruning.py ("density sweep") and best-of-40 timings on
+# a shared 2-core machine, so only roughly: fc1 800x500 broke even near 10-15%
+# at batch 1 and 30-40% at batch 64; the direct conv won up to 30% on conv1
+# (1->20, 24x24 outputs) and near 20% on conv2 (20->50, 8x8 outputs) at batch 64.
+SPARSE_BELOW = {"dense": 0.2, "conv2d": 0.15}
 
 
 # --------------------------------------------------------------------------
@@ -259,17 +262,37 @@ def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
     Ho = (Hp - KH) // stride + 1
     Wo = (Wp - KW) // stride + 1
     out = np.empty((N, F, Ho, Wo), dtype=xp.dtype)
+    # At stride 1, output (i, j) is computed at p = i*Wp + j of a plane as wide as
+    # the input: tap (c, kh, kw) then reads x[c].flat[p + kh*Wp + kw], one contiguous
+    # run per nonzero instead of Ho runs of Wo (8 for LeNet-5's conv2), at the cost
+    # of Wp - Wo discarded columns per row.
+    L = (Ho - 1) * Wp + Wo
+    flat = xp.reshape(N, C, Hp * Wp)
+    wide = np.empty((N * F, L if stride == 1 else 0), dtype=xp.dtype)
     for t in prange(N * F):  # one output plane per task
         n, f = t // F, t % F
-        plane = out[n, f]
-        plane[:] = bias[f]
-        for k in range(indptr[f], indptr[f + 1]):
-            v = values[k]
-            c, kh, kw = indices[k] // (KH * KW), (indices[k] // KW) % KH, indices[k] % KW
-            shifted = xp[n, c, kh:, kw:]  # the input plane moved by the tap (kh, kw)
+        if stride == 1:
+            acc = wide[t]
+            acc[:] = bias[f]
+            for k in range(indptr[f], indptr[f + 1]):
+                v = values[k]
+                c, kh, kw = indices[k] // (KH * KW), (indices[k] // KW) % KH, indices[k] % KW
+                tap = flat[n, c, kh * Wp + kw : kh * Wp + kw + L]
+                for p in range(L):
+                    acc[p] += v * tap[p]
             for i in range(Ho):
                 for j in range(Wo):
-                    plane[i, j] += v * shifted[i * stride, j * stride]
+                    out[n, f, i, j] = acc[i * Wp + j]
+        else:
+            plane = out[n, f]
+            plane[:] = bias[f]
+            for k in range(indptr[f], indptr[f + 1]):
+                v = values[k]
+                c, kh, kw = indices[k] // (KH * KW), (indices[k] // KW) % KH, indices[k] % KW
+                shifted = xp[n, c, kh:, kw:]  # the input plane moved by the tap (kh, kw)
+                for i in range(Ho):
+                    for j in range(Wo):
+                        plane[i, j] += v * shifted[i * stride, j * stride]
     return out
 
 
