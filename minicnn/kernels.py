@@ -30,6 +30,7 @@ on ties, as numpy.argmax does), so backward routes dout to it.
 """
 
 import os
+import types
 
 import numba
 import numpy as np
@@ -43,6 +44,27 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 fast = numba.njit(parallel=True, cache=True)
+serial = numba.njit(cache=True)
+
+# Waking the worker threads costs ~50 us per call here, more than a whole
+# batch-1 loop takes, so small inputs run a serial build of the same loops.
+# The figure is the output size above which threads paid off (bench/).
+PARALLEL_MIN_SIZE = 1 << 18
+
+
+def twin(body):
+    """Compile `body` twice, threaded and serial; the result runs the one that fits the output size."""
+    # Numba's on-disk cache is keyed by the function's name, so the serial
+    # build gets a copy of the function under a name of its own.
+    copy = types.FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial")
+    copy.__qualname__ = body.__qualname__ + "_serial"
+    threaded, plain = fast(body), serial(copy)
+
+    def run(size, *args):
+        return (threaded if size >= PARALLEL_MIN_SIZE else plain)(*args)
+
+    run.__doc__ = body.__doc__
+    return run
 
 
 def conv_output_size(size, kernel, stride, padding):
@@ -124,7 +146,14 @@ def _im2row_loops(xp, KH, KW, stride):
     return rows
 
 
-im2row = fast(_im2row_loops)
+_im2row = twin(_im2row_loops)
+
+
+def im2row(xp, KH, KW, stride):
+    """Fast im2row, same contract as im2row_ref."""
+    N, C, Hp, Wp = xp.shape
+    size = N * C * KH * KW * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1)
+    return _im2row(size, xp, KH, KW, stride)
 
 
 def row2im_ref(rows, xp_shape, KH, KW, stride):
@@ -160,7 +189,12 @@ def _row2im_loops(rows, xp_shape, KH, KW, stride):
     return dxp
 
 
-row2im = fast(_row2im_loops)
+_row2im = twin(_row2im_loops)
+
+
+def row2im(rows, xp_shape, KH, KW, stride):
+    """Fast row2im, same contract as row2im_ref."""
+    return _row2im(rows.size, rows, xp_shape, KH, KW, stride)
 
 
 def conv2d_forward(x, W, b, stride, padding):
@@ -230,7 +264,12 @@ def _maxpool_forward_loops(x, k, stride):
     return out, arg
 
 
-maxpool_forward = fast(_maxpool_forward_loops)
+_maxpool_forward = twin(_maxpool_forward_loops)
+
+
+def maxpool_forward(x, k, stride):
+    """Fast max-pool forward, same contract as maxpool_forward_ref."""
+    return _maxpool_forward(x.size, x, k, stride)
 
 
 def maxpool_backward_ref(dout, argmax, x_shape):
@@ -254,4 +293,9 @@ def _maxpool_backward_loops(dout, argmax, x_shape):
     return dx.reshape((N, C, H, W))
 
 
-maxpool_backward = fast(_maxpool_backward_loops)
+_maxpool_backward = twin(_maxpool_backward_loops)
+
+
+def maxpool_backward(dout, argmax, x_shape):
+    """Fast max-pool backward, same contract as maxpool_backward_ref."""
+    return _maxpool_backward(int(np.prod(x_shape)), dout, argmax, x_shape)

@@ -19,7 +19,7 @@ from minicnn.optimizers import Adam
 from minicnn.serialization import load
 from minicnn.training import fit
 
-from . import binary, cutting, distillation, quantization, structured
+from . import binary, cutting, distillation, pruning, quantization, sparse, structured
 
 
 def _finetune_data(args):
@@ -105,6 +105,36 @@ def cmd_quantize(args):
 
 
 def cmd_prune(args):
+    """--method clip|global: unstructured, saved sparse; --method filters: structured, a narrower network."""
+    if args.lr is None:
+        args.lr = 3e-4 if args.method == "filters" else 1e-4
+    if args.method == "filters":
+        return _prune_filters(args)
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = sparse.to_dense(load(args.model))  # a pruned file can be pruned further
+    report(f"{args.model} before pruning", model, x_test, y_test, args.model)
+    if args.sensitivity:
+        *_, x_val, y_val = datasets.split_validation(x_train, y_train, 0.1, args.seed)
+        curves = pruning.sensitivity(model, x_val, y_val, layers=args.layers)
+        print(f"\nsensitivity: validation accuracy ({len(x_val)} training images) with one layer pruned, "
+              "no retraining\n" + pruning.format_sensitivity(curves))
+    common = dict(iterations=args.iterations, retrain_epochs=args.retrain_epochs, lr=args.lr,
+                  batch_size=args.batch_size, seed=args.seed, layers=args.layers)
+    if args.method == "clip":
+        if args.quality is None:
+            raise ValueError("--method clip needs --quality Q (weights with |w| < Q * std(W) are removed)")
+        result = pruning.prune_clip(model, x_train, y_train, args.quality, **common)
+    else:
+        if args.sparsity is None:
+            raise ValueError("--method global needs --sparsity S (the fraction of weights to remove)")
+        result = pruning.prune_global(model, x_train, y_train, args.sparsity, ends_scale=args.ends_scale, **common)
+    print("\nweights removed per layer:\n" + pruning.format_sparsity(result.model, args.layers))
+    return finish(f"pruned ({args.method}), stored sparse", sparse.to_sparse(result.model), x_test, y_test, args.out)
+
+
+def _prune_filters(args):
+    if args.rate is None and args.max_drop is None:
+        raise ValueError("--method filters needs --rate R (the fraction of units to remove) or --max-drop D")
     x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
     model = load(args.model)
     report(f"{args.model} before pruning", model, x_test, y_test)
@@ -189,18 +219,32 @@ def add_commands(commands):
     p.add_argument("--out", required=True, help="where to save the quantized model (.npz)")
     p.set_defaults(run=cmd_quantize)
 
-    p = commands.add_parser("prune", help="remove whole filters and neurons (optim.structured), fine-tune")
+    p = commands.add_parser("prune", help="remove weights (clip, global: stored sparse) or whole filters and neurons")
     p.add_argument("--model", required=True, help="model file (.npz) to prune")
     add_data_args(p)
-    p.add_argument("--method", default="filters", choices=["filters"],
-                   help="filters: structured, removes conv filters and dense neurons")
-    p.add_argument("--rate", type=float, default=0.5, help="fraction of the units of every prunable layer, in [0, 1)")
-    p.add_argument("--max-drop", type=float, default=None,
-                   help="instead of --rate: per-layer rates from a sensitivity analysis, the largest whose "
-                        "validation accuracy drop (a fraction, e.g. 0.02) stays within this")
-    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"])
-    p.add_argument("--steps", type=int, default=1, help="prune and fine-tune in this many steps")
-    _add_training_args(p, "--retrain-epochs", 3, 3e-4)
+    p.add_argument("--method", default="global", choices=["clip", "global", "filters"],
+                   help="clip: per-layer |w| < Q std(W) (Han et al. 2015); global: one magnitude threshold on "
+                        "the cubic schedule (Zhu & Gupta 2017); filters: whole conv filters and dense neurons "
+                        "(Li et al. 2017)")
+    amount = p.add_mutually_exclusive_group()
+    amount.add_argument("--quality", type=float, help="clip: the threshold in standard deviations")
+    amount.add_argument("--sparsity", type=float, help="global: the fraction of weights to remove, in [0, 1)")
+    amount.add_argument("--rate", type=float, help="filters: fraction of the units of every prunable layer, in [0, 1)")
+    amount.add_argument("--max-drop", type=float,
+                        help="filters, instead of --rate: per-layer rates from a sensitivity analysis, the largest "
+                             "whose validation accuracy drop (a fraction, e.g. 0.02) stays within this")
+    p.add_argument("--iterations", type=int, default=1, help="clip, global: prune-retrain rounds or pruning steps")
+    p.add_argument("--ends-scale", type=float, default=1.0,
+                   help="global: prune the first and last layers to this fraction of the sparsity")
+    p.add_argument("--layers", nargs="+", default=None, help="clip, global: layers to prune (conv1 ... fc1 ...)")
+    p.add_argument("--sensitivity", action="store_true",
+                   help="clip, global: first print each layer's accuracy against its sparsity, without retraining")
+    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"], help="filters: ranking")
+    p.add_argument("--steps", type=int, default=1, help="filters: prune and fine-tune in this many steps")
+    p.add_argument("--retrain-epochs", type=int, default=4, help="epochs of retraining (per step for filters)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate; 1e-4 (clip, global), 3e-4 (filters)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save the pruned model (.npz)")
     p.set_defaults(run=cmd_prune)
 

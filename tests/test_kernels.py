@@ -11,6 +11,15 @@ from strategies import conv_geometry, pool_geometry, random_array
 seeds = st.integers(0, 2**31 - 1)
 
 
+@pytest.fixture(autouse=True, scope="module", params=["threaded", "serial"])
+def build(request):
+    """Run every test against both builds of the Numba loops."""
+    saved = K.PARALLEL_MIN_SIZE
+    K.PARALLEL_MIN_SIZE = 0 if request.param == "threaded" else 2**62
+    yield request.param
+    K.PARALLEL_MIN_SIZE = saved
+
+
 @given(conv_geometry(), seeds, st.sampled_from([np.float32, np.float64]))
 def test_conv_forward_matches_reference(geom, seed, dtype):
     N, C, H, W, F, k, s, p = geom

@@ -304,9 +304,9 @@ def test_cli_prune_prints_both_summaries_and_saves(tmp_path, capsys):
     x, y = minicnn.datasets.load()[2:]
     accuracy = float(text.split("test accuracy ")[-1].split()[0])
     assert abs(minicnn.evaluate(narrow, x, y) - accuracy) <= 5e-5
-    assert main(["prune", "--model", str(source), "--max-drop", "0.5", "--retrain-epochs", "0"]) == 0
+    assert main(["prune", "--model", str(source), "--method", "filters", "--max-drop", "0.5", "--retrain-epochs", "0"]) == 0
     assert "sensitivity" in capsys.readouterr().out
-    assert main(["prune", "--model", str(source), "--rate", "1.0"]) == 2
+    assert main(["prune", "--model", str(source), "--method", "filters", "--rate", "1.0"]) == 2
     assert "[0, 1)" in capsys.readouterr().err
 
 

@@ -1,0 +1,557 @@
+"""Sparse weights: a storage format whose size follows the nonzeros, and kernels that skip the zeros.
+
+A pruned layer is a matrix M (R rows, K columns) in which only nnz entries are
+nonzero. Row r of M computes output r: for Dense, M = W.T (out, in); for
+Conv2D, M = W.reshape(F, C*KH*KW), one row per filter.
+
+In memory (CSR, Compressed Sparse Row):
+
+    values  (nnz,) float32   the nonzeros, row by row, left to right
+    indices (nnz,) uint32    their column numbers
+    indptr  (R+1,) int64     row r owns values[indptr[r] : indptr[r+1]]
+
+On disk (the relative-index stream of Han, Mao & Dally, "Deep Compression",
+ICLR 2016, section 2): M is read row-major as one flat array of R*K entries
+and each stored entry records only its distance from the previous one,
+
+    code_i = slot_i - slot_(i-1) - 1,    slot_(-1) = -1,    0 <= code_i < 2**b
+
+in b bits (`index_bits`), so a gap of up to 2**b positions fits. A wider gap
+gets a *filler zero*: an entry with value 0 placed 2**b positions after the
+previous one (code 2**b - 1), repeated until the gap fits. Fillers point at
+positions that really are zero in M, so the values stream is simply M.flat at
+the slots. Row pointers are not stored: slot // K gives each entry's row.
+
+    stream entries m = nnz + fillers(b)
+    bytes = 4 m (float32 values) + ceil(m b / 8) (codes, `optim.bitpack`)
+
+Small b means short codes but many fillers; `best_index_bits` picks the b that
+minimises the bytes (Deep Compression fixed 8 bits for conv, 5 for fc).
+
+The index stream and the values stream are separable: `encode_relative`
+turns positions into (codes, slots) and knows nothing about values;
+`decode_relative` turns codes back into slots. A weight-sharing layer stores
+codebook indices at the same slots and may entropy-code the codes.
+
+Sparse inference:
+
+    CSR x dense:  Y[r, n] = sum_{k in row r} values[k] * X[indices[k], n]
+
+For Dense, X = x.T (in, N). For Conv2D the kernel is direct (Park et al.,
+"Faster CNNs with Direct Sparse Convolutions", ICLR 2017): no im2col at
+all, each nonzero W[f, c, kh, kw] adds a shifted input plane,
+
+    out[n, f] += W[f, c, kh, kw] * xp[n, c, kh : kh + S Ho : S, kw : kw + S Wo : S]
+
+so the work is nnz * Ho * Wo per image instead of F*C*KH*KW*Ho*Wo. Both
+kernels stream over the nonzeros only; dense BLAS is faster per multiply, so
+the sparse kernel pays off only below a density (`SPARSE_BELOW`, measured by
+bench/bench_pruning.py), and the layers switch automatically.
+"""
+
+import copy
+
+import numba
+import numpy as np
+from numba import prange
+
+from minicnn import kernels
+from minicnn.checks import check_array, check_positive_int
+from minicnn.kernels import fast
+from minicnn.layers import Conv2D, Dense, Layer
+from minicnn.model import Sequential
+
+from .bitpack import pack_bits, unpack_bits
+
+MAX_INDEX_BITS = 16
+
+# Densities below which the sparse kernel beats the dense one, per layer type.
+# Measured by bench/bench_pruning.py ("density sweep") and best-of-40 timings on
+# a shared 2-core machine, so only roughly: fc1 800x500 broke even near 10-15%
+# at batch 1 and 30-40% at batch 64; the direct conv won up to 30% on conv1
+# (1->20, 24x24 outputs) and near 20% on conv2 (20->50, 8x8 outputs) at batch 64.
+SPARSE_BELOW = {"dense": 0.2, "conv2d": 0.15}
+
+
+# --------------------------------------------------------------------------
+# The relative-index stream
+
+
+def _check_index_bits(bits):
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_INDEX_BITS:
+        raise ValueError(f"index_bits must be an integer in 1..{MAX_INDEX_BITS}, got {bits!r}")
+    return int(bits)
+
+
+def _check_positions(positions):
+    positions = np.asarray(positions)
+    if positions.ndim != 1 or positions.dtype.kind not in "iu":
+        raise ValueError(f"positions must be a 1-D integer array, got {positions.dtype} {positions.shape}")
+    positions = positions.astype(np.int64)
+    if positions.size and (positions[0] < 0 or np.any(np.diff(positions) <= 0)):
+        raise ValueError("positions must be non-negative and strictly increasing")
+    return positions
+
+
+def filler_count(positions, index_bits):
+    """Fillers the stream of `positions` (sorted flat positions) needs at `index_bits` bits."""
+    positions = _check_positions(positions)
+    gaps = np.diff(positions, prepend=-1)
+    return int(((gaps - 1) >> _check_index_bits(index_bits)).sum())
+
+
+def encode_relative(positions, index_bits):
+    """Flat positions of the nonzeros -> the relative-index stream.
+
+    positions: (nnz,) strictly increasing ints (e.g. np.flatnonzero(M)).
+    Returns (codes, slots), both (m,) with m = nnz + fillers:
+      codes uint32: slot_i - slot_(i-1) - 1, each < 2**index_bits;
+      slots int64: the flat position of every stream entry, fillers included
+      (a filler's slot is a zero of M, so M.flat[slots] is the values stream).
+    """
+    positions = _check_positions(positions)
+    bits = _check_index_bits(index_bits)
+    span = 1 << bits
+    gaps = np.diff(positions, prepend=-1)  # >= 1
+    fillers = (gaps - 1) >> bits  # whole spans to jump before each nonzero
+    where = np.arange(positions.size) + np.cumsum(fillers)  # stream index of each nonzero
+    codes = np.full(positions.size + int(fillers.sum()), span - 1, dtype=np.uint32)
+    codes[where] = gaps - fillers * span - 1
+    return codes, decode_relative(codes)
+
+
+def decode_relative(codes):
+    """Inverse of encode_relative: codes (m,) -> slots (m,) int64, fillers included."""
+    codes = np.asarray(codes)
+    if codes.ndim != 1 or codes.dtype.kind not in "iu":
+        raise ValueError(f"codes must be a 1-D integer array, got {codes.dtype} {codes.shape}")
+    return np.cumsum(codes.astype(np.int64) + 1) - 1
+
+
+def stream_bytes(positions, index_bits, value_bits=32):
+    """Bytes of the stored stream: m values of value_bits plus m codes of index_bits."""
+    m = len(positions) + filler_count(positions, index_bits)
+    return (m * value_bits + 7) // 8 + (m * index_bits + 7) // 8
+
+
+def best_index_bits(positions, value_bits=32):
+    """The index width in 1..16 that makes the stream smallest (the narrowest on ties)."""
+    sizes = [stream_bytes(positions, b, value_bits) for b in range(1, MAX_INDEX_BITS + 1)]
+    return 1 + int(np.argmin(sizes))
+
+
+# --------------------------------------------------------------------------
+# CSR in memory
+
+
+def csr_from_dense(M):
+    """M (R, K) -> (values (nnz,) M.dtype, indices (nnz,) uint32, indptr (R+1,) int64): its nonzeros."""
+    check_array(M, "matrix", ndim=2, finite=False)
+    positions = np.flatnonzero(M)
+    return csr_from_positions(positions, M.reshape(-1)[positions], M.shape)
+
+
+def csr_from_positions(positions, values, shape):
+    """CSR arrays from sorted flat positions in a (R, K) matrix and their values."""
+    R, K = shape
+    rows, cols = np.divmod(positions, K)
+    indptr = np.searchsorted(rows, np.arange(R + 1)).astype(np.int64)
+    return values, cols.astype(np.uint32), indptr
+
+
+def csr_to_dense(values, indices, indptr, shape):
+    """The (R, K) matrix the CSR arrays describe."""
+    M = np.zeros(shape, dtype=values.dtype)
+    rows = np.repeat(np.arange(shape[0]), np.diff(indptr))
+    M[rows, indices] = values
+    return M
+
+
+def csr_positions(indices, indptr, ncols):
+    """Flat row-major positions (nnz,) int64 of the CSR entries."""
+    rows = np.repeat(np.arange(indptr.size - 1, dtype=np.int64), np.diff(indptr))
+    return rows * ncols + indices
+
+
+# --------------------------------------------------------------------------
+# Kernels: CSR x dense
+
+
+def csr_matmul_ref(values, indices, indptr, X, bias):
+    """Y (R, N) = M @ X + bias[:, None] for M in CSR (R, K) and X (K, N).
+
+    The fast versions: `csr_matmul` (same signature) and `csr_matvec` for a
+    single vector x (K,) -> y (R,), the batch-1 case.
+    """
+    R = indptr.size - 1
+    rows = np.repeat(np.arange(R), np.diff(indptr))
+    Y = np.zeros((R, X.shape[1]), dtype=X.dtype)
+    np.add.at(Y, rows, values[:, None] * X[indices])
+    return Y + bias[:, None]
+
+
+# Why these loops look the way they do (best-of-300 timings of fc1 at 10%
+# density, batch 1: 36 us with int32 indices, 23 with uint32, 14 with row
+# slices): unsigned column indices and row slices walked from 0 leave Numba no
+# negative-index wraparound test to emit in the loop, and four nonzeros per
+# pass let four multiply-adds proceed at once.
+
+
+def _csr_matmul_loops(values, indices, indptr, X, bias):
+    R, N = indptr.size - 1, X.shape[1]
+    Y = np.empty((R, N), dtype=X.dtype)
+    for r in prange(R):  # rows are independent: no races
+        v, c = values[indptr[r] : indptr[r + 1]], indices[indptr[r] : indptr[r + 1]]
+        y = Y[r]  # 1-D row views: LLVM vectorises these loops, not the 2-D indexing (5x)
+        y[:] = bias[r]
+        m = v.size - v.size % 4
+        for k in range(0, m, 4):
+            x0, x1, x2, x3 = X[c[k]], X[c[k + 1]], X[c[k + 2]], X[c[k + 3]]
+            v0, v1, v2, v3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+            for n in range(N):
+                y[n] += (v0 * x0[n] + v1 * x1[n]) + (v2 * x2[n] + v3 * x3[n])
+        for k in range(m, v.size):
+            xk, vk = X[c[k]], v[k]
+            for n in range(N):
+                y[n] += vk * xk[n]
+    return Y
+
+
+def _csr_matvec_loops(values, indices, indptr, x, bias):
+    R = indptr.size - 1
+    y = np.empty(R, dtype=x.dtype)
+    for r in range(R):
+        v, c = values[indptr[r] : indptr[r + 1]], indices[indptr[r] : indptr[r + 1]]
+        a0 = a1 = a2 = a3 = x.dtype.type(0)  # four sums: no waiting on the previous addition
+        m = v.size - v.size % 4
+        for k in range(0, m, 4):
+            a0 += v[k] * x[c[k]]
+            a1 += v[k + 1] * x[c[k + 1]]
+            a2 += v[k + 2] * x[c[k + 2]]
+            a3 += v[k + 3] * x[c[k + 3]]
+        for k in range(m, v.size):
+            a0 += v[k] * x[c[k]]
+        y[r] = bias[r] + ((a0 + a1) + (a2 + a3))
+    return y
+
+
+csr_matmul = fast(_csr_matmul_loops)
+# Serial: one image's product takes ~15 us, about what waking a second thread
+# costs on a shared machine (measured: the parallel version was 3x slower).
+csr_matvec = numba.njit(cache=True)(_csr_matvec_loops)
+
+
+# --------------------------------------------------------------------------
+# Kernels: direct sparse convolution
+
+
+def sparse_conv2d_ref(values, indices, indptr, xp, bias, KH, KW, stride):
+    """out (N, F, Ho, Wo) from padded xp (N, C, Hp, Wp) and CSR filters (F, C*KH*KW)."""
+    N, C, Hp, Wp = xp.shape
+    F, S = indptr.size - 1, stride
+    Ho, Wo = (Hp - KH) // S + 1, (Wp - KW) // S + 1
+    out = np.zeros((N, F, Ho, Wo), dtype=xp.dtype) + bias[None, :, None, None]
+    for f in range(F):
+        for k in range(indptr[f], indptr[f + 1]):
+            c, rest = divmod(int(indices[k]), KH * KW)
+            kh, kw = divmod(rest, KW)
+            out[:, f] += values[k] * xp[:, c, kh : kh + S * Ho : S, kw : kw + S * Wo : S]
+    return out
+
+
+def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
+    N, C, Hp, Wp = xp.shape
+    F = indptr.size - 1
+    Ho = (Hp - KH) // stride + 1
+    Wo = (Wp - KW) // stride + 1
+    out = np.empty((N, F, Ho, Wo), dtype=xp.dtype)
+    # At stride 1, output (i, j) is computed at p = i*Wp + j of a plane as wide as
+    # the input: tap (c, kh, kw) then reads x[c].flat[p + kh*Wp + kw], one contiguous
+    # run per nonzero instead of Ho runs of Wo (8 for LeNet-5's conv2), at the cost
+    # of Wp - Wo discarded columns per row.
+    L = (Ho - 1) * Wp + Wo
+    flat = xp.reshape(N, C, Hp * Wp)
+    wide = np.empty((N * F, L if stride == 1 else 0), dtype=xp.dtype)
+    for t in prange(N * F):  # one output plane per task
+        n, f = t // F, t % F
+        if stride == 1:
+            acc = wide[t]
+            acc[:] = bias[f]
+            for k in range(indptr[f], indptr[f + 1]):
+                v = values[k]
+                c, kh, kw = indices[k] // (KH * KW), (indices[k] // KW) % KH, indices[k] % KW
+                tap = flat[n, c, kh * Wp + kw : kh * Wp + kw + L]
+                for p in range(L):
+                    acc[p] += v * tap[p]
+            for i in range(Ho):
+                for j in range(Wo):
+                    out[n, f, i, j] = acc[i * Wp + j]
+        else:
+            plane = out[n, f]
+            plane[:] = bias[f]
+            for k in range(indptr[f], indptr[f + 1]):
+                v = values[k]
+                c, kh, kw = indices[k] // (KH * KW), (indices[k] // KW) % KH, indices[k] % KW
+                shifted = xp[n, c, kh:, kw:]  # the input plane moved by the tap (kh, kw)
+                for i in range(Ho):
+                    for j in range(Wo):
+                        plane[i, j] += v * shifted[i * stride, j * stride]
+    return out
+
+
+sparse_conv2d = fast(_sparse_conv2d_loops)
+
+
+# --------------------------------------------------------------------------
+# Layers
+
+
+class _SparseLayer(Layer):
+    """Shared by SparseDense and SparseConv2D: a CSR matrix M (rows, cols) plus a bias.
+
+    params are {"values": the nonzeros (nnz,), "b": bias}: training a sparse
+    layer updates only its nonzeros, so a pruned weight can never grow back.
+    """
+
+    def _set_csr(self, values, indices, indptr, shape, b, index_bits):
+        self.shape = tuple(shape)
+        keep = values != 0  # a model file's fillers, or weights that trained to exactly 0
+        if not keep.all():
+            positions = csr_positions(indices, indptr, shape[1])[keep]
+            values, indices, indptr = csr_from_positions(positions, values[keep], shape)
+        self.indices, self.indptr = np.ascontiguousarray(indices, np.uint32), indptr
+        self.index_bits = index_bits
+        self.params = {"values": np.ascontiguousarray(values), "b": b}
+        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self._dense = None  # M, built on demand when the dense kernel is faster
+
+    @property
+    def density(self):
+        return self.params["values"].size / (self.shape[0] * self.shape[1])
+
+    def matrix(self):
+        """The dense M (rows, cols), with the current values."""
+        return csr_to_dense(self.params["values"], self.indices, self.indptr, self.shape)
+
+    def _dense_matrix(self):
+        # Cached for inference; rebuilt when training (or a cast) changed the values.
+        # The comparison costs O(nnz), far below the dense product that follows.
+        v = self.params["values"]
+        if self._dense is None or self._dense[0].dtype != v.dtype or not np.array_equal(self._dense[0], v):
+            self._dense = (v.copy(), self.matrix())
+        return self._dense[1]
+
+    def uses_sparse_kernel(self):
+        return self.density < SPARSE_BELOW[self.sparse_family]
+
+    def _positions(self):
+        return csr_positions(self.indices, self.indptr, self.shape[1])
+
+    def _gather_grad(self, dM):
+        """dL/dvalues from dL/dM (rows, cols): the gradient at the stored positions only."""
+        return dM.reshape(-1)[self._positions()].astype(self.dtype, copy=False)
+
+    def state(self):
+        positions = self._positions()
+        codes, slots = encode_relative(positions, self.index_bits)
+        flat = np.zeros(self.shape[0] * self.shape[1], dtype=self.params["values"].dtype)
+        flat[positions] = self.params["values"]
+        return {"values": flat[slots], "codes": pack_bits(codes, self.index_bits), "b": self.params["b"]}
+
+    @classmethod
+    def from_state(cls, config, arrays):
+        """Rebuild the layer from its config and the arrays `state()` saved (fillers dropped)."""
+        new = cls(**config)
+        for name in ("values", "codes", "b"):
+            if name not in arrays:
+                raise ValueError(f"{cls.kind} layer is missing its {name!r} array")
+        values, b = arrays["values"], arrays["b"]
+        if values.ndim != 1 or values.dtype.kind != "f" or b.shape != new.params["b"].shape or b.dtype.kind != "f":
+            raise ValueError(f"{cls.kind} layer: expected 1-D float values and a float bias of shape "
+                             f"{new.params['b'].shape}, got {values.dtype} {values.shape} and {b.dtype} {b.shape}")
+        slots = decode_relative(unpack_bits(arrays["codes"], new.index_bits, values.size))
+        if slots.size and slots[-1] >= new.shape[0] * new.shape[1]:
+            raise ValueError(f"{cls.kind} layer: index stream points past the end of its {new.shape} matrix")
+        new._set_csr(*csr_from_positions(slots, values, new.shape), new.shape, b, new.index_bits)
+        return new
+
+    def stats(self):
+        n = self.shape[0] * self.shape[1]
+        nnz = int(np.count_nonzero(self.params["values"]))
+        nbytes = stream_bytes(self._positions(), self.index_bits) + self.params["b"].nbytes
+        total = n + self.params["b"].size
+        return {"params": total, "nonzero": nnz + int(np.count_nonzero(self.params["b"])),
+                "bits_per_weight": 8 * nbytes / total, "bytes": nbytes, "density": nnz / n}
+
+    def _common_config(self):
+        return {"index_bits": self.index_bits}
+
+
+def _index_bits_for(M, index_bits):
+    positions = np.flatnonzero(M)
+    return best_index_bits(positions) if index_bits is None else _check_index_bits(index_bits)
+
+
+class SparseDense(_SparseLayer):
+    """Dense (y = x @ W + b) with W stored sparse as M = W.T (out, in) in CSR.
+
+    x (N, in_features) -> (N, out_features). Build one with `from_dense(layer)`.
+    """
+
+    kind = "sparse_dense"
+    sparse_family = "dense"
+
+    def __init__(self, in_features, out_features, index_bits=5):
+        super().__init__()
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
+        empty = (np.zeros(0, np.float32), np.zeros(0, np.uint32), np.zeros(out_features + 1, np.int64))
+        self._set_csr(*empty, (out_features, in_features), np.zeros(out_features, np.float32),
+                      _check_index_bits(index_bits))
+
+    @classmethod
+    def from_dense(cls, layer, index_bits=None):
+        """The sparse twin of a Dense layer (its zeros dropped); index_bits None picks the smallest file."""
+        M = np.ascontiguousarray(layer.params["W"].T)
+        new = cls(layer.in_features, layer.out_features, _index_bits_for(M, index_bits))
+        new._set_csr(*csr_from_dense(M), M.shape, layer.params["b"].copy(), new.index_bits)
+        return new
+
+    def to_dense(self):
+        layer = Dense(self.in_features, self.out_features)
+        layer.params = {"W": np.ascontiguousarray(self.matrix().T), "b": self.params["b"].copy()}
+        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
+        return layer
+
+    def output_shape(self, in_shape):
+        if tuple(in_shape) != (self.in_features,):
+            raise ValueError(f"SparseDense expects inputs of shape ({self.in_features},), got {tuple(in_shape)}")
+        return (self.out_features,)
+
+    def forward(self, x):
+        x = self._input(x, 2, self.in_features)
+        self.cache = x
+        if self.uses_sparse_kernel():
+            v, b = self.params["values"], self.params["b"]
+            if len(x) == 1:
+                return csr_matvec(v, self.indices, self.indptr, np.ascontiguousarray(x[0]), b)[None]
+            return np.ascontiguousarray(csr_matmul(v, self.indices, self.indptr, np.ascontiguousarray(x.T), b).T)
+        out = x @ self._dense_matrix().T
+        out += self.params["b"]
+        return out
+
+    def backward(self, dout):
+        x, dout = self.cache, dout.astype(self.dtype, copy=False)
+        self.grads["values"] = self._gather_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
+        self.grads["b"] = dout.sum(axis=0)
+        return dout @ self.matrix()
+
+    def macs(self, in_shape):
+        return self.params["values"].size
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features, **self._common_config()}
+
+
+class SparseConv2D(_SparseLayer):
+    """Conv2D with W (F, C, KH, KW) stored sparse as M = W.reshape(F, C*KH*KW) in CSR.
+
+    x (N, C, H, W) -> (N, F, Ho, Wo). Build one with `from_dense(layer)`.
+    """
+
+    kind = "sparse_conv2d"
+    sparse_family = "conv2d"
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, index_bits=8):
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_channels = check_positive_int(out_channels, "out_channels")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        self.stride = check_positive_int(stride, "stride")
+        self.padding = check_positive_int(padding, "padding", minimum=0)
+        shape = (out_channels, in_channels * kernel_size**2)
+        empty = (np.zeros(0, np.float32), np.zeros(0, np.uint32), np.zeros(out_channels + 1, np.int64))
+        self._set_csr(*empty, shape, np.zeros(out_channels, np.float32), _check_index_bits(index_bits))
+
+    @classmethod
+    def from_dense(cls, layer, index_bits=None):
+        """The sparse twin of a Conv2D layer (its zeros dropped); index_bits None picks the smallest file."""
+        M = layer.params["W"].reshape(layer.out_channels, -1)
+        new = cls(**layer.config(), index_bits=_index_bits_for(M, index_bits))
+        new._set_csr(*csr_from_dense(M), M.shape, layer.params["b"].copy(), new.index_bits)
+        return new
+
+    def _weight(self):
+        k = self.kernel_size
+        return self._dense_matrix().reshape(self.out_channels, self.in_channels, k, k)
+
+    def to_dense(self):
+        layer = Conv2D(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding)
+        k = self.kernel_size
+        layer.params = {"W": self.matrix().reshape(self.out_channels, self.in_channels, k, k),
+                        "b": self.params["b"].copy()}
+        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
+        return layer
+
+    output_shape = Conv2D.output_shape
+
+    def forward(self, x):
+        x = self._input(x, 4, self.in_channels)
+        self.output_shape(x.shape[1:])
+        self.cache = x
+        k = self.kernel_size
+        if self.uses_sparse_kernel():
+            v, b = self.params["values"], self.params["b"]
+            xp = np.ascontiguousarray(kernels.pad(x, self.padding))
+            return sparse_conv2d(v, self.indices, self.indptr, xp, b, k, k, self.stride)
+        out, _ = kernels.conv2d_forward(x, self._weight(), self.params["b"], self.stride, self.padding)
+        return out
+
+    def backward(self, dout):
+        x, k = self.cache, self.kernel_size
+        rows = kernels.im2row(kernels.pad(x, self.padding), k, k, self.stride)
+        W = self.matrix().reshape(self.out_channels, self.in_channels, k, k)
+        dx, dW, self.grads["b"] = kernels.conv2d_backward(
+            dout.astype(self.dtype, copy=False), rows, x.shape, W, self.stride, self.padding)
+        self.grads["values"] = self._gather_grad(dW)
+        return dx
+
+    def macs(self, in_shape):
+        _, Ho, Wo = self.output_shape(in_shape)
+        return self.params["values"].size * Ho * Wo
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                **self._common_config()}
+
+
+SPARSE_LAYERS = {Dense: SparseDense, Conv2D: SparseConv2D}
+
+
+def to_sparse(model, index_bits=None):
+    """A copy of `model` (Sequential) whose Dense/Conv2D layers are sparse where that makes them smaller.
+
+    index_bits: None picks, per layer, the width that minimises its bytes.
+    Layers with few zeros stay dense: 4 bytes a weight beats 4 + b/8.
+    """
+    if not isinstance(model, Sequential):
+        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
+    layers = []
+    for layer in model.layers:
+        sparse_cls = SPARSE_LAYERS.get(type(layer))
+        if sparse_cls is not None:
+            candidate = sparse_cls.from_dense(layer, index_bits)
+            if candidate.stats()["bytes"] < layer.stats()["bytes"]:
+                layers.append(candidate)
+                continue
+        layers.append(copy.deepcopy(layer))
+    return Sequential(layers, input_shape=model.input_shape)
+
+
+def to_dense(model):
+    """A copy of `model` with its sparse layers turned back into Dense/Conv2D (to prune further or train)."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
+    layers = [layer.to_dense() if isinstance(layer, _SparseLayer) else copy.deepcopy(layer) for layer in model.layers]
+    return Sequential(layers, input_shape=model.input_shape)

@@ -1,0 +1,249 @@
+"""The sparse format and kernels: relative-index stream, CSR kernels, sparse layers, model files."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import minicnn
+from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, kernels
+from optim import sparse
+from optim.sparse import (SparseConv2D, SparseDense, best_index_bits, csr_from_dense, decode_relative,
+                          encode_relative, filler_count, stream_bytes)
+
+from gradcheck import check_layer_gradients
+from strategies import conv_geometry
+
+
+@st.composite
+def sparse_matrix(draw, max_rows=12, max_cols=40):
+    """A float32 matrix with a random mask: empty rows and long gaps are common."""
+    rows, cols = draw(st.integers(1, max_rows)), draw(st.integers(1, max_cols))
+    density = draw(st.sampled_from([0.0, 0.02, 0.1, 0.5, 1.0]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    M = rng.standard_normal((rows, cols)).astype(np.float32)
+    M[rng.random((rows, cols)) >= density] = 0
+    if rows > 1 and draw(st.booleans()):
+        M[rng.integers(rows)] = 0  # an empty row
+    return M
+
+
+# --------------------------------------------------------------------------
+# The relative-index stream
+
+
+def test_hand_computed_stream_with_fillers():
+    # 2-bit codes: gaps of up to 4. Gap 9 (from 0 to 9) needs fillers at 4 and 8.
+    codes, slots = encode_relative(np.array([0, 9, 10]), 2)
+    np.testing.assert_array_equal(codes, [0, 3, 3, 0, 0])
+    np.testing.assert_array_equal(slots, [0, 4, 8, 9, 10])
+    assert filler_count(np.array([0, 9, 10]), 2) == 2
+    # A first nonzero far from the start also needs fillers: position 5 at 1 bit (gaps <= 2).
+    codes, slots = encode_relative(np.array([5]), 1)
+    np.testing.assert_array_equal(slots, [1, 3, 5])
+    np.testing.assert_array_equal(codes, [1, 1, 1])
+
+
+@given(st.lists(st.integers(0, 5000), unique=True, max_size=200), st.integers(1, 12))
+def test_stream_round_trip(positions, bits):
+    positions = np.array(sorted(positions), dtype=np.int64)
+    codes, slots = encode_relative(positions, bits)
+    assert codes.dtype == np.uint32 and (codes < 2**bits).all()
+    np.testing.assert_array_equal(decode_relative(codes), slots)
+    assert np.isin(positions, slots).all(), "every nonzero is in the stream"
+    fillers = slots[~np.isin(slots, positions)]
+    assert fillers.size == filler_count(positions, bits) == slots.size - positions.size
+    # A filler is only ever needed where the gap is wider than the codes reach.
+    assert fillers.size == 0 or np.diff(np.concatenate([[-1], slots])).max() == 2**bits
+
+
+@given(st.lists(st.integers(0, 3000), unique=True, max_size=100))
+def test_best_index_bits_is_the_smallest_stream(positions):
+    positions = np.array(sorted(positions), dtype=np.int64)
+    best = best_index_bits(positions)
+    sizes = [stream_bytes(positions, b) for b in range(1, 17)]
+    assert stream_bytes(positions, best) == min(sizes), (best, sizes)
+
+
+@pytest.mark.parametrize("positions,bits,message", [
+    (np.array([3, 2]), 4, "strictly increasing"), (np.array([-1, 2]), 4, "non-negative"),
+    (np.array([1.0]), 4, "integer"), (np.array([1]), 0, "1..16"), (np.array([1]), 17, "1..16"),
+])
+def test_bad_stream_input(positions, bits, message):
+    with pytest.raises(ValueError, match=message):
+        encode_relative(positions, bits)
+
+
+# --------------------------------------------------------------------------
+# Kernels
+
+
+@given(sparse_matrix(), st.integers(1, 9), st.integers(0, 2**32 - 1))
+def test_csr_kernels_agree_with_dense_product(M, batch, seed):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((M.shape[1], batch)).astype(np.float32)
+    bias = rng.standard_normal(M.shape[0]).astype(np.float32)
+    expected = M.astype(np.float64) @ X + bias[:, None]
+    csr = csr_from_dense(M)
+    for name, ours in [("reference", sparse.csr_matmul_ref(*csr, X, bias)), ("numba", sparse.csr_matmul(*csr, X, bias)),
+                       ("matvec", sparse.csr_matvec(*csr, np.ascontiguousarray(X[:, 0]), bias)[:, None])]:
+        np.testing.assert_allclose(ours, expected[:, : ours.shape[1]], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 2**32 - 1))
+def test_sparse_conv_agrees_with_dense_conv(geometry, density, seed):
+    N, C, H, W, F, K, stride, padding = geometry
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
+    w = rng.standard_normal((F, C, K, K)).astype(np.float32)
+    w[rng.random(w.shape) >= density] = 0
+    bias = rng.standard_normal(F).astype(np.float32)
+    expected = kernels.conv2d_forward_ref(x.astype(np.float64), w, bias, stride, padding)
+    csr, xp = csr_from_dense(w.reshape(F, -1)), kernels.pad(x, padding)
+    for name, fn in [("reference", sparse.sparse_conv2d_ref), ("numba", sparse.sparse_conv2d)]:
+        np.testing.assert_allclose(fn(*csr, xp, bias, K, K, stride), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+# --------------------------------------------------------------------------
+# Layers
+
+
+def pruned_dense(M, seed=0):
+    layer = Dense(M.shape[1], M.shape[0], rng=seed)
+    layer.params["W"] = np.ascontiguousarray(M.T)
+    return layer
+
+
+def pruned_conv(shape, density, seed=0, **kw):
+    F, C, K = shape
+    layer = Conv2D(C, F, K, rng=seed, **kw)
+    layer.params["W"][np.random.default_rng(seed).random(layer.params["W"].shape) >= density] = 0
+    return layer
+
+
+@pytest.mark.parametrize("use_sparse_kernel", [True, False])
+def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_kernel):
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": 2.0 if use_sparse_kernel else -1.0,
+                                                 "conv2d": 2.0 if use_sparse_kernel else -1.0})
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((7, 11)).astype(np.float32)
+    M[rng.random(M.shape) < 0.7] = 0
+    conv = pruned_conv((4, 3, 3), 0.3, stride=2, padding=1)
+    for dense, x in [(pruned_dense(M), rng.standard_normal((5, 11))), (pruned_dense(M), rng.standard_normal((1, 11))),
+                     (conv, rng.standard_normal((2, 3, 9, 8)))]:
+        x = x.astype(np.float32)
+        layer = type(dense) is Dense and SparseDense.from_dense(dense) or SparseConv2D.from_dense(dense)
+        assert layer.uses_sparse_kernel() == use_sparse_kernel
+        np.testing.assert_allclose(layer.forward(x), dense.forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_layer_gradients():
+    rng = np.random.default_rng(1)
+    M = rng.standard_normal((4, 6))
+    M[rng.random(M.shape) < 0.5] = 0
+    check_layer_gradients(SparseDense.from_dense(pruned_dense(M.astype(np.float32))), rng.standard_normal((3, 6)))
+    conv = SparseConv2D.from_dense(pruned_conv((3, 2, 3), 0.5, stride=2, padding=1))
+    check_layer_gradients(conv, rng.standard_normal((2, 2, 5, 5)))
+
+
+def test_training_a_sparse_layer_only_moves_its_nonzeros():
+    rng = np.random.default_rng(2)
+    M = rng.standard_normal((5, 8)).astype(np.float32)
+    M[rng.random(M.shape) < 0.6] = 0
+    layer = SparseDense.from_dense(pruned_dense(M))
+    layer.forward(rng.standard_normal((4, 8)).astype(np.float32))
+    layer.backward(rng.standard_normal((4, 5)).astype(np.float32))
+    minicnn.SGD(0.1).step([layer])
+    W = layer.matrix()
+    assert ((W != 0) <= (M != 0)).all(), "a pruned weight grew back"
+    assert not np.array_equal(W, M), "the nonzeros did not train"
+
+
+def test_stats_report_nonzeros_density_and_bytes():
+    M = np.zeros((10, 100), np.float32)
+    M[np.arange(10), np.arange(10) * 7] = 1.5  # one nonzero per row, gaps of 107
+    layer = SparseDense.from_dense(pruned_dense(M), index_bits=5)
+    s = layer.stats()
+    positions = np.flatnonzero(M)
+    assert s["params"] == 1010 and s["density"] == 0.01
+    assert s["nonzero"] == 10 + np.count_nonzero(layer.params["b"])
+    assert s["bytes"] == stream_bytes(positions, 5) + 40
+    assert stream_bytes(positions, 5) == (10 + filler_count(positions, 5)) * 4 + -(-(10 + filler_count(positions, 5)) * 5 // 8)
+
+
+# --------------------------------------------------------------------------
+# Files
+
+
+def bits_of(a):
+    return a.view(np.uint32) if a.dtype == np.float32 else a
+
+
+def assert_same_sparse_layer(a, b):
+    assert type(a) is type(b) and a.config() == b.config()
+    for name in a.params:
+        assert a.params[name].dtype == b.params[name].dtype
+        np.testing.assert_array_equal(bits_of(a.params[name]), bits_of(b.params[name]), err_msg=name)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.indptr, b.indptr)
+
+
+@given(sparse_matrix(max_rows=10, max_cols=30), st.integers(1, 4), st.integers(0, 2**32 - 1))
+def test_file_round_trip_is_bit_exact_for_any_mask(tmp_path_factory, M, index_bits, seed):
+    rng = np.random.default_rng(seed)
+    cols = M.shape[1]
+    conv_w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    conv_w[rng.random(conv_w.shape) < 0.8] = 0
+    conv = Conv2D(2, 3, 3, rng=seed)
+    conv.params["W"] = conv_w
+    model = Sequential([
+        SparseConv2D.from_dense(conv, index_bits=index_bits), Flatten(), Dense(3 * 4 * 4, cols, rng=seed), ReLU(),
+        SparseDense.from_dense(pruned_dense(M, seed), index_bits=index_bits),
+    ], input_shape=(2, 6, 6))
+    path = tmp_path_factory.mktemp("sparse") / "model.npz"
+    model.save(path)
+    loaded = minicnn.load(path)
+    for a, b in zip(model.layers, loaded.layers):
+        if isinstance(a, sparse._SparseLayer):
+            assert_same_sparse_layer(a, b)
+    np.testing.assert_array_equal(loaded.layers[-1].matrix(), M)
+    x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+def test_pruned_file_is_smaller_in_proportion(tmp_path):
+    rng = np.random.default_rng(3)
+    dense = Sequential([Flatten(), Dense(784, 300, rng=0), ReLU(), Dense(300, 10, rng=1)])
+    dense.save(tmp_path / "dense.npz")
+    W = dense.layers[1].params["W"]
+    W[rng.random(W.shape) < 0.95] = 0
+    pruned = sparse.to_sparse(dense)
+    assert isinstance(pruned.layers[1], SparseDense)
+    assert isinstance(pruned.layers[3], Dense), "an unpruned layer would grow if stored sparse"
+    pruned.save(tmp_path / "pruned.npz")
+    ratio = (tmp_path / "pruned.npz").stat().st_size / (tmp_path / "dense.npz").stat().st_size
+    assert ratio < 0.09, f"file ratio {ratio:.3f} for 5% of fc1 kept"
+    x = rng.random((4, 1, 28, 28), dtype=np.float32)
+    np.testing.assert_allclose(minicnn.load(tmp_path / "pruned.npz").predict(x), dense.predict(x), atol=1e-5)
+    back = sparse.to_dense(pruned)
+    np.testing.assert_array_equal(back.layers[1].params["W"], W)
+
+
+def test_corrupt_stream_is_rejected(tmp_path):
+    M = np.eye(4, dtype=np.float32)
+    model = Sequential([Flatten(), SparseDense.from_dense(pruned_dense(M), index_bits=3)], input_shape=(4,))
+    path = tmp_path / "m.npz"
+    model.save(path)
+    meta, arrays = minicnn.serialization.read_npz(path)
+    arrays["layers.1.codes"] = np.full_like(arrays["layers.1.codes"], 255)  # every gap the widest
+    minicnn.serialization.write_npz(path, {"meta": np.array(__import__("json").dumps(meta)), **arrays})
+    with pytest.raises(ValueError, match="past the end"):
+        minicnn.load(path)
+
+
+def test_bad_layer_input():
+    with pytest.raises(ValueError, match="index_bits"):
+        SparseDense(3, 4, index_bits=0)
+    with pytest.raises(TypeError, match="Sequential"):
+        sparse.to_sparse(Dense(3, 4))
