@@ -78,6 +78,32 @@ def cmd_prune(args):
     return 0
 
 
+def cmd_compress(args):
+    from optim import deep_compression  # optim builds on minicnn; imported only when used
+
+    from .serialization import load
+
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = load(args.model)
+    before = report(f"{args.model} before compression", model, x_test, y_test, args.model)
+    if args.pipeline == "deep" and args.sparsity is None:
+        raise ValueError("--pipeline deep needs --sparsity S (the fraction of weights to prune)")
+    sparsity = args.sparsity if args.pipeline == "deep" else 0.0
+    result = deep_compression.deep_compression(
+        model, x_train, y_train, sparsity, bits={"conv": args.bits_conv, "fc": args.bits_fc},
+        retrain_epochs=args.retrain_epochs, finetune_epochs=args.finetune_epochs, prune_iterations=args.iterations,
+        prune_lr=args.lr, finetune_lr=args.finetune_lr, batch_size=args.batch_size, init=args.init,
+        ends_scale=args.ends_scale, seed=args.seed)
+    if args.out:
+        save(result.model, args.out)
+    sizes = (os.path.getsize(args.model), os.path.getsize(args.out)) if args.out else ()
+    print(f"\nsize per layer (Deep Compression, Tables 2-3), index bits {result.bits}:")
+    print(deep_compression.format_table(result.model, *sizes))
+    after = report(f"compressed ({args.pipeline})", result.model, x_test, y_test, args.out)
+    print(f"accuracy {before:.4f} -> {after:.4f} ({100 * (after - before):+.2f} points)")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="minicnn", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +141,28 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="where to save the pruned, sparse model (.npz)")
     p.set_defaults(run=cmd_prune)
+
+    p = commands.add_parser("compress", help="Deep Compression: prune, share weights (k-means), Huffman code")
+    p.add_argument("--model", required=True, help="model file (.npz) to compress")
+    add_data_args(p)
+    p.add_argument("--pipeline", default="deep", choices=["deep", "share"],
+                   help="deep: prune -> retrain -> share -> fine-tune -> Huffman; share: weight sharing alone")
+    p.add_argument("--sparsity", type=float, help="for deep: the fraction of weights to prune, in [0, 1)")
+    p.add_argument("--bits-conv", type=int, default=8, help="index bits of conv layers (2**bits centroids)")
+    p.add_argument("--bits-fc", type=int, default=5, help="index bits of dense layers (2**bits centroids)")
+    p.add_argument("--init", default="linear", choices=["linear", "density", "random", "kmeans++"],
+                   help="k-means initialisation")
+    p.add_argument("--retrain-epochs", type=int, default=6, help="epochs of retraining while pruning")
+    p.add_argument("--iterations", type=int, default=8, help="pruning steps on the cubic schedule")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate while pruning")
+    p.add_argument("--ends-scale", type=float, default=1.0,
+                   help="prune the first and last layers to this fraction of the sparsity")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="epochs of centroid fine-tuning")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate of the centroids")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the compressed model (.npz)")
+    p.set_defaults(run=cmd_compress)
     return parser
 
 

@@ -16,3 +16,9 @@ from .pruning import (  # noqa: E402
 from .sparse import SparseConv2D, SparseDense, to_dense, to_sparse  # noqa: E402
 
 LAYER_KINDS.update({SparseDense.kind: SparseDense, SparseConv2D.kind: SparseConv2D})
+
+# weight sharing and Huffman coding (issue 4): k-means codebooks, the Deep Compression pipeline
+from . import huffman  # noqa: E402
+from .sharing import SharedConv2D, SharedDense, kmeans, share_weights, unshare  # noqa: E402
+
+LAYER_KINDS.update({SharedDense.kind: SharedDense, SharedConv2D.kind: SharedConv2D})
