@@ -43,7 +43,7 @@ import numpy as np
 from .bitpack import pack_bits, packed_size, unpack_bits
 
 MAX_CODE_LENGTH = 63  # codes are handled as uint64; Huffman needs > 2**40 symbols to exceed 40
-_HEADER = np.dtype([("count", "<u4"), ("alphabet", "<u4"), ("width", "u1"), ("bits", "<u4")])
+HEADER = np.dtype([("count", "<u4"), ("alphabet", "<u4"), ("width", "u1"), ("bits", "<u4")])
 
 
 def _check_symbols(symbols):
@@ -217,7 +217,7 @@ def to_bytes(symbols, alphabet=None):
     lengths = code_lengths(np.bincount(symbols, minlength=alphabet))
     payload, bits = encode(symbols, lengths)
     width = int(lengths.max(initial=0)).bit_length()
-    header = np.array([(symbols.size, alphabet, width, bits)], _HEADER).view(np.uint8)
+    header = np.array([(symbols.size, alphabet, width, bits)], HEADER).view(np.uint8)
     packed = pack_bits(lengths, width) if width else np.zeros(0, np.uint8)
     return np.concatenate([header, packed, payload])
 
@@ -234,9 +234,9 @@ def from_bytes(data, offset=0):
     data = np.asarray(data)
     if data.ndim != 1 or data.dtype != np.uint8:
         raise ValueError(f"data must be a 1-D uint8 array, got {data.dtype} {data.shape}")
-    raw, offset = _take(data, offset, _HEADER.itemsize, "header")
-    header = raw.view(_HEADER)[0]
-    count, alphabet, width, bits = (int(header[name]) for name in _HEADER.names)
+    raw, offset = _take(data, offset, HEADER.itemsize, "header")
+    header = raw.view(HEADER)[0]
+    count, alphabet, width, bits = (int(header[name]) for name in HEADER.names)
     if width > MAX_CODE_LENGTH.bit_length():
         raise ValueError(f"corrupt Huffman stream: code lengths of {width} bits")
     lengths = np.zeros(alphabet, np.int64)

@@ -209,9 +209,8 @@ def write_stream(symbols, alphabet, coding):
 def read_stream(data, offset, coding):
     """Read one stream written by write_stream -> (symbols int64, alphabet, end offset)."""
     if coding == "huffman":
-        start = offset
-        symbols, offset = huffman.from_bytes(data, offset)
-        return symbols, int(data[start + 4 : start + 8].view("<u4")[0]), offset
+        symbols, end = huffman.from_bytes(data, offset)  # it checked that the header is there
+        return symbols, int(data[offset : offset + huffman.HEADER.itemsize].view(huffman.HEADER)[0]["alphabet"]), end
     end = offset + _PACKED_HEADER.itemsize
     if end > data.size:
         raise ValueError(f"truncated stream: header at offset {offset}, {data.size - offset} bytes left")
