@@ -113,8 +113,9 @@ def init_centroids(w, k, method="linear", seed=0):
 
 
 def _assign_loop(w, centroids, out):
-    # Branch-free binary search: measured 1.3x faster than a loop over all k centroids at
-    # k = 32 and 4x at k = 256 (and as fast as np.searchsorted at k = 32, 1.6x faster at 256).
+    # Branch-free binary search, O(log k): measured 1.3x faster than a loop over all k centroids
+    # at k = 32 and 4x at k = 256; on LeNet-5's fc1 it is 3.4x (k = 32) and 29x (k = 256) faster
+    # than the brute-force reference, and on par with np.searchsorted (bench/bench_sharing.py).
     k = centroids.size
     for i in prange(w.size):
         x = np.float64(w[i])
@@ -360,7 +361,8 @@ class _SharedLayer(Layer):
         return {"clusters": self.clusters, "index_bits": self.index_bits, "coding": self.coding}
 
     def _init_common(self, shape, clusters, index_bits, coding):
-        if isinstance(clusters, bool) or not isinstance(clusters, (int, np.integer)) or not 2 <= clusters <= 2**MAX_BITS:
+        valid = isinstance(clusters, (int, np.integer)) and not isinstance(clusters, bool)
+        if not valid or not 2 <= clusters <= 2**MAX_BITS:
             raise ValueError(f"clusters must be an integer in 2..{2**MAX_BITS}, got {clusters!r}")
         if index_bits is not None:
             index_bits = check_bits(index_bits, "index_bits")
