@@ -8,6 +8,7 @@ and prints the summary and accuracy again, with the bytes of the saved file.
 """
 
 import json
+import os
 import time
 
 import numpy as np
@@ -19,7 +20,7 @@ from minicnn.optimizers import Adam
 from minicnn.serialization import load
 from minicnn.training import fit
 
-from . import binary, cutting, distillation, pruning, quantization, sparse, structured
+from . import binary, cutting, deep_compression, distillation, pruning, quantization, sparse, structured
 
 
 def _finetune_data(args):
@@ -154,6 +155,28 @@ def _prune_filters(args):
     return finish("after pruning and fine-tuning", pruned, x_test, y_test, args.out)
 
 
+def cmd_compress(args):
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = load(args.model)
+    before = report(f"{args.model} before compression", model, x_test, y_test, args.model)
+    if args.pipeline == "deep" and args.sparsity is None:
+        raise ValueError("--pipeline deep needs --sparsity S (the fraction of weights to prune)")
+    sparsity = args.sparsity if args.pipeline == "deep" else 0.0
+    result = deep_compression.deep_compression(
+        model, x_train, y_train, sparsity, bits={"conv": args.bits_conv, "fc": args.bits_fc},
+        retrain_epochs=args.retrain_epochs, finetune_epochs=args.finetune_epochs, prune_iterations=args.iterations,
+        prune_lr=args.lr, finetune_lr=args.finetune_lr, batch_size=args.batch_size, init=args.init,
+        ends_scale=args.ends_scale, seed=args.seed)
+    if args.out:
+        result.model.save(args.out)
+    sizes = (os.path.getsize(args.model), os.path.getsize(args.out)) if args.out else ()
+    print(f"\nsize per layer (Deep Compression, Tables 2-3), index bits {result.bits}:")
+    print(deep_compression.format_table(result.model, *sizes))
+    after = report(f"compressed ({args.pipeline})", result.model, x_test, y_test, args.out)
+    print(f"accuracy {before:.4f} -> {after:.4f} ({100 * (after - before):+.2f} points)")
+    return 0
+
+
 def cmd_cut(args):
     x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
     model = load(args.model)
@@ -260,3 +283,22 @@ def add_commands(commands):
     _add_training_args(p, "--retrain-epochs", 3, 3e-4)
     p.add_argument("--out", default=None, help="where to save the cut model (.npz)")
     p.set_defaults(run=cmd_cut)
+
+    p = commands.add_parser("compress", help="Deep Compression: prune, share weights (k-means), Huffman code")
+    p.add_argument("--model", required=True, help="model file (.npz) to compress")
+    add_data_args(p)
+    p.add_argument("--pipeline", default="deep", choices=["deep", "share"],
+                   help="deep: prune -> retrain -> share -> fine-tune -> Huffman; share: weight sharing alone")
+    p.add_argument("--sparsity", type=float, help="for deep: the fraction of weights to prune, in [0, 1)")
+    p.add_argument("--bits-conv", type=int, default=8, help="index bits of conv layers (2**bits centroids)")
+    p.add_argument("--bits-fc", type=int, default=5, help="index bits of dense layers (2**bits centroids)")
+    p.add_argument("--init", default="linear", choices=["linear", "density", "random", "kmeans++"],
+                   help="k-means initialisation")
+    p.add_argument("--iterations", type=int, default=8, help="pruning steps on the cubic schedule")
+    p.add_argument("--ends-scale", type=float, default=1.0,
+                   help="prune the first and last layers to this fraction of the sparsity")
+    p.add_argument("--finetune-epochs", type=int, default=2, help="epochs of centroid fine-tuning")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate of the centroids")
+    _add_training_args(p, "--retrain-epochs", 6, 3e-4)
+    p.add_argument("--out", default=None, help="where to save the compressed model (.npz)")
+    p.set_defaults(run=cmd_compress)
