@@ -2,7 +2,7 @@
 
 Layout of a file written by `save`:
 
-    meta              0-d unicode array: JSON {"format": "minicnn", "version": 1,
+    meta              uint8 array: UTF-8 JSON {"format": "minicnn", "version": 1,
                       "model": "sequential", "input_shape": [...],
                       "layers": [{"kind": "conv2d", "config": {...}}, ...]}
     layers.<i>.<name> the arrays of layer i, as returned by `layer.state()`
@@ -30,21 +30,25 @@ FORMAT, VERSION = "minicnn", 1
 def save(model, path):
     """Write `model` (a Sequential) to `path` atomically: a failed save leaves the old file intact."""
     meta = {
-        "format": FORMAT,
-        "version": VERSION,
         "model": "sequential",
         "input_shape": list(model.input_shape),
         "layers": [{"kind": layer.kind, "config": layer.config()} for layer in model.layers],
     }
-    arrays = {"meta": np.array(json.dumps(meta))}
+    arrays = {}
     for i, layer in enumerate(model.layers):
         for name, value in state_of(layer).items():
             arrays[f"layers.{i}.{name}"] = value
-    write_npz(path, arrays)
+    write_npz(path, meta, arrays)
 
 
-def write_npz(path, arrays):
-    """np.savez to a temporary file, then rename it onto `path`."""
+def write_npz(path, meta, arrays):
+    """Write the JSON-able `meta` dict and the arrays to `path`: a temporary file, then a rename.
+
+    meta is stored as UTF-8 bytes; a numpy string array would be UTF-32, four
+    bytes a character, a real cost in a 30 KB compressed model.
+    """
+    meta = {"format": FORMAT, "version": VERSION, **meta}
+    arrays = {"meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8), **arrays}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object, so numpy does not append ".npz"
             np.savez(f, **arrays)
@@ -62,8 +66,8 @@ def read_npz(path):
     if "meta" not in arrays:
         raise ValueError(f"{path}: not a minicnn model file (no 'meta' entry)")
     try:
-        meta = json.loads(str(arrays.pop("meta")))
-    except json.JSONDecodeError as e:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: corrupt model description: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path}: not a minicnn model file")

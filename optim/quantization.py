@@ -47,7 +47,7 @@ from minicnn.checks import check_array, check_positive_int
 from minicnn.layers import Layer
 from minicnn.model import Sequential
 from minicnn.optimizers import Adam
-from minicnn.serialization import FORMAT, VERSION, write_npz
+from minicnn.serialization import write_npz
 from minicnn.summary import format_summary
 from minicnn.training import fit
 
@@ -597,17 +597,17 @@ class QuantizedModel:
     def save(self, path):
         """Write the int8 model to `path` (.npz) atomically; `minicnn.load` reads it back."""
         meta = {
-            "format": FORMAT, "version": VERSION, "model": MODEL_KIND,
+            "model": MODEL_KIND,
             "input_shape": list(self.input_shape),
             "input_scale": self.input_q[0], "input_zero_point": self.input_q[1],
             "per_channel": self.per_channel,
             "ops": [{"kind": op.kind, "config": op.config()} for op in self.layers],
         }
-        arrays = {"meta": np.array(json.dumps(meta))}
+        arrays = {}
         for i, op in enumerate(self.layers):
             for name, value in op.state().items():
                 arrays[f"ops.{i}.{name}"] = value
-        write_npz(path, arrays)
+        write_npz(path, meta, arrays)
 
 
 def load_quantized(meta, arrays):

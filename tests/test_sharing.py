@@ -262,7 +262,7 @@ def corrupt_file(tmp_path, edit):
     meta, arrays = minicnn.serialization.read_npz(path)
     edit(meta, arrays)
     bad = tmp_path / "bad.npz"
-    minicnn.serialization.write_npz(bad, {"meta": np.array(__import__("json").dumps(meta)), **arrays})
+    minicnn.serialization.write_npz(bad, meta, arrays)
     return bad
 
 
