@@ -303,10 +303,11 @@ class _IntLinear:
         colsum = wt.astype(np.int64).sum(axis=1)
         folded = b.astype(np.int64) - self.in_q[1] * colsum  # the paper's Z_in * a2 term, once
         worst = wt.shape[1] * 128 * WMAX + np.abs(folded).max(initial=0)
-        if worst > K.INT32_MAX:
+        if worst > K.INT32_MAX or wt.shape[1] > K.MAX_K:
             raise ValueError(f"{type(self).__name__}: int32 accumulators could overflow "
                              f"({wt.shape[1]} products per output, bias up to {np.abs(folded).max()})")
         self.wt = K.pad_columns(wt, K.padded_width(wt.shape[1]))
+        self.packed = K.pack_weights(self.wt)
         self.folded_bias = folded.astype(np.int32)
 
     def real_multipliers(self):
@@ -325,11 +326,12 @@ class _IntLinear:
         if self.out_q is None:
             lo = 0 if self.relu else K.INT32_MIN
             fn = K.qgemm_int32_ref if reference else K.qgemm_int32
-            return fn(rows, self.wt, self.folded_bias, lo)
+            return fn(rows, self.wt if reference else self.packed, self.folded_bias, lo)
         z = self.out_q[1]
         lo = z if self.relu else QMIN  # ReLU: the real 0 is the code Z_out
         fn = K.qgemm_ref if reference else K.qgemm
-        return fn(rows, self.wt, self.folded_bias, self.multiplier, self.shift, z, lo, QMAX)
+        return fn(rows, self.wt if reference else self.packed, self.folded_bias, self.multiplier, self.shift,
+                  z, lo, QMAX)
 
     def stats(self):
         arrays = self.state().values()

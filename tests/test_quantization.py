@@ -225,29 +225,45 @@ def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     shift = rng.integers(-31, 2, F).astype(np.int8)
     z = int(rng.integers(-128, 128))
     lo = z if relu else -128
-    ours = K.qgemm(a, wt, bias, m0, shift, z, lo, 127)
+    ours = K.qgemm(a, K.pack_weights(wt), bias, m0, shift, z, lo, 127)
     ref = K.qgemm_ref(a, wt, bias, m0, shift, z, lo, 127)
     assert ours.dtype == np.int8
     np.testing.assert_array_equal(ours, ref)
     lo32 = 0 if relu else INT32_MIN
-    np.testing.assert_array_equal(K.qgemm_int32(a, wt, bias, lo32), K.qgemm_int32_ref(a, wt, bias, lo32))
+    np.testing.assert_array_equal(K.qgemm_int32(a, K.pack_weights(wt), bias, lo32), K.qgemm_int32_ref(a, wt, bias, lo32))
+
+
+@pytest.mark.parametrize("build", [0, 1], ids=["parallel", "serial"])
+def test_qgemm_builds_match_reference(build):
+    """qgemm picks the parallel or the serial build by size; both must be exact."""
+    rng = np.random.default_rng(build)
+    a, wt = random_codes(rng, (67, 203)), random_codes(rng, (45, 203), -127)
+    bias = rng.integers(-(2**20), 2**20, 45).astype(np.int32)
+    m0, shift = rng.integers(2**30, 2**31, 45).astype(np.int32), rng.integers(-31, 2, 45).astype(np.int8)
+    packed = K.pack_weights(wt)
+    a32, wp = K._words(a, packed.wp), packed.wp.reshape(-1)
+    ours = K._QGEMM[build](a32, wp, packed.colsum, bias, m0, shift, 5, 5, 127)
+    np.testing.assert_array_equal(ours, K.qgemm_ref(a, wt, bias, m0, shift, 5, 5, 127))
+    ours32 = K._QGEMM_INT32[build](a32, wp, packed.colsum, bias, INT32_MIN)
+    np.testing.assert_array_equal(ours32, K.qgemm_int32_ref(a, wt, bias, INT32_MIN))
 
 
 def test_qgemm_hand_computed():
     a = np.array([[1, 2, 3], [-4, 0, 4]], np.int8)
     wt = np.array([[1, 1, 1], [2, -1, 0]], np.int8)
     bias = np.array([4, -1], np.int32)
-    np.testing.assert_array_equal(K.qgemm_int32(a, wt, bias, INT32_MIN), [[10, -1], [4, -9]])
-    np.testing.assert_array_equal(K.qgemm_int32(a, wt, bias, 0), [[10, 0], [4, 0]])
+    packed = K.pack_weights(wt)
+    np.testing.assert_array_equal(K.qgemm_int32(a, packed, bias, INT32_MIN), [[10, -1], [4, -9]])
+    np.testing.assert_array_equal(K.qgemm_int32(a, packed, bias, 0), [[10, 0], [4, 0]])
     # M = 1/2 as M0 = 2^30, shift 0: one rounding, in the high product, ties toward +inf:
     # 5, -0.5 -> 0, 2, -4.5 -> -4; then + Z_out = 3
     half = np.full(2, 2**30, np.int32), np.zeros(2, np.int8)
-    np.testing.assert_array_equal(K.qgemm(a, wt, bias, *half, 3, -128, 127), [[8, 3], [5, -1]])
-    np.testing.assert_array_equal(K.qgemm(a, wt, bias, *half, 3, 3, 127), [[8, 3], [5, 3]])  # fused ReLU
+    np.testing.assert_array_equal(K.qgemm(a, packed, bias, *half, 3, -128, 127), [[8, 3], [5, -1]])
+    np.testing.assert_array_equal(K.qgemm(a, packed, bias, *half, 3, 3, 127), [[8, 3], [5, 3]])  # fused ReLU
     # M = 1/4 as M0 = 2^30, shift -1: 10 -> 5 -> 2.5 -> 3 (RoundingDivideByPOT: away from zero),
     # -1 -> -0.5 -> 0, 4 -> 2 -> 1, -9 -> -4.5 -> -4 -> -2
     quarter = np.full(2, 2**30, np.int32), np.full(2, -1, np.int8)
-    np.testing.assert_array_equal(K.qgemm(a, wt, bias, *quarter, 3, -128, 127), [[6, 3], [4, 1]])
+    np.testing.assert_array_equal(K.qgemm(a, packed, bias, *quarter, 3, -128, 127), [[6, 3], [4, 1]])
 
 
 @given(pool_geometry(), seeds)
