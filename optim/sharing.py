@@ -456,7 +456,4 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
 
 def unshare(model):
     """A copy of `model` with its shared layers turned back into Dense/Conv2D."""
-    if not isinstance(model, Sequential):
-        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
-    layers = [layer.to_dense() if isinstance(layer, _SharedLayer) else copy.deepcopy(layer) for layer in model.layers]
-    return Sequential(layers, input_shape=model.input_shape)
+    return sparse.to_dense(model, _SharedLayer)

@@ -603,9 +603,10 @@ def to_sparse(model, index_bits=None):
     return Sequential(layers, input_shape=model.input_shape)
 
 
-def to_dense(model):
-    """A copy of `model` with its sparse layers turned back into Dense/Conv2D (to prune further or train)."""
+def to_dense(model, layer_type=_SparseLayer):
+    """A copy of `model` with its `layer_type` layers (default: the sparse ones; optim.sharing.unshare
+    passes its shared ones) turned back into Dense/Conv2D, to prune further or train."""
     if not isinstance(model, Sequential):
         raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
-    layers = [layer.to_dense() if isinstance(layer, _SparseLayer) else copy.deepcopy(layer) for layer in model.layers]
+    layers = [layer.to_dense() if isinstance(layer, layer_type) else copy.deepcopy(layer) for layer in model.layers]
     return Sequential(layers, input_shape=model.input_shape)
