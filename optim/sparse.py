@@ -334,8 +334,11 @@ class CSRLayer(Layer):
 
     CSR structure: `indices` (nnz,) uint32 and `indptr` (rows+1,) int64; params are
     {weight_param: what the nonzeros are made of, "b": (rows,) bias}. A storage class provides
-        values()         (nnz,) float, M's nonzeros in CSR order
-        _weight_grad(dM) dL/d(params[weight_param]) from dL/dM (rows, cols)
+        weight_param      the name of that param ("values", "codebook")
+        values()          (nnz,) float, M's nonzeros in CSR order
+        _weight_grad(dM)  dL/d(params[weight_param]) from dL/dM (rows, cols)
+        _common_config()  its constructor arguments, added to the geometry's in config()
+    and a geometry class (CSRDense, CSRConv2D) provides sparse_family, forward and backward.
     """
 
     def _set_structure(self, shape, indices, indptr, params):
