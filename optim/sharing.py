@@ -49,10 +49,9 @@ from dataclasses import dataclass
 import numpy as np
 from numba import prange
 
-from minicnn import kernels
 from minicnn.checks import check_array, check_positive_int
 from minicnn.kernels import fast
-from minicnn.layers import Conv2D, Dense, Layer
+from minicnn.layers import Conv2D, Dense
 from minicnn.model import Sequential
 
 from . import huffman, sparse
@@ -226,53 +225,33 @@ def read_stream(data, offset, coding):
 # Shared-weight layers
 
 
-class _SharedLayer(Layer):
-    """Shared by SharedDense and SharedConv2D: M (rows, cols) as in optim.sparse, its nonzeros
-    at flat `positions` (nnz,) int64, each equal to codebook[labels] (labels (nnz,) int64).
+class _SharedLayer(sparse.CSRLayer):
+    """The storage of a shared layer: M (rows, cols) as in optim.sparse, its nonzeros at flat
+    `positions` (nnz,) int64, each equal to codebook[labels] (labels (nnz,) int64).
 
-    params: {"codebook": (k,) float, "b": (rows,) float}.
+    params: {"codebook": (k,) float, "b": (rows,) float}. Forward and backward are those of
+    the pruned layers (sparse.CSRDense, sparse.CSRConv2D), on values() = codebook[labels].
     """
 
+    weight_param = "codebook"
+
     def _set(self, shape, positions, labels, codebook, b, index_bits, coding):
-        self.shape = tuple(shape)
         self.positions = np.asarray(positions, np.int64)
         self.labels = np.asarray(labels, np.int64)
-        _, self.indices, self.indptr = sparse.csr_from_positions(self.positions, None, self.shape)
+        _, indices, indptr = sparse.csr_from_positions(self.positions, None, shape)
         self.index_bits = index_bits
         self.coding = coding
-        self.params = {"codebook": codebook, "b": b}
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
-        self._dense = None
+        self._set_structure(shape, indices, indptr, {"codebook": codebook, "b": b})
 
     @property
     def clusters(self):
         return self.params["codebook"].size
 
-    @property
-    def density(self):
-        return self.positions.size / (self.shape[0] * self.shape[1])
-
     def values(self):
         """The nonzero weights (nnz,), each its centroid."""
         return self.params["codebook"][self.labels]
 
-    def matrix(self):
-        """The dense M (rows, cols)."""
-        M = np.zeros(self.shape, self.params["codebook"].dtype)
-        M.reshape(-1)[self.positions] = self.values()
-        return M
-
-    def _dense_matrix(self):
-        # Cached for inference; rebuilt when training (or a cast) changed the codebook.
-        c = self.params["codebook"]
-        if self._dense is None or self._dense[0].dtype != c.dtype or not np.array_equal(self._dense[0], c):
-            self._dense = (c.copy(), self.matrix())
-        return self._dense[1]
-
-    def uses_sparse_kernel(self):
-        return self.density < sparse.SPARSE_BELOW[self.sparse_family]
-
-    def _codebook_grad(self, dM):
+    def _weight_grad(self, dM):
         """dL/dc_j = sum of dL/dM over the positions in cluster j, from dL/dM (rows, cols)."""
         g = np.bincount(self.labels, weights=dM.reshape(-1)[self.positions], minlength=self.clusters)
         return g.astype(self.dtype)
@@ -387,20 +366,17 @@ class _SharedLayer(Layer):
         return 1 + int(np.argmin(sizes))
 
 
-class SharedDense(_SharedLayer):
+class SharedDense(_SharedLayer, sparse.CSRDense):
     """Dense (y = x @ W + b) with W's nonzeros shared: M = W.T (out, in), as in optim.sparse.
 
     x (N, in_features) -> (N, out_features). Build one with `from_layer(dense, bits)`.
     """
 
     kind = "shared_dense"
-    sparse_family = "dense"
 
     def __init__(self, in_features, out_features, clusters=32, index_bits=None, coding="huffman"):
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.out_features = check_positive_int(out_features, "out_features")
-        self._init_common((out_features, in_features), clusters, index_bits, coding)
+        self._init_common(self._set_geometry(in_features, out_features), clusters, index_bits, coding)
 
     @classmethod
     def from_layer(cls, layer, bits, init="linear", iterations=50, seed=0, index_bits=None, coding="huffman"):
@@ -413,58 +389,20 @@ class SharedDense(_SharedLayer):
                    index_bits)
         return new
 
-    def to_dense(self):
-        layer = Dense(self.in_features, self.out_features)
-        layer.params = {"W": np.ascontiguousarray(self.matrix().T), "b": self.params["b"].copy()}
-        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
-        return layer
 
-    output_shape = sparse.SparseDense.output_shape
-
-    def forward(self, x):
-        x = self._input(x, 2, self.in_features)
-        self.cache = x
-        b = self.params["b"]
-        if self.uses_sparse_kernel():
-            v = self.values()
-            if len(x) == 1:
-                return sparse.csr_matvec(v, self.indices, self.indptr, np.ascontiguousarray(x[0]), b)[None]
-            return np.ascontiguousarray(sparse.csr_matmul(v, self.indices, self.indptr, np.ascontiguousarray(x.T), b).T)
-        out = x @ self._dense_matrix().T
-        out += b
-        return out
-
-    def backward(self, dout):
-        x, dout = self.cache, dout.astype(self.dtype, copy=False)
-        self.grads["codebook"] = self._codebook_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
-        self.grads["b"] = dout.sum(axis=0)
-        return dout @ self._dense_matrix()
-
-    def macs(self, in_shape):
-        return self.positions.size
-
-    def config(self):
-        return {"in_features": self.in_features, "out_features": self.out_features, **self._common_config()}
-
-
-class SharedConv2D(_SharedLayer):
+class SharedConv2D(_SharedLayer, sparse.CSRConv2D):
     """Conv2D with W's nonzeros shared: M = W.reshape(F, C*KH*KW), as in optim.sparse.
 
     x (N, C, H, W) -> (N, F, Ho, Wo). Build one with `from_layer(conv, bits)`.
     """
 
     kind = "shared_conv2d"
-    sparse_family = "conv2d"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, clusters=256,
                  index_bits=None, coding="huffman"):
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.out_channels = check_positive_int(out_channels, "out_channels")
-        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
-        self.stride = check_positive_int(stride, "stride")
-        self.padding = check_positive_int(padding, "padding", minimum=0)
-        self._init_common((out_channels, in_channels * kernel_size**2), clusters, index_bits, coding)
+        self._init_common(self._set_geometry(in_channels, out_channels, kernel_size, stride, padding),
+                          clusters, index_bits, coding)
 
     @classmethod
     def from_layer(cls, layer, bits, init="linear", iterations=50, seed=0, index_bits=None, coding="huffman"):
@@ -475,46 +413,6 @@ class SharedConv2D(_SharedLayer):
         new._share(layer.params["W"].reshape(layer.out_channels, -1), layer.params["b"], bits, init, iterations,
                    seed, index_bits)
         return new
-
-    def _weight(self):
-        k = self.kernel_size
-        return self._dense_matrix().reshape(self.out_channels, self.in_channels, k, k)
-
-    def to_dense(self):
-        layer = Conv2D(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding)
-        layer.params = {"W": self._weight().copy(), "b": self.params["b"].copy()}
-        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
-        return layer
-
-    output_shape = Conv2D.output_shape
-
-    def forward(self, x):
-        x = self._input(x, 4, self.in_channels)
-        self.output_shape(x.shape[1:])
-        self.cache = x
-        k, b = self.kernel_size, self.params["b"]
-        if self.uses_sparse_kernel():
-            xp = np.ascontiguousarray(kernels.pad(x, self.padding))
-            return sparse.sparse_conv2d(self.values(), self.indices, self.indptr, xp, b, k, k, self.stride)
-        out, _ = kernels.conv2d_forward(x, self._weight(), b, self.stride, self.padding)
-        return out
-
-    def backward(self, dout):
-        x, k = self.cache, self.kernel_size
-        rows = kernels.im2row(kernels.pad(x, self.padding), k, k, self.stride)
-        dx, dW, self.grads["b"] = kernels.conv2d_backward(
-            dout.astype(self.dtype, copy=False), rows, x.shape, self._weight(), self.stride, self.padding)
-        self.grads["codebook"] = self._codebook_grad(dW)
-        return dx
-
-    def macs(self, in_shape):
-        _, Ho, Wo = self.output_shape(in_shape)
-        return self.positions.size * Ho * Wo
-
-    def config(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
-                **self._common_config()}
 
 
 SHARED_LAYERS = {Dense: SharedDense, Conv2D: SharedConv2D}
@@ -558,7 +456,4 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
 
 def unshare(model):
     """A copy of `model` with its shared layers turned back into Dense/Conv2D."""
-    if not isinstance(model, Sequential):
-        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
-    layers = [layer.to_dense() if isinstance(layer, _SharedLayer) else copy.deepcopy(layer) for layer in model.layers]
-    return Sequential(layers, input_shape=model.input_shape)
+    return sparse.to_dense(model, _SharedLayer)

@@ -302,52 +302,201 @@ def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
 sparse_conv2d = fast(_sparse_conv2d_loops)
 
 
+def sparse_dense_forward(values, indices, indptr, x, b):
+    """y (N, R) = x @ M.T + b for x (N, K) and M (R, K) in CSR, with the sparse kernels (csr_matvec at N = 1)."""
+    if len(x) == 1:
+        return csr_matvec(values, indices, indptr, np.ascontiguousarray(x[0]), b)[None]
+    return np.ascontiguousarray(csr_matmul(values, indices, indptr, np.ascontiguousarray(x.T), b).T)
+
+
+def sparse_conv_forward(values, indices, indptr, x, b, kernel_size, stride, padding):
+    """Conv2D of x (N, C, H, W) with square filters M (F, C*k*k) in CSR: the direct sparse kernel.
+
+    Returns (N, F, Ho, Wo), Ho = 1 + (H + 2 padding - k) // stride.
+    """
+    xp = np.ascontiguousarray(kernels.pad(x, padding))
+    return sparse_conv2d(values, indices, indptr, xp, b, kernel_size, kernel_size, stride)
+
+
 # --------------------------------------------------------------------------
 # Layers
+#
+# A layer here is two independent choices, one class each:
+#   the geometry, how M is used:   CSRDense (M = W.T) or CSRConv2D (M = W.reshape(F, -1))
+#   the storage, what M's nonzeros are made of: trained values (_SparseLayer, below), or
+#   codebook[labels] (optim.sharing._SharedLayer)
+# so SparseDense is `_SparseLayer` + `CSRDense`, and a shared layer runs the very same
+# forward and backward as the pruned one.
 
 
-class _SparseLayer(Layer):
-    """Shared by SparseDense and SparseConv2D: a CSR matrix M (rows, cols) plus a bias.
+class CSRLayer(Layer):
+    """The machinery of a weight matrix M (rows, cols) held as its nonzeros in CSR, plus a bias.
 
-    params are {"values": the nonzeros (nnz,), "b": bias}: training a sparse
-    layer updates only its nonzeros, so a pruned weight can never grow back.
+    CSR structure: `indices` (nnz,) uint32 and `indptr` (rows+1,) int64; params are
+    {weight_param: what the nonzeros are made of, "b": (rows,) bias}. A storage class provides
+        weight_param      the name of that param ("values", "codebook")
+        values()          (nnz,) float, M's nonzeros in CSR order
+        _weight_grad(dM)  dL/d(params[weight_param]) from dL/dM (rows, cols)
+        _common_config()  its constructor arguments, added to the geometry's in config()
+    and a geometry class (CSRDense, CSRConv2D) provides sparse_family, forward and backward.
     """
 
-    def _set_csr(self, values, indices, indptr, shape, b, index_bits):
+    def _set_structure(self, shape, indices, indptr, params):
         self.shape = tuple(shape)
-        keep = values != 0  # a model file's fillers, or weights that trained to exactly 0
-        if not keep.all():
-            positions = csr_positions(indices, indptr, shape[1])[keep]
-            values, indices, indptr = csr_from_positions(positions, values[keep], shape)
         self.indices, self.indptr = np.ascontiguousarray(indices, np.uint32), indptr
-        self.index_bits = index_bits
-        self.params = {"values": np.ascontiguousarray(values), "b": b}
-        self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+        self.params = params
+        self.grads = {name: np.zeros_like(p) for name, p in params.items()}
         self._dense = None  # M, built on demand when the dense kernel is faster
 
     @property
     def density(self):
-        return self.params["values"].size / (self.shape[0] * self.shape[1])
+        return self.indices.size / (self.shape[0] * self.shape[1])
 
     def matrix(self):
         """The dense M (rows, cols), with the current values."""
-        return csr_to_dense(self.params["values"], self.indices, self.indptr, self.shape)
+        return csr_to_dense(self.values(), self.indices, self.indptr, self.shape)
 
     def _dense_matrix(self):
-        # Cached for inference; rebuilt when training (or a cast) changed the values.
-        # The comparison costs O(nnz), far below the dense product that follows.
-        v = self.params["values"]
-        if self._dense is None or self._dense[0].dtype != v.dtype or not np.array_equal(self._dense[0], v):
-            self._dense = (v.copy(), self.matrix())
+        # Cached for inference; rebuilt when training (or a cast) changed the weights M is made of.
+        # The comparison costs O(nnz) at most, far below the dense product that follows.
+        w = self.params[self.weight_param]
+        if self._dense is None or self._dense[0].dtype != w.dtype or not np.array_equal(self._dense[0], w):
+            self._dense = (w.copy(), self.matrix())
         return self._dense[1]
 
     def uses_sparse_kernel(self):
         return self.density < SPARSE_BELOW[self.sparse_family]
 
+    def macs(self, in_shape):
+        return self.indices.size
+
+
+class CSRDense(CSRLayer):
+    """Geometry of Dense (y = x @ W + b) with M = W.T (out, in): x (N, in_features) -> (N, out_features)."""
+
+    sparse_family = "dense"
+
+    def _set_geometry(self, in_features, out_features):
+        """Check and keep the arguments; returns the shape of M."""
+        self.in_features = check_positive_int(in_features, "in_features")
+        self.out_features = check_positive_int(out_features, "out_features")
+        return (self.out_features, self.in_features)
+
+    def to_dense(self):
+        layer = Dense(self.in_features, self.out_features)
+        layer.params = {"W": np.ascontiguousarray(self.matrix().T), "b": self.params["b"].copy()}
+        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
+        return layer
+
+    def output_shape(self, in_shape):
+        if tuple(in_shape) != (self.in_features,):
+            raise ValueError(f"{type(self).__name__} expects inputs of shape ({self.in_features},), "
+                             f"got {tuple(in_shape)}")
+        return (self.out_features,)
+
+    def forward(self, x):
+        x = self._input(x, 2, self.in_features)
+        self.cache = x
+        if self.uses_sparse_kernel():
+            return sparse_dense_forward(self.values(), self.indices, self.indptr, x, self.params["b"])
+        out = x @ self._dense_matrix().T
+        out += self.params["b"]
+        return out
+
+    def backward(self, dout):
+        x, dout = self.cache, dout.astype(self.dtype, copy=False)
+        self.grads[self.weight_param] = self._weight_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
+        self.grads["b"] = dout.sum(axis=0)
+        return dout @ self._dense_matrix()
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features, **self._common_config()}
+
+
+class CSRConv2D(CSRLayer):
+    """Geometry of Conv2D with M = W.reshape(F, C*KH*KW): x (N, C, H, W) -> (N, F, Ho, Wo)."""
+
+    sparse_family = "conv2d"
+
+    def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding):
+        """Check and keep the arguments; returns the shape of M."""
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.out_channels = check_positive_int(out_channels, "out_channels")
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        self.stride = check_positive_int(stride, "stride")
+        self.padding = check_positive_int(padding, "padding", minimum=0)
+        return (self.out_channels, self.in_channels * self.kernel_size**2)
+
+    def _weight(self):
+        k = self.kernel_size
+        return self._dense_matrix().reshape(self.out_channels, self.in_channels, k, k)
+
+    def to_dense(self):
+        layer = Conv2D(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding)
+        layer.params = {"W": self._weight().copy(), "b": self.params["b"].copy()}
+        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
+        return layer
+
+    output_shape = Conv2D.output_shape
+
+    def forward(self, x):
+        x = self._input(x, 4, self.in_channels)
+        self.output_shape(x.shape[1:])
+        self.cache = x
+        if self.uses_sparse_kernel():
+            return sparse_conv_forward(self.values(), self.indices, self.indptr, x, self.params["b"],
+                                       self.kernel_size, self.stride, self.padding)
+        out, _ = kernels.conv2d_forward(x, self._weight(), self.params["b"], self.stride, self.padding)
+        return out
+
+    def backward(self, dout):
+        # The sparse forward never built the im2row matrix backward needs: build it here.
+        x, k = self.cache, self.kernel_size
+        rows = kernels.im2row(kernels.pad(x, self.padding), k, k, self.stride)
+        dx, dW, self.grads["b"] = kernels.conv2d_backward(
+            dout.astype(self.dtype, copy=False), rows, x.shape, self._weight(), self.stride, self.padding)
+        self.grads[self.weight_param] = self._weight_grad(dW)
+        return dx
+
+    def macs(self, in_shape):
+        _, Ho, Wo = self.output_shape(in_shape)
+        return self.indices.size * Ho * Wo
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                **self._common_config()}
+
+
+class _SparseLayer(CSRLayer):
+    """The storage of a pruned layer: its nonzeros themselves, params {"values": (nnz,), "b": bias}.
+
+    Training a sparse layer updates only its nonzeros, so a pruned weight can never grow back.
+    """
+
+    weight_param = "values"
+
+    def _set_csr(self, values, indices, indptr, shape, b, index_bits):
+        keep = values != 0  # a model file's fillers, or weights that trained to exactly 0
+        if not keep.all():
+            positions = csr_positions(indices, indptr, shape[1])[keep]
+            values, indices, indptr = csr_from_positions(positions, values[keep], shape)
+        self.index_bits = index_bits
+        self._set_structure(shape, indices, indptr, {"values": np.ascontiguousarray(values), "b": b})
+
+    def _empty(self, shape, index_bits):
+        """No nonzeros yet (from_dense or from_state fill the layer)."""
+        empty = (np.zeros(0, np.float32), np.zeros(0, np.uint32), np.zeros(shape[0] + 1, np.int64))
+        self._set_csr(*empty, shape, np.zeros(shape[0], np.float32), _check_index_bits(index_bits))
+
+    def values(self):
+        """The nonzero weights (nnz,), in CSR order."""
+        return self.params["values"]
+
     def _positions(self):
         return csr_positions(self.indices, self.indptr, self.shape[1])
 
-    def _gather_grad(self, dM):
+    def _weight_grad(self, dM):
         """dL/dvalues from dL/dM (rows, cols): the gradient at the stored positions only."""
         return dM.reshape(-1)[self._positions()].astype(self.dtype, copy=False)
 
@@ -375,6 +524,15 @@ class _SparseLayer(Layer):
         new._set_csr(*csr_from_positions(slots, values, new.shape), new.shape, b, new.index_bits)
         return new
 
+    @classmethod
+    def _from_matrix(cls, M, b, config, index_bits):
+        """The layer holding the nonzeros of M (rows, cols); index_bits None picks the smallest file."""
+        positions = np.flatnonzero(M)
+        index_bits = best_index_bits(positions) if index_bits is None else _check_index_bits(index_bits)
+        new = cls(**config, index_bits=index_bits)
+        new._set_csr(*csr_from_dense(M), M.shape, b.copy(), new.index_bits)
+        return new
+
     def stats(self):
         n = self.shape[0] * self.shape[1]
         nnz = int(np.count_nonzero(self.params["values"]))
@@ -387,143 +545,42 @@ class _SparseLayer(Layer):
         return {"index_bits": self.index_bits}
 
 
-def _index_bits_for(M, index_bits):
-    positions = np.flatnonzero(M)
-    return best_index_bits(positions) if index_bits is None else _check_index_bits(index_bits)
-
-
-class SparseDense(_SparseLayer):
+class SparseDense(_SparseLayer, CSRDense):
     """Dense (y = x @ W + b) with W stored sparse as M = W.T (out, in) in CSR.
 
     x (N, in_features) -> (N, out_features). Build one with `from_dense(layer)`.
     """
 
     kind = "sparse_dense"
-    sparse_family = "dense"
 
     def __init__(self, in_features, out_features, index_bits=5):
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.out_features = check_positive_int(out_features, "out_features")
-        empty = (np.zeros(0, np.float32), np.zeros(0, np.uint32), np.zeros(out_features + 1, np.int64))
-        self._set_csr(*empty, (out_features, in_features), np.zeros(out_features, np.float32),
-                      _check_index_bits(index_bits))
+        self._empty(self._set_geometry(in_features, out_features), index_bits)
 
     @classmethod
     def from_dense(cls, layer, index_bits=None):
         """The sparse twin of a Dense layer (its zeros dropped); index_bits None picks the smallest file."""
-        M = np.ascontiguousarray(layer.params["W"].T)
-        new = cls(layer.in_features, layer.out_features, _index_bits_for(M, index_bits))
-        new._set_csr(*csr_from_dense(M), M.shape, layer.params["b"].copy(), new.index_bits)
-        return new
-
-    def to_dense(self):
-        layer = Dense(self.in_features, self.out_features)
-        layer.params = {"W": np.ascontiguousarray(self.matrix().T), "b": self.params["b"].copy()}
-        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
-        return layer
-
-    def output_shape(self, in_shape):
-        if tuple(in_shape) != (self.in_features,):
-            raise ValueError(f"SparseDense expects inputs of shape ({self.in_features},), got {tuple(in_shape)}")
-        return (self.out_features,)
-
-    def forward(self, x):
-        x = self._input(x, 2, self.in_features)
-        self.cache = x
-        if self.uses_sparse_kernel():
-            v, b = self.params["values"], self.params["b"]
-            if len(x) == 1:
-                return csr_matvec(v, self.indices, self.indptr, np.ascontiguousarray(x[0]), b)[None]
-            return np.ascontiguousarray(csr_matmul(v, self.indices, self.indptr, np.ascontiguousarray(x.T), b).T)
-        out = x @ self._dense_matrix().T
-        out += self.params["b"]
-        return out
-
-    def backward(self, dout):
-        x, dout = self.cache, dout.astype(self.dtype, copy=False)
-        self.grads["values"] = self._gather_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
-        self.grads["b"] = dout.sum(axis=0)
-        return dout @ self.matrix()
-
-    def macs(self, in_shape):
-        return self.params["values"].size
-
-    def config(self):
-        return {"in_features": self.in_features, "out_features": self.out_features, **self._common_config()}
+        config = {"in_features": layer.in_features, "out_features": layer.out_features}
+        return cls._from_matrix(np.ascontiguousarray(layer.params["W"].T), layer.params["b"], config, index_bits)
 
 
-class SparseConv2D(_SparseLayer):
+class SparseConv2D(_SparseLayer, CSRConv2D):
     """Conv2D with W (F, C, KH, KW) stored sparse as M = W.reshape(F, C*KH*KW) in CSR.
 
     x (N, C, H, W) -> (N, F, Ho, Wo). Build one with `from_dense(layer)`.
     """
 
     kind = "sparse_conv2d"
-    sparse_family = "conv2d"
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, index_bits=8):
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.out_channels = check_positive_int(out_channels, "out_channels")
-        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
-        self.stride = check_positive_int(stride, "stride")
-        self.padding = check_positive_int(padding, "padding", minimum=0)
-        shape = (out_channels, in_channels * kernel_size**2)
-        empty = (np.zeros(0, np.float32), np.zeros(0, np.uint32), np.zeros(out_channels + 1, np.int64))
-        self._set_csr(*empty, shape, np.zeros(out_channels, np.float32), _check_index_bits(index_bits))
+        self._empty(self._set_geometry(in_channels, out_channels, kernel_size, stride, padding), index_bits)
 
     @classmethod
     def from_dense(cls, layer, index_bits=None):
         """The sparse twin of a Conv2D layer (its zeros dropped); index_bits None picks the smallest file."""
         M = layer.params["W"].reshape(layer.out_channels, -1)
-        new = cls(**layer.config(), index_bits=_index_bits_for(M, index_bits))
-        new._set_csr(*csr_from_dense(M), M.shape, layer.params["b"].copy(), new.index_bits)
-        return new
-
-    def _weight(self):
-        k = self.kernel_size
-        return self._dense_matrix().reshape(self.out_channels, self.in_channels, k, k)
-
-    def to_dense(self):
-        layer = Conv2D(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding)
-        k = self.kernel_size
-        layer.params = {"W": self.matrix().reshape(self.out_channels, self.in_channels, k, k),
-                        "b": self.params["b"].copy()}
-        layer.grads = {name: np.zeros_like(p) for name, p in layer.params.items()}
-        return layer
-
-    output_shape = Conv2D.output_shape
-
-    def forward(self, x):
-        x = self._input(x, 4, self.in_channels)
-        self.output_shape(x.shape[1:])
-        self.cache = x
-        k = self.kernel_size
-        if self.uses_sparse_kernel():
-            v, b = self.params["values"], self.params["b"]
-            xp = np.ascontiguousarray(kernels.pad(x, self.padding))
-            return sparse_conv2d(v, self.indices, self.indptr, xp, b, k, k, self.stride)
-        out, _ = kernels.conv2d_forward(x, self._weight(), self.params["b"], self.stride, self.padding)
-        return out
-
-    def backward(self, dout):
-        x, k = self.cache, self.kernel_size
-        rows = kernels.im2row(kernels.pad(x, self.padding), k, k, self.stride)
-        W = self.matrix().reshape(self.out_channels, self.in_channels, k, k)
-        dx, dW, self.grads["b"] = kernels.conv2d_backward(
-            dout.astype(self.dtype, copy=False), rows, x.shape, W, self.stride, self.padding)
-        self.grads["values"] = self._gather_grad(dW)
-        return dx
-
-    def macs(self, in_shape):
-        _, Ho, Wo = self.output_shape(in_shape)
-        return self.params["values"].size * Ho * Wo
-
-    def config(self):
-        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
-                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
-                **self._common_config()}
+        return cls._from_matrix(M, layer.params["b"], layer.config(), index_bits)
 
 
 SPARSE_LAYERS = {Dense: SparseDense, Conv2D: SparseConv2D}
@@ -549,9 +606,10 @@ def to_sparse(model, index_bits=None):
     return Sequential(layers, input_shape=model.input_shape)
 
 
-def to_dense(model):
-    """A copy of `model` with its sparse layers turned back into Dense/Conv2D (to prune further or train)."""
+def to_dense(model, layer_type=_SparseLayer):
+    """A copy of `model` with its `layer_type` layers (default: the sparse ones; optim.sharing.unshare
+    passes its shared ones) turned back into Dense/Conv2D, to prune further or train."""
     if not isinstance(model, Sequential):
         raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
-    layers = [layer.to_dense() if isinstance(layer, _SparseLayer) else copy.deepcopy(layer) for layer in model.layers]
+    layers = [layer.to_dense() if isinstance(layer, layer_type) else copy.deepcopy(layer) for layer in model.layers]
     return Sequential(layers, input_shape=model.input_shape)
