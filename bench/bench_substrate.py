@@ -26,7 +26,7 @@ contestants are timed in interleaved rounds, so a busy spell slows both.
 
 The data are random: shape and dtype are all that matter for speed.
 
-    python bench/bench_substrate.py [--quick] [--no-torch] [--json PATH]
+    python bench/bench_substrate.py [--quick] [--threads N] [--no-torch] [--json PATH]
 """
 
 import argparse
@@ -196,24 +196,27 @@ class Torch:
 
 
 class OnnxRuntime:
-    """Inference only, on the PyTorch twin exported to ONNX."""
+    """Inference only, on the PyTorch twins exported to ONNX (done here, so that a
+    failing export drops this contestant at the start instead of mid-run)."""
 
     label = "onnxruntime"
 
     def __init__(self, torch_side, threads):
         import onnxruntime as ort
 
-        self.ort, self.torch_side, self.threads = ort, torch_side, threads
-        self.version = ort.__version__
+        self.ort, self.version = ort, ort.__version__
+        self.sessions = {name: self.session(torch_side, name, threads) for name in NETWORKS}
 
-    def infer(self, name, x):
-        torch = self.torch_side.torch
-        buf = io.BytesIO()
-        torch.onnx.export(self.torch_side.build(name).eval(), (torch.zeros(1, 1, 28, 28),), buf,
+    def session(self, torch_side, name, threads):
+        torch, buf = torch_side.torch, io.BytesIO()
+        torch.onnx.export(torch_side.build(name).eval(), (torch.zeros(1, 1, 28, 28),), buf,
                           input_names=["x"], dynamic_axes={"x": {0: "batch"}}, dynamo=False)
         opts = self.ort.SessionOptions()
-        opts.intra_op_num_threads, opts.inter_op_num_threads = self.threads, 1
-        session = self.ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        return self.ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+
+    def infer(self, name, x):
+        session = self.sessions[name]
         return lambda: session.run(None, {"x": x})
 
 
@@ -366,13 +369,34 @@ def contestants(use_torch, threads):
             info["onnxruntime"] = {"version": sides[-1].version, "threads": threads}
         except ImportError:
             notes.append("onnxruntime: not installed, column omitted")
+        except Exception as e:  # an optional extra: report why and carry on without it
+            notes.append(f"onnxruntime: export or session failed ({type(e).__name__}: {e}), column omitted")
     return sides, notes, info
+
+
+def set_threads(n):
+    """Use n threads in Numba and numpy's BLAS (torch follows in Torch()); returns n.
+    Oversubscribed cores hurt threaded code most: a parallel region waits for its
+    slowest thread, and a thread that lost its core is very slow."""
+    if n is None:
+        return numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        import threadpoolctl
+    except ImportError:
+        print("warning: threadpoolctl not installed, numpy's BLAS keeps its own thread count")
+    else:
+        threadpoolctl.threadpool_limits(n, user_api="blas")
+    return n
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="few short repeats: a ~20 s smoke run")
     p.add_argument("--no-torch", action="store_true", help="measure minicnn alone")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for Numba, numpy's BLAS and torch (default: all Numba's); "
+                        "1 gives steadier figures when other jobs share the cores")
     p.add_argument("--json", type=Path, default=None,
                    help="where to write the results (default bench/results/substrate[_quick].json)")
     args = p.parse_args(argv)
@@ -386,7 +410,7 @@ def main(argv=None):
     budget = QUICK if args.quick else FULL
     started = time.perf_counter()
     kernels.maxpool_forward(np.zeros((1, 1, 2, 2), np.float32), 2, 2)  # starts Numba's pool: names its layer
-    threads = numba.get_num_threads()
+    threads = set_threads(args.threads)
     sides, notes, info = contestants(not args.no_torch, threads)
     facts = {**machine_facts(), **{f"{k}_{f}": v for k, d in info.items() for f, v in d.items()}}
     print("machine:\n" + format_facts(facts), flush=True)
@@ -394,12 +418,13 @@ def main(argv=None):
           f"{budget.warm_time * 1e3:.0f} ms warm-up; figures are medians", flush=True)
     if (facts["load_avg_1min"] or 0) > 0.5 * facts["usable_cores"]:
         print(f"warning: load average {facts['load_avg_1min']:.1f} on {facts['usable_cores']} cores: "
-              "the machine is busy, absolute figures will be low and noisy (ratios less so)")
+              "the machine is busy: figures drop and scatter, and so do ratios, since threads that "
+              "wait for each other (PyTorch's OpenMP most) suffer most; a quiet machine or --threads 1 helps")
     for note in notes:
         print(note)
 
     result = {"benchmark": "substrate", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "quick": args.quick, "budget": vars(budget), "machine": facts, "notes": notes}
+              "quick": args.quick, "threads": threads, "budget": vars(budget), "machine": facts, "notes": notes}
     torch_side = next((s for s in sides if s.label == "torch"), None)
     if torch_side is not None:
         diffs = {name: torch_side.logits_difference(name, random_batch(8)[0]) for name in NETWORKS}
