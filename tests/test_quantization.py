@@ -601,3 +601,30 @@ def test_cli_quantize(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--model", str(src), "--bits", "4", "--out", str(out)])
     assert "invalid choice: 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("vnni", [True, False])
+def test_dot4_add_both_spellings(monkeypatch, vnni):
+    """The VNNI instruction and the portable widening arithmetic give the same exact sums.
+
+    HAVE_VNNI is read when a function using dot4_add is compiled, so a fresh
+    function compiled with it forced off exercises the path a CPU without VNNI runs.
+    """
+    if vnni and not K.HAVE_VNNI:
+        pytest.skip("this CPU has no VNNI: only the portable spelling can run here")
+    import numba
+
+    monkeypatch.setattr(K, "HAVE_VNNI", vnni)
+
+    @numba.njit
+    def one_step(x_word, wp):
+        out = np.empty(8, np.int32)
+        K.store8(out, 0, K.dot4_add(K.zeros8(), x_word, wp, 0))
+        return out
+
+    rng = np.random.default_rng(1)
+    u = rng.integers(0, 256, 4).astype(np.uint8)
+    wp = rng.integers(-128, 128, 32).astype(np.int8)
+    x_word = np.uint32(int.from_bytes(u.tobytes(), "little"))
+    expected = (u.astype(np.int64)[None, :] * wp.reshape(8, 4).astype(np.int64)).sum(axis=1)
+    np.testing.assert_array_equal(one_step(x_word, wp), expected)
