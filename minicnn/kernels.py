@@ -214,13 +214,19 @@ def conv2d_forward(x, W, b, stride, padding):
     return np.ascontiguousarray(out.reshape(N, Ho, Wo, F).transpose(0, 3, 1, 2)), rows
 
 
-def conv2d_backward(dout, rows, x_shape, W, stride, padding):
-    """Fast conv backward from the rows saved by conv2d_forward: (dx, dW, db)."""
+def conv2d_backward(dout, rows, x_shape, W, stride, padding, input_grad=True):
+    """Fast conv backward from the rows saved by conv2d_forward: (dx, dW, db).
+
+    With input_grad=False, dx is None and its GEMM and row2im are skipped
+    (a network's first layer: nobody wants the image's gradient).
+    """
     N, C, H, Wd = x_shape
     F, _, KH, KW = W.shape
     dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, F)  # (N*Ho*Wo, F)
     dW = (dout_rows.T @ rows).reshape(W.shape)
-    db = dout_rows.sum(axis=0)
+    db = dout.sum(axis=(0, 2, 3))  # on dout itself: dout_rows is a transposed copy, slow to sum down
+    if not input_grad:
+        return None, dW, db
     drows = dout_rows @ W.reshape(F, -1)
     xp_shape = (N, C, H + 2 * padding, Wd + 2 * padding)
     dxp = row2im(drows, xp_shape, KH, KW, stride)

@@ -45,6 +45,9 @@ def test_conv_backward_matches_reference(geom, seed):
     for fast, ref in zip(K.conv2d_backward(dout, rows, x.shape, w, s, p), K.conv2d_backward_ref(dout, x, w, s, p)):
         assert fast.shape == ref.shape
         np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-10)
+    dx, dW, db = K.conv2d_backward(dout, rows, x.shape, w, s, p, input_grad=False)
+    assert dx is None
+    np.testing.assert_allclose(dW, K.conv2d_backward_ref(dout, x, w, s, p)[1], rtol=1e-10, atol=1e-10)
 
 
 @given(conv_geometry(), seeds)

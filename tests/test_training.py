@@ -102,3 +102,16 @@ def test_evaluate_takes_anything_with_predict():
 def test_fit_rejects_bad_data(x, y, message):
     with pytest.raises((ValueError, TypeError), match=message):
         minicnn.fit(zoo.lenet300(), x, y, epochs=1, verbose=False)
+
+
+def test_backward_skips_the_image_gradient_unless_asked():
+    model = zoo.lenet5(seed=0)
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    _, dz = minicnn.losses.cross_entropy(model.forward(x), np.arange(4))
+    assert model.backward(dz) is None
+    skipped = [g.copy() for layer in model.layers for g in layer.grads.values()]
+    dx = model.backward(dz, input_grad=True)
+    assert dx.shape == x.shape
+    for ours, expected in zip(skipped, [g for layer in model.layers for g in layer.grads.values()]):
+        np.testing.assert_array_equal(ours, expected)
+    assert model.layers[0].needs_input_grad  # told for one call only
