@@ -63,6 +63,19 @@ def test_im2row_and_row2im_match_reference_and_are_adjoint(geom, seed):
     assert np.isclose((rows * r).sum(), (xp * back).sum())
 
 
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), seeds,
+       st.sampled_from([np.float32, np.float64]))
+def test_rows_to_nchw_matches_reference(N, F, Ho, Wo, seed, dtype):
+    out_rows = random_array(seed, (N * Ho * Wo, F), dtype)
+    b = random_array(seed + 1, (F,), dtype)
+    out = K.rows_to_nchw(out_rows, b, N, Ho, Wo)
+    assert out.dtype == dtype and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, K.rows_to_nchw_ref(out_rows, b, N, Ho, Wo))
+    # the value at image n, filter f, pixel (i, j) is its GEMM row's entry f plus b[f]
+    n, f, i, j = N - 1, F - 1, Ho - 1, 0
+    assert out[n, f, i, j] == out_rows[(n * Ho + i) * Wo + j, f] + b[f]
+
+
 @given(pool_geometry(), seeds, st.sampled_from([np.float32, np.float64]))
 def test_maxpool_matches_reference(geom, seed, dtype):
     N, C, H, W, k, s = geom
