@@ -88,6 +88,15 @@ def test_maxpool_matches_reference(geom, seed, dtype):
     np.testing.assert_allclose(K.maxpool_backward(dout, arg, x.shape), K.maxpool_backward_ref(dout, ref_arg, x.shape), rtol=1e-6)
 
 
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 7), st.integers(2, 7), seeds)
+def test_maxpool_2x2_path_matches_reference_with_ties(N, C, H, W, seed):
+    x = np.random.default_rng(seed).integers(0, 3, (N, C, H, W)).astype(np.float32)  # ties everywhere
+    out, arg = K.maxpool_forward(x, 2, 2)
+    ref_out, ref_arg = K.maxpool_forward_ref(x, 2, 2)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(arg, ref_arg, err_msg="argmax: ours vs reference (first maximum wins)")
+
+
 def test_maxpool_ties_go_to_the_first_maximum():
     x = np.zeros((1, 1, 2, 2), np.float32)
     out, arg = K.maxpool_forward(x, 2, 2)
