@@ -249,11 +249,22 @@ def conv2d_backward(dout, rows, x_shape, W, stride, padding, input_grad=True):
     """
     N, C, H, Wd = x_shape
     F, _, KH, KW = W.shape
-    dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, F)  # (N*Ho*Wo, F)
-    dW = (dout_rows.T @ rows).reshape(W.shape)
+    P, CK = dout.shape[2] * dout.shape[3], rows.shape[1]
+    dout_rows = None
+    if CK < P:
+        # Few columns, many pixels (LeNet's conv1: 25 and 576): one product
+        # per image, dout[n] (F, P) as NCHW stores it times rows[n] (P, CK),
+        # then a sum of the N small (F, CK) results. Cheaper than the
+        # transposed copy of dout the single GEMM needs.
+        dW = np.matmul(dout.reshape(N, F, P), rows.reshape(N, P, CK)).sum(axis=0).reshape(W.shape)
+    else:
+        dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, F)  # (N*Ho*Wo, F)
+        dW = (dout_rows.T @ rows).reshape(W.shape)
     db = dout.sum(axis=(0, 2, 3))  # on dout itself: dout_rows is a transposed copy, slow to sum down
     if not input_grad:
         return None, dW, db
+    if dout_rows is None:
+        dout_rows = dout.transpose(0, 2, 3, 1).reshape(-1, F)
     drows = dout_rows @ W.reshape(F, -1)
     xp_shape = (N, C, H + 2 * padding, Wd + 2 * padding)
     dxp = row2im(drows, xp_shape, KH, KW, stride)

@@ -50,6 +50,15 @@ def test_conv_backward_matches_reference(geom, seed):
     np.testing.assert_allclose(dW, K.conv2d_backward_ref(dout, x, w, s, p)[1], rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("C,H,k", [(1, 9, 3), (4, 5, 4)], ids=["few columns: per-image dW", "many columns: one GEMM"])
+def test_conv_backward_both_dW_paths(C, H, k):
+    x, w = random_array(0, (3, C, H, H)), random_array(1, (2, C, k, k))
+    out, rows = K.conv2d_forward(x, w, np.zeros(2), 1, 0)
+    dout = random_array(2, out.shape)
+    for fast, ref in zip(K.conv2d_backward(dout, rows, x.shape, w, 1, 0), K.conv2d_backward_ref(dout, x, w, 1, 0)):
+        np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-10)
+
+
 @given(conv_geometry(), seeds)
 def test_im2row_and_row2im_match_reference_and_are_adjoint(geom, seed):
     N, C, H, W, F, k, s, p = geom
