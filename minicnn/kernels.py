@@ -180,7 +180,7 @@ def _row2im_loops(rows, xp_shape, KH, KW, stride):
     # so the prefetcher streams them) and adds into its own dxp[n], a few KB
     # that stay in L1. Tasks never share an image, so overlapping windows
     # never race. (Tasks over (n, c) planes read every row C times in short
-    # strided pieces: 3-5x slower on LeNet's conv2.)
+    # strided pieces: 1.5-3x slower on LeNet's conv2.)
     for n in prange(N):
         for i in range(Ho):
             for j in range(Wo):
