@@ -4,7 +4,10 @@ Every layer follows one convention that the rest of the project relies on:
 
 * `params` and `grads` are dicts of arrays with the same keys;
 * `forward(x)` returns the output and keeps in `self.cache` what backward needs;
-* `backward(dout)` fills `grads` and returns d(loss)/d(input);
+* `backward(dout)` fills `grads` and returns d(loss)/d(input), unless the
+  layer's `needs_input_grad` is False: then it may skip that work and return
+  None (Sequential sets it on its first layer while it backpropagates, since
+  nobody wants the gradient of the images);
 * `output_shape(in_shape)` maps a per-sample shape (no batch axis) forward;
 * `config()` is the JSON-able constructor arguments, so a saved file can
   rebuild the layer (`kind` names it there).
@@ -30,6 +33,7 @@ class Layer:
     """Base class: a parameter-free identity with the shared bookkeeping."""
 
     kind = None
+    needs_input_grad = True
 
     def __init__(self):
         self.params = {}
@@ -133,7 +137,8 @@ class Conv2D(Layer):
     def backward(self, dout):
         rows, x_shape = self.cache
         dx, self.grads["W"], self.grads["b"] = kernels.conv2d_backward(
-            dout.astype(self.dtype, copy=False), rows, x_shape, self.params["W"], self.stride, self.padding
+            dout.astype(self.dtype, copy=False), rows, x_shape, self.params["W"], self.stride, self.padding,
+            input_grad=self.needs_input_grad,
         )
         return dx
 
@@ -187,7 +192,7 @@ class Dense(Layer):
         dout = dout.astype(self.dtype, copy=False)
         self.grads["W"] = x.T @ dout
         self.grads["b"] = dout.sum(axis=0)
-        return dout @ self.params["W"].T
+        return dout @ self.params["W"].T if self.needs_input_grad else None
 
     def macs(self, in_shape):
         return self.params["W"].size

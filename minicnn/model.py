@@ -45,11 +45,22 @@ class Sequential:
             x = layer.forward(x)
         return x
 
-    def backward(self, dout):
-        """Backpropagate d(loss)/d(logits) (N, num_classes); fills every layer's grads."""
-        for layer in reversed(self.layers):
-            dout = layer.backward(dout)
-        return dout
+    def backward(self, dout, input_grad=False):
+        """Backpropagate d(loss)/d(logits) (N, num_classes); fills every layer's grads.
+
+        Returns d(loss)/d(input) if input_grad, else None: training never needs
+        the gradient of the images, so the first layer is told (through its
+        `needs_input_grad`, for this call only) to skip computing it. For
+        LeNet-5 that is a GEMM and a row2im over the 64x1x28x28 batch.
+        """
+        first = self.layers[0]
+        first.needs_input_grad = input_grad
+        try:
+            for layer in reversed(self.layers):
+                dout = layer.backward(dout)
+        finally:
+            first.needs_input_grad = True
+        return dout if input_grad else None
 
     def predict(self, x, batch_size=256):
         """Logits (N, num_classes) float32, computed batch by batch; argmax gives the class."""

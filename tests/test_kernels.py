@@ -45,6 +45,18 @@ def test_conv_backward_matches_reference(geom, seed):
     for fast, ref in zip(K.conv2d_backward(dout, rows, x.shape, w, s, p), K.conv2d_backward_ref(dout, x, w, s, p)):
         assert fast.shape == ref.shape
         np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-10)
+    dx, dW, db = K.conv2d_backward(dout, rows, x.shape, w, s, p, input_grad=False)
+    assert dx is None
+    np.testing.assert_allclose(dW, K.conv2d_backward_ref(dout, x, w, s, p)[1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("C,H,k", [(1, 9, 3), (4, 5, 4)], ids=["few columns: per-image dW", "many columns: one GEMM"])
+def test_conv_backward_both_dW_paths(C, H, k):
+    x, w = random_array(0, (3, C, H, H)), random_array(1, (2, C, k, k))
+    out, rows = K.conv2d_forward(x, w, np.zeros(2), 1, 0)
+    dout = random_array(2, out.shape)
+    for fast, ref in zip(K.conv2d_backward(dout, rows, x.shape, w, 1, 0), K.conv2d_backward_ref(dout, x, w, 1, 0)):
+        np.testing.assert_allclose(fast, ref, rtol=1e-10, atol=1e-10)
 
 
 @given(conv_geometry(), seeds)
@@ -60,6 +72,19 @@ def test_im2row_and_row2im_match_reference_and_are_adjoint(geom, seed):
     assert np.isclose((rows * r).sum(), (xp * back).sum())
 
 
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), seeds,
+       st.sampled_from([np.float32, np.float64]))
+def test_rows_to_nchw_matches_reference(N, F, Ho, Wo, seed, dtype):
+    out_rows = random_array(seed, (N * Ho * Wo, F), dtype)
+    b = random_array(seed + 1, (F,), dtype)
+    out = K.rows_to_nchw(out_rows, b, N, Ho, Wo)
+    assert out.dtype == dtype and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, K.rows_to_nchw_ref(out_rows, b, N, Ho, Wo))
+    # the value at image n, filter f, pixel (i, j) is its GEMM row's entry f plus b[f]
+    n, f, i, j = N - 1, F - 1, Ho - 1, 0
+    assert out[n, f, i, j] == out_rows[(n * Ho + i) * Wo + j, f] + b[f]
+
+
 @given(pool_geometry(), seeds, st.sampled_from([np.float32, np.float64]))
 def test_maxpool_matches_reference(geom, seed, dtype):
     N, C, H, W, k, s = geom
@@ -70,6 +95,15 @@ def test_maxpool_matches_reference(geom, seed, dtype):
     np.testing.assert_array_equal(arg, ref_arg)
     dout = random_array(seed + 1, out.shape, dtype)
     np.testing.assert_allclose(K.maxpool_backward(dout, arg, x.shape), K.maxpool_backward_ref(dout, ref_arg, x.shape), rtol=1e-6)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(2, 7), st.integers(2, 7), seeds)
+def test_maxpool_2x2_path_matches_reference_with_ties(N, C, H, W, seed):
+    x = np.random.default_rng(seed).integers(0, 3, (N, C, H, W)).astype(np.float32)  # ties everywhere
+    out, arg = K.maxpool_forward(x, 2, 2)
+    ref_out, ref_arg = K.maxpool_forward_ref(x, 2, 2)
+    np.testing.assert_array_equal(out, ref_out)
+    np.testing.assert_array_equal(arg, ref_arg, err_msg="argmax: ours vs reference (first maximum wins)")
 
 
 def test_maxpool_ties_go_to_the_first_maximum():

@@ -81,3 +81,16 @@ def test_bad_input_is_named(layer, x, message):
 def test_bad_configuration(make):
     with pytest.raises(ValueError, match="must be an integer"):
         make()
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: Conv2D(2, 3, 3, padding=1, rng=0), (2, 2, 5, 5)),
+                                        (lambda: Dense(6, 4, rng=0), (3, 6))])
+def test_first_layer_skips_the_input_gradient_and_keeps_its_own(make, shape):
+    x = random_array(0, shape, np.float32)
+    full, skip = make(), make()
+    skip.needs_input_grad = False
+    g = random_array(1, full.forward(x).shape, np.float32)
+    skip.forward(x)
+    assert full.backward(g) is not None and skip.backward(g) is None
+    for name in full.grads:
+        np.testing.assert_array_equal(skip.grads[name], full.grads[name], err_msg=name)

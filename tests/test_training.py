@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import minicnn
-from minicnn import SGD, Adam, Dense, Flatten, Sequential, datasets, zoo
+from minicnn import SGD, Adam, Dense, Flatten, Sequential, datasets, kernels, zoo
+from minicnn.optimizers import adam_update, adam_update_ref
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,26 @@ def test_adam_first_step_moves_by_lr():
     layer = one_param_layer(1.0, -3.0)
     Adam(lr=0.01).step([layer])
     assert layer.params["W"].item() == pytest.approx(1.01, rel=1e-6)
+
+
+@pytest.mark.parametrize("parallel_min_size", [0, 2**62], ids=["threaded", "serial"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_fast_adam_update_matches_reference(monkeypatch, parallel_min_size, dtype, contiguous):
+    monkeypatch.setattr(kernels, "PARALLEL_MIN_SIZE", parallel_min_size)
+    rng = np.random.default_rng(0)
+    p, g, m = (rng.standard_normal((30, 7)).astype(dtype) for _ in range(3))
+    v = rng.random((30, 7)).astype(dtype)
+    if not contiguous:
+        p, g, m, v = p.T, g.T, m.T, v.T
+    ours, ref = [a.copy() for a in (p, g, m, v)], [a.copy() for a in (p, g, m, v)]
+    for _ in range(3):
+        adam_update(*ours, 0.9, 0.999, 3e-3, 1e-8)
+        adam_update_ref(*ref, 0.9, 0.999, 3e-3, 1e-8)
+    tol = 1e-6 if dtype == np.float32 else 1e-13
+    for name, a, b in zip("pgmv", ours, ref):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol, err_msg=f"{name}: ours vs reference")
+    assert not np.array_equal(ours[0], p)  # the step moved the parameters, in place
 
 
 @pytest.mark.parametrize("make", [lambda: SGD(lr=0), lambda: Adam(lr=-1), lambda: SGD(0.1, momentum=1.0)])
@@ -102,3 +123,16 @@ def test_evaluate_takes_anything_with_predict():
 def test_fit_rejects_bad_data(x, y, message):
     with pytest.raises((ValueError, TypeError), match=message):
         minicnn.fit(zoo.lenet300(), x, y, epochs=1, verbose=False)
+
+
+def test_backward_skips_the_image_gradient_unless_asked():
+    model = zoo.lenet5(seed=0)
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    _, dz = minicnn.losses.cross_entropy(model.forward(x), np.arange(4))
+    assert model.backward(dz) is None
+    skipped = [g.copy() for layer in model.layers for g in layer.grads.values()]
+    dx = model.backward(dz, input_grad=True)
+    assert dx.shape == x.shape
+    for ours, expected in zip(skipped, [g for layer in model.layers for g in layer.grads.values()]):
+        np.testing.assert_array_equal(ours, expected)
+    assert model.layers[0].needs_input_grad  # told for one call only
