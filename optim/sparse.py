@@ -57,7 +57,7 @@ from numba import prange
 
 from minicnn import kernels
 from minicnn.checks import check_array, check_positive_int
-from minicnn.kernels import fast
+from minicnn.kernels import fast, twin
 from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 
@@ -299,7 +299,16 @@ def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
     return out
 
 
-sparse_conv2d = fast(_sparse_conv2d_loops)
+_sparse_conv2d = twin(_sparse_conv2d_loops)
+
+
+def sparse_conv2d(values, indices, indptr, xp, bias, KH, KW, stride):
+    """Fast direct sparse conv, same contract as sparse_conv2d_ref; serial below
+    minicnn's PARALLEL_MIN_SIZE multiply-adds (a batch-1 LeNet-5 conv2 is ~0.2M),
+    where waking the threads would cost more than the loop."""
+    N, _, Hp, Wp = xp.shape
+    work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1)
+    return _sparse_conv2d(work, values, indices, indptr, xp, bias, KH, KW, stride)
 
 
 def sparse_dense_forward(values, indices, indptr, x, b):

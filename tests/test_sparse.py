@@ -101,8 +101,15 @@ def test_sparse_conv_agrees_with_dense_conv(geometry, density, seed):
     bias = rng.standard_normal(F).astype(np.float32)
     expected = kernels.conv2d_forward_ref(x.astype(np.float64), w, bias, stride, padding)
     csr, xp = csr_from_dense(w.reshape(F, -1)), kernels.pad(x, padding)
+    builds = [("threaded", 0), ("serial", 2**62)]  # the size above which the threaded build runs
     for name, fn in [("reference", sparse.sparse_conv2d_ref), ("numba", sparse.sparse_conv2d)]:
-        np.testing.assert_allclose(fn(*csr, xp, bias, K, K, stride), expected, rtol=1e-5, atol=1e-5, err_msg=name)
+        for build, threshold in builds:
+            saved, kernels.PARALLEL_MIN_SIZE = kernels.PARALLEL_MIN_SIZE, threshold
+            try:
+                ours = fn(*csr, xp, bias, K, K, stride)
+            finally:
+                kernels.PARALLEL_MIN_SIZE = saved
+            np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5, err_msg=f"{name} ({build})")
 
 
 # --------------------------------------------------------------------------
