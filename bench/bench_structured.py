@@ -27,6 +27,7 @@ what each network costs by itself.
 """
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -41,7 +42,7 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from bench.common import (  # noqa: E402
-    FULL, QUICK, Budget, Timing, format_facts, format_table, machine_facts, measure, num, write_json,
+    FULL, QUICK, Timing, format_facts, format_table, machine_facts, measure, num, write_json,
 )
 from optim import cutting, structured  # noqa: E402
 
@@ -100,7 +101,7 @@ def paired(fn_a, fn_b, budget):
     bench/common.measure), each repeat times a run of calls of A then a run
     of B, so a burst of load from another job hits both sides. Returns the
     per-call times of each side, one per repeat."""
-    calibrated = [measure(fn, Budget(1, budget.min_time, budget.warmup, budget.warm_time)) for fn in (fn_a, fn_b)]
+    calibrated = [measure(fn, dataclasses.replace(budget, repeats=1)) for fn in (fn_a, fn_b)]
     times = ([], [])
     for _ in range(ROUNDS * budget.repeats):
         for fn, timing, out in zip((fn_a, fn_b), calibrated, times):
