@@ -51,7 +51,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from minicnn.kernels import fast
+from minicnn.kernels import fast, twin
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 SHIFT_RANGE = (-31, 30)  # shift of M = M0 * 2^(shift - 31), as TFLite allows
@@ -204,7 +204,14 @@ def _im2row_nhwc_loops(x, KH, KW, stride, padding, fill, width):
     return rows
 
 
-im2row_nhwc = fast(_im2row_nhwc_loops)
+_im2row_nhwc = twin(_im2row_nhwc_loops)
+
+
+def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
+    """Fast im2row_nhwc, same contract as im2row_nhwc_ref; serial for small inputs (batch 1)."""
+    N, H, W, _ = x.shape
+    rows = N * ((H + 2 * padding - KH) // stride + 1) * ((W + 2 * padding - KW) // stride + 1)
+    return _im2row_nhwc(rows * width, x, KH, KW, stride, padding, fill, width)
 
 
 # --------------------------------------------------------------------------
@@ -476,4 +483,9 @@ def _maxpool_nhwc_loops(x, k, stride):
     return out
 
 
-maxpool_nhwc = fast(_maxpool_nhwc_loops)
+_maxpool_nhwc = twin(_maxpool_nhwc_loops)
+
+
+def maxpool_nhwc(x, k, stride):
+    """Fast maxpool_nhwc, same contract as maxpool_nhwc_ref; serial for small inputs (batch 1)."""
+    return _maxpool_nhwc(x.size, x, k, stride)
