@@ -52,13 +52,21 @@ serial = numba.njit(cache=True)
 PARALLEL_MIN_SIZE = 1 << 18
 
 
-def twin(body):
-    """Compile `body` twice, threaded and serial; the result runs the one that fits the output size."""
-    # Numba's on-disk cache is keyed by the function's name, so the serial
-    # build gets a copy of the function under a name of its own.
+def serial_build(body):
+    """`body` compiled for one thread (prange runs as range).
+
+    Numba's on-disk cache is keyed by the function's name, so this build
+    compiles a copy of the function under a name of its own; compiling
+    `body` itself would evict its threaded build from the cache.
+    """
     copy = types.FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial")
     copy.__qualname__ = body.__qualname__ + "_serial"
-    threaded, plain = fast(body), serial(copy)
+    return serial(copy)
+
+
+def twin(body):
+    """Compile `body` twice, threaded and serial; the result runs the one that fits the output size."""
+    threaded, plain = fast(body), serial_build(body)
 
     def run(size, *args):
         return (threaded if size >= PARALLEL_MIN_SIZE else plain)(*args)

@@ -40,7 +40,6 @@ independent, so `prange` splits them over cores; small jobs run a serial
 build of the same loops, as waking Numba's workers costs more than they do.
 """
 
-import types as types_module
 from typing import NamedTuple
 
 import llvmlite.binding as llvm
@@ -51,7 +50,7 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from minicnn.kernels import fast, twin
+from minicnn.kernels import fast, serial_build, twin
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 SHIFT_RANGE = (-31, 30)  # shift of M = M0 * 2^(shift - 31), as TFLite allows
@@ -410,27 +409,14 @@ def _qgemm_int32_loops(a32, wp, colsum, bias, lo):
     return out
 
 
-def serial_twin(loops):
-    """The same loops compiled for one thread (prange runs as range).
-
-    Waking Numba's workers costs ~40-100 us, more than a batch-1 layer. Numba
-    caches a compiled function under its qualified name, so the twin is a
-    distinct function object with its own name, or it would evict the parallel
-    build from the cache.
-    """
-    twin = types_module.FunctionType(loops.__code__, loops.__globals__, loops.__name__ + "_serial")
-    twin.__qualname__ = twin.__name__
-    return numba.njit(cache=True)(twin)
-
-
 def pick(kernels, work):
     """The parallel build for `work` multiply-adds or more than PARALLEL_WORK, else the serial twin."""
     return kernels[0] if work >= PARALLEL_WORK else kernels[1]
 
 
 PARALLEL_WORK = 2_000_000  # ~50 us of one core's multiply-adds: the price of waking the workers
-_QGEMM = (fast(_qgemm_loops), serial_twin(_qgemm_loops))
-_QGEMM_INT32 = (fast(_qgemm_int32_loops), serial_twin(_qgemm_int32_loops))
+_QGEMM = (fast(_qgemm_loops), serial_build(_qgemm_loops))
+_QGEMM_INT32 = (fast(_qgemm_int32_loops), serial_build(_qgemm_int32_loops))
 
 
 def _words(a, wp):
