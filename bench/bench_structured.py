@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from bench.common import (  # noqa: E402
-    FULL, QUICK, Timing, format_facts, format_table, machine_facts, measure, num, write_json,
+    FULL, QUICK, Timing, compare, format_facts, format_table, machine_facts, num, write_json,
 )
 from optim import cutting, structured  # noqa: E402
 
@@ -96,22 +96,6 @@ def check_cut(base, small):
     return {"layers_removed": removed, "weighted_layers_removed": cut_weighted}
 
 
-def paired(fn_a, fn_b, budget):
-    """Time fn_a and fn_b in alternation: after warming both up (see
-    bench/common.measure), each repeat times a run of calls of A then a run
-    of B, so a burst of load from another job hits both sides. Returns the
-    per-call times of each side, one per repeat."""
-    calibrated = [measure(fn, dataclasses.replace(budget, repeats=1)) for fn in (fn_a, fn_b)]
-    times = ([], [])
-    for _ in range(ROUNDS * budget.repeats):
-        for fn, timing, out in zip((fn_a, fn_b), calibrated, times):
-            start = time.perf_counter()
-            for _ in range(timing.number):
-                fn()
-            out.append((time.perf_counter() - start) / timing.number)
-    return times
-
-
 def speed(base, small, budget):
     """Batch-1 latency and batch-256 throughput of both models, measured in alternation."""
     rng = np.random.default_rng(0)
@@ -119,7 +103,10 @@ def speed(base, small, budget):
     many = rng.random((THROUGHPUT_BATCH, *base.input_shape), dtype=np.float32)
     result = {}
     for what, x in (("latency", one), ("batch", many)):
-        a, b = paired(lambda: base.predict(x), lambda: small.predict(x), budget)
+        # common.compare alternates the two sides, so a burst of load hits both.
+        timings = compare({"base": lambda: base.predict(x), "small": lambda: small.predict(x)},
+                          dataclasses.replace(budget, repeats=ROUNDS * budget.repeats))
+        a, b = timings["base"].times, timings["small"].times
         ratios = [ta / tb for ta, tb in zip(a, b)]
         result[what] = {
             "base_s": statistics.median(a), "small_s": statistics.median(b),
