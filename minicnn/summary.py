@@ -13,19 +13,32 @@ def _human(n):
         n /= 1024
 
 
+def _layer_figures(model):
+    """(layer, output shape, MACs, stats) for each layer, the shapes followed from the input."""
+    shape = model.input_shape
+    for layer in model.layers:
+        macs = layer.macs(shape)
+        shape = layer.output_shape(shape)
+        yield layer, shape, macs, layer.stats()
+
+
+def totals(model):
+    """The summary's Total row as numbers: params, nonzero, bytes, macs, and
+    bits_per_weight = 8 bytes / params (storage, codebooks and biases included)."""
+    out = {"params": 0, "nonzero": 0, "bytes": 0, "macs": 0}
+    for _, _, macs, s in _layer_figures(model):
+        for key in ("params", "nonzero", "bytes"):
+            out[key] += s[key]
+        out["macs"] += macs
+    out["bits_per_weight"] = 8 * out["bytes"] / out["params"] if out["params"] else 0.0
+    return out
+
+
 def format_summary(model):
     """Return the table as a string: one row per layer, then the totals."""
     header = ("Layer", "Output shape", "Params", "Nonzero", "Bits/w", "Bytes", "MACs")
-    rows, shape = [], model.input_shape
-    totals = {"params": 0, "nonzero": 0, "bytes": 0, "macs": 0}
-    for i, layer in enumerate(model.layers):
-        macs = layer.macs(shape)
-        shape = layer.output_shape(shape)
-        s = layer.stats()
-        for key in ("params", "nonzero", "bytes"):
-            totals[key] += s[key]
-        totals["macs"] += macs
-        rows.append((
+    rows = [
+        (
             f"{i}: {type(layer).__name__}",
             "(N, " + ", ".join(map(str, shape)) + ")",
             f"{s['params']:,}",
@@ -33,11 +46,13 @@ def format_summary(model):
             f"{s['bits_per_weight']:.2f}" if s["params"] else "-",
             f"{s['bytes']:,}",
             f"{macs:,}",
-        ))
-    bits = 8 * totals["bytes"] / totals["params"] if totals["params"] else 0.0
+        )
+        for i, (layer, shape, macs, s) in enumerate(_layer_figures(model))
+    ]
+    t = totals(model)
     rows.append((
-        "Total", "", f"{totals['params']:,}", f"{totals['nonzero']:,}",
-        f"{bits:.2f}", f"{totals['bytes']:,}", f"{totals['macs']:,}",
+        "Total", "", f"{t['params']:,}", f"{t['nonzero']:,}",
+        f"{t['bits_per_weight']:.2f}", f"{t['bytes']:,}", f"{t['macs']:,}",
     ))
     widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
     line = "-" * (sum(widths) + 2 * (len(widths) - 1))
@@ -47,5 +62,5 @@ def format_summary(model):
 
     return "\n".join(
         [fmt(header), line] + [fmt(r) for r in rows[:-1]] + [line, fmt(rows[-1]),
-         f"Weights: {_human(totals['bytes'])}; input (N, {', '.join(map(str, model.input_shape))})"]
+         f"Weights: {_human(t['bytes'])}; input (N, {', '.join(map(str, model.input_shape))})"]
     )

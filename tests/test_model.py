@@ -7,6 +7,7 @@ import pytest
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, zoo
+from minicnn.summary import totals
 from gradcheck import numerical_gradient, relative_error
 
 
@@ -28,7 +29,8 @@ def test_whole_model_gradient():
         assert relative_error(analytic, numerical_gradient(loss, layer.params["W"], np.array(1.0))) < 1e-5
 
 
-@pytest.mark.parametrize("name,params", [("seed_cnn", 320 + 54090), ("lenet5", 431_080), ("lenet300", 266_610)])
+@pytest.mark.parametrize("name,params", [("seed_cnn", 320 + 54090), ("lenet5", 431_080), ("lenet300", 266_610),
+                                         ("tiny_cnn", 80 + 13_530)])
 def test_zoo_sizes(name, params):
     model = zoo.build(name)
     assert sum(p.size for layer in model.layers for p in layer.params.values()) == params
@@ -117,6 +119,10 @@ def test_summary_columns_and_totals():
     text = zoo.lenet5().summary()
     assert text.splitlines()[0].split() == ["Layer", "Output", "shape", "Params", "Nonzero", "Bits/w", "Bytes", "MACs"]
     assert "(N, 20, 24, 24)" in text and "431,080" in text and "2,293,000" in text
+    model = zoo.lenet5()
+    model.layers[0].params["W"][:2] = 0  # 50 zeros
+    assert totals(model) == {"params": 431_080, "nonzero": 431_030, "bytes": 4 * 431_080, "macs": 2_293_000,
+                             "bits_per_weight": 32.0}
 
 
 def test_copy_is_independent():
