@@ -161,21 +161,32 @@ def cut(model, x_val, y_val, criterion="accuracy", remove=None, threshold=None):
     return remove_blocks(model, starts), scores
 
 
-def truncate(model, after, x, y, epochs=5, batch_size=64, optimizer=None, seed=0, verbose=True):
-    """Keep layers 0..after, then a new Dense head trained on the features they compute.
-
-    x (N, C, H, W) float, y (N,) int: the training data of the head. Returns a
-    new Sequential: copies of layers 0..after, a Flatten if their output is not
-    flat, and the trained Dense(features, num_classes). The model is not changed.
-    """
+def _check_after(model, after):
+    """`after` as an int in -1 .. len(layers) - 2 (-1: keep no layer)."""
+    if after == -1:
+        check_layer_index(model, 0)  # the model type check
+        return -1
     after = check_layer_index(model, after)
     if after == len(model.layers) - 1:
         raise ValueError(f"layer {after} is the last layer: there is nothing to cut after it")
+    return after
+
+
+def truncate(model, after, x, y, epochs=5, batch_size=64, optimizer=None, seed=0, verbose=True):
+    """Keep layers 0..after, then a new Dense head trained on the features they compute.
+
+    after: the last layer kept, -1 for none (the head is then a linear
+    classifier on the raw input). x (N, C, H, W) float, y (N,) int: the
+    training data of the head. Returns a new Sequential: copies of layers
+    0..after, a Flatten if their output is not flat, and the trained
+    Dense(features, num_classes). The model is not changed.
+    """
+    after = _check_after(model, after)
     check_array(x, "x", ndim=1 + len(model.input_shape))
     num_classes = model.num_classes
     check_labels(y, len(x), num_classes)
     body = model.copy().layers[: after + 1]
-    shape = model.output_shapes()[after]
+    shape = model.output_shapes()[after] if after >= 0 else model.input_shape
     if len(shape) > 1:
         body.append(Flatten())
     features = Sequential(body, model.input_shape).predict(x)
@@ -184,3 +195,45 @@ def truncate(model, after, x, y, epochs=5, batch_size=64, optimizer=None, seed=0
     fit(head, features, y, epochs=epochs, batch_size=batch_size,
         optimizer=Adam(1e-3) if optimizer is None else optimizer, seed=seed, verbose=verbose)
     return Sequential(body + head.layers, model.input_shape)
+
+
+def _weight_layers(layers):
+    return sum(type(layer) in (Conv2D, Dense) for layer in layers)
+
+
+def truncation_points(model):
+    """The `after` indices (-1 included) at which truncating removes at least
+    one weight layer: the body keeps fewer weight layers than the model has,
+    less the last one, which the new head replaces. A cut just after a
+    Flatten is left out: it is the cut just before it."""
+    check_layer_index(model, 0)
+    keep_below = _weight_layers(model.layers) - 1
+    return [after for after in range(-1, len(model.layers) - 1)
+            if _weight_layers(model.layers[: after + 1]) < keep_below
+            and not (after >= 0 and type(model.layers[after]) is Flatten)]
+
+
+def choose_truncation(model, x, y, x_val, y_val, max_drop=0.005, epochs=5, batch_size=64, seed=0,
+                      verbose=True):
+    """Truncate at every one of `truncation_points`, each head trained on (x, y);
+    keep the smallest (fewest parameters) whose accuracy on (x_val, y_val) is
+    within max_drop (a fraction) of the full model's, or else the most
+    accurate. Returns (model, table): one dict per point, {"after", "params",
+    "accuracy", "accuracy_drop", "chosen"}; the given model is not changed."""
+    points = truncation_points(model)
+    if not points:
+        raise ValueError("the model has a single weight layer: truncating would remove nothing")
+    baseline = evaluate(model, x_val, y_val)
+    table, models = [], []
+    for after in points:
+        cut = truncate(model, after, x, y, epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose)
+        accuracy = evaluate(cut, x_val, y_val)
+        params = sum(p.size for layer in cut.layers for p in layer.params.values())
+        table.append({"after": after, "params": params, "accuracy": accuracy, "accuracy_drop": baseline - accuracy})
+        models.append(cut)
+    good = [k for k, row in enumerate(table) if row["accuracy_drop"] <= max_drop]
+    best = (min(good, key=lambda k: table[k]["params"]) if good
+            else max(range(len(table)), key=lambda k: table[k]["accuracy"]))
+    for k, row in enumerate(table):
+        row["chosen"] = k == best
+    return models[best], table

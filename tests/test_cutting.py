@@ -187,6 +187,39 @@ def test_truncate_keeps_the_body_and_trains_a_head(tmp_path):
     assert type(conv_cut.layers[3]) is Flatten and conv_cut.layers[4].params["W"].shape == (32 * 13 * 13, 10)
 
 
+def test_truncation_points_remove_a_weight_layer():
+    assert cutting.truncation_points(minicnn.zoo.seed_cnn()) == [-1]  # only the conv block can go
+    assert cutting.truncation_points(minicnn.zoo.lenet5()) == [-1, 0, 1, 2, 3]  # 4 is a Flatten, 5 keeps fc1
+    assert cutting.truncation_points(minicnn.zoo.lenet300()) == [-1, 1, 2]  # 0 is a Flatten, 3 keeps fc2
+
+
+def test_truncate_to_nothing_is_a_linear_classifier():
+    x, y, *_ = minicnn.datasets.load("mnist10k")
+    linear = cutting.truncate(minicnn.zoo.seed_cnn(), -1, x[:256], y[:256], epochs=1, verbose=False)
+    assert [type(layer) for layer in linear.layers] == [Flatten, Dense]
+    assert linear.layers[1].params["W"].shape == (784, 10)
+
+
+@pytest.mark.parametrize("max_drop", [0.0, 0.05, 1.0])
+def test_choose_truncation_keeps_the_smallest_good_enough_cut(max_drop):
+    x, y, *_ = minicnn.datasets.load("mnist10k")
+    model = minicnn.zoo.lenet300(seed=0)
+    minicnn.fit(model, x[:1000], y[:1000], epochs=1, verbose=False)
+    cut, table = cutting.choose_truncation(model, x[:1000], y[:1000], x[1000:1400], y[1000:1400],
+                                           max_drop=max_drop, epochs=1, verbose=False)
+    assert [row["after"] for row in table] == [-1, 1, 2]
+    chosen = [row for row in table if row["chosen"]]
+    assert len(chosen) == 1
+    good = [row for row in table if row["accuracy_drop"] <= max_drop]
+    if good:
+        assert chosen[0]["params"] == min(row["params"] for row in good)
+    else:
+        assert chosen[0]["accuracy"] == max(row["accuracy"] for row in table)
+    assert sum(p.size for layer in cut.layers for p in layer.params.values()) == chosen[0]["params"]
+    if max_drop == 1.0:
+        assert chosen[0]["after"] == -1  # everything is good enough: the smallest is the linear classifier
+
+
 def test_cli_cut_prints_both_summaries_and_saves(tmp_path, capsys):
     rng = np.random.default_rng(0)
     model = Sequential([Flatten(), Dense(784, 32, rng=rng), ReLU(), Dense(32, 32, rng=rng), ReLU(),
@@ -220,6 +253,8 @@ def test_cli_cut_prints_both_summaries_and_saves(tmp_path, capsys):
     (lambda m: cutting.choose_blocks([], "size", remove=1), ValueError, "unknown criterion"),
     (lambda m: cutting.truncate(m, 17, np.zeros((1, 1, 28, 28), np.float32), np.zeros(1, np.int64)),
      ValueError, "last layer"),
+    (lambda m: cutting.truncate(m, -2, np.zeros((1, 1, 28, 28), np.float32), np.zeros(1, np.int64)),
+     ValueError, "out of range"),
 ])
 def test_bad_requests_raise_and_leave_the_model_unchanged(call, error, message):
     model = minicnn.zoo.deep_cnn(seed=0)
