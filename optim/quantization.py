@@ -38,7 +38,6 @@ forward pass ("fake quantization") and the straight-through estimator in
 the backward pass: d round(x) / dx := 1 inside the range, 0 outside.
 """
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
