@@ -20,7 +20,8 @@ from minicnn.optimizers import Adam
 from minicnn.serialization import load
 from minicnn.training import fit
 
-from . import binary, cutting, deep_compression, distillation, pruning, quantization, sparse, structured
+from . import binary, cutting, deep_compression, demo, distillation, pruning, quantization, sparse, structured
+from .report import update_readme
 
 
 def _finetune_data(args):
@@ -197,6 +198,17 @@ def cmd_cut(args):
     return finish("after cutting", cut, x_test, y_test, args.out)
 
 
+def cmd_demo(args):
+    start = time.perf_counter()
+    result = demo.run(args.data, args.out, quick=args.quick, root=args.root, plots=not args.no_plots)
+    print(f"\nwrote {os.path.join(args.out, 'report.md')} and report.json "
+          f"({len(result['results'])} results) in {time.perf_counter() - start:.0f} s")
+    if args.readme:
+        update_readme(args.readme, result)
+        print(f"updated the demo table in {args.readme}")
+    return 0
+
+
 def _add_training_args(p, epochs_flag, epochs, lr):
     """The fine-tuning recipe shared by every command that retrains."""
     p.add_argument(epochs_flag, type=int, default=epochs)
@@ -207,6 +219,14 @@ def _add_training_args(p, epochs_flag, epochs, lr):
 
 def add_commands(commands):
     """Add the technique subcommands to the `minicnn` parser's subparsers."""
+    p = commands.add_parser("demo", help="train the seed CNN and LeNet-5, apply every technique, report the gains")
+    add_data_args(p)
+    p.add_argument("--out", default="demo", help="folder for the trained models, artifacts, report and plots")
+    p.add_argument("--quick", action="store_true", help="a few epochs on 2,000 training images (for CI)")
+    p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--readme", default=None, help="also write the table into this README, between its markers")
+    p.set_defaults(run=cmd_demo)
+
     p = commands.add_parser("distill", help="train a small student on a teacher's soft targets (Hinton et al. 2015)")
     p.add_argument("--teacher", required=True, help="the teacher model file (.npz)")
     p.add_argument("--student", default="small_mlp", choices=sorted(zoo.MODELS))

@@ -1,0 +1,332 @@
+"""`minicnn demo`: the seed example made real.
+
+The example this project grew from trains a small Keras CNN (conv 32@3x3,
+ReLU, max-pool 2, dense 10, softmax; Adam, cross-entropy, 10 epochs) and
+then, for each optimization technique, only prints `model.summary()`. Here
+every step does the work:
+
+    for each network (the seed CNN, LeNet-5):
+        train it as the example does, or reuse the copy cached in DIR      -> baseline
+        for each technique: apply it to the baseline (with its fine-tuning),
+            save the artifact in DIR, load it back with minicnn.load, and measure
+            its test accuracy, size on disk, batch-1 latency and batch-256
+            throughput, timed in alternation with the baseline's
+    write DIR/report.json and DIR/report.md (each written, then renamed), and the plots
+
+Every figure in the report is measured by the run that writes it. The
+settings of each technique are those its own command measured (see
+docs/techniques.md); `--quick` keeps the settings and cuts the data and the
+epochs, to run the whole flow in CI.
+"""
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minicnn import datasets, zoo
+from minicnn.optimizers import Adam
+from minicnn.serialization import load
+from minicnn.summary import totals
+from minicnn.timing import Budget, compare
+from minicnn.training import evaluate, fit
+
+from . import binary, cutting, distillation, pruning, quantization, sparse, structured
+from .deep_compression import deep_compression
+from .report import format_verdict, write_reports
+
+NETWORKS = ("seed_cnn", "lenet5")
+TECHNIQUES = ("weight sharing", "weight clipping", "network pruning", "int8 quantization", "binarization",
+              "knowledge distillation", "model pruning", "model cutting", "deep compression")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How much work the demo does: the full run, or `--quick` for CI."""
+
+    train_images: int | None  # None: every training image
+    max_epochs: int | None  # None: every technique trains for the epochs its settings ask
+    timing: Budget
+
+    def epochs(self, n):
+        return n if self.max_epochs is None else min(n, self.max_epochs)
+
+
+FULL_RUN = Recipe(train_images=None, max_epochs=None,
+                  timing=Budget(repeats=7, min_time=0.05, warmup=3, warm_time=0.1, switch_time=0.05))
+QUICK_RUN = Recipe(train_images=2000, max_epochs=2,
+                   timing=Budget(repeats=1, min_time=0.0, warmup=1, warm_time=0.0, switch_time=0.0))
+BASELINE_EPOCHS = 10  # the example's recipe: Adam, lr 1e-3, batch 64
+
+# What each technique is asked for, per network: the settings its own command
+# measured (docs/techniques.md). Layer names count from 1 per kind: conv1, fc1...
+SETTINGS = {
+    "seed_cnn": {
+        "weight sharing": {"bits": {"conv": 4, "fc": 4}, "epochs": 2},
+        "weight clipping": {"quality": 1.2, "layers": ["fc1"], "iterations": 2, "epochs": 4},
+        "network pruning": {"rate": 0.5, "criterion": "l1", "epochs": 3},
+        "int8 quantization": {"per_channel": True, "calibration": 1000},
+        # Two weight layers: no middle one to binarize, so the dense layer (98% of the
+        # weights) takes binary weights; its inputs stay real, since sign(relu(x)) is ~ +1.
+        "binarization": {"layers": [4], "binary_activations": False, "epochs": 5},
+        "knowledge distillation": {"student": "tiny_cnn", "temperature": 8.0, "alpha": 0.9, "epochs": 20},
+        "model pruning": {"sparsity": 0.8, "iterations": 4, "epochs": 4},
+        "model cutting": {"max_drop": 0.005, "epochs": 3},
+        "deep compression": {"sparsity": 0.8, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "epochs": 6},
+    },
+    "lenet5": {
+        "weight sharing": {"bits": {"conv": 4, "fc": 4}, "epochs": 2},
+        "weight clipping": {"quality": 1.8, "layers": ["conv2", "fc1"], "iterations": 2, "epochs": 4},
+        "network pruning": {"rate": 0.6, "criterion": "l1", "epochs": 3},
+        "int8 quantization": {"per_channel": True, "calibration": 1000},
+        "binarization": {"layers": None, "binary_activations": True, "epochs": 5},
+        "knowledge distillation": {"student": "small_mlp", "temperature": 8.0, "alpha": 0.9, "epochs": 50},
+        "model pruning": {"sparsity": 0.92, "iterations": 4, "epochs": 4},
+        "model cutting": {"max_drop": 0.005, "epochs": 3},
+        "deep compression": {"sparsity": 0.95, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "epochs": 6},
+    },
+}
+
+
+@dataclass
+class Data:
+    """The images each step uses: baselines and fine-tuning train on (x_train, y_train);
+    choices (where to cut) are made on (x_val, y_val), held out of (x_fit, y_fit);
+    every accuracy in the report is on (x_test, y_test). Images (N, 1, 28, 28) float32."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_fit: np.ndarray
+    y_fit: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_data(name, recipe, root=None, seed=0):
+    """The data set `name`, its training images cut to recipe.train_images (a seeded sample)."""
+    x_train, y_train, x_test, y_test = datasets.load(name, root=root)
+    if recipe.train_images is not None and recipe.train_images < len(x_train):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[: recipe.train_images])
+        x_train, y_train = x_train[keep], y_train[keep]
+    return Data(x_train, y_train, *datasets.split_validation(x_train, y_train, 0.1, seed), x_test, y_test)
+
+
+@dataclass
+class Outcome:
+    """What a technique made: the artifact (anything `minicnn.load` reads back), the settings
+    used, and what the verdict should add (e.g. the student's accuracy from scratch)."""
+
+    model: object
+    settings: dict
+    note: str = ""
+    figures: dict = field(default_factory=dict)  # data only the plots need
+
+
+# --------------------------------------------------------------------------
+# The techniques, each applied to a trained baseline (which it does not change)
+
+
+def weight_sharing(model, data, epochs, bits):
+    result = deep_compression(model, data.x_train, data.y_train, sparsity=0.0, bits=bits, finetune_epochs=epochs)
+    return Outcome(result.model, {"index_bits": result.bits, "finetune_epochs": epochs, "coding": "huffman"})
+
+
+def weight_clipping(model, data, epochs, quality, layers, iterations):
+    result = pruning.prune_clip(model, data.x_train, data.y_train, quality, iterations=iterations,
+                                retrain_epochs=max(epochs, iterations), layers=layers)
+    settings = {"quality": quality, "layers": layers, "iterations": iterations,
+                "retrain_epochs": max(epochs, iterations), "lr": 1e-4}
+    return Outcome(sparse.to_sparse(result.model), settings, figures={"pruned": result.model})
+
+
+def network_pruning(model, data, epochs, rate, criterion):
+    rates = {i: rate for i in structured.prunable_layers(model)}
+    pruned = structured.prune_and_finetune(model, rates, data.x_train, data.y_train, epochs=epochs,
+                                           criterion=criterion)
+    fewer = structured.total_macs(model) / structured.total_macs(pruned)
+    settings = {"rate": rate, "layers": sorted(rates), "criterion": criterion, "finetune_epochs": epochs, "lr": 3e-4}
+    return Outcome(pruned, settings, note=f"{fewer:.1f}x fewer MACs")
+
+
+def int8_quantization(model, data, epochs, per_channel, calibration):
+    x_cal = data.x_train[np.random.default_rng(0).permutation(len(data.x_train))[:calibration]]
+    quantized = quantization.quantize_model(model, x_cal, per_channel=per_channel)
+    return Outcome(quantized, {"per_channel": per_channel, "calibration_images": len(x_cal), "method": "minmax"},
+                   note="integer-only inference")
+
+
+def binarization(model, data, epochs, layers, binary_activations):
+    trained = binary.binarize(model, layers=layers, binary_activations=binary_activations)
+    fit(trained, data.x_train, data.y_train, epochs=epochs, optimizer=Adam(1e-3), constraint=binary.clip_latent)
+    chosen = [i for i, layer in enumerate(trained.layers) if layer.kind.startswith("binary")]
+    settings = {"layers": chosen, "binary_activations": binary_activations, "retrain_epochs": epochs}
+    kind = "XNOR-popcount" if binary_activations else "add/subtract"
+    return Outcome(binary.pack(trained), settings, note=f"{kind} inference")
+
+
+def knowledge_distillation(model, data, epochs, student, temperature, alpha):
+    scratch = zoo.build(student, seed=0)
+    fit(scratch, data.x_train, data.y_train, epochs=epochs, optimizer=Adam(1e-3))
+    distilled = distillation.distill(model, zoo.build(student, seed=0), data.x_train, data.y_train, temperature,
+                                     alpha, epochs, 64, Adam(1e-3), seed=0)
+    settings = {"student": student, "temperature": temperature, "alpha": alpha, "epochs": epochs}
+    note = f"the same student trained from scratch: {evaluate(scratch, data.x_test, data.y_test):.2%}"
+    return Outcome(distilled, settings, note=note)
+
+
+def model_pruning(model, data, epochs, sparsity, iterations):
+    result = pruning.prune_global(model, data.x_train, data.y_train, sparsity, iterations=iterations,
+                                  retrain_epochs=epochs)
+    settings = {"sparsity": sparsity, "schedule": "cubic", "iterations": iterations, "retrain_epochs": epochs,
+                "lr": 1e-4}
+    return Outcome(sparse.to_sparse(result.model), settings, figures={"pruned": result.model})
+
+
+def model_cutting(model, data, epochs, max_drop):
+    cut, table = cutting.choose_truncation(model, data.x_fit, data.y_fit, data.x_val, data.y_val, max_drop=max_drop,
+                                           epochs=epochs)
+    after = next(row["after"] for row in table if row["chosen"])
+    fit(cut, data.x_train, data.y_train, epochs=epochs, optimizer=Adam(3e-4))
+    settings = {"kept_layers": after + 1, "candidates": [row["after"] for row in table], "max_drop": max_drop,
+                "head_epochs": epochs, "finetune_epochs": epochs}
+    kept = f"kept layers 0..{after}" if after >= 0 else "kept no layer"
+    return Outcome(cut, settings, note=f"{kept}, cut the {len(model.layers) - after - 1} after them for a new head")
+
+
+def deep_compression_pipeline(model, data, epochs, sparsity, bits, iterations):
+    finetune = max(1, epochs // 3)
+    result = deep_compression(model, data.x_train, data.y_train, sparsity=sparsity, bits=bits,
+                              retrain_epochs=epochs, finetune_epochs=finetune, prune_iterations=iterations)
+    settings = {"sparsity": sparsity, "index_bits": result.bits, "iterations": iterations,
+                "retrain_epochs": epochs, "finetune_epochs": finetune, "coding": "huffman"}
+    return Outcome(result.model, settings, note="prune, share, Huffman-code")
+
+
+APPLY = dict(zip(TECHNIQUES, (weight_sharing, weight_clipping, network_pruning, int8_quantization, binarization,
+                              knowledge_distillation, model_pruning, model_cutting, deep_compression_pipeline)))
+
+
+# --------------------------------------------------------------------------
+# Baselines, measurements, the run
+
+
+def check_out_dir(out_dir):
+    """Create `out_dir` if needed and make sure files can be written in it, before any work."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"output folder {out_dir} is a file, not a folder")
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {out_dir} is not writable")
+
+
+def _architecture(model):
+    return [(layer.kind, layer.config()) for layer in model.layers]
+
+
+def baseline(name, data, recipe, out_dir, data_name):
+    """The trained network `name`: the cached DIR/baseline-<name>[-quick].npz, or trained and cached."""
+    path = os.path.join(out_dir, f"baseline-{name}{'-quick' if recipe.train_images else ''}-{data_name}.npz")
+    fresh = zoo.build(name, seed=0)
+    if os.path.exists(path):
+        model = load(path)
+        if getattr(model, "layers", None) is None or _architecture(model) != _architecture(fresh):
+            raise ValueError(f"{path} holds another architecture than {name}; remove it or choose another --out")
+        tqdm.write(f"reusing the trained {name} cached in {path}")
+        return model, path
+    epochs = recipe.epochs(BASELINE_EPOCHS)
+    tqdm.write(f"training {name} on {len(data.x_train)} images: {epochs} epochs, batch 64, adam lr 0.001")
+    fit(fresh, data.x_train, data.y_train, epochs=epochs, optimizer=Adam(1e-3))
+    fresh.save(path)
+    return fresh, path
+
+
+def speeds(model, x, budget, baseline_model=None):
+    """Batch-1 latency (ms) and batch-256 throughput (images/s) of `model`'s predict; with a
+    baseline, each timed in alternating rounds with it (minicnn.timing.compare), and the
+    speedups: baseline time / model time."""
+    one, batch = x[:1], x[:256]
+    out = {}
+    for key, images in (("b1", one), ("b256", batch)):
+        contestants = {"model": lambda: model.predict(images)}
+        if baseline_model is not None:
+            contestants["baseline"] = lambda: baseline_model.predict(images)
+        timings = compare(contestants, budget)
+        if baseline_model is not None:
+            out[f"speedup_{key}"] = timings["baseline"].median / timings["model"].median
+        out[key] = timings["model"].median
+    return {"latency_ms_b1": 1e3 * out.pop("b1"), "throughput_b256": len(batch) / out.pop("b256"), **out}
+
+
+def describe(model, path, data):
+    """The report's figures of a saved model: test accuracy, params, nonzero, bits per weight
+    (the layers' storage, codebooks and biases included, as in summary()), bytes of the file."""
+    t = totals(model)
+    return {"accuracy": evaluate(model, data.x_test, data.y_test), "params": t["params"], "nonzero": t["nonzero"],
+            "bits_per_weight": t["bits_per_weight"], "bytes": os.path.getsize(path),
+            "artifact": os.path.basename(path)}
+
+
+def run(data_name="mnist10k", out_dir="demo", quick=False, root=None, networks=NETWORKS, techniques=TECHNIQUES,
+        plots=True):
+    """Train, apply every technique, measure, report. Returns the report (the JSON's content)."""
+    for name in networks:
+        if name not in SETTINGS:
+            raise ValueError(f"unknown network {name!r}; the demo knows {', '.join(SETTINGS)}")
+    for technique in techniques:
+        if technique not in APPLY:
+            raise ValueError(f"unknown technique {technique!r}; choose from {', '.join(TECHNIQUES)}")
+    if data_name not in datasets.DATASETS:
+        raise ValueError(f"unknown data set {data_name!r}; choose one of {', '.join(sorted(datasets.DATASETS))}")
+    check_out_dir(out_dir)
+    recipe = QUICK_RUN if quick else FULL_RUN
+    data = load_data(data_name, recipe, root)
+    report = {"dataset": data_name, "quick": quick, "train_images": len(data.x_train), "test_images": len(data.x_test),
+              "baseline": {}, "results": []}
+    figures = {}
+    steps = tqdm([(n, t) for n in networks for t in techniques], desc="demo", unit="technique")
+    for name in networks:
+        model, path = baseline(name, data, recipe, out_dir, data_name)
+        row = describe(model, path, data)
+        recipe_used = {"epochs": recipe.epochs(BASELINE_EPOCHS), "batch_size": 64, "optimizer": "adam", "lr": 1e-3}
+        row.update(speeds(model, data.x_test, recipe.timing), model=name, settings=recipe_used)
+        report["baseline"][name] = row
+        tqdm.write(f"\n== {name}, the baseline ==\n{model.summary()}\ntest accuracy {row['accuracy']:.2%}, "
+                   f"{row['bytes']:,} bytes on disk")
+        figures[name] = {"baseline": model,
+                         "sensitivity": pruning.sensitivity(model, data.x_val, data.y_val)}
+        for technique in techniques:
+            steps.set_postfix_str(f"{name}: {technique}")
+            start = time.perf_counter()
+            settings = dict(SETTINGS[name][technique])
+            epochs = recipe.epochs(settings.pop("epochs", 0))
+            outcome = APPLY[technique](model, data, epochs, **settings)
+            seconds = time.perf_counter() - start
+            artifact_path = os.path.join(out_dir, f"{name}-{technique.replace(' ', '-')}.npz")
+            outcome.model.save(artifact_path)
+            artifact = load(artifact_path)  # every figure is of the file as it loads
+            result = {"technique": technique, "model": name, **describe(artifact, artifact_path, data)}
+            result["delta_points"] = 100 * (result["accuracy"] - row["accuracy"])
+            result["compression"] = row["bytes"] / result["bytes"]
+            result.update(speeds(artifact, data.x_test, recipe.timing, model), settings=outcome.settings,
+                          note=outcome.note, seconds=seconds)
+            report["results"].append(result)
+            figures[name][technique] = {"model": artifact, **outcome.figures}
+            tqdm.write(f"\n== {name}: {technique} ==\n{artifact.summary()}\n{format_verdict(result)}")
+            steps.update()
+    steps.close()
+    plot_files = _plots(report, figures, out_dir) if plots else []
+    write_reports(report, out_dir, plot_files)
+    return report
+
+
+def _plots(report, figures, out_dir):
+    try:
+        from . import plots
+    except ImportError as e:
+        tqdm.write(f"plots skipped: {e} (pip install 'minicnn[plot]')")
+        return []
+    return plots.draw_all(report, figures, out_dir)
