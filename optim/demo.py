@@ -270,6 +270,35 @@ def describe(model, path, data):
             "artifact": os.path.basename(path)}
 
 
+def measure_baseline(name, model, path, data, recipe):
+    """The report's row of a trained baseline."""
+    row = {"model": name, **describe(model, path, data), **speeds(model, data.x_test, recipe.timing),
+           "settings": {"epochs": recipe.epochs(BASELINE_EPOCHS), "batch_size": 64, "optimizer": "adam", "lr": 1e-3}}
+    tqdm.write(f"\n== {name}, the baseline ==\n{model.summary()}\ntest accuracy {row['accuracy']:.2%}, "
+               f"{row['bytes']:,} bytes on disk")
+    return row
+
+
+def apply_technique(technique, name, model, base, data, recipe, out_dir):
+    """Apply `technique` to the trained `model`, save the artifact, load it back and measure the
+    file as it loads. Returns (the report's row, the loaded artifact, the Outcome)."""
+    settings = dict(SETTINGS[name][technique])
+    epochs = recipe.epochs(settings.pop("epochs", 0))
+    start = time.perf_counter()
+    outcome = APPLY[technique](model, data, epochs, **settings)
+    seconds = time.perf_counter() - start
+    path = os.path.join(out_dir, f"{name}-{technique.replace(' ', '-')}.npz")
+    outcome.model.save(path)
+    artifact = load(path)
+    row = {"technique": technique, "model": name, **describe(artifact, path, data)}
+    row["delta_points"] = 100 * (row["accuracy"] - base["accuracy"])
+    row["compression"] = base["bytes"] / row["bytes"]
+    row.update(speeds(artifact, data.x_test, recipe.timing, model), settings=outcome.settings, note=outcome.note,
+               seconds=seconds)
+    tqdm.write(f"\n== {name}: {technique} ==\n{artifact.summary()}\n{format_verdict(row)}")
+    return row, artifact, outcome
+
+
 def run(data_name="mnist10k", out_dir="demo", quick=False, root=None, networks=NETWORKS, techniques=TECHNIQUES,
         plots=True):
     """Train, apply every technique, measure, report. Returns the report (the JSON's content)."""
@@ -286,36 +315,17 @@ def run(data_name="mnist10k", out_dir="demo", quick=False, root=None, networks=N
     data = load_data(data_name, recipe, root)
     report = {"dataset": data_name, "quick": quick, "train_images": len(data.x_train), "test_images": len(data.x_test),
               "baseline": {}, "results": []}
-    figures = {}
-    steps = tqdm([(n, t) for n in networks for t in techniques], desc="demo", unit="technique")
+    figures = {}  # per network: the models and curves the plots draw
+    steps = tqdm(total=len(networks) * len(techniques), desc="demo", unit="technique")
     for name in networks:
         model, path = baseline(name, data, recipe, out_dir, data_name)
-        row = describe(model, path, data)
-        recipe_used = {"epochs": recipe.epochs(BASELINE_EPOCHS), "batch_size": 64, "optimizer": "adam", "lr": 1e-3}
-        row.update(speeds(model, data.x_test, recipe.timing), model=name, settings=recipe_used)
-        report["baseline"][name] = row
-        tqdm.write(f"\n== {name}, the baseline ==\n{model.summary()}\ntest accuracy {row['accuracy']:.2%}, "
-                   f"{row['bytes']:,} bytes on disk")
-        figures[name] = {"baseline": model,
-                         "sensitivity": pruning.sensitivity(model, data.x_val, data.y_val)}
+        base = report["baseline"][name] = measure_baseline(name, model, path, data, recipe)
+        figures[name] = {"baseline": model, "sensitivity": pruning.sensitivity(model, data.x_val, data.y_val)}
         for technique in techniques:
             steps.set_postfix_str(f"{name}: {technique}")
-            start = time.perf_counter()
-            settings = dict(SETTINGS[name][technique])
-            epochs = recipe.epochs(settings.pop("epochs", 0))
-            outcome = APPLY[technique](model, data, epochs, **settings)
-            seconds = time.perf_counter() - start
-            artifact_path = os.path.join(out_dir, f"{name}-{technique.replace(' ', '-')}.npz")
-            outcome.model.save(artifact_path)
-            artifact = load(artifact_path)  # every figure is of the file as it loads
-            result = {"technique": technique, "model": name, **describe(artifact, artifact_path, data)}
-            result["delta_points"] = 100 * (result["accuracy"] - row["accuracy"])
-            result["compression"] = row["bytes"] / result["bytes"]
-            result.update(speeds(artifact, data.x_test, recipe.timing, model), settings=outcome.settings,
-                          note=outcome.note, seconds=seconds)
-            report["results"].append(result)
+            row, artifact, outcome = apply_technique(technique, name, model, base, data, recipe, out_dir)
+            report["results"].append(row)
             figures[name][technique] = {"model": artifact, **outcome.figures}
-            tqdm.write(f"\n== {name}: {technique} ==\n{artifact.summary()}\n{format_verdict(result)}")
             steps.update()
     steps.close()
     plot_files = _plots(report, figures, out_dir) if plots else []

@@ -47,8 +47,8 @@ def _settings(report):
     lines = []
     for row in report["results"]:
         text = ", ".join(f"{k} {v}" for k, v in row["settings"].items())
-        note = f" ({row['note']})" if row["note"] else ""
-        lines.append(f"- {row['model']}, {row['technique']}: {text}{note}")
+        note = f"{row['note']}; " if row["note"] else ""
+        lines.append(f"- {row['model']}, {row['technique']}: {text} ({note}{row['seconds']:.0f} s to apply)")
     return "\n".join(lines)
 
 
