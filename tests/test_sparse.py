@@ -82,13 +82,31 @@ def test_bad_stream_input(positions, bits, message):
 @given(sparse_matrix(), st.integers(1, 9), st.integers(0, 2**32 - 1))
 def test_csr_kernels_agree_with_dense_product(M, batch, seed):
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((M.shape[1], batch)).astype(np.float32)
+    x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
     bias = rng.standard_normal(M.shape[0]).astype(np.float32)
-    expected = M.astype(np.float64) @ X + bias[:, None]
+    expected = x.astype(np.float64) @ M.T + bias
     csr = csr_from_dense(M)
-    for name, ours in [("reference", sparse.csr_matmul_ref(*csr, X, bias)), ("numba", sparse.csr_matmul(*csr, X, bias)),
-                       ("matvec", sparse.csr_matvec(*csr, np.ascontiguousarray(X[:, 0]), bias)[:, None])]:
-        np.testing.assert_allclose(ours, expected[:, : ours.shape[1]], rtol=1e-5, atol=1e-5, err_msg=name)
+    ours = {"reference": sparse.csr_matmul_ref(*csr, x, bias), "matvec": sparse.csr_matvec(*csr, x[0], bias)[None]}
+    for build, threshold in [("threaded", 0), ("serial", 2**62)]:  # the size above which the threaded build runs
+        saved, kernels.PARALLEL_MIN_SIZE = kernels.PARALLEL_MIN_SIZE, threshold
+        try:
+            ours[f"numba ({build})"] = sparse.csr_matmul(*csr, x, bias)
+        finally:
+            kernels.PARALLEL_MIN_SIZE = saved
+    for name, y in ours.items():
+        assert y.shape == (1 if name == "matvec" else batch, M.shape[0]), f"{name}: shape {y.shape}"
+        np.testing.assert_allclose(y, expected[: y.shape[0]], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_csr_kernels_hand_computed():
+    M = np.array([[0, 2, 0], [0, 0, 0], [1, 0, -1]], np.float32)  # an empty middle row
+    x = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    bias = np.array([0.5, 1, 0], np.float32)
+    expected = np.array([[4.5, 1, -2], [10.5, 1, -2]], np.float32)  # x @ M.T + bias
+    csr = csr_from_dense(M)
+    for name, y in [("reference", sparse.csr_matmul_ref(*csr, x, bias)), ("numba", sparse.csr_matmul(*csr, x, bias)),
+                    ("matvec", np.stack([sparse.csr_matvec(*csr, row, bias) for row in x]))]:
+        np.testing.assert_array_equal(y, expected, err_msg=f"{name}: ours {y}, expected {expected}")
 
 
 @given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 2**32 - 1))
