@@ -45,8 +45,9 @@ all, each nonzero W[f, c, kh, kw] adds a shifted input plane,
 
 so the work is nnz * Ho * Wo per image instead of F*C*KH*KW*Ho*Wo. Both
 kernels stream over the nonzeros only; dense BLAS is faster per multiply, so
-the sparse kernel pays off only below a density (`SPARSE_BELOW`, measured by
-bench/bench_pruning.py), and the layers switch automatically.
+the sparse kernel pays off only below a density that depends on the batch
+size (`SPARSE_BELOW`, measured by bench/bench_pruning.py), and the layers
+switch automatically.
 """
 
 import copy
@@ -65,12 +66,23 @@ from .bitpack import pack_bits, unpack_bits
 
 MAX_INDEX_BITS = 16
 
-# Densities below which the sparse kernel beats the dense one, per layer type.
-# Measured by bench/bench_pruning.py ("density sweep") and best-of-40 timings on
-# a shared 2-core machine, so only roughly: fc1 800x500 broke even near 10-15%
-# at batch 1 and 30-40% at batch 64; the direct conv won up to 30% on conv1
-# (1->20, 24x24 outputs) and near 20% on conv2 (20->50, 8x8 outputs) at batch 64.
-SPARSE_BELOW = {"dense": 0.2, "conv2d": 0.15}
+# Densities below which the sparse kernel beats the dense one, per layer type
+# and batch size {smallest batch: density}: a batch of N uses the entry of the
+# largest listed batch <= N. Dense: where fc1 800x500 broke even, its serial
+# sparse build against single-threaded BLAS (thread CPU time, so that the other
+# jobs of a shared 2-core machine did not count): 16% at batch 1, 7% at 2 (BLAS
+# does two vectors almost for the price of one; the batched loop runs 2 lanes),
+# 14% at 4, 17% at 8, 21% at 16, 33% from 32 to 128. bench/bench_pruning.py's
+# density sweep shows the same with both sides threaded. Conv2D: the direct conv
+# won up to 30% on conv1 (1->20, 24x24 outputs) and near 20% on conv2 (20->50,
+# 8x8 outputs) at batch 64 (best-of-40 timings); one entry for all batches.
+SPARSE_BELOW = {"dense": {1: 0.15, 2: 0.05, 4: 0.1, 16: 0.2, 32: 0.3}, "conv2d": {1: 0.15}}
+
+
+def sparse_below(family, batch):
+    """The density under which the sparse kernel of `family` ("dense", "conv2d") wins at this batch size."""
+    table = SPARSE_BELOW[family]
+    return table[max(b for b in table if b <= batch)]
 
 
 # --------------------------------------------------------------------------
@@ -389,8 +401,9 @@ class CSRLayer(Layer):
             self._dense = (w.copy(), self.matrix())
         return self._dense[1]
 
-    def uses_sparse_kernel(self):
-        return self.density < SPARSE_BELOW[self.sparse_family]
+    def uses_sparse_kernel(self, batch=1):
+        """Whether forward runs the sparse kernel for a batch of this many inputs (SPARSE_BELOW)."""
+        return self.density < sparse_below(self.sparse_family, batch)
 
     def macs(self, in_shape):
         return self.indices.size
@@ -422,7 +435,7 @@ class CSRDense(CSRLayer):
     def forward(self, x):
         x = self._input(x, 2, self.in_features)
         self.cache = x
-        if self.uses_sparse_kernel():
+        if self.uses_sparse_kernel(len(x)):
             return sparse_dense_forward(self.values(), self.indices, self.indptr, x, self.params["b"])
         out = x @ self._dense_matrix().T
         out += self.params["b"]
@@ -468,7 +481,7 @@ class CSRConv2D(CSRLayer):
         x = self._input(x, 4, self.in_channels)
         self.output_shape(x.shape[1:])
         self.cache = x
-        if self.uses_sparse_kernel():
+        if self.uses_sparse_kernel(len(x)):
             return sparse_conv_forward(self.values(), self.indices, self.indptr, x, self.params["b"],
                                        self.kernel_size, self.stride, self.padding)
         out, _ = kernels.conv2d_forward(x, self._weight(), self.params["b"], self.stride, self.padding)

@@ -149,8 +149,8 @@ def pruned_conv(shape, density, seed=0, **kw):
 
 @pytest.mark.parametrize("use_sparse_kernel", [True, False])
 def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_kernel):
-    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": 2.0 if use_sparse_kernel else -1.0,
-                                                 "conv2d": 2.0 if use_sparse_kernel else -1.0})
+    below = {1: 2.0 if use_sparse_kernel else -1.0}
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": below, "conv2d": below})
     rng = np.random.default_rng(0)
     M = rng.standard_normal((7, 11)).astype(np.float32)
     M[rng.random(M.shape) < 0.7] = 0
@@ -159,8 +159,31 @@ def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_ke
                      (conv, rng.standard_normal((2, 3, 9, 8)))]:
         x = x.astype(np.float32)
         layer = type(dense) is Dense and SparseDense.from_dense(dense) or SparseConv2D.from_dense(dense)
-        assert layer.uses_sparse_kernel() == use_sparse_kernel
+        assert layer.uses_sparse_kernel(len(x)) == use_sparse_kernel
         np.testing.assert_allclose(layer.forward(x), dense.forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_follows_the_batch_size(monkeypatch):
+    # Sparse below 50% density at batches 1-3, below 10% from 4 on: a 30%-dense layer switches at 4.
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 0.5, 4: 0.1}, "conv2d": {1: 0.5}})
+    assert [sparse.sparse_below("dense", n) for n in (1, 3, 4, 1000)] == [0.5, 0.5, 0.1, 0.1]
+    rng = np.random.default_rng(3)
+    M = rng.standard_normal((6, 10)).astype(np.float32)
+    M[rng.permutation(M.size).reshape(M.shape) >= 18] = 0  # 18 of 60 kept: 30%
+    dense = pruned_dense(M)
+    layer = SparseDense.from_dense(dense)
+    calls, sparse_kernel = [], sparse.sparse_dense_forward
+
+    def spy(values, indices, indptr, x, b):
+        calls.append(len(x))
+        return sparse_kernel(values, indices, indptr, x, b)
+
+    monkeypatch.setattr(sparse, "sparse_dense_forward", spy)
+    for n in (1, 3, 4, 9):
+        x = rng.standard_normal((n, 10)).astype(np.float32)
+        assert layer.uses_sparse_kernel(n) == (n < 4), n
+        np.testing.assert_allclose(layer.forward(x), dense.forward(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 3], f"the sparse kernel ran at batches {calls}, expected [1, 3]"
 
 
 def test_sparse_layer_gradients():
