@@ -73,16 +73,18 @@ MAX_INDEX_BITS = 16
 # jobs of a shared 2-core machine did not count): 16% at batch 1, 7% at 2 (BLAS
 # does two vectors almost for the price of one; the batched loop runs 2 lanes),
 # 14% at 4, 17% at 8, 21% at 16, 33% from 32 to 128. bench/bench_pruning.py's
-# density sweep shows the same with both sides threaded. Conv2D: the direct conv
-# won up to 30% on conv1 (1->20, 24x24 outputs) and near 20% on conv2 (20->50,
-# 8x8 outputs) at batch 64 (best-of-40 timings); one entry for all batches.
-SPARSE_BELOW = {"dense": {1: 0.15, 2: 0.05, 4: 0.1, 16: 0.2, 32: 0.3}, "conv2d": {1: 0.15}}
+# density sweep shows the same with both sides threaded. At batch 1 the entry
+# is 20%, not 15%: LeNet-5's small fc2 (500x10) at 17% density still ran 1.8x
+# faster sparse (4.2 against 7.6 us). Conv2D: the direct conv won up to 30% on
+# conv1 (1->20, 24x24 outputs) and near 20% on conv2 (20->50, 8x8 outputs) at
+# batch 64 (best-of-40 timings); one entry for all batches.
+SPARSE_BELOW = {"dense": {1: 0.2, 2: 0.05, 4: 0.1, 16: 0.2, 32: 0.3}, "conv2d": {1: 0.15}}
 
 
 def sparse_below(family, batch):
     """The density under which the sparse kernel of `family` ("dense", "conv2d") wins at this batch size."""
     table = SPARSE_BELOW[family]
-    return table[max(b for b in table if b <= batch)]
+    return table[max((b for b in table if b <= batch), default=min(table))]  # an empty batch: the smallest
 
 
 # --------------------------------------------------------------------------
@@ -216,6 +218,8 @@ def _csr_matmul_loops(values, indices, indptr, x, bias):
     # each nonzero then scales one contiguous run of N inputs, which LLVM vectorises.
     # The two transposes live in here, not in numpy around the call: fc1 at batch
     # 64 took 167 us of CPU instead of 199 (they are 51,200 and 32,000 copies).
+    # Within 5% of this loop (so not kept): eight nonzeros a pass, fastmath,
+    # uint16 columns, and blocks of 64-128 columns of M so that X's rows stay in L1.
     X = np.ascontiguousarray(x.T)
     Y = np.empty((R, N), dtype=x.dtype)
     for r in prange(R):  # rows are independent: no races
@@ -263,8 +267,14 @@ def csr_matmul(values, indices, indptr, x, bias):
     return _csr_matmul(x.shape[0] * values.size, values, indices, indptr, x, bias)
 
 
-# Serial: one image's product takes ~15 us, about what waking a second thread
-# costs on a shared machine (measured: the parallel version was 3x slower).
+# Serial, and about one nonzero per cycle (fc1 at 10% density: 14 us of CPU for
+# its 40,000): each nonzero takes three loads (value, column, x[column]) and the
+# core issues three a cycle. Measured no faster: uint16 columns (14 us: the
+# number of loads counts, not their width); fastmath, which lets LLVM emit
+# AVX-512 gathers (18 us: this Zen 4 gathers about one element a cycle); the
+# layout by input, y[cols] += x[i] * W[i, cols], which can skip zero inputs
+# (19 us; 10 us with half of x zero, but fc1's inputs, max-pooled convolutions
+# with no ReLU in LeNet-5, have none); two threads (54 us: waking them).
 csr_matvec = numba.njit(cache=True)(_csr_matvec_loops)
 
 

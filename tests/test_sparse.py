@@ -166,7 +166,7 @@ def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_ke
 def test_the_kernel_follows_the_batch_size(monkeypatch):
     # Sparse below 50% density at batches 1-3, below 10% from 4 on: a 30%-dense layer switches at 4.
     monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 0.5, 4: 0.1}, "conv2d": {1: 0.5}})
-    assert [sparse.sparse_below("dense", n) for n in (1, 3, 4, 1000)] == [0.5, 0.5, 0.1, 0.1]
+    assert [sparse.sparse_below("dense", n) for n in (0, 1, 3, 4, 1000)] == [0.5, 0.5, 0.5, 0.1, 0.1]
     rng = np.random.default_rng(3)
     M = rng.standard_normal((6, 10)).astype(np.float32)
     M[rng.permutation(M.size).reshape(M.shape) >= 18] = 0  # 18 of 60 kept: 30%
@@ -184,6 +184,7 @@ def test_the_kernel_follows_the_batch_size(monkeypatch):
         assert layer.uses_sparse_kernel(n) == (n < 4), n
         np.testing.assert_allclose(layer.forward(x), dense.forward(x), rtol=1e-5, atol=1e-5)
     assert calls == [1, 3], f"the sparse kernel ran at batches {calls}, expected [1, 3]"
+    assert layer.forward(np.zeros((0, 10), np.float32)).shape == (0, 6)
 
 
 def test_sparse_layer_gradients():
