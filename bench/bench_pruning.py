@@ -20,7 +20,7 @@ shared machine a repeat is only ever slowed down, never sped up, so the
 fastest is the closest to the uncontended cost (timeit's argument). The
 density sweep uses that ratio; the medians are in the JSON.
 
-    python bench/bench_pruning.py [--quick] [--model lenet5.npz] [--json PATH]
+    python bench/bench_pruning.py [--quick] [--threads N] [--model lenet5.npz] [--json PATH]
 """
 
 import argparse
@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
+from bench.bench_substrate import set_threads  # noqa: E402
 from bench.common import FULL, QUICK, compare, format_facts, format_table, machine_facts, measure, pct, write_json  # noqa: E402
 from minicnn import Conv2D, Dense, kernels  # noqa: E402
 from optim import pruning, sparse  # noqa: E402
@@ -156,8 +157,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short timings, fewer densities (a smoke test)")
     parser.add_argument("--model", default=None, help="a trained LeNet-5 file to prune for part 3")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for Numba and numpy's BLAS (default: all Numba's); "
+                             "1 gives steadier figures when other jobs share the cores")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "pruning.json"))
     args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     densities = (0.05, 0.1, 0.3, 0.5) if args.quick else DENSITIES
 
@@ -179,7 +184,7 @@ def main(argv=None):
     print("\nmachine:\n" + format_facts(facts))
     write_json(args.json, {"fc1_90": fc, "sweep": sweep, "lenet5_92": model, "kernels": kernels_used,
                            "sparse_below": sparse.SPARSE_BELOW, "machine": facts,
-                           "budget": "quick" if args.quick else "full"})
+                           "threads": threads, "budget": "quick" if args.quick else "full"})
     print(f"wrote {args.json}")
 
 

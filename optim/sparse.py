@@ -52,13 +52,12 @@ switch automatically.
 
 import copy
 
-import numba
 import numpy as np
 from numba import prange
 
 from minicnn import kernels
 from minicnn.checks import check_array, check_positive_int
-from minicnn.kernels import fast, twin
+from minicnn.kernels import serial, twin
 from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 
@@ -275,7 +274,7 @@ def csr_matmul(values, indices, indptr, x, bias):
 # layout by input, y[cols] += x[i] * W[i, cols], which can skip zero inputs
 # (19 us; 10 us with half of x zero, but fc1's inputs, max-pooled convolutions
 # with no ReLU in LeNet-5, have none); two threads (54 us: waking them).
-csr_matvec = numba.njit(cache=True)(_csr_matvec_loops)
+csr_matvec = serial(_csr_matvec_loops)
 
 
 # --------------------------------------------------------------------------
