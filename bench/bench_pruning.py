@@ -34,7 +34,9 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from bench.bench_substrate import set_threads  # noqa: E402
-from bench.common import FULL, QUICK, compare, format_facts, format_table, machine_facts, measure, pct, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    FULL, QUICK, compare, format_facts, format_table, machine_facts, measure, pct, write_json,
+)
 from minicnn import Conv2D, Dense, kernels  # noqa: E402
 from optim import pruning, sparse  # noqa: E402
 from optim.sparse import SparseConv2D, SparseDense  # noqa: E402

@@ -71,12 +71,13 @@ MAX_INDEX_BITS = 16
 # sparse build against single-threaded BLAS (thread CPU time, so that the other
 # jobs of a shared 2-core machine did not count): 16% at batch 1, 7% at 2 (BLAS
 # does two vectors almost for the price of one; the batched loop runs 2 lanes),
-# 14% at 4, 17% at 8, 21% at 16, 33% from 32 to 128. bench/bench_pruning.py's
-# density sweep shows the same with both sides threaded. At batch 1 the entry
-# is 20%, not 15%: LeNet-5's small fc2 (500x10) at 17% density still ran 1.8x
-# faster sparse (4.2 against 7.6 us). Conv2D: the direct conv won up to 30% on
-# conv1 (1->20, 24x24 outputs) and near 20% on conv2 (20->50, 8x8 outputs) at
-# batch 64 (best-of-40 timings); one entry for all batches.
+# 14% at 4, 17% at 8, 21% at 16, 33% from 32 to 128 (bench/bench_pruning.py's
+# density sweep measures the same in wall time: noisier, steadier with
+# --threads 1). At batch 1 the entry is 20%, not 15%: LeNet-5's small fc2
+# (500x10) at 17% density still ran 1.8x faster sparse (4.2 against 7.6 us).
+# Conv2D: the direct conv won up to 30% on conv1 (1->20, 24x24 outputs) and
+# near 20% on conv2 (20->50, 8x8 outputs) at batch 64 (best-of-40 timings);
+# one entry for all batches.
 SPARSE_BELOW = {"dense": {1: 0.2, 2: 0.05, 4: 0.1, 16: 0.2, 32: 0.3}, "conv2d": {1: 0.15}}
 
 
@@ -262,7 +263,9 @@ _csr_matmul = twin(_csr_matmul_loops)
 def csr_matmul(values, indices, indptr, x, bias):
     """Fast y = x @ M.T + bias, same contract as csr_matmul_ref; serial below
     minicnn's PARALLEL_MIN_SIZE multiply-adds (N * nnz: fc1 at 10% density is
-    40,000 per image), where waking the threads would cost more than the loop."""
+    40,000 per image), where waking the threads would cost more than the loop.
+    (fc1 at batch 64, 2.6M: the threaded build took ~60 us more CPU than the
+    serial one's ~165 us on a busy machine; it wins only with a core to spare.)"""
     return _csr_matmul(x.shape[0] * values.size, values, indices, indptr, x, bias)
 
 
