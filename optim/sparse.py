@@ -262,11 +262,14 @@ _csr_matmul = twin(_csr_matmul_loops)
 
 def csr_matmul(values, indices, indptr, x, bias):
     """Fast y = x @ M.T + bias, same contract as csr_matmul_ref; serial below
-    minicnn's PARALLEL_MIN_SIZE multiply-adds (N * nnz: fc1 at 10% density is
-    40,000 per image), where waking the threads would cost more than the loop.
-    (fc1 at batch 64, 2.6M: the threaded build took ~60 us more CPU than the
-    serial one's ~165 us on a busy machine; it wins only with a core to spare.)"""
-    return _csr_matmul(x.shape[0] * values.size, values, indices, indptr, x, bias)
+    minicnn's PARALLEL_MIN_SIZE outputs (N * R: fc1 at batch 64 makes 32,000).
+
+    Counted in outputs, as minicnn's kernels do, not in multiply-adds: on fc1 at
+    10% density the threaded build lost to the serial one at batch 16, 64 and 256
+    (151 against 87, 234 against 163, 823 against 746 us, best of 11 in alternating
+    rounds on the shared 2-core machine): waking the workers costs ~70 us here.
+    """
+    return _csr_matmul(x.shape[0] * (indptr.size - 1), values, indices, indptr, x, bias)
 
 
 # Serial, and about one nonzero per cycle (fc1 at 10% density: 14 us of CPU for
