@@ -2,12 +2,13 @@
 
 1. LeNet-5's fc1 (800 -> 500) with 90% of its weights removed at random:
    `SparseDense.forward` (CSR kernel, transposes included) against what
-   minicnn's Dense does, `x @ W + b` with numpy's BLAS, at batch 1 and 64.
-   Target: >= 3x.
-2. Density sweep: the same two, and LeNet-5's convolutions (sparse direct
-   convolution against im2row + BLAS), over densities 1%..70%, at batch 1
-   and 64: where the sparse kernel stops winning. `optim.sparse.SPARSE_BELOW`
-   holds the thresholds the layers use; the table shows both.
+   minicnn's Dense does, `x @ W + b` with numpy's BLAS, at batch 1 and 64,
+   timed in interleaved rounds. Target: >= 3x.
+2. Density sweep: the same two (at batch 1, 2, 4, 16, 64), and LeNet-5's
+   convolutions (sparse direct convolution against im2row + BLAS, at batch 1
+   and 64), over densities 1%..70%: where the sparse kernel stops winning.
+   `optim.sparse.SPARSE_BELOW` holds the thresholds the layers use at each
+   batch size; the table shows both.
 3. The whole LeNet-5 forward at batch 1 and 64: dense against the pruned,
    sparse model (global magnitude pruning, 92%, of --model or of a freshly
    initialised LeNet-5). Target at batch 1: faster.
@@ -19,7 +20,7 @@ shared machine a repeat is only ever slowed down, never sped up, so the
 fastest is the closest to the uncontended cost (timeit's argument). The
 density sweep uses that ratio; the medians are in the JSON.
 
-    python bench/bench_pruning.py [--quick] [--model lenet5.npz] [--json PATH]
+    python bench/bench_pruning.py [--quick] [--threads N] [--model lenet5.npz] [--json PATH]
 """
 
 import argparse
@@ -32,17 +33,20 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from bench.common import FULL, QUICK, format_facts, format_table, machine_facts, measure, pct, write_json  # noqa: E402
+from bench.bench_substrate import set_threads  # noqa: E402
+from bench.common import (  # noqa: E402
+    FULL, QUICK, compare, format_facts, format_table, machine_facts, measure, pct, write_json,
+)
 from minicnn import Conv2D, Dense, kernels  # noqa: E402
 from optim import pruning, sparse  # noqa: E402
 from optim.sparse import SparseConv2D, SparseDense  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
 BATCHES = (1, 64)
-SHAPES = {  # layer, input per sample
-    "fc1 800x500": (lambda: Dense(800, 500, rng=0), (800,)),
-    "conv1 1->20 5x5 @28": (lambda: Conv2D(1, 20, 5, rng=0), (1, 28, 28)),
-    "conv2 20->50 5x5 @12": (lambda: Conv2D(20, 50, 5, rng=0), (20, 12, 12)),
+SHAPES = {  # layer, input per sample, batches of the density sweep (fc1's threshold moves most with the batch)
+    "fc1 800x500": (lambda: Dense(800, 500, rng=0), (800,), (1, 2, 4, 16, 64)),
+    "conv1 1->20 5x5 @28": (lambda: Conv2D(1, 20, 5, rng=0), (1, 28, 28), BATCHES),
+    "conv2 20->50 5x5 @12": (lambda: Conv2D(20, 50, 5, rng=0), (20, 12, 12), BATCHES),
 }
 
 
@@ -66,7 +70,7 @@ def sparse_twin(layer):
 def forced_sparse(fn):
     """Run fn with the layers' thresholds lifted, so the sparse kernel runs at any density."""
     saved = dict(sparse.SPARSE_BELOW)
-    sparse.SPARSE_BELOW.update({k: 2.0 for k in saved})
+    sparse.SPARSE_BELOW.update({k: {1: 2.0} for k in saved})
     try:
         return fn()
     finally:
@@ -92,7 +96,7 @@ def bench_fc1(budget):
         W, b = layer.params["W"], layer.params["b"]
         x = np.random.default_rng(1).random((batch, 800), dtype=np.float32)
         twin = sparse_twin(layer)
-        assert twin.uses_sparse_kernel(), "at 10% density SparseDense should pick its sparse kernel"
+        assert twin.uses_sparse_kernel(batch), "at 10% density SparseDense should pick its sparse kernel"
         np.testing.assert_allclose(twin.forward(x), x @ W + b, rtol=1e-4, atol=1e-4)
 
         def dense():
@@ -100,7 +104,8 @@ def bench_fc1(budget):
             y += b
             return y
 
-        d, s = measure(dense, budget), measure(lambda: twin.forward(x), budget)
+        timings = compare({"dense": dense, "sparse": lambda: twin.forward(x)}, budget)  # interleaved rounds
+        d, s = timings["dense"], timings["sparse"]
         rows.append((f"batch {batch}", d.median * 1e6, s.median * 1e6, d.median / s.median, best(d) / best(s), ">= 3"))
         out.append({"batch": batch, "dense": d.to_dict(), "sparse": s.to_dict(), "speedup": d.median / s.median,
                     "speedup_best": best(d) / best(s)})
@@ -109,9 +114,9 @@ def bench_fc1(budget):
 
 def bench_sweep(budget, densities):
     rows, out = [], []
-    for name, (make, in_shape) in SHAPES.items():
+    for name, (make, in_shape, batches) in SHAPES.items():
         family = "dense" if "fc" in name else "conv2d"
-        for batch in BATCHES:
+        for batch in batches:
             ratios = []
             for density in densities:
                 d, s = compare_layer(with_density(make(), density), in_shape, batch, budget)
@@ -120,7 +125,7 @@ def bench_sweep(budget, densities):
                             "sparse_s": s.median, "speedup": d.median / s.median, "speedup_best": best(d) / best(s)})
             wins = [dens for dens, r in zip(densities, ratios) if r > 1]
             rows.append((f"{name}, batch {batch}", *ratios, pct(max(wins)) if wins else "-",
-                         pct(sparse.SPARSE_BELOW[family])))
+                         pct(sparse.sparse_below(family, batch))))
     return rows, out
 
 
@@ -138,13 +143,14 @@ def bench_model(budget, path):
     for batch in BATCHES:
         x = np.random.default_rng(2).random((batch, 1, 28, 28), dtype=np.float32)
         np.testing.assert_allclose(sparse_model.forward(x), pruned.forward(x), rtol=1e-4, atol=1e-4)
-        d = measure(lambda: dense_model.forward(x), budget)
-        s = measure(lambda: sparse_model.forward(x), budget)
+        timings = compare({"dense": lambda: dense_model.forward(x), "sparse": lambda: sparse_model.forward(x)}, budget)
+        d, s = timings["dense"], timings["sparse"]
         rows.append((f"batch {batch}", d.median * 1e6, s.median * 1e6, d.median / s.median, best(d) / best(s),
                      "> 1 at batch 1"))
         out.append({"batch": batch, "dense": d.to_dict(), "sparse": s.to_dict(), "speedup": d.median / s.median,
                     "speedup_best": best(d) / best(s)})
-    kernels_used = {f"{i}: {type(layer).__name__}": ("sparse" if layer.uses_sparse_kernel() else "dense")
+    kernels_used = {f"{i}: {type(layer).__name__}": "/".join("sparse" if layer.uses_sparse_kernel(n) else "dense"
+                                                            for n in BATCHES)
                     for i, layer in enumerate(sparse_model.layers) if hasattr(layer, "uses_sparse_kernel")}
     return rows, out, kernels_used, sparse_model.summary()
 
@@ -153,8 +159,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short timings, fewer densities (a smoke test)")
     parser.add_argument("--model", default=None, help="a trained LeNet-5 file to prune for part 3")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for Numba and numpy's BLAS (default: all Numba's); "
+                             "1 gives steadier figures when other jobs share the cores")
     parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "pruning.json"))
     args = parser.parse_args(argv)
+    threads = set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     densities = (0.05, 0.1, 0.3, 0.5) if args.quick else DENSITIES
 
@@ -169,14 +179,14 @@ def main(argv=None):
     model_rows, model, kernels_used, summary = bench_model(budget, args.model)
     print(f"\n3. LeNet-5 forward, dense against 92% pruned ({args.model or 'fresh weights'})")
     print(summary)
-    print("kernels: " + ", ".join(f"{k} {v}" for k, v in kernels_used.items()))
+    print(f"kernels at batch {'/'.join(map(str, BATCHES))}: " + ", ".join(f"{k} {v}" for k, v in kernels_used.items()))
     print(format_table(["", "dense us", "sparse us", "speedup", "best", "target"], model_rows))
 
     facts = machine_facts()
     print("\nmachine:\n" + format_facts(facts))
     write_json(args.json, {"fc1_90": fc, "sweep": sweep, "lenet5_92": model, "kernels": kernels_used,
                            "sparse_below": sparse.SPARSE_BELOW, "machine": facts,
-                           "budget": "quick" if args.quick else "full"})
+                           "threads": threads, "budget": "quick" if args.quick else "full"})
     print(f"wrote {args.json}")
 
 

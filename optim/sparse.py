@@ -35,9 +35,9 @@ codebook indices at the same slots and may entropy-code the codes.
 
 Sparse inference:
 
-    CSR x dense:  Y[r, n] = sum_{k in row r} values[k] * X[indices[k], n]
+    CSR x dense:  y[n, r] = sum_{k in row r} values[k] * x[n, indices[k]]
 
-For Dense, X = x.T (in, N). For Conv2D the kernel is direct (Park et al.,
+for Dense (M = W.T, so y = x @ W). For Conv2D the kernel is direct (Park et al.,
 "Faster CNNs with Direct Sparse Convolutions", ICLR 2017): no im2col at
 all, each nonzero W[f, c, kh, kw] adds a shifted input plane,
 
@@ -45,19 +45,19 @@ all, each nonzero W[f, c, kh, kw] adds a shifted input plane,
 
 so the work is nnz * Ho * Wo per image instead of F*C*KH*KW*Ho*Wo. Both
 kernels stream over the nonzeros only; dense BLAS is faster per multiply, so
-the sparse kernel pays off only below a density (`SPARSE_BELOW`, measured by
-bench/bench_pruning.py), and the layers switch automatically.
+the sparse kernel pays off only below a density that depends on the batch
+size (`SPARSE_BELOW`, measured by bench/bench_pruning.py), and the layers
+switch automatically.
 """
 
 import copy
 
-import numba
 import numpy as np
 from numba import prange
 
 from minicnn import kernels
 from minicnn.checks import check_array, check_positive_int
-from minicnn.kernels import fast, twin
+from minicnn.kernels import serial, twin
 from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 
@@ -65,12 +65,26 @@ from .bitpack import pack_bits, unpack_bits
 
 MAX_INDEX_BITS = 16
 
-# Densities below which the sparse kernel beats the dense one, per layer type.
-# Measured by bench/bench_pruning.py ("density sweep") and best-of-40 timings on
-# a shared 2-core machine, so only roughly: fc1 800x500 broke even near 10-15%
-# at batch 1 and 30-40% at batch 64; the direct conv won up to 30% on conv1
-# (1->20, 24x24 outputs) and near 20% on conv2 (20->50, 8x8 outputs) at batch 64.
-SPARSE_BELOW = {"dense": 0.2, "conv2d": 0.15}
+# Densities below which the sparse kernel beats the dense one, per layer type
+# and batch size {smallest batch: density}: a batch of N uses the entry of the
+# largest listed batch <= N. Dense: where fc1 800x500 broke even, its serial
+# sparse build against single-threaded BLAS (thread CPU time, so that the other
+# jobs of a shared 2-core machine did not count): 16% at batch 1, 7% at 2 (BLAS
+# does two vectors almost for the price of one; the batched loop runs 2 lanes),
+# 14% at 4, 17% at 8, 21% at 16, 33% from 32 to 128 (bench/bench_pruning.py's
+# density sweep measures the same in wall time: noisier, steadier with
+# --threads 1). At batch 1 the entry is 20%, not 15%: LeNet-5's small fc2
+# (500x10) at 17% density still ran 1.8x faster sparse (4.2 against 7.6 us).
+# Conv2D: the direct conv won up to 30% on conv1 (1->20, 24x24 outputs) and
+# near 20% on conv2 (20->50, 8x8 outputs) at batch 64 (best-of-40 timings);
+# one entry for all batches.
+SPARSE_BELOW = {"dense": {1: 0.2, 2: 0.05, 4: 0.1, 16: 0.2, 32: 0.3}, "conv2d": {1: 0.15}}
+
+
+def sparse_below(family, batch):
+    """The density under which the sparse kernel of `family` ("dense", "conv2d") wins at this batch size."""
+    table = SPARSE_BELOW[family]
+    return table[max((b for b in table if b <= batch), default=min(table))]  # an empty batch: the smallest
 
 
 # --------------------------------------------------------------------------
@@ -177,17 +191,17 @@ def csr_positions(indices, indptr, ncols):
 # Kernels: CSR x dense
 
 
-def csr_matmul_ref(values, indices, indptr, X, bias):
-    """Y (R, N) = M @ X + bias[:, None] for M in CSR (R, K) and X (K, N).
+def csr_matmul_ref(values, indices, indptr, x, bias):
+    """y (N, R) = x @ M.T + bias for M in CSR (R, K) and x (N, K): Dense's forward with M = W.T.
 
     The fast versions: `csr_matmul` (same signature) and `csr_matvec` for a
     single vector x (K,) -> y (R,), the batch-1 case.
     """
     R = indptr.size - 1
     rows = np.repeat(np.arange(R), np.diff(indptr))
-    Y = np.zeros((R, X.shape[1]), dtype=X.dtype)
-    np.add.at(Y, rows, values[:, None] * X[indices])
-    return Y + bias[:, None]
+    Y = np.zeros((R, x.shape[0]), dtype=x.dtype)
+    np.add.at(Y, rows, values[:, None] * x.T[indices])
+    return Y.T + bias
 
 
 # Why these loops look the way they do (best-of-300 timings of fc1 at 10%
@@ -197,9 +211,17 @@ def csr_matmul_ref(values, indices, indptr, X, bias):
 # pass let four multiply-adds proceed at once.
 
 
-def _csr_matmul_loops(values, indices, indptr, X, bias):
-    R, N = indptr.size - 1, X.shape[1]
-    Y = np.empty((R, N), dtype=X.dtype)
+def _csr_matmul_loops(values, indices, indptr, x, bias):
+    N = x.shape[0]
+    R = indptr.size - 1
+    # Y[r] = sum_k values[k] * X[indices[k]] + bias[r] over the rows of X = x.T (K, N):
+    # each nonzero then scales one contiguous run of N inputs, which LLVM vectorises.
+    # The two transposes live in here, not in numpy around the call: fc1 at batch
+    # 64 took 167 us of CPU instead of 199 (they are 51,200 and 32,000 copies).
+    # Within 5% of this loop (so not kept): eight nonzeros a pass, fastmath,
+    # uint16 columns, and blocks of 64-128 columns of M so that X's rows stay in L1.
+    X = np.ascontiguousarray(x.T)
+    Y = np.empty((R, N), dtype=x.dtype)
     for r in prange(R):  # rows are independent: no races
         v, c = values[indptr[r] : indptr[r + 1]], indices[indptr[r] : indptr[r + 1]]
         y = Y[r]  # 1-D row views: LLVM vectorises these loops, not the 2-D indexing (5x)
@@ -214,7 +236,7 @@ def _csr_matmul_loops(values, indices, indptr, X, bias):
             xk, vk = X[c[k]], v[k]
             for n in range(N):
                 y[n] += vk * xk[n]
-    return Y
+    return np.ascontiguousarray(Y.T)
 
 
 def _csr_matvec_loops(values, indices, indptr, x, bias):
@@ -235,10 +257,30 @@ def _csr_matvec_loops(values, indices, indptr, x, bias):
     return y
 
 
-csr_matmul = fast(_csr_matmul_loops)
-# Serial: one image's product takes ~15 us, about what waking a second thread
-# costs on a shared machine (measured: the parallel version was 3x slower).
-csr_matvec = numba.njit(cache=True)(_csr_matvec_loops)
+_csr_matmul = twin(_csr_matmul_loops)
+
+
+def csr_matmul(values, indices, indptr, x, bias):
+    """Fast y = x @ M.T + bias, same contract as csr_matmul_ref; serial below
+    minicnn's PARALLEL_MIN_SIZE outputs (N * R: fc1 at batch 64 makes 32,000).
+
+    Counted in outputs, as minicnn's kernels do, not in multiply-adds: on fc1 at
+    10% density the threaded build lost to the serial one at batch 16, 64 and 256
+    (151 against 87, 234 against 163, 823 against 746 us, best of 11 in alternating
+    rounds on the shared 2-core machine): waking the workers costs ~70 us here.
+    """
+    return _csr_matmul(x.shape[0] * (indptr.size - 1), values, indices, indptr, x, bias)
+
+
+# Serial, and about one nonzero per cycle (fc1 at 10% density: 14 us of CPU for
+# its 40,000): each nonzero takes three loads (value, column, x[column]) and the
+# core issues three a cycle. Measured no faster: uint16 columns (14 us: the
+# number of loads counts, not their width); fastmath, which lets LLVM emit
+# AVX-512 gathers (18 us: this Zen 4 gathers about one element a cycle); the
+# layout by input, y[cols] += x[i] * W[i, cols], which can skip zero inputs
+# (19 us; 10 us with half of x zero, but fc1's inputs, max-pooled convolutions
+# with no ReLU in LeNet-5, have none); two threads (54 us: waking them).
+csr_matvec = serial(_csr_matvec_loops)
 
 
 # --------------------------------------------------------------------------
@@ -313,9 +355,10 @@ def sparse_conv2d(values, indices, indptr, xp, bias, KH, KW, stride):
 
 def sparse_dense_forward(values, indices, indptr, x, b):
     """y (N, R) = x @ M.T + b for x (N, K) and M (R, K) in CSR, with the sparse kernels (csr_matvec at N = 1)."""
+    x = np.ascontiguousarray(x)  # one compiled layout per kernel
     if len(x) == 1:
-        return csr_matvec(values, indices, indptr, np.ascontiguousarray(x[0]), b)[None]
-    return np.ascontiguousarray(csr_matmul(values, indices, indptr, np.ascontiguousarray(x.T), b).T)
+        return csr_matvec(values, indices, indptr, x[0], b)[None]
+    return csr_matmul(values, indices, indptr, x, b)
 
 
 def sparse_conv_forward(values, indices, indptr, x, b, kernel_size, stride, padding):
@@ -373,8 +416,9 @@ class CSRLayer(Layer):
             self._dense = (w.copy(), self.matrix())
         return self._dense[1]
 
-    def uses_sparse_kernel(self):
-        return self.density < SPARSE_BELOW[self.sparse_family]
+    def uses_sparse_kernel(self, batch=1):
+        """Whether forward runs the sparse kernel for a batch of this many inputs (SPARSE_BELOW)."""
+        return self.density < sparse_below(self.sparse_family, batch)
 
     def macs(self, in_shape):
         return self.indices.size
@@ -406,7 +450,7 @@ class CSRDense(CSRLayer):
     def forward(self, x):
         x = self._input(x, 2, self.in_features)
         self.cache = x
-        if self.uses_sparse_kernel():
+        if self.uses_sparse_kernel(len(x)):
             return sparse_dense_forward(self.values(), self.indices, self.indptr, x, self.params["b"])
         out = x @ self._dense_matrix().T
         out += self.params["b"]
@@ -452,7 +496,7 @@ class CSRConv2D(CSRLayer):
         x = self._input(x, 4, self.in_channels)
         self.output_shape(x.shape[1:])
         self.cache = x
-        if self.uses_sparse_kernel():
+        if self.uses_sparse_kernel(len(x)):
             return sparse_conv_forward(self.values(), self.indices, self.indptr, x, self.params["b"],
                                        self.kernel_size, self.stride, self.padding)
         out, _ = kernels.conv2d_forward(x, self._weight(), self.params["b"], self.stride, self.padding)

@@ -136,8 +136,8 @@ def pruned_conv(seed, density=0.4):
 
 @pytest.mark.parametrize("use_sparse_kernel", [False, True])
 def test_shared_layers_compute_with_their_centroids(monkeypatch, use_sparse_kernel):
-    monkeypatch.setattr(sharing.sparse, "SPARSE_BELOW", {"dense": 2.0 if use_sparse_kernel else 0.0,
-                                                         "conv2d": 2.0 if use_sparse_kernel else 0.0})
+    below = {1: 2.0 if use_sparse_kernel else 0.0}
+    monkeypatch.setattr(sharing.sparse, "SPARSE_BELOW", {"dense": below, "conv2d": below})
     rng = np.random.default_rng(0)
     for original, x in ((pruned_dense(1), rng.standard_normal((5, 30))),
                         (pruned_conv(2), rng.standard_normal((2, 3, 7, 7)))):

@@ -82,13 +82,31 @@ def test_bad_stream_input(positions, bits, message):
 @given(sparse_matrix(), st.integers(1, 9), st.integers(0, 2**32 - 1))
 def test_csr_kernels_agree_with_dense_product(M, batch, seed):
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((M.shape[1], batch)).astype(np.float32)
+    x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
     bias = rng.standard_normal(M.shape[0]).astype(np.float32)
-    expected = M.astype(np.float64) @ X + bias[:, None]
+    expected = x.astype(np.float64) @ M.T + bias
     csr = csr_from_dense(M)
-    for name, ours in [("reference", sparse.csr_matmul_ref(*csr, X, bias)), ("numba", sparse.csr_matmul(*csr, X, bias)),
-                       ("matvec", sparse.csr_matvec(*csr, np.ascontiguousarray(X[:, 0]), bias)[:, None])]:
-        np.testing.assert_allclose(ours, expected[:, : ours.shape[1]], rtol=1e-5, atol=1e-5, err_msg=name)
+    ours = {"reference": sparse.csr_matmul_ref(*csr, x, bias), "matvec": sparse.csr_matvec(*csr, x[0], bias)[None]}
+    for build, threshold in [("threaded", 0), ("serial", 2**62)]:  # the size above which the threaded build runs
+        saved, kernels.PARALLEL_MIN_SIZE = kernels.PARALLEL_MIN_SIZE, threshold
+        try:
+            ours[f"numba ({build})"] = sparse.csr_matmul(*csr, x, bias)
+        finally:
+            kernels.PARALLEL_MIN_SIZE = saved
+    for name, y in ours.items():
+        assert y.shape == (1 if name == "matvec" else batch, M.shape[0]), f"{name}: shape {y.shape}"
+        np.testing.assert_allclose(y, expected[: y.shape[0]], rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+def test_csr_kernels_hand_computed():
+    M = np.array([[0, 2, 0], [0, 0, 0], [1, 0, -1]], np.float32)  # an empty middle row
+    x = np.array([[1, 2, 3], [4, 5, 6]], np.float32)
+    bias = np.array([0.5, 1, 0], np.float32)
+    expected = np.array([[4.5, 1, -2], [10.5, 1, -2]], np.float32)  # x @ M.T + bias
+    csr = csr_from_dense(M)
+    for name, y in [("reference", sparse.csr_matmul_ref(*csr, x, bias)), ("numba", sparse.csr_matmul(*csr, x, bias)),
+                    ("matvec", np.stack([sparse.csr_matvec(*csr, row, bias) for row in x]))]:
+        np.testing.assert_array_equal(y, expected, err_msg=f"{name}: ours {y}, expected {expected}")
 
 
 @given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 2**32 - 1))
@@ -131,8 +149,8 @@ def pruned_conv(shape, density, seed=0, **kw):
 
 @pytest.mark.parametrize("use_sparse_kernel", [True, False])
 def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_kernel):
-    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": 2.0 if use_sparse_kernel else -1.0,
-                                                 "conv2d": 2.0 if use_sparse_kernel else -1.0})
+    below = {1: 2.0 if use_sparse_kernel else -1.0}
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": below, "conv2d": below})
     rng = np.random.default_rng(0)
     M = rng.standard_normal((7, 11)).astype(np.float32)
     M[rng.random(M.shape) < 0.7] = 0
@@ -141,8 +159,32 @@ def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_ke
                      (conv, rng.standard_normal((2, 3, 9, 8)))]:
         x = x.astype(np.float32)
         layer = type(dense) is Dense and SparseDense.from_dense(dense) or SparseConv2D.from_dense(dense)
-        assert layer.uses_sparse_kernel() == use_sparse_kernel
+        assert layer.uses_sparse_kernel(len(x)) == use_sparse_kernel
         np.testing.assert_allclose(layer.forward(x), dense.forward(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_kernel_follows_the_batch_size(monkeypatch):
+    # Sparse below 50% density at batches 1-3, below 10% from 4 on: a 30%-dense layer switches at 4.
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 0.5, 4: 0.1}, "conv2d": {1: 0.5}})
+    assert [sparse.sparse_below("dense", n) for n in (0, 1, 3, 4, 1000)] == [0.5, 0.5, 0.5, 0.1, 0.1]
+    rng = np.random.default_rng(3)
+    M = rng.standard_normal((6, 10)).astype(np.float32)
+    M[rng.permutation(M.size).reshape(M.shape) >= 18] = 0  # 18 of 60 kept: 30%
+    dense = pruned_dense(M)
+    layer = SparseDense.from_dense(dense)
+    calls, sparse_kernel = [], sparse.sparse_dense_forward
+
+    def spy(values, indices, indptr, x, b):
+        calls.append(len(x))
+        return sparse_kernel(values, indices, indptr, x, b)
+
+    monkeypatch.setattr(sparse, "sparse_dense_forward", spy)
+    for n in (1, 3, 4, 9):
+        x = rng.standard_normal((n, 10)).astype(np.float32)
+        assert layer.uses_sparse_kernel(n) == (n < 4), n
+        np.testing.assert_allclose(layer.forward(x), dense.forward(x), rtol=1e-5, atol=1e-5)
+    assert calls == [1, 3], f"the sparse kernel ran at batches {calls}, expected [1, 3]"
+    assert layer.forward(np.zeros((0, 10), np.float32)).shape == (0, 6)
 
 
 def test_sparse_layer_gradients():
