@@ -505,7 +505,7 @@ class CSRConv2D(CSRLayer):
     def backward(self, dout):
         # The sparse forward never built the im2row matrix backward needs: build it here.
         x, k = self.cache, self.kernel_size
-        rows = kernels.im2row(kernels.pad(x, self.padding), k, k, self.stride)
+        rows = kernels.conv_rows(x, k, k, self.stride, self.padding)
         dx, dW, self.grads["b"] = kernels.conv2d_backward(
             dout.astype(self.dtype, copy=False), rows, x.shape, self._weight(), self.stride, self.padding)
         self.grads[self.weight_param] = self._weight_grad(dW)

@@ -72,6 +72,35 @@ def test_im2row_and_row2im_match_reference_and_are_adjoint(geom, seed):
     assert np.isclose((rows * r).sum(), (xp * back).sum())
 
 
+def check_hwc_rows(x, k, s, p, seed):
+    """conv_rows are im2row's rows with their columns reordered from (c, kh, kw) to (kh, kw, c),
+    and row2im_hwc (fast and reference) is their exact adjoint."""
+    N, C, H, W = x.shape
+    rows = K.conv_rows(x, k, k, s, p)
+    by_c = K.im2row_ref(K.pad(x, p), k, k, s)
+    M = by_c.shape[0]
+    np.testing.assert_array_equal(rows, by_c.reshape(M, C, k, k).transpose(0, 2, 3, 1).reshape(M, -1))
+    xp = K.pad_nhwc(x, p)
+    np.testing.assert_array_equal(xp, K.pad(x, p).transpose(0, 2, 3, 1))
+    r = random_array(seed + 1, rows.shape)
+    back = K.row2im_hwc(r, xp.shape, k, k, s)
+    np.testing.assert_allclose(back, K.row2im_hwc_ref(r, xp.shape, k, k, s), rtol=1e-12, atol=1e-12)
+    assert np.isclose((rows * r).sum(), (xp * back).sum())  # <gather(x), r> == <x, scatter(r)>
+
+
+@given(conv_geometry(), seeds)
+def test_hwc_rows_reorder_im2row_and_row2im_hwc_is_their_adjoint(geom, seed):
+    N, C, H, W, F, k, s, p = geom
+    check_hwc_rows(random_array(seed, (N, C, H, W)), k, s, p, seed)
+
+
+@pytest.mark.parametrize("C,H,k", [(1, 12, 3), (3, 12, 3)], ids=["one channel: column-order copy", "runs of KW*C"])
+def test_hwc_rows_both_copy_orders(C, H, k):
+    x = random_array(0, (2, C, H, H))
+    assert K.conv_rows(x, k, k, 1, 0).flags.c_contiguous == (C > 1)
+    check_hwc_rows(x, k, 1, 0, 0)
+
+
 @given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 5), st.integers(1, 5), seeds,
        st.sampled_from([np.float32, np.float64]))
 def test_rows_to_nchw_matches_reference(N, F, Ho, Wo, seed, dtype):
