@@ -74,7 +74,8 @@ SETTINGS = {
         "knowledge distillation": {"student": "tiny_cnn", "temperature": 8.0, "alpha": 0.9, "epochs": 20},
         "model pruning": {"sparsity": 0.8, "iterations": 4, "epochs": 4},
         "model cutting": {"max_drop": 0.005, "epochs": 3},
-        "deep compression": {"sparsity": 0.8, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "epochs": 6},
+        "deep compression": {"sparsity": 0.8, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "ends_scale": 1.0,
+                             "epochs": 6},
     },
     "lenet5": {
         "weight sharing": {"bits": {"conv": 4, "fc": 4}, "epochs": 2},
@@ -85,7 +86,9 @@ SETTINGS = {
         "knowledge distillation": {"student": "small_mlp", "temperature": 8.0, "alpha": 0.9, "epochs": 50},
         "model pruning": {"sparsity": 0.92, "iterations": 4, "epochs": 4},
         "model cutting": {"max_drop": 0.005, "epochs": 3},
-        "deep compression": {"sparsity": 0.95, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "epochs": 6},
+        # conv1 and fc2 (2% of the weights, the most sensitive) pruned to half the sparsity
+        "deep compression": {"sparsity": 0.95, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "ends_scale": 0.5,
+                             "epochs": 6},
     },
 }
 
@@ -197,11 +200,12 @@ def model_cutting(model, data, epochs, max_drop):
     return Outcome(cut, settings, note=f"{kept}, cut the {len(model.layers) - after - 1} after them for a new head")
 
 
-def deep_compression_pipeline(model, data, epochs, sparsity, bits, iterations):
+def deep_compression_pipeline(model, data, epochs, sparsity, bits, iterations, ends_scale):
     finetune = max(1, epochs // 3)
     result = deep_compression(model, data.x_train, data.y_train, sparsity=sparsity, bits=bits,
-                              retrain_epochs=epochs, finetune_epochs=finetune, prune_iterations=iterations)
-    settings = {"sparsity": sparsity, "index_bits": result.bits, "iterations": iterations,
+                              retrain_epochs=epochs, finetune_epochs=finetune, prune_iterations=iterations,
+                              ends_scale=ends_scale)
+    settings = {"sparsity": sparsity, "ends_scale": ends_scale, "index_bits": result.bits, "iterations": iterations,
                 "retrain_epochs": epochs, "finetune_epochs": finetune, "coding": "huffman"}
     return Outcome(result.model, settings, note="prune, share, Huffman-code")
 

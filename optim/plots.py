@@ -84,7 +84,8 @@ def histograms(figures, out_dir):
         unit, scale, codes = _int8_unit(figures[name]["int8 quantization"]["model"], W.shape)
         floats = (W[:, unit] if W.ndim == 2 else W[unit]).ravel()
         # Near zero, where most weights are, so that the individual levels show.
-        window, bins = 10 * scale, np.linspace(-10 * scale, 10 * scale, 161)
+        # Bins of scale / 8 centred on the levels, so each level's codes fill one bar.
+        window, bins = 10 * scale, scale * (np.arange(-80.5, 81.5) / 8)
         snapped = scale * codes.ravel().astype(np.float64)
         row[2].hist(floats[np.abs(floats) < window], bins=bins, color="lightgray", label="float32")
         row[2].hist(snapped[np.abs(snapped) < window], bins=bins, color="C0", label="int8 x scale")

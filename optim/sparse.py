@@ -67,18 +67,18 @@ MAX_INDEX_BITS = 16
 
 # Densities below which the sparse kernel beats the dense one, per layer type
 # and batch size {smallest batch: density}: a batch of N uses the entry of the
-# largest listed batch <= N. Dense: where fc1 800x500 broke even, its serial
-# sparse build against single-threaded BLAS (thread CPU time, so that the other
-# jobs of a shared 2-core machine did not count): 16% at batch 1, 7% at 2 (BLAS
-# does two vectors almost for the price of one; the batched loop runs 2 lanes),
-# 14% at 4, 17% at 8, 21% at 16, 33% from 32 to 128 (bench/bench_pruning.py's
-# density sweep measures the same in wall time: noisier, steadier with
-# --threads 1). At batch 1 the entry is 20%, not 15%: LeNet-5's small fc2
-# (500x10) at 17% density still ran 1.8x faster sparse (4.2 against 7.6 us).
-# Conv2D: the direct conv won up to 30% on conv1 (1->20, 24x24 outputs) and
-# near 20% on conv2 (20->50, 8x8 outputs) at batch 64 (best-of-40 timings);
-# one entry for all batches.
-SPARSE_BELOW = {"dense": {1: 0.2, 2: 0.05, 4: 0.1, 16: 0.2, 32: 0.3}, "conv2d": {1: 0.15}}
+# largest listed batch <= N. From bench/bench_pruning.py's density sweep on a
+# quiet 2-core machine, 2 threads (the default), best repeats:
+# - Dense, fc1 800x500: the sparse kernel won up to 10% at batch 1, 5% at 2
+#   (BLAS does two vectors almost for the price of one), 5-10% at 4, 10% at
+#   16, 20% at 64 (1.12x; 0.86x at 30%). On one thread each the break-even
+#   moves up (33% from batch 32): BLAS gains more from the second core. The
+#   batch-1 entry is 20%: LeNet-5's small fc2 (500x10) at 17% density still
+#   ran 1.8x faster sparse (4.2 against 7.6 us).
+# - Conv2D, the direct conv: on conv2 (20->50, 8x8 outputs) it won up to 20%
+#   at batch 1 and 10% at batch 64 (0.90x at 20%); on conv1 (1 -> 20) up to
+#   50-70%, its dense im2row being slow, but one entry serves both.
+SPARSE_BELOW = {"dense": {1: 0.2, 2: 0.05, 4: 0.1, 16: 0.15, 32: 0.2}, "conv2d": {1: 0.2, 32: 0.1}}
 
 
 def sparse_below(family, batch):
