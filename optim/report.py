@@ -61,9 +61,10 @@ def format_markdown(report, plot_files=()):
 Data set `{report['dataset']}`: {report['train_images']:,} training images, {report['test_images']:,} test images;
 {recipe}. Accuracy is on the test images. Bytes are those of the saved file
 (`minicnn.load` reads each one back); compression = baseline bytes / bytes.
-Latency (batch 1) and throughput (batch 256) are medians of `predict`, each
-technique timed in alternation with its baseline in this run; the speed
-column is baseline time / technique time.
+Latency (batch 1) and throughput (batch 256) are medians of `predict`. The
+speed column is baseline time / technique time, the two timed in
+alternation in this run; the latency and throughput columns come from
+other moments of the run, so their ratios can differ from it.
 
 {markdown_table(report)}
 
