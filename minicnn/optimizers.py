@@ -74,12 +74,16 @@ class Adam(Optimizer):
     def update(self, layer, name, p, g):
         m, v = self._slot(layer, name, p, 2)
         b1, b2 = self.beta1, self.beta2
-        lr_t = self.lr * np.sqrt(1 - b2**self.t) / (1 - b1**self.t)
-        adam_update(p, g, m, v, b1, b2, lr_t, self.eps)
+        # lr m_hat / (sqrt(v_hat) + eps) = lr_t m / (sqrt(v) + eps_t): the bias corrections move into
+        # two scalars. eps must be scaled too, or early steps would see a 30x larger epsilon than the
+        # formula (and PyTorch) at t = 1, which damps the first updates of rarely-active weights.
+        correction = np.sqrt(1 - b2**self.t)
+        lr_t = self.lr * correction / (1 - b1**self.t)
+        adam_update(p, g, m, v, b1, b2, lr_t, self.eps * correction)
 
 
 def adam_update_ref(p, g, m, v, b1, b2, lr_t, eps):
-    """One Adam step in place on p, m, v (same shape); lr_t carries the bias corrections."""
+    """One Adam step in place on p, m, v (same shape); lr_t and eps carry the bias corrections."""
     m *= b1
     m += (1 - b1) * g
     v *= b2

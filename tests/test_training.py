@@ -34,6 +34,22 @@ def test_adam_first_step_moves_by_lr():
     assert layer.params["W"].item() == pytest.approx(1.01, rel=1e-6)
 
 
+def test_adam_follows_the_textbook_formula_even_where_eps_matters():
+    # Gradients of 1e-9 to 1: eps = 1e-8 dominates the smallest, so the eps placement shows.
+    g = np.array([[1e-9, -3e-8, 1e-4, 1.0]])
+    layer = Dense(1, 4)
+    layer.params["W"] = np.zeros((1, 4))
+    w, m, v = np.zeros(4), np.zeros(4), np.zeros(4)
+    adam = Adam(lr=0.01)
+    for t in range(1, 4):
+        layer.grads["W"] = g * t
+        adam.step([layer])
+        m = 0.9 * m + 0.1 * g[0] * t
+        v = 0.999 * v + 0.001 * (g[0] * t) ** 2
+        w -= 0.01 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        np.testing.assert_allclose(layer.params["W"][0], w, rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("parallel_min_size", [0, 2**62], ids=["threaded", "serial"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("contiguous", [True, False])
