@@ -72,7 +72,7 @@ SETTINGS = {
         # weights) takes binary weights; its inputs stay real, since sign(relu(x)) is ~ +1.
         "binarization": {"layers": [4], "binary_activations": False, "epochs": 5},
         "knowledge distillation": {"student": "tiny_cnn", "temperature": 8.0, "alpha": 0.9, "epochs": 20},
-        "model pruning": {"sparsity": 0.8, "iterations": 4, "epochs": 4},
+        "model pruning": {"sparsity": 0.8, "iterations": 4, "ends_scale": 1.0, "epochs": 4},
         "model cutting": {"max_drop": 0.005, "epochs": 3},
         "deep compression": {"sparsity": 0.8, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "ends_scale": 1.0,
                              "epochs": 6},
@@ -84,9 +84,9 @@ SETTINGS = {
         "int8 quantization": {"per_channel": True, "calibration": 1000},
         "binarization": {"layers": None, "binary_activations": True, "epochs": 5},
         "knowledge distillation": {"student": "small_mlp", "temperature": 8.0, "alpha": 0.9, "epochs": 50},
-        "model pruning": {"sparsity": 0.92, "iterations": 4, "epochs": 4},
+        "model pruning": {"sparsity": 0.92, "iterations": 4, "ends_scale": 0.5, "epochs": 4},
         "model cutting": {"max_drop": 0.005, "epochs": 3},
-        # conv1 and fc2 (2% of the weights, the most sensitive) pruned to half the sparsity
+        # conv1 and fc2 (2% of the weights, the most sensitive) are pruned to half the sparsity
         "deep compression": {"sparsity": 0.95, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "ends_scale": 0.5,
                              "epochs": 6},
     },
@@ -181,11 +181,11 @@ def knowledge_distillation(model, data, epochs, student, temperature, alpha):
     return Outcome(distilled, settings, note=note)
 
 
-def model_pruning(model, data, epochs, sparsity, iterations):
+def model_pruning(model, data, epochs, sparsity, iterations, ends_scale):
     result = pruning.prune_global(model, data.x_train, data.y_train, sparsity, iterations=iterations,
-                                  retrain_epochs=epochs)
-    settings = {"sparsity": sparsity, "schedule": "cubic", "iterations": iterations, "retrain_epochs": epochs,
-                "lr": 1e-4}
+                                  retrain_epochs=epochs, ends_scale=ends_scale)
+    settings = {"sparsity": sparsity, "ends_scale": ends_scale, "schedule": "cubic", "iterations": iterations,
+                "retrain_epochs": epochs, "lr": 1e-4}
     return Outcome(sparse.to_sparse(result.model), settings, figures={"pruned": result.model})
 
 
