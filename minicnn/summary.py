@@ -22,11 +22,9 @@ def _layer_figures(model):
         yield layer, shape, macs, layer.stats()
 
 
-def totals(model):
-    """The summary's Total row as numbers: params, nonzero, bytes, macs, and
-    bits_per_weight = 8 bytes / params (storage, codebooks and biases included)."""
+def _totals(figures):
     out = {"params": 0, "nonzero": 0, "bytes": 0, "macs": 0}
-    for _, _, macs, s in _layer_figures(model):
+    for _, _, macs, s in figures:
         for key in ("params", "nonzero", "bytes"):
             out[key] += s[key]
         out["macs"] += macs
@@ -34,9 +32,16 @@ def totals(model):
     return out
 
 
+def totals(model):
+    """The summary's Total row as numbers: params, nonzero, bytes, macs, and
+    bits_per_weight = 8 bytes / params (storage, codebooks and biases included)."""
+    return _totals(_layer_figures(model))
+
+
 def format_summary(model):
     """Return the table as a string: one row per layer, then the totals."""
     header = ("Layer", "Output shape", "Params", "Nonzero", "Bits/w", "Bytes", "MACs")
+    figures = list(_layer_figures(model))
     rows = [
         (
             f"{i}: {type(layer).__name__}",
@@ -47,9 +52,9 @@ def format_summary(model):
             f"{s['bytes']:,}",
             f"{macs:,}",
         )
-        for i, (layer, shape, macs, s) in enumerate(_layer_figures(model))
+        for i, (layer, shape, macs, s) in enumerate(figures)
     ]
-    t = totals(model)
+    t = _totals(figures)
     rows.append((
         "Total", "", f"{t['params']:,}", f"{t['nonzero']:,}",
         f"{t['bits_per_weight']:.2f}", f"{t['bytes']:,}", f"{t['macs']:,}",

@@ -161,10 +161,15 @@ def cut(model, x_val, y_val, criterion="accuracy", remove=None, threshold=None):
     return remove_blocks(model, starts), scores
 
 
+def _check_sequential(model):
+    if not isinstance(model, Sequential):
+        raise TypeError(f"expected a minicnn Sequential, got {type(model).__name__}")
+
+
 def _check_after(model, after):
     """`after` as an int in -1 .. len(layers) - 2 (-1: keep no layer)."""
     if after == -1:
-        check_layer_index(model, 0)  # the model type check
+        _check_sequential(model)
         return -1
     after = check_layer_index(model, after)
     if after == len(model.layers) - 1:
@@ -206,7 +211,7 @@ def truncation_points(model):
     one weight layer: the body keeps fewer weight layers than the model has,
     less the last one, which the new head replaces. A cut just after a
     Flatten is left out: it is the cut just before it."""
-    check_layer_index(model, 0)
+    _check_sequential(model)
     keep_below = _weight_layers(model.layers) - 1
     return [after for after in range(-1, len(model.layers) - 1)
             if _weight_layers(model.layers[: after + 1]) < keep_below
@@ -220,6 +225,8 @@ def choose_truncation(model, x, y, x_val, y_val, max_drop=0.005, epochs=5, batch
     within max_drop (a fraction) of the full model's, or else the most
     accurate. Returns (model, table): one dict per point, {"after", "params",
     "accuracy", "accuracy_drop", "chosen"}; the given model is not changed."""
+    if not max_drop >= 0:  # NaN too
+        raise ValueError(f"max_drop must be a fraction >= 0, got {max_drop!r}")
     points = truncation_points(model)
     if not points:
         raise ValueError("the model has a single weight layer: truncating would remove nothing")

@@ -35,11 +35,9 @@ from minicnn.training import evaluate, fit
 
 from . import binary, cutting, distillation, pruning, quantization, sparse, structured
 from .deep_compression import deep_compression
-from .report import format_verdict, write_reports
+from .report import format_verdict, write_json, write_markdown
 
 NETWORKS = ("seed_cnn", "lenet5")
-TECHNIQUES = ("weight sharing", "weight clipping", "network pruning", "int8 quantization", "binarization",
-              "knowledge distillation", "model pruning", "model cutting", "deep compression")
 
 
 @dataclass(frozen=True)
@@ -95,9 +93,14 @@ SETTINGS = {
 
 @dataclass
 class Data:
-    """The images each step uses: baselines and fine-tuning train on (x_train, y_train);
-    choices (where to cut) are made on (x_val, y_val), held out of (x_fit, y_fit);
-    every accuracy in the report is on (x_test, y_test). Images (N, 1, 28, 28) float32."""
+    """The images each step uses. Images (N, 1, 28, 28) float32, labels (N,) int.
+
+    Baselines and fine-tuning train on all of (x_train, y_train), as the example
+    does. (x_fit, y_fit) and (x_val, y_val) split those same images: where to cut
+    is chosen by training heads on x_fit and scoring them on x_val, and the
+    sensitivity curves are drawn on x_val. The baseline has seen x_val, so its
+    accuracy there is a training accuracy, higher than on new images. Every
+    accuracy in the report is on (x_test, y_test), which nothing trains on."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -138,20 +141,20 @@ def weight_sharing(model, data, epochs, bits):
     return Outcome(result.model, {"index_bits": result.bits, "finetune_epochs": epochs, "coding": "huffman"})
 
 
-def weight_clipping(model, data, epochs, quality, layers, iterations):
+def weight_clipping(model, data, epochs, quality, layers, iterations, lr=1e-4):
+    epochs = max(epochs, iterations)  # each clip-and-retrain round needs an epoch, even under --quick
     result = pruning.prune_clip(model, data.x_train, data.y_train, quality, iterations=iterations,
-                                retrain_epochs=max(epochs, iterations), layers=layers)
-    settings = {"quality": quality, "layers": layers, "iterations": iterations,
-                "retrain_epochs": max(epochs, iterations), "lr": 1e-4}
+                                retrain_epochs=epochs, lr=lr, layers=layers)
+    settings = {"quality": quality, "layers": layers, "iterations": iterations, "retrain_epochs": epochs, "lr": lr}
     return Outcome(sparse.to_sparse(result.model), settings, figures={"pruned": result.model})
 
 
-def network_pruning(model, data, epochs, rate, criterion):
+def network_pruning(model, data, epochs, rate, criterion, lr=3e-4):
     rates = {i: rate for i in structured.prunable_layers(model)}
     pruned = structured.prune_and_finetune(model, rates, data.x_train, data.y_train, epochs=epochs,
-                                           criterion=criterion)
+                                           criterion=criterion, lr=lr)
     fewer = structured.total_macs(model) / structured.total_macs(pruned)
-    settings = {"rate": rate, "layers": sorted(rates), "criterion": criterion, "finetune_epochs": epochs, "lr": 3e-4}
+    settings = {"rate": rate, "layers": sorted(rates), "criterion": criterion, "finetune_epochs": epochs, "lr": lr}
     return Outcome(pruned, settings, note=f"{fewer:.1f}x fewer MACs")
 
 
@@ -181,23 +184,27 @@ def knowledge_distillation(model, data, epochs, student, temperature, alpha):
     return Outcome(distilled, settings, note=note)
 
 
-def model_pruning(model, data, epochs, sparsity, iterations, ends_scale):
+def model_pruning(model, data, epochs, sparsity, iterations, ends_scale, lr=1e-4):
     result = pruning.prune_global(model, data.x_train, data.y_train, sparsity, iterations=iterations,
-                                  retrain_epochs=epochs, ends_scale=ends_scale)
+                                  retrain_epochs=epochs, lr=lr, ends_scale=ends_scale)
     settings = {"sparsity": sparsity, "ends_scale": ends_scale, "schedule": "cubic", "iterations": iterations,
-                "retrain_epochs": epochs, "lr": 1e-4}
+                "retrain_epochs": epochs, "lr": lr}
     return Outcome(sparse.to_sparse(result.model), settings, figures={"pruned": result.model})
 
 
-def model_cutting(model, data, epochs, max_drop):
+def model_cutting(model, data, epochs, max_drop, lr=3e-4):
     cut, table = cutting.choose_truncation(model, data.x_fit, data.y_fit, data.x_val, data.y_val, max_drop=max_drop,
                                            epochs=epochs)
-    after = next(row["after"] for row in table if row["chosen"])
-    fit(cut, data.x_train, data.y_train, epochs=epochs, optimizer=Adam(3e-4))
-    settings = {"kept_layers": after + 1, "candidates": [row["after"] for row in table], "max_drop": max_drop,
-                "head_epochs": epochs, "finetune_epochs": epochs}
-    kept = f"kept layers 0..{after}" if after >= 0 else "kept no layer"
-    return Outcome(cut, settings, note=f"{kept}, cut the {len(model.layers) - after - 1} after them for a new head")
+    chosen = next(row for row in table if row["chosen"])
+    fit(cut, data.x_train, data.y_train, epochs=epochs, optimizer=Adam(lr))
+    settings = {"max_drop": max_drop, "head_epochs": epochs, "finetune_epochs": epochs, "lr": lr,
+                "candidates": {row["after"]: round(row["accuracy"], 4) for row in table}}
+    removed = sum(bool(layer.params) for layer in model.layers) - sum(bool(layer.params) for layer in cut.layers) + 1
+    kept = f"layers 0..{chosen['after']}" if chosen["after"] >= 0 else "no layer"
+    within = ("within" if chosen["accuracy_drop"] <= max_drop
+              else "no cut was within max_drop of the uncut network; the most accurate:")
+    return Outcome(cut, settings, note=f"{within} kept {kept} and a new head in place of the {removed} weight "
+                                       f"layers after them")
 
 
 def deep_compression_pipeline(model, data, epochs, sparsity, bits, iterations, ends_scale):
@@ -210,8 +217,19 @@ def deep_compression_pipeline(model, data, epochs, sparsity, bits, iterations, e
     return Outcome(result.model, settings, note="prune, share, Huffman-code")
 
 
-APPLY = dict(zip(TECHNIQUES, (weight_sharing, weight_clipping, network_pruning, int8_quantization, binarization,
-                              knowledge_distillation, model_pruning, model_cutting, deep_compression_pipeline)))
+# The techniques in the order the demo applies them.
+APPLY = {
+    "weight sharing": weight_sharing,
+    "weight clipping": weight_clipping,
+    "network pruning": network_pruning,
+    "int8 quantization": int8_quantization,
+    "binarization": binarization,
+    "knowledge distillation": knowledge_distillation,
+    "model pruning": model_pruning,
+    "model cutting": model_cutting,
+    "deep compression": deep_compression_pipeline,
+}
+TECHNIQUES = tuple(APPLY)
 
 
 # --------------------------------------------------------------------------
@@ -332,15 +350,19 @@ def run(data_name="mnist10k", out_dir="demo", quick=False, root=None, networks=N
             figures[name][technique] = {"model": artifact, **outcome.figures}
             steps.update()
     steps.close()
-    plot_files = _plots(report, figures, out_dir) if plots else []
-    write_reports(report, out_dir, plot_files)
+    write_json(report, out_dir)  # before the plots: a plotting failure must not lose the figures
+    plot_files, why = _plots(report, figures, out_dir) if plots else ([], "--no-plots")
+    write_markdown(report, out_dir, plot_files, why)
     return report
 
 
 def _plots(report, figures, out_dir):
+    """(files written, why none) for the plots of this run."""
     try:
         from . import plots
-    except ImportError as e:
-        tqdm.write(f"plots skipped: {e} (pip install 'minicnn[plot]')")
-        return []
-    return plots.draw_all(report, figures, out_dir)
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] != "matplotlib":
+            raise  # a broken import inside optim.plots is a bug, not a missing extra
+        tqdm.write("plots skipped: matplotlib is not installed (pip install 'minicnn[plot]')")
+        return [], "matplotlib is not installed"
+    return plots.draw_all(report, figures, out_dir), ""

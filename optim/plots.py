@@ -52,8 +52,12 @@ def _largest_weight_layer(model):
 
 
 def _int8_unit(quantized, shape):
-    """(codes of one output unit, its scale): the int8 op whose weights have `shape`, at its median scale."""
-    op = next(op for op in quantized.layers if getattr(op, "W", None) is not None and op.W.shape == shape)
+    """(unit, its scale, its codes): the output unit at the median scale of the int8 op whose
+    weights have `shape` (the int8 ops fuse ReLUs, so indices differ from the float model's);
+    None if no op has that shape."""
+    op = next((op for op in quantized.layers if getattr(op, "W", None) is not None and op.W.shape == shape), None)
+    if op is None:
+        return None
     unit = int(np.argsort(op.w_scale)[op.w_scale.size // 2])
     codes = op.W[:, unit] if op.W.ndim == 2 else op.W[unit]
     return unit, float(op.w_scale[unit]), codes
@@ -81,7 +85,11 @@ def histograms(figures, out_dir):
         row[1].vlines(codebook, 0, 1, transform=row[1].get_xaxis_transform(), color="C3", lw=0.6)
         row[1].set_title(f"after sharing: {codebook.size} centroids (red), fine-tuned", fontsize=9)
         row[1].legend(fontsize=7)
-        unit, scale, codes = _int8_unit(figures[name]["int8 quantization"]["model"], W.shape)
+        found = _int8_unit(figures[name]["int8 quantization"]["model"], W.shape)
+        if found is None:
+            row[2].axis("off")
+            continue
+        unit, scale, codes = found
         floats = (W[:, unit] if W.ndim == 2 else W[unit]).ravel()
         # Near zero, where most weights are, so that the individual levels show.
         # Bins of scale / 8 centred on the levels, so each level's codes fill one bar.
@@ -128,7 +136,8 @@ def masks(figures, out_dir, techniques=("weight clipping", "model pruning")):
 
 
 def sensitivity(figures, out_dir):
-    """Validation accuracy against the sparsity of one layer at a time, no retraining."""
+    """Accuracy against the sparsity of one layer at a time, no retraining, on the demo's
+    x_val: training images the baseline has seen, so the level is high; the shape is the point."""
     names = [n for n in figures if "sensitivity" in figures[n]]
     fig = Figure(figsize=(5.5 * len(names), 4))
     axes = fig.subplots(1, len(names), squeeze=False)[0]
@@ -138,7 +147,7 @@ def sensitivity(figures, out_dir):
             ax.plot(100 * np.array(s), 100 * np.array(acc), marker="o", label=layer)
         ax.set_title(f"{name}: one layer pruned, no retraining")
         ax.set_xlabel("sparsity of the layer (%)")
-        ax.set_ylabel("validation accuracy (%)")
+        ax.set_ylabel("accuracy on 10% of the training images (%)")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     return _save(fig, out_dir, "sensitivity.png")

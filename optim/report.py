@@ -52,10 +52,11 @@ def _settings(report):
     return "\n".join(lines)
 
 
-def format_markdown(report, plot_files=()):
-    """report.md: what was run, the table, the settings, the plots."""
+def format_markdown(report, plot_files=(), why_no_plots=""):
+    """report.md: what was run, the table, the settings, the plots (or why there are none)."""
     recipe = "--quick (a few epochs on a sample: for CI, not for quoting)" if report["quick"] else "the full run"
-    plots = "\n".join(f"![{os.path.splitext(p)[0]}]({p})" for p in plot_files) or "(plots skipped: no matplotlib)"
+    plots = ("\n".join(f"![{os.path.splitext(p)[0]}]({p})" for p in plot_files)
+             or f"(plots skipped: {why_no_plots or 'nothing to plot'})")
     return f"""# minicnn demo: what each technique bought
 
 Data set `{report['dataset']}`: {report['train_images']:,} training images, {report['test_images']:,} test images;
@@ -78,14 +79,20 @@ other moments of the run, so their ratios can differ from it.
 """
 
 
-def write_reports(report, out_dir, plot_files=()):
-    """Write out_dir/report.json and out_dir/report.md, each atomically."""
-    with atomic_path(os.path.join(out_dir, "report.json")) as tmp:
+def _write_text(path, text):
+    with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-    with atomic_path(os.path.join(out_dir, "report.md")) as tmp:
-        with open(tmp, "w") as f:
-            f.write(format_markdown(report, plot_files))
+            f.write(text)
+
+
+def write_json(report, out_dir):
+    """out_dir/report.json, written atomically."""
+    _write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))
+
+
+def write_markdown(report, out_dir, plot_files=(), why_no_plots=""):
+    """out_dir/report.md, written atomically."""
+    _write_text(os.path.join(out_dir, "report.md"), format_markdown(report, plot_files, why_no_plots))
 
 
 def update_readme(path, report):
@@ -95,7 +102,4 @@ def update_readme(path, report):
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
         raise ValueError(f"{path} has no demo table markers: add the lines\n{README_BEGIN}\n{README_END}")
-    text = text[: begin + len(README_BEGIN)] + "\n" + markdown_table(report) + "\n" + text[end:]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
+    _write_text(path, text[: begin + len(README_BEGIN)] + "\n" + markdown_table(report) + "\n" + text[end:])

@@ -204,7 +204,7 @@ def test_truncate_to_nothing_is_a_linear_classifier():
 def test_choose_truncation_keeps_the_smallest_good_enough_cut(max_drop):
     x, y, *_ = minicnn.datasets.load("mnist10k")
     model = minicnn.zoo.lenet300(seed=0)
-    minicnn.fit(model, x[:1000], y[:1000], epochs=1, verbose=False)
+    minicnn.fit(model, x[:1000], y[:1000], epochs=5, verbose=False)  # far ahead of heads trained 1 epoch
     cut, table = cutting.choose_truncation(model, x[:1000], y[:1000], x[1000:1400], y[1000:1400],
                                            max_drop=max_drop, epochs=1, verbose=False)
     assert [row["after"] for row in table] == [-1, 1, 2]
@@ -218,6 +218,16 @@ def test_choose_truncation_keeps_the_smallest_good_enough_cut(max_drop):
     assert sum(p.size for layer in cut.layers for p in layer.params.values()) == chosen[0]["params"]
     if max_drop == 1.0:
         assert chosen[0]["after"] == -1  # everything is good enough: the smallest is the linear classifier
+    else:
+        assert not good, "the fallback should be exercised here: every head trails the 5-epoch model by > 0.1"
+
+
+def test_choose_truncation_checks_max_drop():
+    x = np.zeros((4, 1, 28, 28), np.float32)
+    y = np.zeros(4, np.int64)
+    for bad in (-0.1, float("nan")):
+        with pytest.raises(ValueError, match="max_drop"):
+            cutting.choose_truncation(minicnn.zoo.lenet300(), x, y, x, y, max_drop=bad)
 
 
 def test_cli_cut_prints_both_summaries_and_saves(tmp_path, capsys):

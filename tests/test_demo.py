@@ -79,12 +79,21 @@ def test_markdown_report_and_plots(quick_run):
     assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
 
 
-def test_cached_baselines_are_reused(quick_run, capsys):
+def test_cached_baselines_are_reused(quick_run, tmp_path, monkeypatch, capsys):
     out, result = quick_run
-    again = demo.run("mnist10k", str(out), quick=True, techniques=(), plots=False)
+    for name in demo.NETWORKS:
+        cached = f"baseline-{name}-quick-mnist10k.npz"
+        (tmp_path / cached).write_bytes((out / cached).read_bytes())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached baseline was trained again")
+
+    monkeypatch.setattr(demo, "fit", no_training)
+    again = demo.run("mnist10k", str(tmp_path), quick=True, techniques=(), plots=False)
     assert "reusing the trained" in capsys.readouterr().out
     for name, base in result["baseline"].items():
         assert again["baseline"][name]["accuracy"] == base["accuracy"]
+    assert "(plots skipped: --no-plots)" in (tmp_path / "report.md").read_text()
 
 
 def test_readme_table_is_replaced_between_the_markers(tmp_path, quick_run):
@@ -146,6 +155,6 @@ def test_without_matplotlib_the_plots_are_skipped(tmp_path, monkeypatch, capsys)
     monkeypatch.delitem(sys.modules, "optim.plots", raising=False)
     monkeypatch.delattr(optim, "plots", raising=False)  # else `from . import plots` finds it there
     demo.run("mnist10k", str(tmp_path), quick=True, networks=("seed_cnn",), techniques=("int8 quantization",))
-    assert "plots skipped" in capsys.readouterr().out
-    assert "plots skipped" in (tmp_path / "report.md").read_text()
+    assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
+    assert "(plots skipped: matplotlib is not installed)" in (tmp_path / "report.md").read_text()
     assert not list(tmp_path.glob("*.png"))
