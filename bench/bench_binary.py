@@ -32,7 +32,10 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 
 import numpy as np  # noqa: E402
 
-from bench.common import FULL, QUICK, format_facts, format_table, machine_facts, measure, num, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_run_args, format_facts, format_table, machine_facts, num, results_path, set_threads, write_json,
+)
+from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import zoo  # noqa: E402
 from minicnn.layers import Dense  # noqa: E402
 from optim import xnor  # noqa: E402
@@ -115,10 +118,10 @@ def table(rows, first):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few short repeats: a smoke run")
-    p.add_argument("--json", type=Path, default=None, help="default bench/results/binary[_quick].json")
+    add_run_args(p, "binary")
     args = p.parse_args(argv)
-    path = args.json or ROOT / "bench" / "results" / ("binary_quick.json" if args.quick else "binary.json")
+    path = results_path(args, "binary")
+    set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     started = time.perf_counter()
     xnor.pack_signs(np.zeros((1, 1), np.float32))  # starts Numba's thread pool, so the facts name its layer

@@ -33,11 +33,11 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from bench.bench_substrate import set_threads  # noqa: E402
 from bench.common import (  # noqa: E402
-    FULL, QUICK, compare, format_facts, format_table, machine_facts, measure, pct, write_json,
+    add_run_args, format_facts, format_table, machine_facts, pct, results_path, set_threads, write_json,
 )
-from minicnn import Conv2D, Dense, kernels  # noqa: E402
+from minicnn.timing import FULL, QUICK, compare, measure  # noqa: E402
+from minicnn import Conv2D, Dense  # noqa: E402
 from optim import pruning, sparse  # noqa: E402
 from optim.sparse import SparseConv2D, SparseDense  # noqa: E402
 
@@ -157,13 +157,10 @@ def bench_model(budget, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short timings, fewer densities (a smoke test)")
+    add_run_args(parser, "pruning", "short timings, fewer densities (a smoke test)")
     parser.add_argument("--model", default=None, help="a trained LeNet-5 file to prune for part 3")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for Numba and numpy's BLAS (default: all Numba's); "
-                             "1 gives steadier figures when other jobs share the cores")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "pruning.json"))
     args = parser.parse_args(argv)
+    args.json = results_path(args, "pruning")
     threads = set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     densities = (0.05, 0.1, 0.3, 0.5) if args.quick else DENSITIES

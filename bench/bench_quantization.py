@@ -41,7 +41,10 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 
 import numpy as np  # noqa: E402
 
-from bench.common import FULL, QUICK, format_facts, format_table, machine_facts, measure, num, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_run_args, format_facts, format_table, machine_facts, num, results_path, set_threads, write_json,
+)
+from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import kernels, zoo  # noqa: E402
 from optim.quantization import quantize_model  # noqa: E402
 
@@ -134,10 +137,11 @@ def kernel_rows(budget, rounds, out):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short timings, for a smoke test")
+    add_run_args(parser, "quantization", "short timings, for a smoke test")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "quantization.json"))
     args = parser.parse_args(argv)
+    args.json = results_path(args, "quantization")
+    set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     networks, kernel_figures = [], []
     rows = network_rows(budget, args.rounds, networks) + kernel_rows(budget, args.rounds, kernel_figures)

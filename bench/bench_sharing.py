@@ -27,7 +27,10 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
-from bench.common import FULL, QUICK, format_facts, format_table, machine_facts, measure, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    add_run_args, format_facts, format_table, machine_facts, results_path, set_threads, write_json,
+)
+from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from optim import huffman, sharing  # noqa: E402
 
 REFERENCE_SLICE = 20_000  # symbols decoded by the pure-Python reference (it runs ~100x slower)
@@ -90,10 +93,11 @@ def bench_huffman(w, budget):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="short timings (a smoke test)")
+    add_run_args(parser, "sharing", "short timings (a smoke test)")
     parser.add_argument("--model", default=None, help="a trained LeNet-5 file (default: fresh weights)")
-    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / "sharing.json"))
     args = parser.parse_args(argv)
+    args.json = results_path(args, "sharing")
+    set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     w = fc1_weights(args.model)
 

@@ -42,8 +42,9 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from bench.common import (  # noqa: E402
-    FULL, QUICK, Timing, compare, format_facts, format_table, machine_facts, num, write_json,
+    add_run_args, format_facts, format_table, machine_facts, num, results_path, set_threads, write_json,
 )
+from minicnn.timing import FULL, QUICK, Timing, compare  # noqa: E402
 from optim import cutting, structured  # noqa: E402
 
 ROUNDS = 3
@@ -158,16 +159,14 @@ def table(rows):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few short repeats: a smoke run")
+    add_run_args(p, "structured")
     p.add_argument("--lenet5", type=Path, help="trained LeNet-5 (.npz)")
     p.add_argument("--pruned", type=Path, help="the same after `minicnn prune --method filters`")
     p.add_argument("--deep", type=Path, help="trained deep_cnn (.npz)")
     p.add_argument("--cut", type=Path, help="the same after `minicnn cut`")
-    p.add_argument("--json", type=Path, default=None,
-                   help="where to write the results (default bench/results/structured[_quick].json)")
     args = p.parse_args(argv)
-    if args.json is None:
-        args.json = ROOT / "bench" / "results" / ("structured_quick.json" if args.quick else "structured.json")
+    args.json = results_path(args, "structured")
+    set_threads(args.threads)
     return args
 
 

@@ -38,12 +38,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure this working tree's minicnn, not an installed copy
 
-import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    FULL, QUICK, compare, format_facts, format_table, load_average, machine_facts, measure, num, pct, write_json,
+    add_run_args, format_facts, format_table, load_average, machine_facts, num, pct, results_path, set_threads,
+    write_json,
 )
+from minicnn.timing import FULL, QUICK, compare, measure  # noqa: E402
 from minicnn import kernels, zoo  # noqa: E402
 from minicnn.losses import cross_entropy  # noqa: E402
 from minicnn.optimizers import Adam  # noqa: E402
@@ -374,34 +375,12 @@ def contestants(use_torch, threads):
     return sides, notes, info
 
 
-def set_threads(n):
-    """Use n threads in Numba and numpy's BLAS (torch follows in Torch()); returns n.
-    Oversubscribed cores hurt threaded code most: a parallel region waits for its
-    slowest thread, and a thread that lost its core is very slow."""
-    if n is None:
-        return numba.get_num_threads()
-    numba.set_num_threads(n)
-    try:
-        import threadpoolctl
-    except ImportError:
-        print("warning: threadpoolctl not installed, numpy's BLAS keeps its own thread count")
-    else:
-        threadpoolctl.threadpool_limits(n, user_api="blas")
-    return n
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="few short repeats: a ~20 s smoke run")
+    add_run_args(p, "substrate", "few short repeats: a ~20 s smoke run")  # torch follows --threads too
     p.add_argument("--no-torch", action="store_true", help="measure minicnn alone")
-    p.add_argument("--threads", type=int, default=None,
-                   help="threads for Numba, numpy's BLAS and torch (default: all Numba's); "
-                        "1 gives steadier figures when other jobs share the cores")
-    p.add_argument("--json", type=Path, default=None,
-                   help="where to write the results (default bench/results/substrate[_quick].json)")
     args = p.parse_args(argv)
-    if args.json is None:
-        args.json = ROOT / "bench" / "results" / ("substrate_quick.json" if args.quick else "substrate.json")
+    args.json = results_path(args, "substrate")
     return args
 
 

@@ -1,7 +1,8 @@
-"""Helpers shared by the benchmarks in bench/: machine facts, tables, JSON.
+"""Helpers shared by the benchmarks in bench/: command-line options, thread
+counts, machine facts, tables, JSON.
 
 Timing (warm-up, calibration, interleaved repeats, medians) lives in
-minicnn/timing.py, shared with `minicnn demo`; it is re-exported here.
+minicnn/timing.py, shared with `minicnn demo`.
 """
 
 import json
@@ -11,7 +12,44 @@ import platform
 import tempfile
 from pathlib import Path
 
-from minicnn.timing import FULL, QUICK, Budget, Timing, compare, measure  # noqa: F401  (re-exported)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------
+# Options every benchmark takes
+
+
+def add_run_args(parser, name, quick_help="few short repeats: a smoke run"):
+    """--quick, --threads N and --json PATH (default bench/results/<name>[_quick].json)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads for Numba and numpy's BLAS (default: all Numba's); 1 gives steadier "
+                             "figures when other jobs share the cores")
+    parser.add_argument("--json", type=Path, default=None,
+                        help=f"where to write the results (default bench/results/{name}[_quick].json)")
+
+
+def results_path(args, name):
+    """Where a run writes its JSON: --json, or bench/results/<name>[_quick].json."""
+    return args.json or ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
+
+
+def set_threads(n):
+    """Use n threads in Numba and numpy's BLAS (None: leave them as they are); returns the count.
+    Oversubscribed cores hurt threaded code most: a parallel region waits for its
+    slowest thread, and a thread that lost its core is very slow."""
+    import numba
+
+    if n is None:
+        return numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        import threadpoolctl
+    except ImportError:
+        print("warning: threadpoolctl not installed, numpy's BLAS keeps its own thread count")
+    else:
+        threadpoolctl.threadpool_limits(n, user_api="blas")
+    return n
 
 
 # --------------------------------------------------------------------------
