@@ -209,11 +209,11 @@ def cmd_demo(args):
     return 0
 
 
-def _add_training_args(p, epochs_flag, epochs, lr):
+def _add_training_args(p, epochs_flag, epochs, lr, epochs_help=None, lr_help="Adam's learning rate"):
     """The fine-tuning recipe shared by every command that retrains."""
-    p.add_argument(epochs_flag, type=int, default=epochs)
+    p.add_argument(epochs_flag, type=int, default=epochs, help=epochs_help)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=lr, help="Adam's learning rate")
+    p.add_argument("--lr", type=float, default=lr, help=lr_help)
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -284,10 +284,8 @@ def add_commands(commands):
                    help="clip, global: first print each layer's accuracy against its sparsity, without retraining")
     p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"], help="filters: ranking")
     p.add_argument("--steps", type=int, default=1, help="filters: prune and fine-tune in this many steps")
-    p.add_argument("--retrain-epochs", type=int, default=4, help="epochs of retraining (per step for filters)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=None, help="Adam's learning rate; 1e-4 (clip, global), 3e-4 (filters)")
-    p.add_argument("--seed", type=int, default=0)
+    _add_training_args(p, "--retrain-epochs", 4, None, "epochs of retraining (per step for filters)",
+                       "Adam's learning rate; 1e-4 (clip, global), 3e-4 (filters)")
     p.add_argument("--out", default=None, help="where to save the pruned model (.npz)")
     p.set_defaults(run=cmd_prune)
 

@@ -46,22 +46,23 @@ MAX_CODE_LENGTH = 63  # codes are handled as uint64; Huffman needs > 2**40 symbo
 HEADER = np.dtype([("count", "<u4"), ("alphabet", "<u4"), ("width", "u1"), ("bits", "<u4")])
 
 
+def _check_naturals(values, name):
+    """`values` as a 1-D array of non-negative integers, or a ValueError naming `name`."""
+    values = np.asarray(values)
+    if values.ndim != 1 or (values.size and values.dtype.kind not in "iu"):
+        raise ValueError(f"{name} must be a 1-D integer array, got {values.dtype} {values.shape}")
+    if values.size and values.min() < 0:
+        raise ValueError(f"{name} must be non-negative, got {values.min()}")
+    return values
+
+
 def _check_symbols(symbols):
-    symbols = np.asarray(symbols)
-    if symbols.ndim != 1 or (symbols.size and symbols.dtype.kind not in "iu"):
-        raise ValueError(f"symbols must be a 1-D integer array, got {symbols.dtype} {symbols.shape}")
-    if symbols.size and symbols.min() < 0:
-        raise ValueError(f"symbols must be non-negative, got {symbols.min()}")
-    return symbols.astype(np.int64)
+    return _check_naturals(symbols, "symbols").astype(np.int64)
 
 
 def code_lengths(frequencies):
     """frequencies (A,) non-negative ints -> Huffman code lengths (A,) uint8 (0 for unused symbols)."""
-    frequencies = np.asarray(frequencies)
-    if frequencies.ndim != 1 or (frequencies.size and frequencies.dtype.kind not in "iu"):
-        raise ValueError(f"frequencies must be a 1-D integer array, got {frequencies.dtype} {frequencies.shape}")
-    if frequencies.size and frequencies.min() < 0:
-        raise ValueError(f"frequencies must be non-negative, got {frequencies.min()}")
+    frequencies = _check_naturals(frequencies, "frequencies")
     lengths = np.zeros(frequencies.size, np.uint8)
     used = np.flatnonzero(frequencies)
     if used.size == 1:
