@@ -15,6 +15,7 @@ import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from minicnn.cli import main
 from optim import cutting
+from snapshots import assert_rejected_unchanged
 
 
 def identity_conv(channels, k, rng):
@@ -69,15 +70,8 @@ def images(model, n=5, seed=0):
     return np.random.default_rng(seed).standard_normal((n, *model.input_shape)).astype(np.float32)
 
 
-def params_of(model):
-    return [{k: v.copy() for k, v in layer.params.items()} for layer in model.layers]
 
 
-def assert_same_params(model, saved):
-    assert len(model.layers) == len(saved)
-    for layer, before in zip(model.layers, saved):
-        for name in before:
-            assert np.array_equal(layer.params[name], before[name]), f"{layer} {name} changed"
 
 
 # --------------------------------------------------------------------------
@@ -267,9 +261,4 @@ def test_cli_cut_prints_both_summaries_and_saves(tmp_path, capsys):
      ValueError, "out of range"),
 ])
 def test_bad_requests_raise_and_leave_the_model_unchanged(call, error, message):
-    model = minicnn.zoo.deep_cnn(seed=0)
-    layers, saved = list(model.layers), params_of(model)
-    with pytest.raises(error, match=message):
-        call(model)
-    assert model.layers == layers
-    assert_same_params(model, saved)
+    assert_rejected_unchanged(minicnn.zoo.deep_cnn(seed=0), call, error, message)

@@ -8,8 +8,9 @@ from hypothesis import strategies as st
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from minicnn.cli import main
-from optim import pruning, sparse
+from optim import pruning
 from optim.pruning import apply_masks, clip_masks, cubic_sparsity, global_masks, layer_sparsity
+from snapshots import params_of
 
 
 def small_cnn(seed=0):
@@ -27,8 +28,6 @@ def with_ties(model, seed):
     return model
 
 
-def params_of(model):
-    return [{k: v.copy() for k, v in layer.params.items()} for layer in model.layers]
 
 
 def tiny_data(n=96, seed=0):

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 import minicnn
-from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, kernels
+from minicnn import Conv2D, Dense, Flatten, ReLU, Sequential, kernels
 from optim import sparse
 from optim.sparse import (SparseConv2D, SparseDense, best_index_bits, csr_from_dense, decode_relative,
                           encode_relative, filler_count, stream_bytes)
