@@ -250,7 +250,8 @@ def _architecture(model):
 
 
 def baseline(name, data, recipe, out_dir, data_name):
-    """The trained network `name`: the cached DIR/baseline-<name>[-quick].npz, or trained and cached."""
+    """The trained network `name`: DIR/baseline-<name>[-quick]-<data>.npz if it is there (its
+    architecture checked), else trained and saved there. Returns (model, path)."""
     path = os.path.join(out_dir, f"baseline-{name}{'-quick' if recipe.train_images else ''}-{data_name}.npz")
     fresh = zoo.build(name, seed=0)
     if os.path.exists(path):
@@ -270,17 +271,17 @@ def speeds(model, x, budget, baseline_model=None):
     """Batch-1 latency (ms) and batch-256 throughput (images/s) of `model`'s predict; with a
     baseline, each timed in alternating rounds with it (minicnn.timing.compare), and the
     speedups: baseline time / model time."""
-    one, batch = x[:1], x[:256]
-    out = {}
-    for key, images in (("b1", one), ("b256", batch)):
+    timings = {}
+    for key, images in (("b1", x[:1]), ("b256", x[:256])):
         contestants = {"model": lambda: model.predict(images)}
         if baseline_model is not None:
             contestants["baseline"] = lambda: baseline_model.predict(images)
-        timings = compare(contestants, budget)
-        if baseline_model is not None:
-            out[f"speedup_{key}"] = timings["baseline"].median / timings["model"].median
-        out[key] = timings["model"].median
-    return {"latency_ms_b1": 1e3 * out.pop("b1"), "throughput_b256": len(batch) / out.pop("b256"), **out}
+        timings[key] = compare(contestants, budget)
+    row = {"latency_ms_b1": 1e3 * timings["b1"]["model"].median,
+           "throughput_b256": len(x[:256]) / timings["b256"]["model"].median}
+    if baseline_model is not None:
+        row.update({f"speedup_{key}": t["baseline"].median / t["model"].median for key, t in timings.items()})
+    return row
 
 
 def describe(model, path, data):
