@@ -34,6 +34,15 @@ def results_path(args, name):
     return args.json or ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
 
 
+def has_threadpoolctl():
+    """Whether set_threads can also limit numpy's BLAS (threadpoolctl, `pip install -e ".[bench]"`)."""
+    try:
+        import threadpoolctl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def set_threads(n):
     """Use n threads in Numba and numpy's BLAS (None: leave them as they are); returns the count.
     Oversubscribed cores hurt threaded code most: a parallel region waits for its
@@ -43,12 +52,12 @@ def set_threads(n):
     if n is None:
         return numba.get_num_threads()
     numba.set_num_threads(n)
-    try:
+    if has_threadpoolctl():
         import threadpoolctl
-    except ImportError:
-        print("warning: threadpoolctl not installed, numpy's BLAS keeps its own thread count")
-    else:
+
         threadpoolctl.threadpool_limits(n, user_api="blas")
+    else:
+        print("warning: threadpoolctl not installed, numpy's BLAS keeps its own thread count")
     return n
 
 

@@ -62,8 +62,10 @@ from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 
 from .bitpack import pack_bits, unpack_bits
+from .simd import HAS_PERMUTE, LANES, add, fma, load, permute2, splat, store
 
 MAX_INDEX_BITS = 16
+BLOCK_COLUMNS = 128  # columns of M per block of blocked_matmul: 128 rows of a 64-lane X, 32 KB
 
 # Densities below which the sparse kernel beats the dense one, per layer type
 # and batch size {smallest batch: density}: a batch of N uses the entry of the
@@ -79,6 +81,11 @@ MAX_INDEX_BITS = 16
 #   at batch 1 and 10% at batch 64 (0.90x at 20%); on conv1 (1 -> 20) up to
 #   50-70%, its dense im2row being slow, but one entry serves both.
 SPARSE_BELOW = {"dense": {1: 0.2, 2: 0.05, 4: 0.1, 16: 0.15, 32: 0.2}, "conv2d": {1: 0.2, 32: 0.1}}
+
+# SparseDense runs lanes_matmul (one input at a time) up to this batch size, blocked_matmul (16
+# inputs a vector) above. fc1 at 10% density, two runs: lanes_matmul won at batch 8 (33-41 us
+# against 58-70), they tied at 12 (49-61 against 61-71), blocked_matmul won at 16 (62 against 65-81).
+LANES_MATMUL_UP_TO = 8
 
 
 def sparse_below(family, batch):
@@ -284,6 +291,181 @@ csr_matvec = serial(_csr_matvec_loops)
 
 
 # --------------------------------------------------------------------------
+# Kernels: CSR x dense with 16-lane vectors (float32, optim.simd)
+#
+# The loops above are bound by the loads of one nonzero at a time: its value, its
+# column, x at that column. The two kernels below regroup the nonzeros once per
+# sparsity pattern (the layouts are cached on the layer) so that every load
+# brings 16 useful lanes, and keep their running sums in registers.
+
+
+def column_blocks(indices, indptr, cols, block=BLOCK_COLUMNS):
+    """The nonzeros of M (R, cols) regrouped by blocks of `block` columns, then by row.
+
+    Returns order (nnz,) int64, block_indices (nnz,) uint32 and block_ptr (B*R + 1,) int64,
+    B = ceil(cols / block): entry p of the regrouped list is CSR entry order[p], in column
+    block_indices[p]; block b's part of row r is p in block_ptr[b*R + r] : block_ptr[b*R + r + 1].
+    Only the pattern is regrouped; the values are read through `order`, so training,
+    which changes values and not the pattern, leaves the layout valid.
+    """
+    R = indptr.size - 1
+    rows = np.repeat(np.arange(R), np.diff(indptr))
+    group = indices.astype(np.int64) // block * R + rows
+    order = np.argsort(group, kind="stable")  # CSR order within a group: columns left to right
+    B = -(-cols // block)
+    block_ptr = np.zeros(B * R + 1, np.int64)
+    np.cumsum(np.bincount(group, minlength=B * R), out=block_ptr[1:])
+    return order, np.ascontiguousarray(indices[order]), block_ptr
+
+
+@serial
+def _transpose_into(out, a):
+    """out[:a.shape[1], :a.shape[0]] = a.T for 2-D float32 arrays, four rows of `a` at a time:
+    the loads run along those rows and each store fills four neighbours (3x numba's plain double loop)."""
+    N, K = a.shape
+    for n in range(0, N - N % 4, 4):
+        r0, r1, r2, r3 = a[n], a[n + 1], a[n + 2], a[n + 3]
+        for k in range(K):
+            o = out[k]
+            o[n], o[n + 1], o[n + 2], o[n + 3] = r0[k], r1[k], r2[k], r3[k]
+    for n in range(N - N % 4, N):
+        for k in range(K):
+            out[k, n] = a[n, k]
+
+
+def _blocked_matmul_loops(values, order, block_indices, block_ptr, x, bias):
+    N, K = x.shape
+    R = bias.size
+    B = (block_ptr.size - 1) // R
+    Np = -(-N // LANES) * LANES
+    # X = x.T, one row of Np lanes per input (the batch padded with zeros to whole vectors),
+    # and Y = y.T the same way: each nonzero M[r, k] adds its value times X[k] to Y[r].
+    X = np.empty((K, Np), dtype=np.float32)
+    X[:, N:] = 0
+    _transpose_into(X, x)
+    Y = np.empty((R, Np), dtype=np.float32)
+    for r in range(R):
+        Y[r, :] = bias[r]
+    Xf, Yf = X.ravel(), Y.ravel()
+    # Tiles of 64 lanes: four vector sums per row, in registers while the row's nonzeros in
+    # one block of columns go by; the block's rows of X stay in L1 meanwhile.
+    for n0 in range(0, Np, 4 * LANES):
+        for b in range(B):
+            for r in range(R):
+                p0, p1 = block_ptr[b * R + r], block_ptr[b * R + r + 1]
+                if p0 == p1:
+                    continue
+                o = r * Np + n0
+                if n0 + 4 * LANES <= Np:
+                    a0, a1, a2, a3 = load(Yf, o), load(Yf, o + 16), load(Yf, o + 32), load(Yf, o + 48)
+                    for p in range(p0, p1):
+                        v, k = splat(values[order[p]]), np.int64(block_indices[p]) * Np + n0
+                        a0 = fma(v, load(Xf, k), a0)
+                        a1 = fma(v, load(Xf, k + 16), a1)
+                        a2 = fma(v, load(Xf, k + 32), a2)
+                        a3 = fma(v, load(Xf, k + 48), a3)
+                    store(Yf, o, a0)
+                    store(Yf, o + 16, a1)
+                    store(Yf, o + 32, a2)
+                    store(Yf, o + 48, a3)
+                else:  # the last, narrower tile: a vector at a time
+                    for t in range(n0, Np, LANES):
+                        a = load(Yf, r * Np + t)
+                        for p in range(p0, p1):
+                            a = fma(splat(values[order[p]]), load(Xf, np.int64(block_indices[p]) * Np + t), a)
+                        store(Yf, r * Np + t, a)
+    y = np.empty((N, R), dtype=np.float32)
+    _transpose_into(y, Y[:, :N])
+    return y
+
+
+blocked_matmul = serial(_blocked_matmul_loops)
+blocked_matmul.__doc__ = """y (N, R) = x @ M.T + bias for float32 x (N, K), with M's nonzeros as
+`column_blocks` regroups them: values (nnz,) in CSR order, then order, block_indices,
+block_ptr. Same result as csr_matmul_ref up to rounding (one per multiply-add here)."""
+
+
+def lane_layout(indices, indptr, cols):
+    """Where each nonzero of M (R, cols) goes in the layout of `lanes_matmul`.
+
+    Rows are taken 16 at a time, a slice (one vector lane per row), and columns 32 at a
+    time, a chunk (the part of x that two vectors hold). The nonzeros of slice s in chunk
+    q are stacked in layers: layer j holds the j-th nonzero of every row of the slice in
+    that chunk (a zero where a row has fewer), so a slice takes max_rows nnz(row, chunk)
+    layers per chunk. Each layer is 16 values and 16 bytes, the columns within the chunk.
+
+    Returns slots (nnz,) int64, the place of each CSR entry in the flat (layers, 16) arrays,
+    lane_columns (layers * 16,) uint8 and layer_ptr (S*Q + 1,) int64, S = ceil(R / 16),
+    Q = ceil(cols / 32): slice s's layers in chunk q are layer_ptr[s*Q + q] : layer_ptr[s*Q + q + 1].
+    """
+    R = indptr.size - 1
+    S, Q = -(-R // LANES), -(-cols // (2 * LANES))
+    rows = np.repeat(np.arange(R), np.diff(indptr))
+    chunk = indices.astype(np.int64) // (2 * LANES)
+    counts = np.zeros((S * LANES, Q), np.int64)  # nonzeros of each row in each chunk
+    np.add.at(counts, (rows, chunk), 1)
+    first = np.concatenate([[0], np.cumsum(counts)])[rows * Q + chunk]  # CSR keeps a row's chunk together
+    depth = np.arange(indices.size) - first  # which layer of its (slice, chunk) the entry is in
+    layers = counts.reshape(S, LANES, Q).max(axis=1)  # (S, Q)
+    layer_ptr = np.concatenate([[0], np.cumsum(layers)])
+    slots = (layer_ptr[rows // LANES * Q + chunk] + depth) * LANES + rows % LANES
+    lane_columns = np.zeros(layer_ptr[-1] * LANES, np.uint8)
+    lane_columns[slots] = indices % (2 * LANES)
+    return slots, lane_columns, layer_ptr
+
+
+def lane_values(values, slots, size):
+    """The values in lane layout: (size,) float32, values[k] at slots[k] and zeros elsewhere."""
+    lanes = np.zeros(size, np.float32)
+    lanes[slots] = values
+    return lanes
+
+
+def lanes_matmul_ref(lane_vals, lane_columns, layer_ptr, x, bias):
+    """y (N, R) = x @ M.T + bias from M in lane layout (`lane_layout`) and x (N, K): what lanes_matmul computes."""
+    (N, K), R = x.shape, bias.size
+    S, Q = -(-R // LANES), -(-K // (2 * LANES))
+    block = np.repeat(np.arange(S * Q), np.diff(layer_ptr))  # the (slice, chunk) of each layer
+    xp = np.zeros((N, Q * 2 * LANES), x.dtype)
+    xp[:, :K] = x
+    taken = xp[:, (block % Q)[:, None] * 2 * LANES + lane_columns.reshape(-1, LANES)]  # (N, layers, 16)
+    y = np.zeros((N, S, LANES), x.dtype)
+    np.add.at(y, (slice(None), block // Q), lane_vals.reshape(-1, LANES) * taken)
+    return y.reshape(N, S * LANES)[:, :R] + bias
+
+
+def _lanes_matmul_loops(lane_vals, lane_columns, layer_ptr, x, bias):
+    N, K = x.shape
+    R = bias.size
+    S, Q = -(-R // LANES), -(-K // (2 * LANES))
+    xp = np.zeros(Q * 2 * LANES, dtype=np.float32)
+    yp = np.empty(S * LANES, dtype=np.float32)
+    y = np.empty((N, R), dtype=np.float32)
+    for n in range(N):
+        xp[:K] = x[n]
+        for s in range(S):
+            # Two sums, the even and the odd layers: the next multiply-add need not wait for the last.
+            a, c = splat(0.0), splat(0.0)
+            for q in range(Q):
+                lo, hi = load(xp, 2 * LANES * q), load(xp, 2 * LANES * q + LANES)  # x's chunk, in registers
+                l0, l1 = layer_ptr[s * Q + q], layer_ptr[s * Q + q + 1]
+                m = l0 + (l1 - l0) // 2 * 2
+                for j in range(LANES * l0, LANES * m, 2 * LANES):
+                    a = fma(load(lane_vals, j), permute2(lo, lane_columns, j, hi), a)
+                    c = fma(load(lane_vals, j + LANES), permute2(lo, lane_columns, j + LANES, hi), c)
+                if m < l1:
+                    a = fma(load(lane_vals, LANES * m), permute2(lo, lane_columns, LANES * m, hi), a)
+            store(yp, LANES * s, add(a, c))
+        for r in range(R):
+            y[n, r] = yp[r] + bias[r]
+    return y
+
+
+# Compiled only where vpermi2ps exists (compiling it elsewhere fails): see simd.HAS_PERMUTE.
+lanes_matmul = serial(_lanes_matmul_loops) if HAS_PERMUTE else None
+
+
+# --------------------------------------------------------------------------
 # Kernels: direct sparse convolution
 
 
@@ -353,14 +535,6 @@ def sparse_conv2d(values, indices, indptr, xp, bias, KH, KW, stride):
     return _sparse_conv2d(work, values, indices, indptr, xp, bias, KH, KW, stride)
 
 
-def sparse_dense_forward(values, indices, indptr, x, b):
-    """y (N, R) = x @ M.T + b for x (N, K) and M (R, K) in CSR, with the sparse kernels (csr_matvec at N = 1)."""
-    x = np.ascontiguousarray(x)  # one compiled layout per kernel
-    if len(x) == 1:
-        return csr_matvec(values, indices, indptr, x[0], b)[None]
-    return csr_matmul(values, indices, indptr, x, b)
-
-
 def sparse_conv_forward(values, indices, indptr, x, b, kernel_size, stride, padding):
     """Conv2D of x (N, C, H, W) with square filters M (F, C*k*k) in CSR: the direct sparse kernel.
 
@@ -399,6 +573,9 @@ class CSRLayer(Layer):
         self.params = params
         self.grads = {name: np.zeros_like(p) for name, p in params.items()}
         self._dense = None  # M, built on demand when the dense kernel is faster
+        # The 16-lane kernels' layouts (CSRDense), built on first use: the pattern's alone
+        # lasts as long as the pattern, the one holding values until training changes them.
+        self._blocks = self._lanes = self._lane_values = None
 
     @property
     def density(self):
@@ -451,12 +628,46 @@ class CSRDense(CSRLayer):
         x = self._input(x, 2, self.in_features)
         self.cache = x
         if self.uses_sparse_kernel(len(x)):
-            return sparse_dense_forward(self.values(), self.indices, self.indptr, x, self.params["b"])
+            return self._sparse_forward(np.ascontiguousarray(x))
         out = x @ self._dense_matrix().T
         out += self.params["b"]
         return out
 
+    def _sparse_forward(self, x):
+        """y (N, out) from x (N, in) with the fastest sparse kernel that applies: in float32 the
+        16-lane ones (lanes_matmul up to LANES_MATMUL_UP_TO inputs where the CPU has vpermi2ps,
+        blocked_matmul for more), otherwise the CSR loops."""
+        b = self.params["b"]
+        if x.dtype == b.dtype == np.float32 and 0 < len(x) <= LANES_MATMUL_UP_TO and HAS_PERMUTE:
+            return lanes_matmul(*self._lane_layout(), x, b)
+        if x.dtype == b.dtype == np.float32 and len(x) > 1:
+            return blocked_matmul(self.values(), *self._column_blocks(), x, b)
+        if len(x) == 1:
+            return csr_matvec(self.values(), self.indices, self.indptr, x[0], b)[None]
+        return csr_matmul(self.values(), self.indices, self.indptr, x, b)
+
+    def _column_blocks(self):
+        if self._blocks is None:
+            self._blocks = column_blocks(self.indices, self.indptr, self.shape[1])
+        return self._blocks
+
+    def _lane_layout(self):
+        """(lane values, lane columns, layer_ptr) for lanes_matmul.
+
+        The values are laid out again when the array they come from was replaced (a cast) or
+        after backward (training is about to change them): values changed in place by hand,
+        outside training, are not noticed; comparing them at every call would cost a third of
+        the kernel."""
+        if self._lanes is None:
+            self._lanes = lane_layout(self.indices, self.indptr, self.shape[1])
+        slots, lane_columns, layer_ptr = self._lanes
+        source = self.params[self.weight_param]
+        if self._lane_values is None or self._lane_values[0] is not source:
+            self._lane_values = (source, lane_values(self.values(), slots, lane_columns.size))
+        return self._lane_values[1], lane_columns, layer_ptr
+
     def backward(self, dout):
+        self._lane_values = None
         x, dout = self.cache, dout.astype(self.dtype, copy=False)
         self.grads[self.weight_param] = self._weight_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
         self.grads["b"] = dout.sum(axis=0)

@@ -108,6 +108,50 @@ def test_csr_kernels_hand_computed():
         np.testing.assert_array_equal(y, expected, err_msg=f"{name}: ours {y}, expected {expected}")
 
 
+@given(sparse_matrix(max_rows=40, max_cols=100), st.integers(0, 70), st.sampled_from([1, 7, 32, 128]),
+       st.integers(0, 2**32 - 1))
+def test_blocked_matmul_agrees_with_dense_product(M, batch, block, seed):
+    # Batches around the 16-lane vectors and 64-lane tiles, blocks of columns down to one.
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
+    bias = rng.standard_normal(M.shape[0]).astype(np.float32)
+    values, indices, indptr = csr_from_dense(M)
+    order, block_indices, block_ptr = sparse.column_blocks(indices, indptr, M.shape[1], block)
+    assert sorted(order) == list(range(values.size)) and (block_indices == indices[order]).all()
+    y = sparse.blocked_matmul(values, order, block_indices, block_ptr, x, bias)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ M.T + bias, rtol=1e-5, atol=1e-5)
+
+
+@given(sparse_matrix(max_rows=40, max_cols=100), st.integers(0, 3), st.integers(0, 2**32 - 1))
+def test_lane_layout_holds_every_nonzero_once(M, batch, seed):
+    values, indices, indptr = csr_from_dense(M)
+    slots, lane_columns, layer_ptr = sparse.lane_layout(indices, indptr, M.shape[1])
+    S, Q = -(-M.shape[0] // 16), -(-M.shape[1] // 32)
+    assert layer_ptr.size == S * Q + 1 and lane_columns.size == 16 * layer_ptr[-1]
+    assert np.unique(slots).size == slots.size, "two nonzeros share a slot"
+    # Each nonzero sits in its own row's lane, in a layer of its own (slice, chunk), at its column in the chunk.
+    rows = np.repeat(np.arange(M.shape[0]), np.diff(indptr))
+    layer = slots // 16
+    block = np.searchsorted(layer_ptr, layer, side="right") - 1
+    np.testing.assert_array_equal(slots % 16, rows % 16)
+    np.testing.assert_array_equal(block, rows // 16 * Q + indices // 32)
+    np.testing.assert_array_equal(lane_columns[slots], indices % 32)
+    # As few layers as the fullest row of each (slice, chunk) needs.
+    full = np.zeros((S * 16, Q), np.int64)
+    np.add.at(full, (rows, indices // 32), 1)
+    np.testing.assert_array_equal(np.diff(layer_ptr), full.reshape(S, 16, Q).max(axis=1).ravel())
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
+    bias = rng.standard_normal(M.shape[0]).astype(np.float32)
+    lanes = sparse.lane_values(values, slots, lane_columns.size)
+    expected = x.astype(np.float64) @ M.T + bias
+    ours = {"reference": sparse.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias)}
+    if sparse.lanes_matmul is not None:  # only on CPUs with AVX-512 (simd.HAS_PERMUTE)
+        ours["numba"] = sparse.lanes_matmul(lanes, lane_columns, layer_ptr, x, bias)
+    for name, y in ours.items():
+        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+
+
 @given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 2**32 - 1))
 def test_sparse_conv_agrees_with_dense_conv(geometry, density, seed):
     N, C, H, W, F, K, stride, padding = geometry
@@ -171,13 +215,13 @@ def test_the_kernel_follows_the_batch_size(monkeypatch):
     M[rng.permutation(M.size).reshape(M.shape) >= 18] = 0  # 18 of 60 kept: 30%
     dense = pruned_dense(M)
     layer = SparseDense.from_dense(dense)
-    calls, sparse_kernel = [], sparse.sparse_dense_forward
+    calls, sparse_kernel = [], SparseDense._sparse_forward
 
-    def spy(values, indices, indptr, x, b):
+    def spy(self, x):
         calls.append(len(x))
-        return sparse_kernel(values, indices, indptr, x, b)
+        return sparse_kernel(self, x)
 
-    monkeypatch.setattr(sparse, "sparse_dense_forward", spy)
+    monkeypatch.setattr(SparseDense, "_sparse_forward", spy)
     for n in (1, 3, 4, 9):
         x = rng.standard_normal((n, 10)).astype(np.float32)
         assert layer.uses_sparse_kernel(n) == (n < 4), n
@@ -195,17 +239,23 @@ def test_sparse_layer_gradients():
     check_layer_gradients(conv, rng.standard_normal((2, 2, 5, 5)))
 
 
-def test_training_a_sparse_layer_only_moves_its_nonzeros():
+def test_training_a_sparse_layer_only_moves_its_nonzeros(monkeypatch):
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 2.0}, "conv2d": {1: 2.0}})  # sparse kernels only
     rng = np.random.default_rng(2)
     M = rng.standard_normal((5, 8)).astype(np.float32)
     M[rng.random(M.shape) < 0.6] = 0
     layer = SparseDense.from_dense(pruned_dense(M))
+    x1 = rng.standard_normal((1, 8)).astype(np.float32)
+    layer.forward(x1)  # lays the values out for the batch-1 kernel
     layer.forward(rng.standard_normal((4, 8)).astype(np.float32))
     layer.backward(rng.standard_normal((4, 5)).astype(np.float32))
     minicnn.SGD(0.1).step([layer])
     W = layer.matrix()
     assert ((W != 0) <= (M != 0)).all(), "a pruned weight grew back"
     assert not np.array_equal(W, M), "the nonzeros did not train"
+    # Every kernel sees the trained values, the batch-1 one included.
+    for x in (x1, np.repeat(x1, 3, axis=0)):
+        np.testing.assert_allclose(layer.forward(x), x @ W.T + layer.params["b"], rtol=1e-5, atol=1e-5)
 
 
 def test_stats_report_nonzeros_density_and_bytes():

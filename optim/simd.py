@@ -1,0 +1,154 @@
+"""Explicit SIMD for Numba kernels: a value type of 16 float32 lanes and six operations on it.
+
+Numba hands loops to LLVM, which vectorises an innermost loop by itself but
+cannot keep running sums in registers across the loop around it: it cannot
+prove that the arrays involved do not overlap, so every pass loads the sums
+from memory and stores them back. Numba also leaves LLVM's SLP vectoriser
+(the pass that would pack sixteen scalar sums into one register) switched
+off. A sparse kernel needs exactly those register-resident sums, so the
+kernels in `optim.sparse` say it outright with the type `f32x16`, LLVM's
+<16 x float>, and these operations (x is a 1-D float32 array, i an index):
+
+    load(x, i)              x[i : i + 16]
+    store(x, i, v)          x[i : i + 16] = v
+    splat(s)                [s, s, ..., s]
+    fma(a, b, c)            a * b + c, rounded once (llvm.fma)
+    add(a, b)               a + b
+    permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
+
+Each is a few lines of LLVM IR through `numba.extending.intrinsic`. LLVM
+maps the vectors onto what the CPU has: one 512-bit register with AVX-512,
+two 256-bit ones with AVX2, four 128-bit ones otherwise. `permute2` is the
+exception: it is AVX-512's vpermi2ps, a 16-lane table lookup into 32 floats
+held in two registers, and exists only where `HAS_PERMUTE` is true; a
+kernel that uses it must not even be compiled elsewhere.
+
+No bounds checks: callers guarantee 0 <= i and i + 16 <= x.size (j
+likewise for k). tests/test_simd.py checks each operation against NumPy.
+"""
+
+import llvmlite.binding
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+LANES = 16
+
+_FLOATS = ir.VectorType(ir.FloatType(), LANES)
+_INTS = ir.VectorType(ir.IntType(32), LANES)
+_BYTES = ir.VectorType(ir.IntType(8), LANES)
+
+# Numba compiles for the host CPU unless told otherwise (NUMBA_CPU_NAME, e.g. for portable caches).
+HAS_PERMUTE = numba.config.CPU_NAME in (None, "host") and bool(llvmlite.binding.get_host_cpu_features().get("avx512f"))
+
+
+class F32x16(types.Type):
+    """Numba's type for 16 float32 lanes, held in registers like any scalar."""
+
+    def __init__(self):
+        super().__init__(name="f32x16")
+
+
+f32x16 = F32x16()
+
+
+@register_model(F32x16)
+class _F32x16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _FLOATS)
+
+
+def _lanes_at(context, builder, array_type, array, index, lanes_type):
+    """A pointer to array[index], seen as a vector of `lanes_type`."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), lanes_type.as_pointer())
+
+
+def _is_array_of(array, dtype):
+    return isinstance(array, types.Array) and array.ndim == 1 and array.dtype == dtype
+
+
+@intrinsic
+def load(typingctx, x, i):
+    """x[i : i + 16] as a vector; x is a 1-D float32 array."""
+    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_lanes_at(context, builder, sig.args[0], args[0], args[1], _FLOATS), align=4)
+
+    return f32x16(x, i), codegen
+
+
+@intrinsic
+def store(typingctx, x, i, v):
+    """x[i : i + 16] = v."""
+    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer) and v == f32x16):
+        return None
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[2], _lanes_at(context, builder, sig.args[0], args[0], args[1], _FLOATS), align=4)
+        return context.get_dummy_value()
+
+    return types.none(x, i, v), codegen
+
+
+@intrinsic
+def splat(typingctx, s):
+    """The vector with s in every lane."""
+    if not isinstance(s, (types.Float, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = context.cast(builder, args[0], sig.args[0], types.float32)
+        first = builder.insert_element(ir.Constant(_FLOATS, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(first, ir.Constant(_FLOATS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
+
+    return f32x16(s), codegen
+
+
+@intrinsic
+def fma(typingctx, a, b, c):
+    """a * b + c lane by lane, with a single rounding."""
+    if not a == b == c == f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS, [_FLOATS] * 3), "llvm.fma.v16f32")
+        return builder.call(fn, args)
+
+    return f32x16(a, b, c), codegen
+
+
+@intrinsic
+def add(typingctx, a, b):
+    """a + b lane by lane."""
+    if not a == b == f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fadd(args[0], args[1])
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
+def permute2(typingctx, lo, k, j, hi):
+    """Lane t is concatenate([lo, hi])[k[j + t]]: a lookup into the 32 floats of two vectors.
+
+    k is a 1-D uint8 array of entries 0..31: a quarter of the bytes of int32 lane numbers, and
+    the kernels that use it are bound by what they read. AVX-512 only (HAS_PERMUTE): vpermi2ps.
+    """
+    if not (lo == hi == f32x16 and _is_array_of(k, types.uint8) and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        table = builder.load(_lanes_at(context, builder, sig.args[1], args[1], args[2], _BYTES), align=1)
+        table = builder.zext(table, _INTS)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS, [_FLOATS, _INTS, _FLOATS]),
+                                            "llvm.x86.avx512.vpermi2var.ps.512")
+        return builder.call(fn, [args[0], table, args[3]])
+
+    return f32x16(lo, k, j, hi), codegen

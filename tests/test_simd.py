@@ -1,0 +1,68 @@
+"""optim.simd's vector operations, each against the NumPy expression its docstring gives."""
+
+import numba
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from optim import simd
+from optim.simd import LANES, add, fma, load, permute2, splat, store
+
+floats = st.floats(-1e6, 1e6, width=32)
+
+
+@numba.njit
+def _copy(src, i, dst, j):
+    store(dst, j, load(src, i))
+
+
+@numba.njit
+def _arithmetic(a, b, c, out):
+    store(out, 0, fma(load(a, 0), load(b, 0), load(c, 0)))
+    store(out, LANES, add(load(a, 0), load(b, 0)))
+    store(out, 2 * LANES, splat(a[0]))
+
+
+@numba.njit
+def _permute(lo, k, j, hi, out):
+    store(out, 0, permute2(load(lo, 0), k, j, load(hi, 0)))
+
+
+@given(st.integers(0, 40), st.integers(0, 40), st.integers(0, 2**32 - 1))
+def test_load_store_move_16_lanes_at_any_offset(i, j, seed):
+    src = np.random.default_rng(seed).standard_normal(i + LANES + 3).astype(np.float32)
+    dst = np.full(j + LANES + 3, -7.0, np.float32)
+    _copy(src, i, dst, j)
+    expected = np.full_like(dst, -7.0)
+    expected[j : j + LANES] = src[i : i + LANES]
+    np.testing.assert_array_equal(dst, expected)
+
+
+@given(st.lists(floats, min_size=3 * LANES, max_size=3 * LANES))
+def test_fma_add_splat(values):
+    a, b, c = np.array(values, np.float32).reshape(3, LANES)
+    out = np.empty(3 * LANES, np.float32)
+    _arithmetic(a, b, c, out)
+    # fma rounds a*b + c once; the float64 route (a*b exact, then the sum) rounds twice, which
+    # can land one unit in the last place away.
+    np.testing.assert_array_max_ulp(out[:LANES], (a.astype(np.float64) * b + c).astype(np.float32), maxulp=1)
+    np.testing.assert_array_equal(out[LANES : 2 * LANES], a + b)
+    np.testing.assert_array_equal(out[2 * LANES :], np.full(LANES, a[0]))
+
+
+@pytest.mark.skipif(not simd.HAS_PERMUTE, reason="permute2 is AVX-512's vpermi2ps; this CPU has no AVX-512")
+@given(st.lists(st.integers(0, 31), min_size=LANES, max_size=LANES), st.integers(0, 5), st.integers(0, 2**32 - 1))
+def test_permute2_looks_up_32_floats(table, j, seed):
+    rng = np.random.default_rng(seed)
+    lo, hi = rng.standard_normal((2, LANES)).astype(np.float32)
+    k = rng.integers(0, 32, j + LANES).astype(np.uint8)
+    k[j:] = table
+    out = np.empty(LANES, np.float32)
+    _permute(lo, k, j, hi, out)
+    np.testing.assert_array_equal(out, np.concatenate([lo, hi])[k[j : j + LANES]])
+
+
+def test_operations_reject_other_dtypes():
+    with pytest.raises(numba.TypingError):
+        _copy(np.zeros(LANES), 0, np.zeros(LANES), 0)  # float64
