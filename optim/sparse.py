@@ -37,7 +37,19 @@ Sparse inference:
 
     CSR x dense:  y[n, r] = sum_{k in row r} values[k] * x[n, indices[k]]
 
-for Dense (M = W.T, so y = x @ W). For Conv2D the kernel is direct (Park et al.,
+for Dense (M = W.T, so y = x @ W). In float32, SparseDense runs it with
+16-lane vectors (`optim.simd`), the nonzeros regrouped once per pattern:
+- `lanes_matmul`, for a few inputs (AVX-512): 16 rows of M at a time, one
+  per lane; a chunk of 32 inputs sits in two registers and each layer of
+  nonzeros picks its 16 inputs out of them with one table lookup
+  (vpermi2ps), so only the values and one byte per column are read from
+  memory. The layers pad each row of a 16-row slice to the fullest one.
+- `blocked_matmul`, for a batch: x transposed, 16 inputs a vector, so a
+  nonzero multiplies 64 inputs with four multiply-adds whose sums stay in
+  registers; columns in blocks of 128 keep x's rows in the L1 cache.
+Elsewhere (float64, a CPU without AVX-512 at batch 1) the CSR loops run.
+
+For Conv2D the kernel is direct (Park et al.,
 "Faster CNNs with Direct Sparse Convolutions", ICLR 2017): no im2col at
 all, each nonzero W[f, c, kh, kw] adds a shifted input plane,
 
@@ -62,25 +74,25 @@ from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 
 from .bitpack import pack_bits, unpack_bits
-from .simd import HAS_PERMUTE, LANES, add, fma, load, permute2, splat, store
+from .simd import HAS_PERMUTE, LANES, add, empty, fma, load, permute2, splat, store, transpose16
 
 MAX_INDEX_BITS = 16
 BLOCK_COLUMNS = 128  # columns of M per block of blocked_matmul: 128 rows of a 64-lane X, 32 KB
 
 # Densities below which the sparse kernel beats the dense one, per layer type
 # and batch size {smallest batch: density}: a batch of N uses the entry of the
-# largest listed batch <= N. From bench/bench_pruning.py's density sweep on a
-# quiet 2-core machine, 2 threads (the default), best repeats:
-# - Dense, fc1 800x500: the sparse kernel won up to 10% at batch 1, 5% at 2
-#   (BLAS does two vectors almost for the price of one), 5-10% at 4, 10% at
-#   16, 20% at 64 (1.12x; 0.86x at 30%). On one thread each the break-even
-#   moves up (33% from batch 32): BLAS gains more from the second core. The
-#   batch-1 entry is 20%: LeNet-5's small fc2 (500x10) at 17% density still
-#   ran 1.8x faster sparse (4.2 against 7.6 us).
-# - Conv2D, the direct conv: on conv2 (20->50, 8x8 outputs) it won up to 20%
-#   at batch 1 and 10% at batch 64 (0.90x at 20%); on conv1 (1 -> 20) up to
-#   50-70%, its dense im2row being slow, but one entry serves both.
-SPARSE_BELOW = {"dense": {1: 0.2, 2: 0.05, 4: 0.1, 16: 0.15, 32: 0.2}, "conv2d": {1: 0.2, 32: 0.1}}
+# largest listed batch <= N. From bench/bench_pruning.py's density sweep on the
+# 2-core machine, 2 threads (the default), fastest repeats (dense / sparse):
+# - Dense, fc1 800x500, with the 16-lane kernels: 1.18x at 40% and 1.06x at
+#   50% density at batch 1; 1.13x at 30% at batch 2 (0.88x at 40%); 1.28x at
+#   40% at 4; 1.36x at 20% at 16 (0.98x at 30%: blocked_matmul's one-vector
+#   tiles below 64 inputs); 1.36x at 30% and 1.07x at 40% at 64. The entries
+#   keep a margin below each break-even.
+# - Conv2D, the direct conv: on conv2 (20->50, 8x8 outputs) it won up to 20% at
+#   batch 1 (1.38x; 0.97x at 30%) and 10% at batch 64 (2.1x; 0.54x at 20%); on
+#   conv1 (1 -> 20) up to 50%, its dense im2row being slow, but one entry
+#   serves both. Batches 2-63 were not swept: they take the batch-64 entry.
+SPARSE_BELOW = {"dense": {1: 0.4, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3}, "conv2d": {1: 0.25, 2: 0.1}}
 
 # SparseDense runs lanes_matmul (one input at a time) up to this batch size, blocked_matmul (16
 # inputs a vector) above. fc1 at 10% density, two runs: lanes_matmul won at batch 8 (33-41 us
@@ -305,8 +317,6 @@ def column_blocks(indices, indptr, cols, block=BLOCK_COLUMNS):
     Returns order (nnz,) int64, block_indices (nnz,) uint32 and block_ptr (B*R + 1,) int64,
     B = ceil(cols / block): entry p of the regrouped list is CSR entry order[p], in column
     block_indices[p]; block b's part of row r is p in block_ptr[b*R + r] : block_ptr[b*R + r + 1].
-    Only the pattern is regrouped; the values are read through `order`, so training,
-    which changes values and not the pattern, leaves the layout valid.
     """
     R = indptr.size - 1
     rows = np.repeat(np.arange(R), np.diff(indptr))
@@ -319,34 +329,31 @@ def column_blocks(indices, indptr, cols, block=BLOCK_COLUMNS):
 
 
 @serial
-def _transpose_into(out, a):
-    """out[:a.shape[1], :a.shape[0]] = a.T for 2-D float32 arrays, four rows of `a` at a time:
-    the loads run along those rows and each store fills four neighbours (3x numba's plain double loop)."""
-    N, K = a.shape
-    for n in range(0, N - N % 4, 4):
-        r0, r1, r2, r3 = a[n], a[n + 1], a[n + 2], a[n + 3]
-        for k in range(K):
-            o = out[k]
-            o[n], o[n + 1], o[n + 2], o[n + 3] = r0[k], r1[k], r2[k], r3[k]
-    for n in range(N - N % 4, N):
-        for k in range(K):
-            out[k, n] = a[n, k]
+def _transpose_into(dst, ds, src, ss, rows, cols):
+    """dst[c*ds + r] = src[r*ss + c] for r < rows, c < cols (flat float32 arrays, row strides ss, ds):
+    16 x 16 blocks in registers (simd.transpose16), the ragged edges one number at a time."""
+    R, C = rows - rows % LANES, cols - cols % LANES
+    for r in range(0, R, LANES):
+        for c in range(0, C, LANES):
+            transpose16(src, r * ss + c, ss, dst, c * ds + r, ds)
+    for r in range(rows):
+        for c in range(C if r < R else 0, cols):
+            dst[c * ds + r] = src[r * ss + c]
 
 
-def _blocked_matmul_loops(values, order, block_indices, block_ptr, x, bias):
+def _blocked_matmul_loops(block_values, block_indices, block_ptr, x, bias):
     N, K = x.shape
     R = bias.size
     B = (block_ptr.size - 1) // R
     Np = -(-N // LANES) * LANES
     # X = x.T, one row of Np lanes per input (the batch padded with zeros to whole vectors),
     # and Y = y.T the same way: each nonzero M[r, k] adds its value times X[k] to Y[r].
-    X = np.empty((K, Np), dtype=np.float32)
+    Xf, Yf = empty(K * Np), empty(R * Np)
+    X, Y = Xf.reshape((K, Np)), Yf.reshape((R, Np))
     X[:, N:] = 0
-    _transpose_into(X, x)
-    Y = np.empty((R, Np), dtype=np.float32)
+    _transpose_into(Xf, Np, x.ravel(), K, N, K)
     for r in range(R):
         Y[r, :] = bias[r]
-    Xf, Yf = X.ravel(), Y.ravel()
     # Tiles of 64 lanes: four vector sums per row, in registers while the row's nonzeros in
     # one block of columns go by; the block's rows of X stay in L1 meanwhile.
     for n0 in range(0, Np, 4 * LANES):
@@ -357,32 +364,32 @@ def _blocked_matmul_loops(values, order, block_indices, block_ptr, x, bias):
                     continue
                 o = r * Np + n0
                 if n0 + 4 * LANES <= Np:
-                    a0, a1, a2, a3 = load(Yf, o), load(Yf, o + 16), load(Yf, o + 32), load(Yf, o + 48)
+                    a0, a1, a2, a3 = load(Yf, o), load(Yf, o + LANES), load(Yf, o + 2 * LANES), load(Yf, o + 3 * LANES)
                     for p in range(p0, p1):
-                        v, k = splat(values[order[p]]), np.int64(block_indices[p]) * Np + n0
+                        v, k = splat(block_values[p]), np.int64(block_indices[p]) * Np + n0
                         a0 = fma(v, load(Xf, k), a0)
-                        a1 = fma(v, load(Xf, k + 16), a1)
-                        a2 = fma(v, load(Xf, k + 32), a2)
-                        a3 = fma(v, load(Xf, k + 48), a3)
+                        a1 = fma(v, load(Xf, k + LANES), a1)
+                        a2 = fma(v, load(Xf, k + 2 * LANES), a2)
+                        a3 = fma(v, load(Xf, k + 3 * LANES), a3)
                     store(Yf, o, a0)
-                    store(Yf, o + 16, a1)
-                    store(Yf, o + 32, a2)
-                    store(Yf, o + 48, a3)
+                    store(Yf, o + LANES, a1)
+                    store(Yf, o + 2 * LANES, a2)
+                    store(Yf, o + 3 * LANES, a3)
                 else:  # the last, narrower tile: a vector at a time
                     for t in range(n0, Np, LANES):
                         a = load(Yf, r * Np + t)
                         for p in range(p0, p1):
-                            a = fma(splat(values[order[p]]), load(Xf, np.int64(block_indices[p]) * Np + t), a)
+                            a = fma(splat(block_values[p]), load(Xf, np.int64(block_indices[p]) * Np + t), a)
                         store(Yf, r * Np + t, a)
     y = np.empty((N, R), dtype=np.float32)
-    _transpose_into(y, Y[:, :N])
+    _transpose_into(y.ravel(), R, Yf, Np, R, N)
     return y
 
 
 blocked_matmul = serial(_blocked_matmul_loops)
 blocked_matmul.__doc__ = """y (N, R) = x @ M.T + bias for float32 x (N, K), with M's nonzeros as
-`column_blocks` regroups them: values (nnz,) in CSR order, then order, block_indices,
-block_ptr. Same result as csr_matmul_ref up to rounding (one per multiply-add here)."""
+`column_blocks` regroups them: block_values = values[order], block_indices, block_ptr.
+Same result as csr_matmul_ref up to rounding (one per multiply-add here)."""
 
 
 def lane_layout(indices, indptr, cols):
@@ -416,7 +423,8 @@ def lane_layout(indices, indptr, cols):
 
 def lane_values(values, slots, size):
     """The values in lane layout: (size,) float32, values[k] at slots[k] and zeros elsewhere."""
-    lanes = np.zeros(size, np.float32)
+    lanes = empty(size)
+    lanes[:] = 0
     lanes[slots] = values
     return lanes
 
@@ -438,8 +446,8 @@ def _lanes_matmul_loops(lane_vals, lane_columns, layer_ptr, x, bias):
     N, K = x.shape
     R = bias.size
     S, Q = -(-R // LANES), -(-K // (2 * LANES))
-    xp = np.zeros(Q * 2 * LANES, dtype=np.float32)
-    yp = np.empty(S * LANES, dtype=np.float32)
+    xp, yp = empty(Q * 2 * LANES), empty(S * LANES)
+    xp[K:] = 0
     y = np.empty((N, R), dtype=np.float32)
     for n in range(N):
         xp[:K] = x[n]
@@ -483,7 +491,7 @@ def sparse_conv2d_ref(values, indices, indptr, xp, bias, KH, KW, stride):
     return out
 
 
-def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
+def _sparse_conv2d_loops(values, taps, indptr, xp, bias, KH, KW, stride):
     N, C, Hp, Wp = xp.shape
     F = indptr.size - 1
     Ho = (Hp - KH) // stride + 1
@@ -502,8 +510,7 @@ def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
             acc = wide[t]
             acc[:] = bias[f]
             for k in range(indptr[f], indptr[f + 1]):
-                v = values[k]
-                c, kh, kw = indices[k] // (KH * KW), (indices[k] // KW) % KH, indices[k] % KW
+                v, c, kh, kw = values[k], taps[k, 0], taps[k, 1], taps[k, 2]
                 tap = flat[n, c, kh * Wp + kw : kh * Wp + kw + L]
                 for p in range(L):
                     acc[p] += v * tap[p]
@@ -514,8 +521,7 @@ def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
             plane = out[n, f]
             plane[:] = bias[f]
             for k in range(indptr[f], indptr[f + 1]):
-                v = values[k]
-                c, kh, kw = indices[k] // (KH * KW), (indices[k] // KW) % KH, indices[k] % KW
+                v, c, kh, kw = values[k], taps[k, 0], taps[k, 1], taps[k, 2]
                 shifted = xp[n, c, kh:, kw:]  # the input plane moved by the tap (kh, kw)
                 for i in range(Ho):
                     for j in range(Wo):
@@ -526,22 +532,24 @@ def _sparse_conv2d_loops(values, indices, indptr, xp, bias, KH, KW, stride):
 _sparse_conv2d = twin(_sparse_conv2d_loops)
 
 
-def sparse_conv2d(values, indices, indptr, xp, bias, KH, KW, stride):
-    """Fast direct sparse conv, same contract as sparse_conv2d_ref; serial below
-    minicnn's PARALLEL_MIN_SIZE multiply-adds (a batch-1 LeNet-5 conv2 is ~0.2M),
-    where waking the threads would cost more than the loop."""
+def conv_taps(indices, KH, KW):
+    """(nnz, 3) int64: the (c, kh, kw) of each column index c*KH*KW + kh*KW + kw of a conv's M.
+
+    Computed once per pattern: three integer divisions per nonzero at every call took
+    most of the direct conv's time at batch 1 (a division costs ~15 cycles, the nonzero's
+    work a handful)."""
+    c, rest = np.divmod(indices.astype(np.int64), KH * KW)
+    return np.stack([c, *np.divmod(rest, KW)], axis=1)
+
+
+def sparse_conv2d(values, taps, indptr, xp, bias, KH, KW, stride):
+    """Fast direct sparse conv: sparse_conv2d_ref's result, with the column indices as
+    `conv_taps(indices, KH, KW)`. Serial below 16 x minicnn's PARALLEL_MIN_SIZE multiply-adds
+    (4.2M): on LeNet-5's conv2 the threaded build lost up to 2.6M (580 against 455 us, batch 8
+    at 20% density) and won at 3.8M (427 against 676); a batch-1 conv2 at 26% density is 0.4M."""
     N, _, Hp, Wp = xp.shape
     work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1)
-    return _sparse_conv2d(work, values, indices, indptr, xp, bias, KH, KW, stride)
-
-
-def sparse_conv_forward(values, indices, indptr, x, b, kernel_size, stride, padding):
-    """Conv2D of x (N, C, H, W) with square filters M (F, C*k*k) in CSR: the direct sparse kernel.
-
-    Returns (N, F, Ho, Wo), Ho = 1 + (H + 2 padding - k) // stride.
-    """
-    xp = np.ascontiguousarray(kernels.pad(x, padding))
-    return sparse_conv2d(values, indices, indptr, xp, b, kernel_size, kernel_size, stride)
+    return _sparse_conv2d(work // 16, values, taps, indptr, xp, bias, KH, KW, stride)
 
 
 # --------------------------------------------------------------------------
@@ -573,9 +581,9 @@ class CSRLayer(Layer):
         self.params = params
         self.grads = {name: np.zeros_like(p) for name, p in params.items()}
         self._dense = None  # M, built on demand when the dense kernel is faster
-        # The 16-lane kernels' layouts (CSRDense), built on first use: the pattern's alone
-        # lasts as long as the pattern, the one holding values until training changes them.
-        self._blocks = self._lanes = self._lane_values = None
+        # The 16-lane kernels' layouts (CSRDense), built on first use: where the nonzeros go
+        # lasts as long as the pattern, the values laid out there until training changes them.
+        self._patterns, self._laid_out = {}, {}
 
     @property
     def density(self):
@@ -592,6 +600,12 @@ class CSRLayer(Layer):
         if self._dense is None or self._dense[0].dtype != w.dtype or not np.array_equal(self._dense[0], w):
             self._dense = (w.copy(), self.matrix())
         return self._dense[1]
+
+    def _pattern(self, name, build):
+        """build(), something derived from the sparsity pattern alone: computed once per pattern."""
+        if name not in self._patterns:
+            self._patterns[name] = build()
+        return self._patterns[name]
 
     def uses_sparse_kernel(self, batch=1):
         """Whether forward runs the sparse kernel for a batch of this many inputs (SPARSE_BELOW)."""
@@ -639,35 +653,41 @@ class CSRDense(CSRLayer):
         blocked_matmul for more), otherwise the CSR loops."""
         b = self.params["b"]
         if x.dtype == b.dtype == np.float32 and 0 < len(x) <= LANES_MATMUL_UP_TO and HAS_PERMUTE:
-            return lanes_matmul(*self._lane_layout(), x, b)
+            _, lane_columns, layer_ptr = self._lanes()
+            return lanes_matmul(self._values_in("lanes"), lane_columns, layer_ptr, x, b)
         if x.dtype == b.dtype == np.float32 and len(x) > 1:
-            return blocked_matmul(self.values(), *self._column_blocks(), x, b)
+            _, block_indices, block_ptr = self._blocks()
+            return blocked_matmul(self._values_in("blocks"), block_indices, block_ptr, x, b)
         if len(x) == 1:
             return csr_matvec(self.values(), self.indices, self.indptr, x[0], b)[None]
         return csr_matmul(self.values(), self.indices, self.indptr, x, b)
 
-    def _column_blocks(self):
-        if self._blocks is None:
-            self._blocks = column_blocks(self.indices, self.indptr, self.shape[1])
-        return self._blocks
+    def _blocks(self):
+        return self._pattern("blocks", lambda: column_blocks(self.indices, self.indptr, self.shape[1]))
 
-    def _lane_layout(self):
-        """(lane values, lane columns, layer_ptr) for lanes_matmul.
+    def _lanes(self):
+        return self._pattern("lanes", lambda: lane_layout(self.indices, self.indptr, self.shape[1]))
 
-        The values are laid out again when the array they come from was replaced (a cast) or
-        after backward (training is about to change them): values changed in place by hand,
-        outside training, are not noticed; comparing them at every call would cost a third of
-        the kernel."""
-        if self._lanes is None:
-            self._lanes = lane_layout(self.indices, self.indptr, self.shape[1])
-        slots, lane_columns, layer_ptr = self._lanes
+    def _values_in(self, layout):
+        """The values laid out for `layout`'s kernel.
+
+        Laid out again after backward (training is about to change them) or when the array
+        they come from is a new one (a cast; `layer.params["values"] = edited`). Values changed
+        in place by hand, outside training, are not noticed: comparing them at every call
+        would cost as much as the batch-1 kernel itself."""
         source = self.params[self.weight_param]
-        if self._lane_values is None or self._lane_values[0] is not source:
-            self._lane_values = (source, lane_values(self.values(), slots, lane_columns.size))
-        return self._lane_values[1], lane_columns, layer_ptr
+        if self._laid_out.get(layout, (None,))[0] is not source:
+            if layout == "blocks":
+                order, _, _ = self._blocks()
+                laid_out = self.values()[order]
+            else:
+                slots, lane_columns, _ = self._lanes()
+                laid_out = lane_values(self.values(), slots, lane_columns.size)
+            self._laid_out[layout] = (source, laid_out)
+        return self._laid_out[layout][1]
 
     def backward(self, dout):
-        self._lane_values = None
+        self._laid_out = {}
         x, dout = self.cache, dout.astype(self.dtype, copy=False)
         self.grads[self.weight_param] = self._weight_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
         self.grads["b"] = dout.sum(axis=0)
@@ -708,8 +728,10 @@ class CSRConv2D(CSRLayer):
         self.output_shape(x.shape[1:])
         self.cache = x
         if self.uses_sparse_kernel(len(x)):
-            return sparse_conv_forward(self.values(), self.indices, self.indptr, x, self.params["b"],
-                                       self.kernel_size, self.stride, self.padding)
+            k = self.kernel_size
+            taps = self._pattern("taps", lambda: conv_taps(self.indices, k, k))
+            xp = np.ascontiguousarray(kernels.pad(x, self.padding))
+            return sparse_conv2d(self.values(), taps, self.indptr, xp, self.params["b"], k, k, self.stride)
         out, _ = kernels.conv2d_forward(x, self._weight(), self.params["b"], self.stride, self.padding)
         return out
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from optim import simd
-from optim.simd import LANES, add, fma, load, permute2, splat, store
+from optim.simd import LANES, add, empty, fma, load, permute2, splat, store, transpose16
 
 floats = st.floats(-1e6, 1e6, width=32)
 
@@ -22,6 +22,11 @@ def _arithmetic(a, b, c, out):
     store(out, 0, fma(load(a, 0), load(b, 0), load(c, 0)))
     store(out, LANES, add(load(a, 0), load(b, 0)))
     store(out, 2 * LANES, splat(a[0]))
+
+
+@numba.njit
+def _transpose(src, i, ss, dst, j, ds):
+    transpose16(src, i, ss, dst, j, ds)
 
 
 @numba.njit
@@ -61,6 +66,23 @@ def test_permute2_looks_up_32_floats(table, j, seed):
     out = np.empty(LANES, np.float32)
     _permute(lo, k, j, hi, out)
     np.testing.assert_array_equal(out, np.concatenate([lo, hi])[k[j : j + LANES]])
+
+
+@given(st.integers(0, 20), st.integers(16, 40), st.integers(0, 20), st.integers(16, 40))
+def test_transpose16_moves_a_block_across_its_diagonal(i, ss, j, ds):
+    src = np.arange(i + 16 * ss, dtype=np.float32)
+    dst = np.full(j + 16 * ds, -1.0, np.float32)
+    _transpose(src, i, ss, dst, j, ds)
+    block = src[i : i + 16 * ss].reshape(16, ss)[:, :16]
+    expected = np.full_like(dst, -1.0)
+    expected[j : j + 16 * ds].reshape(16, ds)[:, :16] = block.T
+    np.testing.assert_array_equal(dst, expected)
+
+
+@given(st.integers(0, 100))
+def test_empty_starts_on_a_cache_line(n):
+    a = empty(n)
+    assert a.shape == (n,) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
 
 
 def test_operations_reject_other_dtypes():

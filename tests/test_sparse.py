@@ -118,7 +118,7 @@ def test_blocked_matmul_agrees_with_dense_product(M, batch, block, seed):
     values, indices, indptr = csr_from_dense(M)
     order, block_indices, block_ptr = sparse.column_blocks(indices, indptr, M.shape[1], block)
     assert sorted(order) == list(range(values.size)) and (block_indices == indices[order]).all()
-    y = sparse.blocked_matmul(values, order, block_indices, block_ptr, x, bias)
+    y = sparse.blocked_matmul(values[order], block_indices, block_ptr, x, bias)
     np.testing.assert_allclose(y, x.astype(np.float64) @ M.T + bias, rtol=1e-5, atol=1e-5)
 
 
@@ -163,11 +163,15 @@ def test_sparse_conv_agrees_with_dense_conv(geometry, density, seed):
     expected = kernels.conv2d_forward_ref(x.astype(np.float64), w, bias, stride, padding)
     csr, xp = csr_from_dense(w.reshape(F, -1)), kernels.pad(x, padding)
     builds = [("threaded", 0), ("serial", 2**62)]  # the size above which the threaded build runs
-    for name, fn in [("reference", sparse.sparse_conv2d_ref), ("numba", sparse.sparse_conv2d)]:
+    values, indices, indptr = csr
+    taps = sparse.conv_taps(indices, K, K)
+    np.testing.assert_array_equal(taps @ [K * K, K, 1], indices)
+    for name, fn, args in [("reference", sparse.sparse_conv2d_ref, csr),
+                           ("numba", sparse.sparse_conv2d, (values, taps, indptr))]:
         for build, threshold in builds:
             saved, kernels.PARALLEL_MIN_SIZE = kernels.PARALLEL_MIN_SIZE, threshold
             try:
-                ours = fn(*csr, xp, bias, K, K, stride)
+                ours = fn(*args, xp, bias, K, K, stride)
             finally:
                 kernels.PARALLEL_MIN_SIZE = saved
             np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5, err_msg=f"{name} ({build})")
