@@ -1,4 +1,4 @@
-"""Explicit SIMD for Numba kernels: a value type of 16 float32 lanes and six operations on it.
+"""Explicit SIMD for Numba kernels: a value type of 16 float32 lanes and what the sparse kernels do with it.
 
 Numba hands loops to LLVM, which vectorises an innermost loop by itself but
 cannot keep running sums in registers across the loop around it: it cannot
@@ -20,9 +20,9 @@ and `transpose16(src, i, ss, dst, j, ds)`, which moves a 16 x 16 block:
 dst[j + c*ds + r] = src[i + r*ss + c], in registers (16 loads, 64
 two-vector shuffles, 16 stores, where a scalar loop takes 256 of each);
 and `empty(n)`, a float32 array whose first element sits on a 64-byte
-boundary: a vector load that straddles two cache lines costs two (fc1's
-blocked product at batch 64 took 119 us from arrays 16 bytes off, 83 us
-aligned).
+boundary: a vector load that straddles two cache lines costs two (the
+inner loops of fc1's blocked product at batch 64 took 119 us on arrays 16
+bytes off, 83 us aligned).
 
 Each is a few lines of LLVM IR through `numba.extending.intrinsic`. LLVM
 maps the vectors onto what the CPU has: one 512-bit register with AVX-512,

@@ -55,8 +55,10 @@ all, each nonzero W[f, c, kh, kw] adds a shifted input plane,
 
     out[n, f] += W[f, c, kh, kw] * xp[n, c, kh : kh + S Ho : S, kw : kw + S Wo : S]
 
-so the work is nnz * Ho * Wo per image instead of F*C*KH*KW*Ho*Wo. Both
-kernels stream over the nonzeros only; dense BLAS is faster per multiply, so
+so the work is nnz * Ho * Wo per image instead of F*C*KH*KW*Ho*Wo. In float32
+at stride 1 it too keeps 64 outputs of a plane in four vector registers while
+the filter's nonzeros go by. Both kinds of kernel stream over the nonzeros
+only; dense BLAS is faster per multiply, so
 the sparse kernel pays off only below a density that depends on the batch
 size (`SPARSE_BELOW`, measured by bench/bench_pruning.py), and the layers
 switch automatically.
@@ -88,11 +90,11 @@ BLOCK_COLUMNS = 128  # columns of M per block of blocked_matmul: 128 rows of a 6
 #   40% at 4; 1.36x at 20% at 16 (0.98x at 30%: blocked_matmul's one-vector
 #   tiles below 64 inputs); 1.36x at 30% and 1.07x at 40% at 64. The entries
 #   keep a margin below each break-even.
-# - Conv2D, the direct conv: on conv2 (20->50, 8x8 outputs) it won up to 20% at
-#   batch 1 (1.38x; 0.97x at 30%) and 10% at batch 64 (2.1x; 0.54x at 20%); on
-#   conv1 (1 -> 20) up to 50%, its dense im2row being slow, but one entry
-#   serves both. Batches 2-63 were not swept: they take the batch-64 entry.
-SPARSE_BELOW = {"dense": {1: 0.4, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3}, "conv2d": {1: 0.25, 2: 0.1}}
+# - Conv2D, the direct conv (16 lanes at stride 1): on conv2 (20->50, 8x8
+#   outputs) 2.0x at 30% and 1.16x at 50% density at batch 1, 1.12x at 30% and
+#   0.86x at 50% at batch 64; on conv1 (1 -> 20) 1.2x at 50% at batch 1, 1.06x
+#   at 50% at batch 64. Batches 2-63 were not swept: they take the batch-64 entry.
+SPARSE_BELOW = {"dense": {1: 0.4, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3}, "conv2d": {1: 0.4, 2: 0.25}}
 
 # SparseDense runs lanes_matmul (one input at a time) up to this batch size, blocked_matmul (16
 # inputs a vector) above. fc1 at 10% density, two runs: lanes_matmul won at batch 8 (33-41 us
@@ -497,39 +499,65 @@ def _sparse_conv2d_loops(values, taps, indptr, xp, bias, KH, KW, stride):
     Ho = (Hp - KH) // stride + 1
     Wo = (Wp - KW) // stride + 1
     out = np.empty((N, F, Ho, Wo), dtype=xp.dtype)
-    # At stride 1, output (i, j) is computed at p = i*Wp + j of a plane as wide as
-    # the input: tap (c, kh, kw) then reads x[c].flat[p + kh*Wp + kw], one contiguous
-    # run per nonzero instead of Ho runs of Wo (8 for LeNet-5's conv2), at the cost
-    # of Wp - Wo discarded columns per row.
-    L = (Ho - 1) * Wp + Wo
-    flat = xp.reshape(N, C, Hp * Wp)
-    wide = np.empty((N * F, L if stride == 1 else 0), dtype=xp.dtype)
     for t in prange(N * F):  # one output plane per task
         n, f = t // F, t % F
-        if stride == 1:
-            acc = wide[t]
-            acc[:] = bias[f]
-            for k in range(indptr[f], indptr[f + 1]):
-                v, c, kh, kw = values[k], taps[k, 0], taps[k, 1], taps[k, 2]
-                tap = flat[n, c, kh * Wp + kw : kh * Wp + kw + L]
-                for p in range(L):
-                    acc[p] += v * tap[p]
+        plane = out[n, f]
+        plane[:] = bias[f]
+        for k in range(indptr[f], indptr[f + 1]):
+            v, c, kh, kw = values[k], taps[k, 0], taps[k, 1], taps[k, 2]
+            shifted = xp[n, c, kh:, kw:]  # the input plane moved by the tap (kh, kw)
             for i in range(Ho):
                 for j in range(Wo):
-                    out[n, f, i, j] = acc[i * Wp + j]
-        else:
-            plane = out[n, f]
-            plane[:] = bias[f]
-            for k in range(indptr[f], indptr[f + 1]):
-                v, c, kh, kw = values[k], taps[k, 0], taps[k, 1], taps[k, 2]
-                shifted = xp[n, c, kh:, kw:]  # the input plane moved by the tap (kh, kw)
-                for i in range(Ho):
-                    for j in range(Wo):
-                        plane[i, j] += v * shifted[i * stride, j * stride]
+                    plane[i, j] += v * shifted[i * stride, j * stride]
+    return out
+
+
+def _wide_conv2d_loops(values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW):
+    F = indptr.size - 1
+    Ho, Wo = Hp - KH + 1, Wp - KW + 1
+    # At stride 1, output (i, j) is computed at p = i*Wp + j of a plane as wide as the
+    # input: tap (c, kh, kw) then reads x[c].flat[p + kh*Wp + kw], one contiguous run of
+    # L floats per nonzero, at the cost of Wp - Wo discarded columns per row. The run is
+    # cut into tiles of 64 lanes whose sums stay in registers while the filter's nonzeros
+    # go by, as in blocked_matmul; xflat has a vector of slack past its end for the last tile.
+    L = (Ho - 1) * Wp + Wo
+    Lp = -(-L // LANES) * LANES
+    shift = np.empty(values.size, dtype=np.int64)  # where each tap starts in a sample's planes
+    for k in range(values.size):
+        shift[k] = taps[k, 0] * Hp * Wp + taps[k, 1] * Wp + taps[k, 2]
+    wide = empty(N * F * Lp)
+    for t in prange(N * F):  # one output plane per task
+        n, f = t // F, t % F
+        x0, w0 = n * C * Hp * Wp, t * Lp
+        for l0 in range(0, Lp, 4 * LANES):
+            if l0 + 4 * LANES <= Lp:
+                a0 = a1 = a2 = a3 = splat(bias[f])
+                for k in range(indptr[f], indptr[f + 1]):
+                    v, o = splat(values[k]), x0 + shift[k] + l0
+                    a0 = fma(v, load(xflat, o), a0)
+                    a1 = fma(v, load(xflat, o + LANES), a1)
+                    a2 = fma(v, load(xflat, o + 2 * LANES), a2)
+                    a3 = fma(v, load(xflat, o + 3 * LANES), a3)
+                store(wide, w0 + l0, a0)
+                store(wide, w0 + l0 + LANES, a1)
+                store(wide, w0 + l0 + 2 * LANES, a2)
+                store(wide, w0 + l0 + 3 * LANES, a3)
+            else:  # the last, narrower tile: a vector at a time
+                for l in range(l0, Lp, LANES):
+                    a = splat(bias[f])
+                    for k in range(indptr[f], indptr[f + 1]):
+                        a = fma(splat(values[k]), load(xflat, x0 + shift[k] + l), a)
+                    store(wide, w0 + l, a)
+    out = np.empty((N, F, Ho, Wo), dtype=np.float32)
+    for t in range(N * F):
+        for i in range(Ho):
+            for j in range(Wo):
+                out[t // F, t % F, i, j] = wide[t * Lp + i * Wp + j]
     return out
 
 
 _sparse_conv2d = twin(_sparse_conv2d_loops)
+_wide_conv2d = twin(_wide_conv2d_loops)
 
 
 def conv_taps(indices, KH, KW):
@@ -544,12 +572,18 @@ def conv_taps(indices, KH, KW):
 
 def sparse_conv2d(values, taps, indptr, xp, bias, KH, KW, stride):
     """Fast direct sparse conv: sparse_conv2d_ref's result, with the column indices as
-    `conv_taps(indices, KH, KW)`. Serial below 16 x minicnn's PARALLEL_MIN_SIZE multiply-adds
+    `conv_taps(indices, KH, KW)`; 16 lanes at a time in float32 at stride 1 (_wide_conv2d_loops),
+    the plain loops otherwise. Serial below 16 x minicnn's PARALLEL_MIN_SIZE multiply-adds
     (4.2M): on LeNet-5's conv2 the threaded build lost up to 2.6M (580 against 455 us, batch 8
     at 20% density) and won at 3.8M (427 against 676); a batch-1 conv2 at 26% density is 0.4M."""
-    N, _, Hp, Wp = xp.shape
-    work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1)
-    return _sparse_conv2d(work // 16, values, taps, indptr, xp, bias, KH, KW, stride)
+    N, C, Hp, Wp = xp.shape
+    work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1) // 16
+    if stride == 1 and xp.dtype == values.dtype == bias.dtype == np.float32:  # the 16-lane kernel
+        xflat = empty(xp.size + LANES)
+        xflat[: xp.size] = xp.ravel()
+        xflat[xp.size :] = 0
+        return _wide_conv2d(work, values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW)
+    return _sparse_conv2d(work, values, taps, indptr, xp, bias, KH, KW, stride)
 
 
 # --------------------------------------------------------------------------

@@ -152,12 +152,14 @@ def test_lane_layout_holds_every_nonzero_once(M, batch, seed):
         np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.integers(0, 2**32 - 1))
-def test_sparse_conv_agrees_with_dense_conv(geometry, density, seed):
+@given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.sampled_from([np.float32, np.float64]),
+       st.integers(0, 2**32 - 1))
+def test_sparse_conv_agrees_with_dense_conv(geometry, density, dtype, seed):
+    # float32 at stride 1 runs the 16-lane kernel, anything else the plain loops.
     N, C, H, W, F, K, stride, padding = geometry
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((N, C, H, W)).astype(np.float32)
-    w = rng.standard_normal((F, C, K, K)).astype(np.float32)
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((F, C, K, K)).astype(dtype)
     w[rng.random(w.shape) >= density] = 0
     bias = rng.standard_normal(F).astype(np.float32)
     expected = kernels.conv2d_forward_ref(x.astype(np.float64), w, bias, stride, padding)
