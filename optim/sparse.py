@@ -91,10 +91,11 @@ BLOCK_COLUMNS = 128  # columns of M per block of blocked_matmul: 128 rows of a 6
 #   tiles below 64 inputs); 1.36x at 30% and 1.07x at 40% at 64. The entries
 #   keep a margin below each break-even.
 # - Conv2D, the direct conv (16 lanes at stride 1): on conv2 (20->50, 8x8
-#   outputs) 2.0x at 30% and 1.16x at 50% density at batch 1, 1.12x at 30% and
-#   0.86x at 50% at batch 64; on conv1 (1 -> 20) 1.2x at 50% at batch 1, 1.06x
-#   at 50% at batch 64. Batches 2-63 were not swept: they take the batch-64 entry.
-SPARSE_BELOW = {"dense": {1: 0.4, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3}, "conv2d": {1: 0.4, 2: 0.25}}
+#   outputs) 1.23x at 50% density at batch 1 (0.89x at 70%) and 1.14x at 50% at
+#   batch 64 (0.82x at 70%); on conv1 (1 -> 20) 1.09x at 70% at batch 1, 1.05x at
+#   40% and 0.90x at 50% at batch 64. Batches 2-63 were not swept: they take the
+#   batch-64 entry.
+SPARSE_BELOW = {"dense": {1: 0.4, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3}, "conv2d": {1: 0.45, 2: 0.3}}
 
 # SparseDense runs lanes_matmul (one input at a time) up to this batch size, blocked_matmul (16
 # inputs a vector) above. fc1 at 10% density, two runs: lanes_matmul won at batch 8 (33-41 us
