@@ -2,11 +2,12 @@
 
 One technique per module, each opening with its math and its paper:
 pruning (weight clipping, Han et al. 2015; global magnitude pruning on a
-schedule, Zhu & Gupta 2017) with sparse storage and kernels (sparse),
-sharing (k-means weight sharing) with huffman and deep_compression (Han,
-Mao & Dally 2016), structured (filter and neuron pruning, Li et al. 2017),
-cutting (layer removal), quantization (int8, Jacob et al. 2018), binary
-(BinaryConnect, BNN, XNOR-Net), distillation (Hinton et al. 2015).
+schedule, Zhu & Gupta 2017) with sparse storage and kernels (sparse, whose
+vector kernels simd makes possible), sharing (k-means weight sharing) with
+huffman and deep_compression (Han, Mao & Dally 2016), structured (filter
+and neuron pruning, Li et al. 2017), cutting (layer removal), quantization
+(int8, Jacob et al. 2018), binary (BinaryConnect, BNN, XNOR-Net),
+distillation (Hinton et al. 2015).
 `LAYER_KINDS` and `MODEL_KINDS` map the kinds those modules save to the
 classes and loaders that read them back, for `minicnn.load`.
 """
