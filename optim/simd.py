@@ -12,14 +12,14 @@ kernels in `optim.sparse` say it outright with the type `f32x16`, LLVM's
     load(x, i)              x[i : i + 16]
     store(x, i, v)          x[i : i + 16] = v
     splat(s)                [s, s, ..., s]
-    fma(a, b, c)            a * b + c, rounded once (llvm.fma)
+    fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
     add(a, b)               a + b
     permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
 
 and `transpose16(src, i, ss, dst, j, ds)`, which moves a 16 x 16 block:
 dst[j + c*ds + r] = src[i + r*ss + c], in registers (16 loads, 64
 two-vector shuffles, 16 stores, where a scalar loop takes 256 of each);
-and `empty(n)`, a float32 array whose first element sits on a 64-byte
+and `aligned_empty(n)`, a float32 array whose first element sits on a 64-byte
 boundary: a vector load that straddles two cache lines costs two (the
 inner loops of fc1's blocked product at batch 64 took 119 us on arrays 16
 bytes off, 83 us aligned).
@@ -33,6 +33,10 @@ kernel that uses it must not even be compiled elsewhere.
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= x.size (j
 likewise for k). tests/test_simd.py checks each operation against NumPy.
+With NUMBA_DISABLE_JIT=1 the operations are those NumPy expressions (the
+`_python` versions at the end), so the kernels run as plain Python. Numba's
+cache does not see this file: after editing it, delete the __pycache__
+folders, or kernels compiled against the old version keep running.
 """
 
 import llvmlite.binding
@@ -49,8 +53,18 @@ _FLOATS = ir.VectorType(ir.FloatType(), LANES)
 _INTS = ir.VectorType(ir.IntType(32), LANES)
 _BYTES = ir.VectorType(ir.IntType(8), LANES)
 
-# Numba compiles for the host CPU unless told otherwise (NUMBA_CPU_NAME, e.g. for portable caches).
-HAS_PERMUTE = numba.config.CPU_NAME in (None, "host") and bool(llvmlite.binding.get_host_cpu_features().get("avx512f"))
+
+def _has_avx512():
+    """Whether Numba compiles for a CPU with AVX-512: the host's, unless NUMBA_CPU_NAME or
+    NUMBA_CPU_FEATURES name another target (portable caches do)."""
+    if numba.config.CPU_NAME not in (None, "host"):
+        return False
+    if numba.config.CPU_FEATURES is not None:
+        return "+avx512f" in numba.config.CPU_FEATURES.split(",")
+    return bool(llvmlite.binding.get_host_cpu_features().get("avx512f"))
+
+
+HAS_PERMUTE = _has_avx512()
 
 
 class F32x16(types.Type):
@@ -70,21 +84,24 @@ class _F32x16Model(models.PrimitiveModel):
 
 
 @numba.njit(cache=True)
-def empty(n):
+def aligned_empty(n):
     """An uninitialised (n,) float32 array starting on a 64-byte boundary (a cache line)."""
     spare = np.empty(n + LANES - 1, dtype=np.float32)
     start = (-(spare.ctypes.data // 4)) % LANES
     return spare[start : start + n]
 
 
-def _lanes_at(context, builder, array_type, array, index, lanes_type):
+def _lanes_at(context, builder, array_type, array, index_type, index, lanes_type):
     """A pointer to array[index], seen as a vector of `lanes_type`."""
     data = context.make_array(array_type)(context, builder, array).data
+    index = context.cast(builder, index, index_type, types.intp)  # a signed GEP index, as wide as a pointer
     return builder.bitcast(builder.gep(data, [index]), lanes_type.as_pointer())
 
 
-def _is_array_of(array, dtype):
-    return isinstance(array, types.Array) and array.ndim == 1 and array.dtype == dtype
+def _is_array_of(array, dtype, writable=False):
+    """A 1-D C-contiguous array of dtype (and writable, if asked): what the operations read 16 at a time."""
+    return (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and array.dtype == dtype and (array.mutable or not writable))
 
 
 @intrinsic
@@ -94,7 +111,7 @@ def load(typingctx, x, i):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.load(_lanes_at(context, builder, sig.args[0], args[0], args[1], _FLOATS), align=4)
+        return builder.load(_lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS), align=4)
 
     return f32x16(x, i), codegen
 
@@ -102,11 +119,12 @@ def load(typingctx, x, i):
 @intrinsic
 def store(typingctx, x, i, v):
     """x[i : i + 16] = v."""
-    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer) and v == f32x16):
+    if not (_is_array_of(x, types.float32, writable=True) and isinstance(i, types.Integer) and v == f32x16):
         return None
 
     def codegen(context, builder, sig, args):
-        builder.store(args[2], _lanes_at(context, builder, sig.args[0], args[0], args[1], _FLOATS), align=4)
+        target = _lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
+        builder.store(args[2], target, align=4)
         return context.get_dummy_value()
 
     return types.none(x, i, v), codegen
@@ -128,13 +146,14 @@ def splat(typingctx, s):
 
 @intrinsic
 def fma(typingctx, a, b, c):
-    """a * b + c lane by lane, with a single rounding."""
+    """a * b + c lane by lane: one fused multiply-add (one rounding) where the CPU has them,
+    a multiply and an add elsewhere (llvm.fmuladd, where llvm.fma would call a slow libm routine)."""
     if not a == b == c == f32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS, [_FLOATS] * 3), "llvm.fma.v16f32")
-        return builder.call(fn, args)
+        fnty = ir.FunctionType(_FLOATS, [_FLOATS] * 3)
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.fmuladd.v16f32"), args)
 
     return f32x16(a, b, c), codegen
 
@@ -162,10 +181,10 @@ def permute2(typingctx, lo, k, j, hi):
         return None
 
     def codegen(context, builder, sig, args):
-        table = builder.load(_lanes_at(context, builder, sig.args[1], args[1], args[2], _BYTES), align=1)
+        table = builder.load(_lanes_at(context, builder, sig.args[1], args[1], sig.args[2], args[2], _BYTES), align=1)
         table = builder.zext(table, _INTS)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS, [_FLOATS, _INTS, _FLOATS]),
-                                            "llvm.x86.avx512.vpermi2var.ps.512")
+        fnty = ir.FunctionType(_FLOATS, [_FLOATS, _INTS, _FLOATS])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpermi2var.ps.512")
         return builder.call(fn, [args[0], table, args[3]])
 
     return f32x16(lo, k, j, hi), codegen
@@ -187,7 +206,7 @@ def transpose16(typingctx, src, i, src_stride, dst, j, dst_stride):
     and mixes them with two shuffles of constant masks, which LLVM turns into the CPU's shuffles.
     """
     ints = (i, src_stride, j, dst_stride)
-    if not (_is_array_of(src, types.float32) and _is_array_of(dst, types.float32)
+    if not (_is_array_of(src, types.float32) and _is_array_of(dst, types.float32, writable=True)
             and all(isinstance(t, types.Integer) for t in ints)):
         return None
 
@@ -197,7 +216,7 @@ def transpose16(typingctx, src, i, src_stride, dst, j, dst_stride):
 
         def at(array_type, array, start, stride, k):
             index = builder.add(start, builder.mul(stride, ir.Constant(ss.type, k)))
-            return _lanes_at(context, builder, array_type, array, index, _FLOATS)
+            return _lanes_at(context, builder, array_type, array, types.intp, index, _FLOATS)
 
         rows = [builder.load(at(sig.args[0], src, i, ss, r), align=4) for r in range(LANES)]
         for bit in (8, 4, 2, 1):
@@ -211,3 +230,41 @@ def transpose16(typingctx, src, i, src_stride, dst, j, dst_stride):
         return context.get_dummy_value()
 
     return types.none(src, i, src_stride, dst, j, dst_stride), codegen
+
+
+# --------------------------------------------------------------------------
+# The same operations in NumPy: what each one means, and what runs with NUMBA_DISABLE_JIT=1
+
+
+def _load_python(x, i):
+    return x[i : i + LANES].copy()
+
+
+def _store_python(x, i, v):
+    x[i : i + LANES] = v
+
+
+def _splat_python(s):
+    return np.full(LANES, s, np.float32)
+
+
+def _fma_python(a, b, c):
+    return a * b + c
+
+
+def _add_python(a, b):
+    return a + b
+
+
+def _permute2_python(lo, k, j, hi):
+    return np.concatenate([lo, hi])[k[j : j + LANES]]
+
+
+def _transpose16_python(src, i, src_stride, dst, j, dst_stride):
+    for r in range(LANES):
+        dst[j + r : j + r + LANES * dst_stride : dst_stride] = src[i + r * src_stride : i + r * src_stride + LANES]
+
+
+if numba.config.DISABLE_JIT:
+    load, store, splat, fma, add = _load_python, _store_python, _splat_python, _fma_python, _add_python
+    permute2, transpose16 = _permute2_python, _transpose16_python

@@ -76,7 +76,7 @@ from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 
 from .bitpack import pack_bits, unpack_bits
-from .simd import HAS_PERMUTE, LANES, add, empty, fma, load, permute2, splat, store, transpose16
+from .simd import HAS_PERMUTE, LANES, add, aligned_empty, fma, load, permute2, splat, store, transpose16
 
 MAX_INDEX_BITS = 16
 BLOCK_COLUMNS = 128  # columns of M per block of blocked_matmul: 128 rows of a 64-lane X, 32 KB
@@ -89,13 +89,15 @@ BLOCK_COLUMNS = 128  # columns of M per block of blocked_matmul: 128 rows of a 6
 #   50% density at batch 1; 1.13x at 30% at batch 2 (0.88x at 40%); 1.28x at
 #   40% at 4; 1.36x at 20% at 16 (0.98x at 30%: blocked_matmul's one-vector
 #   tiles below 64 inputs); 1.36x at 30% and 1.07x at 40% at 64. The entries
-#   keep a margin below each break-even.
+#   keep a margin below each break-even. Batch 1 is lanes_matmul's figure:
+#   without AVX-512 the CSR loops run there, and they won up to 20%.
 # - Conv2D, the direct conv (16 lanes at stride 1): on conv2 (20->50, 8x8
 #   outputs) 1.23x at 50% density at batch 1 (0.89x at 70%) and 1.14x at 50% at
 #   batch 64 (0.82x at 70%); on conv1 (1 -> 20) 1.09x at 70% at batch 1, 1.05x at
-#   40% and 0.90x at 50% at batch 64. Batches 2-63 were not swept: they take the
-#   batch-64 entry.
-SPARSE_BELOW = {"dense": {1: 0.4, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3}, "conv2d": {1: 0.45, 2: 0.3}}
+#   40% and 0.90x at 50% at batch 64. Batches 2-63 were not swept: the entry
+#   from batch 2 on is the batch-64 figure.
+SPARSE_BELOW = {"dense": {1: 0.4 if HAS_PERMUTE else 0.2, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3},
+                "conv2d": {1: 0.45, 2: 0.3}}
 
 # SparseDense runs lanes_matmul (one input at a time) up to this batch size, blocked_matmul (16
 # inputs a vector) above. fc1 at 10% density, two runs: lanes_matmul won at batch 8 (33-41 us
@@ -317,9 +319,9 @@ csr_matvec = serial(_csr_matvec_loops)
 def column_blocks(indices, indptr, cols, block=BLOCK_COLUMNS):
     """The nonzeros of M (R, cols) regrouped by blocks of `block` columns, then by row.
 
-    Returns order (nnz,) int64, block_indices (nnz,) uint32 and block_ptr (B*R + 1,) int64,
+    Returns order (nnz,) int64, block_columns (nnz,) uint32 and block_ptr (B*R + 1,) int64,
     B = ceil(cols / block): entry p of the regrouped list is CSR entry order[p], in column
-    block_indices[p]; block b's part of row r is p in block_ptr[b*R + r] : block_ptr[b*R + r + 1].
+    block_columns[p]; block b's part of row r is p in block_ptr[b*R + r] : block_ptr[b*R + r + 1].
     """
     R = indptr.size - 1
     rows = np.repeat(np.arange(R), np.diff(indptr))
@@ -344,14 +346,14 @@ def _transpose_into(dst, ds, src, ss, rows, cols):
             dst[c * ds + r] = src[r * ss + c]
 
 
-def _blocked_matmul_loops(block_values, block_indices, block_ptr, x, bias):
+def _blocked_matmul_loops(block_values, block_columns, block_ptr, x, bias):
     N, K = x.shape
     R = bias.size
     B = (block_ptr.size - 1) // R
     Np = -(-N // LANES) * LANES
     # X = x.T, one row of Np lanes per input (the batch padded with zeros to whole vectors),
     # and Y = y.T the same way: each nonzero M[r, k] adds its value times X[k] to Y[r].
-    Xf, Yf = empty(K * Np), empty(R * Np)
+    Xf, Yf = aligned_empty(K * Np), aligned_empty(R * Np)
     X, Y = Xf.reshape((K, Np)), Yf.reshape((R, Np))
     X[:, N:] = 0
     _transpose_into(Xf, Np, x.ravel(), K, N, K)
@@ -369,7 +371,7 @@ def _blocked_matmul_loops(block_values, block_indices, block_ptr, x, bias):
                 if n0 + 4 * LANES <= Np:
                     a0, a1, a2, a3 = load(Yf, o), load(Yf, o + LANES), load(Yf, o + 2 * LANES), load(Yf, o + 3 * LANES)
                     for p in range(p0, p1):
-                        v, k = splat(block_values[p]), np.int64(block_indices[p]) * Np + n0
+                        v, k = splat(block_values[p]), np.int64(block_columns[p]) * Np + n0
                         a0 = fma(v, load(Xf, k), a0)
                         a1 = fma(v, load(Xf, k + LANES), a1)
                         a2 = fma(v, load(Xf, k + 2 * LANES), a2)
@@ -382,7 +384,7 @@ def _blocked_matmul_loops(block_values, block_indices, block_ptr, x, bias):
                     for t in range(n0, Np, LANES):
                         a = load(Yf, r * Np + t)
                         for p in range(p0, p1):
-                            a = fma(splat(block_values[p]), load(Xf, np.int64(block_indices[p]) * Np + t), a)
+                            a = fma(splat(block_values[p]), load(Xf, np.int64(block_columns[p]) * Np + t), a)
                         store(Yf, r * Np + t, a)
     y = np.empty((N, R), dtype=np.float32)
     _transpose_into(y.ravel(), R, Yf, Np, R, N)
@@ -391,7 +393,7 @@ def _blocked_matmul_loops(block_values, block_indices, block_ptr, x, bias):
 
 blocked_matmul = serial(_blocked_matmul_loops)
 blocked_matmul.__doc__ = """y (N, R) = x @ M.T + bias for float32 x (N, K), with M's nonzeros as
-`column_blocks` regroups them: block_values = values[order], block_indices, block_ptr.
+`column_blocks` regroups them: block_values = values[order], block_columns, block_ptr.
 Same result as csr_matmul_ref up to rounding (one per multiply-add here)."""
 
 
@@ -407,6 +409,8 @@ def lane_layout(indices, indptr, cols):
     Returns slots (nnz,) int64, the place of each CSR entry in the flat (layers, 16) arrays,
     lane_columns (layers * 16,) uint8 and layer_ptr (S*Q + 1,) int64, S = ceil(R / 16),
     Q = ceil(cols / 32): slice s's layers in chunk q are layer_ptr[s*Q + q] : layer_ptr[s*Q + q + 1].
+    Each row's columns must be increasing, as CSR keeps them. A padding slot holds 0 times
+    the chunk's first input: an inf or NaN there makes NaN in rows that never read it.
     """
     R = indptr.size - 1
     S, Q = -(-R // LANES), -(-cols // (2 * LANES))
@@ -426,7 +430,7 @@ def lane_layout(indices, indptr, cols):
 
 def lane_values(values, slots, size):
     """The values in lane layout: (size,) float32, values[k] at slots[k] and zeros elsewhere."""
-    lanes = empty(size)
+    lanes = aligned_empty(size)
     lanes[:] = 0
     lanes[slots] = values
     return lanes
@@ -449,31 +453,37 @@ def _lanes_matmul_loops(lane_vals, lane_columns, layer_ptr, x, bias):
     N, K = x.shape
     R = bias.size
     S, Q = -(-R // LANES), -(-K // (2 * LANES))
-    xp, yp = empty(Q * 2 * LANES), empty(S * LANES)
+    xp, yp = aligned_empty(Q * 2 * LANES), aligned_empty(S * LANES)
     xp[K:] = 0
     y = np.empty((N, R), dtype=np.float32)
     for n in range(N):
         xp[:K] = x[n]
         for s in range(S):
             # Two sums, the even and the odd layers: the next multiply-add need not wait for the last.
-            a, c = splat(0.0), splat(0.0)
+            even, odd = splat(0.0), splat(0.0)
             for q in range(Q):
                 lo, hi = load(xp, 2 * LANES * q), load(xp, 2 * LANES * q + LANES)  # x's chunk, in registers
-                l0, l1 = layer_ptr[s * Q + q], layer_ptr[s * Q + q + 1]
-                m = l0 + (l1 - l0) // 2 * 2
-                for j in range(LANES * l0, LANES * m, 2 * LANES):
-                    a = fma(load(lane_vals, j), permute2(lo, lane_columns, j, hi), a)
-                    c = fma(load(lane_vals, j + LANES), permute2(lo, lane_columns, j + LANES, hi), c)
-                if m < l1:
-                    a = fma(load(lane_vals, LANES * m), permute2(lo, lane_columns, LANES * m, hi), a)
-            store(yp, LANES * s, add(a, c))
+                first, end = layer_ptr[s * Q + q], layer_ptr[s * Q + q + 1]
+                pairs_end = first + (end - first) // 2 * 2
+                for j in range(LANES * first, LANES * pairs_end, 2 * LANES):
+                    even = fma(load(lane_vals, j), permute2(lo, lane_columns, j, hi), even)
+                    odd = fma(load(lane_vals, j + LANES), permute2(lo, lane_columns, j + LANES, hi), odd)
+                if pairs_end < end:
+                    j = LANES * pairs_end
+                    even = fma(load(lane_vals, j), permute2(lo, lane_columns, j, hi), even)
+            store(yp, LANES * s, add(even, odd))
         for r in range(R):
             y[n, r] = yp[r] + bias[r]
     return y
 
 
-# Compiled only where vpermi2ps exists (compiling it elsewhere fails): see simd.HAS_PERMUTE.
-lanes_matmul = serial(_lanes_matmul_loops) if HAS_PERMUTE else None
+def _no_permute(*args):
+    raise RuntimeError("lanes_matmul needs AVX-512's vpermi2ps, which this CPU (or Numba's target) lacks: "
+                       "see optim.simd.HAS_PERMUTE; blocked_matmul and the CSR loops run everywhere")
+
+
+# Compiled only where vpermi2ps exists: compiling it elsewhere is a fatal LLVM error.
+lanes_matmul = serial(_lanes_matmul_loops) if HAS_PERMUTE else _no_permute
 
 
 # --------------------------------------------------------------------------
@@ -526,7 +536,7 @@ def _wide_conv2d_loops(values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW):
     shift = np.empty(values.size, dtype=np.int64)  # where each tap starts in a sample's planes
     for k in range(values.size):
         shift[k] = taps[k, 0] * Hp * Wp + taps[k, 1] * Wp + taps[k, 2]
-    wide = empty(N * F * Lp)
+    wide = aligned_empty(N * F * Lp)
     for t in prange(N * F):  # one output plane per task
         n, f = t // F, t % F
         x0, w0 = n * C * Hp * Wp, t * Lp
@@ -544,11 +554,11 @@ def _wide_conv2d_loops(values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW):
                 store(wide, w0 + l0 + 2 * LANES, a2)
                 store(wide, w0 + l0 + 3 * LANES, a3)
             else:  # the last, narrower tile: a vector at a time
-                for l in range(l0, Lp, LANES):
+                for v0 in range(l0, Lp, LANES):
                     a = splat(bias[f])
                     for k in range(indptr[f], indptr[f + 1]):
-                        a = fma(splat(values[k]), load(xflat, x0 + shift[k] + l), a)
-                    store(wide, w0 + l, a)
+                        a = fma(splat(values[k]), load(xflat, x0 + shift[k] + v0), a)
+                    store(wide, w0 + v0, a)
     out = np.empty((N, F, Ho, Wo), dtype=np.float32)
     for t in range(N * F):
         for i in range(Ho):
@@ -580,7 +590,7 @@ def sparse_conv2d(values, taps, indptr, xp, bias, KH, KW, stride):
     N, C, Hp, Wp = xp.shape
     work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1) // 16
     if stride == 1 and xp.dtype == values.dtype == bias.dtype == np.float32:  # the 16-lane kernel
-        xflat = empty(xp.size + LANES)
+        xflat = aligned_empty(xp.size + LANES)
         xflat[: xp.size] = xp.ravel()
         xflat[xp.size :] = 0
         return _wide_conv2d(work, values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW)
@@ -616,8 +626,9 @@ class CSRLayer(Layer):
         self.params = params
         self.grads = {name: np.zeros_like(p) for name, p in params.items()}
         self._dense = None  # M, built on demand when the dense kernel is faster
-        # The 16-lane kernels' layouts (CSRDense), built on first use: where the nonzeros go
-        # lasts as long as the pattern, the values laid out there until training changes them.
+        # What the sparse kernels derive from the layer, built on first use: what follows from the
+        # pattern alone (_pattern) lasts as long as the pattern; the values laid out for a kernel
+        # (_values_in), until training changes them.
         self._patterns, self._laid_out = {}, {}
 
     @property
@@ -685,14 +696,15 @@ class CSRDense(CSRLayer):
     def _sparse_forward(self, x):
         """y (N, out) from x (N, in) with the fastest sparse kernel that applies: in float32 the
         16-lane ones (lanes_matmul up to LANES_MATMUL_UP_TO inputs where the CPU has vpermi2ps,
-        blocked_matmul for more), otherwise the CSR loops."""
+        blocked_matmul for more), otherwise the CSR loops (float64; one input without AVX-512)."""
         b = self.params["b"]
-        if x.dtype == b.dtype == np.float32 and 0 < len(x) <= LANES_MATMUL_UP_TO and HAS_PERMUTE:
+        vector = x.dtype == b.dtype == self.params[self.weight_param].dtype == np.float32
+        if vector and 0 < len(x) <= LANES_MATMUL_UP_TO and HAS_PERMUTE:
             _, lane_columns, layer_ptr = self._lanes()
             return lanes_matmul(self._values_in("lanes"), lane_columns, layer_ptr, x, b)
-        if x.dtype == b.dtype == np.float32 and len(x) > 1:
-            _, block_indices, block_ptr = self._blocks()
-            return blocked_matmul(self._values_in("blocks"), block_indices, block_ptr, x, b)
+        if vector and len(x) > 1:
+            _, block_columns, block_ptr = self._blocks()
+            return blocked_matmul(self._values_in("blocks"), block_columns, block_ptr, x, b)
         if len(x) == 1:
             return csr_matvec(self.values(), self.indices, self.indptr, x[0], b)[None]
         return csr_matmul(self.values(), self.indices, self.indptr, x, b)

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from optim import simd
-from optim.simd import LANES, add, empty, fma, load, permute2, splat, store, transpose16
+from optim.simd import LANES, add, aligned_empty, fma, load, permute2, splat, store, transpose16
 
 floats = st.floats(-1e6, 1e6, width=32)
 
@@ -56,7 +56,8 @@ def test_fma_add_splat(values):
     np.testing.assert_array_equal(out[2 * LANES :], np.full(LANES, a[0]))
 
 
-@pytest.mark.skipif(not simd.HAS_PERMUTE, reason="permute2 is AVX-512's vpermi2ps; this CPU has no AVX-512")
+@pytest.mark.skipif(not (simd.HAS_PERMUTE or numba.config.DISABLE_JIT),
+                    reason="permute2 is AVX-512's vpermi2ps; this CPU has no AVX-512")
 @given(st.lists(st.integers(0, 31), min_size=LANES, max_size=LANES), st.integers(0, 5), st.integers(0, 2**32 - 1))
 def test_permute2_looks_up_32_floats(table, j, seed):
     rng = np.random.default_rng(seed)
@@ -79,12 +80,31 @@ def test_transpose16_moves_a_block_across_its_diagonal(i, ss, j, ds):
     np.testing.assert_array_equal(dst, expected)
 
 
-@given(st.integers(0, 100))
-def test_empty_starts_on_a_cache_line(n):
-    a = empty(n)
+@given(st.integers(1, 100))  # (a zero-size view may keep no address)
+def test_aligned_empty_starts_on_a_cache_line(n):
+    a = aligned_empty(n)
     assert a.shape == (n,) and a.dtype == np.float32 and a.ctypes.data % 64 == 0
 
 
-def test_operations_reject_other_dtypes():
+@numba.njit
+def _permute_first(lo, k):
+    return permute2(load(lo, 0), k, 0, load(lo, 0))
+
+
+@pytest.mark.skipif(numba.config.DISABLE_JIT, reason="types are checked when Numba compiles")
+@pytest.mark.parametrize("call", [
+    lambda: _copy(np.zeros(LANES), 0, np.zeros(LANES, np.float32), 0),  # float64 source
+    lambda: _copy(np.zeros(2 * LANES, np.float32)[::2], 0, np.zeros(LANES, np.float32), 0),  # strided source
+    lambda: _copy(np.zeros(LANES, np.float32), 0, _read_only(LANES), 0),  # read-only destination
+    lambda: _transpose(np.zeros(LANES * LANES, np.float32), 0, LANES, _read_only(LANES * LANES), 0, LANES),
+    lambda: _permute_first(np.zeros(LANES, np.float32), np.zeros(LANES, np.int32)),  # int32 lane numbers
+])
+def test_operations_reject_what_they_would_mishandle(call):
     with pytest.raises(numba.TypingError):
-        _copy(np.zeros(LANES), 0, np.zeros(LANES), 0)  # float64
+        call()
+
+
+def _read_only(n):
+    a = np.zeros(n, np.float32)
+    a.flags.writeable = False
+    return a

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, ReLU, Sequential, kernels
 from optim import sparse
+from optim.simd import HAS_PERMUTE
 from optim.sparse import (SparseConv2D, SparseDense, best_index_bits, csr_from_dense, decode_relative,
                           encode_relative, filler_count, stream_bytes)
 
@@ -144,12 +145,21 @@ def test_lane_layout_holds_every_nonzero_once(M, batch, seed):
     x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
     bias = rng.standard_normal(M.shape[0]).astype(np.float32)
     lanes = sparse.lane_values(values, slots, lane_columns.size)
-    expected = x.astype(np.float64) @ M.T + bias
-    ours = {"reference": sparse.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias)}
-    if sparse.lanes_matmul is not None:  # only on CPUs with AVX-512 (simd.HAS_PERMUTE)
-        ours["numba"] = sparse.lanes_matmul(lanes, lane_columns, layer_ptr, x, bias)
-    for name, y in ours.items():
-        np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=name)
+    y = sparse.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ M.T + bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_PERMUTE, reason="lanes_matmul needs AVX-512 (vpermi2ps); this CPU has none")
+@given(sparse_matrix(max_rows=40, max_cols=100), st.integers(0, sparse.LANES_MATMUL_UP_TO), st.integers(0, 2**32 - 1))
+def test_lanes_matmul_agrees_with_its_reference(M, batch, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
+    bias = rng.standard_normal(M.shape[0]).astype(np.float32)
+    values, indices, indptr = csr_from_dense(M)
+    slots, lane_columns, layer_ptr = sparse.lane_layout(indices, indptr, M.shape[1])
+    lanes = sparse.lane_values(values, slots, lane_columns.size)
+    np.testing.assert_allclose(sparse.lanes_matmul(lanes, lane_columns, layer_ptr, x, bias),
+                               sparse.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias), rtol=1e-5, atol=1e-5)
 
 
 @given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.sampled_from([np.float32, np.float64]),
@@ -236,6 +246,31 @@ def test_the_kernel_follows_the_batch_size(monkeypatch):
     assert layer.forward(np.zeros((0, 10), np.float32)).shape == (0, 6)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_each_batch_size_gets_its_kernel(monkeypatch, dtype):
+    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 2.0}, "conv2d": {1: 2.0}})  # sparse kernels only
+    ran = []
+    for name in ("lanes_matmul", "blocked_matmul", "csr_matvec", "csr_matmul"):
+        kernel = getattr(sparse, name)
+        monkeypatch.setattr(sparse, name, lambda *args, name=name, kernel=kernel: ran.append(name) or kernel(*args))
+    rng = np.random.default_rng(4)
+    M = rng.standard_normal((20, 40)).astype(np.float32)
+    M[rng.random(M.shape) < 0.8] = 0
+    layer = SparseDense.from_dense(pruned_dense(M))
+    layer.astype(dtype)
+    up_to = sparse.LANES_MATMUL_UP_TO
+    for batch in (1, up_to, up_to + 1, 70):
+        x = rng.standard_normal((batch, 40)).astype(dtype)
+        np.testing.assert_allclose(layer.forward(x), x @ M.T + layer.params["b"], rtol=1e-5, atol=1e-5)
+    if dtype == np.float64:
+        expected = ["csr_matvec", "csr_matmul", "csr_matmul", "csr_matmul"]
+    elif HAS_PERMUTE:
+        expected = ["lanes_matmul", "lanes_matmul", "blocked_matmul", "blocked_matmul"]
+    else:
+        expected = ["csr_matvec", "blocked_matmul", "blocked_matmul", "blocked_matmul"]
+    assert ran == expected
+
+
 def test_sparse_layer_gradients():
     rng = np.random.default_rng(1)
     M = rng.standard_normal((4, 6))
@@ -252,16 +287,19 @@ def test_training_a_sparse_layer_only_moves_its_nonzeros(monkeypatch):
     M[rng.random(M.shape) < 0.6] = 0
     layer = SparseDense.from_dense(pruned_dense(M))
     x1 = rng.standard_normal((1, 8)).astype(np.float32)
-    layer.forward(x1)  # lays the values out for the batch-1 kernel
+    for batch in (1, sparse.LANES_MATMUL_UP_TO + 1):  # lays the values out for both vector kernels
+        layer.forward(np.repeat(x1, batch, axis=0))
     layer.forward(rng.standard_normal((4, 8)).astype(np.float32))
     layer.backward(rng.standard_normal((4, 5)).astype(np.float32))
     minicnn.SGD(0.1).step([layer])
     W = layer.matrix()
     assert ((W != 0) <= (M != 0)).all(), "a pruned weight grew back"
     assert not np.array_equal(W, M), "the nonzeros did not train"
-    # Every kernel sees the trained values, the batch-1 one included.
-    for x in (x1, np.repeat(x1, 3, axis=0)):
+    # Every kernel sees the trained values, whichever laid them out before.
+    for x in (x1, np.repeat(x1, 3, axis=0), np.repeat(x1, sparse.LANES_MATMUL_UP_TO + 1, axis=0)):
         np.testing.assert_allclose(layer.forward(x), x @ W.T + layer.params["b"], rtol=1e-5, atol=1e-5)
+    layer.params["values"] = layer.params["values"] * 2  # a new array: laid out again
+    np.testing.assert_allclose(layer.forward(x1), x1 @ (2 * W.T) + layer.params["b"], rtol=1e-5, atol=1e-5)
 
 
 def test_stats_report_nonzeros_density_and_bytes():
