@@ -66,6 +66,7 @@ switch automatically.
 
 import copy
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -346,6 +347,30 @@ def _transpose_into(dst, ds, src, ss, rows, cols):
             dst[c * ds + r] = src[r * ss + c]
 
 
+@numba.njit(inline="always")
+def _sum_into64(dst, o, a0, a1, a2, a3, values, rows, scale, p0, p1, src, base):
+    """dst[o : o + 64] = (a0, a1, a2, a3) + sum over p0 <= p < p1 of values[p] * src[b : b + 64],
+    b = base + scale * rows[p]: 64 running sums in four vector registers while the nonzeros go by."""
+    for p in range(p0, p1):
+        v, b = splat(values[p]), base + scale * np.int64(rows[p])
+        a0 = fma(v, load(src, b), a0)
+        a1 = fma(v, load(src, b + LANES), a1)
+        a2 = fma(v, load(src, b + 2 * LANES), a2)
+        a3 = fma(v, load(src, b + 3 * LANES), a3)
+    store(dst, o, a0)
+    store(dst, o + LANES, a1)
+    store(dst, o + 2 * LANES, a2)
+    store(dst, o + 3 * LANES, a3)
+
+
+@numba.njit(inline="always")
+def _sum_into16(dst, o, a, values, rows, scale, p0, p1, src, base):
+    """_sum_into64 for one vector of 16 lanes (a tile's last, narrower part)."""
+    for p in range(p0, p1):
+        a = fma(splat(values[p]), load(src, base + scale * np.int64(rows[p])), a)
+    store(dst, o, a)
+
+
 def _blocked_matmul_loops(block_values, block_columns, block_ptr, x, bias):
     N, K = x.shape
     R = bias.size
@@ -370,22 +395,10 @@ def _blocked_matmul_loops(block_values, block_columns, block_ptr, x, bias):
                 o = r * Np + n0
                 if n0 + 4 * LANES <= Np:
                     a0, a1, a2, a3 = load(Yf, o), load(Yf, o + LANES), load(Yf, o + 2 * LANES), load(Yf, o + 3 * LANES)
-                    for p in range(p0, p1):
-                        v, k = splat(block_values[p]), np.int64(block_columns[p]) * Np + n0
-                        a0 = fma(v, load(Xf, k), a0)
-                        a1 = fma(v, load(Xf, k + LANES), a1)
-                        a2 = fma(v, load(Xf, k + 2 * LANES), a2)
-                        a3 = fma(v, load(Xf, k + 3 * LANES), a3)
-                    store(Yf, o, a0)
-                    store(Yf, o + LANES, a1)
-                    store(Yf, o + 2 * LANES, a2)
-                    store(Yf, o + 3 * LANES, a3)
+                    _sum_into64(Yf, o, a0, a1, a2, a3, block_values, block_columns, Np, p0, p1, Xf, n0)
                 else:  # the last, narrower tile: a vector at a time
                     for t in range(n0, Np, LANES):
-                        a = load(Yf, r * Np + t)
-                        for p in range(p0, p1):
-                            a = fma(splat(block_values[p]), load(Xf, np.int64(block_columns[p]) * Np + t), a)
-                        store(Yf, r * Np + t, a)
+                        _sum_into16(Yf, r * Np + t, load(Yf, r * Np + t), block_values, block_columns, Np, p0, p1, Xf, t)
     y = np.empty((N, R), dtype=np.float32)
     _transpose_into(y.ravel(), R, Yf, Np, R, N)
     return y
@@ -540,25 +553,13 @@ def _wide_conv2d_loops(values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW):
     for t in prange(N * F):  # one output plane per task
         n, f = t // F, t % F
         x0, w0 = n * C * Hp * Wp, t * Lp
+        k0, k1, bf = indptr[f], indptr[f + 1], splat(bias[f])
         for l0 in range(0, Lp, 4 * LANES):
             if l0 + 4 * LANES <= Lp:
-                a0 = a1 = a2 = a3 = splat(bias[f])
-                for k in range(indptr[f], indptr[f + 1]):
-                    v, o = splat(values[k]), x0 + shift[k] + l0
-                    a0 = fma(v, load(xflat, o), a0)
-                    a1 = fma(v, load(xflat, o + LANES), a1)
-                    a2 = fma(v, load(xflat, o + 2 * LANES), a2)
-                    a3 = fma(v, load(xflat, o + 3 * LANES), a3)
-                store(wide, w0 + l0, a0)
-                store(wide, w0 + l0 + LANES, a1)
-                store(wide, w0 + l0 + 2 * LANES, a2)
-                store(wide, w0 + l0 + 3 * LANES, a3)
+                _sum_into64(wide, w0 + l0, bf, bf, bf, bf, values, shift, 1, k0, k1, xflat, x0 + l0)
             else:  # the last, narrower tile: a vector at a time
                 for v0 in range(l0, Lp, LANES):
-                    a = splat(bias[f])
-                    for k in range(indptr[f], indptr[f + 1]):
-                        a = fma(splat(values[k]), load(xflat, x0 + shift[k] + v0), a)
-                    store(wide, w0 + v0, a)
+                    _sum_into16(wide, w0 + v0, bf, values, shift, 1, k0, k1, xflat, x0 + v0)
     out = np.empty((N, F, Ho, Wo), dtype=np.float32)
     for t in range(N * F):
         for i in range(Ho):
