@@ -57,11 +57,10 @@ all, each nonzero W[f, c, kh, kw] adds a shifted input plane,
 
 so the work is nnz * Ho * Wo per image instead of F*C*KH*KW*Ho*Wo. In float32
 at stride 1 it too keeps 64 outputs of a plane in four vector registers while
-the filter's nonzeros go by. Both kinds of kernel stream over the nonzeros
-only; dense BLAS is faster per multiply, so
-the sparse kernel pays off only below a density that depends on the batch
-size (`SPARSE_BELOW`, measured by bench/bench_pruning.py), and the layers
-switch automatically.
+the filter's nonzeros go by. All these kernels stream over the nonzeros only;
+dense BLAS is faster per multiply, so a sparse kernel pays off only below a
+density that depends on the batch size (`SPARSE_BELOW`, measured by
+bench/bench_pruning.py), and the layers switch automatically.
 """
 
 import copy
@@ -722,7 +721,8 @@ class CSRDense(CSRLayer):
         Laid out again after backward (training is about to change them) or when the array
         they come from is a new one (a cast; `layer.params["values"] = edited`). Values changed
         in place by hand, outside training, are not noticed: comparing them at every call
-        would cost as much as the batch-1 kernel itself."""
+        would cost as much as the batch-1 kernel itself. (`_dense_matrix` does compare them:
+        next to a dense product the comparison is cheap.)"""
         source = self.params[self.weight_param]
         if self._laid_out.get(layout, (None,))[0] is not source:
             if layout == "blocks":
