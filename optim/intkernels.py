@@ -299,6 +299,26 @@ def store8(typingctx, out, i, acc):
     return types.none(out, types.intp, int32x8), codegen
 
 
+# The same three in NumPy: what they mean, and what runs with NUMBA_DISABLE_JIT=1.
+
+
+def _zeros8_python():
+    return np.zeros(8, np.int32)
+
+
+def _dot4_add_python(acc, x, wp, i):
+    u = np.array([(int(x) >> (8 * j)) & 255 for j in range(4)], np.int64)
+    return (acc + wp.reshape(-1)[i : i + 32].reshape(8, 4).astype(np.int64) @ u).astype(np.int32)
+
+
+def _store8_python(out, i, acc):
+    out.reshape(-1)[i : i + 8] = acc
+
+
+if numba.config.DISABLE_JIT:
+    zeros8, dot4_add, store8 = _zeros8_python, _dot4_add_python, _store8_python
+
+
 # --------------------------------------------------------------------------
 # Integer matrix products: out[r, f] from the dot of row r of a with row f of wt
 
