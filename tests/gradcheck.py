@@ -24,10 +24,18 @@ def numerical_gradient(f, x, g, h=1e-6):
     return grad
 
 
+NOISE_SCALE = 1e-3  # see relative_error
+
+
 def relative_error(a, b):
-    """max |a - b| over the larger of max |a|, max |b|: elementwise ratios would
-    flag the rounding noise of entries near zero, not a wrong gradient."""
-    scale = max(np.max(np.abs(a), initial=0), np.max(np.abs(b), initial=0), 1e-12)
+    """max |a - b| over the larger of max |a|, max |b| and NOISE_SCALE.
+
+    Elementwise ratios would flag the rounding noise of entries near zero, not a wrong
+    gradient. The floor does the same for a gradient that is zero everywhere (all of a
+    binary layer's inputs past the clip, say): central differences leave ~1e-10 of
+    noise (h = 1e-6, float64), which would be a 100% error against an exact 0, and is
+    1e-7 of the floor. An absolute error above ~1e-9 still fails a 1e-6 tolerance."""
+    scale = max(np.max(np.abs(a), initial=0), np.max(np.abs(b), initial=0), NOISE_SCALE)
     return float(np.max(np.abs(a - b), initial=0) / scale)
 
 

@@ -5,7 +5,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import minicnn
@@ -188,6 +188,7 @@ def check_ste_gradients(layer, x, surrogate, seed):
 
 
 @given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 4), st.booleans(), seeds)
+@example(N=1, n=2, F=2, binary_input=True, seed=566)  # a zero input gradient (both inputs past the clip)
 def test_dense_ste_gradients(N, n, F, binary_input, seed):
     layer = BinaryDense(n, F, binary_input=binary_input, rng=seed)
     check_ste_gradients(layer, random_array(seed, (N, n)), dense_surrogate, seed)
