@@ -261,16 +261,13 @@ def im2row_hwc(xp, KH, KW, stride):
 
 
 def row2im_hwc_ref(rows, xp_shape, KH, KW, stride):
-    """Adjoint of im2row_hwc: scatter-add rows (N*Ho*Wo, KH*KW*C) into dxp of xp_shape (N, Hp, Wp, C)."""
+    """Adjoint of im2row_hwc: scatter-add rows (N*Ho*Wo, KH*KW*C) into dxp of xp_shape (N, Hp, Wp, C).
+
+    It is row2im_ref with the columns put back in (c, kh, kw) order and the channels moved last.
+    """
     N, Hp, Wp, C = xp_shape
-    Ho = (Hp - KH) // stride + 1
-    Wo = (Wp - KW) // stride + 1
-    blocks = rows.reshape(N, Ho, Wo, KH, KW, C)
-    dxp = np.zeros(xp_shape, dtype=rows.dtype)
-    for kh in range(KH):
-        for kw in range(KW):
-            dxp[:, kh : kh + stride * Ho : stride, kw : kw + stride * Wo : stride] += blocks[:, :, :, kh, kw]
-    return dxp
+    by_c = rows.reshape(-1, KH, KW, C).transpose(0, 3, 1, 2).reshape(rows.shape[0], -1)
+    return row2im_ref(by_c, (N, C, Hp, Wp), KH, KW, stride).transpose(0, 2, 3, 1)
 
 
 def _row2im_hwc_loops(rows, xp_shape, KH, KW, stride):
