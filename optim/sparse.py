@@ -397,7 +397,8 @@ def _blocked_matmul_loops(block_values, block_columns, block_ptr, x, bias):
                     _sum_into64(Yf, o, a0, a1, a2, a3, block_values, block_columns, Np, p0, p1, Xf, n0)
                 else:  # the last, narrower tile: a vector at a time
                     for t in range(n0, Np, LANES):
-                        _sum_into16(Yf, r * Np + t, load(Yf, r * Np + t), block_values, block_columns, Np, p0, p1, Xf, t)
+                        o = r * Np + t
+                        _sum_into16(Yf, o, load(Yf, o), block_values, block_columns, Np, p0, p1, Xf, t)
     y = np.empty((N, R), dtype=np.float32)
     _transpose_into(y.ravel(), R, Yf, Np, R, N)
     return y
@@ -428,8 +429,7 @@ def lane_layout(indices, indptr, cols):
     S, Q = -(-R // LANES), -(-cols // (2 * LANES))
     rows = np.repeat(np.arange(R), np.diff(indptr))
     chunk = indices.astype(np.int64) // (2 * LANES)
-    counts = np.zeros((S * LANES, Q), np.int64)  # nonzeros of each row in each chunk
-    np.add.at(counts, (rows, chunk), 1)
+    counts = np.bincount(rows * Q + chunk, minlength=S * LANES * Q).reshape(S * LANES, Q)  # per row, per chunk
     first = np.concatenate([[0], np.cumsum(counts)])[rows * Q + chunk]  # CSR keeps a row's chunk together
     depth = np.arange(indices.size) - first  # which layer of its (slice, chunk) the entry is in
     layers = counts.reshape(S, LANES, Q).max(axis=1)  # (S, Q)
