@@ -42,7 +42,7 @@ from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, has_threadpoolctl, machine_facts, pct, results_path, set_threads,
     write_json,
 )
-from minicnn.timing import FULL, QUICK, compare, measure  # noqa: E402
+from minicnn.timing import FULL, QUICK, compare  # noqa: E402
 from minicnn import Conv2D, Dense  # noqa: E402
 from optim import pruning, sparse  # noqa: E402
 from optim.sparse import SparseConv2D, SparseDense  # noqa: E402
@@ -90,9 +90,10 @@ def compare_layer(layer, in_shape, batch, budget):
     expected = layer.forward(x)
     ours = forced_sparse(lambda: twin.forward(x))
     np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-4)
-    dense_t = measure(lambda: layer.forward(x), budget)
-    sparse_t = forced_sparse(lambda: measure(lambda: twin.forward(x), budget))
-    return dense_t, sparse_t
+    # Interleaved rounds, as everywhere else; the dense layer does not read SPARSE_BELOW.
+    timings = forced_sparse(lambda: compare({"dense": lambda: layer.forward(x), "sparse": lambda: twin.forward(x)},
+                                            budget))
+    return timings["dense"], timings["sparse"]
 
 
 def bench_fc1(budget, threads):

@@ -9,8 +9,9 @@ import json
 import math
 import os
 import platform
-import tempfile
 from pathlib import Path
+
+from minicnn.atomic import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,22 +177,10 @@ def format_table(headers, rows):
 
 
 def write_json(path, data):
-    """Write data as JSON to path atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over path, so a reader (or a crash) never sees
-    half a file. Creates the folder."""
+    """Write data as JSON to path atomically (minicnn.atomic: a reader, or a crash, never
+    sees half a file). Creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results should be readable
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")

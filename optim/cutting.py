@@ -34,7 +34,7 @@ from minicnn.model import Sequential
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
-from .structured import check_layer_index
+from .structured import WEIGHTED, check_layer_index, check_sequential, num_params
 
 CRITERIA = ("accuracy", "distance")
 
@@ -45,7 +45,7 @@ def block_at(model, index):
     `index` is not a Conv2D / Dense whose output shape equals its input shape."""
     index = check_layer_index(model, index)
     layer = model.layers[index]
-    if type(layer) not in (Conv2D, Dense):
+    if type(layer) not in WEIGHTED:
         raise ValueError(f"layer {index} is a {type(layer).__name__}: only a Conv2D or Dense block can be cut")
     shapes = [model.input_shape] + model.output_shapes()
     if shapes[index] != shapes[index + 1]:
@@ -161,15 +161,10 @@ def cut(model, x_val, y_val, criterion="accuracy", remove=None, threshold=None):
     return remove_blocks(model, starts), scores
 
 
-def _check_sequential(model):
-    if not isinstance(model, Sequential):
-        raise TypeError(f"expected a minicnn Sequential, got {type(model).__name__}")
-
-
 def _check_after(model, after):
     """`after` as an int in -1 .. len(layers) - 2 (-1: keep no layer)."""
     if after == -1:
-        _check_sequential(model)
+        check_sequential(model)
         return -1
     after = check_layer_index(model, after)
     if after == len(model.layers) - 1:
@@ -191,7 +186,7 @@ def truncate(model, after, x, y, epochs=5, batch_size=64, optimizer=None, seed=0
     num_classes = model.num_classes
     check_labels(y, len(x), num_classes)
     body = model.copy().layers[: after + 1]
-    shape = model.output_shapes()[after] if after >= 0 else model.input_shape
+    shape = ([model.input_shape] + model.output_shapes())[after + 1]
     if len(shape) > 1:
         body.append(Flatten())
     features = Sequential(body, model.input_shape).predict(x)
@@ -203,7 +198,7 @@ def truncate(model, after, x, y, epochs=5, batch_size=64, optimizer=None, seed=0
 
 
 def _weight_layers(layers):
-    return sum(type(layer) in (Conv2D, Dense) for layer in layers)
+    return sum(type(layer) in WEIGHTED for layer in layers)
 
 
 def truncation_points(model):
@@ -211,7 +206,7 @@ def truncation_points(model):
     one weight layer: the body keeps fewer weight layers than the model has,
     less the last one, which the new head replaces. A cut just after a
     Flatten is left out: it is the cut just before it."""
-    _check_sequential(model)
+    check_sequential(model)
     keep_below = _weight_layers(model.layers) - 1
     return [after for after in range(-1, len(model.layers) - 1)
             if _weight_layers(model.layers[: after + 1]) < keep_below
@@ -235,7 +230,7 @@ def choose_truncation(model, x, y, x_val, y_val, max_drop=0.005, epochs=5, batch
     for after in points:
         cut = truncate(model, after, x, y, epochs=epochs, batch_size=batch_size, seed=seed, verbose=verbose)
         accuracy = evaluate(cut, x_val, y_val)
-        params = sum(p.size for layer in cut.layers for p in layer.params.values())
+        params = num_params(cut)
         table.append({"after": after, "params": params, "accuracy": accuracy, "accuracy_drop": baseline - accuracy})
         models.append(cut)
     good = [k for k, row in enumerate(table) if row["accuracy_drop"] <= max_drop]

@@ -74,10 +74,14 @@ def num_params(model):
 # Which layers can lose units
 
 
-def check_layer_index(model, index):
-    """`index` as an int, after checking that model is a Sequential and has such a layer."""
+def check_sequential(model):
     if not isinstance(model, Sequential):
         raise TypeError(f"expected a minicnn Sequential, got {type(model).__name__}")
+
+
+def check_layer_index(model, index):
+    """`index` as an int, after checking that model is a Sequential and has such a layer."""
+    check_sequential(model)
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
         raise TypeError(f"layer index must be an integer, got {index!r}")
     if not 0 <= index < len(model.layers):

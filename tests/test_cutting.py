@@ -70,10 +70,6 @@ def images(model, n=5, seed=0):
     return np.random.default_rng(seed).standard_normal((n, *model.input_shape)).astype(np.float32)
 
 
-
-
-
-
 # --------------------------------------------------------------------------
 # Candidates
 
