@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    add_run_args, format_facts, format_table, machine_facts, num, results_path, set_threads, write_json,
+    add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import zoo  # noqa: E402
@@ -119,8 +119,7 @@ def table(rows, first):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(p, "binary")
-    args = p.parse_args(argv)
-    path = results_path(args, "binary")
+    args = parse_run_args(p, argv)
     set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     started = time.perf_counter()
@@ -142,8 +141,8 @@ def main(argv=None):
     print("conv2 + fc1 stored bytes: " + ", ".join(f"{k} {v:,}" for k, v in weight_bytes.items()))
 
     result["seconds"] = time.perf_counter() - started
-    write_json(path, result)
-    print(f"\n{result['seconds']:.0f} s; wrote {path}")
+    write_json(args.json, result)
+    print(f"\n{result['seconds']:.0f} s; wrote {args.json}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from bench.common import (  # noqa: E402
-    add_run_args, format_facts, format_table, has_threadpoolctl, machine_facts, pct, results_path, set_threads,
+    add_run_args, format_facts, format_table, has_threadpoolctl, machine_facts, parse_run_args, pct, set_threads,
     write_json,
 )
 from minicnn.timing import FULL, QUICK, compare  # noqa: E402
@@ -173,8 +173,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, "pruning", "short timings, fewer densities (a smoke test)")
     parser.add_argument("--model", default=None, help="a trained LeNet-5 file to prune for part 3")
-    args = parser.parse_args(argv)
-    args.json = results_path(args, "pruning")
+    args = parse_run_args(parser, argv)
     threads = set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     densities = (0.05, 0.1, 0.3, 0.5) if args.quick else DENSITIES

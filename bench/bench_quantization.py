@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed cop
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    add_run_args, format_facts, format_table, machine_facts, num, results_path, set_threads, write_json,
+    add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import kernels, zoo  # noqa: E402
@@ -139,8 +139,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, "quantization", "short timings, for a smoke test")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per comparison")
-    args = parser.parse_args(argv)
-    args.json = results_path(args, "quantization")
+    args = parse_run_args(parser, argv)
     set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     networks, kernel_figures = [], []

@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from bench.common import (  # noqa: E402
-    add_run_args, format_facts, format_table, machine_facts, results_path, set_threads, write_json,
+    add_run_args, format_facts, format_table, machine_facts, parse_run_args, set_threads, write_json,
 )
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from optim import huffman, sharing  # noqa: E402
@@ -95,8 +95,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_run_args(parser, "sharing", "short timings (a smoke test)")
     parser.add_argument("--model", default=None, help="a trained LeNet-5 file (default: fresh weights)")
-    args = parser.parse_args(argv)
-    args.json = results_path(args, "sharing")
+    args = parse_run_args(parser, argv)
     set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     w = fc1_weights(args.model)

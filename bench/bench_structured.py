@@ -42,7 +42,7 @@ import numpy as np  # noqa: E402
 
 import minicnn  # noqa: E402
 from bench.common import (  # noqa: E402
-    add_run_args, format_facts, format_table, machine_facts, num, results_path, set_threads, write_json,
+    add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
 from minicnn.timing import FULL, QUICK, Timing, compare  # noqa: E402
 from optim import cutting, structured  # noqa: E402
@@ -164,8 +164,7 @@ def parse_args(argv=None):
     p.add_argument("--pruned", type=Path, help="the same after `minicnn prune --method filters`")
     p.add_argument("--deep", type=Path, help="trained deep_cnn (.npz)")
     p.add_argument("--cut", type=Path, help="the same after `minicnn cut`")
-    args = p.parse_args(argv)
-    args.json = results_path(args, "structured")
+    args = parse_run_args(p, argv)
     set_threads(args.threads)
     return args
 

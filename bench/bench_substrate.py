@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))  # measure this working tree's minicnn, not an ins
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
-    add_run_args, format_facts, format_table, load_average, machine_facts, num, pct, results_path, set_threads,
+    add_run_args, format_facts, format_table, load_average, machine_facts, num, parse_run_args, pct, set_threads,
     write_json,
 )
 from minicnn.timing import FULL, QUICK, compare, measure  # noqa: E402
@@ -379,8 +379,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_run_args(p, "substrate", "few short repeats: a ~20 s smoke run")  # torch follows --threads too
     p.add_argument("--no-torch", action="store_true", help="measure minicnn alone")
-    args = p.parse_args(argv)
-    args.json = results_path(args, "substrate")
+    args = parse_run_args(p, argv)
     return args
 
 

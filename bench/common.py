@@ -28,11 +28,16 @@ def add_run_args(parser, name, quick_help="few short repeats: a smoke run"):
                              "figures when other jobs share the cores")
     parser.add_argument("--json", type=Path, default=None,
                         help=f"where to write the results (default bench/results/{name}[_quick].json)")
+    parser.set_defaults(results_name=name)
 
 
-def results_path(args, name):
-    """Where a run writes its JSON: --json, or bench/results/<name>[_quick].json."""
-    return args.json or ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
+def parse_run_args(parser, argv=None):
+    """parser.parse_args(argv), args.json made the path the run writes: --json, or
+    bench/results/<name>[_quick].json with the name given to add_run_args."""
+    args = parser.parse_args(argv)
+    name = args.results_name
+    args.json = args.json or ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
+    return args
 
 
 def has_threadpoolctl():
