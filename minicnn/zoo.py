@@ -12,20 +12,20 @@ from .model import Sequential
 
 def seed_cnn(seed=0):
     """The example this project grew from: Conv 32@3x3, ReLU, MaxPool 2, Dense 10."""
-    rng = np.random.default_rng(seed)
-    return Sequential([
-        Conv2D(1, 32, 3, rng=rng), ReLU(), MaxPool2D(2),
-        Flatten(), Dense(32 * 13 * 13, 10, rng=rng),
-    ])
+    return _one_conv_cnn(32, seed)
 
 
 def tiny_cnn(seed=0):
     """The seed CNN with 8 filters instead of 32, a distillation student with a
     quarter of its weights (13,610): conv 8@3x3, ReLU, MaxPool 2, Dense 10."""
+    return _one_conv_cnn(8, seed)
+
+
+def _one_conv_cnn(filters, seed):
     rng = np.random.default_rng(seed)
     return Sequential([
-        Conv2D(1, 8, 3, rng=rng), ReLU(), MaxPool2D(2),
-        Flatten(), Dense(8 * 13 * 13, 10, rng=rng),
+        Conv2D(1, filters, 3, rng=rng), ReLU(), MaxPool2D(2),
+        Flatten(), Dense(filters * 13 * 13, 10, rng=rng),
     ])
 
 
