@@ -12,7 +12,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from minicnn.atomic import atomic_path
-from minicnn.layers import Conv2D, Dense
+
+from .pruning import prunable_layers
 
 MARKERS = {"seed_cnn": "o", "lenet5": "s"}
 
@@ -47,8 +48,7 @@ def tradeoff(report, out_dir):
 
 
 def _largest_weight_layer(model):
-    weighted = [i for i, layer in enumerate(model.layers) if type(layer) in (Conv2D, Dense)]
-    return max(weighted, key=lambda i: model.layers[i].params["W"].size)
+    return max(prunable_layers(model).values(), key=lambda i: model.layers[i].params["W"].size)
 
 
 def _int8_unit(quantized, shape):
@@ -119,18 +119,18 @@ def masks(figures, out_dir, techniques=("weight clipping", "model pruning")):
     panels = [(name, t, figures[name][t]["pruned"]) for name in figures for t in techniques if t in figures[name]]
     if not panels:
         return None
-    width = max(sum(type(layer) in (Conv2D, Dense) for layer in model.layers) for *_, model in panels)
+    weighted = [list(prunable_layers(model).values()) for *_, model in panels]
+    width = max(map(len, weighted))
     fig = Figure(figsize=(3.2 * width, 3.0 * len(panels)))
     axes = fig.subplots(len(panels), width, squeeze=False)
-    for row, (name, technique, model) in zip(axes, panels):
-        weighted = [(i, layer) for i, layer in enumerate(model.layers) if type(layer) in (Conv2D, Dense)]
-        for ax, (i, layer) in zip(row, weighted):
-            kept = _weight_image(layer) != 0
+    for row, (name, technique, model), indices in zip(axes, panels, weighted):
+        for ax, i in zip(row, indices):
+            kept = _weight_image(model.layers[i]) != 0
             ax.imshow(kept, cmap="gray_r", aspect="auto", interpolation="nearest")
             ax.set_title(f"{name} {technique}\nlayer {i}: {kept.mean():.1%} kept", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-        for ax in row[len(weighted):]:
+        for ax in row[len(indices):]:
             ax.axis("off")
     return _save(fig, out_dir, "masks.png")
 
