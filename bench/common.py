@@ -11,6 +11,7 @@ import os
 import platform
 from pathlib import Path
 
+from minicnn import parallel
 from minicnn.atomic import atomic_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,11 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def add_run_args(parser, name, quick_help="few short repeats: a smoke run"):
-    """--quick, --threads N and --json PATH (default bench/results/<name>[_quick].json)."""
+    """--quick, --threads N, --threading MODE and --json PATH (default bench/results/<name>[_quick].json)."""
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--threads", type=int, default=None,
                         help="threads for Numba and numpy's BLAS (default: all Numba's); 1 gives steadier "
                              "figures when other jobs share the cores")
+    parser.add_argument("--threading", choices=parallel.MODES, default=parallel.mode(),
+                        help="which build every Numba kernel runs (minicnn.parallel): auto picks by size "
+                             "(default: $MINICNN_THREADING, else auto)")
     parser.add_argument("--json", type=Path, default=None,
                         help=f"where to write the results (default bench/results/{name}[_quick].json)")
     parser.set_defaults(results_name=name)
@@ -33,8 +37,9 @@ def add_run_args(parser, name, quick_help="few short repeats: a smoke run"):
 
 def parse_run_args(parser, argv=None):
     """parser.parse_args(argv), args.json made the path the run writes: --json, or
-    bench/results/<name>[_quick].json with the name given to add_run_args."""
+    bench/results/<name>[_quick].json with the name given to add_run_args; --threading applied."""
     args = parser.parse_args(argv)
+    parallel.set_mode(args.threading)
     name = args.results_name
     args.json = args.json or ROOT / "bench" / "results" / (f"{name}_quick.json" if args.quick else f"{name}.json")
     return args
@@ -121,6 +126,7 @@ def machine_facts():
         "numba": numba.__version__,
         "numba_threads": numba.get_num_threads(),
         "numba_threading_layer": _numba_threading_layer(),
+        "minicnn_threading": parallel.mode(),
         "numpy_blas": _blas_libraries(),
     }
 

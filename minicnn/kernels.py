@@ -30,54 +30,15 @@ fastest matrix product on the machine (bench/ measures both).
 
 Max-pooling keeps the flat index of each window's maximum (the first one
 on ties, as numpy.argmax does), so backward routes dout to it.
+
+The loops run threaded or serial by `minicnn.parallel`'s rule, their work
+counted in elements written.
 """
 
-import os
-import types
-
-import numba
 import numpy as np
 from numba import prange
 
-# Numba's default OpenMP workers and OpenBLAS's threads both spin after a
-# parallel region. A conv alternates the two (im2row in Numba, GEMM in BLAS),
-# and on a 2-core machine each switch then waited a whole scheduler tick
-# (~8 ms measured, against 0.1 ms). The workqueue layer's workers sleep.
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
-fast = numba.njit(parallel=True, cache=True)
-serial = numba.njit(cache=True)
-
-# Waking the worker threads costs ~50 us per call here, more than a whole
-# batch-1 loop takes, so small inputs run a serial build of the same loops.
-# The figure is the output size above which threads paid off (bench/).
-PARALLEL_MIN_SIZE = 1 << 18
-
-
-def serial_build(body):
-    """`body` compiled for one thread (prange runs as range).
-
-    Numba's on-disk cache is keyed by the function's name, so this build
-    compiles a copy of the function under a name of its own; compiling
-    `body` itself would evict its threaded build from the cache.
-    """
-    copy = types.FunctionType(body.__code__, body.__globals__, body.__name__ + "_serial")
-    copy.__qualname__ = body.__qualname__ + "_serial"
-    return serial(copy)
-
-
-def twin(body):
-    """Compile `body` twice, threaded and serial; the result runs the one that fits the output
-    size, and always the serial one when Numba is limited to one thread (NUMBA_NUM_THREADS=1 or
-    numba.set_num_threads(1)): the threaded build would still pay for its scheduling (~70 us)."""
-    threaded, plain = fast(body), serial_build(body)
-
-    def run(size, *args):
-        return (threaded if size >= PARALLEL_MIN_SIZE and numba.get_num_threads() > 1 else plain)(*args)
-
-    run.__doc__ = body.__doc__
-    return run
+from .parallel import twin
 
 
 def conv_output_size(size, kernel, stride, padding):

@@ -16,7 +16,7 @@ temporary array); `adam_update` does it in one Numba loop instead, beside
 import numpy as np
 from numba import prange
 
-from .kernels import twin
+from .parallel import twin
 
 
 def _check_lr(lr):

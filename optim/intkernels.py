@@ -50,7 +50,8 @@ from numba import prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from minicnn.kernels import fast, serial_build, twin
+from minicnn.kernels import conv_output_size
+from minicnn.parallel import twin
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 SHIFT_RANGE = (-31, 30)  # shift of M = M0 * 2^(shift - 31), as TFLite allows
@@ -163,10 +164,6 @@ def pad_columns(a, width):
     out = np.zeros((a.shape[0], width), dtype=a.dtype)
     out[:, : a.shape[1]] = a
     return out
-
-
-def conv_output_size(size, kernel, stride, padding):
-    return 1 + (size + 2 * padding - kernel) // stride
 
 
 def im2row_nhwc_ref(x, KH, KW, stride, padding, fill, width):
@@ -352,7 +349,7 @@ def pack_weights(wt):
     return PackedWeights(wp, wt.astype(np.int32).sum(axis=1, dtype=np.int32))
 
 
-MAX_K = INT32_MAX // (255 * 127)  # 66,306
+MAX_K = INT32_MAX // (255 * 127)
 
 
 def qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi):
@@ -429,14 +426,9 @@ def _qgemm_int32_loops(a32, wp, colsum, bias, lo):
     return out
 
 
-def pick(kernels, work):
-    """The parallel build for `work` multiply-adds or more than PARALLEL_WORK, else the serial twin."""
-    return kernels[0] if work >= PARALLEL_WORK else kernels[1]
-
-
-PARALLEL_WORK = 2_000_000  # ~50 us of one core's multiply-adds: the price of waking the workers
-_QGEMM = (fast(_qgemm_loops), serial_build(_qgemm_loops))
-_QGEMM_INT32 = (fast(_qgemm_int32_loops), serial_build(_qgemm_int32_loops))
+MIN_MACS = 2_000_000  # threads pay from ~50 us of one core's multiply-adds on
+_qgemm = twin(_qgemm_loops, MIN_MACS)
+_qgemm_int32 = twin(_qgemm_int32_loops, MIN_MACS)
 
 
 def _words(a, wp):
@@ -448,15 +440,13 @@ def _words(a, wp):
 def qgemm(a, packed, bias, m0, shift, z_out, lo, hi):
     """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi) with packed = pack_weights(wt), bit for bit."""
     a32 = _words(a, packed.wp)
-    kernel = pick(_QGEMM, a32.size * 4 * len(bias))
-    return kernel(a32, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi)
+    return _qgemm(a32.size * 4 * len(bias), a32, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi)
 
 
 def qgemm_int32(a, packed, bias, lo):
     """qgemm_int32_ref(a, wt, bias, lo) with packed = pack_weights(wt), bit for bit."""
     a32 = _words(a, packed.wp)
-    kernel = pick(_QGEMM_INT32, a32.size * 4 * len(bias))
-    return kernel(a32, packed.wp.reshape(-1), packed.colsum, bias, lo)
+    return _qgemm_int32(a32.size * 4 * len(bias), a32, packed.wp.reshape(-1), packed.colsum, bias, lo)
 
 
 # --------------------------------------------------------------------------

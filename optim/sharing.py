@@ -50,7 +50,7 @@ import numpy as np
 from numba import prange
 
 from minicnn.checks import check_array, check_positive_int
-from minicnn.kernels import fast
+from minicnn.parallel import twin
 from minicnn.layers import Conv2D, Dense
 from minicnn.model import Sequential
 
@@ -128,14 +128,14 @@ def _assign_loop(w, centroids, out):
         out[i] = lo
 
 
-_assign_fast = fast(_assign_loop)
+_assign = twin(_assign_loop)
 
 
 def assign(w, centroids):
     """Index (n,) int64 of the nearest centroid to each weight; centroids (k,) sorted ascending.
     Ties go to the lower centroid."""
     out = np.empty(w.size, np.int64)
-    _assign_fast(np.ascontiguousarray(w, np.float64), np.ascontiguousarray(centroids, np.float64), out)
+    _assign(w.size, np.ascontiguousarray(w, np.float64), np.ascontiguousarray(centroids, np.float64), out)
     return out
 
 

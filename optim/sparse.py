@@ -71,12 +71,12 @@ from numba import prange
 
 from minicnn import kernels
 from minicnn.checks import check_array, check_positive_int
-from minicnn.kernels import serial, twin
+from minicnn.parallel import twin
 from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 
 from .bitpack import pack_bits, unpack_bits
-from .simd import HAS_PERMUTE, LANES, add, aligned_empty, fma, load, permute2, splat, store, transpose16
+from minicnn.simd import HAS_PERMUTE, LANES, add, aligned_empty, fma, load, permute2, splat, store, transpose16
 
 MAX_INDEX_BITS = 16
 BLOCK_COLUMNS = 128  # columns of M per block of blocked_matmul: 128 rows of a 64-lane X, 32 KB
@@ -286,12 +286,10 @@ _csr_matmul = twin(_csr_matmul_loops)
 
 def csr_matmul(values, indices, indptr, x, bias):
     """Fast y = x @ M.T + bias, same contract as csr_matmul_ref; serial below
-    minicnn's PARALLEL_MIN_SIZE outputs (N * R: fc1 at batch 64 makes 32,000).
+    minicnn's MIN_OUTPUTS outputs (N * R: fc1 at batch 64 makes 32,000).
 
     Counted in outputs, as minicnn's kernels do, not in multiply-adds: on fc1 at
-    10% density the threaded build lost to the serial one at batch 16, 64 and 256
-    (151 against 87, 234 against 163, 823 against 746 us, best of 11 in alternating
-    rounds on the shared 2-core machine): waking the workers costs ~70 us here.
+    10% density the threaded build lost to the serial one at batch 16, 64 and 256.
     """
     return _csr_matmul(x.shape[0] * (indptr.size - 1), values, indices, indptr, x, bias)
 
@@ -304,7 +302,7 @@ def csr_matmul(values, indices, indptr, x, bias):
 # layout by input, y[cols] += x[i] * W[i, cols], which can skip zero inputs
 # (19 us; 10 us with half of x zero, but fc1's inputs, max-pooled convolutions
 # with no ReLU in LeNet-5, have none); two threads (54 us: waking them).
-csr_matvec = serial(_csr_matvec_loops)
+csr_matvec = numba.njit(cache=True)(_csr_matvec_loops)
 
 
 # --------------------------------------------------------------------------
@@ -333,7 +331,7 @@ def column_blocks(indices, indptr, cols, block=BLOCK_COLUMNS):
     return order, np.ascontiguousarray(indices[order]), block_ptr
 
 
-@serial
+@numba.njit(cache=True)
 def _transpose_into(dst, ds, src, ss, rows, cols):
     """dst[c*ds + r] = src[r*ss + c] for r < rows, c < cols (flat float32 arrays, row strides ss, ds):
     16 x 16 blocks in registers (simd.transpose16), the ragged edges one number at a time."""
@@ -404,7 +402,7 @@ def _blocked_matmul_loops(block_values, block_columns, block_ptr, x, bias):
     return y
 
 
-blocked_matmul = serial(_blocked_matmul_loops)
+blocked_matmul = numba.njit(cache=True)(_blocked_matmul_loops)
 blocked_matmul.__doc__ = """y (N, R) = x @ M.T + bias for float32 x (N, K), with M's nonzeros as
 `column_blocks` regroups them: block_values = values[order], block_columns, block_ptr.
 Same result as csr_matmul_ref up to rounding (one per multiply-add here)."""
@@ -495,7 +493,7 @@ def _no_permute(*args):
 
 
 # Compiled only where vpermi2ps exists: compiling it elsewhere is a fatal LLVM error.
-lanes_matmul = serial(_lanes_matmul_loops) if HAS_PERMUTE else _no_permute
+lanes_matmul = numba.njit(cache=True)(_lanes_matmul_loops) if HAS_PERMUTE else _no_permute
 
 
 # --------------------------------------------------------------------------
@@ -567,8 +565,11 @@ def _wide_conv2d_loops(values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW):
     return out
 
 
-_sparse_conv2d = twin(_sparse_conv2d_loops)
-_wide_conv2d = twin(_wide_conv2d_loops)
+# Threads pay from this many multiply-adds on: on LeNet-5's conv2 the threaded build lost at
+# 2.6M (batch 8 at 20% density) and won at 3.8M; a batch-1 conv2 at 26% density is 0.4M.
+MIN_CONV_MACS = 1 << 22
+_sparse_conv2d = twin(_sparse_conv2d_loops, MIN_CONV_MACS)
+_wide_conv2d = twin(_wide_conv2d_loops, MIN_CONV_MACS)
 
 
 def conv_taps(indices, KH, KW):
@@ -584,11 +585,9 @@ def conv_taps(indices, KH, KW):
 def sparse_conv2d(values, taps, indptr, xp, bias, KH, KW, stride):
     """Fast direct sparse conv: sparse_conv2d_ref's result, with the column indices as
     `conv_taps(indices, KH, KW)`; 16 lanes at a time in float32 at stride 1 (_wide_conv2d_loops),
-    the plain loops otherwise. Serial below 16 x minicnn's PARALLEL_MIN_SIZE multiply-adds
-    (4.2M): on LeNet-5's conv2 the threaded build lost up to 2.6M (580 against 455 us, batch 8
-    at 20% density) and won at 3.8M (427 against 676); a batch-1 conv2 at 26% density is 0.4M."""
+    the plain loops otherwise; serial below MIN_CONV_MACS multiply-adds."""
     N, C, Hp, Wp = xp.shape
-    work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1) // 16
+    work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1)
     if stride == 1 and xp.dtype == values.dtype == bias.dtype == np.float32:  # the 16-lane kernel
         xflat = aligned_empty(xp.size + LANES)
         xflat[: xp.size] = xp.ravel()

@@ -33,28 +33,13 @@ import numpy as np
 from numba import prange
 
 from minicnn import kernels
-from minicnn.kernels import fast  # also selects Numba's sleeping "workqueue" threads
-
-# Float sums in any order: without reassociation LLVM may not vectorize a
-# float reduction. Only the add/subtract kernel needs it.
-fast_sum = numba.njit(parallel=True, cache=True, fastmath={"reassoc", "nsz"})
-# Not cached: Numba's cache tells two compilations of one function apart by
-# signature only, so a cached one-thread copy would load the parallel code.
-serial = numba.njit
-serial_sum = numba.njit(fastmath={"reassoc", "nsz"})
+from minicnn.parallel import twin
 
 ROW_BLOCK = 64  # input rows that stay in cache while every weight row streams past them
 
-# Waking Numba's worker threads costs tens of microseconds, more than a
-# small job (a batch-1 LeNet-5 layer) takes on one thread: below this many
-# inner-loop steps the kernels run serially (same loops, prange = range).
-PARALLEL_WORK = 1 << 16
-
-
-def _pick(kernels_pair, work):
-    parallel, one_thread = kernels_pair
-    return parallel if work >= PARALLEL_WORK else one_thread
-
+# Threads pay from this many inner-loop steps (a word packed, compared or
+# summed) on: below it a batch-1 LeNet-5 layer runs faster on one thread.
+MIN_STEPS = 1 << 16
 
 _M1 = np.uint64(0x5555555555555555)
 _M2 = np.uint64(0x3333333333333333)
@@ -110,12 +95,12 @@ def _pack_signs_loops(v):
     return packed
 
 
-PACK_SIGNS = (fast(_pack_signs_loops), serial(_pack_signs_loops))
+_pack_signs = twin(_pack_signs_loops, MIN_STEPS)
 
 
 def pack_signs(v):
     """Fast pack_signs_ref: v (R, n) float -> (R, ceil(n/64)) uint64."""
-    return _pick(PACK_SIGNS, v.size)(v)
+    return _pack_signs(v.size, v)
 
 
 def unpack_signs(packed, n):
@@ -160,7 +145,7 @@ def _gather_rows_loops(lines, KH, KW, stride, Ho, Wo):
     return packed
 
 
-GATHER_ROWS = (fast(_gather_rows_loops), serial(_gather_rows_loops))
+_gather_rows = twin(_gather_rows_loops, MIN_STEPS)
 
 
 def im2row_signs(xp, KH, KW, stride):
@@ -179,8 +164,7 @@ def im2row_signs(xp, KH, KW, stride):
     A = np.abs(xp).sum(axis=1, dtype=np.float32)
     windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
     beta = windows.sum(axis=(3, 4), dtype=np.float32).reshape(-1) / np.float32(C * KH * KW)
-    gather = _pick(GATHER_ROWS, N * Ho * Wo * C * KH)
-    return gather(lines, KH, KW, stride, Ho, Wo), beta
+    return _gather_rows(N * Ho * Wo * C * KH, lines, KH, KW, stride, Ho, Wo), beta
 
 
 # --------------------------------------------------------------------------
@@ -208,12 +192,12 @@ def _xnor_matmul_loops(a, w, n):
     return out
 
 
-XNOR_MATMUL = (fast(_xnor_matmul_loops), serial(_xnor_matmul_loops))
+_xnor_matmul = twin(_xnor_matmul_loops, MIN_STEPS)
 
 
 def xnor_matmul(a, w, n):
     """Fast xnor_matmul_ref: a (R, words), w (F, words) -> (R, F) int32."""
-    return _pick(XNOR_MATMUL, a.size * w.shape[0])(a, w, n)
+    return _xnor_matmul(a.size * w.shape[0], a, w, n)
 
 
 # --------------------------------------------------------------------------
@@ -253,9 +237,10 @@ def _addsub_matmul_loops(x, w):
     return out
 
 
-ADDSUB_MATMUL = (fast_sum(_addsub_matmul_loops), serial_sum(_addsub_matmul_loops))
+# Float sums in any order: without reassociation LLVM may not vectorize a float reduction.
+_addsub_matmul = twin(_addsub_matmul_loops, MIN_STEPS, fastmath={"reassoc", "nsz"})
 
 
 def addsub_matmul(x, w):
     """Fast addsub_matmul_ref: x (R, n) float32, w (F, words) -> (R, F) float32."""
-    return _pick(ADDSUB_MATMUL, x.size * w.shape[0])(x, w)
+    return _addsub_matmul(x.size * w.shape[0], x, w)

@@ -1,7 +1,6 @@
 """Binary networks: bit packing, XNOR-popcount and add/subtract kernels, the
 straight-through gradients, packed inference, files (optim/binary.py, optim/xnor.py)."""
 
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ from hypothesis import strategies as st
 
 import minicnn
 from gradcheck import numerical_gradient, relative_error
-from minicnn import kernels
+from minicnn import kernels, parallel
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from optim import xnor
 from optim.binary import (
@@ -26,17 +25,7 @@ def signs_of(v):
     return np.where(v >= 0, 1.0, -1.0)
 
 
-@contextmanager
-def parallel_from(work):
-    """Run the kernels in parallel from this much work on (0: always; 2**62: never)."""
-    old, xnor.PARALLEL_WORK = xnor.PARALLEL_WORK, work
-    try:
-        yield
-    finally:
-        xnor.PARALLEL_WORK = old
-
-
-BOTH_PATHS = (0, 2**62)  # the same loops compiled with prange in parallel, and on one thread
+BUILDS = ("threaded", "serial")  # the same loops compiled with prange in parallel, and on one thread
 
 
 # --------------------------------------------------------------------------
@@ -47,11 +36,11 @@ BOTH_PATHS = (0, 2**62)  # the same loops compiled with prange in parallel, and 
 def test_pack_round_trip_any_length(rows, n, seed):
     v = random_array(seed, (rows, n), np.float32)
     v[:, ::7] = 0  # sign(0) = +1 must survive too
-    for work in BOTH_PATHS:
-        with parallel_from(work):
+    for build in BUILDS:
+        with parallel.forced(build):
             packed = xnor.pack_signs(v)
         assert packed.dtype == np.uint64 and packed.shape == (rows, (n + 63) // 64)
-        np.testing.assert_array_equal(packed, xnor.pack_signs_ref(v), err_msg=f"numba pack vs reference ({work})")
+        np.testing.assert_array_equal(packed, xnor.pack_signs_ref(v), err_msg=f"numba pack vs reference ({build})")
     np.testing.assert_array_equal(xnor.unpack_signs(packed, n), signs_of(v))
     padding = n % 64
     if padding:  # the bits past n are zero, so XOR never counts them
@@ -90,11 +79,11 @@ def test_xnor_matmul_equals_plus_minus_one_dot_exactly(R, F, n, seed):
     w = signs_of(random_array(seed + 1, (F, n)))
     expected = (a @ w.T).astype(np.int64)  # small integers: exact in float64
     pa, pw = xnor.pack_signs(a), xnor.pack_signs(w)
-    for work in BOTH_PATHS:
-        with parallel_from(work):
+    for build in BUILDS:
+        with parallel.forced(build):
             ours = xnor.xnor_matmul(pa, pw, n)
         assert ours.dtype == np.int32
-        np.testing.assert_array_equal(ours, expected, err_msg=f"xnor_matmul vs float +-1 dot ({work})")
+        np.testing.assert_array_equal(ours, expected, err_msg=f"xnor_matmul vs float +-1 dot ({build})")
     np.testing.assert_array_equal(xnor.xnor_matmul_ref(pa, pw, n), expected, err_msg="reference vs float dot")
 
 
@@ -105,11 +94,11 @@ def test_addsub_matmul_equals_float_reference(R, F, n, seed):
     ref = xnor.addsub_matmul_ref(x, w)
     exact = x.astype(np.float64) @ xnor.unpack_signs(w, n).astype(np.float64).T
     bound = 1e-6 * n * np.abs(x).sum(axis=1, keepdims=True)  # float32 rounding of n additions
-    for work in BOTH_PATHS:
-        with parallel_from(work):
+    for build in BUILDS:
+        with parallel.forced(build):
             ours = xnor.addsub_matmul(x, w)
         assert ours.dtype == np.float32
-        assert np.all(np.abs(ours - exact) <= bound), f"ours {ours} vs exact {exact} ({work})"
+        assert np.all(np.abs(ours - exact) <= bound), f"ours {ours} vs exact {exact} ({build})"
     assert np.all(np.abs(ref - exact) <= bound), f"reference {ref} vs exact {exact}"
 
 
@@ -382,10 +371,10 @@ def test_im2row_signs_matches_reference(geom, seed):
     N, C, H, W, F, k, s, p = geom
     xp = kernels.pad(random_array(seed, (N, C, H, W), np.float32), p)
     ref_bits, ref_beta = xnor.im2row_signs_ref(xp, k, k, s)
-    for work in BOTH_PATHS:
-        with parallel_from(work):
+    for build in BUILDS:
+        with parallel.forced(build):
             bits, beta = xnor.im2row_signs(xp, k, k, s)
-        np.testing.assert_array_equal(bits, ref_bits, err_msg=f"packed receptive fields vs reference ({work})")
+        np.testing.assert_array_equal(bits, ref_bits, err_msg=f"packed receptive fields vs reference ({build})")
         np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
 
 

@@ -6,6 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minicnn import kernels as K
+from minicnn import parallel
 from strategies import conv_geometry, pool_geometry, random_array
 
 seeds = st.integers(0, 2**31 - 1)
@@ -14,10 +15,8 @@ seeds = st.integers(0, 2**31 - 1)
 @pytest.fixture(autouse=True, scope="module", params=["threaded", "serial"])
 def build(request):
     """Run every test against both builds of the Numba loops."""
-    saved = K.PARALLEL_MIN_SIZE
-    K.PARALLEL_MIN_SIZE = 0 if request.param == "threaded" else 2**62
-    yield request.param
-    K.PARALLEL_MIN_SIZE = saved
+    with parallel.forced(request.param):
+        yield request.param
 
 
 @given(conv_geometry(), seeds, st.sampled_from([np.float32, np.float64]))

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from minicnn import kernels as FK
+from minicnn import parallel
 from optim import intkernels as K
 from optim import quantization as Q
 from strategies import conv_geometry, pool_geometry
@@ -233,18 +234,18 @@ def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     np.testing.assert_array_equal(K.qgemm_int32(a, K.pack_weights(wt), bias, lo32), K.qgemm_int32_ref(a, wt, bias, lo32))
 
 
-@pytest.mark.parametrize("build", [0, 1], ids=["parallel", "serial"])
+@pytest.mark.parametrize("build", ["threaded", "serial"])
 def test_qgemm_builds_match_reference(build):
-    """qgemm picks the parallel or the serial build by size; both must be exact."""
-    rng = np.random.default_rng(build)
+    """qgemm picks the threaded or the serial build by size; both must be exact."""
+    rng = np.random.default_rng(len(build))
     a, wt = random_codes(rng, (67, 203)), random_codes(rng, (45, 203), -127)
     bias = rng.integers(-(2**20), 2**20, 45).astype(np.int32)
     m0, shift = rng.integers(2**30, 2**31, 45).astype(np.int32), rng.integers(-31, 2, 45).astype(np.int8)
     packed = K.pack_weights(wt)
-    a32, wp = K._words(a, packed.wp), packed.wp.reshape(-1)
-    ours = K._QGEMM[build](a32, wp, packed.colsum, bias, m0, shift, 5, 5, 127)
+    with parallel.forced(build):
+        ours = K.qgemm(a, packed, bias, m0, shift, 5, 5, 127)
+        ours32 = K.qgemm_int32(a, packed, bias, INT32_MIN)
     np.testing.assert_array_equal(ours, K.qgemm_ref(a, wt, bias, m0, shift, 5, 5, 127))
-    ours32 = K._QGEMM_INT32[build](a32, wp, packed.colsum, bias, INT32_MIN)
     np.testing.assert_array_equal(ours32, K.qgemm_int32_ref(a, wt, bias, INT32_MIN))
 
 

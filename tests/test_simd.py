@@ -1,4 +1,4 @@
-"""optim.simd's vector operations, each against the NumPy expression its docstring gives."""
+"""minicnn.simd's vector operations, each against the NumPy expression its docstring gives."""
 
 import numba
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from optim import simd
-from optim.simd import LANES, add, aligned_empty, fma, load, permute2, splat, store, transpose16
+from minicnn import simd
+from minicnn.simd import LANES, add, aligned_empty, fma, load, permute2, splat, store, transpose16
 
 floats = st.floats(-1e6, 1e6, width=32)
 

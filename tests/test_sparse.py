@@ -6,9 +6,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minicnn
-from minicnn import Conv2D, Dense, Flatten, ReLU, Sequential, kernels
+from minicnn import Conv2D, Dense, Flatten, ReLU, Sequential, kernels, parallel
 from optim import sparse
-from optim.simd import HAS_PERMUTE
+from minicnn.simd import HAS_PERMUTE
 from optim.sparse import (SparseConv2D, SparseDense, best_index_bits, csr_from_dense, decode_relative,
                           encode_relative, filler_count, stream_bytes)
 
@@ -87,12 +87,9 @@ def test_csr_kernels_agree_with_dense_product(M, batch, seed):
     expected = x.astype(np.float64) @ M.T + bias
     csr = csr_from_dense(M)
     ours = {"reference": sparse.csr_matmul_ref(*csr, x, bias), "matvec": sparse.csr_matvec(*csr, x[0], bias)[None]}
-    for build, threshold in [("threaded", 0), ("serial", 2**62)]:  # the size above which the threaded build runs
-        saved, kernels.PARALLEL_MIN_SIZE = kernels.PARALLEL_MIN_SIZE, threshold
-        try:
+    for build in ("threaded", "serial"):
+        with parallel.forced(build):
             ours[f"numba ({build})"] = sparse.csr_matmul(*csr, x, bias)
-        finally:
-            kernels.PARALLEL_MIN_SIZE = saved
     for name, y in ours.items():
         assert y.shape == (1 if name == "matvec" else batch, M.shape[0]), f"{name}: shape {y.shape}"
         np.testing.assert_allclose(y, expected[: y.shape[0]], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -174,18 +171,14 @@ def test_sparse_conv_agrees_with_dense_conv(geometry, density, dtype, seed):
     bias = rng.standard_normal(F).astype(np.float32)
     expected = kernels.conv2d_forward_ref(x.astype(np.float64), w, bias, stride, padding)
     csr, xp = csr_from_dense(w.reshape(F, -1)), kernels.pad(x, padding)
-    builds = [("threaded", 0), ("serial", 2**62)]  # the size above which the threaded build runs
     values, indices, indptr = csr
     taps = sparse.conv_taps(indices, K, K)
     np.testing.assert_array_equal(taps @ [K * K, K, 1], indices)
     for name, fn, args in [("reference", sparse.sparse_conv2d_ref, csr),
                            ("numba", sparse.sparse_conv2d, (values, taps, indptr))]:
-        for build, threshold in builds:
-            saved, kernels.PARALLEL_MIN_SIZE = kernels.PARALLEL_MIN_SIZE, threshold
-            try:
+        for build in ("threaded", "serial"):
+            with parallel.forced(build):
                 ours = fn(*args, xp, bias, K, K, stride)
-            finally:
-                kernels.PARALLEL_MIN_SIZE = saved
             np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-5, err_msg=f"{name} ({build})")
 
 

@@ -1,0 +1,104 @@
+"""Threaded or serial: the one rule every Numba kernel of minicnn and optim follows.
+
+A kernel whose outer loop is a `prange` is compiled twice by `twin`: a
+threaded build (Numba's `parallel=True`) and a serial one (the same loops,
+prange running as range). Each call runs one of them:
+
+    threaded  iff  work >= min_work  and  Numba may use more than one thread
+
+`work` is what the call will do, counted in the unit its kernel states
+(outputs written, multiply-adds, 64-bit words compared), and `min_work` is
+that kernel's break-even in the same unit, measured by bench/. Below it,
+waking the worker threads (tens of microseconds) costs more than the
+second core saves: a batch-1 layer runs faster on one thread.
+
+One switch forces either build for every kernel at once, for tests (both
+builds must give the same results) and for benchmarks:
+
+    MINICNN_THREADING=serial | threaded | auto     (environment, read at import)
+    minicnn.parallel.set_mode("serial")            (in code; bench/'s --threading)
+    with minicnn.parallel.forced("serial"): ...    (for one block)
+
+"auto", the default, applies the rule above.
+"""
+
+import contextlib
+import os
+import types
+
+import numba
+
+# Numba's default OpenMP workers and OpenBLAS's threads both spin after a
+# parallel region. A conv alternates the two (im2row in Numba, GEMM in BLAS),
+# and on a 2-core machine each switch then waited a whole scheduler tick.
+# The workqueue layer's workers sleep.
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+MODES = ("auto", "serial", "threaded")
+MIN_OUTPUTS = 1 << 18  # the break-even of minicnn's own loops, in elements written
+
+
+def _check_mode(mode, source):
+    if mode not in MODES:
+        raise ValueError(f"{source} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+_mode = _check_mode(os.environ.get("MINICNN_THREADING", "auto"), "MINICNN_THREADING")
+
+
+def mode():
+    """The build every twin runs: "auto" (the rule), "serial" or "threaded"."""
+    return _mode
+
+
+def set_mode(new_mode):
+    """From now on run every twin kernel in `new_mode`: "serial", "threaded" or "auto"."""
+    global _mode
+    _mode = _check_mode(new_mode, "the threading mode")
+
+
+@contextlib.contextmanager
+def forced(new_mode):
+    """Run every twin kernel in `new_mode` inside the block, then go back to the mode before it."""
+    saved = _mode
+    set_mode(new_mode)
+    try:
+        yield
+    finally:
+        set_mode(saved)
+
+
+def runs_threaded(work, min_work):
+    """The rule: whether a call doing `work` runs the threaded build of a kernel whose break-even is `min_work`."""
+    if _mode != "auto":
+        return _mode == "threaded"
+    return work >= min_work and numba.get_num_threads() > 1
+
+
+def _renamed(body, suffix):
+    """A copy of the Python function `body` under another name.
+
+    Numba's on-disk cache is keyed by the function's name and signature, so
+    the serial build must compile a function of its own name: compiling
+    `body` itself twice would let one build's cache entry replace the other's.
+    """
+    copy = types.FunctionType(body.__code__, body.__globals__, body.__name__ + suffix)
+    copy.__qualname__ = body.__qualname__ + suffix
+    return copy
+
+
+def twin(body, min_work=MIN_OUTPUTS, **options):
+    """Compile `body` threaded and serial (cached; `options` such as fastmath go to numba.njit).
+
+    Returns run(work, *args): body(*args) in the build `runs_threaded(work, min_work)` picks.
+    """
+    threaded = numba.njit(parallel=True, cache=True, **options)(body)
+    serial = numba.njit(cache=True, **options)(_renamed(body, "_serial"))
+
+    def run(work, *args):
+        return (threaded if runs_threaded(work, min_work) else serial)(*args)
+
+    run.__name__, run.__doc__ = body.__name__, body.__doc__
+    return run
