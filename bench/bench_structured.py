@@ -44,6 +44,7 @@ import minicnn  # noqa: E402
 from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
+from minicnn.layers import weight_layers  # noqa: E402
 from minicnn.timing import FULL, QUICK, Timing, compare  # noqa: E402
 from optim import cutting, structured  # noqa: E402
 
@@ -59,8 +60,7 @@ def disk_bytes(model):
 
 
 def units(model):
-    return {i: structured.num_units(model.layers[i]) for i, layer in enumerate(model.layers)
-            if type(layer) in structured.WEIGHTED}
+    return {i: structured.num_units(model.layers[i]) for i in weight_layers(model.layers)}
 
 
 def load_pair(base_path, small_path, build, compress):
@@ -91,8 +91,7 @@ def check_lenet5_pruning(base, small):
 
 def check_cut(base, small):
     removed = len(base.layers) - len(small.layers)
-    weighted = sum(type(layer) in structured.WEIGHTED for layer in base.layers)
-    cut_weighted = weighted - sum(type(layer) in structured.WEIGHTED for layer in small.layers)
+    cut_weighted = len(weight_layers(base.layers)) - len(weight_layers(small.layers))
     assert cut_weighted >= 2, f"expected at least two weighted layers cut, got {cut_weighted}"
     return {"layers_removed": removed, "weighted_layers_removed": cut_weighted}
 

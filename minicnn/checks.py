@@ -41,7 +41,15 @@ def check_labels(y, n, num_classes, name="y"):
     return y
 
 
+def check_int(v, name, minimum, maximum):
+    """v as an int, checked to be an integer (not a bool) in minimum..maximum."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or not minimum <= v <= maximum:
+        raise ValueError(f"{name} must be an integer in {minimum}..{maximum}, got {v!r}")
+    return int(v)
+
+
 def check_positive_int(v, name, minimum=1):
+    """v as an int, checked to be an integer (not a bool) >= minimum."""
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
     return int(v)

@@ -268,3 +268,10 @@ class Flatten(Layer):
 
 
 LAYER_KINDS = {cls.kind: cls for cls in (Conv2D, Dense, ReLU, MaxPool2D, Flatten)}
+
+WEIGHTED = (Conv2D, Dense)
+
+
+def weight_layers(layers):
+    """Indices of the plain Conv2D and Dense layers in the list `layers` (a model's `.layers`)."""
+    return [i for i, layer in enumerate(layers) if type(layer) in WEIGHTED]

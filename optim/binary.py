@@ -37,7 +37,7 @@ import numpy as np
 
 from minicnn import kernels
 from minicnn.checks import check_array
-from minicnn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
+from minicnn.layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, weight_layers
 from minicnn.model import Sequential
 
 from . import xnor
@@ -167,10 +167,6 @@ def clip_latent(model):
             np.clip(layer.params["W"], -1, 1, out=layer.params["W"])
 
 
-def _weight_layers(model):
-    return [i for i, layer in enumerate(model.layers) if type(layer) in (Conv2D, Dense)]
-
-
 def binarize(model, layers=None, binary_activations=False):
     """A copy of `model` whose chosen Conv2D / Dense layers train with binary weights.
 
@@ -183,7 +179,7 @@ def binarize(model, layers=None, binary_activations=False):
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"binarize needs a Sequential model, got {type(model).__name__}")
-    candidates = _weight_layers(model)
+    candidates = weight_layers(model.layers)
     if layers is None:
         layers = candidates[1:-1]
         if not layers:

@@ -14,21 +14,17 @@ few million weights.
 
 import numpy as np
 
-
-def _check_bits(bits):
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 32:
-        raise ValueError(f"bits must be an integer in 1..32, got {bits!r}")
-    return int(bits)
+from minicnn.checks import check_int
 
 
 def packed_size(count, bits):
     """Bytes taken by `count` values of `bits` bits."""
-    return (count * _check_bits(bits) + 7) // 8
+    return (count * check_int(bits, "bits", 1, 32) + 7) // 8
 
 
 def pack_bits(values, bits):
     """values (n,) unsigned ints < 2**bits -> uint8 (ceil(n*bits/8),)."""
-    bits = _check_bits(bits)
+    bits = check_int(bits, "bits", 1, 32)
     values = np.asarray(values)
     if values.ndim != 1 or values.dtype.kind not in "iu":
         raise ValueError(f"values must be a 1-D integer array, got {values.dtype} {values.shape}")
@@ -41,7 +37,7 @@ def pack_bits(values, bits):
 
 def unpack_bits(data, bits, count):
     """Inverse of pack_bits: uint8 stream -> uint32 (count,)."""
-    bits = _check_bits(bits)
+    bits = check_int(bits, "bits", 1, 32)
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 1:
         raise ValueError(f"packed data must be a 1-D uint8 array, got {data.dtype} {data.shape}")

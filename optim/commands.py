@@ -140,7 +140,7 @@ def _prune_filters(args):
     x_fit, y_fit, x_val, y_val, x_test, y_test = _finetune_data(args)
     model = load(args.model)
     report(f"{args.model} before pruning", model, x_test, y_test)
-    rates = {i: args.rate for i in structured.prunable_layers(model)}
+    rates = {i: args.rate for i in structured.removable_layers(model)}
     if args.max_drop is not None:
         table = structured.sensitivity(model, x_val, y_val, criterion=args.criterion)
         print(f"\nsensitivity: validation accuracy with one layer pruned\n{structured.format_sensitivity(table)}")

@@ -29,12 +29,12 @@
 import numpy as np
 
 from minicnn.checks import check_array, check_labels, check_positive_int
-from minicnn.layers import Conv2D, Dense, Flatten, ReLU
+from minicnn.layers import WEIGHTED, Conv2D, Dense, Flatten, ReLU, weight_layers
 from minicnn.model import Sequential
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
-from .structured import WEIGHTED, check_layer_index, check_sequential, num_params
+from .structured import check_layer_index, check_sequential, num_params
 
 CRITERIA = ("accuracy", "distance")
 
@@ -197,19 +197,15 @@ def truncate(model, after, x, y, epochs=5, batch_size=64, optimizer=None, seed=0
     return Sequential(body + head.layers, model.input_shape)
 
 
-def _weight_layers(layers):
-    return sum(type(layer) in WEIGHTED for layer in layers)
-
-
 def truncation_points(model):
     """The `after` indices (-1 included) at which truncating removes at least
     one weight layer: the body keeps fewer weight layers than the model has,
     less the last one, which the new head replaces. A cut just after a
     Flatten is left out: it is the cut just before it."""
     check_sequential(model)
-    keep_below = _weight_layers(model.layers) - 1
+    keep_below = len(weight_layers(model.layers)) - 1
     return [after for after in range(-1, len(model.layers) - 1)
-            if _weight_layers(model.layers[: after + 1]) < keep_below
+            if len(weight_layers(model.layers[: after + 1])) < keep_below
             and not (after >= 0 and type(model.layers[after]) is Flatten)]
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from minicnn.optimizers import Adam
 from minicnn.training import fit
 
-from .pruning import layer_sparsity, prunable_layers, prune_global
+from .pruning import layer_names, layer_sparsity, prune_global
 from .sharing import _SharedLayer, _bits_for, check_bits, share_weights, unshare
 from .sparse import to_dense
 
@@ -44,7 +44,7 @@ class Compressed:
 def capped_bits(model, bits):
     """{layer name: bits} with each layer's 2**bits clusters capped at its nonzero weights."""
     out = {}
-    for name, index in prunable_layers(model).items():
+    for name, index in layer_names(model).items():
         nonzero = int(np.count_nonzero(model.layers[index].params["W"]))
         b = check_bits(_bits_for(name, bits))
         out[name] = min(b, int(math.log2(nonzero))) if nonzero >= 2 else b
@@ -89,7 +89,7 @@ def deep_compression(model, x, y, sparsity=0.0, bits=None, retrain_epochs=4, fin
 def layer_table(model):
     """One dict per shared layer (name, and `storage()`'s figures) plus float32 bytes."""
     rows = []
-    for name, index in prunable_layers(unshare(model)).items():
+    for name, index in layer_names(unshare(model)).items():
         layer = model.layers[index]
         if isinstance(layer, _SharedLayer):
             row = {"layer": name, **layer.storage(), "float32_bytes": 4 * (layer.shape[0] * (layer.shape[1] + 1))}

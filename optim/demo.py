@@ -150,7 +150,7 @@ def weight_clipping(model, data, epochs, quality, layers, iterations, lr=1e-4):
 
 
 def network_pruning(model, data, epochs, rate, criterion, lr=3e-4):
-    rates = {i: rate for i in structured.prunable_layers(model)}
+    rates = {i: rate for i in structured.removable_layers(model)}
     pruned = structured.prune_and_finetune(model, rates, data.x_train, data.y_train, epochs=epochs,
                                            criterion=criterion, lr=lr)
     fewer = structured.total_macs(model) / structured.total_macs(pruned)

@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from minicnn.atomic import atomic_path
 
-from .pruning import prunable_layers
+from minicnn.layers import weight_layers
 
 MARKERS = {"seed_cnn": "o", "lenet5": "s"}
 
@@ -48,7 +48,7 @@ def tradeoff(report, out_dir):
 
 
 def _largest_weight_layer(model):
-    return max(prunable_layers(model).values(), key=lambda i: model.layers[i].params["W"].size)
+    return max(weight_layers(model.layers), key=lambda i: model.layers[i].params["W"].size)
 
 
 def _int8_unit(quantized, shape):
@@ -119,7 +119,7 @@ def masks(figures, out_dir, techniques=("weight clipping", "model pruning")):
     panels = [(name, t, figures[name][t]["pruned"]) for name in figures for t in techniques if t in figures[name]]
     if not panels:
         return None
-    weighted = [list(prunable_layers(model).values()) for *_, model in panels]
+    weighted = [weight_layers(model.layers) for *_, model in panels]
     width = max(map(len, weighted))
     fig = Figure(figsize=(3.2 * width, 3.0 * len(panels)))
     axes = fig.subplots(len(panels), width, squeeze=False)

@@ -43,31 +43,30 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from minicnn.checks import check_positive_int
-from minicnn.layers import Conv2D, Dense
+from minicnn.layers import Conv2D, Dense, weight_layers
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
-PRUNABLE = {Conv2D: "conv", Dense: "fc"}
+PREFIX = {Conv2D: "conv", Dense: "fc"}
 
 
 # --------------------------------------------------------------------------
 # Which layers
 
 
-def prunable_layers(model):
-    """{name: layer index} of the model's Conv2D and Dense layers, in order (conv1, ..., fc1, ...)."""
+def layer_names(model):
+    """{name: layer index} of the model's weight layers, in order, named conv1, ..., fc1, ..."""
     names, counts = {}, {}
-    for i, layer in enumerate(model.layers):
-        prefix = PRUNABLE.get(type(layer))
-        if prefix is not None:
-            counts[prefix] = counts.get(prefix, 0) + 1
-            names[f"{prefix}{counts[prefix]}"] = i
+    for i in weight_layers(model.layers):
+        prefix = PREFIX[type(model.layers[i])]
+        counts[prefix] = counts.get(prefix, 0) + 1
+        names[f"{prefix}{counts[prefix]}"] = i
     return names
 
 
 def select_layers(model, layers=None):
     """[(name, index)] for the named layers (None: every prunable layer); ValueError if none or unknown."""
-    available = prunable_layers(model)
+    available = layer_names(model)
     if not available:
         raise ValueError("the model has no prunable layer (Conv2D or Dense)")
     if layers is None:

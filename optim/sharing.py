@@ -56,7 +56,7 @@ from minicnn.model import Sequential
 
 from . import huffman, sparse
 from .bitpack import pack_bits, packed_size, unpack_bits
-from .pruning import prunable_layers
+from .pruning import layer_names
 
 INITS = ("linear", "density", "random", "kmeans++")
 CODINGS = ("huffman", "packed")
@@ -439,7 +439,7 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
     if not isinstance(model, Sequential):
         raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
     dense = sparse.to_dense(model)
-    names = {index: name for name, index in prunable_layers(dense).items()}
+    names = {index: name for name, index in layer_names(dense).items()}
     layers = []
     for i, layer in enumerate(dense.layers):
         shared_cls = SHARED_LAYERS.get(type(layer))

@@ -36,13 +36,12 @@ fine-tune, and repeat in steps (prune, fine-tune, prune more, ...).
 import numpy as np
 
 from minicnn.checks import check_array, check_labels, check_positive_int
-from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from minicnn.layers import WEIGHTED, Conv2D, Dense, Flatten, MaxPool2D, ReLU, weight_layers
 from minicnn.losses import cross_entropy
 from minicnn.model import Sequential
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
-WEIGHTED = (Conv2D, Dense)
 PASS_THROUGH = (ReLU, MaxPool2D, Flatten)  # per-channel maps: channel j out depends on channel j in
 CRITERIA = ("l1", "l2", "activation", "taylor")
 
@@ -115,17 +114,16 @@ def consumer(model, index):
     raise ValueError(f"layer {index} is the output layer: its units are the classes and cannot be removed")
 
 
-def prunable_layers(model):
+def removable_layers(model):
     """Indices of the layers whose units can be removed: every plain Conv2D and
     Dense that feeds another one through per-channel layers only."""
     found = []
-    for i, layer in enumerate(model.layers):
-        if type(layer) in WEIGHTED:
-            try:
-                consumer(model, i)
-            except ValueError:
-                continue
-            found.append(i)
+    for i in weight_layers(model.layers):
+        try:
+            consumer(model, i)
+        except ValueError:
+            continue
+        found.append(i)
     return found
 
 
@@ -269,7 +267,7 @@ def rates_per_layer(model, rates):
         for index in rates:
             consumer(model, index)
         return {int(i): _check_rate(r, i) for i, r in rates.items()}
-    return {i: _check_rate(rates, i) for i in prunable_layers(model)}
+    return {i: _check_rate(rates, i) for i in removable_layers(model)}
 
 
 def remove_lowest(model, counts, criterion="l1", x=None, y=None, batch_size=256):
@@ -307,7 +305,7 @@ def sensitivity(model, x_val, y_val, rates=(0.25, 0.5, 0.75, 0.9), criterion="l1
 
     Returns {"baseline": accuracy, "rates": [...], "accuracy": {layer index: [accuracy per rate]}}.
     """
-    layers = prunable_layers(model) if layers is None else list(layers)
+    layers = removable_layers(model) if layers is None else list(layers)
     rates = [_check_rate(r, "sensitivity") for r in rates]
     table = {"baseline": evaluate(model, x_val, y_val), "rates": rates, "accuracy": {}}
     for index in layers:

@@ -97,7 +97,7 @@ def test_clip_hand_computed():
 
 def test_layer_selection_by_name():
     model = small_cnn()
-    assert pruning.prunable_layers(model) == {"conv1": 0, "fc1": 4, "fc2": 6}
+    assert pruning.layer_names(model) == {"conv1": 0, "fc1": 4, "fc2": 6}
     masks = global_masks(model, 0.5, layers=["fc1"])
     assert list(masks) == [4] and int((~masks[4]).sum()) == 288
 

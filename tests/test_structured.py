@@ -143,9 +143,9 @@ def test_rate_counts_use_floor():
     assert [structured.num_units(pruned.layers[i]) for i in (0, 2, 5)] == [1, 1, 5]
 
 
-def test_prunable_layers_of_the_zoo():
-    assert structured.prunable_layers(minicnn.zoo.lenet5()) == [0, 2, 5]
-    assert structured.prunable_layers(minicnn.zoo.lenet300()) == [1, 3]
+def test_removable_layers_of_the_zoo():
+    assert structured.removable_layers(minicnn.zoo.lenet5()) == [0, 2, 5]
+    assert structured.removable_layers(minicnn.zoo.lenet300()) == [1, 3]
 
 
 # --------------------------------------------------------------------------
@@ -155,7 +155,7 @@ def test_prunable_layers_of_the_zoo():
 @given(small_network(), st.integers(0, 2**16), st.data())
 def test_removing_dead_units_changes_nothing_exactly(model, seed, data):
     model = integer_valued(model, seed)
-    index = data.draw(st.sampled_from(structured.prunable_layers(model)))
+    index = data.draw(st.sampled_from(structured.removable_layers(model)))
     n = structured.num_units(model.layers[index])
     units = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n - 1, unique=True))
     zero_units(model, index, units)
@@ -169,7 +169,7 @@ def test_removing_dead_units_changes_nothing_exactly(model, seed, data):
 
 @given(small_network(), st.integers(0, 2**16), st.data())
 def test_dead_units_score_zero_and_go_first(model, seed, data):
-    index = data.draw(st.sampled_from(structured.prunable_layers(model)))
+    index = data.draw(st.sampled_from(structured.removable_layers(model)))
     n = structured.num_units(model.layers[index])
     dead = data.draw(st.lists(st.integers(0, n - 1), min_size=1, max_size=n - 1, unique=True))
     zero_units(model, index, dead)
@@ -183,7 +183,7 @@ def test_dead_units_score_zero_and_go_first(model, seed, data):
 
 @given(small_network(), st.integers(0, 2**16), st.data())
 def test_taylor_scores_do_not_depend_on_the_batch_size(model, seed, data):
-    index = data.draw(st.sampled_from(structured.prunable_layers(model)))
+    index = data.draw(st.sampled_from(structured.removable_layers(model)))
     x = images(model, n=7, seed=seed)
     y = np.random.default_rng(seed).integers(0, 3, 7)
     one = structured.unit_scores(model, index, "taylor", x, y, batch_size=1)
@@ -194,7 +194,7 @@ def test_taylor_scores_do_not_depend_on_the_batch_size(model, seed, data):
 @given(small_network(), st.lists(st.tuples(st.integers(0, 10), st.floats(0, 0.99)), min_size=1, max_size=5))
 def test_shapes_stay_consistent_after_any_sequence_of_removals(model, steps):
     for pick, rate in steps:
-        layers = structured.prunable_layers(model)
+        layers = structured.removable_layers(model)
         index = layers[pick % len(layers)]
         n = structured.num_units(model.layers[index])
         model = structured.prune(model, {index: rate})
