@@ -114,7 +114,7 @@ def bench_fc1(budget, threads):
             y += b
             return y
 
-        pairs = {"kernel": (dense, lambda: twin._sparse_forward(x)),
+        pairs = {"kernel": (dense, lambda: twin.sparse_forward(x)),
                  "layer": (lambda: layer.forward(x), lambda: twin.forward(x))}
         for level, (dense_fn, sparse_fn) in pairs.items():
             timings = compare({"dense": dense_fn, "sparse": sparse_fn}, budget)  # interleaved rounds

@@ -1,8 +1,8 @@
 """How fast are k-means and Huffman coding? Kernels against their references, in one run.
 
 1. The k-means assignment step on LeNet-5's fc1 (400,000 weights, k = 32 and
-   k = 256): the Numba binary-search kernel (`sharing.assign`) against the
-   NumPy reference (`sharing.assign_ref`, brute-force argmin, the definition)
+   k = 256): the Numba binary-search kernel (`clustering.assign`) against the
+   NumPy reference (`clustering.assign_ref`, brute-force argmin, the definition)
    and against np.searchsorted on the midpoints (the best plain-NumPy way).
    Validated first: all three give the same labels.
 2. A whole k-means (linear init, Lloyd to convergence) of fc1 at k = 32.
@@ -31,7 +31,8 @@ from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, machine_facts, parse_run_args, set_threads, write_json,
 )
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
-from optim import huffman, sharing  # noqa: E402
+from optim import sharing  # noqa: E402
+from optim.sharing import clustering, huffman  # noqa: E402
 
 REFERENCE_SLICE = 20_000  # symbols decoded by the pure-Python reference (it runs ~100x slower)
 
@@ -48,13 +49,13 @@ def searchsorted_assign(w, centroids):
 def bench_assign(w, budget):
     rows, out = [], []
     for k in (32, 256):
-        centroids = sharing.init_centroids(w, k, "linear")
-        labels = sharing.assign_ref(w, centroids)
-        np.testing.assert_array_equal(sharing.assign(w, centroids), labels)
+        centroids = clustering.init_centroids(w, k, "linear")
+        labels = clustering.assign_ref(w, centroids)
+        np.testing.assert_array_equal(clustering.assign(w, centroids), labels)
         np.testing.assert_array_equal(searchsorted_assign(w, centroids), labels)
-        ref = measure(lambda: sharing.assign_ref(w, centroids), budget)
+        ref = measure(lambda: clustering.assign_ref(w, centroids), budget)
         ss = measure(lambda: searchsorted_assign(w, centroids), budget)
-        nb = measure(lambda: sharing.assign(w, centroids), budget)
+        nb = measure(lambda: clustering.assign(w, centroids), budget)
         rows.append((f"k = {k}", ref.median * 1e3, ss.median * 1e3, nb.median * 1e3,
                      ref.median / nb.median, ss.median / nb.median))
         out.append({"k": k, "n": w.size, "reference": ref.to_dict(), "searchsorted": ss.to_dict(),

@@ -1,4 +1,4 @@
-"""Explicit SIMD for Numba kernels: a value type of 16 float32 lanes and what the sparse kernels do with it.
+"""Explicit SIMD for Numba kernels: a value type of 16 float32 lanes and what kernels do with it.
 
 Numba hands loops to LLVM, which vectorises an innermost loop by itself but
 cannot keep running sums in registers across the loop around it: it cannot
@@ -6,7 +6,7 @@ prove that the arrays involved do not overlap, so every pass loads the sums
 from memory and stores them back. Numba also leaves LLVM's SLP vectoriser
 (the pass that would pack sixteen scalar sums into one register) switched
 off. A sparse kernel needs exactly those register-resident sums, so the
-kernels in `optim.sparse` say it outright with the type `f32x16`, LLVM's
+kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
 <16 x float>, and these operations (x is a 1-D float32 array, i an index):
 
     load(x, i)              x[i : i + 16]
@@ -20,9 +20,8 @@ and `transpose16(src, i, ss, dst, j, ds)`, which moves a 16 x 16 block:
 dst[j + c*ds + r] = src[i + r*ss + c], in registers (16 loads, 64
 two-vector shuffles, 16 stores, where a scalar loop takes 256 of each);
 and `aligned_empty(n)`, a float32 array whose first element sits on a 64-byte
-boundary: a vector load that straddles two cache lines costs two (the
-inner loops of fc1's blocked product at batch 64 took 119 us on arrays 16
-bytes off, 83 us aligned).
+boundary: a vector load that straddles two cache lines costs two
+(docs/techniques.md gives what alignment bought the sparse kernels).
 
 Each is a few lines of LLVM IR through `numba.extending.intrinsic`. LLVM
 maps the vectors onto what the CPU has: one 512-bit register with AVX-512,

@@ -27,7 +27,7 @@ from minicnn.optimizers import Adam
 from minicnn.training import fit
 
 from .pruning import layer_names, layer_sparsity, prune_global
-from .sharing import _SharedLayer, _bits_for, check_bits, share_weights, unshare
+from .sharing import SharedLayer, bits_for, check_bits, share_weights, unshare
 from .sparse import to_dense
 
 
@@ -46,7 +46,7 @@ def capped_bits(model, bits):
     out = {}
     for name, index in layer_names(model).items():
         nonzero = int(np.count_nonzero(model.layers[index].params["W"]))
-        b = check_bits(_bits_for(name, bits))
+        b = check_bits(bits_for(name, bits))
         out[name] = min(b, int(math.log2(nonzero))) if nonzero >= 2 else b
     return out
 
@@ -91,7 +91,7 @@ def layer_table(model):
     rows = []
     for name, index in layer_names(unshare(model)).items():
         layer = model.layers[index]
-        if isinstance(layer, _SharedLayer):
+        if isinstance(layer, SharedLayer):
             row = {"layer": name, **layer.storage(), "float32_bytes": 4 * (layer.shape[0] * (layer.shape[1] + 1))}
             rows.append(row)
     return rows

@@ -1,11 +1,11 @@
-"""optim.huffman: optimal prefix codes, canonical codes from lengths, bit-exact round trips."""
+"""optim.sharing.huffman: optimal prefix codes, canonical codes from lengths, bit-exact round trips."""
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from optim import huffman
+from optim.sharing import huffman
 
 symbol_streams = st.lists(st.integers(0, 40), max_size=300).map(lambda s: np.array(s, dtype=np.int64))
 skewed_streams = st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 400), st.floats(0.05, 0.95)).map(

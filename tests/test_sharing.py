@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from optim import deep_compression, sharing
+from optim.sharing import clustering
+from optim.sparse import csr_layer
 from optim.bitpack import pack_bits, unpack_bits
 from optim.sharing import SharedConv2D, SharedDense
 
@@ -55,12 +57,12 @@ def test_numba_assignment_matches_brute_force(seed, n, k):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal(n)
     centroids = np.sort(rng.choice(np.concatenate([w, rng.standard_normal(k)]), k))  # some exactly on weights
-    np.testing.assert_array_equal(sharing.assign(w, centroids), sharing.assign_ref(w, centroids))
+    np.testing.assert_array_equal(clustering.assign(w, centroids), clustering.assign_ref(w, centroids))
 
 
 def test_assignment_hand_computed_with_ties():
     centroids = np.array([-1.0, 0.0, 0.0, 2.0])  # a duplicate centroid and a midpoint at 1.0
-    ours = sharing.assign(np.array([-3.0, -0.5, 0.0, 0.9, 1.0, 1.1, 5.0]), centroids)
+    ours = clustering.assign(np.array([-3.0, -0.5, 0.0, 0.9, 1.0, 1.1, 5.0]), centroids)
     np.testing.assert_array_equal(ours, [0, 0, 1, 1, 1, 3, 3])  # ties go to the lower centroid
 
 
@@ -74,17 +76,17 @@ def test_enough_clusters_reproduce_the_weights_exactly(seed, distinct, extra, in
 
 def test_inits_hand_computed():
     w = np.array([0.0, 1.0, 2.0, 3.0, 10.0])
-    np.testing.assert_allclose(sharing.init_centroids(w, 3, "linear"), [0, 5, 10])
-    np.testing.assert_allclose(sharing.init_centroids(w, 3, "density"), [0, 2, 10])  # quantiles 0, 1/2, 1
+    np.testing.assert_allclose(clustering.init_centroids(w, 3, "linear"), [0, 5, 10])
+    np.testing.assert_allclose(clustering.init_centroids(w, 3, "density"), [0, 2, 10])  # quantiles 0, 1/2, 1
     for method in ("random", "kmeans++"):
-        c = sharing.init_centroids(w, 5, method, seed=3)
+        c = clustering.init_centroids(w, 5, method, seed=3)
         np.testing.assert_array_equal(c, w)  # k = n distinct: every weight drawn once
 
 
 def test_kmeans_plus_plus_never_draws_a_chosen_point_twice():
     w = np.repeat([0.0, 1.0, 7.0], [50, 1, 1])
     for seed in range(20):  # zero distance, zero probability
-        assert np.unique(sharing.init_centroids(w, 3, "kmeans++", seed=seed)).size == 3
+        assert np.unique(clustering.init_centroids(w, 3, "kmeans++", seed=seed)).size == 3
 
 
 @pytest.mark.parametrize("call, message", [
@@ -137,7 +139,7 @@ def pruned_conv(seed, density=0.4):
 @pytest.mark.parametrize("use_sparse_kernel", [False, True])
 def test_shared_layers_compute_with_their_centroids(monkeypatch, use_sparse_kernel):
     below = {1: 2.0 if use_sparse_kernel else 0.0}
-    monkeypatch.setattr(sharing.sparse, "SPARSE_BELOW", {"dense": below, "conv2d": below})
+    monkeypatch.setattr(csr_layer, "SPARSE_BELOW", {"dense": below, "conv2d": below})
     rng = np.random.default_rng(0)
     for original, x in ((pruned_dense(1), rng.standard_normal((5, 30))),
                         (pruned_conv(2), rng.standard_normal((2, 3, 7, 7)))):
@@ -322,7 +324,7 @@ def test_cli_compress(tmp_path, capsys):
     minicnn.fit(model, x[:500], y[:500], epochs=1, verbose=False)
     path, out = tmp_path / "m.npz", tmp_path / "small.npz"
     model.save(path)
-    from minicnn.cli import main
+    from optim.app.cli import main
 
     assert main(["compress", "--model", str(path), "--pipeline", "deep", "--sparsity", "0.8",
                  "--bits-fc", "4", "--retrain-epochs", "1", "--finetune-epochs", "0", "--out", str(out)]) == 0

@@ -7,10 +7,11 @@ from hypothesis import strategies as st
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, ReLU, Sequential, kernels, parallel
-from optim import sparse
 from minicnn.simd import HAS_PERMUTE
-from optim.sparse import (SparseConv2D, SparseDense, best_index_bits, csr_from_dense, decode_relative,
-                          encode_relative, filler_count, stream_bytes)
+from optim import sparse
+from optim.sparse import SparseConv2D, SparseDense, best_index_bits, csr_layer, decode_relative, encode_relative, stream_bytes, vector
+from optim.sparse import kernels as sparse_kernels
+from optim.sparse.format import csr_from_dense, csr_from_positions, filler_count
 
 from gradcheck import check_layer_gradients
 from strategies import conv_geometry
@@ -86,10 +87,10 @@ def test_csr_kernels_agree_with_dense_product(M, batch, seed):
     bias = rng.standard_normal(M.shape[0]).astype(np.float32)
     expected = x.astype(np.float64) @ M.T + bias
     csr = csr_from_dense(M)
-    ours = {"reference": sparse.csr_matmul_ref(*csr, x, bias), "matvec": sparse.csr_matvec(*csr, x[0], bias)[None]}
+    ours = {"reference": sparse_kernels.csr_matmul_ref(*csr, x, bias), "matvec": sparse_kernels.csr_matvec(*csr, x[0], bias)[None]}
     for build in ("threaded", "serial"):
         with parallel.forced(build):
-            ours[f"numba ({build})"] = sparse.csr_matmul(*csr, x, bias)
+            ours[f"numba ({build})"] = sparse_kernels.csr_matmul(*csr, x, bias)
     for name, y in ours.items():
         assert y.shape == (1 if name == "matvec" else batch, M.shape[0]), f"{name}: shape {y.shape}"
         np.testing.assert_allclose(y, expected[: y.shape[0]], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -101,8 +102,8 @@ def test_csr_kernels_hand_computed():
     bias = np.array([0.5, 1, 0], np.float32)
     expected = np.array([[4.5, 1, -2], [10.5, 1, -2]], np.float32)  # x @ M.T + bias
     csr = csr_from_dense(M)
-    for name, y in [("reference", sparse.csr_matmul_ref(*csr, x, bias)), ("numba", sparse.csr_matmul(*csr, x, bias)),
-                    ("matvec", np.stack([sparse.csr_matvec(*csr, row, bias) for row in x]))]:
+    for name, y in [("reference", sparse_kernels.csr_matmul_ref(*csr, x, bias)), ("numba", sparse_kernels.csr_matmul(*csr, x, bias)),
+                    ("matvec", np.stack([sparse_kernels.csr_matvec(*csr, row, bias) for row in x]))]:
         np.testing.assert_array_equal(y, expected, err_msg=f"{name}: ours {y}, expected {expected}")
 
 
@@ -114,16 +115,16 @@ def test_blocked_matmul_agrees_with_dense_product(M, batch, block, seed):
     x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
     bias = rng.standard_normal(M.shape[0]).astype(np.float32)
     values, indices, indptr = csr_from_dense(M)
-    order, block_indices, block_ptr = sparse.column_blocks(indices, indptr, M.shape[1], block)
+    order, block_indices, block_ptr = vector.column_blocks(indices, indptr, M.shape[1], block)
     assert sorted(order) == list(range(values.size)) and (block_indices == indices[order]).all()
-    y = sparse.blocked_matmul(values[order], block_indices, block_ptr, x, bias)
+    y = vector.blocked_matmul(values[order], block_indices, block_ptr, x, bias)
     np.testing.assert_allclose(y, x.astype(np.float64) @ M.T + bias, rtol=1e-5, atol=1e-5)
 
 
 @given(sparse_matrix(max_rows=40, max_cols=100), st.integers(0, 3), st.integers(0, 2**32 - 1))
 def test_lane_layout_holds_every_nonzero_once(M, batch, seed):
     values, indices, indptr = csr_from_dense(M)
-    slots, lane_columns, layer_ptr = sparse.lane_layout(indices, indptr, M.shape[1])
+    slots, lane_columns, layer_ptr = vector.lane_layout(indices, indptr, M.shape[1])
     S, Q = -(-M.shape[0] // 16), -(-M.shape[1] // 32)
     assert layer_ptr.size == S * Q + 1 and lane_columns.size == 16 * layer_ptr[-1]
     assert np.unique(slots).size == slots.size, "two nonzeros share a slot"
@@ -141,22 +142,22 @@ def test_lane_layout_holds_every_nonzero_once(M, batch, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
     bias = rng.standard_normal(M.shape[0]).astype(np.float32)
-    lanes = sparse.lane_values(values, slots, lane_columns.size)
-    y = sparse.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias)
+    lanes = vector.lane_values(values, slots, lane_columns.size)
+    y = vector.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias)
     np.testing.assert_allclose(y, x.astype(np.float64) @ M.T + bias, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not HAS_PERMUTE, reason="lanes_matmul needs AVX-512 (vpermi2ps); this CPU has none")
-@given(sparse_matrix(max_rows=40, max_cols=100), st.integers(0, sparse.LANES_MATMUL_UP_TO), st.integers(0, 2**32 - 1))
+@given(sparse_matrix(max_rows=40, max_cols=100), st.integers(0, csr_layer.LANES_MATMUL_UP_TO), st.integers(0, 2**32 - 1))
 def test_lanes_matmul_agrees_with_its_reference(M, batch, seed):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((batch, M.shape[1])).astype(np.float32)
     bias = rng.standard_normal(M.shape[0]).astype(np.float32)
     values, indices, indptr = csr_from_dense(M)
-    slots, lane_columns, layer_ptr = sparse.lane_layout(indices, indptr, M.shape[1])
-    lanes = sparse.lane_values(values, slots, lane_columns.size)
-    np.testing.assert_allclose(sparse.lanes_matmul(lanes, lane_columns, layer_ptr, x, bias),
-                               sparse.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias), rtol=1e-5, atol=1e-5)
+    slots, lane_columns, layer_ptr = vector.lane_layout(indices, indptr, M.shape[1])
+    lanes = vector.lane_values(values, slots, lane_columns.size)
+    np.testing.assert_allclose(vector.lanes_matmul(lanes, lane_columns, layer_ptr, x, bias),
+                               vector.lanes_matmul_ref(lanes, lane_columns, layer_ptr, x, bias), rtol=1e-5, atol=1e-5)
 
 
 @given(conv_geometry(), st.sampled_from([0.0, 0.1, 0.5, 1.0]), st.sampled_from([np.float32, np.float64]),
@@ -172,10 +173,10 @@ def test_sparse_conv_agrees_with_dense_conv(geometry, density, dtype, seed):
     expected = kernels.conv2d_forward_ref(x.astype(np.float64), w, bias, stride, padding)
     csr, xp = csr_from_dense(w.reshape(F, -1)), kernels.pad(x, padding)
     values, indices, indptr = csr
-    taps = sparse.conv_taps(indices, K, K)
+    taps = sparse_kernels.conv_taps(indices, K, K)
     np.testing.assert_array_equal(taps @ [K * K, K, 1], indices)
-    for name, fn, args in [("reference", sparse.sparse_conv2d_ref, csr),
-                           ("numba", sparse.sparse_conv2d, (values, taps, indptr))]:
+    for name, fn, args in [("reference", sparse_kernels.sparse_conv2d_ref, csr),
+                           ("numba", sparse_kernels.sparse_conv2d, (values, taps, indptr))]:
         for build in ("threaded", "serial"):
             with parallel.forced(build):
                 ours = fn(*args, xp, bias, K, K, stride)
@@ -202,7 +203,7 @@ def pruned_conv(shape, density, seed=0, **kw):
 @pytest.mark.parametrize("use_sparse_kernel", [True, False])
 def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_kernel):
     below = {1: 2.0 if use_sparse_kernel else -1.0}
-    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": below, "conv2d": below})
+    monkeypatch.setattr(csr_layer, "SPARSE_BELOW", {"dense": below, "conv2d": below})
     rng = np.random.default_rng(0)
     M = rng.standard_normal((7, 11)).astype(np.float32)
     M[rng.random(M.shape) < 0.7] = 0
@@ -217,20 +218,20 @@ def test_layers_compute_what_the_dense_layers_compute(monkeypatch, use_sparse_ke
 
 def test_the_kernel_follows_the_batch_size(monkeypatch):
     # Sparse below 50% density at batches 1-3, below 10% from 4 on: a 30%-dense layer switches at 4.
-    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 0.5, 4: 0.1}, "conv2d": {1: 0.5}})
+    monkeypatch.setattr(csr_layer, "SPARSE_BELOW", {"dense": {1: 0.5, 4: 0.1}, "conv2d": {1: 0.5}})
     assert [sparse.sparse_below("dense", n) for n in (0, 1, 3, 4, 1000)] == [0.5, 0.5, 0.5, 0.1, 0.1]
     rng = np.random.default_rng(3)
     M = rng.standard_normal((6, 10)).astype(np.float32)
     M[rng.permutation(M.size).reshape(M.shape) >= 18] = 0  # 18 of 60 kept: 30%
     dense = pruned_dense(M)
     layer = SparseDense.from_dense(dense)
-    calls, sparse_kernel = [], SparseDense._sparse_forward
+    calls, sparse_kernel = [], SparseDense.sparse_forward
 
     def spy(self, x):
         calls.append(len(x))
         return sparse_kernel(self, x)
 
-    monkeypatch.setattr(SparseDense, "_sparse_forward", spy)
+    monkeypatch.setattr(SparseDense, "sparse_forward", spy)
     for n in (1, 3, 4, 9):
         x = rng.standard_normal((n, 10)).astype(np.float32)
         assert layer.uses_sparse_kernel(n) == (n < 4), n
@@ -241,17 +242,17 @@ def test_the_kernel_follows_the_batch_size(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_each_batch_size_gets_its_kernel(monkeypatch, dtype):
-    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 2.0}, "conv2d": {1: 2.0}})  # sparse kernels only
+    monkeypatch.setattr(csr_layer, "SPARSE_BELOW", {"dense": {1: 2.0}, "conv2d": {1: 2.0}})  # sparse kernels only
     ran = []
     for name in ("lanes_matmul", "blocked_matmul", "csr_matvec", "csr_matmul"):
-        kernel = getattr(sparse, name)
-        monkeypatch.setattr(sparse, name, lambda *args, name=name, kernel=kernel: ran.append(name) or kernel(*args))
+        kernel = getattr(csr_layer, name)  # the names the layers call
+        monkeypatch.setattr(csr_layer, name, lambda *args, name=name, kernel=kernel: ran.append(name) or kernel(*args))
     rng = np.random.default_rng(4)
     M = rng.standard_normal((20, 40)).astype(np.float32)
     M[rng.random(M.shape) < 0.8] = 0
     layer = SparseDense.from_dense(pruned_dense(M))
     layer.astype(dtype)
-    up_to = sparse.LANES_MATMUL_UP_TO
+    up_to = csr_layer.LANES_MATMUL_UP_TO
     for batch in (1, up_to, up_to + 1, 70):
         x = rng.standard_normal((batch, 40)).astype(dtype)
         np.testing.assert_allclose(layer.forward(x), x @ M.T + layer.params["b"], rtol=1e-5, atol=1e-5)
@@ -274,13 +275,13 @@ def test_sparse_layer_gradients():
 
 
 def test_training_a_sparse_layer_only_moves_its_nonzeros(monkeypatch):
-    monkeypatch.setattr(sparse, "SPARSE_BELOW", {"dense": {1: 2.0}, "conv2d": {1: 2.0}})  # sparse kernels only
+    monkeypatch.setattr(csr_layer, "SPARSE_BELOW", {"dense": {1: 2.0}, "conv2d": {1: 2.0}})  # sparse kernels only
     rng = np.random.default_rng(2)
     M = rng.standard_normal((5, 8)).astype(np.float32)
     M[rng.random(M.shape) < 0.6] = 0
     layer = SparseDense.from_dense(pruned_dense(M))
     x1 = rng.standard_normal((1, 8)).astype(np.float32)
-    for batch in (1, sparse.LANES_MATMUL_UP_TO + 1):  # lays the values out for both vector kernels
+    for batch in (1, csr_layer.LANES_MATMUL_UP_TO + 1):  # lays the values out for both vector kernels
         layer.forward(np.repeat(x1, batch, axis=0))
     layer.forward(rng.standard_normal((4, 8)).astype(np.float32))
     layer.backward(rng.standard_normal((4, 5)).astype(np.float32))
@@ -289,7 +290,7 @@ def test_training_a_sparse_layer_only_moves_its_nonzeros(monkeypatch):
     assert ((W != 0) <= (M != 0)).all(), "a pruned weight grew back"
     assert not np.array_equal(W, M), "the nonzeros did not train"
     # Every kernel sees the trained values, whichever laid them out before.
-    for x in (x1, np.repeat(x1, 3, axis=0), np.repeat(x1, sparse.LANES_MATMUL_UP_TO + 1, axis=0)):
+    for x in (x1, np.repeat(x1, 3, axis=0), np.repeat(x1, csr_layer.LANES_MATMUL_UP_TO + 1, axis=0)):
         np.testing.assert_allclose(layer.forward(x), x @ W.T + layer.params["b"], rtol=1e-5, atol=1e-5)
     layer.params["values"] = layer.params["values"] * 2  # a new array: laid out again
     np.testing.assert_allclose(layer.forward(x1), x1 @ (2 * W.T) + layer.params["b"], rtol=1e-5, atol=1e-5)
@@ -340,7 +341,7 @@ def test_file_round_trip_is_bit_exact_for_any_mask(tmp_path_factory, M, index_bi
     model.save(path)
     loaded = minicnn.load(path)
     for a, b in zip(model.layers, loaded.layers):
-        if isinstance(a, sparse._SparseLayer):
+        if isinstance(a, sparse.SparseLayer):
             assert_same_sparse_layer(a, b)
     np.testing.assert_array_equal(loaded.layers[-1].matrix(), M)
     x = rng.standard_normal((2, 2, 6, 6)).astype(np.float32)

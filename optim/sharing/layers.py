@@ -1,34 +1,17 @@
-"""Weight sharing: k-means over a layer's weights, a codebook of k floats and small indices.
+"""Weight-shared layers: a codebook of k floats and one small index per weight.
 
-Han, Mao & Dally, "Deep Compression" (ICLR 2016), section 3. The n nonzero
-weights w_1..w_n of one layer (layers do not share) are split into k
-clusters by minimising the within-cluster sum of squares
+Han, Mao & Dally, "Deep Compression" (ICLR 2016), section 3. The nonzero
+weights of a layer are clustered by k-means (clustering.py); the layer keeps the
+k centroids, its codebook, and for each weight the index a_i of its cluster,
+ceil(log2 k) bits. Pruned zeros are not clustered and stay zero. The
+effective weights are W_i = c_(a_i), so
 
-    J(c, a) = sum_i (w_i - c_(a_i))^2,    a_i in {0..k-1},  c = the codebook (k floats)
+    dL/dc_j = sum_(i: a_i = j) dL/dW_i        (one np.bincount)
 
-with Lloyd's algorithm, alternating two steps that each can only lower J:
-
-    assignment  a_i <- argmin_j |w_i - c_j|    (nearest centroid)
-    update      c_j <- mean of the w_i with a_i = j
-
-until the assignment stops changing. The weights are 1-D, so with the
-centroids sorted the nearest one is found by binary search (a Numba kernel,
-beside a brute-force NumPy reference). A centroid left with no weights is
-moved onto the worst-fitted weight (which lowers J further), so with k >= the
-number of distinct values every weight ends up exactly on its centroid.
-
-Initialisation matters (the paper's Fig. 4): `linear` spaces the centroids
-evenly over [min w, max w], which keeps a few centroids among the rare large
-weights, the important ones; `density` spaces them evenly over the CDF
-(quantiles); `random` is Forgy's (k distinct weights drawn at random);
-`kmeans++` (Arthur & Vassilvitskii 2007) draws each next centroid with
-probability proportional to the squared distance to the nearest one so far.
-
-A shared layer stores the codebook and one index per weight, ceil(log2 k)
-bits each; pruned zeros are not clustered and stay zero. Its effective
-weights are W_i = c_(a_i), so dL/dc_j = sum_(i: a_i = j) dL/dW_i (one
-np.bincount): the optimizer trains the codebook itself (params "codebook"
-and "b"), and every weight stays equal to its centroid by construction.
+and the optimizer trains the codebook itself (params "codebook" and "b"):
+every weight stays equal to its centroid by construction. The geometry and
+the kernels are those of the pruned layers (optim.sparse's CSRDense and
+CSRConv2D), run on values() = codebook[labels].
 
 Storage, one uint8 array per layer (`state()["data"]`):
 
@@ -38,35 +21,33 @@ Storage, one uint8 array per layer (`state()["data"]`):
                codes of index_bits bits, fillers included
     indices    one symbol per stream entry: the cluster 0..k-1, or k for a filler zero
 
-each stream either Huffman coded (`coding="huffman"`, optim.huffman) or
+each stream either Huffman coded (`coding="huffman"`, huffman.py) or
 bit-packed at fixed width (`coding="packed"`, optim.bitpack), both
 self-describing (a count and an alphabet size in a small header).
 """
 
 import copy
-from dataclasses import dataclass
 
 import numpy as np
-from numba import prange
 
-from minicnn.checks import check_array, check_positive_int
-from minicnn.parallel import twin
+from minicnn.checks import check_int
 from minicnn.layers import Conv2D, Dense
 from minicnn.model import Sequential
 
-from . import huffman, sparse
-from .bitpack import pack_bits, packed_size, unpack_bits
-from .pruning import layer_names
+from ..bitpack import pack_bits, packed_size, unpack_bits
+from ..pruning import layer_names
+from ..sparse import CSRConv2D, CSRDense, CSRLayer, check_index_bits, to_dense
+from ..sparse.format import MAX_INDEX_BITS, csr_from_positions, decode_relative, encode_relative, filler_count
+from . import huffman
+from .clustering import kmeans
 
-INITS = ("linear", "density", "random", "kmeans++")
 CODINGS = ("huffman", "packed")
-MAX_BITS = 16
+MAX_BITS = 16  # codebook index bits: k = 2**bits <= 65,536 clusters
 
 
 def check_bits(bits, name="bits"):
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= MAX_BITS:
-        raise ValueError(f"{name} must be an integer in 1..{MAX_BITS}, got {bits!r}")
-    return int(bits)
+    """bits as an int, checked to be a codebook index width (1..MAX_BITS)."""
+    return check_int(bits, name, 1, MAX_BITS)
 
 
 def index_width(alphabet):
@@ -74,123 +55,6 @@ def index_width(alphabet):
     return max(1, int(alphabet - 1).bit_length())
 
 
-# --------------------------------------------------------------------------
-# k-means in one dimension
-
-
-def _check_weights(w, k):
-    check_array(w, "weights", ndim=1)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ValueError(f"k (the number of clusters) must be an integer >= 2, got {k!r}")
-    if k > w.size:
-        raise ValueError(f"k = {k} clusters for only {w.size} (nonzero) weights: k must be at most {w.size}")
-    return w.astype(np.float64), int(k)
-
-
-def init_centroids(w, k, method="linear", seed=0):
-    """k starting centroids (k,) float64, sorted, for the weights w (n,) float."""
-    w, k = _check_weights(w, k)
-    rng = np.random.default_rng(seed)
-    if method == "linear":
-        c = np.linspace(w.min(), w.max(), k)
-    elif method == "density":
-        c = np.quantile(w, np.linspace(0, 1, k))
-    elif method == "random":
-        c = rng.choice(w, size=k, replace=False)
-    elif method == "kmeans++":
-        c = np.empty(k)
-        c[0] = w[rng.integers(w.size)]
-        d2 = (w - c[0]) ** 2  # squared distance of each weight to its nearest centroid so far
-        for j in range(1, k):
-            total = d2.sum()
-            pick = rng.integers(w.size) if total == 0 else np.searchsorted(np.cumsum(d2), rng.random() * total)
-            c[j] = w[min(pick, w.size - 1)]
-            np.minimum(d2, (w - c[j]) ** 2, out=d2)
-    else:
-        raise ValueError(f"unknown init {method!r}; choose one of {', '.join(INITS)}")
-    return np.sort(c)
-
-
-def _assign_loop(w, centroids, out):
-    # Branch-free binary search, O(log k): measured 1.3x faster than a loop over all k centroids
-    # at k = 32 and 4x at k = 256; on LeNet-5's fc1 it is 3.4x (k = 32) and 29x (k = 256) faster
-    # than the brute-force reference, and on par with np.searchsorted (bench/bench_sharing.py).
-    k = centroids.size
-    for i in prange(w.size):
-        x = np.float64(w[i])
-        lo, n = 0, k
-        while n > 1:  # invariant: the nearest centroid is among centroids[lo : lo + n]
-            half = n >> 1
-            lo = lo + half if x - centroids[lo + half - 1] > centroids[lo + half] - x else lo
-            n -= half
-        while lo > 0 and centroids[lo - 1] == centroids[lo]:  # a tie between duplicates: the first
-            lo -= 1
-        out[i] = lo
-
-
-_assign = twin(_assign_loop)
-
-
-def assign(w, centroids):
-    """Index (n,) int64 of the nearest centroid to each weight; centroids (k,) sorted ascending.
-    Ties go to the lower centroid."""
-    out = np.empty(w.size, np.int64)
-    _assign(w.size, np.ascontiguousarray(w, np.float64), np.ascontiguousarray(centroids, np.float64), out)
-    return out
-
-
-def assign_ref(w, centroids, chunk=8192):
-    """The definition: argmin_j |w_i - c_j| by brute force (chunked to bound the (chunk, k) scratch)."""
-    w, c = np.asarray(w, np.float64), np.asarray(centroids, np.float64)
-    return np.concatenate([np.argmin(np.abs(w[i : i + chunk, None] - c[None, :]), axis=1)
-                           for i in range(0, w.size, chunk)] or [np.zeros(0, np.int64)])
-
-
-@dataclass
-class KMeans:
-    """The result of `kmeans`: sorted centroids (k,) float64, labels (n,) int64 and J per iteration."""
-
-    centroids: np.ndarray
-    labels: np.ndarray
-    objective: list
-
-
-def _update(w, labels, centroids):
-    """Lloyd's update step, with empty clusters moved onto the worst-fitted weights."""
-    k = centroids.size
-    counts = np.bincount(labels, minlength=k)
-    sums = np.bincount(labels, weights=w, minlength=k)
-    new = centroids.copy()
-    new[counts > 0] = sums[counts > 0] / counts[counts > 0]
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
-        error = (w - centroids[labels]) ** 2
-        worst = np.argsort(error, kind="stable")[::-1][: empty.size]
-        worst = worst[error[worst] > 0]
-        new[empty[: worst.size]] = w[worst]
-    return np.sort(new)
-
-
-def kmeans(w, k, init="linear", iterations=50, seed=0):
-    """Lloyd's algorithm on the weights w (n,) float, from `init`, for at most `iterations` rounds."""
-    w, k = _check_weights(w, k)
-    iterations = check_positive_int(iterations, "iterations")
-    centroids = init_centroids(w, k, init, seed)
-    objective = []
-    for _ in range(iterations):
-        labels = assign(w, centroids)
-        objective.append(float(((w - centroids[labels]) ** 2).sum()))
-        new = _update(w, labels, centroids)
-        if np.array_equal(new, centroids):
-            break
-        centroids = new
-    else:
-        labels = assign(w, centroids)
-        objective.append(float(((w - centroids[labels]) ** 2).sum()))
-    return KMeans(centroids, labels, objective)
-
-
-# --------------------------------------------------------------------------
 # Streams: Huffman coded or bit-packed, each self-describing
 
 _PACKED_HEADER = np.dtype([("count", "<u4"), ("alphabet", "<u4")])
@@ -225,12 +89,12 @@ def read_stream(data, offset, coding):
 # Shared-weight layers
 
 
-class _SharedLayer(sparse.CSRLayer):
+class SharedLayer(CSRLayer):
     """The storage of a shared layer: M (rows, cols) as in optim.sparse, its nonzeros at flat
     `positions` (nnz,) int64, each equal to codebook[labels] (labels (nnz,) int64).
 
     params: {"codebook": (k,) float, "b": (rows,) float}. Forward and backward are those of
-    the pruned layers (sparse.CSRDense, sparse.CSRConv2D), on values() = codebook[labels].
+    the pruned layers (CSRDense, CSRConv2D), on values() = codebook[labels].
     """
 
     weight_param = "codebook"
@@ -238,7 +102,7 @@ class _SharedLayer(sparse.CSRLayer):
     def _set(self, shape, positions, labels, codebook, b, index_bits, coding):
         self.positions = np.asarray(positions, np.int64)
         self.labels = np.asarray(labels, np.int64)
-        _, indices, indptr = sparse.csr_from_positions(self.positions, None, shape)
+        _, indices, indptr = csr_from_positions(self.positions, None, shape)
         self.index_bits = index_bits
         self.coding = coding
         self._set_structure(shape, indices, indptr, {"codebook": codebook, "b": b})
@@ -263,7 +127,7 @@ class _SharedLayer(sparse.CSRLayer):
         k = self.clusters
         if index_bits is None:  # nothing pruned: one index per weight, in order
             return None, write_stream(self.labels, k, coding)
-        codes, slots = sparse.encode_relative(self.positions, index_bits)
+        codes, slots = encode_relative(self.positions, index_bits)
         symbols = np.full(slots.size, k, np.int64)  # k marks a filler zero
         symbols[np.searchsorted(slots, self.positions)] = self.labels
         alphabet = k + 1 if slots.size > self.positions.size else k
@@ -298,7 +162,7 @@ class _SharedLayer(sparse.CSRLayer):
             codes, _, offset = read_stream(data, offset, new.coding)
             if codes.size and codes.max() >= 2**new.index_bits:
                 raise ValueError(f"{cls.kind} layer: relative index {codes.max()} does not fit {new.index_bits} bits")
-            slots = sparse.decode_relative(codes)
+            slots = decode_relative(codes)
             if slots.size and slots[-1] >= n:
                 raise ValueError(f"{cls.kind} layer: index stream points past the end of its {new.shape} matrix")
         symbols, alphabet, offset = read_stream(data, offset, new.coding)
@@ -318,7 +182,7 @@ class _SharedLayer(sparse.CSRLayer):
         """Bytes and bits of the stored layer, packed (P+Q) and Huffman coded (P+Q+H), for the tables."""
         m = self.positions.size
         if self.index_bits is not None:
-            m += sparse.filler_count(self.positions, self.index_bits)
+            m += filler_count(self.positions, self.index_bits)
         out = {"weights": self.shape[0] * self.shape[1], "nonzero": self.positions.size, "entries": m,
                "clusters": self.clusters, "index_bits": self.index_bits, "coding": self.coding,
                "overhead_bytes": 4 * (self.clusters + self.shape[0])}
@@ -344,7 +208,7 @@ class _SharedLayer(sparse.CSRLayer):
         if not valid or not 2 <= clusters <= 2**MAX_BITS:
             raise ValueError(f"clusters must be an integer in 2..{2**MAX_BITS}, got {clusters!r}")
         if index_bits is not None:
-            index_bits = check_bits(index_bits, "index_bits")
+            index_bits = check_index_bits(index_bits)
         if coding not in CODINGS:
             raise ValueError(f"unknown coding {coding!r}; choose one of {', '.join(CODINGS)}")
         codebook = np.zeros(int(clusters), np.float32)
@@ -358,15 +222,15 @@ class _SharedLayer(sparse.CSRLayer):
         result = kmeans(M.reshape(-1)[positions], 2 ** check_bits(bits), init, iterations, seed)
         self._set(M.shape, positions, result.labels, result.centroids.astype(np.float32), b.copy(), None, self.coding)
         if positions.size < M.size:
-            self.index_bits = self.best_index_bits() if index_bits is None else check_bits(index_bits, "index_bits")
+            self.index_bits = self.best_index_bits() if index_bits is None else check_index_bits(index_bits)
 
     def best_index_bits(self):
         """The relative-index width in 1..16 that makes the stored layer smallest (the narrowest on ties)."""
-        sizes = [self._encode(bits, self.coding).size for bits in range(1, MAX_BITS + 1)]
+        sizes = [self._encode(bits, self.coding).size for bits in range(1, MAX_INDEX_BITS + 1)]
         return 1 + int(np.argmin(sizes))
 
 
-class SharedDense(_SharedLayer, sparse.CSRDense):
+class SharedDense(SharedLayer, CSRDense):
     """Dense (y = x @ W + b) with W's nonzeros shared: M = W.T (out, in), as in optim.sparse.
 
     x (N, in_features) -> (N, out_features). Build one with `from_layer(dense, bits)`.
@@ -390,7 +254,7 @@ class SharedDense(_SharedLayer, sparse.CSRDense):
         return new
 
 
-class SharedConv2D(_SharedLayer, sparse.CSRConv2D):
+class SharedConv2D(SharedLayer, CSRConv2D):
     """Conv2D with W's nonzeros shared: M = W.reshape(F, C*KH*KW), as in optim.sparse.
 
     x (N, C, H, W) -> (N, F, Ho, Wo). Build one with `from_layer(conv, bits)`.
@@ -418,7 +282,7 @@ class SharedConv2D(_SharedLayer, sparse.CSRConv2D):
 SHARED_LAYERS = {Dense: SharedDense, Conv2D: SharedConv2D}
 
 
-def _bits_for(name, bits):
+def bits_for(name, bits):
     """bits: an int for every layer, or a dict by layer name (conv1, fc2) or family (conv, fc)."""
     if not isinstance(bits, dict):
         return bits
@@ -438,7 +302,7 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
     """
     if not isinstance(model, Sequential):
         raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
-    dense = sparse.to_dense(model)
+    dense = to_dense(model)
     names = {index: name for name, index in layer_names(dense).items()}
     layers = []
     for i, layer in enumerate(dense.layers):
@@ -447,7 +311,7 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
             layers.append(copy.deepcopy(layer))
             continue
         nonzero = int(np.count_nonzero(layer.params["W"]))
-        b = check_bits(_bits_for(names[i], bits))
+        b = check_bits(bits_for(names[i], bits))
         if 2**b > nonzero:
             raise ValueError(f"{names[i]}: 2**{b} = {2**b} clusters for only {nonzero} nonzero weights")
         layers.append(shared_cls.from_layer(layer, b, init, iterations, seed, index_bits, coding))
@@ -456,4 +320,4 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
 
 def unshare(model):
     """A copy of `model` with its shared layers turned back into Dense/Conv2D."""
-    return sparse.to_dense(model, _SharedLayer)
+    return to_dense(model, SharedLayer)

@@ -40,7 +40,7 @@ import heapq
 import numba
 import numpy as np
 
-from .bitpack import pack_bits, packed_size, unpack_bits
+from ..bitpack import pack_bits, packed_size, unpack_bits
 
 MAX_CODE_LENGTH = 63  # codes are handled as uint64; Huffman needs > 2**40 symbols to exceed 40
 HEADER = np.dtype([("count", "<u4"), ("alphabet", "<u4"), ("width", "u1"), ("bits", "<u4")])

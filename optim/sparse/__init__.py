@@ -1,0 +1,23 @@
+"""Sparse weights: a storage format whose size follows the nonzeros, and kernels that skip the zeros.
+
+What lives where:
+    format.py     CSR in memory; the relative-index stream on disk (Han, Mao & Dally 2016)
+    kernels.py    CSR x dense and the direct sparse convolution (Park et al. 2017):
+                  NumPy references and Numba loops
+    vector.py     the same on 16-lane float32 vectors (minicnn.simd), the layouts they read
+    csr_layer.py  CSRLayer, CSRDense, CSRConv2D: layers whose weight matrix is held in CSR,
+                  picking the sparse or the dense kernel by density and batch (SPARSE_BELOW);
+                  weight sharing (optim.sharing) builds its layers on them too
+    layers.py     SparseDense, SparseConv2D: pruned layers that store and train their nonzeros;
+                  to_sparse / to_dense for whole models
+"""
+
+from .csr_layer import SPARSE_BELOW, CSRConv2D, CSRDense, CSRLayer, sparse_below
+from .format import best_index_bits, check_index_bits, decode_relative, encode_relative, stream_bytes
+from .layers import SparseConv2D, SparseDense, SparseLayer, to_dense, to_sparse
+
+__all__ = [
+    "CSRConv2D", "CSRDense", "CSRLayer", "SPARSE_BELOW", "SparseConv2D", "SparseDense", "SparseLayer",
+    "best_index_bits", "check_index_bits", "decode_relative", "encode_relative", "sparse_below",
+    "stream_bytes", "to_dense", "to_sparse",
+]
