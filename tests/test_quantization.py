@@ -13,14 +13,17 @@ import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from minicnn import kernels as FK
 from minicnn import parallel
-from optim import intkernels as K
 from optim import quantization as Q
+from optim.quantization import affine as A
+from optim.quantization import calibration, ops, qat
+from optim.quantization import fixedpoint as FP
+from optim.quantization import kernels as K
 from strategies import conv_geometry, pool_geometry
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 int32s = st.integers(INT32_MIN, INT32_MAX) | st.sampled_from([INT32_MIN, INT32_MIN + 1, -1, 0, 1, INT32_MAX])
 multipliers = st.integers(2**30, INT32_MAX)  # M0 as quantize_multiplier makes it
-shifts = st.integers(*K.SHIFT_RANGE)
+shifts = st.integers(*FP.SHIFT_RANGE)
 seeds = st.integers(0, 2**31 - 1)
 
 
@@ -56,8 +59,8 @@ def tflite_mbqm(x, m0, shift):
 
 
 def ours_scalar_and_vector(x, m0, shift):
-    scalar = int(K.multiply_by_quantized_multiplier_scalar(x, m0, shift))
-    vector = int(K.multiply_by_quantized_multiplier(np.array([x]), np.array([m0]), np.array([shift]))[0])
+    scalar = int(FP.multiply_by_quantized_multiplier_scalar(x, m0, shift))
+    vector = int(FP.multiply_by_quantized_multiplier(np.array([x]), np.array([m0]), np.array([shift]))[0])
     return scalar, vector
 
 
@@ -73,8 +76,8 @@ def ours_scalar_and_vector(x, m0, shift):
 @example(INT32_MIN, INT32_MIN)  # the one overflow
 def test_doubling_high_mul_is_tflites(a, b):
     expected = tflite_srdhm(a, b)
-    assert int(K.saturating_rounding_doubling_high_mul_scalar(a, b)) == expected
-    assert int(K.saturating_rounding_doubling_high_mul(np.array([a]), np.array([b]))[0]) == expected
+    assert int(FP.saturating_rounding_doubling_high_mul_scalar(a, b)) == expected
+    assert int(FP.saturating_rounding_doubling_high_mul(np.array([a]), np.array([b]))[0]) == expected
     if not a == b == INT32_MIN:
         # What the C code means: round(a*b / 2^31), ties toward +infinity.
         assert expected == (Fraction(a * b, 1 << 31) + Fraction(1, 2)).__floor__()
@@ -88,8 +91,8 @@ def test_doubling_high_mul_is_tflites(a, b):
 @example(INT32_MIN, 31)
 def test_rounding_divide_by_pot_is_tflites(x, exponent):
     expected = tflite_rdbpot(x, exponent)
-    assert int(K.rounding_divide_by_pot_scalar(x, exponent)) == expected
-    assert int(K.rounding_divide_by_pot(np.array([x]), np.array([exponent]))[0]) == expected
+    assert int(FP.rounding_divide_by_pot_scalar(x, exponent)) == expected
+    assert int(FP.rounding_divide_by_pot(np.array([x]), np.array([exponent]))[0]) == expected
     # round(x / 2^e), ties away from zero
     q = Fraction(x, 1 << exponent)
     assert expected == (1 if q >= 0 else -1) * (abs(q) + Fraction(1, 2)).__floor__()
@@ -101,7 +104,7 @@ def test_rounding_divide_by_pot_ties_go_away_from_zero(exponent, k, negative):
     if x > INT32_MAX:
         return
     x, expected = (-x, -(k + 1)) if negative else (x, k + 1)
-    ours = int(K.rounding_divide_by_pot_scalar(x, exponent))
+    ours = int(FP.rounding_divide_by_pot_scalar(x, exponent))
     assert ours == expected, f"ours {ours}, expected {expected} for the tie {x} / 2^{exponent}"
 
 
@@ -127,7 +130,7 @@ def test_multiply_by_quantized_multiplier_rounds_x_times_m(x, m0, shift):
 @example(1 - 2**-40)  # rounds up to 2^31: TFLite halves M0 and bumps the shift
 @example(0.5)
 def test_quantize_multiplier(m):
-    m0, shift = K.quantize_multiplier(m)
+    m0, shift = FP.quantize_multiplier(m)
     if m < 2**-32:
         return
     assert 2**30 <= m0 < 2**31
@@ -136,12 +139,12 @@ def test_quantize_multiplier(m):
 
 
 def test_quantize_multiplier_edges():
-    assert K.quantize_multiplier(1 - 2**-40) == (2**30, 1)
-    assert K.quantize_multiplier(0.5) == (2**30, 0)
-    assert K.quantize_multiplier(2.0**-40) == (0, 0)  # below 2^-32: TFLite gives up, as do we
+    assert FP.quantize_multiplier(1 - 2**-40) == (2**30, 1)
+    assert FP.quantize_multiplier(0.5) == (2**30, 0)
+    assert FP.quantize_multiplier(2.0**-40) == (0, 0)  # below 2^-32: TFLite gives up, as do we
     for bad in (0.0, -0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="multiplier"):
-            K.quantize_multiplier(bad)
+            FP.quantize_multiplier(bad)
 
 
 # --------------------------------------------------------------------------
@@ -153,9 +156,9 @@ def test_quantize_error_inside_and_saturation_outside(scale, zero_point, seed):
     rng = np.random.default_rng(seed)
     lo, hi = scale * (-128 - zero_point), scale * (127 - zero_point)
     r = rng.uniform(lo - 3 * scale * 128, hi + 3 * scale * 128, 500)
-    q = Q.affine_quantize(r, scale, zero_point)
+    q = A.affine_quantize(r, scale, zero_point)
     assert q.dtype == np.int8
-    back = Q.affine_dequantize(q, scale, zero_point)
+    back = A.affine_dequantize(q, scale, zero_point)
     inside = (r >= lo) & (r <= hi)
     err = np.abs(back - r)[inside]
     assert err.max(initial=0) <= scale / 2 * (1 + 1e-12), f"error {err.max()} > S/2 = {scale / 2}"
@@ -164,7 +167,7 @@ def test_quantize_error_inside_and_saturation_outside(scale, zero_point, seed):
 
 
 def test_quantize_hand_computed():
-    q = Q.affine_quantize(np.array([-1.0, 0.0, 0.25, 0.26, 1.0, 100.0]), 0.5, 10)
+    q = A.affine_quantize(np.array([-1.0, 0.0, 0.25, 0.26, 1.0, 100.0]), 0.5, 10)
     np.testing.assert_array_equal(q, [8, 10, 10, 11, 12, 127])  # 0.25 / 0.5 = 0.5 rounds to even
 
 
@@ -172,10 +175,10 @@ def test_quantize_hand_computed():
 def test_activation_qparams_cover_the_range_and_zero(lo, hi):
     if hi - lo < 1e-6:
         return
-    scale, zp = Q.activation_qparams(lo, hi)
+    scale, zp = A.activation_qparams(lo, hi)
     assert -128 <= zp <= 127
     assert scale * (-128 - zp) <= lo + scale / 2 and scale * (127 - zp) >= hi - scale / 2
-    assert Q.affine_dequantize(Q.affine_quantize(0.0, scale, zp), scale, zp) == 0.0  # the real 0 is a code
+    assert A.affine_dequantize(A.affine_quantize(0.0, scale, zp), scale, zp) == 0.0  # the real 0 is a code
 
 
 @given(seeds, st.booleans())
@@ -183,7 +186,7 @@ def test_weights_are_symmetric_per_channel(seed, per_channel):
     rng = np.random.default_rng(seed)
     W = rng.standard_normal((6, 3, 3, 3)) * rng.uniform(0.01, 5, (6, 1, 1, 1))
     W[2] = 0  # a pruned filter
-    q, scales = Q.quantize_weights(W, 0, per_channel)
+    q, scales = A.quantize_weights(W, 0, per_channel)
     assert q.dtype == np.int8 and scales.dtype == np.float32 and np.all(scales > 0)
     assert np.abs(q).max() == 127 and np.all(q[2] == 0)
     err = np.abs(q * scales.astype(np.float64)[:, None, None, None] - W)
@@ -290,9 +293,9 @@ def conv_layer_case(seed, geom, relu):
     in_q = (float(rng.uniform(1e-3, 1e-1)), int(rng.integers(-128, 128)))
     out_q = (float(rng.uniform(1e-3, 1)), int(rng.integers(-128, 128)))
     b = rng.integers(-5000, 5000, F).astype(np.int32)
-    op = Q.IntConv2D(Wq, w_scale, b, in_q, out_q, relu, s, p)
+    op = ops.IntConv2D(Wq, w_scale, b, in_q, out_q, relu, s, p)
     x = random_codes(rng, (N, H, W, C))
-    x_real = Q.affine_dequantize(x, *in_q).transpose(0, 3, 1, 2)
+    x_real = A.affine_dequantize(x, *in_q).transpose(0, 3, 1, 2)
     w_real = Wq * w_scale.astype(np.float64)[:, None, None, None]
     y = FK.conv2d_forward_ref(x_real, w_real, b * in_q[0] * w_scale.astype(np.float64), s, p)
     return op, x, (np.maximum(y, 0) if relu else y)
@@ -304,7 +307,7 @@ def test_int_conv_is_exact_real_conv_rounded_once(seed, geom, relu):
     out = op.forward(x)
     np.testing.assert_array_equal(out, op.forward(x, reference=True))
     scale, zp = op.out_q
-    got = Q.affine_dequantize(out, scale, zp).transpose(0, 3, 1, 2)
+    got = A.affine_dequantize(out, scale, zp).transpose(0, 3, 1, 2)
     lo, hi = scale * (-128 - zp), scale * (127 - zp)
     target = np.clip(y, lo, hi)  # saturation is the only other error
     # <= S_out (two roundings) + |y| 2^-31 (M0's 31 bits) + float64 noise
@@ -345,13 +348,13 @@ def error_bound(model, qmodel, x):
     layer's output is within 1.5 S_out of the exact real layer with the
     quantized weights on its dequantized input (exact for the int32 last layer).
     """
-    steps = Q.plan(model)
+    steps = calibration.plan(model)
     a = x.astype(np.float64)
     e = np.full_like(a, qmodel.input_q[0] / 2)
     q = qmodel.quantize_input(x)
     for (op_name, i, relu), op in zip(steps, qmodel.layers):
         layer = model.layers[i]
-        x_int = Q.affine_dequantize(q, *op.in_q) if op_name == "compute" else None
+        x_int = A.affine_dequantize(q, *op.in_q) if op_name == "compute" else None
         q = op.forward(q)
         if op_name == "compute":
             conv = layer.kind == "conv2d"
@@ -365,7 +368,7 @@ def error_bound(model, qmodel, x):
             exact = (FK.conv2d_forward_ref(x_int, w_q, b_q, layer.stride, layer.padding) if conv else x_int @ w_q + b_q)
             exact = np.maximum(exact, 0) if relu else exact
             scale, zero_point = op.output_scale
-            got = Q.affine_dequantize(q, scale, zero_point)
+            got = A.affine_dequantize(q, scale, zero_point)
             got = got.transpose(0, 3, 1, 2) if conv else got
             tight = 1.5 * scale if op.out_q is not None else 1e-9 * np.abs(exact).max()
             assert np.abs(got - exact).max() <= tight + 1e-9, f"layer {i}: {np.abs(got - exact).max()} > {tight}"
@@ -427,7 +430,7 @@ def trained():
     return model, x[:2000], y[:2000], x_test[:1000], y_test[:1000]
 
 
-@pytest.mark.parametrize("method", Q.METHODS)
+@pytest.mark.parametrize("method", calibration.METHODS)
 def test_post_training_quantization_keeps_accuracy(trained, method):
     model, x, _, x_test, y_test = trained
     before = {k: v.copy() for k, v in model.layers[0].params.items()}
@@ -487,8 +490,8 @@ def test_quantization_aware_training(trained):
 def test_fake_quant_weights_forward_and_straight_through_gradient():
     rng = np.random.default_rng(0)
     conv = Conv2D(2, 3, 3, rng=rng).astype(np.float64)
-    fq = Q.FakeQuantWeights(conv, per_channel=True)
-    q, scales = Q.quantize_weights(conv.params["W"], 0)
+    fq = qat.FakeQuantWeights(conv, per_channel=True)
+    q, scales = A.quantize_weights(conv.params["W"], 0)
     plain = Conv2D(2, 3, 3).astype(np.float64)
     plain.params["W"] = q * scales.astype(np.float64)[:, None, None, None]
     plain.params["b"] = conv.params["b"]
@@ -505,11 +508,11 @@ def test_fake_quant_weights_forward_and_straight_through_gradient():
 
 
 def test_fake_quant_activation_straight_through_inside_the_range():
-    fq = Q.FakeQuantActivation(-1.0, 1.0)
+    fq = qat.FakeQuantActivation(-1.0, 1.0)
     fq.observing = False
     x = np.array([[-3.0, -0.5, 0.0, 0.3, 0.99, 2.0]])  # codes reach 127 * 2/255 = 0.996
     out = fq.forward(x)
-    scale, _ = Q.activation_qparams(-1, 1)
+    scale, _ = A.activation_qparams(-1, 1)
     assert np.all(np.abs(out[:, 1:5] - x[:, 1:5]) <= scale / 2 + 1e-12)
     np.testing.assert_array_equal(fq.backward(np.ones_like(x)), [[0, 1, 1, 1, 1, 0]])
 
@@ -546,16 +549,16 @@ def test_all_constant_activations_have_no_range():
 def test_bad_scales_bits_and_layers():
     for scale in (0.0, -1.0, float("nan"), np.array([1.0, 0.0])):
         with pytest.raises(ValueError, match="scale must be finite and > 0"):
-            Q.affine_quantize(np.zeros(2), scale, 0)
+            A.affine_quantize(np.zeros(2), scale, 0)
     W, b = np.ones((3, 2), np.int8), np.zeros(2, np.int32)
     with pytest.raises(ValueError, match="weight scales"):
-        Q.IntDense(W, np.array([0.1, -0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
+        ops.IntDense(W, np.array([0.1, -0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
     with pytest.raises(ValueError, match="output scale"):
-        Q.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.0, 0), False)
+        ops.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.0, 0), False)
     with pytest.raises(ValueError, match="output zero point"):
-        Q.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 200), False)
+        ops.IntDense(W, np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 200), False)
     with pytest.raises(ValueError, match="weight codes"):
-        Q.IntDense(np.full((3, 2), -128, np.int8), np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
+        ops.IntDense(np.full((3, 2), -128, np.int8), np.array([0.1, 0.1], np.float32), b, (0.1, 0), (0.1, 0), False)
     for bits in (1, 4, 16, True, "8"):
         with pytest.raises(ValueError, match="unsupported bit width"):
             Q.quantize_model(small_models(0)["mlp"], np.ones((2, 1, 28, 28), np.float32), bits=bits)
@@ -564,7 +567,7 @@ def test_bad_scales_bits_and_layers():
         kind = "odd"
 
     with pytest.raises(ValueError, match="kind 'odd'"):
-        Q.plan(Sequential([Flatten(), Odd(), Dense(784, 10)]))
+        calibration.plan(Sequential([Flatten(), Odd(), Dense(784, 10)]))
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -588,7 +591,7 @@ def test_a_file_whose_arrays_do_not_match_is_refused(tmp_path, damage, message):
 
 
 def test_cli_quantize(tmp_path, capsys):
-    from minicnn.cli import main
+    from optim.app.cli import main
 
     src, out = tmp_path / "mlp.npz", tmp_path / "mlp-int8.npz"
     minicnn.zoo.lenet300(seed=0).save(src)

@@ -1,43 +1,27 @@
-"""Integer arithmetic of int8 inference: TFLite's fixed-point requantization and
-the Numba kernels of the integer convolution, dense layer and max-pool.
+"""The int8 kernels of the integer model: im2row, int8 GEMM with int32 sums, max-pool.
 
-Requantization (Jacob et al., CVPR 2018, section 2.2; gemmlowp / TFLite).
-An int32 accumulator `acc` must be scaled by a real multiplier M (in
-practice 0 < M < 1) without floating point. M is stored as M = M0 * 2^(shift - 31)
-with M0 an int32 in [2^30, 2^31) (`quantize_multiplier`), and
-
-    MultiplyByQuantizedMultiplier(x, M0, shift)
-        = RoundingDivideByPOT(SaturatingRoundingDoublingHighMul(x * 2^max(shift, 0), M0),
-                              max(-shift, 0))
-
-    SaturatingRoundingDoublingHighMul(a, b) = (a*b + nudge) / 2^31, C division
-        (truncating toward zero), nudge = 2^30 if a*b >= 0 else 1 - 2^30:
-        round(a*b / 2^31) with ties toward +infinity; the one overflow case
-        a = b = -2^31 saturates to 2^31 - 1.
-    RoundingDivideByPOT(x, e) = round(x / 2^e), ties away from zero, using only
-        an arithmetic shift, a mask and a comparison.
-
-Each function exists twice: a scalar version compiled into the kernels
-(`*_scalar`) and a vectorised int64 NumPy version used by the references.
-TFLite leaves the overflow of x * 2^shift undefined (int32 shift in C); here
-it saturates to int32, so every input has a defined result.
-
-Kernels. Activations are int8 in NHWC layout inside the integer model, so a
-convolution's receptive field, gathered by `im2row`, is a contiguous row
+Jacob et al., CVPR 2018 (integer-only inference); the requantization is
+TFLite's fixed point (`fixedpoint`). Activations are int8 in NHWC layout
+inside the integer model, so a convolution's receptive field, gathered by
+`im2row_nhwc`, is a contiguous row
 
     rows[(n*Ho + i)*Wo + j, (kh*KW + kw)*C + c] = x[n, i*S + kh - P, j*S + kw - P, c]
 
 (positions in the padding read `fill`, the input's zero point, which stands
 for the real value 0), zero-padded to a multiple of ROW_ALIGN = 4 columns.
+A layer is then out[r, f] = requantize(rows[r] . wt[f] + bias[f]) (`qgemm`),
+or the int32 sums themselves for the last layer (`qgemm_int32`).
+
 The weights are packed once per layer (`pack_weights`) so that one VNNI
-instruction (vpdpbusd, see below) adds 4 products to each of 8 filters'
+instruction (vpdpbusd, see `dot4_add`) adds 4 products to each of 8 filters'
 int32 sums: the kernel broadcasts 4 bytes of a row and runs them against 4
-blocks of 8 filters, no horizontal sums, no padding of K beyond 4.
-Measured on this machine (AMD Zen 4, one core): 110-165 GMAC/s against
-OpenBLAS sgemm's 27-33, where LLVM's own vectorisation of an int32-summed
-int8 dot product (vpmaddwd) reached ~34 at best, ~10 for K = 25. Rows are
-independent, so `prange` splits them over cores; small jobs run a serial
-build of the same loops, as waking Numba's workers costs more than they do.
+blocks of 8 filters, no horizontal sums, no padding of K beyond 4. Rows
+are independent, so `prange` splits them over cores; small jobs run a
+serial build of the same loops (`minicnn.parallel.twin`), as waking Numba's
+workers costs more than they do.
+
+Every fast kernel has a NumPy reference (`*_ref`) with the same contract;
+the two agree bit for bit.
 """
 
 from typing import NamedTuple
@@ -53,96 +37,7 @@ from numba.extending import intrinsic, models, register_model
 from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
 
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
-SHIFT_RANGE = (-31, 30)  # shift of M = M0 * 2^(shift - 31), as TFLite allows
-scalar = numba.njit(cache=True)
-
-
-# --------------------------------------------------------------------------
-# The fixed-point multiplier
-
-
-def quantize_multiplier(m):
-    """(M0, shift) with m ~= M0 * 2^(shift - 31), M0 in [2^30, 2^31): TFLite's QuantizeMultiplier.
-
-    m: a real multiplier > 0. Multipliers too small to represent (shift < -31)
-    become (0, 0), as in TFLite.
-    """
-    m = float(m)
-    if not np.isfinite(m) or m <= 0:
-        raise ValueError(f"a requantization multiplier must be finite and > 0, got {m}")
-    q, shift = np.frexp(m)  # m = q * 2^shift, q in [0.5, 1)
-    q_fixed = int(np.floor(float(q) * 2**31 + 0.5))  # TfLiteRound: half away from zero (q > 0)
-    shift = int(shift)
-    if q_fixed == 2**31:
-        q_fixed //= 2
-        shift += 1
-    if shift < -31:
-        return 0, 0
-    if shift > SHIFT_RANGE[1]:
-        raise ValueError(f"requantization multiplier {m} is too large for int32 fixed point")
-    return q_fixed, shift
-
-
-def _saturate_int32(x):
-    return max(INT32_MIN, min(INT32_MAX, x))
-
-
-def _srdhm_scalar(a, b):
-    if a == INT32_MIN and b == INT32_MIN:
-        return INT32_MAX
-    ab = np.int64(a) * np.int64(b)
-    s = ab + (np.int64(1 << 30) if ab >= 0 else np.int64(1 - (1 << 30)))
-    return s >> 31 if s >= 0 else -((-s) >> 31)  # C division truncates toward zero
-
-
-def _rdbpot_scalar(x, exponent):
-    mask = (np.int64(1) << exponent) - 1
-    threshold = (mask >> 1) + (1 if x < 0 else 0)
-    return (x >> exponent) + (1 if (x & mask) > threshold else 0)
-
-
-saturating_rounding_doubling_high_mul_scalar = scalar(_srdhm_scalar)
-rounding_divide_by_pot_scalar = scalar(_rdbpot_scalar)
-_saturate_int32_scalar = scalar(_saturate_int32)
-
-
-def _mbqm_scalar(x, m0, shift):
-    x = _saturate_int32_scalar(np.int64(x) << max(shift, 0))
-    return rounding_divide_by_pot_scalar(
-        saturating_rounding_doubling_high_mul_scalar(x, m0), np.int64(max(-shift, 0))
-    )
-
-
-multiply_by_quantized_multiplier_scalar = scalar(_mbqm_scalar)
-
-
-def saturating_rounding_doubling_high_mul(a, b):
-    """Elementwise SaturatingRoundingDoublingHighMul of int32 values (any int arrays); int64 result."""
-    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    ab = a * b
-    s = ab + np.where(ab >= 0, 1 << 30, 1 - (1 << 30))
-    high = np.where(s >= 0, s >> 31, -((-s) >> 31))
-    return np.where((a == INT32_MIN) & (b == INT32_MIN), INT32_MAX, high)
-
-
-def rounding_divide_by_pot(x, exponent):
-    """Elementwise RoundingDivideByPOT: x / 2^exponent rounded, ties away from zero; int64 result."""
-    x, exponent = np.asarray(x, np.int64), np.asarray(exponent, np.int64)
-    mask = (np.int64(1) << exponent) - 1
-    threshold = (mask >> 1) + (x < 0)
-    return (x >> exponent) + ((x & mask) > threshold)
-
-
-def multiply_by_quantized_multiplier(x, m0, shift):
-    """Elementwise MultiplyByQuantizedMultiplier: ~ x * M0 * 2^(shift - 31), int64 result.
-
-    x int32 values; m0, shift broadcast against x (per-channel multipliers
-    along the last axis).
-    """
-    x, shift = np.asarray(x, np.int64), np.asarray(shift, np.int64)
-    x = np.clip(x << np.maximum(shift, 0), INT32_MIN, INT32_MAX)
-    return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), np.maximum(-shift, 0))
+from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_scalar
 
 
 # --------------------------------------------------------------------------
@@ -167,8 +62,8 @@ def pad_columns(a, width):
 
 
 def im2row_nhwc_ref(x, KH, KW, stride, padding, fill, width):
-    """rows (N*Ho*Wo, width) of x (N, H, W, C), padded spatially with `fill`;
-    columns KH*KW*C .. width - 1 are 0."""
+    """rows (N*Ho*Wo, width), x's dtype, of x (N, H, W, C), padded spatially with `fill`;
+    columns KH*KW*C .. width - 1 are 0 (width >= KH*KW*C)."""
     p = padding
     xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=fill)
     windows = np.lib.stride_tricks.sliding_window_view(xp, (KH, KW), axis=(1, 2))
@@ -179,6 +74,7 @@ def im2row_nhwc_ref(x, KH, KW, stride, padding, fill, width):
 
 def _im2row_nhwc_loops(x, KH, KW, stride, padding, fill, width):
     N, H, W, C = x.shape
+    # conv_output_size spelled out: compiled code cannot call the Python function
     Ho = (H + 2 * padding - KH) // stride + 1
     Wo = (W + 2 * padding - KW) // stride + 1
     rows = np.empty((N * Ho * Wo, width), dtype=x.dtype)
@@ -206,7 +102,7 @@ _im2row_nhwc = twin(_im2row_nhwc_loops)
 def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
     """Fast im2row_nhwc, same contract as im2row_nhwc_ref; serial for small inputs (batch 1)."""
     N, H, W, _ = x.shape
-    rows = N * ((H + 2 * padding - KH) // stride + 1) * ((W + 2 * padding - KW) // stride + 1)
+    rows = N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding)
     return _im2row_nhwc(rows * width, x, KH, KW, stride, padding, fill, width)
 
 
@@ -224,8 +120,8 @@ def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
 # multiplies and adds, which LLVM compiles for whatever it has.
 #
 # The activations are int8 but vpdpbusd wants unsigned bytes: flipping the
-# sign bit maps q to u = q + 128 in [0, 255], and the kernels fold the
-# constant 128 * sum_k w_k into the bias (`unsigned_bias`).
+# sign bit maps q to u = q + 128 in [0, 255], and the kernels subtract the
+# constant 128 * sum_k w_k (`PackedWeights.colsum`) from each sum.
 
 
 class Int32x8(types.Type):
@@ -356,7 +252,7 @@ def qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi):
     """int8 (M, F): clamp(MBQM(a @ wt.T + bias, m0, shift) + z_out, lo, hi).
 
     a int8 (M, K), wt int8 (F, K), bias int32 (F,) (zero-point terms already
-    folded in), m0 and shift int32 (F,) per output channel, z_out the output
+    folded in), m0 int32 and shift int8 (F,) per output channel, z_out the output
     zero point, [lo, hi] the clamp (lo = z_out fuses a ReLU). Precondition,
     checked when a layer is built: the accumulators fit in int32.
     """
@@ -372,10 +268,11 @@ def qgemm_int32_ref(a, wt, bias, lo):
 
 
 def _accumulate_row(a32, r, wp, acc):
-    """acc[f] = sum_k (a[r, k] + 128) wt[f, k] for all F8 = 8 * ceil(F/8) filters.
+    """acc[f] = sum_k (a[r, k] + 128) wt[f, k] for all 32 ceil(F/32) filters, padding included.
 
-    a32 uint32 (M, G): the int8 rows, 4 bytes per word; wp flat pack_weights.
-    Four filter blocks share each broadcast word (32 filters per pass).
+    a32 uint32 (M, G): the int8 rows, 4 bytes per word; wp int8, PackedWeights.wp
+    flattened; acc int32 (32 ceil(F/32),), overwritten. Four filter blocks
+    share each broadcast word (32 filters per pass).
     """
     G = a32.shape[1]
     flip = np.uint32(0x80808080)
@@ -426,7 +323,7 @@ def _qgemm_int32_loops(a32, wp, colsum, bias, lo):
     return out
 
 
-MIN_MACS = 2_000_000  # threads pay from ~50 us of one core's multiply-adds on
+MIN_MACS = 2_000_000  # multiply-adds below which waking the workers costs more than they save
 _qgemm = twin(_qgemm_loops, MIN_MACS)
 _qgemm_int32 = twin(_qgemm_int32_loops, MIN_MACS)
 

@@ -1,0 +1,35 @@
+"""Int8 quantization with integer-only inference (Jacob et al., "Quantization and
+Training of Neural Networks for Efficient Integer-Arithmetic-Only Inference",
+CVPR 2018), with the TFLite / gemmlowp fixed-point arithmetic.
+
+A real r is stored as an int8 code q with r = S (q - Z). A float Sequential
+becomes an integer model: the input is quantized once, every conv and dense
+layer is an int8 dot product summed in int32 and scaled back to int8 by a
+fixed-point multiplier, and the last layer's int32 sums are dequantized once.
+
+What lives where:
+    affine.py       r = S (q - Z): scales, zero points, weights per channel, int32 biases
+    calibration.py  the integer graph of a model (plan) and the activation ranges
+                    (min/max, EMA, percentile)
+    fixedpoint.py   TFLite's requantization: M = M0 2^(shift - 31), rounding high multiply
+                    and rounding shift, scalar (Numba) and NumPy versions
+    kernels.py      Numba kernels on int8 NHWC: im2row, int8 GEMM on VNNI with int32 sums
+                    and requantization, max-pool; a NumPy reference for each
+    ops.py          IntConv2D, IntDense, IntMaxPool2D, IntFlatten, IntReLU
+    model.py        QuantizedModel, its file format (kind "quantized_int8"), convert and
+                    post-training quantize_model
+    qat.py          quantization-aware training: fake quantization with the
+                    straight-through estimator
+
+The public API is below; tests and benchmarks that need internals import the
+submodule (`from optim.quantization import kernels`).
+"""
+
+from .calibration import ActivationRange, calibrate, format_ranges
+from .model import QuantizedModel, convert, load_quantized, quantize_model
+from .qat import quantization_aware_training
+
+__all__ = [
+    "ActivationRange", "QuantizedModel", "calibrate", "convert", "format_ranges", "load_quantized",
+    "quantization_aware_training", "quantize_model",
+]

@@ -1,0 +1,99 @@
+"""Affine quantization of tensors to int8 (Jacob et al., CVPR 2018, section 2.1).
+
+A real r is represented by an integer code q:
+
+    r = S (q - Z),   q = clamp(round(r / S) + Z, qmin, qmax)
+
+* activations: int8 [-128, 127], one (S, Z) per tensor. The range [lo, hi]
+  chosen by calibration is widened to contain 0, S = (hi - lo) / 255 and
+  Z = round(-128 - lo / S), so the real 0 (zero padding, ReLU) is a code;
+* weights: int8 [-127, 127], symmetric (Z = 0), S_w = max|W| / 127 per output
+  channel or for the whole tensor;
+* biases: int32 with S_b = S_in S_w and Z_b = 0, so that they add directly to
+  the int32 sums of products of input and weight codes.
+"""
+
+import numpy as np
+
+from .fixedpoint import INT32_MAX, INT32_MIN
+
+QMIN, QMAX = -128, 127  # int8 activation codes
+WMAX = 127  # weights are symmetric in [-127, 127], so -w is always a code too
+SUPPORTED_BITS = (8,)
+
+
+def check_bits(bits):
+    """bits as an int; raises unless it is a supported width (8)."""
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"unsupported bit width {bits!r}: int8 quantization supports bits in {SUPPORTED_BITS}")
+    return int(bits)
+
+
+def check_scale(scale, name="scale"):
+    """A scale must be finite and > 0 (every entry, for per-channel scales); returns it as float64."""
+    s = np.asarray(scale, dtype=np.float64)
+    if s.size == 0 or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError(f"{name} must be finite and > 0, got {scale!r}")
+    return s
+
+
+def check_zero_point(zero_point, name="zero point"):
+    """zero_point unchanged if it is an int8 code, else ValueError."""
+    if not QMIN <= zero_point <= QMAX:
+        raise ValueError(f"{name} must lie in [{QMIN}, {QMAX}], got {zero_point}")
+    return zero_point
+
+
+def affine_quantize(r, scale, zero_point, qmin=QMIN, qmax=QMAX):
+    """int8 codes q = clamp(round(r / S) + Z, qmin, qmax) (round half to even), shaped like r.
+
+    r float array; scale (> 0) and zero_point broadcast against r.
+    Inside [S (qmin - Z), S (qmax - Z)] the error |S (q - Z) - r| is <= S / 2;
+    outside, q saturates at qmin or qmax.
+    """
+    s = check_scale(scale)
+    q = np.rint(np.asarray(r, dtype=np.float64) / s) + zero_point
+    return np.clip(q, qmin, qmax).astype(np.int8)
+
+
+def affine_dequantize(q, scale, zero_point):
+    """Reals S (q - Z), float64, of integer codes q (scale and zero_point broadcast against q)."""
+    return check_scale(scale) * (np.asarray(q, dtype=np.float64) - zero_point)
+
+
+def activation_qparams(lo, hi, name="activation"):
+    """(S float, Z int) of an int8 tensor whose reals span [lo, hi], widened to contain 0."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise ValueError(f"{name}: range [{lo}, {hi}] is not finite")
+    if hi - lo <= 0:
+        raise ValueError(
+            f"{name}: every calibration value is 0 (zero range), so no scale can be chosen; "
+            "calibrate on representative data"
+        )
+    scale = (hi - lo) / (QMAX - QMIN)
+    zero_point = int(np.clip(np.rint(QMIN - lo / scale), QMIN, QMAX))
+    return scale, zero_point
+
+
+def quantize_weights(W, axis, per_channel=True):
+    """(q int8 like W, scales float32 (F,)): symmetric, F = W.shape[axis] output channels.
+
+    Per tensor, all F scales are equal. An all-zero channel (a pruned filter)
+    has codes 0 whatever its scale; it gets the largest scale of the tensor.
+    """
+    F = W.shape[axis]
+    absmax = np.abs(np.moveaxis(W, axis, 0).reshape(F, -1)).max(axis=1).astype(np.float64)
+    if not per_channel:
+        absmax[:] = absmax.max()
+    fallback = absmax.max() if absmax.max() > 0 else 1.0
+    scales = (np.where(absmax > 0, absmax, fallback) / WMAX).astype(np.float32)
+    shape = [1] * W.ndim
+    shape[axis] = F
+    return affine_quantize(W, scales.reshape(shape), 0, -WMAX, WMAX), scales
+
+
+def quantize_bias(b, scale):
+    """int32 (F,) round(b / scale), saturating; b float (F,), scale = S_in * S_w per channel."""
+    q = np.rint(np.asarray(b, dtype=np.float64) / check_scale(scale, "bias scale"))
+    return np.clip(q, INT32_MIN, INT32_MAX).astype(np.int32)

@@ -1,0 +1,181 @@
+"""The int8 model: integer ops between one quantization and one dequantization,
+its file format, and post-training conversion of a float Sequential.
+
+Jacob et al., CVPR 2018. Floats appear only at the model's input, quantized
+once with the calibrated (S_in, Z_in), and at its output: the last layer's
+int32 accumulators, dequantized once with S_in S_w. In between every op
+(`ops`) maps integer codes to integer codes.
+
+Post-training quantization (`quantize_model`) is `calibration.calibrate`
+then `convert`: per compute step, weights to symmetric int8
+(`affine.quantize_weights`, per output channel or per tensor), biases to
+int32 at S_in S_w, and each op's output (S, Z) from its calibrated range.
+
+File format: kind "quantized_int8", written by `QuantizedModel.save` and read
+by `load_quantized`. The meta holds the input shape, input scale and zero
+point, per_channel and each op's kind and config; the arrays are
+"ops.{i}.{name}" for each op's state(). An op's input (S, Z) is its
+predecessor's output, so the file stores it once.
+"""
+
+import numpy as np
+
+from minicnn.checks import check_array, check_positive_int
+from minicnn.serialization import write_npz
+from minicnn.summary import format_summary
+
+from .affine import (
+    activation_qparams, affine_quantize, check_bits, check_scale, check_zero_point, quantize_bias, quantize_weights,
+)
+from .calibration import calibrate, observed_points, plan
+from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
+
+MODEL_KIND = "quantized_int8"
+
+
+class QuantizedModel:
+    """An int8 network: quantize the input once, integer ops, dequantize the output once.
+
+    ops: the integer ops in order; input_q = (S, Z) of the input codes;
+    ranges: the calibration report (list of ActivationRange) of a freshly converted
+    model, for display; not saved (the scales and zero points are).
+    """
+
+    kind = MODEL_KIND
+
+    def __init__(self, ops, input_shape, input_q, per_channel, ranges=()):
+        self.layers = list(ops)  # `layers`, so minicnn's summary table reads the ops
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.input_q = (float(input_q[0]), int(input_q[1]))
+        check_scale(self.input_q[0], "input scale")
+        check_zero_point(self.input_q[1], "input zero point")
+        self.per_channel = bool(per_channel)
+        self.ranges = list(ranges)
+        shape = self.input_shape
+        for i, op in enumerate(self.layers):
+            try:
+                shape = op.output_shape(shape)
+            except ValueError as e:
+                raise ValueError(f"op {i} ({type(op).__name__}) does not fit its input: {e}") from None
+        self.output_shape = shape
+
+    def quantize_input(self, x):
+        """float (N, C, H, W) -> int8 (N, H, W, C) codes (or (N, F) for flat inputs)."""
+        check_array(x, "model input", ndim=1 + len(self.input_shape))
+        if x.shape[1:] != self.input_shape:
+            expected = ", ".join(map(str, self.input_shape))
+            raise ValueError(f"model expects inputs of shape (N, {expected}), got {x.shape}")
+        q = affine_quantize(x, *self.input_q)
+        return np.ascontiguousarray(q.transpose(0, 2, 3, 1)) if q.ndim == 4 else q
+
+    def forward_int(self, q, reference=False):
+        """Integer codes in, integer codes out: int8 or the last layer's int32 accumulators.
+
+        reference=True runs the plain NumPy references instead of the Numba kernels.
+        """
+        for op in self.layers:
+            q = op.forward(q, reference)
+        return q
+
+    def dequantize_output(self, out):
+        """The last op's codes (int8, or its int32 accumulators) -> float32 reals, NCHW if 4-D."""
+        scale, zero_point = self.layers[-1].output_scale
+        r = (out.astype(np.float64) - zero_point) * scale
+        if r.ndim == 4:
+            r = r.transpose(0, 3, 1, 2)
+        return r.astype(np.float32)
+
+    def predict(self, x, batch_size=256, reference=False):
+        """Logits float32 (N, ...) computed in integers between the input and the output."""
+        batch_size = check_positive_int(batch_size, "batch_size")
+        check_array(x, "model input", ndim=1 + len(self.input_shape))
+        outs = [self.dequantize_output(self.forward_int(self.quantize_input(x[i : i + batch_size]), reference))
+                for i in range(0, len(x), batch_size)]
+        if not outs:
+            return np.zeros((0, *self.output_shape), np.float32)
+        return np.concatenate(outs)
+
+    def summary(self):
+        """The quantization settings, then minicnn's per-op table (str)."""
+        head = (f"int8 model ({'per-channel' if self.per_channel else 'per-tensor'} weights, int32 biases, "
+                f"fixed-point requantization); input scale {self.input_q[0]:.6g}, zero point {self.input_q[1]}")
+        return head + "\n" + format_summary(self)
+
+    def save(self, path):
+        """Write the int8 model to `path` (.npz) atomically; `minicnn.load` reads it back."""
+        meta = {
+            "model": MODEL_KIND,
+            "input_shape": list(self.input_shape),
+            "input_scale": self.input_q[0], "input_zero_point": self.input_q[1],
+            "per_channel": self.per_channel,
+            "ops": [{"kind": op.kind, "config": op.config()} for op in self.layers],
+        }
+        arrays = {}
+        for i, op in enumerate(self.layers):
+            for name, value in op.state().items():
+                arrays[f"ops.{i}.{name}"] = value
+        write_npz(path, meta, arrays)
+
+
+def load_quantized(meta, arrays):
+    """A QuantizedModel from a file's meta (dict) and arrays (name -> ndarray): the loader
+    `minicnn.load` uses for kind "quantized_int8". Raises ValueError for a damaged file.
+    """
+    try:
+        ops, in_q = [], (meta["input_scale"], meta["input_zero_point"])
+        for i, spec in enumerate(meta["ops"]):
+            prefix = f"ops.{i}."
+            own = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            if spec["kind"] not in OP_KINDS:
+                raise ValueError(f"unknown int8 op kind {spec['kind']!r}")
+            ops.append(OP_KINDS[spec["kind"]].from_state(spec["config"], own, in_q))
+            in_q = ops[-1].output_scale
+        known = {f"ops.{i}.{name}" for i, op in enumerate(ops) for name in op.state()}
+        if set(arrays) - known:
+            raise ValueError(f"unexpected arrays {sorted(set(arrays) - known)}")
+        return QuantizedModel(ops, meta["input_shape"], (meta["input_scale"], meta["input_zero_point"]),
+                              meta["per_channel"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"invalid int8 model file: {type(e).__name__}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"invalid int8 model file: {e}") from None
+
+
+def convert(model, ranges, per_channel=True):
+    """The QuantizedModel of a float Sequential, given the ranges `calibrate` returns."""
+    steps = plan(model)
+    points = observed_points(steps)
+    if len(ranges) != 1 + len(points):
+        raise ValueError(f"expected {1 + len(points)} activation ranges (input + {len(points)} layers), "
+                         f"got {len(ranges)}")
+    qparams = [activation_qparams(r.lo, r.hi, r.name) for r in ranges]
+    current, ops, point = qparams[0], [], 1
+    for n, (op, i, relu) in enumerate(steps):
+        layer = model.layers[i]
+        if op == "compute":
+            last = n == len(steps) - 1
+            out_q = None if last else qparams[point]
+            point += not last
+            conv = layer.kind == "conv2d"
+            W = layer.params["W"]
+            q, w_scale = quantize_weights(W, axis=0 if conv else 1, per_channel=per_channel)
+            b = quantize_bias(layer.params["b"], current[0] * w_scale.astype(np.float64))
+            if conv:
+                ops.append(IntConv2D(q, w_scale, b, current, out_q, relu, layer.stride, layer.padding))
+            else:
+                ops.append(IntDense(q, w_scale, b, current, out_q, relu))
+            current = ops[-1].output_scale
+        elif op == "maxpool2d":
+            ops.append(IntMaxPool2D(current, layer.kernel_size, layer.stride))
+        elif op == "flatten":
+            ops.append(IntFlatten(current))
+        else:
+            ops.append(IntReLU(current))
+    return QuantizedModel(ops, model.input_shape, qparams[0], per_channel, ranges)
+
+
+def quantize_model(model, x, per_channel=True, method="minmax", percentile=99.99, momentum=0.9, bits=8):
+    """Post-training int8 quantization: calibrate on x, then convert. The model is not changed."""
+    check_bits(bits)
+    return convert(model, calibrate(model, x, method, percentile, momentum), per_channel)
+

@@ -1,0 +1,292 @@
+"""The integer ops of an int8 model: conv, dense, max-pool, flatten, ReLU.
+
+Jacob et al., CVPR 2018, section 2.3. With codes q_k of the input (S_in,
+Z_in), symmetric weight codes w_k (S_w, Z_w = 0) and the int32 bias q_b
+(S_b = S_in S_w), one output of a conv or dense layer is (the paper's eq. 7)
+
+    r_out = S_in S_w (sum_k (q_k - Z_in) w_k + q_b)
+    q_out = Z_out + M (sum_k q_k w_k  +  q_b - Z_in sum_k w_k),   M = S_in S_w / S_out
+
+The column sums sum_k w_k are constants, so q_b - Z_in sum_k w_k is folded
+into one int32 bias when the op is built and the inner loop is a plain int8
+dot product accumulated in int32 (`kernels.qgemm`). M, a real number, is
+applied as the fixed-point multiplier M0 2^(shift - 31) (`fixedpoint`). A
+following ReLU is the clamp q_out >= Z_out, and max-pooling works on the
+codes directly (requantization is monotone). The last layer keeps its int32
+accumulators, which the model dequantizes once with S_in S_w.
+
+Activations between ops are int8 NHWC (N, H, W, C) or (N, F). Every op has
+forward(x, reference=False) (reference=True: the NumPy references instead of
+the Numba kernels), output_shape(in_shape) in the float model's (C, H, W)
+convention, output_scale (S, Z) of its output codes, and state() / config()
+/ from_state(config, arrays, in_q) for the file format.
+"""
+
+import numpy as np
+
+from minicnn.checks import check_positive_int
+from minicnn.kernels import conv_output_size
+
+from . import kernels as K
+from .affine import QMAX, QMIN, WMAX, check_scale, check_zero_point
+from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier
+
+
+class _IntLinear:
+    """Shared part of IntConv2D and IntDense: int8 rows times int8 weights, int32
+    accumulators, then either requantized to int8 or (last layer) kept int32.
+
+    W int8 in the float layer's layout; w_scale float32 (F,); b int32 (F,);
+    multiplier int32 and shift int8 (F,) (absent for int32 output).
+    in_q = (S_in, Z_in); out_q = (S_out, Z_out), or None for int32 output.
+    """
+
+    def __init__(self, W, w_scale, b, in_q, out_q, relu, multiplier=None, shift=None):
+        self.W, self.w_scale, self.b = W, w_scale, b
+        self.in_q, self.relu = (float(in_q[0]), int(in_q[1])), bool(relu)
+        self.out_q = None if out_q is None else (float(out_q[0]), int(out_q[1]))
+        check_scale(self.in_q[0], "input scale")
+        check_scale(w_scale, "weight scales")
+        check_zero_point(self.in_q[1], "input zero point")
+        if W.size and W.min() < -WMAX:
+            raise ValueError(f"{type(self).__name__}: weight codes must lie in [-{WMAX}, {WMAX}], got {W.min()}")
+        if self.out_q is not None:
+            check_scale(self.out_q[0], "output scale")
+            check_zero_point(self.out_q[1], "output zero point")
+            expected = [quantize_multiplier(m) for m in self.real_multipliers()]
+            if multiplier is None:
+                multiplier = np.array([m for m, _ in expected], dtype=np.int32)
+                shift = np.array([s for _, s in expected], dtype=np.int8)  # in [-31, 30]
+            elif not (np.array_equal(multiplier, [m for m, _ in expected])
+                      and np.array_equal(shift, [s for _, s in expected])):
+                raise ValueError(f"{type(self).__name__}: multipliers do not match S_in * S_w / S_out")
+        self.multiplier, self.shift = multiplier, shift
+        wt = self.kernel_weights()
+        colsum = wt.astype(np.int64).sum(axis=1)
+        folded = b.astype(np.int64) - self.in_q[1] * colsum  # the paper's Z_in * a2 term, once
+        worst = wt.shape[1] * 128 * WMAX + np.abs(folded).max(initial=0)
+        if worst > INT32_MAX or wt.shape[1] > K.MAX_K:
+            raise ValueError(f"{type(self).__name__}: int32 accumulators could overflow "
+                             f"({wt.shape[1]} products per output, bias up to {np.abs(folded).max()})")
+        self.wt = K.pad_columns(wt, K.padded_width(wt.shape[1]))
+        self.packed = K.pack_weights(self.wt)
+        self.folded_bias = folded.astype(np.int32)
+
+    def real_multipliers(self):
+        """M = S_in S_w / S_out per output channel, computed from the stored float32 scales."""
+        return self.in_q[0] * self.w_scale.astype(np.float64) / self.out_q[0]
+
+    @property
+    def output_scale(self):
+        """(scale per channel, zero point) of this op's output codes."""
+        if self.out_q is None:
+            return self.in_q[0] * self.w_scale.astype(np.float64), 0
+        return self.out_q
+
+    def matmul(self, rows, reference=False):
+        """rows int8 (M, K) -> int8 (M, F) requantized, or int32 (M, F) for the last layer."""
+        if self.out_q is None:
+            lo = 0 if self.relu else INT32_MIN
+            fn = K.qgemm_int32_ref if reference else K.qgemm_int32
+            return fn(rows, self.wt if reference else self.packed, self.folded_bias, lo)
+        z = self.out_q[1]
+        lo = z if self.relu else QMIN  # ReLU: the real 0 is the code Z_out
+        fn = K.qgemm_ref if reference else K.qgemm
+        return fn(rows, self.wt if reference else self.packed, self.folded_bias, self.multiplier, self.shift,
+                  z, lo, QMAX)
+
+    def stats(self):
+        """What minicnn's summary table reads: params, nonzero, bits_per_weight, bytes (as stored)."""
+        arrays = self.state().values()
+        params = self.W.size + self.b.size
+        nbytes = sum(a.nbytes for a in arrays)
+        return {"params": params, "nonzero": int(np.count_nonzero(self.W) + np.count_nonzero(self.b)),
+                "bits_per_weight": 8.0 * nbytes / params, "bytes": nbytes}
+
+    def state(self):
+        """The arrays the file stores for this op, by name (see _arrays for their dtypes and shapes)."""
+        arrays = {"W": self.W, "w_scale": self.w_scale, "b": self.b}
+        if self.out_q is not None:
+            arrays.update(multiplier=self.multiplier, shift=self.shift)
+        return arrays
+
+    def _base_config(self):
+        return {"relu": self.relu, "out_scale": None if self.out_q is None else self.out_q[0],
+                "out_zero_point": None if self.out_q is None else self.out_q[1]}
+
+    @classmethod
+    def _arrays(cls, config, arrays, in_q):
+        """Check the stored arrays against each other and the config; return the
+        constructor's keyword arguments."""
+        W = arrays.get("W")
+        if W is None or W.dtype != np.int8 or W.ndim != cls.weight_ndim:
+            got = "nothing" if W is None else f"{W.dtype} {W.shape}"
+            raise ValueError(f"{cls.kind} op 'W': expected int8 weights of rank {cls.weight_ndim}, got {got}")
+        F = W.shape[cls.out_axis]
+        spec = {"w_scale": (np.float32, (F,)), "b": (np.int32, (F,))}
+        int32_out = config["out_scale"] is None
+        if not int32_out:
+            spec.update(multiplier=(np.int32, (F,)), shift=(np.int8, (F,)))
+        for name, (dtype, shape) in spec.items():
+            a = arrays.get(name)
+            if a is None:
+                raise ValueError(f"{cls.kind} op is missing its {name!r} array")
+            if a.dtype != dtype or a.shape != shape:
+                raise ValueError(f"{cls.kind} op {name!r}: expected {np.dtype(dtype)} {shape} "
+                                 f"for {F} output channels, got {a.dtype} {a.shape}")
+        out_q = None if int32_out else (config["out_scale"], config["out_zero_point"])
+        return dict(W=arrays["W"], w_scale=arrays["w_scale"], b=arrays["b"],
+                    in_q=in_q, out_q=out_q, relu=config["relu"],
+                    multiplier=arrays.get("multiplier"), shift=arrays.get("shift"))
+
+
+class IntConv2D(_IntLinear):
+    """Integer convolution: int8 (N, H, W, C) -> int8 (N, Ho, Wo, F) or int32 accumulators."""
+
+    kind = "conv2d"
+    weight_ndim, out_axis = 4, 0
+
+    def __init__(self, W, w_scale, b, in_q, out_q, relu, stride, padding, multiplier=None, shift=None):
+        self.stride, self.padding = check_positive_int(stride, "stride"), check_positive_int(padding, "padding", 0)
+        super().__init__(W, w_scale, b, in_q, out_q, relu, multiplier, shift)
+
+    def kernel_weights(self):
+        """wt (F, KH*KW*C): the columns in im2row_nhwc's (kh, kw, c) order (before padding)."""
+        F = self.W.shape[0]
+        return np.ascontiguousarray(self.W.transpose(0, 2, 3, 1).reshape(F, -1))
+
+    def forward(self, x, reference=False):
+        N, H, W, _ = x.shape
+        F, _, KH, KW = self.W.shape
+        im2row = K.im2row_nhwc_ref if reference else K.im2row_nhwc
+        rows = im2row(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad with the code of 0
+        Ho = conv_output_size(H, KH, self.stride, self.padding)
+        Wo = conv_output_size(W, KW, self.stride, self.padding)
+        return self.matmul(rows, reference).reshape(N, Ho, Wo, F)
+
+    def output_shape(self, in_shape):
+        F, C, KH, KW = self.W.shape
+        if in_shape[0] != C:
+            raise ValueError(f"IntConv2D expects {C} input channels, got {in_shape[0]}")
+        return (F, conv_output_size(in_shape[1], KH, self.stride, self.padding),
+                conv_output_size(in_shape[2], KW, self.stride, self.padding))
+
+    def macs(self, in_shape):
+        _, Ho, Wo = self.output_shape(in_shape)
+        return self.W.size * Ho * Wo
+
+    def config(self):
+        return {**self._base_config(), "stride": self.stride, "padding": self.padding}
+
+    @classmethod
+    def from_state(cls, config, arrays, in_q):
+        return cls(**cls._arrays(config, arrays, in_q), stride=config["stride"], padding=config["padding"])
+
+
+class IntDense(_IntLinear):
+    """Integer dense layer: int8 (N, in) -> int8 (N, out) or int32 accumulators."""
+
+    kind = "dense"
+    weight_ndim, out_axis = 2, 1
+
+    def kernel_weights(self):
+        return np.ascontiguousarray(self.W.T)  # (out, in): each output one contiguous dot product
+
+    def forward(self, x, reference=False):
+        return self.matmul(K.pad_columns(x, self.wt.shape[1]), reference)
+
+    def output_shape(self, in_shape):
+        if tuple(in_shape) != (self.W.shape[0],):
+            raise ValueError(f"IntDense expects inputs of shape ({self.W.shape[0]},), got {tuple(in_shape)}")
+        return (self.W.shape[1],)
+
+    def macs(self, in_shape):
+        return self.W.size
+
+    def config(self):
+        return self._base_config()
+
+    @classmethod
+    def from_state(cls, config, arrays, in_q):
+        return cls(**cls._arrays(config, arrays, in_q))
+
+
+class _IntPassThrough:
+    """Ops without weights; their output codes keep the input's (S, Z)."""
+
+    def __init__(self, in_q):
+        self.in_q = (float(in_q[0]), int(in_q[1]))
+
+    @property
+    def output_scale(self):
+        return self.in_q
+
+    def macs(self, in_shape):
+        return 0
+
+    def stats(self):
+        return {"params": 0, "nonzero": 0, "bits_per_weight": 0.0, "bytes": 0}
+
+    def state(self):
+        return {}
+
+    def config(self):
+        return {}
+
+    @classmethod
+    def from_state(cls, config, arrays, in_q):
+        return cls(in_q, **config)
+
+
+class IntMaxPool2D(_IntPassThrough):
+    """Max over k x k windows of int8 codes, NHWC."""
+
+    kind = "maxpool2d"
+
+    def __init__(self, in_q, kernel_size, stride):
+        super().__init__(in_q)
+        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        self.stride = check_positive_int(stride, "stride")
+
+    def forward(self, x, reference=False):
+        fn = K.maxpool_nhwc_ref if reference else K.maxpool_nhwc
+        return fn(x, self.kernel_size, self.stride)
+
+    def output_shape(self, in_shape):
+        C, H, W = in_shape
+        k, s = self.kernel_size, self.stride
+        return (C, conv_output_size(H, k, s, 0), conv_output_size(W, k, s, 0))
+
+    def config(self):
+        return {"kernel_size": self.kernel_size, "stride": self.stride}
+
+
+class IntFlatten(_IntPassThrough):
+    """NHWC codes -> (N, C*H*W) in the float model's C, H, W order."""
+
+    kind = "flatten"
+
+    def forward(self, x, reference=False):
+        if x.ndim == 4:
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x).reshape(len(x), -1)
+
+    def output_shape(self, in_shape):
+        return (int(np.prod(in_shape)),)
+
+
+class IntReLU(_IntPassThrough):
+    """A ReLU not fused into a layer: max(q, Z), the code of the real 0."""
+
+    kind = "relu"
+
+    def forward(self, x, reference=False):
+        return np.maximum(x, np.int8(self.in_q[1]))
+
+    def output_shape(self, in_shape):
+        return tuple(in_shape)
+
+
+# The class of each op kind a file names, for load_quantized.
+OP_KINDS = {cls.kind: cls for cls in (IntConv2D, IntDense, IntMaxPool2D, IntFlatten, IntReLU)}
+
