@@ -1,4 +1,4 @@
-"""How fast are the bit kernels of optim/binary.py against minicnn's float32?
+"""How fast are the bit kernels of optim/binary/ against minicnn's float32?
 
 Measured in one run, side by side, after checking the results agree:
 
@@ -38,8 +38,7 @@ from bench.common import (  # noqa: E402
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import zoo  # noqa: E402
 from minicnn.layers import Dense  # noqa: E402
-from optim import xnor  # noqa: E402
-from optim.binary import BinaryDense, PackedBinaryDense, binarize, pack  # noqa: E402
+from optim.binary import BinaryDense, PackedBinaryDense, binarize, pack, xnor  # noqa: E402
 
 DENSE = 4096
 DENSE_BATCHES = (1, 64, 256)

@@ -1,5 +1,5 @@
 """Binary networks: bit packing, XNOR-popcount and add/subtract kernels, the
-straight-through gradients, packed inference, files (optim/binary.py, optim/xnor.py)."""
+straight-through gradients, packed inference, files (optim/binary/)."""
 
 
 import numpy as np
@@ -11,9 +11,8 @@ import minicnn
 from gradcheck import numerical_gradient, relative_error
 from minicnn import kernels, parallel
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
-from optim import xnor
 from optim.binary import (
-    BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, binarize, clip_latent, pack,
+    BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, binarize, clip_latent, pack, xnor,
 )
 from strategies import conv_geometry, random_array
 
@@ -352,7 +351,7 @@ def test_bad_uses():
 
 
 def test_cli_quantize_bits_1(tmp_path, capsys):
-    from minicnn.cli import main
+    from optim.app.cli import main
 
     float_path, out = tmp_path / "mlp.npz", tmp_path / "mlp-bin.npz"
     minicnn.zoo.lenet300(seed=0).save(float_path)

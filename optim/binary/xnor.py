@@ -25,7 +25,7 @@ version with the same signature; tests/test_binary.py checks they agree.
 popcount is the classic SWAR bit trick (Hacker's Delight, 5-1): numba has
 no popcount of its own, and LLVM recognises the idiom and emits the
 hardware instruction (`popcnt`, or `vpopcntq` on 8 words at once where
-AVX-512 VPOPCNTDQ exists), as fast as an explicit intrinsic, measured.
+AVX-512 VPOPCNTDQ exists).
 """
 
 import numba
@@ -49,13 +49,13 @@ _H01 = np.uint64(0x0101010101010101)
 
 @numba.njit(cache=True)
 def words_for(n):
-    """uint64 words holding n bits."""
+    """uint64 words holding n bits: int -> int."""
     return (n + 63) // 64
 
 
 @numba.njit(cache=True)
 def popcount(x):
-    """Set bits of a uint64: count in pairs, nibbles, bytes, then add the bytes with one multiply."""
+    """Set bits of one uint64, as an int64: count in pairs, nibbles, bytes, then add the bytes with one multiply."""
     x = x - ((x >> np.uint64(1)) & _M1)
     x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
     x = (x + (x >> np.uint64(4))) & _M4
@@ -63,7 +63,7 @@ def popcount(x):
 
 
 def popcount_ref(x):
-    """Set bits of each uint64 in x, through np.unpackbits."""
+    """Set bits of each uint64 in x (any shape) -> integers of x's shape, through np.unpackbits."""
     x = np.asarray(x, dtype="<u8")
     return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
 
@@ -99,7 +99,7 @@ _pack_signs = twin(_pack_signs_loops, MIN_STEPS)
 
 
 def pack_signs(v):
-    """Fast pack_signs_ref: v (R, n) float -> (R, ceil(n/64)) uint64."""
+    """Fast pack_signs_ref: v (R, n) float -> (R, ceil(n/64)) uint64; bit i of a row is v[:, i] >= 0."""
     return _pack_signs(v.size, v)
 
 
@@ -112,14 +112,17 @@ def unpack_signs(packed, n):
 
 
 def im2row_signs_ref(xp, KH, KW, stride):
-    """Padded xp (N, C, Hp, Wp) -> (packed signs of the im2row rows (N*Ho*Wo, words), beta (N*Ho*Wo,) = mean |row|)."""
+    """The im2row rows of padded xp (N, C, Hp, Wp) float32, as their signs and scales.
+
+    Returns (packed signs (N*Ho*Wo, words) uint64, beta (N*Ho*Wo,) float32 = mean |row|).
+    """
     rows = kernels.im2row_ref(xp, KH, KW, stride)
     return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
 
 
 @numba.njit(cache=True)
 def _bits_at(line, p, width):
-    """`width` (< 64) bits of a packed line starting at bit p, in the low bits of a uint64."""
+    """`width` (< 64) bits of a packed line (words,) uint64 starting at bit p, in the low bits of a uint64."""
     w, o = p // 64, p % 64
     bits = line[w] >> np.uint64(o)
     if o + width > 64:  # the run continues in the next word
@@ -149,7 +152,7 @@ _gather_rows = twin(_gather_rows_loops, MIN_STEPS)
 
 
 def im2row_signs(xp, KH, KW, stride):
-    """Fast im2row_signs_ref, without ever building the float rows.
+    """Fast im2row_signs_ref: xp (N, C, Hp, Wp) float32 -> ((N*Ho*Wo, words) uint64, (N*Ho*Wo,) float32).
 
     Each input value is in KH*KW receptive fields. So its sign is packed once,
     line by line (bit w of line (n, c, h) is xp[n, c, h, w] >= 0), and a row
@@ -172,7 +175,7 @@ def im2row_signs(xp, KH, KW, stride):
 
 
 def xnor_matmul_ref(a, w, n):
-    """a (R, words), w (F, words) packed rows of n signs -> (R, F) int32 dot products."""
+    """a (R, words), w (F, words) uint64 packed rows of n signs -> (R, F) int32 dot products."""
     exact = unpack_signs(a, n).astype(np.float64) @ unpack_signs(w, n).astype(np.float64).T
     return exact.astype(np.int32)  # integers below 2**53: float64 is exact
 
@@ -196,7 +199,7 @@ _xnor_matmul = twin(_xnor_matmul_loops, MIN_STEPS)
 
 
 def xnor_matmul(a, w, n):
-    """Fast xnor_matmul_ref: a (R, words), w (F, words) -> (R, F) int32."""
+    """Fast xnor_matmul_ref: a (R, words), w (F, words) uint64 -> (R, F) int32."""
     return _xnor_matmul(a.size * w.shape[0], a, w, n)
 
 
@@ -205,13 +208,13 @@ def xnor_matmul(a, w, n):
 
 
 def addsub_matmul_ref(x, w):
-    """x (R, n) float32, w (F, words) packed signs -> (R, F) float32 = x @ signs(w).T."""
+    """x (R, n) float32, w (F, words) uint64 packed signs -> (R, F) float32 = x @ signs(w).T."""
     return (x @ unpack_signs(w, x.shape[1]).T).astype(np.float32)
 
 
 @numba.njit(cache=True, fastmath={"reassoc", "nsz"})
 def _signed_sum(x_part, word, count):
-    """sum of x_part[b] where bit b of word is 1, minus the others, b < count."""
+    """float32 sum of x_part[b] where bit b of the uint64 word is 1, minus the others, b < count."""
     acc = np.float32(0)
     for b in range(count):
         v = x_part[b]
@@ -242,5 +245,5 @@ _addsub_matmul = twin(_addsub_matmul_loops, MIN_STEPS, fastmath={"reassoc", "nsz
 
 
 def addsub_matmul(x, w):
-    """Fast addsub_matmul_ref: x (R, n) float32, w (F, words) -> (R, F) float32."""
+    """Fast addsub_matmul_ref: x (R, n) float32, w (F, words) uint64 -> (R, F) float32."""
     return _addsub_matmul(x.size * w.shape[0], x, w)

@@ -1,0 +1,219 @@
+"""Packed inference layers for binary networks: one bit per weight.
+
+`pack` turns each trained BinaryDense / BinaryConv2D (layers.py) into an
+inference-only layer. Output channel j keeps the signs bits(W_j) of its n
+latent weights (xnor.py's bit layout), 32x smaller than float32, plus
+alpha_j = mean_i |W_ji| and the bias b_j in float32. With real inputs
+(binary weights only, BinaryConnect, Courbariaux et al., NeurIPS 2015) no
+multiplication is needed inside the sum:
+
+    y_j = alpha_j * (sum_{bit_i=1} x_i - sum_{bit_i=0} x_i) + b_j
+
+With binary inputs (BNN, Hubara et al., NeurIPS 2016; XNOR-Net, Rastegari
+et al., ECCV 2016) the input x's signs are packed too, beta = mean_i |x_i|,
+and the dot product is an XNOR-popcount:
+
+    y_j = alpha_j * beta * (n - 2 popcount(bits(x) XOR bits(W_j))) + b_j
+
+Both equal the training layers' forward up to float32 rounding.
+"""
+
+import copy
+
+import numpy as np
+
+from minicnn import kernels
+from minicnn.checks import check_array
+from minicnn.layers import Conv2D, Layer
+from minicnn.model import Sequential
+
+from . import xnor
+from .layers import BinaryConv2D, BinaryDense
+
+
+def packed_rows_forward(rows, bits, alpha, b, binary_input):
+    """out (R, F) float32 from rows (R, n) float32 and packed signs bits (F, words) uint64, alpha (F,), b (F,)."""
+    if binary_input:
+        return xnor_forward(xnor.pack_signs(rows), np.abs(rows).mean(axis=1, dtype=np.float32), bits, alpha, b,
+                            rows.shape[1])
+    out = xnor.addsub_matmul(rows, bits) * alpha
+    out += b
+    return out
+
+
+def xnor_forward(signs, beta, bits, alpha, b, n):
+    """out (R, F) float32 = beta alpha (n - 2 popcount(signs XOR bits)) + b.
+
+    signs (R, words) and bits (F, words) uint64, rows of n signs; beta (R,), alpha (F,), b (F,) float32.
+    """
+    dots = xnor.xnor_matmul(signs, bits, n)
+    out = dots.astype(np.float32) * (beta[:, None] * alpha)  # exact below 2**24
+    out += b
+    return out
+
+
+class PackedBinaryLayer(Layer):
+    """Shared storage of the inference layers: F rows of n signs, packed, with alpha and b.
+
+    bits (F, ceil(n / 64)) uint64, alpha (F,) >= 0 and b (F,), kept as float32.
+    In memory each row is padded to whole uint64 words (xnor.py's layout);
+    the file stores the F * n signs back to back, ceil(F n / 8) bytes, and
+    `stats()` reports those stored bytes plus alpha and b in float32.
+    """
+
+    def __init__(self, bits, alpha, b, n, binary_input):
+        super().__init__()
+        F = alpha.shape[0]
+        if bits.dtype != np.uint64 or bits.shape != (F, xnor.words_for(n)):
+            raise ValueError(f"packed signs must be uint64 ({F}, {xnor.words_for(n)}), got {bits.dtype} {bits.shape}")
+        if b.shape != (F,):
+            raise ValueError(f"bias must have shape ({F},), got {b.shape}")
+        if not np.all(alpha >= 0):
+            raise ValueError(f"alpha scales must be >= 0 (means of |W|), got min {alpha.min()}")
+        self.bits, self.alpha, self.b = bits, alpha.astype(np.float32), b.astype(np.float32)
+        self.n, self.binary_input = int(n), bool(binary_input)
+
+    @classmethod
+    def _from_latent(cls, Wm, b, binary_input, **geometry):
+        """From latent weights Wm (F, n) and b (F,): their signs, packed, and alpha = mean |Wm| per row."""
+        Wm = np.asarray(Wm, np.float32)
+        alpha = np.abs(Wm).mean(axis=1)
+        return cls(xnor.pack_signs(Wm), alpha, np.asarray(b, np.float32), binary_input=binary_input, **geometry)
+
+    def signs(self):
+        """The weights' signs (F, n) float32 in {-1, +1}."""
+        return xnor.unpack_signs(self.bits, self.n)
+
+    def backward(self, dout):
+        raise NotImplementedError(f"{type(self).__name__} is inference-only: train the Binary layer it was packed from")
+
+    def state(self):
+        stream = np.packbits(self.signs().reshape(-1) > 0)
+        return {"signs": stream, "alpha": self.alpha, "b": self.b}
+
+    @staticmethod
+    def _arrays(arrays, F, n):
+        """(bits (F, words) uint64, alpha (F,), b (F,)) from stored arrays, checked against the config's shape."""
+        for name in ("signs", "alpha", "b"):
+            if name not in arrays:
+                raise ValueError(f"packed binary layer is missing its {name!r} array")
+        stream, alpha, b = arrays["signs"], arrays["alpha"], arrays["b"]
+        need = (F * n + 7) // 8
+        if stream.dtype != np.uint8 or stream.ndim != 1 or stream.size != need:
+            raise ValueError(
+                f"packed signs have {stream.dtype} {stream.shape}; {F} x {n} signs need {need} uint8 bytes"
+            )
+        if alpha.shape != (F,) or alpha.dtype.kind != "f":
+            raise ValueError(f"alpha must be float ({F},), got {alpha.dtype} {alpha.shape}")
+        if b.shape != (F,) or b.dtype.kind != "f":
+            raise ValueError(f"bias must be float ({F},), got {b.dtype} {b.shape}")
+        signs = np.unpackbits(stream)[: F * n].reshape(F, n).astype(np.float32) * 2 - 1
+        return xnor.pack_signs(signs), alpha, b
+
+    def stats(self):
+        F = self.alpha.shape[0]
+        params = F * self.n + F  # weights and biases, as the float layer counts them
+        nbytes = (F * self.n + 7) // 8 + self.alpha.nbytes + self.b.nbytes
+        return {"params": params, "nonzero": params, "bits_per_weight": 8 * nbytes / params, "bytes": nbytes}
+
+
+class PackedBinaryDense(PackedBinaryLayer):
+    """Inference-only BinaryDense: x (N, in_features) -> (N, out_features) float32."""
+
+    kind = "packed_binary_dense"
+
+    def __init__(self, bits, alpha, b, in_features, binary_input=False):
+        super().__init__(bits, alpha, b, in_features, binary_input)
+        self.in_features, self.out_features = self.n, self.alpha.shape[0]
+
+    @classmethod
+    def from_layer(cls, layer):
+        return cls._from_latent(layer.params["W"].T, layer.params["b"], layer.binary_input,
+                                in_features=layer.in_features)
+
+    @classmethod
+    def from_state(cls, config, arrays):
+        bits, alpha, b = cls._arrays(arrays, config["out_features"], config["in_features"])
+        return cls(bits, alpha, b, config["in_features"], config["binary_input"])
+
+    def output_shape(self, in_shape):
+        if tuple(in_shape) != (self.in_features,):
+            raise ValueError(
+                f"{type(self).__name__} expects inputs of shape ({self.in_features},), got {tuple(in_shape)}"
+            )
+        return (self.out_features,)
+
+    def forward(self, x):
+        check_array(x, f"{type(self).__name__} input", ndim=2, finite=False)
+        self.output_shape(x.shape[1:])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return packed_rows_forward(x, self.bits, self.alpha, self.b, self.binary_input)
+
+    def macs(self, in_shape):
+        return self.in_features * self.out_features
+
+    def config(self):
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "binary_input": self.binary_input}
+
+
+class PackedBinaryConv2D(PackedBinaryLayer):
+    """Inference-only BinaryConv2D: x (N, C, H, W) -> (N, F, Ho, Wo) float32 through im2row rows."""
+
+    kind = "packed_binary_conv2d"
+
+    def __init__(self, bits, alpha, b, in_channels, kernel_size, stride=1, padding=0, binary_input=False):
+        super().__init__(bits, alpha, b, in_channels * kernel_size * kernel_size, binary_input)
+        self.in_channels, self.out_channels = in_channels, self.alpha.shape[0]
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+
+    @classmethod
+    def from_layer(cls, layer):
+        return cls._from_latent(layer.params["W"].reshape(layer.out_channels, -1), layer.params["b"],
+                                layer.binary_input, in_channels=layer.in_channels,
+                                kernel_size=layer.kernel_size, stride=layer.stride, padding=layer.padding)
+
+    @classmethod
+    def from_state(cls, config, arrays):
+        C, F, k = config["in_channels"], config["out_channels"], config["kernel_size"]
+        bits, alpha, b = cls._arrays(arrays, F, C * k * k)
+        return cls(bits, alpha, b, C, k, config["stride"], config["padding"], config["binary_input"])
+
+    def output_shape(self, in_shape):
+        return Conv2D.output_shape(self, in_shape)  # the same geometry and checks as the float layer
+
+    def forward(self, x):
+        check_array(x, f"{type(self).__name__} input", ndim=4, finite=False)
+        _, Ho, Wo = self.output_shape(x.shape[1:])
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        k, xp = self.kernel_size, kernels.pad(x, self.padding)
+        if self.binary_input:
+            # Packed straight from the image: the float im2row rows, k*k times its size, are never built.
+            signs, beta = xnor.im2row_signs(xp, k, k, self.stride)
+            out = xnor_forward(signs, beta, self.bits, self.alpha, self.b, self.n)
+        else:
+            out = packed_rows_forward(kernels.im2row(xp, k, k, self.stride), self.bits, self.alpha, self.b, False)
+        return np.ascontiguousarray(out.reshape(x.shape[0], Ho, Wo, -1).transpose(0, 3, 1, 2))
+
+    def macs(self, in_shape):
+        _, Ho, Wo = self.output_shape(in_shape)
+        return self.n * self.out_channels * Ho * Wo
+
+    def config(self):
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
+                "binary_input": self.binary_input}
+
+
+PACKED = {BinaryDense: PackedBinaryDense, BinaryConv2D: PackedBinaryConv2D}
+
+
+def pack(model):
+    """A copy of a trained binarized Sequential for inference: every Binary layer packed to bits, the rest copied."""
+    if not any(type(layer) in PACKED for layer in model.layers):
+        raise ValueError("the model has no BinaryDense / BinaryConv2D layer to pack; binarize and train it first")
+    layers = [PACKED[type(layer)].from_layer(layer) if type(layer) in PACKED else copy.deepcopy(layer)
+              for layer in model.layers]
+    for layer in layers:
+        layer.cache = None  # deepcopy copied the last training activations: an inference model keeps none alive
+    return Sequential(layers, input_shape=model.input_shape)
