@@ -9,8 +9,10 @@ Layout of a file written by `save`:
 
 Nothing is pickled: the file is read with allow_pickle=False, so loading a
 model file never runs code. Compressed layers from `optim` (pruned, shared,
-quantized, binary) store their own arrays under their own kinds; `load`
-finds those kinds in `optim.LAYER_KINDS`, imported only when a file needs it.
+quantized, binary) store their own arrays under their own kinds, which
+`optim` registers here when it is imported (`register_layer`,
+`register_model`); `load` imports optim only when a file holds a kind that
+is not registered yet.
 The file is uncompressed on purpose: its size on disk is the honest size of
 the format, not of zlib's work.
 """
@@ -20,11 +22,33 @@ import zipfile
 
 import numpy as np
 
+from . import layers
 from .atomic import atomic_path
-from .layers import LAYER_KINDS
 from .model import Sequential
 
 FORMAT, VERSION = "minicnn", 1
+
+# Saved kind -> the layer class (with from_state, or built from config and params), and
+# saved model kind -> a loader(meta, arrays). minicnn's own layers, and what optim registers.
+LAYER_KINDS = dict(layers.LAYER_KINDS)
+MODEL_KINDS = {}
+
+
+def register_layer(cls):
+    """Let `load` read layers of `cls.kind` back as `cls`."""
+    LAYER_KINDS[cls.kind] = cls
+
+
+def register_model(kind, loader):
+    """Let `load` read files whose model kind is `kind` with loader(meta, arrays)."""
+    MODEL_KINDS[kind] = loader
+
+
+def _registered(table, kind):
+    """table[kind], or None; a kind not registered yet may be one of optim's, so import it once."""
+    if kind not in table:
+        import optim  # noqa: F401  the one place minicnn meets optim: it registers its kinds on import
+    return table.get(kind)
 
 
 def save(model, path):
@@ -83,11 +107,7 @@ def state_of(layer):
 
 def layer_from_state(kind, config, arrays):
     """Rebuild one layer from its kind, config and stored arrays."""
-    cls = LAYER_KINDS.get(kind)
-    if cls is None:
-        import optim  # compressed layer kinds live there; minicnn never imports optim eagerly
-
-        cls = optim.LAYER_KINDS.get(kind)
+    cls = _registered(LAYER_KINDS, kind)
     if cls is None:
         raise ValueError(f"unknown layer kind {kind!r}")
     if hasattr(cls, "from_state"):
@@ -109,11 +129,10 @@ def load(path):
     meta, arrays = read_npz(path)
     kind = meta.get("model")
     if kind != "sequential":
-        import optim
-
-        if kind not in optim.MODEL_KINDS:
+        loader = _registered(MODEL_KINDS, kind)
+        if loader is None:
             raise ValueError(f"{path}: unknown model kind {kind!r}")
-        return optim.MODEL_KINDS[kind](meta, arrays)
+        return loader(meta, arrays)
     try:
         layers = []
         for i, spec in enumerate(meta["layers"]):

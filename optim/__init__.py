@@ -1,31 +1,43 @@
 """optim: model-optimization techniques built on minicnn.
 
-One technique per module, each opening with its math and its paper:
-pruning (weight clipping, Han et al. 2015; global magnitude pruning on a
-schedule, Zhu & Gupta 2017) with sparse storage and kernels (sparse, whose
-vector kernels simd makes possible), sharing (k-means weight sharing) with
-huffman and deep_compression (Han, Mao & Dally 2016), structured (filter
-and neuron pruning, Li et al. 2017), cutting (layer removal), quantization
-(int8, Jacob et al. 2018), binary (BinaryConnect, BNN, XNOR-Net),
-distillation (Hinton et al. 2015).
-`LAYER_KINDS` and `MODEL_KINDS` map the kinds those modules save to the
-classes and loaders that read them back, for `minicnn.load`.
+One technique per module; a technique with kernels or a codec of its own is a
+package (its math, its kernels, its layers side by side). Each opens with its
+math and its paper.
+
+    pruning.py           weight clipping (Han et al. 2015) and global magnitude pruning
+                         on a schedule (Zhu & Gupta 2017): masks and retraining
+    sparse/              sparse storage (the relative-index stream of Deep Compression)
+                         and kernels that skip the zeros; the layers pruning saves
+    sharing/             k-means weight sharing with Huffman-coded indices (Han, Mao & Dally 2016)
+    deep_compression.py  the pipeline: prune, share, Huffman code (Han, Mao & Dally 2016)
+    structured.py        filter and neuron pruning (Li et al. 2017)
+    cutting.py           removing whole layers, or truncating with a new head
+    quantization/        int8 integer-only inference and QAT (Jacob et al. 2018)
+    binary/              binary weights and activations, XNOR-popcount (BinaryConnect, BNN, XNOR-Net)
+    distillation.py      knowledge distillation (Hinton et al. 2015)
+    bitpack.py           fixed-width bit packing, for index streams
+    app/                 the `minicnn` command line and `minicnn demo` (above the library)
+
+Importing optim registers the kinds of layers and models its modules save, so
+that `minicnn.load` reads them back.
 """
 
-from . import binary, cutting, deep_compression, huffman, pruning, sharing, sparse, structured
-from .binary import binarize, pack
-from .distillation import distill, distillation_loss
-from .pruning import clip_masks, cubic_sparsity, global_masks, prune_clip, prune_global
-from .quantization import (
-    QuantizedModel, calibrate, convert, format_ranges, load_quantized, quantization_aware_training,
-    quantize_model,
-)
-from .sharing import SharedConv2D, SharedDense, kmeans, share_weights, unshare
-from .sparse import SparseConv2D, SparseDense, to_dense, to_sparse
+from minicnn.serialization import register_layer, register_model
 
-LAYER_KINDS = {
-    **binary.LAYER_KINDS,
-    SparseDense.kind: SparseDense, SparseConv2D.kind: SparseConv2D,
-    SharedDense.kind: SharedDense, SharedConv2D.kind: SharedConv2D,
-}
-MODEL_KINDS = {QuantizedModel.kind: load_quantized}
+from . import binary, cutting, deep_compression, distillation, pruning, quantization, sharing, sparse, structured
+from .binary import binarize, pack
+from .distillation import distill
+from .pruning import prune_clip, prune_global
+from .quantization import QuantizedModel, load_quantized, quantize_model
+from .sharing import SharedConv2D, SharedDense, share_weights
+from .sparse import SparseConv2D, SparseDense, to_sparse
+
+__all__ = [
+    "binarize", "binary", "cutting", "deep_compression", "distill", "distillation", "pack", "prune_clip",
+    "prune_global", "pruning", "quantization", "quantize_model", "share_weights", "sharing", "sparse",
+    "structured", "to_sparse",
+]
+
+for _cls in (*binary.LAYER_KINDS.values(), SparseDense, SparseConv2D, SharedDense, SharedConv2D):
+    register_layer(_cls)
+register_model(QuantizedModel.kind, load_quantized)

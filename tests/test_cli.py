@@ -1,10 +1,10 @@
-"""The command line, run in-process and as `python -m minicnn`."""
+"""The command line, run in-process and as `python -m optim.app`."""
 
 import subprocess
 import sys
 
 import minicnn
-from minicnn.cli import main
+from optim.app.cli import main
 
 
 def test_train_prints_summary_and_saves(tmp_path, capsys):
@@ -23,5 +23,5 @@ def test_errors_are_reported_not_raised(tmp_path, capsys):
 
 
 def test_python_dash_m_help():
-    result = subprocess.run([sys.executable, "-m", "minicnn", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "optim.app", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "train" in result.stdout

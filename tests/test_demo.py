@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import minicnn
-import optim
-from minicnn.cli import main
-from optim import demo, report
+import optim.app
+from optim.app.cli import main
+from optim.app import demo, report
 
 KEYS = {"technique", "model", "accuracy", "delta_points", "params", "nonzero", "bits_per_weight", "bytes",
         "compression", "latency_ms_b1", "throughput_b256", "settings", "artifact"}
@@ -152,8 +152,8 @@ def test_without_matplotlib_the_plots_are_skipped(tmp_path, monkeypatch, capsys)
     minicnn.zoo.seed_cnn().save(tmp_path / "baseline-seed_cnn-quick-mnist10k.npz")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     monkeypatch.delitem(sys.modules, "matplotlib.figure", raising=False)
-    monkeypatch.delitem(sys.modules, "optim.plots", raising=False)
-    monkeypatch.delattr(optim, "plots", raising=False)  # else `from . import plots` finds it there
+    monkeypatch.delitem(sys.modules, "optim.app.plots", raising=False)
+    monkeypatch.delattr(optim.app, "plots", raising=False)  # else `from . import plots` finds it there
     demo.run("mnist10k", str(tmp_path), quick=True, networks=("seed_cnn",), techniques=("int8 quantization",))
     assert "plots skipped: matplotlib is not installed" in capsys.readouterr().out
     assert "(plots skipped: matplotlib is not installed)" in (tmp_path / "report.md").read_text()

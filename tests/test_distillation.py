@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minicnn
-from minicnn.cli import main
+from optim.app.cli import main
 from minicnn.losses import softmax
 from optim.distillation import best_bias_shift, distill, distillation_loss, omitted_class, output_bias
 from gradcheck import numerical_gradient, relative_error

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
-from minicnn.cli import main
+from optim.app.cli import main
 from optim import pruning
 from optim.pruning import apply_masks, clip_masks, cubic_sparsity, global_masks, layer_sparsity
 from snapshots import params_of

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
-from minicnn.cli import main
+from optim.app.cli import main
 from optim import structured
 from snapshots import assert_rejected_unchanged
 

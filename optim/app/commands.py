@@ -1,10 +1,9 @@
-"""The technique subcommands of the `minicnn` command line.
+"""The subcommands of the `minicnn` command line, and their options.
 
-minicnn/cli.py owns the parser, `train` and the shared helpers; it imports
-this module only while building the parser, so `import minicnn` never
-imports optim. Each command loads a model file, prints its summary and test
-accuracy, applies one technique (with progress bars from `minicnn.fit`),
-and prints the summary and accuracy again, with the bytes of the saved file.
+`train` trains a zoo network; each technique command loads a model file,
+prints its summary and test accuracy, applies one technique (with progress
+bars from `minicnn.fit`), and prints the summary and accuracy again, with the
+bytes of the saved file; `demo` runs them all (demo.py).
 """
 
 import json
@@ -15,13 +14,51 @@ import numpy as np
 
 from minicnn import datasets, zoo
 from minicnn.atomic import atomic_path
-from minicnn.cli import add_data_args, finish, report
-from minicnn.optimizers import Adam
+from minicnn.optimizers import SGD, Adam
 from minicnn.serialization import load
-from minicnn.training import fit
+from minicnn.training import evaluate, fit
 
-from . import binary, cutting, deep_compression, demo, distillation, pruning, quantization, sparse, structured
+from .. import binary, cutting, deep_compression, distillation, pruning, quantization, sparse, structured
+from . import demo
 from .report import update_readme
+
+
+def add_data_args(p):
+    """--data and --root: which data set, and where its IDX files are."""
+    p.add_argument("--data", default="mnist10k", choices=sorted(datasets.DATASETS))
+    p.add_argument("--root", default=None, help="folder of IDX files for mnist / fashion-mnist")
+
+
+def report(title, model, x_test, y_test, path=None):
+    """Print a model's summary, its test accuracy and (if saved) its bytes on disk; return the accuracy."""
+    accuracy = evaluate(model, x_test, y_test)
+    print(f"\n== {title} ==")
+    print(model.summary())
+    size = f", {os.path.getsize(path):,} bytes on disk ({path})" if path else ""
+    print(f"test accuracy {accuracy:.4f} on {len(x_test)} images{size}")
+    return accuracy
+
+
+def finish(title, model, x_test, y_test, out):
+    """Save `model` to `out` (if given), then `report` it; the exit status of a command."""
+    if out:
+        model.save(out)
+    report(title, model, x_test, y_test, out)
+    return 0
+
+
+def cmd_train(args):
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    model = zoo.build(args.model, seed=args.seed)
+    optimizer = Adam(args.lr) if args.optimizer == "adam" else SGD(args.lr, momentum=args.momentum)
+    print(f"training {args.model} on {args.data}: {len(x_train)} images, "
+          f"{args.epochs} epochs, batch {args.batch_size}, {args.optimizer} lr {args.lr}")
+    start = time.perf_counter()
+    fit(model, x_train, y_train, epochs=args.epochs, batch_size=args.batch_size,
+        optimizer=optimizer, seed=args.seed)
+    elapsed = time.perf_counter() - start
+    print(f"trained in {elapsed:.1f} s ({args.epochs * len(x_train) / elapsed:.0f} samples/s)")
+    return finish(f"{args.model} trained on {args.data}", model, x_test, y_test, args.out)
 
 
 def _finetune_data(args):
@@ -218,7 +255,19 @@ def _add_training_args(p, epochs_flag, epochs, lr, epochs_help=None, lr_help="Ad
 
 
 def add_commands(commands):
-    """Add the technique subcommands to the `minicnn` parser's subparsers."""
+    """Add every subcommand to the `minicnn` parser's subparsers."""
+    p = commands.add_parser("train", help="train a zoo model and save it")
+    p.add_argument("--model", default="lenet5", choices=sorted(zoo.MODELS))
+    add_data_args(p)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"])
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--momentum", type=float, default=0.9, help="for sgd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="where to save the trained model (.npz)")
+    p.set_defaults(run=cmd_train)
+
     p = commands.add_parser("demo", help="train the seed CNN and LeNet-5, apply every technique, report the gains")
     add_data_args(p)
     p.add_argument("--out", default="demo", help="folder for the trained models, artifacts, report and plots")

@@ -33,8 +33,8 @@ from minicnn.summary import totals
 from minicnn.timing import Budget, compare
 from minicnn.training import evaluate, fit
 
-from . import binary, cutting, distillation, pruning, quantization, sparse, structured
-from .deep_compression import deep_compression
+from .. import binary, cutting, distillation, pruning, quantization, sparse, structured
+from ..deep_compression import deep_compression
 from .report import format_verdict, write_json, write_markdown
 
 NETWORKS = ("seed_cnn", "lenet5")
@@ -365,7 +365,7 @@ def _plots(report, figures, out_dir):
         from . import plots
     except ModuleNotFoundError as e:
         if (e.name or "").partition(".")[0] != "matplotlib":
-            raise  # a broken import inside optim.plots is a bug, not a missing extra
+            raise  # a broken import inside optim.app.plots is a bug, not a missing extra
         tqdm.write("plots skipped: matplotlib is not installed (pip install 'minicnn[plot]')")
         return [], "matplotlib is not installed"
     return plots.draw_all(report, figures, out_dir), ""
