@@ -9,3 +9,7 @@ What lives where:
 
 Nothing in minicnn or in optim's techniques imports this package.
 """
+
+from .cli import main
+
+__all__ = ["main"]
