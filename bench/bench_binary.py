@@ -19,7 +19,7 @@ is a median over repeats after a warm-up that excludes Numba's compilation
 (bench/common.py). speedup = float32 time / binary time, so > 1 means the
 binary path is faster.
 
-    python bench/bench_binary.py [--quick] [--json PATH]
+    python bench/bench_binary.py [--quick] [--threads N] [--threading MODE] [--json PATH]
 """
 
 import argparse

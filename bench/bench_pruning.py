@@ -12,7 +12,7 @@
 2. Density sweep: the same two (at batch 1, 2, 4, 16, 64), and LeNet-5's
    convolutions (sparse direct convolution against im2row + BLAS, at batch 1
    and 64), over densities 1%..70%: where the sparse kernel stops winning.
-   `optim.sparse.SPARSE_BELOW` holds the thresholds the layers use at each
+   `optim.sparse.csr_layer.SPARSE_BELOW` holds the thresholds the layers use at each
    batch size; the table shows both.
 3. The whole LeNet-5 forward at batch 1 and 64: dense against the pruned,
    sparse model (global magnitude pruning, 92%, of --model or of a freshly
@@ -25,7 +25,7 @@ shared machine a repeat is only ever slowed down, never sped up, so the
 fastest is the closest to the uncontended cost (timeit's argument). The
 density sweep uses that ratio; the medians are in the JSON.
 
-    python bench/bench_pruning.py [--quick] [--threads N] [--model lenet5.npz] [--json PATH]
+    python bench/bench_pruning.py [--quick] [--threads N] [--threading MODE] [--model lenet5.npz] [--json PATH]
 """
 
 import argparse
@@ -45,7 +45,7 @@ from bench.common import (  # noqa: E402
 from minicnn.timing import FULL, QUICK, compare  # noqa: E402
 from minicnn import Conv2D, Dense  # noqa: E402
 from optim import pruning, sparse  # noqa: E402
-from optim.sparse import SparseConv2D, SparseDense  # noqa: E402
+from optim.sparse import SparseConv2D, SparseDense, csr_layer  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7)
 BATCHES = (1, 64)
@@ -75,12 +75,12 @@ def sparse_twin(layer):
 
 def forced_sparse(fn):
     """Run fn with the layers' thresholds lifted, so the sparse kernel runs at any density."""
-    saved = dict(sparse.SPARSE_BELOW)
-    sparse.SPARSE_BELOW.update({k: {1: 2.0} for k in saved})
+    saved = dict(csr_layer.SPARSE_BELOW)
+    csr_layer.SPARSE_BELOW.update({k: {1: 2.0} for k in saved})
     try:
         return fn()
     finally:
-        sparse.SPARSE_BELOW.update(saved)
+        csr_layer.SPARSE_BELOW.update(saved)
 
 
 def compare_layer(layer, in_shape, batch, budget):
@@ -200,7 +200,7 @@ def main(argv=None):
     facts = machine_facts()
     print("\nmachine:\n" + format_facts(facts))
     write_json(args.json, {"fc1_90": fc, "sweep": sweep, "lenet5_92": model, "kernels": kernels_used,
-                           "sparse_below": sparse.SPARSE_BELOW, "machine": facts,
+                           "sparse_below": csr_layer.SPARSE_BELOW, "machine": facts,
                            "threads": threads, "budget": "quick" if args.quick else "full"})
     print(f"wrote {args.json}")
 

@@ -23,7 +23,7 @@ Weights are the zoo's seed-0 initialisation and the data random images in
 [0, 1): speed depends on shapes, not values (accuracy figures come from
 `minicnn quantize`, see README).
 
-    python bench/bench_quantization.py [--quick] [--rounds 3] [--json PATH]
+    python bench/bench_quantization.py [--quick] [--threads N] [--threading MODE] [--rounds 3] [--json PATH]
 
 On a busy machine, the float32 path's spinning BLAS threads suffer more from
 contention than Numba's sleeping workers; a per-core comparison is

@@ -14,7 +14,7 @@
 Weights: those of --model (a trained LeNet-5) or a fresh LeNet-5's.
 Every figure is the median over repeats after warm-up (bench/common.py).
 
-    python bench/bench_sharing.py [--quick] [--model lenet5.npz] [--json PATH]
+    python bench/bench_sharing.py [--quick] [--threads N] [--threading MODE] [--model lenet5.npz] [--json PATH]
 """
 
 import argparse

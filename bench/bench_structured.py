@@ -23,7 +23,7 @@ speed-up is the median of the per-repeat ratios. The ratio of the best
 times is printed below it: on a busy machine it is the better estimate of
 what each network costs by itself.
 
-    python bench/bench_structured.py [--quick] [--lenet5 F --pruned F] [--deep F --cut F] [--json PATH]
+    python bench/bench_structured.py [--quick] [--threads N] [--threading MODE] [--lenet5 F --pruned F] [--deep F --cut F] [--json PATH]
 """
 
 import argparse

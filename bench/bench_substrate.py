@@ -26,7 +26,7 @@ contestants are timed in interleaved rounds, so a busy spell slows both.
 
 The data are random: shape and dtype are all that matter for speed.
 
-    python bench/bench_substrate.py [--quick] [--threads N] [--no-torch] [--json PATH]
+    python bench/bench_substrate.py [--quick] [--threads N] [--threading MODE] [--no-torch] [--json PATH]
 """
 
 import argparse

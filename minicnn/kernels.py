@@ -32,7 +32,7 @@ Max-pooling keeps the flat index of each window's maximum (the first one
 on ties, as numpy.argmax does), so backward routes dout to it.
 
 The loops run threaded or serial by `minicnn.parallel`'s rule, their work
-counted in elements written.
+counted in elements touched (the larger of input and output).
 """
 
 import numpy as np

@@ -96,3 +96,10 @@ class Sequential:
     def __repr__(self):
         inner = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Sequential([\n  {inner}\n], input_shape={self.input_shape})"
+
+
+def check_sequential(model, user):
+    """model, checked to be a Sequential: `user` (a function's name) says who needs one."""
+    if not isinstance(model, Sequential):
+        raise TypeError(f"{user} needs a minicnn Sequential model, got {type(model).__name__}")
+    return model

@@ -7,10 +7,10 @@ prange running as range). Each call runs one of them:
     threaded  iff  work >= min_work  and  Numba may use more than one thread
 
 `work` is what the call will do, counted in the unit its kernel states
-(outputs written, multiply-adds, 64-bit words compared), and `min_work` is
+(elements touched, multiply-adds, 64-bit words compared), and `min_work` is
 that kernel's break-even in the same unit, measured by bench/. Below it,
-waking the worker threads (tens of microseconds) costs more than the
-second core saves: a batch-1 layer runs faster on one thread.
+waking the worker threads costs more than the second core saves: a batch-1
+layer runs faster on one thread.
 
 One switch forces either build for every kernel at once, for tests (both
 builds must give the same results) and for benchmarks:
@@ -36,7 +36,7 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 MODES = ("auto", "serial", "threaded")
-MIN_OUTPUTS = 1 << 18  # the break-even of minicnn's own loops, in elements written
+MIN_OUTPUTS = 1 << 18  # the break-even of minicnn's own loops, in elements touched (read or written)
 
 
 def _check_mode(mode, source):

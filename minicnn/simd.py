@@ -53,17 +53,20 @@ _INTS = ir.VectorType(ir.IntType(32), LANES)
 _BYTES = ir.VectorType(ir.IntType(8), LANES)
 
 
-def _has_avx512():
-    """Whether Numba compiles for a CPU with AVX-512: the host's, unless NUMBA_CPU_NAME or
-    NUMBA_CPU_FEATURES name another target (portable caches do)."""
+def target_features():
+    """The CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME or NUMBA_CPU_FEATURES
+    name another target (portable caches do, and so can a test that wants the portable kernels)."""
     if numba.config.CPU_NAME not in (None, "host"):
-        return False
+        return set()
     if numba.config.CPU_FEATURES is not None:
-        return "+avx512f" in numba.config.CPU_FEATURES.split(",")
-    return bool(llvmlite.binding.get_host_cpu_features().get("avx512f"))
+        return {f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+")}
+    return {name for name, on in llvmlite.binding.get_host_cpu_features().items() if on}
 
 
-HAS_PERMUTE = _has_avx512()
+_FEATURES = target_features()
+HAS_PERMUTE = "avx512f" in _FEATURES  # vpermi2ps
+# vpdpbusd on 256-bit vectors: AVX-VNNI, or AVX512-VNNI with AVX512-VL.
+HAS_VNNI = "avxvnni" in _FEATURES or {"avx512vnni", "avx512vl"} <= _FEATURES
 
 
 class F32x16(types.Type):

@@ -30,11 +30,11 @@ import numpy as np
 
 from minicnn.checks import check_array, check_labels, check_positive_int
 from minicnn.layers import WEIGHTED, Conv2D, Dense, Flatten, ReLU, weight_layers
-from minicnn.model import Sequential
+from minicnn.model import Sequential, check_sequential
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
-from .structured import check_layer_index, check_sequential, num_params
+from .structured import check_layer_index, num_params
 
 CRITERIA = ("accuracy", "distance")
 
@@ -164,7 +164,7 @@ def cut(model, x_val, y_val, criterion="accuracy", remove=None, threshold=None):
 def _check_after(model, after):
     """`after` as an int in -1 .. len(layers) - 2 (-1: keep no layer)."""
     if after == -1:
-        check_sequential(model)
+        check_sequential(model, "model cutting")
         return -1
     after = check_layer_index(model, after)
     if after == len(model.layers) - 1:
@@ -202,7 +202,7 @@ def truncation_points(model):
     one weight layer: the body keeps fewer weight layers than the model has,
     less the last one, which the new head replaces. A cut just after a
     Flatten is left out: it is the cut just before it."""
-    check_sequential(model)
+    check_sequential(model, "model cutting")
     keep_below = len(weight_layers(model.layers)) - 1
     return [after for after in range(-1, len(model.layers) - 1)
             if len(weight_layers(model.layers[: after + 1])) < keep_below

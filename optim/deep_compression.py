@@ -8,7 +8,7 @@ stages multiply:
                       and store their positions as relative indices (optim.sparse)
     quantization (Q)  k-means weight sharing, 2**bits centroids per layer (optim.sharing),
                       the centroids fine-tuned by gradient descent
-    Huffman (H)       both index streams entropy coded (optim.huffman)
+    Huffman (H)       both index streams entropy coded (optim.sharing.huffman)
 
 The size accounting follows the paper's Tables 2 and 3: per layer, the
 weights kept, bits per stored weight index and per relative index with

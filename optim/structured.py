@@ -38,7 +38,7 @@ import numpy as np
 from minicnn.checks import check_array, check_labels, check_positive_int
 from minicnn.layers import WEIGHTED, Conv2D, Dense, Flatten, MaxPool2D, ReLU, weight_layers
 from minicnn.losses import cross_entropy
-from minicnn.model import Sequential
+from minicnn.model import Sequential, check_sequential
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
@@ -73,14 +73,9 @@ def num_params(model):
 # Which layers can lose units
 
 
-def check_sequential(model):
-    if not isinstance(model, Sequential):
-        raise TypeError(f"expected a minicnn Sequential, got {type(model).__name__}")
-
-
 def check_layer_index(model, index):
     """`index` as an int, after checking that model is a Sequential and has such a layer."""
-    check_sequential(model)
+    check_sequential(model, "structured pruning")
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
         raise TypeError(f"layer index must be an integer, got {index!r}")
     if not 0 <= index < len(model.layers):

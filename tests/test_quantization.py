@@ -211,8 +211,10 @@ def test_im2row_nhwc_matches_reference(geom, seed):
     x = random_codes(np.random.default_rng(seed), (N, H, W, C))
     fill = int(np.random.default_rng(seed + 1).integers(-128, 128))
     width = K.padded_width(k * k * C)
-    rows = K.im2row_nhwc(x, k, k, s, p, fill, width)
-    np.testing.assert_array_equal(rows, K.im2row_nhwc_ref(x, k, k, s, p, fill, width))
+    for build in ("threaded", "serial"):
+        with parallel.forced(build):
+            rows = K.im2row_nhwc(x, k, k, s, p, fill, width)
+        np.testing.assert_array_equal(rows, K.im2row_nhwc_ref(x, k, k, s, p, fill, width), err_msg=build)
     assert rows.shape[1] % K.ROW_ALIGN == 0 and np.all(rows[:, k * k * C:] == 0)
     # The unpadded columns are the float im2row's, reordered from (c, kh, kw) to (kh, kw, c).
     float_rows = FK.im2row_ref(FK.pad(x.transpose(0, 3, 1, 2).astype(np.float64) - fill, p), k, k, s) + fill
@@ -274,8 +276,10 @@ def test_qgemm_hand_computed():
 def test_maxpool_nhwc_matches_reference_and_float_pool(geom, seed):
     N, C, H, W, k, s = geom
     x = random_codes(np.random.default_rng(seed), (N, H, W, C))
-    ours = K.maxpool_nhwc(x, k, s)
-    np.testing.assert_array_equal(ours, K.maxpool_nhwc_ref(x, k, s))
+    for build in ("threaded", "serial"):
+        with parallel.forced(build):
+            ours = K.maxpool_nhwc(x, k, s)
+        np.testing.assert_array_equal(ours, K.maxpool_nhwc_ref(x, k, s), err_msg=build)
     float_pool, _ = FK.maxpool_forward_ref(x.transpose(0, 3, 1, 2).astype(np.float64), k, s)
     np.testing.assert_array_equal(ours.transpose(0, 3, 1, 2), float_pool)
 
@@ -611,14 +615,14 @@ def test_cli_quantize(tmp_path, capsys):
 def test_dot4_add_both_spellings(monkeypatch, vnni):
     """The VNNI instruction and the portable widening arithmetic give the same exact sums.
 
-    HAVE_VNNI is read when a function using dot4_add is compiled, so a fresh
+    HAS_VNNI is read when a function using dot4_add is compiled, so a fresh
     function compiled with it forced off exercises the path a CPU without VNNI runs.
     """
-    if vnni and not K.HAVE_VNNI:
+    if vnni and not K.HAS_VNNI:
         pytest.skip("this CPU has no VNNI: only the portable spelling can run here")
     import numba
 
-    monkeypatch.setattr(K, "HAVE_VNNI", vnni)
+    monkeypatch.setattr(K, "HAS_VNNI", vnni)
 
     @numba.njit
     def one_step(x_word, wp):

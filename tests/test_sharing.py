@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import minicnn
-from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, parallel
 from optim import deep_compression, sharing
 from optim.sharing import clustering
 from optim.sparse import csr_layer
@@ -57,7 +57,10 @@ def test_numba_assignment_matches_brute_force(seed, n, k):
     rng = np.random.default_rng(seed)
     w = rng.standard_normal(n)
     centroids = np.sort(rng.choice(np.concatenate([w, rng.standard_normal(k)]), k))  # some exactly on weights
-    np.testing.assert_array_equal(clustering.assign(w, centroids), clustering.assign_ref(w, centroids))
+    for build in ("threaded", "serial"):
+        with parallel.forced(build):
+            np.testing.assert_array_equal(clustering.assign(w, centroids), clustering.assign_ref(w, centroids),
+                                          err_msg=build)
 
 
 def test_assignment_hand_computed_with_ties():

@@ -9,9 +9,10 @@ import minicnn
 from minicnn import Conv2D, Dense, Flatten, ReLU, Sequential, kernels, parallel
 from minicnn.simd import HAS_PERMUTE
 from optim import sparse
-from optim.sparse import SparseConv2D, SparseDense, best_index_bits, csr_layer, decode_relative, encode_relative, stream_bytes, vector
+from optim.sparse import SparseConv2D, SparseDense, csr_layer, vector
 from optim.sparse import kernels as sparse_kernels
-from optim.sparse.format import csr_from_dense, csr_from_positions, filler_count
+from optim.sparse.format import (best_index_bits, csr_from_dense, csr_from_positions, decode_relative,
+                                 encode_relative, filler_count, stream_bytes)
 
 from gradcheck import check_layer_gradients
 from strategies import conv_geometry

@@ -1,3 +1,5 @@
+"""`python -m optim.app`: the `minicnn` command line."""
+
 from .cli import main
 
 raise SystemExit(main())

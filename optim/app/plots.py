@@ -12,7 +12,6 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from minicnn.atomic import atomic_path
-
 from minicnn.layers import weight_layers
 
 MARKERS = {"seed_cnn": "o", "lenet5": "s"}

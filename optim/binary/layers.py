@@ -33,7 +33,7 @@ import numpy as np
 
 from minicnn import kernels
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, weight_layers
-from minicnn.model import Sequential
+from minicnn.model import Sequential, check_sequential
 
 # --------------------------------------------------------------------------
 # The binarization and its straight-through gradients, on rows
@@ -183,8 +183,7 @@ def binarize(model, layers=None, binary_activations=False):
     activation. Train the result with minicnn.fit(..., constraint=clip_latent),
     then `pack` it (packed.py).
     """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"binarize needs a Sequential model, got {type(model).__name__}")
+    check_sequential(model, "binarize")
     candidates = weight_layers(model.layers)
     if layers is None:
         layers = candidates[1:-1]

@@ -25,11 +25,11 @@ The public API is below; tests and benchmarks that need internals import the
 submodule (`from optim.quantization import kernels`).
 """
 
-from .calibration import ActivationRange, calibrate, format_ranges
+from .calibration import METHODS, ActivationRange, calibrate, format_ranges
 from .model import QuantizedModel, convert, load_quantized, quantize_model
 from .qat import quantization_aware_training
 
 __all__ = [
-    "ActivationRange", "QuantizedModel", "calibrate", "convert", "format_ranges", "load_quantized",
+    "METHODS", "ActivationRange", "QuantizedModel", "calibrate", "convert", "format_ranges", "load_quantized",
     "quantization_aware_training", "quantize_model",
 ]

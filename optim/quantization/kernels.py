@@ -26,7 +26,6 @@ the two agree bit for bit.
 
 from typing import NamedTuple
 
-import llvmlite.binding as llvm
 import numba
 import numpy as np
 from llvmlite import ir
@@ -36,6 +35,7 @@ from numba.extending import intrinsic, models, register_model
 
 from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
+from minicnn.simd import HAS_VNNI
 
 from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_scalar
 
@@ -139,8 +139,6 @@ class _Int32x8Model(models.PrimitiveModel):
         super().__init__(dmm, fe_type, _V8I32)
 
 
-_features = llvm.get_host_cpu_features()
-HAVE_VNNI = bool(_features.get("avxvnni") or (_features.get("avx512vnni") and _features.get("avx512vl")))
 
 
 @intrinsic
@@ -170,7 +168,7 @@ def dot4_add(typingctx, acc, x, wp, i):
         xs = builder.insert_element(ir.Constant(_V8I32, None), builder.trunc(x, ir.IntType(32)),
                                     ir.Constant(ir.IntType(32), 0))
         xs = builder.shuffle_vector(xs, xs, ir.Constant(_V8I32, [0] * 8))
-        if not HAVE_VNNI:
+        if not HAS_VNNI:
             return _portable_dpbusd(builder, acc, xs, w)
         vpdpbusd = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256")

@@ -38,8 +38,7 @@ INITS = ("linear", "density", "random", "kmeans++")
 
 def _check_weights(w, k):
     check_array(w, "weights", ndim=1)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
-        raise ValueError(f"k (the number of clusters) must be an integer >= 2, got {k!r}")
+    k = check_positive_int(k, "k (the number of clusters)", minimum=2)
     if k > w.size:
         raise ValueError(f"k = {k} clusters for only {w.size} (nonzero) weights: k must be at most {w.size}")
     return w.astype(np.float64), int(k)
@@ -86,7 +85,9 @@ def _assign_loop(w, centroids, out):
         out[i] = lo
 
 
-_assign = twin(_assign_loop)
+# k-means assigns whole layers, off the latency path: threaded whenever threads are allowed,
+# as before minicnn.parallel's rule (its break-even was never measured).
+_assign = twin(_assign_loop, min_work=0)
 
 
 def assign(w, centroids):

@@ -32,12 +32,13 @@ import numpy as np
 
 from minicnn.checks import check_int
 from minicnn.layers import Conv2D, Dense
-from minicnn.model import Sequential
+from minicnn.model import Sequential, check_sequential
 
 from ..bitpack import pack_bits, packed_size, unpack_bits
 from ..pruning import layer_names
-from ..sparse import CSRConv2D, CSRDense, CSRLayer, check_index_bits, to_dense
-from ..sparse.format import MAX_INDEX_BITS, csr_from_positions, decode_relative, encode_relative, filler_count
+from ..sparse import CSRConv2D, CSRDense, CSRLayer, to_dense
+from ..sparse.format import (MAX_INDEX_BITS, check_index_bits, csr_from_positions, decode_relative, encode_relative,
+                             filler_count)
 from . import huffman
 from .clustering import kmeans
 
@@ -105,7 +106,7 @@ class SharedLayer(CSRLayer):
         _, indices, indptr = csr_from_positions(self.positions, None, shape)
         self.index_bits = index_bits
         self.coding = coding
-        self._set_structure(shape, indices, indptr, {"codebook": codebook, "b": b})
+        self.set_structure(shape, indices, indptr, {"codebook": codebook, "b": b})
 
     @property
     def clusters(self):
@@ -115,7 +116,7 @@ class SharedLayer(CSRLayer):
         """The nonzero weights (nnz,), each its centroid."""
         return self.params["codebook"][self.labels]
 
-    def _weight_grad(self, dM):
+    def weight_grad(self, dM):
         """dL/dc_j = sum of dL/dM over the positions in cluster j, from dL/dM (rows, cols)."""
         g = np.bincount(self.labels, weights=dM.reshape(-1)[self.positions], minlength=self.clusters)
         return g.astype(self.dtype)
@@ -200,18 +201,16 @@ class SharedLayer(CSRLayer):
                 "bits_per_weight": 8 * nbytes / total, "bytes": nbytes, "density": self.density,
                 "clusters": self.clusters}
 
-    def _common_config(self):
+    def storage_config(self):
         return {"clusters": self.clusters, "index_bits": self.index_bits, "coding": self.coding}
 
     def _init_common(self, shape, clusters, index_bits, coding):
-        valid = isinstance(clusters, (int, np.integer)) and not isinstance(clusters, bool)
-        if not valid or not 2 <= clusters <= 2**MAX_BITS:
-            raise ValueError(f"clusters must be an integer in 2..{2**MAX_BITS}, got {clusters!r}")
+        clusters = check_int(clusters, "clusters", 2, 2**MAX_BITS)
         if index_bits is not None:
             index_bits = check_index_bits(index_bits)
         if coding not in CODINGS:
             raise ValueError(f"unknown coding {coding!r}; choose one of {', '.join(CODINGS)}")
-        codebook = np.zeros(int(clusters), np.float32)
+        codebook = np.zeros(clusters, np.float32)
         positions = np.arange(shape[0] * shape[1]) if index_bits is None else np.zeros(0, np.int64)
         self._set(shape, positions, np.zeros(positions.size, np.int64), codebook,
                   np.zeros(shape[0], np.float32), index_bits, coding)
@@ -300,9 +299,7 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
     from optim.sparse are shared too (their zeros stay zero). index_bits: a fixed
     relative-index width for pruned layers, or None to pick the smallest per layer.
     """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
-    dense = to_dense(model)
+    dense = to_dense(check_sequential(model, "share_weights"))
     names = {index: name for name, index in layer_names(dense).items()}
     layers = []
     for i, layer in enumerate(dense.layers):

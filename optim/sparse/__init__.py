@@ -12,12 +12,10 @@ What lives where:
                   to_sparse / to_dense for whole models
 """
 
-from .csr_layer import SPARSE_BELOW, CSRConv2D, CSRDense, CSRLayer, sparse_below
-from .format import best_index_bits, check_index_bits, decode_relative, encode_relative, stream_bytes
+from .csr_layer import CSRConv2D, CSRDense, CSRLayer, sparse_below
 from .layers import SparseConv2D, SparseDense, SparseLayer, to_dense, to_sparse
 
 __all__ = [
-    "CSRConv2D", "CSRDense", "CSRLayer", "SPARSE_BELOW", "SparseConv2D", "SparseDense", "SparseLayer",
-    "best_index_bits", "check_index_bits", "decode_relative", "encode_relative", "sparse_below",
-    "stream_bytes", "to_dense", "to_sparse",
+    "CSRConv2D", "CSRDense", "CSRLayer", "SparseConv2D", "SparseDense", "SparseLayer", "sparse_below",
+    "to_dense", "to_sparse",
 ]

@@ -62,12 +62,12 @@ class CSRLayer(Layer):
     {weight_param: what the nonzeros are made of, "b": (rows,) bias}. A storage class provides
         weight_param      the name of that param ("values", "codebook")
         values()          (nnz,) float, M's nonzeros in CSR order
-        _weight_grad(dM)  dL/d(params[weight_param]) from dL/dM (rows, cols)
-        _common_config()  its constructor arguments, added to the geometry's in config()
+        weight_grad(dM)  dL/d(params[weight_param]) from dL/dM (rows, cols)
+        storage_config()  its constructor arguments, added to the geometry's in config()
     and a geometry class (CSRDense, CSRConv2D) provides sparse_family, forward and backward.
     """
 
-    def _set_structure(self, shape, indices, indptr, params):
+    def set_structure(self, shape, indices, indptr, params):
         self.shape = tuple(shape)
         self.indices, self.indptr = np.ascontiguousarray(indices, np.uint32), indptr
         self.params = params
@@ -184,12 +184,12 @@ class CSRDense(CSRLayer):
     def backward(self, dout):
         self._laid_out = {}
         x, dout = self.cache, dout.astype(self.dtype, copy=False)
-        self.grads[self.weight_param] = self._weight_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
+        self.grads[self.weight_param] = self.weight_grad(dout.T @ x)  # dL/dM = dout^T x, (out, in)
         self.grads["b"] = dout.sum(axis=0)
         return dout @ self._dense_matrix()
 
     def config(self):
-        return {"in_features": self.in_features, "out_features": self.out_features, **self._common_config()}
+        return {"in_features": self.in_features, "out_features": self.out_features, **self.storage_config()}
 
 
 class CSRConv2D(CSRLayer):
@@ -236,7 +236,7 @@ class CSRConv2D(CSRLayer):
         rows = kernels.conv_rows(x, k, k, self.stride, self.padding)
         dx, dW, self.grads["b"] = kernels.conv2d_backward(
             dout.astype(self.dtype, copy=False), rows, x.shape, self._weight(), self.stride, self.padding)
-        self.grads[self.weight_param] = self._weight_grad(dW)
+        self.grads[self.weight_param] = self.weight_grad(dW)
         return dx
 
     def macs(self, in_shape):
@@ -246,4 +246,4 @@ class CSRConv2D(CSRLayer):
     def config(self):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding,
-                **self._common_config()}
+                **self.storage_config()}

@@ -101,11 +101,8 @@ _csr_matmul = twin(_csr_matmul_loops)
 
 def csr_matmul(values, indices, indptr, x, bias):
     """Fast y = x @ M.T + bias, same contract as csr_matmul_ref; serial below
-    minicnn's MIN_OUTPUTS outputs (N * R: fc1 at batch 64 makes 32,000).
-
-    Counted in outputs, as minicnn's kernels do, not in multiply-adds: on fc1 at
-    10% density the threaded build lost to the serial one at batch 16, 64 and 256.
-    """
+    minicnn's MIN_OUTPUTS outputs (N * R: fc1 at batch 64 makes 32,000), counted
+    in outputs as minicnn's kernels do (docs/techniques.md has the measurements)."""
     return _csr_matmul(x.shape[0] * (indptr.size - 1), values, indices, indptr, x, bias)
 
 
@@ -161,11 +158,9 @@ _sparse_conv2d = twin(_sparse_conv2d_loops, MIN_CONV_MACS)
 
 
 def conv_taps(indices, KH, KW):
-    """(nnz, 3) int64: the (c, kh, kw) of each column index c*KH*KW + kh*KW + kw of a conv's M.
-
-    Computed once per pattern: three integer divisions per nonzero at every call took
-    most of the direct conv's time at batch 1 (a division costs ~15 cycles, the nonzero's
-    work a handful)."""
+    """(nnz, 3) int64: the (c, kh, kw) of each column index c*KH*KW + kh*KW + kw of a conv's M."""
+    # Computed once per pattern: three integer divisions per nonzero at every call took most of
+    # the direct conv's time at batch 1 (a division costs ~15 cycles, the nonzero's work a handful).
     c, rest = np.divmod(indices.astype(np.int64), KH * KW)
     return np.stack([c, *np.divmod(rest, KW)], axis=1)
 
@@ -174,8 +169,8 @@ def sparse_conv2d(values, taps, indptr, xp, bias, KH, KW, stride):
     """Fast direct sparse conv: sparse_conv2d_ref's result, with the column indices as
     `conv_taps(indices, KH, KW)`; 16 lanes at a time in float32 at stride 1 (`vector.wide_conv2d`),
     the plain loops otherwise; serial below MIN_CONV_MACS multiply-adds."""
+    if stride == 1 and xp.dtype == values.dtype == bias.dtype == np.float32:
+        return wide_conv2d(values, taps, indptr, xp, bias, KH, KW)
     N, C, Hp, Wp = xp.shape
     work = N * values.size * ((Hp - KH) // stride + 1) * ((Wp - KW) // stride + 1)
-    if stride == 1 and xp.dtype == values.dtype == bias.dtype == np.float32:
-        return wide_conv2d(work, values, taps, indptr, xp, bias, KH, KW)
     return _sparse_conv2d(work, values, taps, indptr, xp, bias, KH, KW, stride)

@@ -15,7 +15,7 @@ import copy
 import numpy as np
 
 from minicnn.layers import Conv2D, Dense
-from minicnn.model import Sequential
+from minicnn.model import Sequential, check_sequential
 
 from ..bitpack import pack_bits, unpack_bits
 from .csr_layer import CSRConv2D, CSRDense, CSRLayer
@@ -37,7 +37,7 @@ class SparseLayer(CSRLayer):
             positions = csr_positions(indices, indptr, shape[1])[keep]
             values, indices, indptr = csr_from_positions(positions, values[keep], shape)
         self.index_bits = index_bits
-        self._set_structure(shape, indices, indptr, {"values": np.ascontiguousarray(values), "b": b})
+        self.set_structure(shape, indices, indptr, {"values": np.ascontiguousarray(values), "b": b})
 
     def _empty(self, shape, index_bits):
         """No nonzeros yet (from_dense or from_state fill the layer)."""
@@ -51,7 +51,7 @@ class SparseLayer(CSRLayer):
     def _positions(self):
         return csr_positions(self.indices, self.indptr, self.shape[1])
 
-    def _weight_grad(self, dM):
+    def weight_grad(self, dM):
         """dL/dvalues from dL/dM (rows, cols): the gradient at the stored positions only."""
         return dM.reshape(-1)[self._positions()].astype(self.dtype, copy=False)
 
@@ -96,7 +96,7 @@ class SparseLayer(CSRLayer):
         return {"params": total, "nonzero": nnz + int(np.count_nonzero(self.params["b"])),
                 "bits_per_weight": 8 * nbytes / total, "bytes": nbytes, "density": nnz / n}
 
-    def _common_config(self):
+    def storage_config(self):
         return {"index_bits": self.index_bits}
 
 
@@ -147,8 +147,7 @@ def to_sparse(model, index_bits=None):
     index_bits: None picks, per layer, the width that minimises its bytes.
     Layers with few zeros stay dense: 4 bytes a weight beats 4 + b/8.
     """
-    if not isinstance(model, Sequential):
-        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
+    check_sequential(model, "to_sparse")
     layers = []
     for layer in model.layers:
         sparse_cls = SPARSE_LAYERS.get(type(layer))
@@ -164,7 +163,6 @@ def to_sparse(model, index_bits=None):
 def to_dense(model, layer_type=SparseLayer):
     """A copy of `model` with its `layer_type` layers (default: the sparse ones; optim.sharing.unshare
     passes its shared ones) turned back into Dense/Conv2D, to prune further or train."""
-    if not isinstance(model, Sequential):
-        raise TypeError(f"expected a Sequential model, got {type(model).__name__}")
+    check_sequential(model, "to_dense")
     layers = [layer.to_dense() if isinstance(layer, layer_type) else copy.deepcopy(layer) for layer in model.layers]
     return Sequential(layers, input_shape=model.input_shape)

@@ -205,7 +205,7 @@ def _lanes_matmul_loops(lane_vals, lane_columns, layer_ptr, x, bias):
 
 def _no_permute(*args):
     raise RuntimeError("lanes_matmul needs AVX-512's vpermi2ps, which this CPU (or Numba's target) lacks: "
-                       "see optim.simd.HAS_PERMUTE; blocked_matmul and the CSR loops run everywhere")
+                       "see minicnn.simd.HAS_PERMUTE; blocked_matmul and the CSR loops run everywhere")
 
 
 # Compiled only where vpermi2ps exists: compiling it elsewhere is a fatal LLVM error.
@@ -243,16 +243,18 @@ def _wide_conv2d_loops(values, taps, indptr, xflat, bias, N, C, Hp, Wp, KH, KW):
                 out[t // F, t % F, i, j] = wide[t * Lp + i * Wp + j]
     return out
 
+
 # Threads pay from this many multiply-adds on: on LeNet-5's conv2 the threaded build lost at
 # 2.6M (batch 8 at 20% density) and won at 3.8M; a batch-1 conv2 at 26% density is 0.4M.
 MIN_CONV_MACS = 1 << 22
 _wide_conv2d = twin(_wide_conv2d_loops, MIN_CONV_MACS)
 
 
-def wide_conv2d(work, values, taps, indptr, xp, bias, KH, KW):
+def wide_conv2d(values, taps, indptr, xp, bias, KH, KW):
     """sparse_conv2d_ref's result at stride 1 for float32 xp (N, C, Hp, Wp), values and bias, with the
-    column indices as `kernels.conv_taps`; `work` (multiply-adds) picks the threaded or serial build."""
+    column indices as `kernels.conv_taps`; serial below MIN_CONV_MACS multiply-adds."""
     N, C, Hp, Wp = xp.shape
+    work = N * values.size * (Hp - KH + 1) * (Wp - KW + 1)
     xflat = aligned_empty(xp.size + LANES)  # a vector of slack past the end, for the last tile
     xflat[: xp.size] = xp.ravel()
     xflat[xp.size :] = 0
