@@ -5,6 +5,8 @@ shape, dtype or a NaN is reported where it enters, with the offending value
 in the message, instead of surfacing as an obscure error deep in a kernel.
 """
 
+import math
+
 import numpy as np
 
 
@@ -53,3 +55,18 @@ def check_positive_int(v, name, minimum=1):
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {v!r}")
     return int(v)
+
+
+def check_bool(v, name):
+    """v, checked to be a bool: a flag read from a file as "no" or 0 must not pass for one."""
+    if not isinstance(v, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {v!r}")
+    return bool(v)
+
+
+def check_number(v, name, low=-math.inf, high=math.inf):
+    """v as a float, checked to be a finite real number (not a bool) in [low, high]."""
+    if (isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+            or not math.isfinite(v) or not low <= v <= high):
+        raise ValueError(f"{name} must be a number in [{low}, {high}], got {v!r}")
+    return float(v)

@@ -52,6 +52,12 @@ class Layer:
     def config(self):
         return {}
 
+    @staticmethod
+    def param_shapes(**config):
+        """{name: shape} of the params a layer built with `config` holds, the config checked
+        and nothing allocated: a file's arrays are compared with it before the layer is built."""
+        return {}
+
     def macs(self, in_shape):
         """Multiply-accumulates per sample."""
         return 0
@@ -100,19 +106,21 @@ class Conv2D(Layer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None):
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.out_channels = check_positive_int(out_channels, "out_channels")
-        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
-        self.stride = check_positive_int(stride, "stride")
-        self.padding = check_positive_int(padding, "padding", minimum=0)
+        shapes = self.param_shapes(in_channels, out_channels, kernel_size, stride, padding)
+        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
+        self.kernel_size, self.stride, self.padding = int(kernel_size), int(stride), int(padding)
         rng = np.random.default_rng(rng)
-        k = self.kernel_size
-        fan_in = in_channels * k * k
-        self.params = {
-            "W": _init_uniform(rng, (out_channels, in_channels, k, k), fan_in),
-            "b": _init_uniform(rng, (out_channels,), fan_in),
-        }
+        fan_in = self.in_channels * self.kernel_size**2
+        self.params = {name: _init_uniform(rng, shape, fan_in) for name, shape in shapes.items()}
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+
+    @staticmethod
+    def param_shapes(in_channels, out_channels, kernel_size, stride=1, padding=0, **_):
+        C, F = check_positive_int(in_channels, "in_channels"), check_positive_int(out_channels, "out_channels")
+        k = check_positive_int(kernel_size, "kernel_size")
+        check_positive_int(stride, "stride")
+        check_positive_int(padding, "padding", minimum=0)
+        return {"W": (F, C, k, k), "b": (F,)}
 
     def output_shape(self, in_shape):
         C, H, W = in_shape
@@ -166,14 +174,16 @@ class Dense(Layer):
 
     def __init__(self, in_features, out_features, rng=None):
         super().__init__()
-        self.in_features = check_positive_int(in_features, "in_features")
-        self.out_features = check_positive_int(out_features, "out_features")
+        shapes = self.param_shapes(in_features, out_features)
+        self.in_features, self.out_features = int(in_features), int(out_features)
         rng = np.random.default_rng(rng)
-        self.params = {
-            "W": _init_uniform(rng, (in_features, out_features), in_features),
-            "b": _init_uniform(rng, (out_features,), in_features),
-        }
+        self.params = {name: _init_uniform(rng, shape, self.in_features) for name, shape in shapes.items()}
         self.grads = {name: np.zeros_like(p) for name, p in self.params.items()}
+
+    @staticmethod
+    def param_shapes(in_features, out_features, **_):
+        n_in, n_out = check_positive_int(in_features, "in_features"), check_positive_int(out_features, "out_features")
+        return {"W": (n_in, n_out), "b": (n_out,)}
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.in_features,):

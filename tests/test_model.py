@@ -111,7 +111,7 @@ def test_load_rejects_wrong_shapes(tmp_path):
         arrays = dict(f)
     arrays["layers.1.W"] = arrays["layers.1.W"][:-1]
     np.savez(path, **arrays)
-    with pytest.raises(ValueError, match=r"expected float \(784, 300\)"):
+    with pytest.raises(ValueError, match=r"layer 1 \(dense\): array 'W' must have shape \(784, 300\)"):
         minicnn.load(path)
 
 

@@ -32,6 +32,7 @@ import copy
 import numpy as np
 
 from minicnn import kernels
+from minicnn.checks import check_bool
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, weight_layers
 from minicnn.model import Sequential, check_sequential
 
@@ -107,7 +108,7 @@ class BinaryDense(Dense):
 
     def __init__(self, in_features, out_features, binary_input=False, rng=None):
         super().__init__(in_features, out_features, rng=rng)
-        self.binary_input = bool(binary_input)
+        self.binary_input = check_bool(binary_input, "binary_input")
 
     def forward(self, x):
         x = self._input(x, 2, self.in_features)
@@ -136,7 +137,7 @@ class BinaryConv2D(Conv2D):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
                  binary_input=False, rng=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, rng=rng)
-        self.binary_input = bool(binary_input)
+        self.binary_input = check_bool(binary_input, "binary_input")
 
     def forward(self, x):
         x = self._input(x, 4, self.in_channels)

@@ -19,13 +19,15 @@ Both equal the training layers' forward up to float32 rounding.
 """
 
 import copy
+import math
 
 import numpy as np
 
 from minicnn import kernels
-from minicnn.checks import check_array
-from minicnn.layers import Conv2D, Layer
+from minicnn.checks import check_array, check_bool
+from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
+from minicnn.serialization import stored_array
 
 from . import xnor
 from .layers import BinaryConv2D, BinaryDense
@@ -71,7 +73,7 @@ class PackedBinaryLayer(Layer):
         if not np.all(alpha >= 0):
             raise ValueError(f"alpha scales must be >= 0 (means of |W|), got min {alpha.min()}")
         self.bits, self.alpha, self.b = bits, alpha.astype(np.float32), b.astype(np.float32)
-        self.n, self.binary_input = int(n), bool(binary_input)
+        self.n, self.binary_input = int(n), check_bool(binary_input, "binary_input")
 
     @classmethod
     def _from_latent(cls, Wm, b, binary_input, **geometry):
@@ -92,21 +94,12 @@ class PackedBinaryLayer(Layer):
         return {"signs": stream, "alpha": self.alpha, "b": self.b}
 
     @staticmethod
-    def _arrays(arrays, F, n):
-        """(bits (F, words) uint64, alpha (F,), b (F,)) from stored arrays, checked against the config's shape."""
-        for name in ("signs", "alpha", "b"):
-            if name not in arrays:
-                raise ValueError(f"packed binary layer is missing its {name!r} array")
-        stream, alpha, b = arrays["signs"], arrays["alpha"], arrays["b"]
-        need = (F * n + 7) // 8
-        if stream.dtype != np.uint8 or stream.ndim != 1 or stream.size != need:
-            raise ValueError(
-                f"packed signs have {stream.dtype} {stream.shape}; {F} x {n} signs need {need} uint8 bytes"
-            )
-        if alpha.shape != (F,) or alpha.dtype.kind != "f":
-            raise ValueError(f"alpha must be float ({F},), got {alpha.dtype} {alpha.shape}")
-        if b.shape != (F,) or b.dtype.kind != "f":
-            raise ValueError(f"bias must be float ({F},), got {b.dtype} {b.shape}")
+    def _arrays(arrays, float_shapes):
+        """(bits (F, words) uint64, alpha (F,), b (F,)) from stored arrays, checked against the shapes
+        of the float layer's params (`param_shapes`, which checked the config) before anything is built."""
+        F, n = float_shapes["b"][0], math.prod(float_shapes["W"]) // float_shapes["b"][0]
+        stream = stored_array(arrays, "signs", ((F * n + 7) // 8,), dtypes=(np.dtype(np.uint8),))
+        alpha, b = stored_array(arrays, "alpha", (F,)), stored_array(arrays, "b", (F,))
         signs = np.unpackbits(stream)[: F * n].reshape(F, n).astype(np.float32) * 2 - 1
         return xnor.pack_signs(signs), alpha, b
 
@@ -123,6 +116,7 @@ class PackedBinaryDense(PackedBinaryLayer):
     kind = "packed_binary_dense"
 
     def __init__(self, bits, alpha, b, in_features, binary_input=False):
+        Dense.param_shapes(in_features, alpha.shape[0])  # checks the geometry
         super().__init__(bits, alpha, b, in_features, binary_input)
         self.in_features, self.out_features = self.n, self.alpha.shape[0]
 
@@ -133,7 +127,7 @@ class PackedBinaryDense(PackedBinaryLayer):
 
     @classmethod
     def from_state(cls, config, arrays):
-        bits, alpha, b = cls._arrays(arrays, config["out_features"], config["in_features"])
+        bits, alpha, b = cls._arrays(arrays, Dense.param_shapes(**config))
         return cls(bits, alpha, b, config["in_features"], config["binary_input"])
 
     def output_shape(self, in_shape):
@@ -163,6 +157,7 @@ class PackedBinaryConv2D(PackedBinaryLayer):
     kind = "packed_binary_conv2d"
 
     def __init__(self, bits, alpha, b, in_channels, kernel_size, stride=1, padding=0, binary_input=False):
+        Conv2D.param_shapes(in_channels, alpha.shape[0], kernel_size, stride, padding)  # checks the geometry
         super().__init__(bits, alpha, b, in_channels * kernel_size * kernel_size, binary_input)
         self.in_channels, self.out_channels = in_channels, self.alpha.shape[0]
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
@@ -175,9 +170,9 @@ class PackedBinaryConv2D(PackedBinaryLayer):
 
     @classmethod
     def from_state(cls, config, arrays):
-        C, F, k = config["in_channels"], config["out_channels"], config["kernel_size"]
-        bits, alpha, b = cls._arrays(arrays, F, C * k * k)
-        return cls(bits, alpha, b, C, k, config["stride"], config["padding"], config["binary_input"])
+        bits, alpha, b = cls._arrays(arrays, Conv2D.param_shapes(**config))
+        return cls(bits, alpha, b, config["in_channels"], config["kernel_size"], config["stride"], config["padding"],
+                   config["binary_input"])
 
     def output_shape(self, in_shape):
         return Conv2D.output_shape(self, in_shape)  # the same geometry and checks as the float layer

@@ -20,12 +20,13 @@ predecessor's output, so the file stores it once.
 
 import numpy as np
 
-from minicnn.checks import check_array, check_positive_int
-from minicnn.serialization import write_npz
+from minicnn.checks import check_array, check_bool, check_int, check_number, check_positive_int
+from minicnn.serialization import check_all_used, check_input_shape, check_specs, entries, write_npz
 from minicnn.summary import format_summary
 
 from .affine import (
-    activation_qparams, affine_quantize, check_bits, check_scale, check_zero_point, quantize_bias, quantize_weights,
+    QMAX, QMIN, activation_qparams, affine_quantize, check_bits, check_scale, check_zero_point, quantize_bias,
+    quantize_weights,
 )
 from .calibration import calibrate, observed_points, plan
 from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
@@ -121,24 +122,26 @@ def load_quantized(meta, arrays):
     """A QuantizedModel from a file's meta (dict) and arrays (name -> ndarray): the loader
     `minicnn.load` uses for kind "quantized_int8". Raises ValueError for a damaged file.
     """
-    try:
-        ops, in_q = [], (meta["input_scale"], meta["input_zero_point"])
-        for i, spec in enumerate(meta["ops"]):
-            prefix = f"ops.{i}."
-            own = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-            if spec["kind"] not in OP_KINDS:
-                raise ValueError(f"unknown int8 op kind {spec['kind']!r}")
-            ops.append(OP_KINDS[spec["kind"]].from_state(spec["config"], own, in_q))
-            in_q = ops[-1].output_scale
-        known = {f"ops.{i}.{name}" for i, op in enumerate(ops) for name in op.state()}
-        if set(arrays) - known:
-            raise ValueError(f"unexpected arrays {sorted(set(arrays) - known)}")
-        return QuantizedModel(ops, meta["input_shape"], (meta["input_scale"], meta["input_zero_point"]),
-                              meta["per_channel"])
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"invalid int8 model file: {type(e).__name__}: {e}") from None
-    except ValueError as e:
-        raise ValueError(f"invalid int8 model file: {e}") from None
+    input_shape = check_input_shape(meta.get("input_shape"))
+    in_q = (check_number(meta.get("input_scale"), "input_scale"),
+            check_int(meta.get("input_zero_point"), "input_zero_point", QMIN, QMAX))
+    ops = []
+    for i, spec in enumerate(check_specs(meta.get("ops"), "op")):
+        if spec["kind"] not in OP_KINDS:
+            raise ValueError(f"op {i}: unknown int8 op kind {spec['kind']!r}")
+        try:
+            ops.append(OP_KINDS[spec["kind"]].from_state(spec["config"], entries(arrays, f"ops.{i}."),
+                                                         ops[-1].output_scale if ops else in_q))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"op {i} ({spec['kind']}): {'missing ' if isinstance(e, KeyError) else ''}{e}") from None
+    check_all_used(arrays, [f"ops.{i}.{name}" for i, op in enumerate(ops) for name in op.state()])
+    model = QuantizedModel(ops, input_shape, in_q, check_bool(meta.get("per_channel"), "per_channel"))
+    if len(model.output_shape) != 1:
+        raise ValueError(f"the last op's output {model.output_shape} is not a vector of logits")
+    scale = np.max(ops[-1].output_scale[0])
+    if not np.isfinite(np.float32(scale * (2.0**31 + 128))):  # the largest int32 sum, dequantized
+        raise ValueError(f"the output scale {scale} makes the logits overflow float32")
+    return model
 
 
 def convert(model, ranges, per_channel=True):

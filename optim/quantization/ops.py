@@ -24,7 +24,7 @@ convention, output_scale (S, Z) of its output codes, and state() / config()
 
 import numpy as np
 
-from minicnn.checks import check_positive_int
+from minicnn.checks import check_bool, check_int, check_number, check_positive_int
 from minicnn.kernels import conv_output_size
 
 from . import kernels as K
@@ -118,13 +118,17 @@ class _IntLinear:
     def _arrays(cls, config, arrays, in_q):
         """Check the stored arrays against each other and the config; return the
         constructor's keyword arguments."""
+        relu = check_bool(config.get("relu"), "relu")
+        int32_out = config.get("out_scale") is None
+        if not int32_out:
+            check_number(config["out_scale"], "out_scale")
+            check_int(config["out_zero_point"], "out_zero_point", QMIN, QMAX)
         W = arrays.get("W")
         if W is None or W.dtype != np.int8 or W.ndim != cls.weight_ndim:
             got = "nothing" if W is None else f"{W.dtype} {W.shape}"
             raise ValueError(f"{cls.kind} op 'W': expected int8 weights of rank {cls.weight_ndim}, got {got}")
         F = W.shape[cls.out_axis]
         spec = {"w_scale": (np.float32, (F,)), "b": (np.int32, (F,))}
-        int32_out = config["out_scale"] is None
         if not int32_out:
             spec.update(multiplier=(np.int32, (F,)), shift=(np.int8, (F,)))
         for name, (dtype, shape) in spec.items():
@@ -136,7 +140,7 @@ class _IntLinear:
                                  f"for {F} output channels, got {a.dtype} {a.shape}")
         out_q = None if int32_out else (config["out_scale"], config["out_zero_point"])
         return dict(W=arrays["W"], w_scale=arrays["w_scale"], b=arrays["b"],
-                    in_q=in_q, out_q=out_q, relu=config["relu"],
+                    in_q=in_q, out_q=out_q, relu=relu,
                     multiplier=arrays.get("multiplier"), shift=arrays.get("shift"))
 
 
@@ -166,8 +170,10 @@ class IntConv2D(_IntLinear):
 
     def output_shape(self, in_shape):
         F, C, KH, KW = self.W.shape
-        if in_shape[0] != C:
-            raise ValueError(f"IntConv2D expects {C} input channels, got {in_shape[0]}")
+        p = self.padding
+        if len(in_shape) != 3 or in_shape[0] != C or min(in_shape[1] + 2 * p - KH, in_shape[2] + 2 * p - KW) < 0:
+            raise ValueError(f"IntConv2D ({C} channels in, {KH}x{KW} kernel, padding {p}) cannot take inputs "
+                             f"of shape {tuple(in_shape)}")
         return (F, conv_output_size(in_shape[1], KH, self.stride, self.padding),
                 conv_output_size(in_shape[2], KW, self.stride, self.padding))
 
@@ -253,6 +259,8 @@ class IntMaxPool2D(_IntPassThrough):
         return fn(x, self.kernel_size, self.stride)
 
     def output_shape(self, in_shape):
+        if len(in_shape) != 3 or min(in_shape[1:]) < self.kernel_size:
+            raise ValueError(f"IntMaxPool2D ({self.kernel_size}x{self.kernel_size}) cannot pool inputs of shape {in_shape}")
         C, H, W = in_shape
         k, s = self.kernel_size, self.stride
         return (C, conv_output_size(H, k, s, 0), conv_output_size(W, k, s, 0))

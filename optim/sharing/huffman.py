@@ -181,10 +181,12 @@ def _decode(payload, lengths, count, loop, bits):
     lengths = _check_lengths(lengths)
     counts = np.bincount(lengths, minlength=int(lengths.max(initial=0)) + 1)
     counts[0] = 0
-    out = np.zeros(count, np.int64)
     if count and counts.sum() == 0:
         raise ValueError(f"corrupt Huffman stream: {count} symbols but no code")
     available = payload.size * 8 if bits is None else min(bits, payload.size * 8)
+    if count > available:  # every code is at least one bit long
+        raise ValueError(f"truncated Huffman stream: {count} symbols cannot fit in {available} bits")
+    out = np.zeros(count, np.int64)
     used = loop(payload, available, count, counts, _canonical_order(lengths), out)
     if used == -1:
         raise ValueError(f"truncated Huffman stream: {available} bits end before symbol {count}")
@@ -240,7 +242,7 @@ def from_bytes(data, offset=0):
     count, alphabet, width, bits = (int(header[name]) for name in HEADER.names)
     if width > MAX_CODE_LENGTH.bit_length():
         raise ValueError(f"corrupt Huffman stream: code lengths of {width} bits")
-    lengths = np.zeros(alphabet, np.int64)
+    lengths = np.zeros(0, np.int64)  # width 0: no code at all, so no symbol (decode checks)
     if width:
         raw, offset = _take(data, offset, packed_size(alphabet, width), "code lengths")
         lengths = unpack_bits(raw, width, alphabet)

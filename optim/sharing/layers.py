@@ -27,12 +27,14 @@ self-describing (a count and an alphabet size in a small header).
 """
 
 import copy
+import math
 
 import numpy as np
 
 from minicnn.checks import check_int
 from minicnn.layers import Conv2D, Dense
 from minicnn.model import Sequential, check_sequential
+from minicnn.serialization import stored_array
 
 from ..bitpack import pack_bits, packed_size, unpack_bits
 from ..pruning import layer_names
@@ -144,18 +146,23 @@ class SharedLayer(CSRLayer):
 
     @classmethod
     def from_state(cls, config, arrays):
-        """Rebuild the layer from its config and the `data` array `state()` wrote."""
+        """Rebuild the layer from its config and the `data` array `state()` wrote, the sizes the
+        config implies checked against the data before the layer is built."""
+        data = stored_array(arrays, "data", dtypes=(np.dtype(np.uint8),))
+        W_shape = cls.float_class.param_shapes(**config)["W"]
+        rows = W_shape[0] if cls.float_class is Conv2D else W_shape[1]
+        weights = math.prod(W_shape)
+        if data.ndim != 1 or data.size < 4 * rows or (config.get("index_bits") is None and weights > 8 * data.size):
+            raise ValueError(f"array 'data' ({data.dtype} {data.shape}) cannot hold {rows} biases and "
+                             f"an index for each of {weights} weights")
         new = cls(**config)
-        if "data" not in arrays:
-            raise ValueError(f"{cls.kind} layer is missing its 'data' array")
-        data = arrays["data"]
-        if data.dtype != np.uint8 or data.ndim != 1:
-            raise ValueError(f"{cls.kind} layer: 'data' must be 1-D uint8, got {data.dtype} {data.shape}")
-        k, rows = new.clusters, new.shape[0]
+        k = new.clusters
         if data.size < 4 * (k + rows):
-            raise ValueError(f"{cls.kind} layer: {data.size} bytes cannot hold a codebook of {k} and {rows} biases")
+            raise ValueError(f"{data.size} bytes cannot hold a codebook of {k} and {rows} biases")
         codebook = data[: 4 * k].view("<f4").astype(np.float32)
         b = data[4 * k : 4 * (k + rows)].view("<f4").astype(np.float32)
+        if not (np.isfinite(codebook).all() and np.isfinite(b).all()):
+            raise ValueError("the codebook or the biases hold non-finite values")
         offset, n = 4 * (k + rows), rows * new.shape[1]
         if new.index_bits is None:
             slots = np.arange(n)

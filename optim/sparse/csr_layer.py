@@ -112,6 +112,7 @@ class CSRDense(CSRLayer):
     """Geometry of Dense (y = x @ W + b) with M = W.T (out, in): x (N, in_features) -> (N, out_features)."""
 
     sparse_family = "dense"
+    float_class = Dense  # the layer whose weights M holds
 
     def _set_geometry(self, in_features, out_features):
         """Check and keep the arguments; returns the shape of M."""
@@ -196,6 +197,7 @@ class CSRConv2D(CSRLayer):
     """Geometry of Conv2D with M = W.reshape(F, C*KH*KW): x (N, C, H, W) -> (N, F, Ho, Wo)."""
 
     sparse_family = "conv2d"
+    float_class = Conv2D
 
     def _set_geometry(self, in_channels, out_channels, kernel_size, stride, padding):
         """Check and keep the arguments; returns the shape of M."""

@@ -16,6 +16,7 @@ import numpy as np
 
 from minicnn.layers import Conv2D, Dense
 from minicnn.model import Sequential, check_sequential
+from minicnn.serialization import stored_array
 
 from ..bitpack import pack_bits, unpack_bits
 from .csr_layer import CSRConv2D, CSRDense, CSRLayer
@@ -64,16 +65,15 @@ class SparseLayer(CSRLayer):
 
     @classmethod
     def from_state(cls, config, arrays):
-        """Rebuild the layer from its config and the arrays `state()` saved (fillers dropped)."""
+        """Rebuild the layer from its config and the arrays `state()` saved (fillers dropped),
+        the arrays checked against the config before the layer is built."""
+        b = stored_array(arrays, "b", cls.float_class.param_shapes(**config)["b"])
+        values = stored_array(arrays, "values")
+        if values.ndim != 1:
+            raise ValueError(f"array 'values' must be 1-D, got shape {values.shape}")
+        codes = stored_array(arrays, "codes", dtypes=(np.dtype(np.uint8),))
         new = cls(**config)
-        for name in ("values", "codes", "b"):
-            if name not in arrays:
-                raise ValueError(f"{cls.kind} layer is missing its {name!r} array")
-        values, b = arrays["values"], arrays["b"]
-        if values.ndim != 1 or values.dtype.kind != "f" or b.shape != new.params["b"].shape or b.dtype.kind != "f":
-            raise ValueError(f"{cls.kind} layer: expected 1-D float values and a float bias of shape "
-                             f"{new.params['b'].shape}, got {values.dtype} {values.shape} and {b.dtype} {b.shape}")
-        slots = decode_relative(unpack_bits(arrays["codes"], new.index_bits, values.size))
+        slots = decode_relative(unpack_bits(codes, new.index_bits, values.size))
         if slots.size and slots[-1] >= new.shape[0] * new.shape[1]:
             raise ValueError(f"{cls.kind} layer: index stream points past the end of its {new.shape} matrix")
         new._set_csr(*csr_from_positions(slots, values, new.shape), new.shape, b, new.index_bits)
