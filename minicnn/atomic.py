@@ -8,6 +8,7 @@ removed and the old destination, if any, is untouched.
 
 import contextlib
 import os
+import stat
 import tempfile
 
 
@@ -16,11 +17,10 @@ def atomic_path(path):
     """Yield a temporary path next to `path`; rename it onto `path` on success."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    # A short name of its own: the destination's name may already be as long as names can be.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved model should get the usual permissions
+    os.chmod(tmp, _mode_for(path))  # mkstemp makes 0600
     try:
         yield tmp
         with open(tmp, "rb+") as f:
@@ -29,3 +29,13 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _mode_for(path):
+    """The permissions the written file gets: those of the file it replaces, else the umask's default."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask

@@ -95,38 +95,69 @@ def read_idx(path):
     with open(path, "rb") as f:
         data = f.read()
     # Sniff the content rather than trust the name: a .gz may have been
-    # unpacked, or a raw file saved with the wrong extension.
-    if data.startswith(_GZIP_MAGIC):
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"{path}: corrupt gzip data ({e})") from None
-    if len(data) < 4:
-        raise ValueError(f"{path}: truncated IDX header: {len(data)} bytes")
-    zero0, zero1, code, ndim = data[:4]
+    # unpacked, or a raw file saved with the wrong extension. A gzip stream is
+    # inflated only as far as the header, then only as far as the header says:
+    # a small file cannot claim gigabytes and get them allocated.
+    read = _gunzip_reader(data, path) if data.startswith(_GZIP_MAGIC) else _raw_reader(data)
+    head = read(4)
+    if len(head) < 4:
+        raise ValueError(f"{path}: truncated IDX header: {len(head)} bytes")
+    zero0, zero1, code, ndim = head
     if zero0 != 0 or zero1 != 0:
-        raise ValueError(f"{path}: not an IDX file: magic number {data[:4].hex()} "
+        raise ValueError(f"{path}: not an IDX file: magic number {head.hex()} "
                          "does not start with two zero bytes")
     if code not in IDX_DTYPES:
         known = ", ".join(f"0x{c:02X}" for c in IDX_DTYPES)
         raise ValueError(f"{path}: unknown IDX data type code 0x{code:02X} (known: {known})")
     if ndim < 1:
         raise ValueError(f"{path}: IDX file has 0 dimensions, need at least 1")
-    header = 4 + 4 * ndim
-    if len(data) < header:
+    dims = read(4 * ndim)
+    if len(dims) < 4 * ndim:
         raise ValueError(f"{path}: truncated IDX header: {ndim} dimensions need "
-                         f"{header} bytes, got {len(data)}")
-    shape = struct.unpack(f">{ndim}I", data[4:header])
+                         f"{4 + 4 * ndim} bytes, got {4 + len(dims)}")
+    shape = struct.unpack(f">{ndim}I", dims)
     dtype = IDX_DTYPES[code]
     expected = math.prod(shape) * dtype.itemsize
-    got = len(data) - header
-    if got != expected:
-        problem = "truncated IDX file" if got < expected else "trailing bytes after IDX data"
+    data = read(expected + 1)
+    if len(data) != expected:
+        problem = "truncated IDX file" if len(data) < expected else "trailing bytes after IDX data"
+        got = len(data) if len(data) < expected else f"more than {expected}"  # not inflated further
         raise ValueError(f"{path}: {problem}: expected {expected} bytes of data "
                          f"for shape {shape}, got {got}")
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
     # astype copies, so the result is also writable (frombuffer's view is not).
     return array.astype(dtype.newbyteorder("="))
+
+
+def _raw_reader(data):
+    """read(n): the next n bytes of `data`."""
+    position = 0
+
+    def read(n):
+        nonlocal position
+        chunk, position = data[position : position + n], min(position + n, len(data))
+        return chunk
+
+    return read
+
+
+def _gunzip_reader(data, path):
+    """read(n): the next n bytes of the gzip stream `data`, inflated no further than asked."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # 16: a gzip header and trailer
+    pending = data
+
+    def read(n):
+        nonlocal pending
+        try:
+            chunk = inflate.decompress(pending, n)
+        except zlib.error as e:
+            raise ValueError(f"{path}: corrupt gzip data ({e})") from None
+        pending = inflate.unconsumed_tail
+        if len(chunk) < n and not inflate.eof:
+            raise ValueError(f"{path}: corrupt gzip data (the stream ends early)")
+        return chunk
+
+    return read
 
 
 def write_idx(path, array):
