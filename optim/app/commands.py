@@ -235,6 +235,28 @@ def cmd_cut(args):
     return finish("after cutting", cut, x_test, y_test, args.out)
 
 
+def cmd_export(args):
+    """Write a model file as ONNX and print both files' bytes; --check runs both on the test images."""
+    from ..export import DEFAULT_OPSET, agreement, export  # onnx is an optional extra: imported here only
+
+    model = load(args.model)
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    x_test = datasets.load(args.data, root=args.root)[2] if args.check else None
+    try:
+        nbytes = export(model, args.out, opset=opset, sparse=not args.dense_weights)
+        result = agreement(model, args.out, x_test) if args.check else None
+    except ImportError as e:
+        raise ValueError(str(e)) from None  # onnx or onnxruntime missing: one line from main, not a traceback
+    npz = os.path.getsize(args.model)
+    print(f"{args.model}: {npz:,} bytes on disk; {args.out} (ONNX, opset {opset}): {nbytes:,} bytes "
+          f"({nbytes / npz:.2f}x the .npz)")
+    if result:
+        print(f"ONNX Runtime on the {len(x_test):,} {args.data} test images: the same class on "
+              f"{100 * result['argmax_agreement']:.2f}%, logits within {result['max_relative_error']:.1e} "
+              "of the largest (max |difference| / max |logit|)")
+    return 0
+
+
 def cmd_demo(args):
     start = time.perf_counter()
     result = demo.run(args.data, args.out, quick=args.quick, root=args.root, plots=not args.no_plots)
@@ -369,3 +391,15 @@ def add_commands(commands):
     _add_training_args(p, "--retrain-epochs", 6, 3e-4)
     p.add_argument("--out", default=None, help="where to save the compressed model (.npz)")
     p.set_defaults(run=cmd_compress)
+
+    p = commands.add_parser("export", help="write a model file (any kind) as ONNX, for ONNX Runtime (optim.export)")
+    p.add_argument("--model", required=True, help="model file (.npz) to export")
+    p.add_argument("--out", required=True, help="where to write the ONNX model (.onnx)")
+    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset version, 13 (the default) or newer")
+    p.add_argument("--dense-weights", action="store_true",
+                   help="store every weight dense, even where a sparse initializer is smaller (for tools "
+                        "that read no sparse initializers)")
+    p.add_argument("--check", action="store_true",
+                   help="run the model and the ONNX file (in ONNX Runtime) on the test images and compare")
+    add_data_args(p)
+    p.set_defaults(run=cmd_export)
