@@ -246,6 +246,8 @@ class MaxPool2D(Layer):
     def forward(self, x):
         check_array(x, "MaxPool2D input", ndim=4, finite=False)
         self.output_shape(x.shape[1:])
+        if x.dtype not in (np.float32, np.float64):  # the kernels are compiled for these two
+            x = x.astype(np.float32)
         out, argmax = kernels.maxpool_forward(x, self.kernel_size, self.stride)
         self.cache = (argmax, x.shape)
         return out

@@ -16,6 +16,7 @@ temporary array); `adam_update` does it in one Numba loop instead, beside
 import numpy as np
 from numba import prange
 
+from .checks import check_number
 from .parallel import twin
 
 
@@ -64,7 +65,9 @@ class SGD(Optimizer):
 class Adam(Optimizer):
     def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
         super().__init__(lr)
-        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.beta1 = check_number(beta1, "beta1", 0, 1 - 1e-12)
+        self.beta2 = check_number(beta2, "beta2", 0, 1 - 1e-12)
+        self.eps = check_number(eps, "eps", 0)
         self.t = 0
 
     def step(self, layers):

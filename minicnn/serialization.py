@@ -110,7 +110,8 @@ def read_npz(path):
         raise ModelFileError(f"{path}: {e}") from None
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise
-    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+    except (OSError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as e:
+        # zipfile's NotImplementedError and RuntimeError: features (patched data, passwords) no model uses
         raise ModelFileError(f"{path}: not a readable model file (corrupt or truncated .npz: {e})") from None
     if "meta" not in arrays:
         raise ModelFileError(f"{path}: not a minicnn model file (no 'meta' entry)")
@@ -174,11 +175,14 @@ def _parse_meta(raw, path):
 
 
 FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+# The largest magnitude a stored float may have: a trained weight is far smaller, and a few
+# layers of values past it overflow float32 (a finite 3e38 in a file gives inf logits).
+MAX_ABS = 1e6
 
 
 def stored_array(arrays, name, shape=None, dtypes=FLOATS, finite=True):
     """arrays[name], checked: present, of one of `dtypes`, of `shape` (None: any), finite
-    (floats). What every loader uses before it builds anything from an array."""
+    and within +-MAX_ABS (floats). What every loader uses before it builds anything from an array."""
     if name not in arrays:
         raise ValueError(f"missing its {name!r} array")
     a = arrays[name]
@@ -186,12 +190,12 @@ def stored_array(arrays, name, shape=None, dtypes=FLOATS, finite=True):
         raise ValueError(f"array {name!r} must be {' or '.join(map(str, dtypes))}, got {a.dtype}")
     if shape is not None and a.shape != tuple(shape):
         raise ValueError(f"array {name!r} must have shape {tuple(shape)}, got {a.shape}")
-    if finite and a.dtype.kind == "f" and not np.isfinite(a).all():
-        raise ValueError(f"array {name!r} has non-finite values")
+    if finite and a.dtype.kind == "f" and not (np.abs(a) <= MAX_ABS).all():  # NaN fails the comparison too
+        raise ValueError(f"array {name!r} has non-finite values or values beyond +-{MAX_ABS:g}")
     return a
 
 
-MAX_INPUT_SIZE = 1 << 24  # values per sample
+MAX_INPUT_SIZE = 1 << 24  # values per sample, of the input and of every layer's output
 
 
 def check_input_shape(shape):
@@ -288,6 +292,15 @@ def _load_sequential(meta, arrays):
         used += [f"layers.{i}.{name}" for name in state_of(layers[-1])]
     check_all_used(arrays, used)
     model = Sequential(layers, input_shape=input_shape)
-    if len(model.output_shapes()[-1]) != 1:
-        raise ValueError(f"the last layer's output {model.output_shapes()[-1]} is not a vector of logits")
+    check_output_shapes(model.output_shapes())
     return model
+
+
+def check_output_shapes(shapes):
+    """A model's per-sample output shapes from a file: none above MAX_INPUT_SIZE values (predict
+    would allocate them), the last one a vector of logits."""
+    for i, shape in enumerate(shapes):
+        if math.prod(shape) > MAX_INPUT_SIZE:
+            raise ValueError(f"layer {i} outputs {shape} per sample, more than {MAX_INPUT_SIZE} values")
+    if len(shapes[-1]) != 1:
+        raise ValueError(f"the last layer's output {shapes[-1]} is not a vector of logits")

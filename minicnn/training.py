@@ -21,6 +21,8 @@ from .optimizers import Adam
 
 def _check_data(model, x, y):
     check_array(x, "x", ndim=1 + len(model.input_shape))
+    if len(x) == 0:
+        raise ValueError("no training images: x is empty")
     if x.shape[1:] != model.input_shape:
         raise ValueError(f"x has per-sample shape {x.shape[1:]}, the model expects {model.input_shape}")
     check_labels(y, len(x), model.num_classes)
@@ -77,4 +79,6 @@ def evaluate(model, x, y, batch_size=256):
     check_array(x, "x")
     logits = model.predict(x, batch_size=batch_size)
     check_labels(y, len(x), logits.shape[1])
-    return float((logits.argmax(axis=1) == y).mean()) if len(y) else 0.0
+    if len(y) == 0:
+        raise ValueError("no images to evaluate on: x is empty")
+    return float((logits.argmax(axis=1) == y).mean())

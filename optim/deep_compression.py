@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from minicnn.checks import check_positive_int
 from minicnn.optimizers import Adam
 from minicnn.training import fit
 
-from .pruning import layer_names, layer_sparsity, prune_global
+from .pruning import check_sparsity, layer_names, layer_sparsity, prune_global
 from .sharing import SharedLayer, bits_for, check_bits, share_weights, unshare
 from .sparse import to_dense
 
@@ -65,6 +66,9 @@ def deep_compression(model, x, y, sparsity=0.0, bits=None, retrain_epochs=4, fin
     bits = {"conv": 8, "fc": 5} if bits is None else bits
     for b in bits.values() if isinstance(bits, dict) else [bits]:
         check_bits(b)  # before hours of pruning, not after
+    sparsity = check_sparsity(sparsity)
+    for value, name in ((retrain_epochs, "retrain_epochs"), (finetune_epochs, "finetune_epochs")):
+        check_positive_int(value, name, minimum=0)
     dense = to_dense(unshare(model))
     result = Compressed(model=None, bits={})
     if sparsity > 0:

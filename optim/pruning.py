@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from minicnn.checks import check_positive_int
+from minicnn.checks import check_number, check_positive_int
 from minicnn.layers import Conv2D, Dense, weight_layers
+from minicnn.model import check_sequential
 from minicnn.optimizers import Adam
 from minicnn.training import evaluate, fit
 
@@ -66,7 +67,7 @@ def layer_names(model):
 
 def select_layers(model, layers=None):
     """[(name, index)] for the named layers (None: every prunable layer); ValueError if none or unknown."""
-    available = layer_names(model)
+    available = layer_names(check_sequential(model, "pruning"))
     if not available:
         raise ValueError("the model has no prunable layer (Conv2D or Dense)")
     if layers is None:
@@ -79,16 +80,14 @@ def select_layers(model, layers=None):
     return [(name, available[name]) for name in available if name in layers]
 
 
-def _check_sparsity(sparsity):
+def check_sparsity(sparsity):
     if not isinstance(sparsity, (int, float, np.floating)) or not 0 <= sparsity < 1:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     return float(sparsity)
 
 
 def _check_quality(quality):
-    if not isinstance(quality, (int, float, np.floating)) or not math.isfinite(quality) or quality < 0:
-        raise ValueError(f"quality must be a finite number >= 0, got {quality!r}")
-    return float(quality)
+    return check_number(quality, "quality", low=0)
 
 
 # --------------------------------------------------------------------------
@@ -150,7 +149,7 @@ def global_masks(model, sparsity, layers=None, masks=None, ends_scale=1.0):
     """Masks removing exactly round(sparsity * n) of the n weights of the chosen layers, by one
     global magnitude threshold. ends_scale < 1: the first and last chosen layers are pruned to
     ends_scale * sparsity each, and the layers between make up the rest. Masks only grow."""
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     if not 0 <= ends_scale <= 1:
         raise ValueError(f"ends_scale must be in [0, 1], got {ends_scale!r}")
     chosen = [index for _, index in select_layers(model, layers)]
@@ -199,8 +198,8 @@ def format_sparsity(model, layers=None):
 
 def cubic_sparsity(step, final, initial=0.0, start=0, count=1, every=1):
     """Zhu & Gupta's s_t at training step t: s_i before t0 = start, s_f after t0 + count * every."""
-    _check_sparsity(final)
-    _check_sparsity(initial)
+    check_sparsity(final)
+    check_sparsity(initial)
     count = check_positive_int(count, "count")
     every = check_positive_int(every, "every")
     progress = min(max((step - start) / (count * every), 0.0), 1.0)
@@ -215,7 +214,7 @@ class GradualPruning:
     """
 
     def __init__(self, final, count, every, optimizer, layers=None, ends_scale=1.0, masks=None):
-        self.final, self.count, self.every = _check_sparsity(final), count, every
+        self.final, self.count, self.every = check_sparsity(final), count, every
         self.optimizer, self.layers, self.ends_scale = optimizer, layers, ends_scale
         self.masks, self.step = dict(masks or {}), 0
         self.history = []  # (step, sparsity) of each pruning step
@@ -288,9 +287,10 @@ def prune_global(model, x, y, sparsity, iterations=1, retrain_epochs=0, lr=1e-4,
     """Gradual global magnitude pruning to `sparsity` while retraining for retrain_epochs (Adam(lr)):
     `iterations` pruning steps on the cubic schedule, spread over the first `ramp` fraction of the
     training steps; the rest fine-tunes at the final sparsity. With retrain_epochs = 0: one shot."""
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     iterations = check_positive_int(iterations, "iterations")
     retrain_epochs = check_positive_int(retrain_epochs, "retrain_epochs", minimum=0)
+    batch_size = check_positive_int(batch_size, "batch_size")
     if not 0 < ramp <= 1:
         raise ValueError(f"ramp must be in (0, 1], got {ramp!r}")
     select_layers(model, layers)
@@ -317,7 +317,7 @@ def sensitivity(model, x, y, sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98), layers
 
     The model is left as it was (each layer's W is restored after its sweep).
     """
-    sparsities = [_check_sparsity(s) for s in sparsities]
+    sparsities = [check_sparsity(s) for s in sparsities]
     curves = {}
     for name, index in select_layers(model, layers):
         W = model.layers[index].params["W"]

@@ -172,12 +172,14 @@ def test_quantize_hand_computed():
 
 
 @given(st.floats(-50, 0), st.floats(0, 50))
+@example(-1.0, 0.2)
 def test_activation_qparams_cover_the_range_and_zero(lo, hi):
     if hi - lo < 1e-6:
         return
     scale, zp = A.activation_qparams(lo, hi)
     assert -128 <= zp <= 127
-    assert scale * (-128 - zp) <= lo + scale / 2 and scale * (127 - zp) >= hi - scale / 2
+    slack = scale / 2 * (1 + 1e-9)  # half a step, and the rounding of computing it (lo=-1, hi=0.2 is exact)
+    assert scale * (-128 - zp) <= lo + slack and scale * (127 - zp) >= hi - slack
     assert A.affine_dequantize(A.affine_quantize(0.0, scale, zp), scale, zp) == 0.0  # the real 0 is a code
 
 

@@ -23,7 +23,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, OSError) as e:
+    except (ValueError, TypeError, OSError) as e:  # bad input, a bad file, a model of the wrong kind
         print(f"minicnn {args.command}: error: {e}", file=sys.stderr)
         return 2
 

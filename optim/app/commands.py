@@ -6,6 +6,7 @@ bars from `minicnn.fit`), and prints the summary and accuracy again, with the
 bytes of the saved file; `demo` runs them all (demo.py).
 """
 
+import argparse
 import json
 import os
 import time
@@ -18,7 +19,7 @@ from minicnn.optimizers import SGD, Adam
 from minicnn.serialization import load
 from minicnn.training import evaluate, fit
 
-from .. import binary, cutting, deep_compression, distillation, pruning, quantization, sparse, structured
+from .. import binary, cutting, deep_compression, distillation, pruning, quantization, sharing, sparse, structured
 from . import demo
 from .report import update_readme
 
@@ -268,6 +269,18 @@ def cmd_demo(args):
     return 0
 
 
+def _at_least(minimum):
+    """An argparse type: an integer >= minimum (a count or an index), rejected with a one-line error."""
+    def parse(text):
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"  # what argparse names in its error message
+    return parse
+
+
 def _add_training_args(p, epochs_flag, epochs, lr, epochs_help=None, lr_help="Adam's learning rate"):
     """The fine-tuning recipe shared by every command that retrains."""
     p.add_argument(epochs_flag, type=int, default=epochs, help=epochs_help)
@@ -323,8 +336,8 @@ def add_commands(commands):
     add_data_args(p)
     p.add_argument("--bits", type=int, default=8, choices=[8, 1])
     p.add_argument("--per-channel", action="store_true", help="int8: one weight scale per output channel")
-    p.add_argument("--calibration", type=int, default=1000, help="int8: training images used to calibrate")
-    p.add_argument("--method", default="minmax", choices=["minmax", "ema", "percentile"], help="int8: calibration")
+    p.add_argument("--calibration", type=_at_least(1), default=1000, help="int8: training images used to calibrate")
+    p.add_argument("--method", default="minmax", choices=quantization.METHODS, help="int8: calibration")
     p.add_argument("--percentile", type=float, default=99.99, help="int8: for --method percentile")
     p.add_argument("--qat-epochs", type=int, default=0, help="int8: quantization-aware fine-tuning epochs")
     p.add_argument("--binary-activations", action="store_true",
@@ -353,7 +366,7 @@ def add_commands(commands):
     p.add_argument("--layers", nargs="+", default=None, help="clip, global: layers to prune (conv1 ... fc1 ...)")
     p.add_argument("--sensitivity", action="store_true",
                    help="clip, global: first print each layer's accuracy against its sparsity, without retraining")
-    p.add_argument("--criterion", default="l1", choices=["l1", "l2", "activation", "taylor"], help="filters: ranking")
+    p.add_argument("--criterion", default="l1", choices=structured.CRITERIA, help="filters: ranking")
     p.add_argument("--steps", type=int, default=1, help="filters: prune and fine-tune in this many steps")
     _add_training_args(p, "--retrain-epochs", 4, None, "epochs of retraining (per step for filters)",
                        "Adam's learning rate; 1e-4 (clip, global), 3e-4 (filters)")
@@ -367,8 +380,8 @@ def add_commands(commands):
     how.add_argument("--remove", type=int, help="remove the K least important blocks")
     how.add_argument("--threshold", type=float,
                      help="remove every block scoring below T (accuracy drop as a fraction, e.g. 0.005)")
-    how.add_argument("--truncate-after", type=int, help="keep layers 0..I and train a new classifier head")
-    p.add_argument("--criterion", default="accuracy", choices=["accuracy", "distance"])
+    how.add_argument("--truncate-after", type=_at_least(0), help="keep layers 0..I and train a new classifier head")
+    p.add_argument("--criterion", default="accuracy", choices=cutting.CRITERIA)
     _add_training_args(p, "--retrain-epochs", 3, 3e-4)
     p.add_argument("--out", default=None, help="where to save the cut model (.npz)")
     p.set_defaults(run=cmd_cut)
@@ -381,7 +394,7 @@ def add_commands(commands):
     p.add_argument("--sparsity", type=float, help="for deep: the fraction of weights to prune, in [0, 1)")
     p.add_argument("--bits-conv", type=int, default=8, help="index bits of conv layers (2**bits centroids)")
     p.add_argument("--bits-fc", type=int, default=5, help="index bits of dense layers (2**bits centroids)")
-    p.add_argument("--init", default="linear", choices=["linear", "density", "random", "kmeans++"],
+    p.add_argument("--init", default="linear", choices=sharing.INITS,
                    help="k-means initialisation")
     p.add_argument("--iterations", type=int, default=8, help="pruning steps on the cubic schedule")
     p.add_argument("--ends-scale", type=float, default=1.0,

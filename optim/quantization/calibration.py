@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from minicnn.checks import check_array, check_positive_int
+from minicnn.model import check_sequential
 
 from .affine import activation_qparams
 
@@ -31,7 +32,7 @@ def plan(model):
     op is "compute" (Conv2D or Dense, with the ReLU right after it fused as a
     clamp), "maxpool2d", "flatten" or "relu". Raises for any other layer.
     """
-    steps, layers, i = [], model.layers, 0
+    steps, layers, i = [], check_sequential(model, "int8 quantization").layers, 0
     while i < len(layers):
         kind = getattr(layers[i], "kind", None)
         if kind in ("conv2d", "dense"):

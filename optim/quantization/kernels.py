@@ -37,6 +37,7 @@ from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
 from minicnn.simd import HAS_VNNI
 
+from .affine import WMAX
 from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_scalar
 
 
@@ -233,7 +234,11 @@ def pack_weights(wt):
     F is padded with zero filters to a multiple of 32: the kernels run 4 blocks
     of 8 filters per pass over a row, and a zero block costs less than the
     extra passes a remainder would take."""
+    if wt.dtype != np.int8 or wt.ndim != 2:
+        raise ValueError(f"weights must be a 2-D int8 array, got {wt.dtype} {wt.shape}")
     F, K_ = wt.shape
+    if wt.size and wt.min() < -WMAX:  # -128 would break the bound below (and the fast and reference kernels' agreement)
+        raise ValueError(f"weight codes must lie in [-{WMAX}, {WMAX}] (symmetric int8), got {wt.min()}")
     if K_ > MAX_K:
         raise ValueError(f"{K_} products per output could overflow the int32 accumulators (at most {MAX_K})")
     Fb, G = -(-F // 32) * 4, -(-K_ // 4)  # whole passes of 4 blocks: see _accumulate_row
@@ -243,7 +248,7 @@ def pack_weights(wt):
     return PackedWeights(wp, wt.astype(np.int32).sum(axis=1, dtype=np.int32))
 
 
-MAX_K = INT32_MAX // (255 * 127)
+MAX_K = INT32_MAX // (255 * WMAX)  # |sum_k u_k w_k| <= K 255 WMAX, u_k the unsigned activations
 
 
 def qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi):

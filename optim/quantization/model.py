@@ -21,7 +21,7 @@ predecessor's output, so the file stores it once.
 import numpy as np
 
 from minicnn.checks import check_array, check_bool, check_int, check_number, check_positive_int
-from minicnn.serialization import check_all_used, check_input_shape, check_specs, entries, write_npz
+from minicnn.serialization import check_all_used, check_input_shape, check_output_shapes, check_specs, entries, write_npz
 from minicnn.summary import format_summary
 
 from .affine import (
@@ -52,13 +52,18 @@ class QuantizedModel:
         check_zero_point(self.input_q[1], "input zero point")
         self.per_channel = bool(per_channel)
         self.ranges = list(ranges)
-        shape = self.input_shape
+        self.output_shape = self.output_shapes()[-1]
+
+    def output_shapes(self):
+        """Per-sample output shape of every op, in the float model's (C, H, W) convention."""
+        shapes, shape = [], self.input_shape
         for i, op in enumerate(self.layers):
             try:
                 shape = op.output_shape(shape)
             except ValueError as e:
                 raise ValueError(f"op {i} ({type(op).__name__}) does not fit its input: {e}") from None
-        self.output_shape = shape
+            shapes.append(shape)
+        return shapes
 
     def quantize_input(self, x):
         """float (N, C, H, W) -> int8 (N, H, W, C) codes (or (N, F) for flat inputs)."""
@@ -136,10 +141,9 @@ def load_quantized(meta, arrays):
             raise ValueError(f"op {i} ({spec['kind']}): {'missing ' if isinstance(e, KeyError) else ''}{e}") from None
     check_all_used(arrays, [f"ops.{i}.{name}" for i, op in enumerate(ops) for name in op.state()])
     model = QuantizedModel(ops, input_shape, in_q, check_bool(meta.get("per_channel"), "per_channel"))
-    if len(model.output_shape) != 1:
-        raise ValueError(f"the last op's output {model.output_shape} is not a vector of logits")
+    check_output_shapes(model.output_shapes())
     scale = np.max(ops[-1].output_scale[0])
-    if not np.isfinite(np.float32(scale * (2.0**31 + 128))):  # the largest int32 sum, dequantized
+    if scale * (2.0**31 + 128) > np.finfo(np.float32).max:  # the largest int32 sum, dequantized
         raise ValueError(f"the output scale {scale} makes the logits overflow float32")
     return model
 

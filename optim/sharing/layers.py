@@ -159,10 +159,9 @@ class SharedLayer(CSRLayer):
         k = new.clusters
         if data.size < 4 * (k + rows):
             raise ValueError(f"{data.size} bytes cannot hold a codebook of {k} and {rows} biases")
-        codebook = data[: 4 * k].view("<f4").astype(np.float32)
-        b = data[4 * k : 4 * (k + rows)].view("<f4").astype(np.float32)
-        if not (np.isfinite(codebook).all() and np.isfinite(b).all()):
-            raise ValueError("the codebook or the biases hold non-finite values")
+        parts = {"codebook": data[: 4 * k].view("<f4").astype(np.float32),
+                 "bias": data[4 * k : 4 * (k + rows)].view("<f4").astype(np.float32)}
+        codebook, b = (stored_array(parts, name) for name in ("codebook", "bias"))
         offset, n = 4 * (k + rows), rows * new.shape[1]
         if new.index_bits is None:
             slots = np.arange(n)

@@ -59,9 +59,9 @@ class SparseLayer(CSRLayer):
     def state(self):
         positions = self._positions()
         codes, slots = encode_relative(positions, self.index_bits)
-        flat = np.zeros(self.shape[0] * self.shape[1], dtype=self.params["values"].dtype)
-        flat[positions] = self.params["values"]
-        return {"values": flat[slots], "codes": pack_bits(codes, self.index_bits), "b": self.params["b"]}
+        values = np.zeros(slots.size, dtype=self.params["values"].dtype)  # fillers hold 0
+        values[np.searchsorted(slots, positions)] = self.params["values"]
+        return {"values": values, "codes": pack_bits(codes, self.index_bits), "b": self.params["b"]}
 
     @classmethod
     def from_state(cls, config, arrays):
