@@ -25,20 +25,28 @@ that `minicnn.load` reads them back.
 
 from minicnn.serialization import register_layer, register_model
 
-from . import binary, cutting, deep_compression, distillation, pruning, quantization, sharing, sparse, structured
+from . import (
+    binary, cutting, deep_compression, distillation, export, pruning, quantization, sharing, sparse, structured,
+)
 from .binary import binarize, pack
 from .distillation import distill
 from .pruning import prune_clip, prune_global
 from .quantization import QuantizedModel, load_quantized, quantize_model
-from .sharing import SharedConv2D, SharedDense, share_weights
-from .sparse import SparseConv2D, SparseDense, to_sparse
+from .sharing import share_weights
+from .sparse import to_sparse
 
 __all__ = [
-    "binarize", "binary", "cutting", "deep_compression", "distill", "distillation", "pack", "prune_clip",
+    "binarize", "binary", "cutting", "deep_compression", "distill", "distillation", "export", "pack", "prune_clip",
     "prune_global", "pruning", "quantization", "quantize_model", "share_weights", "sharing", "sparse",
     "structured", "to_sparse",
 ]
 
-for _cls in (*binary.LAYER_KINDS.values(), SparseDense, SparseConv2D, SharedDense, SharedConv2D):
-    register_layer(_cls)
-register_model(QuantizedModel.kind, load_quantized)
+
+def _register_kinds():
+    for kinds in (binary.LAYER_KINDS, sharing.LAYER_KINDS, sparse.LAYER_KINDS):
+        for layer_class in kinds.values():
+            register_layer(layer_class)
+    register_model(QuantizedModel.kind, load_quantized)
+
+
+_register_kinds()

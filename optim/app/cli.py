@@ -1,7 +1,7 @@
 """The `minicnn` command line (also `python -m optim.app`).
 
     minicnn train --model lenet5 --data mnist10k --epochs 10 --out lenet5.npz
-    minicnn demo | prune | quantize | distill | cut | compress ...
+    minicnn demo | prune | quantize | distill | cut | compress | export ...
 
 Every subcommand lives in commands.py; this module builds the parser from
 them and reports errors as messages, not tracebacks.

@@ -13,6 +13,8 @@ from .clustering import INITS, KMeans, kmeans
 from .layers import CODINGS, SharedConv2D, SharedDense, SharedLayer, bits_for, check_bits, share_weights, unshare
 
 __all__ = [
-    "CODINGS", "INITS", "KMeans", "SharedConv2D", "SharedDense", "SharedLayer", "bits_for", "check_bits",
-    "kmeans", "share_weights", "unshare",
+    "CODINGS", "INITS", "LAYER_KINDS", "KMeans", "SharedConv2D", "SharedDense", "SharedLayer", "bits_for",
+    "check_bits", "kmeans", "share_weights", "unshare",
 ]
+
+LAYER_KINDS = {cls.kind: cls for cls in (SharedDense, SharedConv2D)}  # what this package saves

@@ -16,6 +16,8 @@ from .csr_layer import CSRConv2D, CSRDense, CSRLayer, sparse_below
 from .layers import SparseConv2D, SparseDense, SparseLayer, to_dense, to_sparse
 
 __all__ = [
-    "CSRConv2D", "CSRDense", "CSRLayer", "SparseConv2D", "SparseDense", "SparseLayer", "sparse_below",
-    "to_dense", "to_sparse",
+    "LAYER_KINDS", "CSRConv2D", "CSRDense", "CSRLayer", "SparseConv2D", "SparseDense", "SparseLayer",
+    "sparse_below", "to_dense", "to_sparse",
 ]
+
+LAYER_KINDS = {cls.kind: cls for cls in (SparseDense, SparseConv2D)}  # what this package saves
