@@ -152,7 +152,10 @@ def _read_npy(f, size, name):
     if nbytes != size - f.tell():
         raise ModelFileError(f"entry {name!r}: its header says {shape} {dtype} ({nbytes} bytes) "
                              f"but it holds {size - f.tell()} bytes")
-    data = np.frombuffer(f.read(nbytes), dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
+    raw = f.read(nbytes)
+    if len(raw) != nbytes:  # the zip directory claimed more than the entry holds
+        raise ModelFileError(f"entry {name!r}: truncated: {len(raw)} of its {nbytes} bytes")
+    data = np.frombuffer(raw, dtype=dtype).reshape(shape, order="F" if fortran_order else "C")
     return np.array(data, dtype=dtype.newbyteorder("="), order="C")  # a writable copy, in native byte order
 
 
