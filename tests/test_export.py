@@ -3,10 +3,12 @@ on the 2,000 mnist10k test images; the files are checked, written atomically, an
 they need to be.
 
 The models are small and quick to make: LeNet-5 and the seed CNN trained one epoch on 2,000
-images, then pruned, shared, quantized or binarized with optim's own functions. The same checks
-on the demo's artifacts: MINICNN_EXPORT_DEMO=folder (e.g. /tmp/demo_base) runs test_demo_artifacts.
+images, then pruned, shared, quantized or binarized with optim's own functions; for the rarer
+paths, small untrained models built layer by layer. The same checks on the demo's artifacts:
+MINICNN_EXPORT_DEMO=folder (e.g. /tmp/demo_base) runs test_demo_artifacts.
 """
 
+import errno
 import os
 import subprocess
 import sys
@@ -16,16 +18,23 @@ import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
+onnxruntime = pytest.importorskip("onnxruntime")
 
 import minicnn  # noqa: E402
 from minicnn import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, Sequential, zoo  # noqa: E402
 from optim import binary, cutting, pruning, quantization, sharing, sparse, structured  # noqa: E402
 from optim.app.cli import main  # noqa: E402
-from optim.export import agreement, export, run, to_onnx  # noqa: E402
-from optim.export.graph import require_onnx  # noqa: E402
+from optim.export import MAX_OPSET, MIN_OPSET, agreement, export, run, to_onnx  # noqa: E402
+from optim.export import graph as export_graph  # noqa: E402  (its open, made to fail mid-write)
+from optim.export import int8 as int8_export  # noqa: E402  (its converter table, against optim's op kinds)
+from optim.quantization.ops import OP_KINDS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The newest opset the export writes: MAX_OPSET unless the installed onnx is older. ONNX Runtime
+# 1.32 runs every opset up to MAX_OPSET; 1.19, the oldest the onnx extra allows, up to 21.
+NEWEST_OPSET = min(MAX_OPSET, onnx.defs.onnx_opset_version())
+OLDEST_RUNTIME_OPSET = 21
+RUNTIME_RUNS_NEWEST = tuple(map(int, onnxruntime.__version__.split(".")[:2])) >= (1, 32)
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +153,36 @@ def test_deep_compression_shares_a_pruned_network(lenet5, data):
     assert proto.ByteSize() < check_float(very_sparse, data, sparse=False).ByteSize()
 
 
+def test_pruned_layer_with_65536_clusters_gets_uint32_indices(data):
+    """k = 2**16 clusters (optim.sharing's most) in a pruned layer: 65,537 table entries with the
+    pruned 0, so the indices are uint32 (uint16 would wrap cluster 65,535 onto the pruned 0)."""
+    rng = np.random.default_rng(7)
+    k = 2**16
+    values = ((2 * np.arange(k) - (k - 1)) / k).astype(np.float32)  # k distinct nonzeros, exact in float32
+    W = np.zeros((784, 100), np.float32)  # 78,400 weights, 12,864 of them pruned
+    W.reshape(-1)[rng.choice(W.size, k, replace=False)] = rng.permutation(values)
+    i, j = np.argwhere(W == values[-1])[0]
+    centre = 14 * 28 + 14  # the largest weight (cluster 65,535) swapped onto a pixel most digits cover
+    W[i, j], W[centre, 0] = W[centre, 0], values[-1]
+    dense = Dense(784, 100)
+    dense.params["W"] = W
+    # k-means from evenly spaced centroids on k evenly spaced values: each weight its own cluster at once
+    shared = sharing.SharedDense.from_layer(dense, 16, iterations=3, coding="packed")
+    assert shared.clusters == k and np.array_equal(shared.values(), W.T.reshape(-1)[shared.positions])
+    model = Sequential([Flatten(), shared])
+    proto = check_float(model, data)
+    initializers = {t.name: t for t in proto.graph.initializer}
+    assert initializers["layer1_indices"].data_type == onnx.TensorProto.UINT32
+    assert list(initializers["layer1_codebook"].dims) == [k + 1]
+
+
 # --------------------------------------------------------------------------
 # Int8 networks: every layer's codes within one of minicnn's
 
 
-def int8_differences(qmodel, x):
+def int8_differences(qmodel, x, **options):
     """max |code difference| of each op's output, ONNX Runtime against minicnn, and the ONNX logits."""
-    outputs = run(to_onnx(qmodel, intermediates=True), x)
+    outputs = run(to_onnx(qmodel, intermediates=True, **options), x)
     q, worst, inputs_equal = qmodel.quantize_input(x), [], np.ones(len(x), bool)
     for op, got in zip(qmodel.layers, outputs[1:]):
         previous_equal = inputs_equal.copy()
@@ -194,6 +226,31 @@ def test_int8_ends_in_a_padded_conv_with_loose_relu_per_tensor(data):
     assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_int8_pruned_dense_network_ending_in_relu(sparse, data):
+    """The last layer's int32 sums by MatMulInteger with its ReLU fused (Clip at 0); a pruned
+    layer's int8 weights (zero codes) stored sparse, or dense with sparse=False."""
+    x_train, _, x_test, _ = data
+    rng = np.random.default_rng(5)
+    model = Sequential([Flatten(), Dense(784, 64, rng=rng), ReLU(), Dense(64, 10, rng=rng), ReLU()])
+    W = model.layers[1].params["W"]
+    W[rng.random(W.shape) < 0.95] = 0  # pruned: 5% density
+    qmodel = quantization.quantize_model(model, x_train[:200], per_channel=True)
+    last = qmodel.layers[-1]
+    assert type(last).__name__ == "IntDense" and last.relu and last.out_q is None
+    worst, logits = int8_differences(qmodel, x_test[:500], sparse=sparse)
+    assert max(worst[:-1]) <= 1, worst
+    expected = qmodel.predict(x_test[:500])
+    assert logits.min() >= 0 and np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()
+    proto = to_onnx(qmodel, sparse=sparse)
+    assert [node.op_type for node in proto.graph.node][-4:] == ["MatMulInteger", "Add", "Clip", "DequantizeLinear"]
+    assert sparse_names(proto) == ({"layer1_1x1_W"} if sparse else set())
+
+
+def test_every_int8_op_kind_has_a_converter():
+    assert set(int8_export.OPS) == set(OP_KINDS.values())
+
+
 # --------------------------------------------------------------------------
 # Binary networks
 
@@ -206,8 +263,8 @@ def binary_model(model, data, binary_activations):
     return trained_model
 
 
-def check_binary(model, data):
-    proto = to_onnx(model)
+def check_binary(model, data, **options):
+    proto = to_onnx(model, **options)
     result = agreement(model, proto, data[2])
     assert result["argmax_agreement"] >= 0.999, result
     assert result["max_relative_error"] <= 1e-4, result
@@ -238,6 +295,29 @@ def test_binary_inputs_padded_conv(data):
     assert "Pad" in ops and "Where" in ops and "Sign" not in ops
 
 
+def binary_inputs_network(packed):
+    """Untrained XNOR-Net layers (the export maps any weights): convs of stride 2, padded and not,
+    as the training layers or packed."""
+    rng = np.random.default_rng(6)
+    model = Sequential([Conv2D(1, 4, 3, padding=1, rng=rng),
+                        binary.BinaryConv2D(4, 8, 3, stride=2, padding=1, binary_input=True, rng=rng),
+                        binary.BinaryConv2D(8, 8, 3, stride=2, binary_input=True, rng=rng),
+                        Flatten(), binary.BinaryDense(8 * 6 * 6, 10, binary_input=True, rng=rng)])
+    return binary.pack(model) if packed else model
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_binary_inputs_strided_convs_and_every_layer_output(packed, data):
+    model = binary_inputs_network(packed)
+    check_binary(model, data)
+    x = data[2][:200]
+    outputs = run(to_onnx(model, intermediates=True), x)
+    assert len(outputs) == 1 + len(model.layers)
+    for layer, got in zip(model.layers, outputs[1:]):
+        x = layer.forward(x)
+        np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+
+
 # --------------------------------------------------------------------------
 # Files, options, errors, the command
 
@@ -256,15 +336,62 @@ def test_unsupported_layer_names_it_and_leaves_the_file_alone(tmp_path):
         export(Sequential([Flatten(), Unknown(), Dense(784, 10)]), out)
     assert out.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # no temporary file left behind
-    with pytest.raises(ValueError, match="opset must be an integer in 13"):
-        to_onnx(zoo.lenet300(), opset=12)
+    for opset in (MIN_OPSET - 1, NEWEST_OPSET + 1):
+        with pytest.raises(ValueError, match=f"opset must be an integer in {MIN_OPSET}..{NEWEST_OPSET} "):
+            to_onnx(zoo.lenet300(), opset=opset)
     with pytest.raises(ValueError, match="cannot export a dict"):
         to_onnx({})
 
 
-def test_opset_is_the_one_asked_for(seed_cnn, data):
-    proto = check_float(seed_cnn, data, opset=17)
-    assert [(o.domain, o.version) for o in proto.opset_import] == [("", 17)]
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"old")
+    opened = []
+
+    class DiskFull:
+        """The temporary file, opened for real, whose write fails half-way."""
+
+        def __init__(self, path, mode):
+            opened.append(Path(path))
+            self.file = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(export_graph, "open", DiskFull, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        export(zoo.lenet300(seed=0), out)
+    assert len(opened) == 1 and opened[0].parent == tmp_path and opened[0] != out  # the write began
+    assert out.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.parametrize("opset", sorted({OLDEST_RUNTIME_OPSET, NEWEST_OPSET}))
+@pytest.mark.parametrize("kind", ["float", "int8", "binary"])
+def test_every_kind_runs_at_the_newest_opsets(kind, opset, seed_cnn, data):
+    """MAX_OPSET is the newest every kind runs at in ONNX Runtime 1.32 (it has no QuantizeLinear(28));
+    21 the newest in 1.19."""
+    if opset > OLDEST_RUNTIME_OPSET and not RUNTIME_RUNS_NEWEST:
+        pytest.skip(f"ONNX Runtime {onnxruntime.__version__} may not run opset {opset}: 1.32 runs up to {MAX_OPSET}")
+    x_train, _, x_test, _ = data
+    if kind == "int8":
+        qmodel = quantization.quantize_model(seed_cnn, x_train[:200])
+        worst, logits = int8_differences(qmodel, x_test[:500], opset=opset)
+        assert max(worst[:-1]) <= 1, worst
+        assert (logits.argmax(1) == qmodel.predict(x_test[:500]).argmax(1)).mean() >= 0.99
+        proto = to_onnx(qmodel, opset=opset)
+    elif kind == "binary":
+        proto = check_binary(binary_inputs_network(packed=True), data, opset=opset)
+    else:
+        proto = check_float(seed_cnn, data, opset=opset)
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", opset)]
     assert proto.ir_version == onnx.helper.find_min_ir_version_for(list(proto.opset_import))
 
 
@@ -294,7 +421,7 @@ def test_onnx_is_imported_only_when_exporting(monkeypatch):
     assert out.stdout.strip() == "[]"
     monkeypatch.setitem(sys.modules, "onnx", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install -e '\.\[onnx\]'"):
-        require_onnx()
+        to_onnx(zoo.lenet300())
 
 
 # --------------------------------------------------------------------------

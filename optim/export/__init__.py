@@ -1,12 +1,14 @@
 """Export to ONNX: every model file the project saves, as a graph ONNX Runtime runs.
 
-    from optim.export import export, to_onnx
+    from optim.export import export, run, to_onnx
     export("lenet5-int8.npz", "lenet5-int8.onnx")    # or a model object; returns the bytes written
-    proto = to_onnx(model, opset=13)                  # an onnx.ModelProto, checked
+    proto = to_onnx(model, opset=13)                  # an onnx.ModelProto, checked; MIN_OPSET..MAX_OPSET
+    logits = run(proto, x)[0]                         # in ONNX Runtime; session(proto): its InferenceSession
 
 The mapping of each kind of model, with its math, is in its module:
     graph.py    Graph: named tensors, initializers (dense or sparse, whichever is smaller),
-                nodes, the checked model; write (atomic); onnx imported only when used
+                nodes, the checked model; the opsets (13..27); write (atomic); onnx imported
+                only when used
     layers.py   float layers (Conv, Gemm, MaxPool, Relu, Flatten); pruned layers (their
                 weights, sparse initializers below 1/3 density); weight-shared layers
                 (codebook and indices decoded in the graph by Gather)
@@ -22,6 +24,7 @@ onnx and onnxruntime are optional: `pip install -e '.[onnx]'`. Importing optim n
 """
 
 from .convert import DEFAULT_OPSET, export, to_onnx
-from .runtime import agreement, run
+from .graph import MAX_OPSET, MIN_OPSET
+from .runtime import agreement, run, session
 
-__all__ = ["DEFAULT_OPSET", "agreement", "export", "run", "to_onnx"]
+__all__ = ["DEFAULT_OPSET", "MAX_OPSET", "MIN_OPSET", "agreement", "export", "run", "session", "to_onnx"]

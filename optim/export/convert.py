@@ -43,7 +43,7 @@ def to_onnx(model, opset=DEFAULT_OPSET, sparse=True, intermediates=False):
     """The onnx.ModelProto computing `model`'s logits, checked by onnx.checker.
 
     model: a minicnn Sequential (float, pruned, weight-shared or binary layers) or an int8
-    QuantizedModel. opset: the ai.onnx version (13 up to the installed onnx's newest).
+    QuantizedModel. opset: the ai.onnx version, MIN_OPSET..MAX_OPSET (13..27, graph.py).
     sparse: store a weight as a sparse initializer where that is smaller (graph.py).
     intermediates: also output every layer's result after the logits (module docstring).
     """

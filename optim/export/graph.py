@@ -7,6 +7,11 @@ constants are initializers. `Graph` collects nodes and initializers in execution
 onnx.checker (full_check: the operators' type and shape inference too). `write` writes the
 file atomically (minicnn.atomic: a temporary name, then a rename).
 
+The opset is one of MIN_OPSET..MAX_OPSET (13..27; `check_opset`): 13 has every operator the
+export uses, 27 is the newest the tests run in ONNX Runtime. onnx.checker knows newer ones,
+but passing it does not make a model runnable: ONNX Runtime 1.32 has no QuantizeLinear(28).
+An older ONNX Runtime runs only the opsets it implements (its compatibility table).
+
 Weight initializers are dense or sparse, whichever is smaller (`stored_sparse`). A dense
 TensorProto holds all n values, n * itemsize bytes. A SparseTensorProto holds the nnz nonzero
 values and their positions in the flattened tensor, which ONNX stores as int64 (the IR allows
@@ -29,6 +34,10 @@ INSTALL_HINT = "pip install -e '.[onnx]'"
 # Per-axis DequantizeLinear (the int32 logits, one scale per class) came in opset 13; Clip and
 # MaxPool on int8, and GreaterOrEqual, in 12.
 MIN_OPSET = 13
+# The newest opset the tests run in ONNX Runtime (tests/test_export.py, every kind of model):
+# ONNX Runtime 1.32 runs 13..27 but has no QuantizeLinear(28), so an int8 model at opset 28
+# would pass onnx.checker and fail to load. Raise this only with tests that run the new opset.
+MAX_OPSET = 27
 INDEX_BYTES = 8  # a sparse initializer's positions are int64
 
 
@@ -41,12 +50,17 @@ def require_onnx():
     return onnx
 
 
+def newest_opset():
+    """The newest opset the export writes: MAX_OPSET, or the installed onnx's newest if that is older."""
+    return min(MAX_OPSET, require_onnx().defs.onnx_opset_version())
+
+
 def check_opset(opset):
-    """opset as an int, if onnx knows it and the export's operators exist in it; else ValueError."""
-    newest = require_onnx().defs.onnx_opset_version()
+    """opset as an int, if it is in MIN_OPSET..newest_opset(); else ValueError."""
+    newest = newest_opset()
     if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)) or not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"opset must be an integer in {MIN_OPSET}..{newest} (the installed onnx's newest), "
-                         f"got {opset!r}")
+        raise ValueError(f"opset must be an integer in {MIN_OPSET}..{newest} (the newest the export is tested at "
+                         f"in ONNX Runtime, or the installed onnx's newest if older), got {opset!r}")
     return int(opset)
 
 
@@ -83,6 +97,10 @@ class Graph:
         name = self.name(hint)
         self.initializers.append(self.onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
+
+    def scalar(self, hint, value, dtype=np.float32):
+        """A 0-d initializer holding `value` as `dtype`: a scale, a zero point, a constant operand."""
+        return self.constant(hint, np.array(value, dtype))
 
     def weight(self, hint, array):
         """An initializer for a weight tensor: sparse if that is smaller (see the module docstring)."""

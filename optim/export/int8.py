@@ -23,7 +23,11 @@ ONNX Runtime requantizes with a float multiplier S_in S_w / S_out, minicnn with 
 point M0 2^(shift - 31) (fixedpoint.py), which rounds halves differently; it also divides the
 input by S_in in float32, minicnn in float64. So a code can differ by one where a scaled value
 lands on (or within float rounding of) a half. Given the same input codes, the last layer's
-int32 sums are the same. Weights go through Graph.weight, stored sparse if that is smaller.
+int32 sums are the same.
+
+Weights go through Graph.weight, stored sparse if that is smaller: an int8 weight's zero is
+the code 0 (zero point 0), so a pruned model's zeros stay zeros. Not those of a last conv
+layer: offset to uint8 for ConvInteger, its zeros are 128, and its weights are always dense.
 
 Operators: https://onnx.ai/onnx/operators/onnx__QuantizeLinear.html, onnx__QLinearConv.html,
 onnx__ConvInteger.html, onnx__MatMulInteger.html, onnx__DequantizeLinear.html, onnx__Clip.html,
@@ -33,14 +37,7 @@ onnx__MaxPool.html, onnx__Flatten.html, onnx__Reshape.html.
 import numpy as np
 
 from ..quantization.ops import IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
-
-
-def scale(g, hint, value):
-    return g.constant(hint, np.array(value, np.float32))
-
-
-def code(g, hint, value, dtype=np.int8):
-    return g.constant(hint, np.array(value, dtype))
+from .layers import flatten, maxpool2d
 
 
 def clamp(g, y, lo, name):
@@ -52,13 +49,13 @@ def qlinear_conv(g, op, q, W, name, **attributes):
     """q_out (N, F, Ho, Wo) int8 = QLinearConv of the codes q with the int8 weights W (F, C, KH, KW), ReLU clamped."""
     (S_in, Z_in), (S_out, Z_out) = op.in_q, op.out_q
     F = W.shape[0]
-    inputs = [q, scale(g, f"{name}_x_scale", S_in), code(g, f"{name}_x_zero_point", Z_in),
+    inputs = [q, g.scalar(f"{name}_x_scale", S_in), g.scalar(f"{name}_x_zero_point", Z_in, np.int8),
               g.weight(f"{name}_W", W), g.constant(f"{name}_W_scale", op.w_scale.astype(np.float32)),
               g.constant(f"{name}_W_zero_point", np.zeros(F, np.int8)),
-              scale(g, f"{name}_y_scale", S_out), code(g, f"{name}_y_zero_point", Z_out),
+              g.scalar(f"{name}_y_scale", S_out), g.scalar(f"{name}_y_zero_point", Z_out, np.int8),
               g.constant(f"{name}_b", op.b.astype(np.int32))]
     y = g.node("QLinearConv", inputs, f"{name}_linear" if op.relu else name, **attributes)
-    return clamp(g, y, code(g, f"{name}_relu_min", Z_out), name) if op.relu else y
+    return clamp(g, y, g.scalar(f"{name}_relu_min", Z_out, np.int8), name) if op.relu else y
 
 
 def int32_sums(g, op, q, integer_op, W, bias_shape, name, **attributes):
@@ -66,11 +63,11 @@ def int32_sums(g, op, q, integer_op, W, bias_shape, name, **attributes):
     if integer_op == "ConvInteger":
         inputs = offset_to_uint8(g, op, q, W, name)
     else:
-        inputs = [q, g.weight(f"{name}_W", W), code(g, f"{name}_x_zero_point", op.in_q[1])]
+        inputs = [q, g.weight(f"{name}_W", W), g.scalar(f"{name}_x_zero_point", op.in_q[1], np.int8)]
     acc = g.node(integer_op, inputs, f"{name}_sums", **attributes)
     b = g.constant(f"{name}_b", op.b.astype(np.int32).reshape(bias_shape))
     y = g.node("Add", [acc, b], f"{name}_biased" if op.relu else name)
-    return clamp(g, y, code(g, f"{name}_relu_min", 0, np.int32), name) if op.relu else y
+    return clamp(g, y, g.scalar(f"{name}_relu_min", 0, np.int32), name) if op.relu else y
 
 
 def offset_to_uint8(g, op, q, W, name):
@@ -78,11 +75,11 @@ def offset_to_uint8(g, op, q, W, name):
     releases (1.19, for one) run ConvInteger on uint8 only. The sums are the same:
     sum (q - Z_in) w = sum ((q + 128) - (Z_in + 128)) ((w + 128) - 128)."""
     wide = g.node("Cast", [q], f"{name}_codes_int32", to=g.onnx.TensorProto.INT32)
-    offset = g.node("Add", [wide, code(g, f"{name}_128", 128, np.int32)], f"{name}_codes_offset")
+    offset = g.node("Add", [wide, g.scalar(f"{name}_128", 128, np.int32)], f"{name}_codes_offset")
     return [g.node("Cast", [offset], f"{name}_codes_uint8", to=g.onnx.TensorProto.UINT8),
             g.weight(f"{name}_W_offset", (W.astype(np.int16) + 128).astype(np.uint8)),
-            code(g, f"{name}_x_zero_point", op.in_q[1] + 128, np.uint8),
-            code(g, f"{name}_W_zero_point", 128, np.uint8)]
+            g.scalar(f"{name}_x_zero_point", op.in_q[1] + 128, np.uint8),
+            g.scalar(f"{name}_W_zero_point", 128, np.uint8)]
 
 
 def int_conv2d(g, op, q, name):
@@ -105,20 +102,13 @@ def int_dense(g, op, q, name):
     return g.node("Reshape", [y, g.constant(f"{name}_flat", np.array([0, -1], np.int64))], name)
 
 
-def int_maxpool2d(g, op, q, name):
-    k, s = op.kernel_size, op.stride
-    return g.node("MaxPool", [q], name, kernel_shape=[k, k], strides=[s, s])
-
-
-def int_flatten(g, op, q, name):
-    return g.node("Flatten", [q], name, axis=1)
-
-
 def int_relu(g, op, q, name):
-    return clamp(g, q, code(g, f"{name}_min", op.in_q[1]), name)
+    return clamp(g, q, g.scalar(f"{name}_min", op.in_q[1], np.int8), name)
 
 
-OPS = {IntConv2D: int_conv2d, IntDense: int_dense, IntMaxPool2D: int_maxpool2d, IntFlatten: int_flatten,
+# Every op class of optim.quantization.ops.OP_KINDS (a test checks) -> converter(g, op, q, name), as
+# layers.CONVERTERS: max-pool and flatten are the float layers' operators, run on the codes.
+OPS = {IntConv2D: int_conv2d, IntDense: int_dense, IntMaxPool2D: maxpool2d, IntFlatten: flatten,
        IntReLU: int_relu}
 
 
@@ -128,14 +118,11 @@ def build(g, model, x):
     Returns ([(name, dtype, per-sample shape) of each op's output codes], the logits' name).
     """
     S, Z = model.input_q
-    q = g.node("QuantizeLinear", [x, scale(g, "input_scale", S), code(g, "input_zero_point", Z)], "input_codes")
+    q = g.node("QuantizeLinear", [x, g.scalar("input_scale", S), g.scalar("input_zero_point", Z, np.int8)],
+               "input_codes")
     outputs, shape = [], model.input_shape
     for i, op in enumerate(model.layers):
-        convert = OPS.get(type(op))
-        if convert is None:
-            raise ValueError(f"int8 op {i} ({type(op).__name__}) has no ONNX export; "
-                             f"supported: {', '.join(cls.__name__ for cls in OPS)}")
-        q = convert(g, op, q, f"layer{i}")
+        q = OPS[type(op)](g, op, q, f"layer{i}")
         shape = op.output_shape(shape)
         int32 = isinstance(op, (IntConv2D, IntDense)) and op.out_q is None
         outputs.append((q, np.int32 if int32 else np.int8, shape))
@@ -144,6 +131,6 @@ def build(g, model, x):
         logits = g.node("DequantizeLinear", [q, g.constant("output_scale", np.asarray(S_out, np.float32))],
                         "logits", axis=1)
     else:
-        logits = g.node("DequantizeLinear", [q, scale(g, "output_scale", S_out), code(g, "output_zero_point", Z_out)],
-                        "logits")
+        zero_point = g.scalar("output_zero_point", Z_out, np.int8)
+        logits = g.node("DequantizeLinear", [q, g.scalar("output_scale", S_out), zero_point], "logits")
     return outputs, logits

@@ -18,14 +18,16 @@ Weight-shared layers (SharedConv2D, SharedDense: a codebook c of k floats and on
 index a_i per nonzero weight, W_i = c[a_i]) are decoded inside the graph, so the file keeps
 one small integer per weight instead of a float:
 
-    W = Gather(c', Cast(A, int32))      A: M's shape, uint8 (uint16 if k' > 256)
+    W = Gather(c', Cast(A, int32))      A: M's shape, uint8 (uint16 if k' > 256, uint32 if k' > 65,536)
 
 With nothing pruned, c' = c and A holds the a_i. A pruned shared layer (Deep Compression)
-uses c' = [0, c_0, ..., c_(k-1)] and A = a_i + 1 at the nonzeros, 0 at the pruned weights,
-so A is mostly zeros and `Graph.weight` stores it sparse where that is smaller (below 1/9
-density: one byte of index, eight of position). The Huffman coding of the .npz has no
-ONNX operator, so the ONNX file is larger than the .npz. Every input of the decoding is
-a constant, so ONNX Runtime computes W once, when it loads the model (constant folding).
+uses c' = [0, c_0, ..., c_(k-1)] and A = a_i + 1 at the nonzeros, 0 at the pruned weights
+(k' = k + 1 entries: with k = 2**16 clusters, the most optim.sharing allows, A is uint32),
+so A is mostly zeros and `Graph.weight` stores it sparse where that is smaller (for uint8
+indices below 1/9 density: one byte of index, eight of position). The Huffman coding of the
+.npz has no ONNX operator, so the ONNX file is larger than the .npz. Every input of the
+decoding is a constant, so ONNX Runtime computes W once, when it loads the model (constant
+folding).
 
 Operators: https://onnx.ai/onnx/operators/onnx__Conv.html, onnx__Gemm.html,
 onnx__MaxPool.html, onnx__Relu.html, onnx__Flatten.html, onnx__Gather.html, onnx__Cast.html.
@@ -50,28 +52,20 @@ def float32(array):
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
-def conv2d(g, layer, x, name):
-    W = g.weight(f"{name}_W", float32(layer.params["W"]))
+# The three kinds of conv and dense layer differ only in how their weights enter the graph (as
+# stored, from the pruned matrix M, decoded from a codebook): each converter builds the tensor
+# named W and hands it to conv_layer or gemm_layer, which add the bias and the operator.
+
+
+def conv_layer(g, layer, x, W, name):
+    """Conv(x, W, b) with the geometry and bias of the conv layer `layer`; W: (F, C, K, K)."""
     b = g.constant(f"{name}_b", float32(layer.params["b"]))
     return conv(g, x, W, b, layer.kernel_size, layer.stride, layer.padding, name)
 
 
-def dense(g, layer, x, name):
-    W = g.weight(f"{name}_W", float32(layer.params["W"]))
-    return g.node("Gemm", [x, W, g.constant(f"{name}_b", float32(layer.params["b"]))], name)
-
-
-def maxpool2d(g, layer, x, name):
-    k, s = layer.kernel_size, layer.stride
-    return g.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s])
-
-
-def relu(g, layer, x, name):
-    return g.node("Relu", [x], name)
-
-
-def flatten(g, layer, x, name):
-    return g.node("Flatten", [x], name, axis=1)
+def gemm_layer(g, layer, x, W, name, **attributes):
+    """Gemm(x, W, b) = x W + b with the bias of the dense layer `layer`; x W^T + b with transB=1."""
+    return g.node("Gemm", [x, W, g.constant(f"{name}_b", float32(layer.params["b"]))], name, **attributes)
 
 
 def conv_shape(layer):
@@ -80,15 +74,21 @@ def conv_shape(layer):
     return (layer.out_channels, layer.in_channels, k, k)
 
 
+def conv2d(g, layer, x, name):
+    return conv_layer(g, layer, x, g.weight(f"{name}_W", float32(layer.params["W"])), name)
+
+
+def dense(g, layer, x, name):
+    return gemm_layer(g, layer, x, g.weight(f"{name}_W", float32(layer.params["W"])), name)
+
+
 def sparse_conv2d(g, layer, x, name):
     W = g.weight(f"{name}_W", float32(layer.matrix()).reshape(conv_shape(layer)))
-    b = g.constant(f"{name}_b", float32(layer.params["b"]))
-    return conv(g, x, W, b, layer.kernel_size, layer.stride, layer.padding, name)
+    return conv_layer(g, layer, x, W, name)
 
 
 def sparse_dense(g, layer, x, name):
-    M = g.weight(f"{name}_M", float32(layer.matrix()))
-    return g.node("Gemm", [x, M, g.constant(f"{name}_b", float32(layer.params["b"]))], name, transB=1)
+    return gemm_layer(g, layer, x, g.weight(f"{name}_M", float32(layer.matrix())), name, transB=1)
 
 
 def shared_weights(g, layer, shape, name):
@@ -99,21 +99,33 @@ def shared_weights(g, layer, shape, name):
     indices[layer.positions] = layer.labels + pruned  # pruned: index 0 is a pruned weight, 1 + a is cluster a
     codebook = float32(layer.params["codebook"])
     table = np.concatenate([np.zeros(1, np.float32), codebook]) if pruned else codebook
-    dtype = np.uint8 if table.size <= 256 else np.uint16
+    dtype = np.min_scalar_type(table.size - 1)  # uint8, uint16 or uint32: the largest index must fit
     stored = g.weight(f"{name}_indices", indices.astype(dtype).reshape(shape))
     wide = g.node("Cast", [stored], f"{name}_indices_int32", to=g.onnx.TensorProto.INT32)
     return g.node("Gather", [g.constant(f"{name}_codebook", table), wide], f"{name}_W")
 
 
 def shared_conv2d(g, layer, x, name):
-    W = shared_weights(g, layer, conv_shape(layer), name)
-    b = g.constant(f"{name}_b", float32(layer.params["b"]))
-    return conv(g, x, W, b, layer.kernel_size, layer.stride, layer.padding, name)
+    return conv_layer(g, layer, x, shared_weights(g, layer, conv_shape(layer), name), name)
 
 
 def shared_dense(g, layer, x, name):
-    M = shared_weights(g, layer, layer.shape, name)
-    return g.node("Gemm", [x, M, g.constant(f"{name}_b", float32(layer.params["b"]))], name, transB=1)
+    return gemm_layer(g, layer, x, shared_weights(g, layer, layer.shape, name), name, transB=1)
+
+
+def maxpool2d(g, layer, x, name):
+    """MaxPool(x); also the int8 model's IntMaxPool2D, on the codes (int8.py)."""
+    k, s = layer.kernel_size, layer.stride
+    return g.node("MaxPool", [x], name, kernel_shape=[k, k], strides=[s, s])
+
+
+def relu(g, layer, x, name):
+    return g.node("Relu", [x], name)
+
+
+def flatten(g, layer, x, name):
+    """Flatten(x, axis 1); also the int8 model's IntFlatten, on the codes (int8.py)."""
+    return g.node("Flatten", [x], name, axis=1)
 
 
 # Each layer class (exactly: a subclass may compute something else) -> converter(g, layer, x, name),
