@@ -16,6 +16,7 @@ math and its paper.
     binary/              binary weights and activations, XNOR-popcount (BinaryConnect, BNN, XNOR-Net)
     distillation.py      knowledge distillation (Hinton et al. 2015)
     bitpack.py           fixed-width bit packing, for index streams
+    auto/                automatic compression under an accuracy budget (compress --auto)
     export/              ONNX export of every kind of model, checked in ONNX Runtime (optional: onnx)
     app/                 the `minicnn` command line and `minicnn demo` (above the library)
 

@@ -194,7 +194,40 @@ def _prune_filters(args):
     return finish("after pruning and fine-tuning", pruned, x_test, y_test, args.out)
 
 
+def cmd_auto(args):
+    """compress --auto: the search of optim.auto on the training images; test accuracy once, at the end."""
+    from .. import auto  # here, not at the top: the other commands never need it
+
+    if not args.out:
+        raise ValueError("--auto needs --out DIR (the folder of the trial log, the models and the front)")
+    x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    result = auto.auto_compress(
+        args.model, x_train, y_train, args.out, args.max_drop, objective=args.objective, techniques=args.techniques,
+        time_budget=args.time_budget, workers=args.workers, scheduler=args.scheduler, seed=args.seed,
+        epochs=args.auto_epochs)
+    tested = auto.evaluate_chosen(result, x_test, y_test)
+    result["test_accuracy"] = tested
+    with atomic_path(os.path.join(args.out, "front.json")) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+    base = result["baseline"]
+    print(f"\n{len(result['points']) - 1} models from {len(set(p['key'] for p in result['points'])) - 1} trials "
+          f"in {result['seconds'] / 60:.1f} min; Pareto front: {len(result['front'])} points ({args.out}/front.json)")
+    for message in result["messages"]:
+        print(message)
+    for objective, p in result["chosen"].items():
+        mark = " (chosen: chosen.npz)" if objective == args.objective else ""
+        print(f"{objective:>8}{mark}: {p['kind']} {p['path']}\n"
+              f"          validation {p['val_accuracy']:.4f} ({100 * (p['val_accuracy'] - base['val_accuracy']):+.2f} "
+              f"points), test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points), "
+              f"{p['bytes']:,} bytes ({base['bytes'] / p['bytes']:.1f}x smaller), batch-1 "
+              f"{1e3 * p['latency_s']:.3f} ms ({base['latency_s'] / p['latency_s']:.2f}x faster)")
+    return 0
+
+
 def cmd_compress(args):
+    if args.auto:
+        return cmd_auto(args)
     x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
     model = load(args.model)
     before = report(f"{args.model} before compression", model, x_test, y_test, args.model)
@@ -402,13 +435,28 @@ def add_commands(commands):
     p.add_argument("--finetune-epochs", type=int, default=2, help="epochs of centroid fine-tuning")
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate of the centroids")
     _add_training_args(p, "--retrain-epochs", 6, 3e-4)
-    p.add_argument("--out", default=None, help="where to save the compressed model (.npz)")
+    p.add_argument("--out", default=None, help="where to save the compressed model (.npz); with --auto, a folder")
+    auto = p.add_argument_group("automatic search (--auto, optim.auto): per-layer settings within an accuracy budget")
+    auto.add_argument("--auto", action="store_true", help="search per-layer settings instead of the fixed pipeline")
+    auto.add_argument("--max-drop", type=float, default=0.3, help="points of validation accuracy the result may lose")
+    auto.add_argument("--objective", default="bytes", choices=["bytes", "latency"],
+                      help="within the budget, choose the smallest file or the lowest batch-1 latency")
+    auto.add_argument("--techniques", nargs="+", default=None,
+                      help="among prune share int8 binary filters (default: all)")
+    auto.add_argument("--time-budget", type=float, default=None,
+                      help="minutes: start no new round of trials after this")
+    auto.add_argument("--workers", type=int, default=1, help="local worker processes running trials")
+    auto.add_argument("--scheduler", default=None,
+                      help="address of a Dask scheduler (e.g. tcp://host:8786) to run trials on its workers")
+    auto.add_argument("--auto-epochs", type=int, default=4, help="retraining epochs of each trial")
     p.set_defaults(run=cmd_compress)
 
     p = commands.add_parser("export", help="write a model file (any kind) as ONNX, for ONNX Runtime (optim.export)")
     p.add_argument("--model", required=True, help="model file (.npz) to export")
     p.add_argument("--out", required=True, help="where to write the ONNX model (.onnx)")
-    p.add_argument("--opset", type=int, default=None, help="ai.onnx opset version, 13 (the default) or newer")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ai.onnx opset version, 13 (the default) to 27, the newest tested in ONNX Runtime "
+                        "(1.32; 1.19 runs up to 21)")
     p.add_argument("--dense-weights", action="store_true",
                    help="store every weight dense, even where a sparse initializer is smaller (for tools "
                         "that read no sparse initializers)")

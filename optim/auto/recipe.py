@@ -1,0 +1,138 @@
+"""One trial: a candidate's per-layer settings applied to the model, retrained, saved.
+
+A candidate is a JSON-ready dict (the search writes it, the trial log keys on it):
+
+    {"family": "prune" | "filters" | "binary", "epochs": E, "sparsity": {name: s},
+     "filters": {name: r}, "bits_tolerance": t (a fraction), "int8": bool, "share": bool}
+
+and `run` turns it into compressed models with the project's own techniques, in
+the order of Deep Compression (Han, Mao & Dally 2016), structured pruning first:
+
+    1. filters (Li et al. 2017): remove floor(r_l * units_l) lowest-L1 units of layer l
+    2. pruning: per-layer magnitude masks, reached on Zhu & Gupta's cubic schedule
+       s_l(t) = s_l (1 - (1 - t/T)^3) over the first half of E epochs of retraining
+       (Adam 1e-4; 3e-4 after filter removal, which moves the weights further), with the
+       masks re-applied after every step                               -> point "sparse"
+    3. sharing: k-means with 2**b_l centroids per layer, centroids fine-tuned 1 epoch,
+       Huffman-coded indices (optim.sharing)                            -> point "shared"
+       b_l = min{b : a_sparse - a_l(b) <= the candidate's bits tolerance}, the bits curve
+       measured again on the pruned, retrained layer (its nonzeros are few and large: the
+       curve of the dense layer in stage 1 is far too optimistic for them)
+    4. int8: the retrained model post-training quantized (optim.quantization) -> point "int8"
+
+The "binary" family binarizes the middle weight layers (BinaryConnect weights,
+float activations), trains E epochs with latent weights clipped to [-1, 1], and
+packs them to one bit per weight -> point "binary".
+
+A trial is a pure function of (candidate, context, seed): it reads nothing else
+and every random choice comes from `seed`, so a process pool, a Dask worker on
+another machine, and the driver itself all return the same bytes.
+"""
+
+import os
+import tempfile
+
+from minicnn.optimizers import Adam
+from minicnn.training import evaluate, fit
+
+from .. import binary, deep_compression, pruning, quantization, sharing, structured
+from . import sensitivity
+from ..sparse import to_sparse
+
+CALIBRATION = 512  # training images that set the int8 activation ranges
+PRUNE_LR, FILTERS_LR, SHARE_LR = 1e-4, 3e-4, 1e-4
+
+
+class PerLayerSchedule:
+    """The `constraint` for fit: per-layer targets {layer index: s_l} reached on the cubic schedule
+    in `count` pruning steps, one every `every` training steps; masks re-applied after each step."""
+
+    def __init__(self, model, targets, count, every, optimizer):
+        self.targets, self.count, self.every, self.optimizer = targets, count, every, optimizer
+        self.names = {index: name for name, index in pruning.layer_names(model).items()}
+        self.masks, self.step, self.done = {}, 0, 0
+
+    def __call__(self, model):
+        if self.step % self.every == 0 and self.done < self.count:
+            self.done += 1
+            for index, final in self.targets.items():
+                s = pruning.cubic_sparsity(self.done, final, count=self.count)
+                self.masks = pruning.global_masks(model, s, [self.names[index]], self.masks)
+        self.step += 1
+        pruning.apply_masks(model, self.masks, self.optimizer)
+
+
+def model_bytes(model):
+    """The model's file, as bytes: what the driver writes into the run's folder."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.npz")
+        model.save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+
+def _point(kind, model, x_val, y_val, **settings):
+    data = model_bytes(model)
+    return {"kind": kind, "val_accuracy": evaluate(model, x_val, y_val), "bytes": len(data), "file": data,
+            **settings}
+
+
+def fewest_bits(model, tolerance, x_val, y_val, seed):
+    """{layer name: the fewest index bits whose sharing, of that layer alone, loses at most
+    `tolerance` (a fraction) of the model's validation accuracy}; 8 where none does."""
+    base = evaluate(model, x_val, y_val)
+    curves = sensitivity.bits_sensitivity(model, x_val, y_val, seed=seed)
+    return {name: min((b for b, a in curve if base - a <= tolerance), default=8) for name, curve in curves.items()}
+
+
+def _retrain_pruned(model, candidate, x, y, seed, lr):
+    names = pruning.layer_names(model)
+    targets = {names[n]: s for n, s in candidate["sparsity"].items() if s > 0}
+    optimizer = Adam(lr)
+    steps = candidate["epochs"] * -(-len(x) // 64)
+    count = max(1, min(8, steps // 2))
+    schedule = PerLayerSchedule(model, targets, count, max(1, steps // 2 // count), optimizer)
+    fit(model, x, y, epochs=candidate["epochs"], batch_size=64, optimizer=optimizer, seed=seed,
+        constraint=schedule, verbose=False)
+    # a final pass, so the targets hold even if the schedule had fewer steps than planned
+    for index, s in targets.items():
+        schedule.masks = pruning.global_masks(model, s, [schedule.names[index]], schedule.masks)
+    pruning.apply_masks(model, schedule.masks)
+    return model
+
+
+def _binary(model, candidate, context, seed):
+    trained = binary.binarize(model)
+    fit(trained, context["x_fit"], context["y_fit"], epochs=candidate["epochs"], batch_size=64,
+        optimizer=Adam(1e-3), seed=seed, constraint=binary.clip_latent, verbose=False)
+    return [_point("binary", binary.pack(trained), context["x_val"], context["y_val"])]
+
+
+def run(candidate, context, seed):
+    """The points of one trial: [{"kind", "val_accuracy", "bytes", "file": the .npz as bytes}], the
+    shared point with its "bits" per layer too.
+
+    context: {"model": the trained Sequential, "x_fit", "y_fit" (N, C, H, W) float32 / (N,) int64
+    retraining images, "x_val", "y_val" the validation split}. The context's model is not changed.
+    """
+    x, y, x_val, y_val = context["x_fit"], context["y_fit"], context["x_val"], context["y_val"]
+    model = context["model"].copy()
+    if candidate["family"] == "binary":
+        return _binary(model, candidate, context, seed)
+    lr = PRUNE_LR
+    if candidate.get("filters"):
+        names = pruning.layer_names(model)
+        rates = {names[n]: r for n, r in candidate["filters"].items() if r > 0}
+        if rates:
+            model, lr = structured.prune(model, rates), FILTERS_LR
+    model = _retrain_pruned(model, candidate, x, y, seed, lr)
+    points = [_point("sparse", to_sparse(model), x_val, y_val)]
+    if candidate.get("share"):
+        bits = fewest_bits(model, candidate["bits_tolerance"], x_val, y_val, seed)
+        bits = deep_compression.capped_bits(model, bits)
+        shared = sharing.share_weights(model, bits, seed=seed)
+        fit(shared, x, y, epochs=1, batch_size=64, optimizer=Adam(SHARE_LR), seed=seed + 1, verbose=False)
+        points.append(_point("shared", shared, x_val, y_val, bits=bits))
+    if candidate.get("int8"):
+        points.append(_point("int8", quantization.quantize_model(model, x[:CALIBRATION]), x_val, y_val))
+    return points

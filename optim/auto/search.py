@@ -1,0 +1,248 @@
+"""Stage 2: the search over per-layer settings, and the whole `compress --auto` run.
+
+The method is Deep Compression's sensitivity-driven thresholds (Han, Mao & Dally,
+ICLR 2016; Han et al. 2015, section 4), as Distiller automates them (Zmora et
+al. 2019), turned into a one-dimensional search. A tolerance t (points of
+validation accuracy) picks every layer's settings at once from the stage-1
+curves (sensitivity.settings_within, each curve followed piecewise-linearly up to
+its first crossing, so tolerances between grid points give new settings):
+
+    s_l(t) = max{s : a_0 - a_l^prune(s) <= t}      sparsity of layer l
+    r_l(t) = max{r : a_0 - a_l^filter(r) <= t}     fraction of units removed (filters family)
+    b_l    = min{b : a' - a_l^share(b) <= D / L}   index bits of layer l, read in the trial off
+                                                   the curve of the pruned, retrained layer (a'),
+                                                   D = max_drop shared evenly by the L layers
+
+so sensitive layers stay dense and wide, redundant ones go far, with no number
+given by hand. Each candidate is retrained (recipe.py) and yields up to three
+models (sparse float, shared + Huffman, int8), plus one binary trial.
+
+    round 0   a ladder of tolerances, for each family (prune; filters + prune)
+    round k   per family, bisect (geometrically, two points) between the largest
+              tolerance whose trial stayed within max_drop and the next one tried
+    last      fine-tune the promising candidates: the bracketing pair of each
+              family again, with twice the retraining epochs
+
+Every decision reads validation accuracy only: the images are the training
+images' validation split (minicnn.datasets.split_validation), and this module
+never sees the test images. The refinement uses accuracy alone (not latency,
+which is measured and noisy), so the trials a seed runs are the same on every
+executor. AMC (He et al., ECCV 2018) and HAQ (Wang et al., CVPR 2019) search
+the same per-layer space with reinforcement learning, at far more trials.
+"""
+
+import hashlib
+import math
+import os
+import shutil
+import time
+
+from minicnn.datasets import split_validation
+from minicnn.model import check_sequential
+from minicnn.serialization import load
+from minicnn.training import evaluate
+
+from . import pareto, sensitivity, trials
+
+TECHNIQUES = ("prune", "share", "int8", "binary", "filters")
+TOLERANCES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # points of one-shot per-layer drop
+CONTEXT_KEYS = ("x_fit", "y_fit", "x_val", "y_val")
+
+
+def check_settings(max_drop, objective, techniques, workers, time_budget, epochs):
+    """ValueError on a bad setting, before any work; returns the techniques as a sorted list."""
+    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
+            or max_drop < 0:
+        raise ValueError(f"max_drop must be a finite number of accuracy points >= 0, got {max_drop!r}")
+    if objective not in pareto.OBJECTIVES:
+        raise ValueError(f"objective must be one of {pareto.OBJECTIVES}, got {objective!r}")
+    techniques = list(TECHNIQUES if techniques is None else techniques)
+    unknown = sorted(set(techniques) - set(TECHNIQUES))
+    if unknown or not techniques:
+        raise ValueError(f"unknown technique(s) {unknown or techniques}; choose among {list(TECHNIQUES)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
+    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
+        raise ValueError(f"time_budget must be a positive number of minutes, got {time_budget!r}")
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    return sorted(set(techniques))
+
+
+def candidate(family, table, tolerance, techniques, epochs, max_drop):
+    """The per-layer settings of `family` at `tolerance` (points) read off the sensitivity table.
+
+    The bits get an even share of the budget per layer, max_drop / L: the drops of L shared
+    layers add up, and the pruning has used its own part of the budget already.
+    """
+    if family == "binary":
+        return {"family": "binary", "epochs": epochs}
+    chosen = sensitivity.settings_within(table, tolerance / 100)
+    layers = table["layers"]
+    return {"family": family, "epochs": epochs,
+            "sparsity": chosen.get("sparsity", {name: 0.0 for name in layers}),
+            "bits_tolerance": round(max_drop / 100 / len(layers), 6),
+            "filters": chosen.get("filters", {}) if family == "filters" else {},
+            "share": "share" in techniques, "int8": "int8" in techniques}
+
+
+def families(techniques, table):
+    out = []
+    if {"prune", "share", "int8"} & set(techniques):
+        out.append("prune")
+    if "filters" in techniques and table.get("filters"):
+        out.append("filters")
+    return out
+
+
+def next_tolerances(tried, feasible):
+    """Two tolerances to try next for one family, given {tolerance: within budget}; [] when settled."""
+    ts = sorted(tried)
+    ok = [t for t in ts if feasible[t]]
+    if not ok:
+        return [ts[0] / 4, ts[0] / 2]
+    lo = max(ok)
+    above = [t for t in ts if t > lo]
+    if not above:
+        return [lo * 1.5, lo * 2]
+    hi = min(above)
+    if hi / lo < 1.15:
+        return []  # the bracket is narrower than the curves can tell apart
+    return [lo * (hi / lo) ** (1 / 3), lo * (hi / lo) ** (2 / 3)]
+
+
+class Run:
+    """The state of one search: its log, executor, trials and measured points."""
+
+    def __init__(self, context, log, runner, table, settings, progress):
+        self.context, self.log, self.runner = context, log, runner
+        self.table, self.settings, self.progress = table, settings, progress
+        self.tried = {}  # family -> {tolerance: key}
+        self.results = {}  # key -> (candidate, tolerance, points)
+        self.latency = {}  # path -> seconds
+
+    def run(self, jobs):
+        """jobs: [(tolerance, candidate)] -> run (or resume) them, record their points."""
+        found = trials.run_trials([(c, self.settings["seed"]) for _, c in jobs], self.log, self.runner,
+                                  self.progress)
+        for (tolerance, cand), points in zip(jobs, found):
+            key = trials.candidate_key(cand)
+            self.results[key] = (cand, tolerance, points)
+            if tolerance is not None and cand["epochs"] == self.settings["epochs"]:
+                self.tried.setdefault(cand["family"], {})[tolerance] = key
+        self.measure()
+
+    def measure(self):
+        x_one = self.context["x_val"][:1]
+        for _, _, points in self.results.values():
+            for p in points:
+                if p["path"] not in self.latency:
+                    self.latency[p["path"]] = pareto.latency(p["path"], x_one)
+
+    def tried_already(self, cand):
+        """Whether a trial already ran `cand` (another tolerance read the same settings off the curves)."""
+        return trials.candidate_key(cand) in self.results
+
+    def within(self, key):
+        floor = self.table["baseline"] - self.settings["max_drop"] / 100
+        return any(p["val_accuracy"] >= floor - 1e-12 for p in self.results[key][2])
+
+    def points(self):
+        out = []
+        for key, (cand, tolerance, points) in self.results.items():
+            for p in points:
+                out.append({**p, "key": key, "family": cand["family"], "tolerance": tolerance,
+                            "epochs": cand["epochs"], "latency_s": self.latency[p["path"]]})
+        return sorted(out, key=lambda p: (p["key"], p["kind"]))
+
+
+def auto_compress(model_path, x_train, y_train, out, max_drop, objective="bytes", techniques=None,
+                  time_budget=None, workers=1, scheduler=None, seed=0, epochs=4, validation=0.1,
+                  tolerances=TOLERANCES, refine_rounds=2, progress=True):
+    """Compress the model file at `model_path` within `max_drop` points of validation accuracy.
+
+    x_train (N, C, H, W) float32, y_train (N,) int64: the training images; a `validation`
+    fraction of them is held out (seeded) for every decision, the rest retrains. No test
+    images come in. Writes to `out`: sensitivity.json/.png, trials.jsonl, models/, front.json,
+    front.png and chosen.npz. Returns the report (what front.json holds).
+    """
+    started = time.perf_counter()
+    techniques = check_settings(max_drop, objective, techniques, workers, time_budget, epochs)
+    model = check_sequential(load(model_path), "compress --auto")
+    x_fit, y_fit, x_val, y_val = split_validation(x_train, y_train, validation, seed)
+    settings = {"max_drop": max_drop, "objective": objective, "techniques": techniques, "seed": seed,
+                "epochs": epochs, "validation": validation, "tolerances": list(tolerances),
+                "refine_rounds": refine_rounds, "images": int(len(x_train)),
+                "data_sha256": hashlib.sha256(x_train.tobytes() + y_train.tobytes()).hexdigest()}
+    os.makedirs(out, exist_ok=True)
+    log = trials.TrialLog(out, trials.fingerprint(model_path, settings), settings)
+    context = {"model": model, **dict(zip(CONTEXT_KEYS, (x_fit, y_fit, x_val, y_val)))}
+    runner = trials.executor(context, workers, scheduler)  # an unreachable scheduler fails here
+    try:
+        table = sensitivity.analyse(model, x_fit, x_val, y_val, techniques, seed)
+        sensitivity.save(table, os.path.join(out, "sensitivity.json"))
+        messages = [sensitivity.plot(table, os.path.join(out, "sensitivity.png"))]
+        search = Run(context, log, runner, table, settings, progress)
+        _search(search, table, techniques, tolerances, refine_rounds, started, time_budget)
+    finally:
+        runner.close()
+    return _report(search, model_path, out, messages, time.perf_counter() - started)
+
+
+def _search(search, table, techniques, tolerances, refine_rounds, started, time_budget):
+    epochs, max_drop = search.settings["epochs"], search.settings["max_drop"]
+    kinds = families(techniques, table)
+    jobs = [(t, candidate(f, table, t, techniques, epochs, max_drop)) for f in kinds for t in tolerances]
+    if "binary" in techniques and len(table["layers"]) >= 3:
+        jobs.append((None, candidate("binary", table, None, techniques, epochs, max_drop)))
+    search.run(jobs)
+
+    def out_of_time():
+        return time_budget is not None and time.perf_counter() - started > 60 * time_budget
+
+    for _ in range(refine_rounds):
+        if out_of_time():
+            return
+        jobs = [(t, candidate(f, table, t, techniques, epochs, max_drop)) for f in kinds
+                for t in next_tolerances(search.tried[f], {t: search.within(k) for t, k in search.tried[f].items()})]
+        jobs = [job for job in jobs if not search.tried_already(job[1])]
+        if not jobs:
+            break
+        search.run(jobs)
+    if out_of_time():
+        return
+    jobs = []
+    for f in kinds:
+        ranked = sorted(search.tried[f])
+        ok = [t for t in ranked if search.within(search.tried[f][t])]
+        pair = ([max(ok)] if ok else []) + [t for t in ranked if not ok or t > max(ok)][:1]
+        jobs += [(t, {**search.results[search.tried[f][t]][0], "epochs": 2 * epochs}) for t in pair]
+    search.run(jobs)
+
+
+def _report(search, model_path, out, messages, seconds):
+    baseline = {"key": "baseline", "kind": "float32", "family": "baseline", "tolerance": None,
+                "path": os.path.abspath(model_path), "val_accuracy": search.table["baseline"],
+                "bytes": os.path.getsize(model_path),
+                "latency_s": pareto.latency(model_path, search.context["x_val"][:1])}
+    points = [baseline] + search.points()
+    best = pareto.front(points)
+    max_drop = search.settings["max_drop"] / 100
+    chosen = {o: pareto.choose(points, baseline["val_accuracy"], max_drop, o) for o in pareto.OBJECTIVES}
+    objective = search.settings["objective"]
+    chosen_path = os.path.join(out, "chosen.npz")
+    shutil.copyfile(chosen[objective]["path"], chosen_path)
+    report = {"settings": search.settings, "baseline": baseline, "points": points,
+              "front": [p["key"] + "/" + p["kind"] for p in best], "chosen": chosen,
+              "chosen_path": chosen_path, "seconds": seconds}
+    pareto.save(report, os.path.join(out, "front.json"))
+    messages.append(pareto.plot(points, chosen[objective], os.path.join(out, "front.png")))
+    report["messages"] = [m for m in messages if m]
+    return report
+
+
+def evaluate_chosen(report, x_test, y_test):
+    """Test accuracy of the baseline and the chosen models: the one look at the test images, at the
+    end, after every decision is taken. Returns {"baseline": a, "bytes": a, "latency": a}."""
+    paths = {"baseline": report["baseline"]["path"], **{o: p["path"] for o, p in report["chosen"].items()}}
+    return {name: evaluate(load(path), x_test, y_test) for name, path in paths.items()}

@@ -1,0 +1,196 @@
+"""optim.auto: the automatic search on a tiny model (12x12 digits, a few hundred images)."""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+
+import minicnn
+from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
+from optim import auto
+from optim.auto import pareto, search, sensitivity, trials
+
+FAST = dict(epochs=1, tolerances=(1.0, 8.0), refine_rounds=1, progress=False,
+            techniques=["prune", "share", "int8", "binary"])
+
+
+def _small_digits():
+    """600 training and 200 test digits, average-pooled 28 -> 14 and cropped to 12x12."""
+    x_train, y_train, x_test, y_test = minicnn.datasets.load("mnist10k")
+
+    def shrink(x):
+        return np.ascontiguousarray(x.reshape(-1, 1, 14, 2, 14, 2).mean(axis=(3, 5))[:, :, 1:13, 1:13])
+
+    return shrink(x_train[:600]), y_train[:600], shrink(x_test[:200]), y_test[:200]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("auto")
+    x, y, x_test, y_test = _small_digits()
+    rng = np.random.default_rng(0)
+    model = Sequential([Conv2D(1, 6, 3, rng=rng), ReLU(), MaxPool2D(2), Flatten(),
+                        Dense(6 * 5 * 5, 32, rng=rng), ReLU(), Dense(32, 10, rng=rng)], input_shape=(1, 12, 12))
+    minicnn.fit(model, x, y, epochs=4, batch_size=32, optimizer=minicnn.Adam(3e-3), verbose=False)
+    path = str(folder / "tiny.npz")
+    model.save(path)
+    return folder, path, x, y, x_test, y_test
+
+
+@pytest.fixture(scope="module")
+def first_run(setup):
+    folder, path, x, y, _, _ = setup
+    return auto.auto_compress(path, x, y, str(folder / "run1"), max_drop=1.0, workers=1, **FAST)
+
+
+def _outcome(report):
+    """What must not depend on the executor: the trials' points and the choice by bytes."""
+    return ([(p["key"], p["kind"], p["val_accuracy"], p["bytes"]) for p in report["points"]],
+            report["chosen"]["bytes"]["key"], report["chosen"]["bytes"]["kind"])
+
+
+def test_front_has_no_dominated_point_and_every_point_loads(first_run):
+    points = first_run["points"]
+    best = [p for p in points if p["key"] + "/" + p["kind"] in first_run["front"]]
+    assert best and all(not pareto.dominates(q, p) for p in best for q in points)
+    assert all(any(pareto.dominates(q, p) for q in points) for p in points if p not in best)
+    for p in points:
+        minicnn.load(p["path"])
+    assert os.path.exists(first_run["chosen_path"])
+    with open(os.path.join(os.path.dirname(first_run["chosen_path"]), "sensitivity.json")) as f:
+        assert set(json.load(f)) >= {"baseline", "sparsity", "bits", "int8", "binary"}
+
+
+def test_chosen_model_respects_max_drop_on_validation(first_run):
+    baseline = first_run["baseline"]["val_accuracy"]
+    for objective, chosen in first_run["chosen"].items():
+        assert chosen["val_accuracy"] >= baseline - 0.01 - 1e-12
+        within = [p for p in first_run["points"] if p["val_accuracy"] >= baseline - 0.01 - 1e-12]
+        assert chosen[{"bytes": "bytes", "latency": "latency_s"}[objective]] == min(
+            p[{"bytes": "bytes", "latency": "latency_s"}[objective]] for p in within)
+    assert first_run["chosen"]["bytes"]["bytes"] < first_run["baseline"]["bytes"]
+
+
+def test_decisions_see_validation_images_only(setup, monkeypatch, tmp_path):
+    _, path, x, y, _, _ = setup
+    _, _, x_val, _ = minicnn.datasets.split_validation(x, y, 0.1, 0)
+    seen = set()
+    for module in (search, sensitivity, trials.recipe, pareto):
+        if hasattr(module, "evaluate"):
+            real = module.evaluate
+
+            def spy(model, xs, ys, *args, real=real, **kwargs):
+                seen.add(hashlib.sha256(np.ascontiguousarray(xs).tobytes()).hexdigest())
+                return real(model, xs, ys, *args, **kwargs)
+
+            monkeypatch.setattr(module, "evaluate", spy)
+    for module in (sensitivity.pruning, sensitivity.structured):
+        monkeypatch.setattr(module, "evaluate", spy)
+    auto.auto_compress(path, x, y, str(tmp_path / "run"), max_drop=1.0, workers=1, **FAST)
+    assert seen == {hashlib.sha256(np.ascontiguousarray(x_val).tobytes()).hexdigest()}
+
+
+def test_resume_skips_finished_trials(setup, first_run, monkeypatch):
+    folder, path, x, y, _, _ = setup
+    calls = []
+    real = trials.recipe.run
+    monkeypatch.setattr(trials.recipe, "run", lambda *a: calls.append(a) or real(*a))
+    again = auto.auto_compress(path, x, y, str(folder / "run1"), max_drop=1.0, workers=1, **FAST)
+    assert calls == []
+    assert _outcome(again) == _outcome(first_run)
+
+
+def test_foreign_log_is_refused(setup, first_run):
+    folder, path, x, y, _, _ = setup
+    other = minicnn.load(path)
+    other.layers[0].params["b"] += 1
+    other_path = str(folder / "other.npz")
+    other.save(other_path)
+    with pytest.raises(ValueError, match="another model file or other settings"):
+        auto.auto_compress(other_path, x, y, str(folder / "run1"), max_drop=1.0, **FAST)
+    with pytest.raises(ValueError, match="another model file or other settings"):
+        auto.auto_compress(path, x, y, str(folder / "run1"), max_drop=0.5, **FAST)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_drop": -0.1}, "max_drop"), ({"max_drop": float("nan")}, "max_drop"),
+    ({"max_drop": float("inf")}, "max_drop"), ({"max_drop": 1, "techniques": ["prune", "magic"]}, "magic"),
+    ({"max_drop": 1, "objective": "joules"}, "objective"), ({"max_drop": 1, "workers": 0}, "workers"),
+])
+def test_bad_inputs(setup, tmp_path, kwargs, message):
+    _, path, x, y, _, _ = setup
+    with pytest.raises(ValueError, match=message):
+        auto.auto_compress(path, x, y, str(tmp_path / "bad"), **kwargs)
+
+
+def test_unreachable_scheduler_names_its_address(setup, tmp_path):
+    _, path, x, y, _, _ = setup
+    pytest.importorskip("distributed", reason="dask[distributed] is not installed (the `dask` extra)")
+    with pytest.raises(ValueError, match="127.0.0.1:1"):
+        auto.auto_compress(path, x, y, str(tmp_path / "run"), max_drop=1, scheduler="tcp://127.0.0.1:1", **FAST)
+
+
+def test_same_result_on_a_process_pool_and_on_dask(setup, first_run, tmp_path):
+    _, path, x, y, _, _ = setup
+    pooled = auto.auto_compress(path, x, y, str(tmp_path / "pool"), max_drop=1.0, workers=2, **FAST)
+    assert _outcome(pooled) == _outcome(first_run)
+    distributed = pytest.importorskip("distributed", reason="dask[distributed] is not installed (the `dask` extra)")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        on_dask = auto.auto_compress(path, x, y, str(tmp_path / "dask"), max_drop=1.0,
+                                     scheduler=cluster.scheduler_address, **FAST)
+    assert _outcome(on_dask) == _outcome(first_run)
+
+
+def test_test_images_are_looked_at_once_at_the_end(setup, first_run):
+    *_, x_test, y_test = setup
+    accuracies = auto.evaluate_chosen(first_run, x_test, y_test)
+    assert set(accuracies) == {"baseline", "bytes", "latency"}
+    assert all(0 <= a <= 1 for a in accuracies.values())
+
+
+def test_filters_family_makes_a_narrower_model_that_loads(setup, tmp_path):
+    _, path, x, y, _, _ = setup
+    model = minicnn.load(path)
+    x_fit, y_fit, x_val, y_val = minicnn.datasets.split_validation(x, y, 0.1, 0)
+    context = {"model": model, "x_fit": x_fit, "y_fit": y_fit, "x_val": x_val, "y_val": y_val}
+    cand = {"family": "filters", "epochs": 1, "sparsity": {"conv1": 0.5, "fc1": 0.8, "fc2": 0.0},
+            "bits_tolerance": 0.01, "filters": {"conv1": 0.5, "fc1": 0.25},
+            "share": True, "int8": True}
+    points = trials.recipe.run(cand, context, 0)
+    assert [p["kind"] for p in points] == ["sparse", "shared", "int8"]
+    file = tmp_path / "narrow.npz"
+    file.write_bytes(points[0]["file"])
+    narrow = minicnn.load(str(file))
+    assert narrow.output_shapes()[0][0] == 3 and points[0]["bytes"] < os.path.getsize(path)
+
+
+def test_cli_prints_one_line_on_bad_input(setup, tmp_path, capsys):
+    from optim.app.cli import main
+
+    _, path, *_ = setup
+    assert main(["compress", "--auto", "--model", path, "--max-drop", "nan", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_drop" in err[0]
+
+
+def test_front_and_choice_on_made_up_points():
+    pts = [{"val_accuracy": a, "bytes": b, "latency_s": t, "key": str(i), "kind": "k"}
+           for i, (a, b, t) in enumerate([(0.99, 100, 1.0), (0.98, 50, 1.0), (0.98, 60, 1.0), (0.97, 50, 0.5),
+                                          (0.99, 100, 2.0)])]
+    assert [p["key"] for p in auto.front(pts)] == ["1", "3", "0"]  # by bytes, then higher accuracy
+    assert auto.choose(pts, 0.99, 0.01)["key"] == "1"
+    assert auto.choose(pts, 0.99, 0.01, "latency")["key"] == "0"  # a tie on latency: higher accuracy
+    assert auto.choose(pts, 0.99, 0.02, "latency")["key"] == "3"
+
+
+def test_tolerance_reads_settings_between_grid_points():
+    curve = [(0.5, 0.99), (0.7, 0.98), (0.9, 0.90)]
+    assert sensitivity.largest_within(curve, 0.99, 0.0) == 0.5
+    assert sensitivity.largest_within(curve, 0.99, 0.01) == 0.7
+    assert sensitivity.largest_within(curve, 0.99, 0.05) == 0.8
+    assert sensitivity.largest_within(curve, 0.99, 0.5) == 0.9
+    assert search.next_tolerances([1.0, 2.0, 4.0], {1.0: True, 2.0: False, 4.0: False}) == pytest.approx(
+        [2 ** (1 / 3), 2 ** (2 / 3)])
