@@ -23,14 +23,7 @@ class Sequential:
 
     def output_shapes(self):
         """Per-sample output shape of every layer; raises if the layers do not fit together."""
-        shapes, shape = [], self.input_shape
-        for i, layer in enumerate(self.layers):
-            try:
-                shape = layer.output_shape(shape)
-            except ValueError as e:
-                raise ValueError(f"layer {i} ({type(layer).__name__}) does not fit its input: {e}") from None
-            shapes.append(shape)
-        return shapes
+        return output_shapes(self.layers, self.input_shape)
 
     @property
     def num_classes(self):
@@ -103,3 +96,16 @@ def check_sequential(model, user):
     if not isinstance(model, Sequential):
         raise TypeError(f"{user} needs a minicnn Sequential model, got {type(model).__name__}")
     return model
+
+
+def output_shapes(layers, input_shape, what="layer"):
+    """Per-sample output shape of each of `layers` (anything with output_shape(in_shape)) fed
+    input_shape; ValueError naming the first one that does not fit its input."""
+    shapes, shape = [], tuple(input_shape)
+    for i, layer in enumerate(layers):
+        try:
+            shape = layer.output_shape(shape)
+        except ValueError as e:
+            raise ValueError(f"{what} {i} ({type(layer).__name__}) does not fit its input: {e}") from None
+        shapes.append(shape)
+    return shapes

@@ -21,6 +21,7 @@ predecessor's output, so the file stores it once.
 import numpy as np
 
 from minicnn.checks import check_array, check_bool, check_int, check_number, check_positive_int
+from minicnn.model import output_shapes
 from minicnn.serialization import check_all_used, check_input_shape, check_output_shapes, check_specs, entries, write_npz
 from minicnn.summary import format_summary
 
@@ -56,14 +57,7 @@ class QuantizedModel:
 
     def output_shapes(self):
         """Per-sample output shape of every op, in the float model's (C, H, W) convention."""
-        shapes, shape = [], self.input_shape
-        for i, op in enumerate(self.layers):
-            try:
-                shape = op.output_shape(shape)
-            except ValueError as e:
-                raise ValueError(f"op {i} ({type(op).__name__}) does not fit its input: {e}") from None
-            shapes.append(shape)
-        return shapes
+        return output_shapes(self.layers, self.input_shape, "op")
 
     def quantize_input(self, x):
         """float (N, C, H, W) -> int8 (N, H, W, C) codes (or (N, F) for flat inputs)."""
