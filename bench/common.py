@@ -12,7 +12,7 @@ import platform
 from pathlib import Path
 
 from minicnn import parallel
-from minicnn.atomic import atomic_path
+from minicnn.atomic import write_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -192,6 +192,4 @@ def write_json(path, data):
     sees half a file). Creates the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+    write_file(path, json.dumps(data, indent=2) + "\n")

@@ -39,3 +39,10 @@ def _mode_for(path):
         umask = os.umask(0)
         os.umask(umask)
         return 0o666 & ~umask
+
+
+def write_file(path, data):
+    """Write `data` (str or bytes) to `path` through atomic_path."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)

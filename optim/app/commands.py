@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from minicnn import datasets, zoo
-from minicnn.atomic import atomic_path
+from minicnn.atomic import write_file
 from minicnn.layers import weight_layers
 from minicnn.optimizers import SGD, Adam
 from minicnn.serialization import load
@@ -98,9 +98,7 @@ def cmd_distill(args):
         result["cpu_seconds"] = time.process_time() - cpu_start  # all threads; steadier on a shared machine
         print(distillation.format_comparison(result))
         if args.json:
-            with atomic_path(args.json) as tmp:
-                with open(tmp, "w") as f:
-                    json.dump(result, f, indent=2)
+            write_file(args.json, json.dumps(result, indent=2))
             print(f"wrote {args.json}")
         return 0
     if args.omit_class is not None:
@@ -221,9 +219,7 @@ def cmd_auto(args):
         epochs=args.auto_epochs)
     tested = auto.evaluate_chosen(result, x_test, y_test)
     result["test_accuracy"] = tested
-    with atomic_path(os.path.join(args.out, "front.json")) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
+    write_file(os.path.join(args.out, "front.json"), json.dumps(result, indent=1))  # now with the test figures
     base = result["baseline"]
     print(f"\n{len(result['points']) - 1} models from {len(set(p['key'] for p in result['points'])) - 1} trials "
           f"in {result['seconds'] / 60:.1f} min; Pareto front: {len(result['front'])} points ({args.out}/front.json)")

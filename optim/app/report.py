@@ -7,7 +7,7 @@ interrupted demo never leaves a half-written report.
 import json
 import os
 
-from minicnn.atomic import atomic_path
+from minicnn.atomic import write_file
 
 COLUMNS = ("technique", "model", "accuracy", "change (points)", "params", "nonzero", "bits/w", "bytes",
            "compression", "batch-1 latency (ms)", "batch-256 (img/s)", "speed b1 / b256", "artifact")
@@ -79,20 +79,14 @@ other moments of the run, so their ratios can differ from it.
 """
 
 
-def _write_text(path, text):
-    with atomic_path(path) as tmp:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-
 def write_json(report, out_dir):
     """out_dir/report.json, written atomically."""
-    _write_text(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))
+    write_file(os.path.join(out_dir, "report.json"), json.dumps(report, indent=2))
 
 
 def write_markdown(report, out_dir, plot_files=(), why_no_plots=""):
     """out_dir/report.md, written atomically."""
-    _write_text(os.path.join(out_dir, "report.md"), format_markdown(report, plot_files, why_no_plots))
+    write_file(os.path.join(out_dir, "report.md"), format_markdown(report, plot_files, why_no_plots))
 
 
 def update_readme(path, report):
@@ -102,4 +96,4 @@ def update_readme(path, report):
     begin, end = text.find(README_BEGIN), text.find(README_END)
     if begin < 0 or end < begin:
         raise ValueError(f"{path} has no demo table markers: add the lines\n{README_BEGIN}\n{README_END}")
-    _write_text(path, text[: begin + len(README_BEGIN)] + "\n" + markdown_table(report) + "\n" + text[end:])
+    write_file(path, text[: begin + len(README_BEGIN)] + "\n" + markdown_table(report) + "\n" + text[end:])

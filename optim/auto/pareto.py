@@ -19,6 +19,7 @@ at a time, while no trial runs.
 
 import json
 
+from minicnn.atomic import write_file
 from minicnn.serialization import load
 from minicnn.timing import QUICK, measure
 
@@ -54,8 +55,7 @@ def latency(path, x_one, budget=QUICK):
 
 
 def save(report, path):
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    write_file(path, json.dumps(report, indent=1))
 
 
 def plot(points, chosen, path):

@@ -27,6 +27,7 @@ import json
 
 import numpy as np
 
+from minicnn.atomic import write_file
 from minicnn.model import Sequential
 from minicnn.training import evaluate
 
@@ -124,8 +125,7 @@ def settings_within(table, tolerance):
 
 
 def save(table, path):
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1)
+    write_file(path, json.dumps(table, indent=1))
 
 
 def plot(table, path):

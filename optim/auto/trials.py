@@ -30,6 +30,8 @@ import os
 
 from tqdm import tqdm
 
+from minicnn.atomic import write_file
+
 from . import recipe
 
 CONNECT_TIMEOUT = 5  # seconds to reach a Dask scheduler before giving up
@@ -88,8 +90,7 @@ class TrialLog:
         kept = []
         for p in points:
             path = self.file(key, p["kind"])
-            with open(path, "wb") as f:
-                f.write(p["file"])
+            write_file(path, p["file"])
             kept.append({k: v for k, v in p.items() if k != "file"} | {"path": path})
         with open(self.path, "a") as f:
             f.write(json.dumps({"key": key, "candidate": candidate, "points": kept}) + "\n")
