@@ -32,19 +32,18 @@ from minicnn.model import Sequential
 from minicnn.training import evaluate
 
 from .. import binary, pruning, quantization, structured
-from ..sharing import SharedConv2D, SharedDense
+from ..sharing.layers import SHARED_LAYERS
 
 SPARSITIES = (0.5, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
 BITS = (2, 3, 4, 5, 6, 8)
 FILTER_RATES = (0.25, 0.5, 0.75)
-SHARED = {"conv": SharedConv2D, "fc": SharedDense}
 CALIBRATION = 512  # images for int8 calibration: the ranges settle long before that
 
 
-def _share_one(model, name, index, bits, seed):
-    """A copy of `model` whose layer `name` alone shares its weights among 2**bits centroids."""
+def _share_one(model, index, bits, seed):
+    """A copy of `model` whose layer `index` alone shares its weights among 2**bits centroids."""
     layers = [copy.deepcopy(layer) for layer in model.layers]
-    layers[index] = SHARED[name.rstrip("0123456789")].from_layer(model.layers[index], bits, seed=seed)
+    layers[index] = SHARED_LAYERS[type(model.layers[index])].from_layer(model.layers[index], bits, seed=seed)
     return Sequential(layers, input_shape=model.input_shape)
 
 
@@ -53,7 +52,7 @@ def bits_sensitivity(model, x_val, y_val, bits=BITS, seed=0):
     curves = {}
     for name, index in pruning.layer_names(model).items():
         nonzero = int(np.count_nonzero(model.layers[index].params["W"]))
-        curves[name] = [(b, evaluate(_share_one(model, name, index, b, seed), x_val, y_val))
+        curves[name] = [(b, evaluate(_share_one(model, index, b, seed), x_val, y_val))
                         for b in bits if 2**b <= nonzero]
     return curves
 
