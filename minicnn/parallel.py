@@ -37,6 +37,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 MODES = ("auto", "serial", "threaded")
 MIN_OUTPUTS = 1 << 18  # the break-even of minicnn's own loops, in elements touched (read or written)
+# The break-even of the register-tiled kernels (direct, narrow), in multiply-adds: they do ~60 G
+# of them per second per core, and waking the workqueue's sleeping thread costs ~100-150 us here.
+MIN_MACS = 1 << 24
 
 
 def _check_mode(mode, source):

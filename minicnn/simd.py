@@ -12,6 +12,10 @@ kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
     load(x, i)              x[i : i + 16]
     store(x, i, v)          x[i : i + 16] = v
     splat(s)                [s, s, ..., s]
+    broadcast(x, i)         [x[i], x[i], ..., x[i]] (one load: folds into the fma that uses it)
+    maximum(a, b)           numpy.maximum(a, b) (for values that are not NaN)
+    load_first(x, i, n)     x[i : i + n] then zeros, 0 <= n <= 16 (a masked load: x may end before i + 16)
+    store_first(x, i, v, n) x[i : i + n] = v[:n], 0 <= n <= 16 (a masked store: x may end before i + 16)
     fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
     add(a, b)               a + b
     permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
@@ -31,7 +35,7 @@ held in two registers, and exists only where `HAS_PERMUTE` is true; a
 kernel that uses it must not even be compiled elsewhere.
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= x.size (j
-likewise for k). tests/test_simd.py checks each operation against NumPy.
+likewise for k; i + n <= x.size for store_first). tests/test_simd.py checks each operation against NumPy.
 With NUMBA_DISABLE_JIT=1 the operations are those NumPy expressions (the
 `_python` versions at the end), so the kernels run as plain Python. Numba's
 cache does not see this file: after editing it, delete the __pycache__
@@ -147,6 +151,76 @@ def splat(typingctx, s):
 
 
 @intrinsic
+def broadcast(typingctx, x, i):
+    """x[i] in every lane; x is a 1-D float32 array. LLVM folds the load into the instruction
+    that uses it (vbroadcastss, or an fma's {1to16} memory operand)."""
+    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        s = builder.load(_lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.FloatType()))
+        first = builder.insert_element(ir.Constant(_FLOATS, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
+        return builder.shuffle_vector(first, ir.Constant(_FLOATS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
+
+    return f32x16(x, i), codegen
+
+
+@intrinsic
+def maximum(typingctx, a, b):
+    """The larger of a and b lane by lane (b where they compare unordered)."""
+    if not a == b == f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+
+    return f32x16(a, b), codegen
+
+
+def _first_lanes(builder, n):
+    """The mask of lanes 0 .. n - 1 (n an i32)."""
+    lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(_INTS, ir.Undefined), n, ir.Constant(ir.IntType(32), 0)),
+                                   ir.Constant(_INTS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
+    return builder.icmp_signed("<", ir.Constant(_INTS, list(range(LANES))), lanes)
+
+
+@intrinsic
+def load_first(typingctx, x, i, n):
+    """[x[i], ..., x[i + n - 1], 0, ..., 0] for 0 <= n <= 16: llvm.masked.load, which reads no
+    memory outside the n lanes."""
+    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer) and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        source = _lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
+        mask = _first_lanes(builder, context.cast(builder, args[2], sig.args[2], types.int32))
+        fnty = ir.FunctionType(_FLOATS, [source.type, ir.IntType(32), mask.type, _FLOATS])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.load.v16f32.p0")
+        return builder.call(fn, [source, ir.Constant(ir.IntType(32), 4), mask, ir.Constant(_FLOATS, [0.0] * LANES)])
+
+    return f32x16(x, i, n), codegen
+
+
+@intrinsic
+def store_first(typingctx, x, i, v, n):
+    """x[i : i + n] = v[:n] for 0 <= n <= 16: llvm.masked.store, which touches no memory
+    outside the n lanes (vmaskmovps, or an AVX-512 masked store)."""
+    if not (_is_array_of(x, types.float32, writable=True) and isinstance(i, types.Integer) and v == f32x16
+            and isinstance(n, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        target = _lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
+        mask = _first_lanes(builder, context.cast(builder, args[3], sig.args[3], types.int32))
+        fnty = ir.FunctionType(ir.VoidType(), [_FLOATS, target.type, ir.IntType(32), mask.type])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16f32.p0")
+        builder.call(fn, [args[2], target, ir.Constant(ir.IntType(32), 4), mask])
+        return context.get_dummy_value()
+
+    return types.none(x, i, v, n), codegen
+
+
+@intrinsic
 def fma(typingctx, a, b, c):
     """a * b + c lane by lane: one fused multiply-add (one rounding) where the CPU has them,
     a multiply and an add elsewhere (llvm.fmuladd, where llvm.fma would call a slow libm routine)."""
@@ -250,6 +324,24 @@ def _splat_python(s):
     return np.full(LANES, s, np.float32)
 
 
+def _broadcast_python(x, i):
+    return np.full(LANES, x[i], np.float32)
+
+
+def _maximum_python(a, b):
+    return np.where(a > b, a, b)
+
+
+def _load_first_python(x, i, n):
+    out = np.zeros(LANES, np.float32)
+    out[:n] = x[i : i + n]
+    return out
+
+
+def _store_first_python(x, i, v, n):
+    x[i : i + n] = v[:n]
+
+
 def _fma_python(a, b, c):
     return a * b + c
 
@@ -269,4 +361,5 @@ def _transpose16_python(src, i, src_stride, dst, j, dst_stride):
 
 if numba.config.DISABLE_JIT:
     load, store, splat, fma, add = _load_python, _store_python, _splat_python, _fma_python, _add_python
+    broadcast, maximum, load_first, store_first = _broadcast_python, _maximum_python, _load_first_python, _store_first_python
     permute2, transpose16 = _permute2_python, _transpose16_python

@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minicnn import simd
-from minicnn.simd import LANES, add, aligned_empty, fma, load, permute2, splat, store, transpose16
+from minicnn.simd import (LANES, add, aligned_empty, broadcast, fma, load, load_first, maximum, permute2, splat, store,
+                          store_first, transpose16)
 
 floats = st.floats(-1e6, 1e6, width=32)
 
@@ -22,6 +23,16 @@ def _arithmetic(a, b, c, out):
     store(out, 0, fma(load(a, 0), load(b, 0), load(c, 0)))
     store(out, LANES, add(load(a, 0), load(b, 0)))
     store(out, 2 * LANES, splat(a[0]))
+
+
+@numba.njit
+def _masked(src, i, n, dst, j, m):
+    store_first(dst, j, load_first(src, i, n), m)
+
+
+@numba.njit
+def _broadcast_max(a, b, i, out):
+    store(out, 0, maximum(load(a, 0), broadcast(b, i)))
 
 
 @numba.njit
@@ -57,6 +68,27 @@ def test_fma_add_splat(values):
     assert (near_fused | (out[:LANES] == a * b + c)).all(), (out[:LANES], fused, a * b + c)
     np.testing.assert_array_equal(out[LANES : 2 * LANES], a + b)
     np.testing.assert_array_equal(out[2 * LANES :], np.full(LANES, a[0]))
+
+
+@given(st.integers(0, LANES), st.integers(0, LANES), st.integers(0, 5), st.integers(0, 5))
+def test_masked_load_and_store_touch_only_their_lanes(n, m, i, j):
+    """Arrays that end where the lanes end: a masked load or store past them would fault or show."""
+    src = np.arange(1, i + n + 1, dtype=np.float32)
+    dst = np.full(j + m, -7.0, np.float32)
+    _masked(src, i, n, dst, j, m)
+    lanes = np.zeros(LANES, np.float32)
+    lanes[:n] = src[i : i + n]
+    expected = np.full_like(dst, -7.0)
+    expected[j:] = lanes[:m]
+    np.testing.assert_array_equal(dst, expected)
+
+
+@given(st.lists(floats, min_size=LANES, max_size=LANES), st.lists(floats, min_size=3, max_size=3), st.integers(0, 2))
+def test_broadcast_and_maximum(a, b, i):
+    a, b = np.array(a, np.float32), np.array(b, np.float32)
+    out = np.empty(LANES, np.float32)
+    _broadcast_max(a, b, i, out)
+    np.testing.assert_array_equal(out, np.maximum(a, b[i]))
 
 
 @pytest.mark.skipif(not (simd.HAS_PERMUTE or numba.config.DISABLE_JIT),

@@ -1,0 +1,94 @@
+"""The fused inference kernels against their references: minicnn.direct and minicnn.narrow.
+
+Float sums in another order: they agree to float32 rounding, in float64 references
+scaled by the size of the sum. Both builds of each kernel (threaded and serial)
+run every example.
+"""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minicnn import direct, kernels, narrow, parallel
+from strategies import random_array
+
+
+def close(got, expected, terms):
+    """float32 sums of `terms` products of standard normals, against float64."""
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6 * terms)
+
+
+@st.composite
+def block_geometry(draw):
+    """(N, C, H, W, F, K, stride, padding, relu, pool), with a 2x2 pool only where the conv output has one."""
+    N, C, F = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 70))
+    K, S, P = draw(st.integers(1, 5)), draw(st.integers(1, 3)), draw(st.integers(0, 2))
+    low = max(1, K - 2 * P)
+    H, W = draw(st.integers(low, 14)), draw(st.integers(low, 14))
+    pooled = min(kernels.conv_output_size(H, K, S, P), kernels.conv_output_size(W, K, S, P)) >= 2
+    return N, C, H, W, F, K, S, P, draw(st.booleans()), pooled and draw(st.booleans())
+
+
+@given(block_geometry(), st.integers(0, 2**32 - 1))
+def test_conv_block_matches_conv_relu_pool(geometry, seed):
+    N, C, H, W, F, K, S, P, relu, pool = geometry
+    x, Wt, b = random_array(seed, (N, C, H, W)), random_array(seed + 1, (F, C, K, K)), random_array(seed + 2, F)
+    expected = direct.conv_block_ref(x, Wt, b, S, P, relu, pool).transpose(0, 2, 3, 1)
+    xp, w = kernels.pad_nhwc(x.astype(np.float32), P), direct.pack_filters(Wt.astype(np.float32))
+    for mode in ("serial", "threaded"):
+        with parallel.forced(mode):
+            got = direct.conv_block(xp, w, b.astype(np.float32), F, K, S, relu, pool)
+        close(got, expected, C * K * K)
+
+
+@given(st.integers(1, 20), st.integers(1, 40), st.integers(1, 70), st.booleans(), st.integers(0, 2**32 - 1))
+def test_dense_block_is_a_dense_layer(N, n_in, n_out, relu, seed):
+    x, W, b = random_array(seed, (N, n_in)), random_array(seed + 1, (n_in, n_out)), random_array(seed + 2, n_out)
+    expected = np.maximum(x @ W + b, 0) if relu else x @ W + b
+    for mode in ("serial", "threaded"):
+        with parallel.forced(mode):
+            got = direct.dense_block(*(a.astype(np.float32) for a in (x, W, b)), relu)
+        close(got, expected, n_in)
+
+
+def test_conv_block_writes_into_out_and_refuses_an_out_it_cannot_write_through():
+    x = np.ones((2, 6, 6, 3), np.float32)
+    w, b = direct.pack_filters(np.ones((5, 3, 3, 3), np.float32)), np.zeros(5, np.float32)
+    out = np.full((2, 2, 2, 6), -1.0, np.float32)
+    with pytest.raises(ValueError, match="not contiguous"):
+        direct.conv_block(x, w, b, 5, 3, 1, False, True, out[..., :5])  # the kernel would write a copy
+    with pytest.raises(ValueError, match=r"shape \(2, 2, 2, 5\)"):
+        direct.conv_block(x, w, b, 5, 3, 1, False, True, out)
+    head = out.reshape(-1)[:40].reshape(2, 2, 2, 5)
+    assert direct.conv_block(x, w, b, 5, 3, 1, False, True, head) is head
+    np.testing.assert_array_equal(out.reshape(-1)[:40], 27.0)
+    np.testing.assert_array_equal(out.reshape(-1)[40:], -1.0)
+
+
+@given(st.integers(1, 20), st.integers(1, 60), st.integers(1, narrow.MAX_OUTPUTS), st.booleans(),
+       st.integers(0, 2**32 - 1))
+def test_narrow_dense_matches_its_reference(N, K, O, relu, seed):
+    x, W, b = random_array(seed, (N, K)), random_array(seed + 1, (K, O)), random_array(seed + 2, O)
+    order = np.random.default_rng(seed).permutation(K)
+    expected = narrow.narrow_dense_ref(x, order, W, b, relu)
+    for mode in ("serial", "threaded"):
+        with parallel.forced(mode):
+            got = narrow.narrow_dense(*(a.astype(np.float32) for a in (x,)), order, W.astype(np.float32),
+                                      b.astype(np.float32), relu)
+        close(got, expected, K)
+
+
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_flatten_order_reads_channels_last_as_flatten_reads_nchw(H, W, C, seed):
+    x = random_array(seed, (2, C, H, W))
+    Wd = random_array(seed + 1, (C * H * W, 3))
+    channels_last = x.transpose(0, 2, 3, 1).reshape(2, -1)
+    np.testing.assert_allclose(narrow.narrow_dense_ref(channels_last, narrow.flatten_order(H, W, C), Wd, 0, False),
+                               x.reshape(2, -1) @ Wd, rtol=1e-12)
+
+
+def test_narrow_dense_refuses_wide_layers():
+    with pytest.raises(ValueError, match="at most 16 outputs"):
+        narrow.narrow_dense(np.zeros((1, 3), np.float32), np.arange(3), np.zeros((3, 17), np.float32),
+                            np.zeros(17, np.float32), False)
