@@ -5,6 +5,7 @@ import copy
 import numpy as np
 
 from .checks import check_array, check_positive_int
+from .inference import Inference
 from .summary import format_summary
 
 
@@ -29,11 +30,16 @@ class Sequential:
     def num_classes(self):
         return self.output_shapes()[-1][0]
 
-    def forward(self, x):
-        """x (N, *input_shape) float -> logits (N, num_classes)."""
+    def check_input(self, x):
+        """x, checked to be a finite array of shape (N, *input_shape)."""
         check_array(x, "model input", ndim=1 + len(self.input_shape))
         if x.shape[1:] != self.input_shape:
             raise ValueError(f"model expects inputs of shape (N, {', '.join(map(str, self.input_shape))}), got {x.shape}")
+        return x
+
+    def forward(self, x):
+        """x (N, *input_shape) float -> logits (N, num_classes), keeping what backward needs."""
+        self.check_input(x)
         for layer in self.layers:
             x = layer.forward(x)
         return x
@@ -56,14 +62,27 @@ class Sequential:
         return dout if input_grad else None
 
     def predict(self, x, batch_size=256):
-        """Logits (N, num_classes) float32, computed batch by batch; argmax gives the class."""
+        """Logits (N, num_classes) float32, computed batch by batch; argmax gives the class.
+
+        The same numbers as forward (to float32 rounding), through minicnn.inference's fused
+        stages, which keep their buffers and packed weights on the model between calls.
+        """
         batch_size = check_positive_int(batch_size, "batch_size")
-        outs = [self.forward(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        for layer in self.layers:
-            layer.cache = None  # inference keeps no activations alive
-        if not outs:
-            return np.zeros((0, self.num_classes), np.float32)
-        return np.concatenate(outs).astype(np.float32, copy=False)
+        self.check_input(x)
+        run = getattr(self, "_inference", None)
+        if run is None or run.layers != tuple(self.layers):
+            run = self._inference = Inference(self.layers)
+        out = np.zeros((0, self.num_classes), np.float32) if len(x) == 0 else None
+        for i in range(0, len(x), batch_size):
+            logits = run(x[i : i + batch_size])  # a buffer that the next call overwrites: copied
+            if out is None:
+                out = np.empty((len(x), *logits.shape[1:]), np.float32)
+            out[i : i + batch_size] = logits
+        return out
+
+    def __getstate__(self):
+        """What copy and pickle take: not predict's buffers."""
+        return {k: v for k, v in self.__dict__.items() if k != "_inference"}
 
     def copy(self):
         """An independent deep copy: compression techniques work on one, never on the original."""

@@ -1,0 +1,198 @@
+"""Inference: the layers fused into stages, channels last, in buffers kept between calls.
+
+`Sequential.forward` runs one layer at a time in NCHW and keeps what
+backward needs. Inference needs none of that, so `Sequential.predict`
+runs the same layers as stages:
+
+    Conv2D [ReLU] [MaxPool2D(2)] [ReLU]   one direct.conv_block: bias, ReLU and pool in its epilogue
+    Dense [ReLU]                          one BLAS product, bias and ReLU added in place
+    Flatten                               back to (C, H, W) order, so Dense weights are used as they are
+    any other layer                       its own forward, in NCHW
+
+Activations stay channels last (N, H, W, C) from one conv stage to the next,
+so no layer transposes its input or output. Each stage writes into a buffer
+it keeps for the next call: a new buffer of a few MB costs a page fault per
+4 KB, and at batch 1 the whole network takes a few tens of microseconds.
+
+A conv stage reads its weights in direct.pack_filters' layout. It keeps the
+packed copy with a copy of the weights it came from, and packs again when
+they differ bit for bit (training and pruning change weights in place, so
+nothing short of looking can tell): comparing is a contiguous read, a fifth
+of the time packing takes.
+
+A stage runs only float32 layers of exactly the types above; everything
+else (float64 models, optim's layers) runs its own forward. The results
+agree with Sequential.forward to float32 rounding (tests/test_inference.py).
+"""
+
+import numba
+import numpy as np
+
+from . import direct, narrow
+from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+
+__all__ = ["Inference"]
+
+
+def _float32(layer):
+    return all(p.dtype == np.float32 for p in layer.params.values())
+
+
+class _Buffers:
+    """One array per name, kept and reused while calls ask for the same shape or a smaller batch."""
+
+    def __init__(self):
+        self.arrays = {}
+
+    def get(self, name, shape):
+        a = self.arrays.get(name)
+        if a is None or a.shape[1:] != shape[1:] or a.shape[0] < shape[0]:
+            a = self.arrays[name] = np.empty(shape, np.float32)
+        return a[: shape[0]]  # a batch-prefix of a C-contiguous array is C-contiguous
+
+
+class _Conv:
+    """Conv2D, with the ReLU and 2x2 max-pool that follow it fused in."""
+
+    channels_last = True
+
+    def __init__(self, conv, relu, pool):
+        self.conv, self.relu, self.pool = conv, relu, pool
+        self.source = self.w = None
+
+    def weights(self):
+        W = self.conv.params["W"]
+        if self.source is None or self.source.shape != W.shape or not _same(self.source, W):
+            self.source, self.w = W.copy(), direct.pack_filters(W)
+        return self.w
+
+    def __call__(self, x, buffers, name):
+        conv = self.conv
+        w, b = self.weights(), self.conv.params["b"]
+        F, K, S, P = conv.out_channels, conv.kernel_size, conv.stride, conv.padding
+        if P:
+            N, H, W, C = x.shape
+            xp = buffers.get(name + " padded", (N, H + 2 * P, W + 2 * P, C))
+            xp[:, :P], xp[:, H + P :], xp[:, :, :P], xp[:, :, W + P :] = 0, 0, 0, 0
+            xp[:, P : H + P, P : W + P] = x
+            x = xp
+        out = buffers.get(name, direct.output_shape(x.shape, F, K, S, self.pool))
+        return direct.conv_block(x, w, b, F, K, S, self.relu, self.pool, out)
+
+
+@numba.njit(cache=True)
+def _same(a, b):
+    """a and b (float32, one shape) equal bit for bit: -0.0 differs from 0.0, a NaN equals itself.
+    (numpy's array_equal takes 3 us of overheads per call, more than LeNet's conv1 at batch 1.)"""
+    a, b = a.reshape(-1).view(np.int32), b.reshape(-1).view(np.int32)
+    differ = 0
+    for i in range(a.size):  # no early exit: this loop runs 16 lanes at a time
+        differ |= a[i] ^ b[i]
+    return differ == 0
+
+
+class _Dense:
+    """Dense, with the ReLU after it and, if `flatten`, the Flatten before it fused in.
+
+    At most 16 outputs (a classifier) go to narrow.narrow_dense, which also reads a
+    channels-last input where Flatten's order puts it; wider layers to BLAS, after a
+    transposed copy of a channels-last input (LeNet-5's is 800 floats per image).
+    """
+
+    def __init__(self, dense, relu, flatten):
+        self.dense, self.relu, self.channels_last = dense, relu, flatten
+        self.orders = {}
+
+    def __call__(self, x, buffers, name):
+        W, b = self.dense.params["W"], self.dense.params["b"]
+        N = x.shape[0]
+        out = buffers.get(name, (N, W.shape[1]))
+        if W.shape[1] <= narrow.MAX_OUTPUTS:
+            shape = x.shape[1:]
+            order = self.orders.get(shape)
+            if order is None:
+                order = self.orders[shape] = narrow.flatten_order(*shape) if len(shape) == 3 else np.arange(shape[0])
+            return narrow.narrow_dense(x.reshape(N, -1), order, W, b, self.relu, out)
+        if x.ndim == 4:
+            flat = buffers.get(name + " flat", (N, x[0].size))
+            flat.reshape(N, x.shape[3], x.shape[1], x.shape[2])[...] = x.transpose(0, 3, 1, 2)
+            x = flat
+        if N >= direct.PIXELS:
+            return direct.dense_block(x, W, b, self.relu, out)
+        np.matmul(x, W, out=out)  # fewer rows than a tile: a matrix-vector product, which BLAS streams
+        out += b
+        if self.relu:
+            np.maximum(out, 0, out=out)
+        return out
+
+
+class _Layer:
+    """Any other layer: its own forward, in NCHW."""
+
+    channels_last = False
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def __call__(self, x, buffers, name):
+        out = self.layer.forward(x)
+        self.layer.cache = None  # inference keeps no activations alive
+        return out
+
+
+def _stages(layers):
+    """The layer list as a list of stages, fusing what the module docstring lists."""
+    stages, i = [], 0
+
+    def next_is(kind, **config):
+        return i < len(layers) and type(layers[i]) is kind and all(
+            getattr(layers[i], k) == v for k, v in config.items())
+
+    while i < len(layers):
+        layer = layers[i]
+        i += 1
+        if type(layer) is Conv2D and _float32(layer):
+            relu = pool = False
+            if next_is(ReLU):
+                relu, i = True, i + 1
+            if next_is(MaxPool2D, kernel_size=2, stride=2):
+                pool, i = True, i + 1
+                if next_is(ReLU):
+                    relu, i = True, i + 1
+            stages.append(_Conv(layer, relu, pool))
+        elif type(layer) is Dense and _float32(layer):
+            relu = next_is(ReLU)
+            i += relu
+            stages.append(_Dense(layer, relu, flatten=False))
+        elif type(layer) is Flatten and next_is(Dense) and _float32(layers[i]):
+            dense, i = layers[i], i + 1
+            relu = next_is(ReLU)
+            i += relu
+            stages.append(_Dense(dense, relu, flatten=True))
+        else:
+            stages.append(_Layer(layer))
+    return stages
+
+
+class Inference:
+    """The stages of a layer list: call it on x (N, C, H, W) for the last layer's output.
+
+    That output is a buffer the next call overwrites: copy what you keep
+    (Sequential.predict does). Not for two threads at once.
+    """
+
+    def __init__(self, layers):
+        self.layers = tuple(layers)
+        self.stages = _stages(self.layers)
+        self.buffers = _Buffers()
+
+    def __call__(self, x):
+        channels_last = False  # x's layout, when it has 4 axes
+        for i, stage in enumerate(self.stages):
+            if x.ndim == 4 and stage.channels_last != channels_last:
+                x = x.transpose(0, 2, 3, 1) if stage.channels_last else x.transpose(0, 3, 1, 2)
+            if not isinstance(stage, _Layer):  # the fused stages' kernels take contiguous float32
+                x = np.ascontiguousarray(x, dtype=np.float32)
+            x = stage(x, self.buffers, f"stage {i}")
+            channels_last = stage.channels_last and x.ndim == 4
+        return x

@@ -1,0 +1,128 @@
+"""Sequential.predict through minicnn.inference's fused stages: the same numbers as forward."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, parallel, zoo
+from minicnn.inference import Inference
+
+ROOT = Path(__file__).resolve().parents[1]
+NETWORKS = ("lenet5", "seed_cnn", "tiny_cnn", "small_cnn", "deep_cnn", "lenet300", "small_mlp")
+
+
+def images(n, seed=0):
+    return np.random.default_rng(seed).random((n, 1, 28, 28), dtype=np.float32)
+
+
+def assert_same_logits(model, x, **predict_args):
+    np.testing.assert_allclose(model.predict(x, **predict_args), model.forward(x), rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("name", NETWORKS)
+def test_predict_is_forward(name):
+    model = zoo.build(name, seed=1)
+    for mode in ("serial", "threaded"):
+        with parallel.forced(mode):
+            assert_same_logits(model, images(37), batch_size=16)  # two full batches and a part
+            assert_same_logits(model, images(1, seed=2))
+
+
+def test_every_zoo_layer_stack_fuses():
+    """No zoo network leaves a layer to the slow path, and Flatten never transposes for a classifier."""
+    for name in NETWORKS:
+        stages = Inference(zoo.build(name).layers).stages
+        assert {type(s).__name__ for s in stages} <= {"_Conv", "_Dense"}, name
+
+
+@settings(max_examples=15)
+@given(st.sampled_from(["relu pool", "pool relu", "relu", "pool", ""]), st.integers(1, 2), st.integers(0, 1),
+       st.integers(1, 12), st.integers(0, 2**16))
+def test_predict_is_forward_for_any_stack_of_fusable_layers(tail, stride, padding, n_out, seed):
+    rng = np.random.default_rng(seed)
+    layers = [Conv2D(1, 5, 3, stride=stride, padding=padding, rng=rng)]
+    layers += [ReLU() if word == "relu" else MaxPool2D(2) for word in tail.split()]
+    layers += [Conv2D(5, 7, 2, rng=rng), ReLU(), Flatten()]
+    model = Sequential(layers, input_shape=(1, 15, 15))
+    features = model.output_shapes()[-1][0]
+    model.layers += [Dense(features, n_out, rng=rng), ReLU(), Dense(n_out, 3, rng=rng)]
+    x = rng.random((5, 1, 15, 15), dtype=np.float32)
+    assert_same_logits(model, x)
+
+
+def test_predict_follows_weights_changed_in_place():
+    """Training and pruning change weights in place: the packed copy must notice."""
+    model = zoo.lenet5(seed=0)
+    x = images(3)
+    before = model.predict(x)
+    conv2 = model.layers[2]
+    conv2.params["W"][7, 3] *= -2.0
+    model.layers[0].params["b"][4] += 1.0
+    after = model.predict(x)
+    assert not np.allclose(before, after)
+    assert_same_logits(model, x)
+
+
+def test_predict_returns_its_own_array_and_copies_leave_the_buffers_behind():
+    model = zoo.seed_cnn(seed=0)
+    first = model.predict(images(4))
+    kept = first.copy()
+    model.predict(images(4, seed=1))
+    np.testing.assert_array_equal(first, kept)
+    clone = model.copy()
+    assert "_inference" in vars(model) and "_inference" not in vars(clone)
+    np.testing.assert_array_equal(clone.predict(images(4)), kept)
+
+
+def test_predict_rebuilds_its_stages_when_the_layers_change():
+    model = zoo.seed_cnn(seed=0)
+    model.predict(images(2))
+    model.layers[-1] = Dense(32 * 13 * 13, 10, rng=5)
+    assert_same_logits(model, images(2))
+
+
+def test_other_layers_and_dtypes_run_their_own_forward():
+    class Double(ReLU):  # a layer inference knows nothing about, between two fusable ones
+        def forward(self, x):
+            return 2 * x
+
+    model = zoo.lenet5(seed=0)
+    model.layers.insert(2, Double())
+    assert [type(s).__name__ for s in Inference(model.layers).stages] == ["_Conv", "_Layer", "_Conv", "_Dense", "_Dense"]
+    assert_same_logits(model, images(3))
+    model64 = zoo.seed_cnn(seed=0).astype(np.float64)
+    np.testing.assert_allclose(model64.predict(images(3)), model64.forward(images(3)), rtol=1e-6)
+
+
+def test_predict_of_no_images_and_bad_input():
+    model = zoo.seed_cnn(seed=0)
+    assert model.predict(images(0)).shape == (0, 10)
+    with pytest.raises(ValueError, match="model expects inputs of shape"):
+        model.predict(np.zeros((2, 1, 27, 28), np.float32))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.predict(np.full((1, 1, 28, 28), np.nan, np.float32))
+
+
+def test_kernels_without_avx512_agree():
+    """The portable path: the same kernels compiled for an AVX2-only CPU (Numba's CPU name),
+    in a fresh process, against forward."""
+    code = (
+        "import numpy as np\n"
+        "from minicnn import simd, zoo\n"
+        "assert not simd.HAS_PERMUTE, simd.target_features()\n"
+        "x = np.random.default_rng(0).random((20, 1, 28, 28), dtype=np.float32)\n"
+        "for name in ('lenet5', 'seed_cnn', 'deep_cnn'):\n"
+        "    m = zoo.build(name, seed=0)\n"
+        "    for b in (1, 20):\n"
+        "        assert np.abs(m.predict(x[:b]) - m.forward(x[:b])).max() < 2e-5, name\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
