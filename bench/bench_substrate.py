@@ -4,13 +4,16 @@ Measured in one run, side by side:
 
 1. Training throughput (samples/s) of LeNet-5 and the seed CNN at batch 64
    and 256: a full step is forward, cross-entropy, backward, Adam(1e-3).
-2. Inference: batch-1 latency (ms per `model.forward`) and batch-256
+2. Inference: batch-1 latency (ms per `model.predict`) and batch-256
    throughput (images/s).
-3. The kernels on the zoo's conv shapes at batch 64: GFLOP/s of
-   `kernels.conv2d_forward` (2 * MACs) and `kernels.conv2d_backward`
-   (two GEMMs, dW and d(rows): 4 * MACs), next to numpy's float32 matrix
-   product on 1024^3 and on each conv's forward GEMM shape, the ceiling an
-   im2row convolution can reach. Max-pooling in GB/s.
+3. The kernels on the zoo's conv shapes at batch 64: GFLOP/s of the fused
+   conv (+ ReLU) + 2x2 max-pool that predict runs (`direct.conv_block`,
+   2 * MACs of the conv), as a fraction of the float32 peak that a probe
+   kernel measures in the same run (bench/peak.py); then training's
+   `kernels.conv2d_forward` (2 * MACs) and `kernels.conv2d_backward` (two
+   GEMMs, dW and d(rows): 4 * MACs), next to numpy's float32 matrix product
+   on 1024^3 and on each conv's forward GEMM shape, the ceiling an im2row
+   convolution can reach. Max-pooling in GB/s.
 4. If `import torch` works, the same networks and ops in PyTorch with the
    same number of threads as Numba uses, the same initial weights (checked:
    the logits agree), torch.optim.Adam and F.cross_entropy for training,
@@ -44,8 +47,9 @@ from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, load_average, machine_facts, num, parse_run_args, pct, set_threads,
     write_json,
 )
+from bench.peak import fma_peak  # noqa: E402
 from minicnn.timing import FULL, QUICK, compare, measure  # noqa: E402
-from minicnn import kernels, zoo  # noqa: E402
+from minicnn import direct, kernels, zoo  # noqa: E402
 from minicnn.losses import cross_entropy  # noqa: E402
 from minicnn.optimizers import Adam  # noqa: E402
 
@@ -53,10 +57,10 @@ NETWORKS = ("lenet5", "seed_cnn")
 TRAIN_BATCHES = (64, 256)
 INFER_BATCH = 256
 KERNEL_BATCH = 64
-CONVS = (  # name, in channels C, filters F, input size H (= W), kernel K; stride 1, no padding
-    ("lenet5 conv1", 1, 20, 28, 5),
-    ("lenet5 conv2", 20, 50, 12, 5),
-    ("seed_cnn conv", 1, 32, 28, 3),
+CONVS = (  # name, in channels C, filters F, input size H (= W), kernel K, ReLU after it; stride 1, no padding
+    ("lenet5 conv1", 1, 20, 28, 5, False),
+    ("lenet5 conv2", 20, 50, 12, 5, False),
+    ("seed_cnn conv", 1, 32, 28, 3, True),
 )
 POOLS = (  # name, input shape of a 2x2, stride-2 max-pool
     ("lenet5 pool1", (KERNEL_BATCH, 20, 24, 24)),
@@ -91,7 +95,13 @@ class Minicnn:
 
     def infer(self, name, x):
         model = zoo.build(name, seed=0)
-        return lambda: model.forward(x)
+        return lambda: model.predict(x, batch_size=len(x))
+
+    def conv_pool(self, x, W, b, relu):
+        """What predict runs for a conv, its ReLU and its 2x2 max-pool: one fused kernel."""
+        xp, w = x.transpose(0, 2, 3, 1).copy(), direct.pack_filters(W)
+        out = np.empty(direct.output_shape(xp.shape, W.shape[0], W.shape[2], 1, True), np.float32)
+        return lambda: direct.conv_block(xp, w, b, W.shape[0], W.shape[2], 1, relu, True, out)
 
     def conv_forward(self, x, W, b):
         return lambda: kernels.conv2d_forward(x, W, b, 1, 0)
@@ -168,6 +178,17 @@ class Torch:
         def run():
             with self.torch.inference_mode():
                 net(xt)
+
+        return run
+
+    def conv_pool(self, x, W, b, relu):
+        xt, Wt, bt = map(self.torch.from_numpy, (x, W, b))
+        F = self.F
+
+        def run():
+            with self.torch.inference_mode():
+                out = F.conv2d(xt, Wt, bt)
+                F.max_pool2d(F.relu(out) if relu else out, 2)
 
         return run
 
@@ -278,15 +299,19 @@ def gflops(flops):
     return lambda t: flops / t / 1e9
 
 
-def kernel_figures(sides, budget):
-    """Conv forward/backward and the GEMMs beneath them, in GFLOP/s."""
+def kernel_figures(sides, budget, peak):
+    """Conv forward/backward and the GEMMs beneath them, in GFLOP/s; the fused inference
+    convs also as a fraction of `peak`, the probe's GFLOP/s."""
     rows = []
     a = np.random.default_rng(0).random((1024, 1024), dtype=np.float32)
     rows.append(record("GEMM 1024^3", "GFLOP/s", gflops(2 * 1024**3),
                        compare({s.label: s.gemm(a, a) for s in sides}, budget), shape="1024x1024x1024"))
-    for name, C, F, H, K in CONVS:
+    for name, C, F, H, K, relu in CONVS:
         x, W, b, dout, macs = conv_case(C, F, H, K)
         shape = f"{x.shape[0]}x{C}x{H}x{H} * {F}x{C}x{K}x{K}"
+        fused = compare({s.label: s.conv_pool(x, W, b, relu) for s in sides}, budget)
+        rows.append(record(f"{name}{' + relu' if relu else ''} + pool, predict's", "GFLOP/s", gflops(2 * macs),
+                           fused, shape=shape, macs=macs, fraction_of_peak=2 * macs / fused["minicnn"].median / 1e9 / peak))
         fwd = compare({s.label: s.conv_forward(x, W, b) for s in sides}, budget)
         bwd = compare({s.label: s.conv_backward(x, W, b, dout) for s in sides}, budget)
         # The forward's GEMM alone, same shapes: rows (N*Ho*Wo, C*K*K) @ W (F, C*K*K).T
@@ -417,10 +442,15 @@ def main(argv=None):
     print(comparison_table(result["networks"], labels), flush=True)
 
     kernel_sides = [s for s in sides if hasattr(s, "gemm")]
-    result["kernels"] = kernel_figures(kernel_sides, budget)
-    print(f"\nkernels at batch {KERNEL_BATCH} (minicnn column = numpy for GEMM rows; "
-          "fwd = 2*MACs, bwd = 4*MACs; 'of GEMM' = conv fwd speed / its own GEMM's speed)")
-    extras = [("of GEMM", lambda r: pct(r.get("fraction_of_own_gemm"))), ("shape", lambda r: r["shape"])]
+    peak, peak_timing = fma_peak(budget)
+    result["float32_peak"] = {"GFLOP/s": peak, "threads": threads, "timing": peak_timing.to_dict()}
+    result["kernels"] = kernel_figures(kernel_sides, budget, peak)
+    print(f"\nfloat32 peak (bench/peak.py's probe, {threads} threads): {num(peak)} GFLOP/s")
+    print(f"kernels at batch {KERNEL_BATCH} (minicnn column = numpy for GEMM rows; predict's = the fused conv "
+          "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs; 'of peak' = minicnn's speed / the probe's; "
+          "'of GEMM' = conv fwd speed / its own GEMM's speed)")
+    extras = [("of peak", lambda r: pct(r.get("fraction_of_peak"))),
+              ("of GEMM", lambda r: pct(r.get("fraction_of_own_gemm"))), ("shape", lambda r: r["shape"])]
     print(comparison_table(result["kernels"], [s.label for s in kernel_sides], extras), flush=True)
 
     result["pools"] = pool_figures(budget)

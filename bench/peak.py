@@ -1,0 +1,48 @@
+"""What the CPU can do at most: a probe kernel's float32 multiply-add rate.
+
+The probe runs `numba.get_num_threads()` tasks (one per thread, prange), each
+a loop of fused multiply-adds on 16-lane vectors (minicnn.simd) into
+INDEPENDENT sums: enough of them that the FMA units never wait for a result
+(an FMA takes 4 cycles and a core starts two per cycle), and nothing read
+from memory. Its rate is the ceiling any float32 kernel on this machine
+and this build (AVX-512 or the portable path) can reach:
+
+    GFLOP/s = 2 flops x 16 lanes x SUMS x rounds x threads / seconds
+
+Kernel figures in bench/ are quoted as a fraction of it. The same run
+measures both, so turbo and a busy neighbour move both alike.
+"""
+
+import numba
+import numpy as np
+from numba import prange
+
+from minicnn.simd import LANES, add, fma, splat, store
+from minicnn.timing import measure
+
+SUMS = 16  # independent sums per thread: 2 FMA units x 4 cycles of latency, twice over
+
+
+@numba.njit(parallel=True, cache=True)
+def _fma_probe(rounds, out):
+    for t in prange(out.size // LANES):
+        m, c = splat(0.999), splat(0.001)  # x -> 0.999 x + 0.001 stays near 1: no overflow, no denormals
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = splat(1.0 + t)
+        s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = splat(2.0 + t)
+        for _ in range(rounds):
+            s0, s1, s2, s3 = fma(s0, m, c), fma(s1, m, c), fma(s2, m, c), fma(s3, m, c)
+            s4, s5, s6, s7 = fma(s4, m, c), fma(s5, m, c), fma(s6, m, c), fma(s7, m, c)
+            s8, s9, s10, s11 = fma(s8, m, c), fma(s9, m, c), fma(s10, m, c), fma(s11, m, c)
+            s12, s13, s14, s15 = fma(s12, m, c), fma(s13, m, c), fma(s14, m, c), fma(s15, m, c)
+        total = add(add(add(s0, s1), add(s2, s3)), add(add(s4, s5), add(s6, s7)))
+        total = add(total, add(add(add(s8, s9), add(s10, s11)), add(add(s12, s13), add(s14, s15))))
+        store(out, t * LANES, total)  # the sums are used: the loop cannot be dropped
+    return out
+
+
+def fma_peak(budget, rounds=200_000):
+    """(GFLOP/s with all of Numba's threads, the Timing) of the probe: the float32 ceiling."""
+    threads = numba.get_num_threads()
+    out = np.empty(threads * LANES, np.float32)
+    timing = measure(lambda: _fma_probe(rounds, out), budget)
+    return 2 * LANES * SUMS * rounds * threads / timing.median / 1e9, timing
