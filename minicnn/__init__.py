@@ -5,6 +5,14 @@
     model = minicnn.zoo.lenet5(seed=0)
     minicnn.fit(model, x_train, y_train, epochs=10, batch_size=64, optimizer=minicnn.Adam(1e-3))
     print(model.summary(), minicnn.evaluate(model, x_test, y_test))
+
+Where things live: layers.py and model.py (forward/backward pairs, Sequential);
+kernels.py (training's conv and pool, each beside its NumPy reference);
+inference.py, direct.py, narrow.py (what predict runs: fused channels-last
+stages and their register-tiled kernels); simd.py and parallel.py (the vector
+type those kernels use, and the one threaded/serial rule); losses,
+optimizers, training; serialization and atomic (model files); datasets, zoo,
+summary, timing, checks.
 """
 
 from . import datasets, kernels, losses, zoo
@@ -18,4 +26,4 @@ __all__ = [
     "Adam", "Conv2D", "Dense", "Flatten", "Layer", "MaxPool2D", "ReLU", "SGD", "Sequential",
     "datasets", "evaluate", "fit", "kernels", "load", "losses", "save", "zoo",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -39,6 +39,7 @@ class Compressed:
     model: object
     bits: dict  # layer name -> index bits used
     sparsity: dict = field(default_factory=dict)  # layer name -> (zeros, size) after pruning
+    rounds: dict = field(default_factory=dict)  # layer name -> rounds k-means took (to convergence)
     history: dict = field(default_factory=dict)  # stage -> fit history
 
 
@@ -61,7 +62,8 @@ def deep_compression(model, x, y, sparsity=0.0, bits=None, retrain_epochs=4, fin
     cubic schedule while retraining for retrain_epochs with Adam(prune_lr)); 0 skips pruning.
     bits: index bits per layer as in sharing.share_weights (default {"conv": 8, "fc": 5}, the
     paper's), capped so that no layer has more clusters than nonzero weights.
-    The centroids are then fine-tuned for finetune_epochs with Adam(finetune_lr).
+    k-means runs to convergence per layer (sharing.kmeans), its rounds in `rounds`. The
+    centroids are then fine-tuned for finetune_epochs with Adam(finetune_lr).
     """
     bits = {"conv": 8, "fc": 5} if bits is None else bits
     for b in bits.values() if isinstance(bits, dict) else [bits]:
@@ -79,6 +81,9 @@ def deep_compression(model, x, y, sparsity=0.0, bits=None, retrain_epochs=4, fin
     result.sparsity = layer_sparsity(dense)
     result.bits = capped_bits(dense, bits)
     shared = share_weights(dense, result.bits, init=init, seed=seed)
+    result.rounds = {name: shared.layers[index].kmeans_rounds for name, index in layer_names(dense).items()}
+    if verbose:
+        print(f"k-means rounds to convergence per layer: {result.rounds}")
     if finetune_epochs:
         result.history["finetune"] = fit(shared, x, y, epochs=finetune_epochs, batch_size=batch_size,
                                          optimizer=Adam(finetune_lr), seed=seed + 1, verbose=verbose)

@@ -114,6 +114,22 @@ def test_foreign_log_is_refused(setup, first_run):
         auto.auto_compress(path, x, y, str(folder / "run1"), max_drop=0.5, **FAST)
 
 
+def test_log_from_another_code_version_is_refused(tmp_path, monkeypatch):
+    path = str(tmp_path / "m.npz")
+    Sequential([Flatten(), Dense(4, 2, rng=0)], input_shape=(1, 2, 2)).save(path)
+    settings = {"max_drop": 1.0}
+    first = trials.fingerprint(path, settings)
+    trials.TrialLog(str(tmp_path / "run"), first, settings)
+    monkeypatch.setattr(trials, "__version__", "99.0")
+    assert trials.fingerprint(path, settings) != first
+    with pytest.raises(ValueError, match=rf"written by minicnn {minicnn.__version__}, not by this minicnn 99.0"):
+        trials.TrialLog(str(tmp_path / "run"), trials.fingerprint(path, settings), settings)
+    with open(tmp_path / "run" / "trials.jsonl", "w") as f:  # a log from before logs recorded the version
+        f.write(json.dumps({"fingerprint": first, "settings": settings}) + "\n")
+    with pytest.raises(ValueError, match="an older minicnn \\(no version recorded\\)"):
+        trials.TrialLog(str(tmp_path / "run"), trials.fingerprint(path, settings), settings)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"max_drop": -0.1}, "max_drop"), ({"max_drop": float("nan")}, "max_drop"),
     ({"max_drop": float("inf")}, "max_drop"), ({"max_drop": 1, "techniques": ["prune", "magic"]}, "magic"),

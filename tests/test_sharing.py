@@ -31,15 +31,85 @@ def draw_weights(seed, n, distinct=None):
 # k-means
 
 
-@given(weights_and_k)
-def test_lloyd_objective_never_increases(args):
+@given(weights_and_k, st.sampled_from([0.0, 1e-8, 1e-3, 1.0]), st.sampled_from([1, 2, 5, clustering.MAX_ROUNDS]))
+def test_lloyd_objective_never_increases_and_stops_by_its_rule(args, tol, cap):
     seed, n, k, init = args
     w = draw_weights(seed, max(n, k))
-    result = sharing.kmeans(w, k, init=init, seed=seed)
+    result = sharing.kmeans(w, k, init=init, seed=seed, tol=tol, iterations=cap)
     J = np.array(result.objective)
     assert np.all(np.diff(J) <= 1e-12 * max(J[0], 1e-30)), f"objective went up: {J}"
     final = ((w.astype(np.float64) - result.centroids[result.labels]) ** 2).sum()
     assert np.isclose(final, J[-1], rtol=1e-12, atol=1e-30)
+    assert 1 <= result.rounds == J.size <= cap
+    # it stopped for a reason: a fixed point, the tolerance, or the cap; and not earlier
+    _, _, moved = clustering.lloyd_round(np.sort(w).astype(np.float64), result.centroids)
+    fixed = np.array_equal(moved, result.centroids)
+    within_tol = J.size > 1 and J[-2] - J[-1] <= tol * J[-2]
+    assert result.converged == (fixed or within_tol), (result.converged, fixed, within_tol, J[-3:])
+    assert result.converged or result.rounds == cap
+    assert not np.any(J[:-2] - J[1:-1] <= tol * J[:-2]), f"went on after J fell by <= tol * J: {J}"
+
+
+@given(weights_and_k)
+def test_default_runs_to_a_fixed_point(args):
+    seed, n, k, init = args
+    w = draw_weights(seed, max(n, k))
+    result = sharing.kmeans(w, k, init=init, seed=seed)
+    assert result.converged and 1 <= result.rounds <= clustering.MAX_ROUNDS
+    again = sharing.kmeans(w, k, init=init, seed=seed, tol=0.0)
+    np.testing.assert_array_equal(again.centroids, result.centroids)  # the default is tol = 0
+    _, J, moved = clustering.lloyd_round(np.sort(w).astype(np.float64), result.centroids)
+    np.testing.assert_array_equal(moved, result.centroids, err_msg="a round from the result moves its centroids")
+    assert J == result.objective[-1]
+
+
+def test_rounds_on_a_layer_sized_sample():
+    w = np.random.default_rng(0).laplace(0, 0.03, 20_000).astype(np.float32)  # trained weights are peaked
+    few = sharing.kmeans(w, 32, iterations=50)
+    full = sharing.kmeans(w, 32)
+    assert not few.converged and few.rounds == 50
+    assert full.converged and 50 < full.rounds < clustering.MAX_ROUNDS, full.rounds
+    assert full.objective[-1] < few.objective[-1]
+    _, _, moved = clustering.lloyd_round(np.sort(w).astype(np.float64), full.centroids)
+    np.testing.assert_array_equal(moved, full.centroids)
+    loose = sharing.kmeans(w, 32, tol=1e-3)
+    assert loose.rounds < full.rounds and loose.objective[-1] >= full.objective[-1]
+
+
+def test_rounds_hand_computed():
+    w = np.array([0.0, 1.0, 2.0, 10.0, 11.0])
+    # linear start [0, 5.5, 11]: clusters {0, 1, 2}, {}, {10, 11}, J = 1 + 4 + 1; the empty
+    # centroid goes to the worst-fitted weight, 2: [1, 2, 10.5], J = 1 + 2 * 0.25; then 1 leaves
+    # the first cluster: [0.5, 2, 10.5], J = 4 * 0.25, and the next update moves nothing
+    result = sharing.kmeans(w, 3)
+    assert result.objective == [6.0, 1.5, 1.0] and result.rounds == 3 and result.converged
+    np.testing.assert_array_equal(result.centroids, [0.5, 2.0, 10.5])
+    np.testing.assert_array_equal(result.labels, [0, 0, 1, 2, 2])
+    assert sharing.kmeans(w, 3, tol=1.0).rounds == 2  # any fall of J is <= 1 * J
+    capped = sharing.kmeans(w, 3, iterations=2)
+    assert capped.rounds == 2 and not capped.converged and capped.objective == [6.0, 1.5]
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(2, 400), st.integers(2, 40), st.integers(0, 3))
+def test_sorted_round_matches_the_reference(seed, n, k, case):
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal(n)
+    if case == 1:
+        w = rng.choice(w[:5], n)  # repeated weights
+    k = min(k, n)
+    centroids = np.sort(rng.choice(np.concatenate([w, rng.standard_normal(k)]), k))  # some exactly on weights
+    if case == 2:
+        centroids[k // 2] = centroids[k // 2 - 1]  # equal centroids: the first takes all
+    if case == 3:
+        centroids = np.sort(np.concatenate([w[: k // 2], (w[: k - k // 2] + w[1 : 1 + k - k // 2]) / 2]))  # midpoints
+    ws = np.sort(w)
+    starts = clustering.cluster_starts(ws, centroids)
+    np.testing.assert_array_equal(np.repeat(np.arange(k), np.diff(starts)), clustering.assign_ref(ws, centroids))
+    counts, J, new = clustering.lloyd_round(ws, centroids)
+    counts_ref, J_ref, new_ref = clustering.lloyd_round_ref(rng.permutation(w), centroids)
+    np.testing.assert_array_equal(counts, counts_ref)
+    assert np.isclose(J, J_ref, rtol=1e-12, atol=1e-300), (J, J_ref)
+    np.testing.assert_allclose(new, new_ref, rtol=1e-12, atol=1e-12 * np.abs(w).max())
 
 
 @given(weights_and_k)
@@ -97,6 +167,12 @@ def test_kmeans_plus_plus_never_draws_a_chosen_point_twice():
     (lambda: sharing.kmeans(np.arange(5.0), 6), "k = 6 clusters for only 5"),
     (lambda: sharing.kmeans(np.arange(5.0), 2, init="spread"), "unknown init"),
     (lambda: sharing.kmeans(np.array([1.0, np.nan]), 2), "non-finite"),
+    (lambda: sharing.kmeans(np.arange(5.0), 2, tol=-1e-6), "tol .*must be a number in \\[0.0, 1.0\\]"),
+    (lambda: sharing.kmeans(np.arange(5.0), 2, tol=float("nan")), "tol .*must be a number"),
+    (lambda: sharing.kmeans(np.arange(5.0), 2, tol=2), "tol .*must be a number"),
+    (lambda: sharing.kmeans(np.arange(5.0), 2, tol="1e-6"), "tol .*must be a number"),
+    (lambda: sharing.kmeans(np.arange(5.0), 2, iterations=0), "iterations .*must be an integer >= 1"),
+    (lambda: sharing.share_weights(Sequential([Flatten(), Dense(784, 10, rng=0)]), 4, tol=-1), "tol"),
     (lambda: SharedDense.from_layer(Dense(4, 3, rng=0), 0), "bits must be an integer in 1..16"),
     (lambda: SharedDense.from_layer(Dense(4, 3, rng=0), 17), "bits must be an integer in 1..16"),
     (lambda: SharedDense.from_layer(Dense(4, 3, rng=0), 4), "k = 16 clusters for only 12"),
@@ -306,12 +382,16 @@ def test_deep_compression_pipeline_and_table(tmp_path, mnist_small):
     result = deep_compression.deep_compression(model, x, y, sparsity=0.8, bits={"conv": 8, "fc": 4},
                                                retrain_epochs=1, finetune_epochs=1, prune_iterations=2,
                                                prune_lr=1e-3, finetune_lr=1e-3, verbose=False)
+    rounds = result.rounds
+    assert set(rounds) == {"conv1", "fc1"} and all(1 <= r < clustering.MAX_ROUNDS for r in rounds.values())
+    assert [layer.kmeans_rounds for layer in result.model.layers if hasattr(layer, "labels")] == list(rounds.values())
     zeros, size = result.sparsity["conv1"]
     assert result.bits == {"conv1": int(np.log2(size - zeros)), "fc1": 4}, (
         f"conv1 keeps {size - zeros} of its 36 weights: 8 bits are capped to that many clusters, ours {result.bits}")
     small = tmp_path / "small.npz"
     result.model.save(small)
     loaded = minicnn.load(small)
+    assert all(layer.kmeans_rounds is None for layer in loaded.layers if hasattr(layer, "labels"))  # not stored
     base = minicnn.evaluate(model, x_test, y_test)
     assert minicnn.evaluate(loaded, x_test, y_test) >= base - 0.05, "compression lost more than 5 points"
     kept = sum(layer.positions.size for layer in loaded.layers if hasattr(layer, "labels"))
@@ -333,6 +413,7 @@ def test_cli_compress(tmp_path, capsys):
                  "--bits-fc", "4", "--retrain-epochs", "1", "--finetune-epochs", "0", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "rate +H" in text and "test accuracy" in text and "fc1" in text
+    assert "k-means rounds to convergence per layer: {'fc1': " in text
     assert isinstance(minicnn.load(out).layers[1], SharedDense)
     assert main(["compress", "--model", str(path), "--pipeline", "share", "--bits-fc", "17", "--out", str(out)]) == 2
     assert "bits must be an integer in 1..16" in capsys.readouterr().err

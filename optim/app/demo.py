@@ -138,7 +138,8 @@ class Outcome:
 
 def weight_sharing(model, data, epochs, bits):
     result = deep_compression(model, data.x_train, data.y_train, sparsity=0.0, bits=bits, finetune_epochs=epochs)
-    return Outcome(result.model, {"index_bits": result.bits, "finetune_epochs": epochs, "coding": "huffman"})
+    return Outcome(result.model, {"index_bits": result.bits, "kmeans_rounds": result.rounds, "finetune_epochs": epochs,
+                                  "coding": "huffman"})
 
 
 def weight_clipping(model, data, epochs, quality, layers, iterations, lr=1e-4):
@@ -212,8 +213,9 @@ def deep_compression_pipeline(model, data, epochs, sparsity, bits, iterations, e
     result = deep_compression(model, data.x_train, data.y_train, sparsity=sparsity, bits=bits,
                               retrain_epochs=epochs, finetune_epochs=finetune, prune_iterations=iterations,
                               ends_scale=ends_scale)
-    settings = {"sparsity": sparsity, "ends_scale": ends_scale, "index_bits": result.bits, "iterations": iterations,
-                "retrain_epochs": epochs, "finetune_epochs": finetune, "coding": "huffman"}
+    settings = {"sparsity": sparsity, "ends_scale": ends_scale, "index_bits": result.bits,
+                "kmeans_rounds": result.rounds, "iterations": iterations, "retrain_epochs": epochs,
+                "finetune_epochs": finetune, "coding": "huffman"}
     return Outcome(result.model, settings, note="prune, share, Huffman-code")
 
 

@@ -14,12 +14,14 @@ executor ran it:
 
 The trial log (JSON lines, one flush per line) makes a killed run resumable:
 
-    line 1   {"fingerprint": sha256(model file bytes + settings JSON), "settings": {...}}
+    line 1   {"fingerprint": sha256(model file bytes + settings JSON + code version),
+              "settings": {...}, "version": minicnn.__version__}
     then     {"key": sha256(candidate JSON)[:16], "candidate": {...}, "points": [...]}
 
 A finished trial is only logged after its model files are written, so a key in the
-log means its files exist. A log whose fingerprint differs (another model file or
-other settings) is refused with a ValueError, never mixed in.
+log means its files exist. A log whose fingerprint differs (another model file,
+other settings, or another version of the code, whose trials may give other
+results) is refused with a ValueError, never mixed in.
 """
 
 import concurrent.futures
@@ -30,6 +32,7 @@ import os
 
 from tqdm import tqdm
 
+from minicnn import __version__
 from minicnn.atomic import write_file
 
 from . import recipe
@@ -42,10 +45,12 @@ def candidate_key(candidate):
 
 
 def fingerprint(model_path, settings):
+    """sha256 of the model file's bytes, the settings and the code version: what a trial's result depends on."""
     digest = hashlib.sha256()
     with open(model_path, "rb") as f:
         digest.update(f.read())
     digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update(__version__.encode())
     return digest.hexdigest()
 
 
@@ -61,7 +66,7 @@ class TrialLog:
             self._read(fingerprint)
         else:
             with open(self.path, "w") as f:
-                f.write(json.dumps({"fingerprint": fingerprint, "settings": settings}) + "\n")
+                f.write(json.dumps({"fingerprint": fingerprint, "settings": settings, "version": __version__}) + "\n")
 
     def _read(self, expected):
         with open(self.path) as f:
@@ -70,6 +75,10 @@ class TrialLog:
             head = json.loads(lines[0])
         except (json.JSONDecodeError, IndexError):
             raise ValueError(f"{self.path} is not a trial log of `minicnn compress --auto`") from None
+        if head.get("version") != __version__:
+            by = f"minicnn {head['version']}" if "version" in head else "an older minicnn (no version recorded)"
+            raise ValueError(f"{self.path} was written by {by}, not by this minicnn {__version__}, whose trials may "
+                             f"give other results; use another --out folder or delete it")
         if head.get("fingerprint") != expected:
             raise ValueError(f"{self.path} belongs to another model file or other settings "
                              f"({head.get('settings')}); use another --out folder or delete it")

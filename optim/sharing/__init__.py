@@ -2,8 +2,9 @@
 a codebook of k floats per layer, found by k-means, and a small index per weight.
 
 What lives where:
-    clustering.py  Lloyd's k-means in one dimension: initialisations, the nearest-centroid
-                   assignment (a Numba kernel and a NumPy reference)
+    clustering.py  Lloyd's k-means in one dimension, run to convergence: initialisations, rounds
+                   on the sorted weights, the nearest-centroid assignment (a Numba kernel), each
+                   beside its NumPy reference
     huffman.py     canonical Huffman codes for the index streams (section 4 of the paper)
     layers.py      SharedDense, SharedConv2D (built on optim.sparse's CSR layers, so pruned
                    and dense layers both share); share_weights / unshare for whole models

@@ -42,7 +42,7 @@ from ..sparse import CSRConv2D, CSRDense, CSRLayer, to_dense
 from ..sparse.format import (MAX_INDEX_BITS, check_index_bits, csr_from_positions, decode_relative, encode_relative,
                              filler_count)
 from . import huffman
-from .clustering import kmeans
+from .clustering import MAX_ROUNDS, TOL, kmeans
 
 CODINGS = ("huffman", "packed")
 MAX_BITS = 16  # codebook index bits: k = 2**bits <= 65,536 clusters
@@ -97,7 +97,8 @@ class SharedLayer(CSRLayer):
     `positions` (nnz,) int64, each equal to codebook[labels] (labels (nnz,) int64).
 
     params: {"codebook": (k,) float, "b": (rows,) float}. Forward and backward are those of
-    the pruned layers (CSRDense, CSRConv2D), on values() = codebook[labels].
+    the pruned layers (CSRDense, CSRConv2D), on values() = codebook[labels]. kmeans_rounds:
+    the rounds k-means took to find the codebook (None for a layer read from a file).
     """
 
     weight_param = "codebook"
@@ -216,16 +217,18 @@ class SharedLayer(CSRLayer):
             index_bits = check_index_bits(index_bits)
         if coding not in CODINGS:
             raise ValueError(f"unknown coding {coding!r}; choose one of {', '.join(CODINGS)}")
+        self.kmeans_rounds = None  # _share sets it; a layer read from a file has none
         codebook = np.zeros(clusters, np.float32)
         positions = np.arange(shape[0] * shape[1]) if index_bits is None else np.zeros(0, np.int64)
         self._set(shape, positions, np.zeros(positions.size, np.int64), codebook,
                   np.zeros(shape[0], np.float32), index_bits, coding)
 
-    def _share(self, M, b, bits, init, iterations, seed, index_bits):
+    def _share(self, M, b, bits, init, iterations, seed, index_bits, tol):
         """Cluster the nonzeros of M (rows, cols) into 2**bits centroids and take them as this layer's."""
         positions = np.flatnonzero(M)
-        result = kmeans(M.reshape(-1)[positions], 2 ** check_bits(bits), init, iterations, seed)
+        result = kmeans(M.reshape(-1)[positions], 2 ** check_bits(bits), init, iterations, seed, tol)
         self._set(M.shape, positions, result.labels, result.centroids.astype(np.float32), b.copy(), None, self.coding)
+        self.kmeans_rounds = result.rounds
         if positions.size < M.size:
             self.index_bits = self.best_index_bits() if index_bits is None else check_index_bits(index_bits)
 
@@ -248,14 +251,16 @@ class SharedDense(SharedLayer, CSRDense):
         self._init_common(self._set_geometry(in_features, out_features), clusters, index_bits, coding)
 
     @classmethod
-    def from_layer(cls, layer, bits, init="linear", iterations=50, seed=0, index_bits=None, coding="huffman"):
-        """Share the nonzero weights of a Dense layer among 2**bits centroids (k-means from `init`).
-        index_bits: the relative-index width of a pruned layer (None: the smallest file)."""
+    def from_layer(cls, layer, bits, init="linear", iterations=MAX_ROUNDS, seed=0, index_bits=None, coding="huffman",
+                   tol=TOL):
+        """Share the nonzero weights of a Dense layer among 2**bits centroids (k-means from `init`, at most
+        `iterations` rounds, see clustering.kmeans). index_bits: the relative-index width of a pruned layer
+        (None: the smallest file)."""
         if not isinstance(layer, Dense):
             raise TypeError(f"expected a Dense layer, got {type(layer).__name__}")
         new = cls(layer.in_features, layer.out_features, coding=coding)
         new._share(np.ascontiguousarray(layer.params["W"].T), layer.params["b"], bits, init, iterations, seed,
-                   index_bits)
+                   index_bits, tol)
         return new
 
 
@@ -274,13 +279,14 @@ class SharedConv2D(SharedLayer, CSRConv2D):
                           clusters, index_bits, coding)
 
     @classmethod
-    def from_layer(cls, layer, bits, init="linear", iterations=50, seed=0, index_bits=None, coding="huffman"):
+    def from_layer(cls, layer, bits, init="linear", iterations=MAX_ROUNDS, seed=0, index_bits=None, coding="huffman",
+                   tol=TOL):
         """Share the nonzero weights of a Conv2D layer among 2**bits centroids (see SharedDense.from_layer)."""
         if not isinstance(layer, Conv2D):
             raise TypeError(f"expected a Conv2D layer, got {type(layer).__name__}")
         new = cls(**layer.config(), coding=coding)
         new._share(layer.params["W"].reshape(layer.out_channels, -1), layer.params["b"], bits, init, iterations,
-                   seed, index_bits)
+                   seed, index_bits, tol)
         return new
 
 
@@ -297,13 +303,16 @@ def bits_for(name, bits):
     return bits.get(name, bits.get(family))
 
 
-def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huffman", index_bits=None):
+def share_weights(model, bits, init="linear", iterations=MAX_ROUNDS, seed=0, coding="huffman", index_bits=None,
+                  tol=TOL):
     """A copy of `model` (Sequential) whose Dense/Conv2D layers share their weights.
 
     bits: index bits per layer (k = 2**bits clusters): an int, or a dict such as
     {"conv": 8, "fc": 5} (by family) or {"fc1": 4, ...} (by name). Sparse layers
     from optim.sparse are shared too (their zeros stay zero). index_bits: a fixed
     relative-index width for pruned layers, or None to pick the smallest per layer.
+    k-means runs per layer from `init` until it converges (clustering.kmeans: `tol`, at
+    most `iterations` rounds); each shared layer's `kmeans_rounds` says how many it took.
     """
     dense = to_dense(check_sequential(model, "share_weights"))
     names = {index: name for name, index in layer_names(dense).items()}
@@ -317,7 +326,7 @@ def share_weights(model, bits, init="linear", iterations=50, seed=0, coding="huf
         b = check_bits(bits_for(names[i], bits))
         if 2**b > nonzero:
             raise ValueError(f"{names[i]}: 2**{b} = {2**b} clusters for only {nonzero} nonzero weights")
-        layers.append(shared_cls.from_layer(layer, b, init, iterations, seed, index_bits, coding))
+        layers.append(shared_cls.from_layer(layer, b, init, iterations, seed, index_bits, coding, tol))
     return Sequential(layers, input_shape=model.input_shape)
 
 
