@@ -37,9 +37,13 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
 
 MODES = ("auto", "serial", "threaded")
 MIN_OUTPUTS = 1 << 18  # the break-even of minicnn's own loops, in elements touched (read or written)
-# The break-even of the register-tiled kernels (direct, narrow), in multiply-adds: they do ~60 G
-# of them per second per core, and waking the workqueue's sleeping thread costs ~100-150 us here.
-MIN_MACS = 1 << 24
+# The break-even of the register-tiled kernels (direct, narrow), in multiply-adds: they do
+# 50-60 G of them per second per core, and waking a sleeping workqueue thread costs 100-150 us
+# on this project's 2-core VM (an empty two-task loop: 132 us). OpenMP's threads spin a while
+# after a loop, and start the next in ~2 us: with NUMBA_THREADING_LAYER=omp the break-even is
+# LeNet-5's conv1 at batch 1 (288 K: 10 us serial, 8 us threaded). docs/techniques.md says
+# why omp is not the default.
+MIN_MACS = 1 << 18 if os.environ.get("NUMBA_THREADING_LAYER") == "omp" else 1 << 24
 
 
 def _check_mode(mode, source):
