@@ -41,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure this working tree's minicnn, not an installed copy
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
@@ -49,7 +50,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.peak import fma_peak  # noqa: E402
 from minicnn.timing import FULL, QUICK, compare, measure  # noqa: E402
-from minicnn import direct, kernels, zoo  # noqa: E402
+from minicnn import direct, kernels, parallel, zoo  # noqa: E402
 from minicnn.losses import cross_entropy  # noqa: E402
 from minicnn.optimizers import Adam  # noqa: E402
 
@@ -98,9 +99,12 @@ class Minicnn:
         return lambda: model.predict(x, batch_size=len(x))
 
     def conv_pool(self, x, W, b, relu):
-        """What predict runs for a conv, its ReLU and its 2x2 max-pool: one fused kernel."""
+        """What predict runs for a conv, its ReLU and its 2x2 max-pool: one fused kernel,
+        checked against its float64 reference before it is timed."""
         xp, w = x.transpose(0, 2, 3, 1).copy(), direct.pack_filters(W)
-        out = np.empty(direct.output_shape(xp.shape, W.shape[0], W.shape[2], 1, True), np.float32)
+        out = direct.conv_block(xp, w, b, W.shape[0], W.shape[2], 1, relu, True)
+        expected = direct.conv_block_ref(*(a.astype(np.float64) for a in (x, W, b)), 1, 0, relu, True)
+        np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4)
         return lambda: direct.conv_block(xp, w, b, W.shape[0], W.shape[2], 1, relu, True, out)
 
     def conv_forward(self, x, W, b):
@@ -310,8 +314,11 @@ def kernel_figures(sides, budget, peak):
         x, W, b, dout, macs = conv_case(C, F, H, K)
         shape = f"{x.shape[0]}x{C}x{H}x{H} * {F}x{C}x{K}x{K}"
         fused = compare({s.label: s.conv_pool(x, W, b, relu) for s in sides}, budget)
+        # The peak of the threads the kernel ran on: below its break-even it runs on one.
+        threads = numba.get_num_threads() if parallel.runs_threaded(macs, parallel.MIN_MACS) else 1
+        of_peak = 2 * macs / fused["minicnn"].median / 1e9 / (peak * threads / numba.get_num_threads())
         rows.append(record(f"{name}{' + relu' if relu else ''} + pool, predict's", "GFLOP/s", gflops(2 * macs),
-                           fused, shape=shape, macs=macs, fraction_of_peak=2 * macs / fused["minicnn"].median / 1e9 / peak))
+                           fused, shape=shape, macs=macs, threads=threads, fraction_of_peak=of_peak))
         fwd = compare({s.label: s.conv_forward(x, W, b) for s in sides}, budget)
         bwd = compare({s.label: s.conv_backward(x, W, b, dout) for s in sides}, budget)
         # The forward's GEMM alone, same shapes: rows (N*Ho*Wo, C*K*K) @ W (F, C*K*K).T
@@ -447,7 +454,7 @@ def main(argv=None):
     result["kernels"] = kernel_figures(kernel_sides, budget, peak)
     print(f"\nfloat32 peak (bench/peak.py's probe, {threads} threads): {num(peak)} GFLOP/s")
     print(f"kernels at batch {KERNEL_BATCH} (minicnn column = numpy for GEMM rows; predict's = the fused conv "
-          "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs; 'of peak' = minicnn's speed / the probe's; "
+          "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs; 'of peak' = minicnn's speed / the probe's on as many threads as the kernel ran on; "
           "'of GEMM' = conv fwd speed / its own GEMM's speed)")
     extras = [("of peak", lambda r: pct(r.get("fraction_of_peak"))),
               ("of GEMM", lambda r: pct(r.get("fraction_of_own_gemm"))), ("shape", lambda r: r["shape"])]

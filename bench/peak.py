@@ -10,7 +10,10 @@ and this build (AVX-512 or the portable path) can reach:
     GFLOP/s = 2 flops x 16 lanes x SUMS x rounds x threads / seconds
 
 Kernel figures in bench/ are quoted as a fraction of it. The same run
-measures both, so turbo and a busy neighbour move both alike.
+measures both, so turbo and a busy neighbour move both alike. With AVX-512
+a sum is one register; with AVX2 two, and 16 sums then fill all 16 ymm
+registers: the probe still measures the FMA rate, but a kernel's tile of
+sixteen sums spills there, and its fraction of the peak is lower.
 """
 
 import numba

@@ -70,3 +70,20 @@ def check_number(v, name, low=-math.inf, high=math.inf):
             or not math.isfinite(v) or not low <= v <= high):
         raise ValueError(f"{name} must be a number in [{low}, {high}], got {v!r}")
     return float(v)
+
+
+def check_kernel_array(a, name, shape=None, dtype=np.float32):
+    """a, checked to be what a Numba kernel reads through a flat view: a C-contiguous array of
+    dtype (and shape); a kernel given anything else would read the wrong memory or not compile."""
+    if not isinstance(a, np.ndarray) or a.dtype != dtype or not a.flags.c_contiguous:
+        got = f"{a.dtype} {a.shape}{'' if a.flags.c_contiguous else ' (not contiguous)'}" if isinstance(
+            a, np.ndarray) else type(a).__name__
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype).name} array, got {got}")
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+    return a
+
+
+def output_array(out, shape, name="out"):
+    """out, checked with check_kernel_array (float32, shape), or a new float32 array of shape."""
+    return np.empty(shape, np.float32) if out is None else check_kernel_array(out, name, shape)

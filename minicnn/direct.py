@@ -38,11 +38,12 @@ import numba
 import numpy as np
 from numba import prange
 
+from .checks import check_kernel_array, output_array
 from .kernels import conv2d_forward_ref, conv_output_size, maxpool_forward_ref
 from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["conv_block", "conv_block_ref", "dense_block", "output_shape", "pack_filters"]
+__all__ = ["conv_block", "conv_block_ref", "dense_block", "dense_block_ref", "output_shape", "pack_filters"]
 
 BLOCK = 2 * LANES  # filters per register tile
 PIXELS = 8  # output pixels per register tile
@@ -61,8 +62,8 @@ def conv_block_ref(x, W, b, stride, padding, relu, pool):
 
 def pack_filters(W):
     """W (F, C, KH, KW) as the flat (B, KH, KW, C, 32) array the kernel reads 32 filters at a time.
-    (Read as (KH, KW, C, F) instead, conv2's 200-byte rows leave each block's 128 bytes straddling
-    cache lines: 35 us at batch 1 against 25.)"""
+    (Read as (KH, KW, C, F) instead, rows of F floats leave a block's 128 bytes straddling cache
+    lines: LeNet's conv2 took 1.4x as long.)"""
     F = W.shape[0]
     blocks = -(-F // BLOCK)
     w = np.zeros((blocks, *W.shape[2:], W.shape[1], BLOCK), np.float32)
@@ -186,26 +187,21 @@ _conv_block = twin(_conv_block_loops, min_work=MIN_MACS)
 def conv_block(xp, w, b, F, K, stride, relu, pool, out=None, strides=None):
     """Fast conv_block_ref on a padded channels-last xp (N, Hp, Wp, C): returns out (N, Ho', Wo', F).
 
-    w = pack_filters(W), b (F,); out, if given, is written in place. strides: (block, tap)
-    strides of w, if not pack_filters' layout.
+    w = pack_filters(W) for W (F, C, K, K), b (F,), all float32; out, if given, is written in
+    place. strides: w's (block, tap) strides when it is not pack_filters' layout (dense_block).
     """
-    shape = output_shape(xp.shape, F, K, stride, pool)
-    out = _output(out, shape)
+    check_kernel_array(xp, "xp")
+    if xp.ndim != 4:
+        raise ValueError(f"xp must be (N, Hp, Wp, C), got shape {xp.shape}")
     N, Hp, Wp, C = xp.shape
+    check_kernel_array(b, "b", (F,))
+    if strides is None:
+        check_kernel_array(w, "w (pack_filters' output)", (-(-F // BLOCK) * K * K * C * BLOCK,))
+    out = output_array(out, output_shape(xp.shape, F, K, stride, pool))
     macs = N * conv_output_size(Hp, K, stride, 0) * conv_output_size(Wp, K, stride, 0) * F * K * K * C
     block_stride, tap_stride = strides or (K * K * C * BLOCK, BLOCK)
     _conv_block(macs, xp.reshape(-1), Hp, Wp, C, w.reshape(-1), block_stride, tap_stride, b, F, K, stride, relu,
                 pool, out.reshape(-1))
-    return out
-
-
-def _output(out, shape):
-    """out, checked to be what the kernel writes through a flat view, or a new array of shape."""
-    if out is None:
-        return np.empty(shape, np.float32)
-    if out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {shape}, got "
-                         f"{out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' (not contiguous)'}")
     return out
 
 
@@ -232,7 +228,7 @@ def _row_span(x, w, b, relu, out, n, f0, C, F):
         s2, s3 = fma(v, load_first(w, at + 32, m2), s2), fma(v, load_first(w, at + 48, m3), s3)
         s4, s5 = fma(v, load_first(w, at + 64, m4), s4), fma(v, load_first(w, at + 80, m5), s5)
         s6, s7 = fma(v, load_first(w, at + 96, m6), s6), fma(v, load_first(w, at + 112, m7), s7)
-    at, z = n * F + f0, splat(0.0)
+    at = n * F + f0
     _emit(out, at, s0, s1, load_first(b, f0, m0), load_first(b, f0 + 16, m1), relu, m0, m1)
     _emit(out, at + 32, s2, s3, load_first(b, f0 + 32, m2), load_first(b, f0 + 48, m3), relu, m2, m3)
     _emit(out, at + 64, s4, s5, load_first(b, f0 + 64, m4), load_first(b, f0 + 80, m5), relu, m4, m5)
@@ -242,18 +238,32 @@ def _row_span(x, w, b, relu, out, n, f0, C, F):
 _dense_rows = twin(_dense_rows_loops, min_work=MIN_MACS)
 
 
-def dense_block(x, W, b, relu, out=None):
-    """max(x @ W + b, 0 if relu): x (N, in), W (in, out), b (out,) float32. out (N, out), if given,
-    is written in place.
+def dense_block_ref(x, W, b, relu):
+    """The specification: max(x @ W + b, 0) if relu, else x @ W + b."""
+    out = x @ W + b
+    return np.maximum(out, 0) if relu else out
 
-    From 8 rows on, a 1x1 conv_block over a row of N pixels (the batch). Fewer rows would
-    leave most of a tile's sums idle: each row then runs alone, 128 outputs per task, and
-    the time goes to reading W once (LeNet-5's fc1 at batch 1: 1.6 MB).
+
+def dense_block(x, W, b, relu, out=None):
+    """Fast dense_block_ref: x (N, in), W (in, out), b (out,), float32 and C-contiguous.
+    out (N, out), if given, is written in place.
+
+    Rows in groups of 8 are a 1x1 conv_block, each group one row of 8 pixels, so that each
+    weight is loaded once for 8 rows. The rows left over run alone, 128 outputs per task
+    (a register tile of them would leave most of its sums idle): the time goes to reading
+    W once per row (LeNet-5's fc1: 1.6 MB).
     """
-    N, C = x.shape
-    if N < PIXELS:
-        out = _output(out, (N, W.shape[1]))
-        return _dense_rows(N * C * W.shape[1], x, W, b, relu, out)
-    out = conv_block(x.reshape(1, 1, N, C), W, b, W.shape[1], 1, 1, relu, False,
-                     None if out is None else out.reshape(1, 1, N, -1), strides=(BLOCK, W.shape[1]))
-    return out.reshape(N, -1)
+    check_kernel_array(x, "x")
+    if x.ndim != 2:
+        raise ValueError(f"x must be (N, in_features), got shape {x.shape}")
+    (N, C), F = x.shape, W.shape[-1]
+    check_kernel_array(W, "W", (C, F))
+    check_kernel_array(b, "b", (F,))
+    out = output_array(out, (N, F))
+    full = N - N % PIXELS
+    if full:
+        conv_block(x[:full].reshape(1, full // PIXELS, PIXELS, C), W, b, F, 1, 1, relu, False,
+                   out[:full].reshape(1, full // PIXELS, PIXELS, F), strides=(BLOCK, F))
+    if full < N:
+        _dense_rows((N - full) * C * F, x[full:], W, b, relu, out[full:])
+    return out

@@ -5,14 +5,16 @@ backward needs. Inference needs none of that, so `Sequential.predict`
 runs the same layers as stages:
 
     Conv2D [ReLU] [MaxPool2D(2)] [ReLU]   one direct.conv_block: bias, ReLU and pool in its epilogue
-    Dense [ReLU]                          one BLAS product, bias and ReLU added in place
-    Flatten                               back to (C, H, W) order, so Dense weights are used as they are
+    [Flatten] Dense [ReLU]                narrow.narrow_dense for at most 16 outputs (it reads a
+                                          channels-last input in Flatten's order), else
+                                          direct.dense_block; never BLAS, whose threads and Numba's
+                                          would take turns at the cores
     any other layer                       its own forward, in NCHW
 
 Activations stay channels last (N, H, W, C) from one conv stage to the next,
 so no layer transposes its input or output. Each stage writes into a buffer
 it keeps for the next call: a new buffer of a few MB costs a page fault per
-4 KB, and at batch 1 the whole network takes a few tens of microseconds.
+4 KB, and at batch 1 the whole network takes tens of microseconds.
 
 A conv stage reads its weights in direct.pack_filters' layout. It keeps the
 packed copy with a copy of the weights it came from, and packs again when
@@ -23,6 +25,7 @@ of the time packing takes.
 A stage runs only float32 layers of exactly the types above; everything
 else (float64 models, optim's layers) runs its own forward. The results
 agree with Sequential.forward to float32 rounding (tests/test_inference.py).
+Docs: docs/techniques.md, "The float32 baseline".
 """
 
 import numba
@@ -36,6 +39,11 @@ __all__ = ["Inference"]
 
 def _float32(layer):
     return all(p.dtype == np.float32 for p in layer.params.values())
+
+
+def _dtypes(layers):
+    """What the choice of stages depends on besides the layers themselves: their params' dtypes."""
+    return tuple(tuple(p.dtype for p in layer.params.values()) for layer in layers)
 
 
 class _Buffers:
@@ -68,7 +76,7 @@ class _Conv:
 
     def __call__(self, x, buffers, name):
         conv = self.conv
-        w, b = self.weights(), self.conv.params["b"]
+        w, b = self.weights(), conv.params["b"]
         F, K, S, P = conv.out_channels, conv.kernel_size, conv.stride, conv.padding
         if P:
             N, H, W, C = x.shape
@@ -83,7 +91,7 @@ class _Conv:
 @numba.njit(cache=True)
 def _same(a, b):
     """a and b (float32, one shape) equal bit for bit: -0.0 differs from 0.0, a NaN equals itself.
-    (numpy's array_equal takes 3 us of overheads per call, more than LeNet's conv1 at batch 1.)"""
+    (Not numpy.array_equal: its temporary arrays cost more than the comparison, at batch 1.)"""
     a, b = a.reshape(-1).view(np.int32), b.reshape(-1).view(np.int32)
     differ = 0
     for i in range(a.size):  # no early exit: this loop runs 16 lanes at a time
@@ -94,11 +102,9 @@ def _same(a, b):
 class _Dense:
     """Dense, with the ReLU after it and, if `flatten`, the Flatten before it fused in.
 
-    At most 16 outputs (a classifier) go to narrow.narrow_dense, which also reads a
-    channels-last input where Flatten's order puts it; wider layers to direct.dense_block,
-    after a transposed copy of a channels-last input (LeNet-5's is 800 floats per image).
-    Not BLAS: its threads and Numba's would take turns at the two cores, each waiting for
-    the other's to go idle (LeNet-5 at batch 256: 9.7 ms with BLAS's fc1, 6.3 without).
+    At most 16 outputs (a classifier) go to narrow.narrow_dense, which reads a channels-last
+    input where Flatten's order puts it; wider layers to direct.dense_block, after a
+    transposed copy of a channels-last input (LeNet-5's is 800 floats per image).
     """
 
     def __init__(self, dense, relu, flatten):
@@ -106,20 +112,21 @@ class _Dense:
         self.orders = {}
 
     def __call__(self, x, buffers, name):
+        """x (N, K) or, after a Flatten, (N, ...): (N, H, W, C) channels last if 4-D."""
         W, b = self.dense.params["W"], self.dense.params["b"]
         N = x.shape[0]
         out = buffers.get(name, (N, W.shape[1]))
         if W.shape[1] <= narrow.MAX_OUTPUTS:
-            shape = x.shape[1:]
-            order = self.orders.get(shape)
+            order = self.orders.get(x.shape)
             if order is None:
-                order = self.orders[shape] = narrow.flatten_order(*shape) if len(shape) == 3 else np.arange(shape[0])
+                order = self.orders[x.shape] = (narrow.flatten_order(*x.shape[1:]) if x.ndim == 4
+                                                else np.arange(x[0].size))
             return narrow.narrow_dense(x.reshape(N, -1), order, W, b, self.relu, out)
         if x.ndim == 4:
             flat = buffers.get(name + " flat", (N, x[0].size))
             flat.reshape(N, x.shape[3], x.shape[1], x.shape[2])[...] = x.transpose(0, 3, 1, 2)
             x = flat
-        return direct.dense_block(x, W, b, self.relu, out)
+        return direct.dense_block(x.reshape(N, -1), W, b, self.relu, out)
 
 
 class _Layer:
@@ -174,13 +181,19 @@ class Inference:
     """The stages of a layer list: call it on x (N, C, H, W) for the last layer's output.
 
     That output is a buffer the next call overwrites: copy what you keep
-    (Sequential.predict does). Not for two threads at once.
+    (Sequential.predict does). One thread at a time: the stages share their
+    buffers (Sequential.predict keeps one Inference per thread).
     """
 
     def __init__(self, layers):
         self.layers = tuple(layers)
+        self.dtypes = _dtypes(self.layers)
         self.stages = _stages(self.layers)
         self.buffers = _Buffers()
+
+    def fits(self, layers):
+        """Whether these stages still run `layers`: the same layer objects, params of the same dtypes."""
+        return self.layers == tuple(layers) and self.dtypes == _dtypes(layers)
 
     def __call__(self, x):
         channels_last = False  # x's layout, when it has 4 axes
@@ -191,4 +204,4 @@ class Inference:
                 x = np.ascontiguousarray(x, dtype=np.float32)
             x = stage(x, self.buffers, f"stage {i}")
             channels_last = stage.channels_last and x.ndim == 4
-        return x
+        return x.transpose(0, 3, 1, 2) if channels_last else x  # a network that ends in a conv

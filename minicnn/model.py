@@ -1,6 +1,7 @@
 """Sequential: a list of layers run in order, forward and backward."""
 
 import copy
+import threading
 
 import numpy as np
 
@@ -65,13 +66,16 @@ class Sequential:
         """Logits (N, num_classes) float32, computed batch by batch; argmax gives the class.
 
         The same numbers as forward (to float32 rounding), through minicnn.inference's fused
-        stages, which keep their buffers and packed weights on the model between calls.
+        stages, which keep buffers and packed weights between calls: one set per thread.
         """
         batch_size = check_positive_int(batch_size, "batch_size")
         self.check_input(x)
-        run = getattr(self, "_inference", None)
-        if run is None or run.layers != tuple(self.layers):
-            run = self._inference = Inference(self.layers)
+        local = self.__dict__.get("_inference")
+        if local is None:
+            local = self._inference = threading.local()
+        run = getattr(local, "run", None)
+        if run is None or not run.fits(self.layers):
+            run = local.run = Inference(self.layers)
         out = np.zeros((0, self.num_classes), np.float32) if len(x) == 0 else None
         for i in range(0, len(x), batch_size):
             logits = run(x[i : i + batch_size])  # a buffer that the next call overwrites: copied

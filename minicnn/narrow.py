@@ -10,9 +10,8 @@ in memory order, and each value finds its weight row where Flatten's
 at batch 1 and 2.6x slower at batch 256.)
 
 Why not BLAS: a product 10 columns wide is a bad shape for a GEMM kernel
-(it packs its operands for tiles many columns wide); numpy's took 590 us
-for the seed CNN's classifier at batch 256 (47 GFLOP/s) and 10 us at
-batch 1. Here the 10 sums of a batch row fit one 16-lane register, so a
+(it packs its operands for tiles many columns wide): docs/techniques.md
+has numpy's time for the seed CNN's classifier against this kernel's. Here the 10 sums of a batch row fit one 16-lane register, so a
 tile of 8 rows keeps 8 registers of sums and each weight row is loaded
 once for all 8. Rows left over after the tiles of 8 run alone, their sum
 split four ways (k mod 4) so that four multiply-adds are in flight.
@@ -21,6 +20,7 @@ split four ways (k mod 4) so that four multiply-adds are in flight.
 import numpy as np
 from numba import prange
 
+from .checks import check_kernel_array, output_array
 from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
@@ -88,9 +88,16 @@ _narrow_dense = twin(_narrow_dense_loops, min_work=MIN_MACS)
 def narrow_dense(x, order, W, b, relu, out=None):
     """Fast narrow_dense_ref: x (N, K) float32, order (K,) int64, W (K, O <= 16) and b (O,) float32,
     all C-contiguous. out (N, O), if given, is written in place."""
-    if W.shape[1] > MAX_OUTPUTS:
+    check_kernel_array(x, "x")
+    if x.ndim != 2:
+        raise ValueError(f"x must be (N, K), got shape {x.shape}")
+    (N, K), O = x.shape, W.shape[-1]
+    if O > MAX_OUTPUTS:
         raise ValueError(f"narrow_dense takes at most {MAX_OUTPUTS} outputs, got W of shape {W.shape}")
-    out = np.empty((x.shape[0], W.shape[1]), np.float32) if out is None else out
-    if out.shape != (x.shape[0], W.shape[1]) or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous float32 array of shape {(x.shape[0], W.shape[1])}")
+    check_kernel_array(W, "W", (K, O))
+    check_kernel_array(b, "b", (O,))
+    check_kernel_array(order, "order", (K,), np.int64)
+    if K and (order.min() < 0 or order.max() >= K):
+        raise ValueError(f"order must hold row numbers of W, 0 to {K - 1}")
+    out = output_array(out, (N, O))
     return _narrow_dense(x.size * W.shape[1], x, order, W, b, relu, out)

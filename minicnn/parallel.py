@@ -24,6 +24,7 @@ builds must give the same results) and for benchmarks:
 
 import contextlib
 import os
+import threading
 import types
 
 import numba
@@ -36,6 +37,9 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 MODES = ("auto", "serial", "threaded")
+# The workqueue layer runs one parallel loop at a time: two threads of the program starting
+# one each abort the process. Serial builds need no turn.
+_one_parallel_loop = threading.Lock()
 MIN_OUTPUTS = 1 << 18  # the break-even of minicnn's own loops, in elements touched (read or written)
 # The break-even of the register-tiled kernels (direct, narrow), in multiply-adds: they do
 # 50-60 G of them per second per core, and waking a sleeping workqueue thread costs 100-150 us
@@ -105,7 +109,10 @@ def twin(body, min_work=MIN_OUTPUTS, **options):
     serial = numba.njit(cache=True, **options)(_renamed(body, "_serial"))
 
     def run(work, *args):
-        return (threaded if runs_threaded(work, min_work) else serial)(*args)
+        if runs_threaded(work, min_work):
+            with _one_parallel_loop:
+                return threaded(*args)
+        return serial(*args)
 
     run.__name__, run.__doc__ = body.__name__, body.__doc__
     return run

@@ -13,7 +13,7 @@ kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
     store(x, i, v)          x[i : i + 16] = v
     splat(s)                [s, s, ..., s]
     broadcast(x, i)         [x[i], x[i], ..., x[i]] (one load: folds into the fma that uses it)
-    maximum(a, b)           numpy.maximum(a, b) (for values that are not NaN)
+    maximum(a, b)           numpy.maximum(a, b) (NaN where either is)
     load_first(x, i, n)     x[i : i + n] then zeros, 0 <= n <= 16 (a masked load: x may end before i + 16)
     store_first(x, i, v, n) x[i : i + n] = v[:n], 0 <= n <= 16 (a masked store: x may end before i + 16)
     fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
@@ -35,7 +35,7 @@ held in two registers, and exists only where `HAS_PERMUTE` is true; a
 kernel that uses it must not even be compiled elsewhere.
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= x.size (j
-likewise for k; i + n <= x.size for store_first). tests/test_simd.py checks each operation against NumPy.
+likewise for k; i + n <= x.size for load_first and store_first). tests/test_simd.py checks each operation against NumPy.
 With NUMBA_DISABLE_JIT=1 the operations are those NumPy expressions (the
 `_python` versions at the end), so the kernels run as plain Python. Numba's
 cache does not see this file: after editing it, delete the __pycache__
@@ -167,12 +167,13 @@ def broadcast(typingctx, x, i):
 
 @intrinsic
 def maximum(typingctx, a, b):
-    """The larger of a and b lane by lane (b where they compare unordered)."""
+    """The larger of a and b lane by lane, NaN where either is: numpy.maximum (llvm.maximum)."""
     if not a == b == f32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.select(builder.fcmp_ordered(">", args[0], args[1]), args[0], args[1])
+        fnty = ir.FunctionType(_FLOATS, [_FLOATS] * 2)
+        return builder.call(cgutils.get_or_insert_function(builder.module, fnty, "llvm.maximum.v16f32"), args)
 
     return f32x16(a, b), codegen
 
@@ -329,7 +330,7 @@ def _broadcast_python(x, i):
 
 
 def _maximum_python(a, b):
-    return np.where(a > b, a, b)
+    return np.maximum(a, b)
 
 
 def _load_first_python(x, i, n):

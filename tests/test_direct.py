@@ -7,7 +7,7 @@ run every example.
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minicnn import direct, kernels, narrow, parallel
@@ -31,6 +31,11 @@ def block_geometry(draw):
 
 
 @given(block_geometry(), st.integers(0, 2**32 - 1))
+@example((2, 3, 11, 9, 50, 3, 2, 1, True, True), 1)  # stride 2, padding, pool, 50 filters: 32 + 18 lanes
+@example((1, 1, 28, 28, 20, 5, 1, 0, False, True), 2)  # LeNet-5's conv1
+@example((2, 4, 13, 13, 17, 3, 1, 1, True, False), 3)  # 17 filters: one lane past a vector
+@example((3, 2, 9, 10, 64, 2, 1, 0, False, False), 4)  # two full blocks; rows end mid-tile
+@example((1, 5, 12, 12, 16, 5, 1, 2, True, True), 5)  # 16 filters: the second vector idle
 def test_conv_block_matches_conv_relu_pool(geometry, seed):
     N, C, H, W, F, K, S, P, relu, pool = geometry
     x, Wt, b = random_array(seed, (N, C, H, W)), random_array(seed + 1, (F, C, K, K)), random_array(seed + 2, F)
@@ -42,10 +47,12 @@ def test_conv_block_matches_conv_relu_pool(geometry, seed):
         close(got, expected, C * K * K)
 
 
-@given(st.integers(1, 20), st.integers(1, 40), st.integers(1, 70), st.booleans(), st.integers(0, 2**32 - 1))
+@given(st.integers(1, 20), st.integers(1, 40), st.integers(1, 300), st.booleans(), st.integers(0, 2**32 - 1))
+@example(7, 30, 300, True, 1)  # fewer rows than a tile: 128-output spans, the last one 44 wide
+@example(17, 9, 129, False, 2)  # two tiles of 8 rows and one row alone; one output past a span
 def test_dense_block_is_a_dense_layer(N, n_in, n_out, relu, seed):
     x, W, b = random_array(seed, (N, n_in)), random_array(seed + 1, (n_in, n_out)), random_array(seed + 2, n_out)
-    expected = np.maximum(x @ W + b, 0) if relu else x @ W + b
+    expected = direct.dense_block_ref(x, W, b, relu)
     for mode in ("serial", "threaded"):
         with parallel.forced(mode):
             got = direct.dense_block(*(a.astype(np.float32) for a in (x, W, b)), relu)
@@ -88,7 +95,19 @@ def test_flatten_order_reads_channels_last_as_flatten_reads_nchw(H, W, C, seed):
                                x.reshape(2, -1) @ Wd, rtol=1e-12)
 
 
-def test_narrow_dense_refuses_wide_layers():
+def test_kernels_refuse_what_they_would_misread():
+    x, W, b = np.zeros((2, 3), np.float32), np.zeros((3, 5), np.float32), np.zeros(5, np.float32)
     with pytest.raises(ValueError, match="at most 16 outputs"):
-        narrow.narrow_dense(np.zeros((1, 3), np.float32), np.arange(3), np.zeros((3, 17), np.float32),
-                            np.zeros(17, np.float32), False)
+        narrow.narrow_dense(x, np.arange(3), np.zeros((3, 17), np.float32), np.zeros(17, np.float32), False)
+    with pytest.raises(ValueError, match=r"order must have shape \(3,\)"):
+        narrow.narrow_dense(x, np.arange(6), W, b, False)
+    with pytest.raises(ValueError, match="order must hold row numbers"):
+        narrow.narrow_dense(x, np.array([0, 1, 3]), W, b, False)
+    with pytest.raises(ValueError, match="x must be a C-contiguous float32 array, got float64"):
+        direct.dense_block(x.astype(np.float64), W, b, False)
+    with pytest.raises(ValueError, match=r"b must have shape \(5,\)"):
+        direct.dense_block(x, W, b[:4], False)
+    with pytest.raises(ValueError, match=r"W must have shape \(3, 5\)"):
+        direct.dense_block(x, W[:2].copy(), b, False)
+    with pytest.raises(ValueError, match="pack_filters"):
+        direct.conv_block(np.zeros((1, 4, 4, 2), np.float32), np.zeros(10, np.float32), b, 5, 3, 1, False, False)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def test_predict_is_forward(name):
 
 
 def test_every_zoo_layer_stack_fuses():
-    """No zoo network leaves a layer to the slow path, and Flatten never transposes for a classifier."""
+    """No zoo network leaves a layer to its own forward."""
     for name in NETWORKS:
         stages = Inference(zoo.build(name).layers).stages
         assert {type(s).__name__ for s in stages} <= {"_Conv", "_Dense"}, name
@@ -98,6 +99,52 @@ def test_other_layers_and_dtypes_run_their_own_forward():
     assert_same_logits(model, images(3))
     model64 = zoo.seed_cnn(seed=0).astype(np.float64)
     np.testing.assert_allclose(model64.predict(images(3)), model64.forward(images(3)), rtol=1e-6)
+
+
+def test_predict_is_forward_for_unusual_stacks():
+    """A Flatten of a 3-D input, a network that ends in a conv, a Flatten fed NCHW by a layer
+    inference does not know, and a model converted to float64 after predict ran."""
+    flat3 = Sequential([Flatten(), Dense(42, 10, rng=0)], input_shape=(6, 7))
+    wide3 = Sequential([Flatten(), Dense(42, 20, rng=0), ReLU()], input_shape=(6, 7))
+    x3 = np.random.default_rng(0).random((9, 6, 7), dtype=np.float32)
+    assert_same_logits(flat3, x3)
+    assert_same_logits(wide3, x3)
+    ends_in_conv = Sequential([Conv2D(1, 4, 3, rng=0), ReLU()], input_shape=(1, 5, 5))
+    x = np.random.default_rng(1).random((2, 1, 5, 5), dtype=np.float32)
+    assert ends_in_conv.predict(x).shape == (2, 4, 3, 3)
+    assert_same_logits(ends_in_conv, x)
+
+    class Scale(ReLU):
+        def forward(self, x):
+            return 0.5 * x
+
+    nchw_into_flatten = zoo.seed_cnn(seed=0)
+    nchw_into_flatten.layers.insert(3, Scale())  # after the pool, before Flatten
+    assert_same_logits(nchw_into_flatten, images(10))
+    model = zoo.lenet5(seed=0)
+    model.predict(images(2))
+    model.astype(np.float64)
+    np.testing.assert_allclose(model.predict(images(2)), model.forward(images(2)), rtol=1e-6)
+
+
+def test_predict_follows_a_weight_of_another_shape_in_the_same_layer():
+    model = Sequential([Conv2D(1, 3, 3, rng=0), Flatten(), Dense(3 * 26 * 26, 4, rng=0)])
+    model.predict(images(2))
+    conv = model.layers[0]
+    conv.params["W"] = np.random.default_rng(2).standard_normal((3, 1, 3, 3)).astype(np.float32)[:, :, ::-1].copy()
+    assert_same_logits(model, images(2))
+
+
+def test_predict_from_two_threads_at_once():
+    """Each thread runs its own stages and buffers: neither sees the other's activations."""
+    model = zoo.lenet5(seed=0)
+    batches = [images(64, seed=s) for s in range(6)]
+    expected = [model.forward(x) for x in batches]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            results = list(pool.map(model.predict, batches))
+            for got, want in zip(results, expected):
+                np.testing.assert_allclose(got, want, rtol=0, atol=2e-5)
 
 
 def test_predict_of_no_images_and_bad_input():

@@ -83,8 +83,10 @@ def test_masked_load_and_store_touch_only_their_lanes(n, m, i, j):
     np.testing.assert_array_equal(dst, expected)
 
 
-@given(st.lists(floats, min_size=LANES, max_size=LANES), st.lists(floats, min_size=3, max_size=3), st.integers(0, 2))
+@given(st.lists(floats | st.just(float("nan")), min_size=LANES, max_size=LANES),
+       st.lists(floats | st.just(float("nan")), min_size=3, max_size=3), st.integers(0, 2))
 def test_broadcast_and_maximum(a, b, i):
+    """maximum is numpy.maximum, NaNs included (a fused ReLU keeps a NaN as forward's does)."""
     a, b = np.array(a, np.float32), np.array(b, np.float32)
     out = np.empty(LANES, np.float32)
     _broadcast_max(a, b, i, out)
