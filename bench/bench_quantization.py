@@ -2,8 +2,8 @@
 
 Measured in one run, side by side, on the same inputs:
 
-1. Networks: LeNet-5 and the seed CNN, float32 `model.forward` (minicnn's
-   path: Numba im2row + BLAS GEMM, numpy matmul for Dense) against the int8
+1. Networks: LeNet-5 and the seed CNN, float32 `model.predict` (minicnn's
+   fused channels-last stages, minicnn.inference) against the int8
    `QuantizedModel.predict` (quantize the input, integer ops, dequantize the
    logits: everything included). Throughput at batch 256, latency at batch 1.
 2. Kernels, same shapes at batch 256: the float32 conv
@@ -88,7 +88,7 @@ def network_rows(budget, rounds, out):
         agreement = validate(name, model, qmodel)
         for batch in (BATCH, 1):
             x = random_images(batch, seed=3)
-            med, ratio = compare({"float32": lambda: model.forward(x),
+            med, ratio = compare({"float32": lambda: model.predict(x, batch_size=batch),
                                   "int8": lambda: qmodel.predict(x, batch_size=batch)}, budget, rounds)
             if batch == 1:
                 figure, unit, value = f"{name} latency b1", "us", {k: 1e6 * t for k, t in med.items()}

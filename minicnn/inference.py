@@ -41,9 +41,6 @@ def _float32(layer):
     return all(p.dtype == np.float32 for p in layer.params.values())
 
 
-def _dtypes(layers):
-    """What the choice of stages depends on besides the layers themselves: their params' dtypes."""
-    return tuple(tuple(p.dtype for p in layer.params.values()) for layer in layers)
 
 
 class _Buffers:
@@ -187,13 +184,8 @@ class Inference:
 
     def __init__(self, layers):
         self.layers = tuple(layers)
-        self.dtypes = _dtypes(self.layers)
         self.stages = _stages(self.layers)
         self.buffers = _Buffers()
-
-    def fits(self, layers):
-        """Whether these stages still run `layers`: the same layer objects, params of the same dtypes."""
-        return self.layers == tuple(layers) and self.dtypes == _dtypes(layers)
 
     def __call__(self, x):
         channels_last = False  # x's layout, when it has 4 axes

@@ -74,7 +74,7 @@ class Sequential:
         if local is None:
             local = self._inference = threading.local()
         run = getattr(local, "run", None)
-        if run is None or not run.fits(self.layers):
+        if run is None or run.layers != tuple(self.layers):
             run = local.run = Inference(self.layers)
         out = np.zeros((0, self.num_classes), np.float32) if len(x) == 0 else None
         for i in range(0, len(x), batch_size):
@@ -96,6 +96,7 @@ class Sequential:
         """Convert every parameter in place (float64 for gradient checks)."""
         for layer in self.layers:
             layer.astype(dtype)
+        self.__dict__.pop("_inference", None)  # its stages were chosen for the old dtypes
         return self
 
     def save(self, path):

@@ -101,7 +101,7 @@ def test_kernels_refuse_what_they_would_misread():
         narrow.narrow_dense(x, np.arange(3), np.zeros((3, 17), np.float32), np.zeros(17, np.float32), False)
     with pytest.raises(ValueError, match=r"order must have shape \(3,\)"):
         narrow.narrow_dense(x, np.arange(6), W, b, False)
-    with pytest.raises(ValueError, match="order must hold row numbers"):
+    with pytest.raises(ValueError, match="order must hold row numbers of W"):
         narrow.narrow_dense(x, np.array([0, 1, 3]), W, b, False)
     with pytest.raises(ValueError, match="x must be a C-contiguous float32 array, got float64"):
         direct.dense_block(x.astype(np.float64), W, b, False)
