@@ -454,7 +454,8 @@ def main(argv=None):
     result["kernels"] = kernel_figures(kernel_sides, budget, peak)
     print(f"\nfloat32 peak (bench/peak.py's probe, {threads} threads): {num(peak)} GFLOP/s")
     print(f"kernels at batch {KERNEL_BATCH} (minicnn column = numpy for GEMM rows; predict's = the fused conv "
-          "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs; 'of peak' = minicnn's speed / the probe's on as many threads as the kernel ran on; "
+          "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs; 'of peak' = minicnn's speed / the probe's "
+          "on as many threads as the kernel ran on; "
           "'of GEMM' = conv fwd speed / its own GEMM's speed)")
     extras = [("of peak", lambda r: pct(r.get("fraction_of_peak"))),
               ("of GEMM", lambda r: pct(r.get("fraction_of_own_gemm"))), ("shape", lambda r: r["shape"])]

@@ -1,8 +1,8 @@
 """Direct convolution, channels last, with bias, ReLU and 2x2 max-pool in its epilogue.
 
 What inference runs for a Conv2D (and the ReLU and MaxPool2D(2) after it),
-and for a Dense, which is a 1x1 convolution over a row of N pixels. The
-arithmetic is kernels.conv2d_forward's,
+and for a Dense, which is a 1x1 convolution over rows of 8 pixels (dense_block).
+The arithmetic is kernels.conv2d_forward's,
 
     out[n, i, j, f] = b[f] + sum_{kh, kw, c} xp[n, i*S + kh, j*S + kw, c] * W[f, c, kh, kw]
 
@@ -17,11 +17,13 @@ The kernel holds a tile of the output in registers: 8 output pixels x 32
 filters, sixteen 16-lane sums (minicnn.simd). Each tap (kh, kw, c) loads
 its 32 weights once (two vectors) and each pixel's input once (broadcast to
 all lanes), then does 16 fused multiply-adds: the arithmetic, not the
-loads, sets the pace (LeNet's conv2 runs at ~90% of the FMA units' rate,
-docs/techniques.md). The 8 pixels are 8 neighbours along a row, or, with
-pooling, the 2x4 block that makes 2 pooled outputs, so the max, the bias
-and the ReLU are applied to the sums before anything is stored. Nothing
-full-size is written.
+loads, sets the pace (the inner loop of LeNet's conv2 runs at ~90% of the
+FMA units' rate; docs/techniques.md has the whole kernel's). The 8 pixels
+are 8 neighbours along a row, or, with pooling, the 2x4 block that makes 2
+pooled outputs, so the max, the bias and the ReLU are applied to the sums
+before anything is stored: with pooling, nothing full-size is written.
+With AVX2 (the portable build) a 16-lane sum takes two registers, and the
+tile's sixteen spill: correct, slower.
 
 Layouts (all float32, C-contiguous):
     xp   (N, Hp, Wp, C)          the input, already zero-padded, channels last
@@ -218,7 +220,9 @@ def _dense_rows_loops(x, W, b, relu, out):
 def _row_span(x, w, b, relu, out, n, f0, C, F):
     """out[n, f0 : f0 + 128]: eight 16-lane sums of one row; each weight is read once."""
     width = min(ROW_SPAN, F - f0)
-    m0, m1, m2, m3 = min(width, 16), min(max(width - 16, 0), 16), min(max(width - 32, 0), 16), min(max(width - 48, 0), 16)
+    # lanes in use of each of the eight vectors
+    m0, m1, m2, m3 = min(width, 16), min(max(width - 16, 0), 16), min(max(width - 32, 0), 16), \
+        min(max(width - 48, 0), 16)
     m4, m5, m6, m7 = min(max(width - 64, 0), 16), min(max(width - 80, 0), 16), min(max(width - 96, 0), 16), \
         max(width - 112, 0)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = splat(0.0)

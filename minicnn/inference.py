@@ -41,8 +41,6 @@ def _float32(layer):
     return all(p.dtype == np.float32 for p in layer.params.values())
 
 
-
-
 class _Buffers:
     """One array per name, kept and reused while calls ask for the same shape or a smaller batch."""
 
@@ -114,10 +112,10 @@ class _Dense:
         N = x.shape[0]
         out = buffers.get(name, (N, W.shape[1]))
         if W.shape[1] <= narrow.MAX_OUTPUTS:
-            order = self.orders.get(x.shape)
+            order = self.orders.get(x.shape[1:])  # by the shape of one sample: any batch size
             if order is None:
-                order = self.orders[x.shape] = (narrow.flatten_order(*x.shape[1:]) if x.ndim == 4
-                                                else np.arange(x[0].size))
+                order = self.orders[x.shape[1:]] = (narrow.flatten_order(*x.shape[1:]) if x.ndim == 4
+                                                    else np.arange(x[0].size))
             return narrow.narrow_dense(x.reshape(N, -1), order, W, b, self.relu, out)
         if x.ndim == 4:
             flat = buffers.get(name + " flat", (N, x[0].size))

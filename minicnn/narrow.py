@@ -11,9 +11,10 @@ at batch 1 and 2.6x slower at batch 256.)
 
 Why not BLAS: a product 10 columns wide is a bad shape for a GEMM kernel
 (it packs its operands for tiles many columns wide): docs/techniques.md
-has numpy's time for the seed CNN's classifier against this kernel's. Here the 10 sums of a batch row fit one 16-lane register, so a
-tile of 8 rows keeps 8 registers of sums and each weight row is loaded
-once for all 8. Rows left over after the tiles of 8 run alone, their sum
+has numpy's time for the seed CNN's classifier against this kernel's.
+Here the 10 sums of a batch row fit one 16-lane register, so a tile of 8
+rows keeps 8 registers of sums and each weight row is loaded once for all
+8. Rows left over after the tiles of 8 run alone, their sum
 split four ways (k mod 4) so that four multiply-adds are in flight.
 """
 

@@ -180,8 +180,8 @@ def maximum(typingctx, a, b):
 
 def _first_lanes(builder, n):
     """The mask of lanes 0 .. n - 1 (n an i32)."""
-    lanes = builder.shuffle_vector(builder.insert_element(ir.Constant(_INTS, ir.Undefined), n, ir.Constant(ir.IntType(32), 0)),
-                                   ir.Constant(_INTS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
+    first = builder.insert_element(ir.Constant(_INTS, ir.Undefined), n, ir.Constant(ir.IntType(32), 0))
+    lanes = builder.shuffle_vector(first, ir.Constant(_INTS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
     return builder.icmp_signed("<", ir.Constant(_INTS, list(range(LANES))), lanes)
 
 
@@ -362,5 +362,6 @@ def _transpose16_python(src, i, src_stride, dst, j, dst_stride):
 
 if numba.config.DISABLE_JIT:
     load, store, splat, fma, add = _load_python, _store_python, _splat_python, _fma_python, _add_python
-    broadcast, maximum, load_first, store_first = _broadcast_python, _maximum_python, _load_first_python, _store_first_python
+    broadcast, maximum = _broadcast_python, _maximum_python
+    load_first, store_first = _load_first_python, _store_first_python
     permute2, transpose16 = _permute2_python, _transpose16_python

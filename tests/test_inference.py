@@ -95,7 +95,8 @@ def test_other_layers_and_dtypes_run_their_own_forward():
 
     model = zoo.lenet5(seed=0)
     model.layers.insert(2, Double())
-    assert [type(s).__name__ for s in Inference(model.layers).stages] == ["_Conv", "_Layer", "_Conv", "_Dense", "_Dense"]
+    stages = [type(s).__name__ for s in Inference(model.layers).stages]
+    assert stages == ["_Conv", "_Layer", "_Conv", "_Dense", "_Dense"]
     assert_same_logits(model, images(3))
     model64 = zoo.seed_cnn(seed=0).astype(np.float64)
     np.testing.assert_allclose(model64.predict(images(3)), model64.forward(images(3)), rtol=1e-6)
@@ -171,5 +172,6 @@ def test_kernels_without_avx512_agree():
         "print('ok')\n"
     )
     env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=600)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
