@@ -190,6 +190,9 @@ def test_cli_prints_one_line_on_bad_input(setup, tmp_path, capsys):
     assert main(["compress", "--auto", "--model", path, "--max-drop", "nan", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_drop" in err[0]
+    assert main(["compress", "--auto", "--model", path, "--validation", "1.5", "--out", str(tmp_path / "v")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "validation fraction must be in (0, 1), got 1.5" in err[0]
 
 
 def test_front_and_choice_on_made_up_points():
