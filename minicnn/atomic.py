@@ -46,3 +46,10 @@ def write_file(path, data):
     with atomic_path(path) as tmp:
         with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
+
+
+def save_figure(fig, path):
+    """Save the matplotlib Figure `fig` as a PNG at `path` through atomic_path (matplotlib is the
+    caller's import: minicnn does not need it)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")

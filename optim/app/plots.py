@@ -11,15 +11,14 @@ import os
 import numpy as np
 from matplotlib.figure import Figure
 
-from minicnn.atomic import atomic_path
+from minicnn.atomic import save_figure
 from minicnn.layers import weight_layers
 
 MARKERS = {"seed_cnn": "o", "lenet5": "s"}
 
 
 def _save(fig, out_dir, name):
-    with atomic_path(os.path.join(out_dir, name)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    save_figure(fig, os.path.join(out_dir, name))
     return name
 
 

@@ -19,7 +19,7 @@ at a time, while no trial runs.
 
 import json
 
-from minicnn.atomic import write_file
+from minicnn.atomic import save_figure, write_file
 from minicnn.serialization import load
 from minicnn.timing import QUICK, measure
 
@@ -62,12 +62,11 @@ def plot(points, chosen, path):
     """Validation accuracy against bytes (log scale), latency as colour, the front circled;
     returns a message instead when matplotlib (the `plot` extra) is missing."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend
     except ImportError:
         return "matplotlib is not installed (pip install 'minicnn[plot]'): Pareto plot skipped"
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.add_subplot()
     dots = ax.scatter([p["bytes"] for p in points], [100 * p["val_accuracy"] for p in points],
                       c=[1e3 * p["latency_s"] for p in points], cmap="viridis", s=18)
     fig.colorbar(dots, label="batch-1 latency (ms)")
@@ -81,7 +80,5 @@ def plot(points, chosen, path):
     ax.set_xlabel("bytes on disk")
     ax.set_ylabel("validation accuracy (%)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return None

@@ -27,7 +27,7 @@ import json
 
 import numpy as np
 
-from minicnn.atomic import write_file
+from minicnn.atomic import save_figure, write_file
 from minicnn.model import Sequential
 from minicnn.training import evaluate
 
@@ -131,14 +131,13 @@ def plot(table, path):
     """Accuracy against each setting, one panel per technique, one line per layer; returns a
     message when matplotlib (the `plot` extra) is missing instead of failing the run."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend
     except ImportError:
         return "matplotlib is not installed (pip install 'minicnn[plot]'): sensitivity plot skipped"
     panels = [(key, label) for key, label in (("sparsity", "sparsity"), ("bits", "index bits (sharing)"),
                                               ("filters", "fraction of units removed")) if key in table]
-    fig, axes = plt.subplots(1, max(len(panels), 1), figsize=(4.5 * max(len(panels), 1), 3.5), squeeze=False)
+    fig = Figure(figsize=(4.5 * max(len(panels), 1), 3.5))
+    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)
     for ax, (key, label) in zip(axes[0], panels):
         for name, curve in table[key].items():
             ax.plot([p[0] for p in curve], [100 * p[1] for p in curve], marker="o", label=name)
@@ -146,7 +145,5 @@ def plot(table, path):
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy (%)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return None
