@@ -61,6 +61,9 @@ def test_front_has_no_dominated_point_and_every_point_loads(first_run):
     assert os.path.exists(first_run["chosen_path"])
     with open(os.path.join(os.path.dirname(first_run["chosen_path"]), "sensitivity.json")) as f:
         assert set(json.load(f)) >= {"baseline", "sparsity", "bits", "int8", "binary"}
+    for plot in ("sensitivity.png", "front.png"):  # PNGs, written whole
+        with open(os.path.join(os.path.dirname(first_run["chosen_path"]), plot), "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_chosen_model_respects_max_drop_on_validation(first_run):
