@@ -94,13 +94,18 @@ def test_structured_pruning_and_cutting_give_float_networks_that_export(lenet5, 
     check_float(head, data)
 
 
-def test_intermediates_are_every_layer_in_order(seed_cnn, data):
-    x = data[2][:50]
-    outputs = run(to_onnx(seed_cnn, intermediates=True), x)
-    assert len(outputs) == 1 + len(seed_cnn.layers)
-    for layer, got in zip(seed_cnn.layers, outputs[1:]):
+def check_every_layer_output(model, x):
+    """The export with intermediates=True gives the logits, then each layer's forward in order."""
+    outputs = run(to_onnx(model, intermediates=True), x)
+    assert len(outputs) == 1 + len(model.layers)
+    for layer, got in zip(model.layers, outputs[1:]):
         x = layer.forward(x)
         np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+    return outputs
+
+
+def test_intermediates_are_every_layer_in_order(seed_cnn, data):
+    outputs = check_every_layer_output(seed_cnn, data[2][:50])
     np.testing.assert_array_equal(outputs[0], outputs[-1])
 
 
@@ -310,12 +315,7 @@ def binary_inputs_network(packed):
 def test_binary_inputs_strided_convs_and_every_layer_output(packed, data):
     model = binary_inputs_network(packed)
     check_binary(model, data)
-    x = data[2][:200]
-    outputs = run(to_onnx(model, intermediates=True), x)
-    assert len(outputs) == 1 + len(model.layers)
-    for layer, got in zip(model.layers, outputs[1:]):
-        x = layer.forward(x)
-        np.testing.assert_allclose(got, x, rtol=1e-4, atol=1e-4 * np.abs(x).max())
+    check_every_layer_output(model, data[2][:200])
 
 
 # --------------------------------------------------------------------------
