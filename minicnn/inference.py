@@ -47,10 +47,11 @@ class _Buffers:
     def __init__(self):
         self.arrays = {}
 
-    def get(self, name, shape):
+    def get(self, name, shape, zeroed=False):
+        """A float32 array of `shape`; zeroed: made of zeros when new (its caller writes it in part)."""
         a = self.arrays.get(name)
         if a is None or a.shape[1:] != shape[1:] or a.shape[0] < shape[0]:
-            a = self.arrays[name] = np.empty(shape, np.float32)
+            a = self.arrays[name] = (np.zeros if zeroed else np.empty)(shape, np.float32)
         return a[: shape[0]]  # a batch-prefix of a C-contiguous array is C-contiguous
 
 
@@ -75,9 +76,8 @@ class _Conv:
         F, K, S, P = conv.out_channels, conv.kernel_size, conv.stride, conv.padding
         if P:
             N, H, W, C = x.shape
-            xp = buffers.get(name + " padded", (N, H + 2 * P, W + 2 * P, C))
-            xp[:, :P], xp[:, H + P :], xp[:, :, :P], xp[:, :, W + P :] = 0, 0, 0, 0
-            xp[:, P : H + P, P : W + P] = x
+            xp = buffers.get(name + " padded", (N, H + 2 * P, W + 2 * P, C), zeroed=True)
+            xp[:, P : H + P, P : W + P] = x  # the border stays as it was made: zeros
             x = xp
         out = buffers.get(name, direct.output_shape(x.shape, F, K, S, self.pool))
         return direct.conv_block(x, w, b, F, K, S, self.relu, self.pool, out)

@@ -76,13 +76,10 @@ class Sequential:
         run = getattr(local, "run", None)
         if run is None or run.layers != tuple(self.layers):
             run = local.run = Inference(self.layers)
-        out = np.zeros((0, self.num_classes), np.float32) if len(x) == 0 else None
-        for i in range(0, len(x), batch_size):
-            logits = run(x[i : i + batch_size])  # a buffer that the next call overwrites: copied
-            if out is None:
-                out = np.empty((len(x), *logits.shape[1:]), np.float32)
-            out[i : i + batch_size] = logits
-        return out
+        if len(x) == 0:
+            return np.zeros((0, *self.output_shapes()[-1]), np.float32)
+        # Copies: each call of run returns a buffer that its next call overwrites.
+        return np.concatenate([run(x[i : i + batch_size]).copy() for i in range(0, len(x), batch_size)])
 
     def __getstate__(self):
         """What copy and pickle take: not predict's buffers."""
