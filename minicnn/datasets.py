@@ -130,8 +130,8 @@ def read_idx(path):
 
 
 def _raw_reader(data):
-    """read(n): the next n bytes of `data`."""
-    position = 0
+    """read(n): the next n bytes of `data`, as views (the payload is not copied)."""
+    data, position = memoryview(data), 0
 
     def read(n):
         nonlocal position

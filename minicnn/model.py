@@ -66,7 +66,9 @@ class Sequential:
         """Logits (N, num_classes) float32, computed batch by batch; argmax gives the class.
 
         The same numbers as forward (to float32 rounding), through minicnn.inference's fused
-        stages, which keep buffers and packed weights between calls: one set per thread.
+        stages, which keep buffers and packed weights between calls: one set per thread. The
+        stages are chosen for the layers and their dtypes: change a dtype with Sequential.astype
+        (which drops them), not Layer.astype on one layer.
         """
         batch_size = check_positive_int(batch_size, "batch_size")
         self.check_input(x)
@@ -78,8 +80,13 @@ class Sequential:
             run = local.run = Inference(self.layers)
         if len(x) == 0:
             return np.zeros((0, *self.output_shapes()[-1]), np.float32)
-        # Copies: each call of run returns a buffer that its next call overwrites.
-        return np.concatenate([run(x[i : i + batch_size]).copy() for i in range(0, len(x), batch_size)])
+        # Each call of run returns a buffer that its next call overwrites: copied into out.
+        first = run(x[:batch_size])
+        out = np.empty((len(x), *first.shape[1:]), np.float32)
+        out[:batch_size] = first
+        for i in range(batch_size, len(x), batch_size):
+            out[i : i + batch_size] = run(x[i : i + batch_size])
+        return out
 
     def __getstate__(self):
         """What copy and pickle take: not predict's buffers."""
