@@ -39,7 +39,6 @@ from .. import binary, deep_compression, pruning, quantization, sharing, structu
 from . import sensitivity
 from ..sparse import to_sparse
 
-CALIBRATION = 512  # training images that set the int8 activation ranges
 PRUNE_LR, FILTERS_LR, SHARE_LR = 1e-4, 3e-4, 1e-4
 
 
@@ -92,12 +91,9 @@ def _retrain_pruned(model, candidate, x, y, seed, lr):
     steps = candidate["epochs"] * -(-len(x) // 64)
     count = max(1, min(8, steps // 2))
     schedule = PerLayerSchedule(model, targets, count, max(1, steps // 2 // count), optimizer)
+    # (count - 1) * every < steps: every pruning step runs, the last one at the targets
     fit(model, x, y, epochs=candidate["epochs"], batch_size=64, optimizer=optimizer, seed=seed,
         constraint=schedule, verbose=False)
-    # a final pass, so the targets hold even if the schedule had fewer steps than planned
-    for index, s in targets.items():
-        schedule.masks = pruning.global_masks(model, s, [schedule.names[index]], schedule.masks)
-    pruning.apply_masks(model, schedule.masks)
     return model
 
 
@@ -134,5 +130,5 @@ def run(candidate, context, seed):
         fit(shared, x, y, epochs=1, batch_size=64, optimizer=Adam(SHARE_LR), seed=seed + 1, verbose=False)
         points.append(_point("shared", shared, x_val, y_val, bits=bits))
     if candidate.get("int8"):
-        points.append(_point("int8", quantization.quantize_model(model, x[:CALIBRATION]), x_val, y_val))
+        points.append(_point("int8", quantization.quantize_model(model, x[:sensitivity.CALIBRATION]), x_val, y_val))
     return points

@@ -32,11 +32,13 @@ the same per-layer space with reinforcement learning, at far more trials.
 """
 
 import hashlib
-import math
 import os
-import shutil
 import time
 
+import numpy as np
+
+from minicnn.atomic import write_file
+from minicnn.checks import check_number, check_positive_int
 from minicnn.datasets import split_validation
 from minicnn.model import check_sequential
 from minicnn.serialization import load
@@ -49,23 +51,27 @@ TOLERANCES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # points of one-shot per-layer dro
 CONTEXT_KEYS = ("x_fit", "y_fit", "x_val", "y_val")
 
 
+def _sha256(*arrays):
+    """sha256 of the arrays' bytes one after the other, read in place (no copy of the data set)."""
+    digest = hashlib.sha256()
+    for a in arrays:
+        digest.update(np.ascontiguousarray(a))
+    return digest.hexdigest()
+
+
 def check_settings(max_drop, objective, techniques, workers, time_budget, epochs):
     """ValueError on a bad setting, before any work; returns the techniques as a sorted list."""
-    if isinstance(max_drop, bool) or not isinstance(max_drop, (int, float)) or not math.isfinite(max_drop) \
-            or max_drop < 0:
-        raise ValueError(f"max_drop must be a finite number of accuracy points >= 0, got {max_drop!r}")
+    check_number(max_drop, "max_drop (accuracy points)", 0)
     if objective not in pareto.OBJECTIVES:
         raise ValueError(f"objective must be one of {pareto.OBJECTIVES}, got {objective!r}")
     techniques = list(TECHNIQUES if techniques is None else techniques)
     unknown = sorted(set(techniques) - set(TECHNIQUES))
     if unknown or not techniques:
         raise ValueError(f"unknown technique(s) {unknown or techniques}; choose among {list(TECHNIQUES)}")
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-    if time_budget is not None and not (isinstance(time_budget, (int, float)) and time_budget > 0):
-        raise ValueError(f"time_budget must be a positive number of minutes, got {time_budget!r}")
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
+    check_positive_int(workers, "workers")
+    if time_budget is not None and check_number(time_budget, "time_budget (minutes)", 0) == 0:
+        raise ValueError("time_budget (minutes) must be above 0, got 0")
+    check_positive_int(epochs, "epochs")
     return sorted(set(techniques))
 
 
@@ -173,7 +179,7 @@ def auto_compress(model_path, x_train, y_train, out, max_drop, objective="bytes"
     settings = {"max_drop": max_drop, "objective": objective, "techniques": techniques, "seed": seed,
                 "epochs": epochs, "validation": validation, "tolerances": list(tolerances),
                 "refine_rounds": refine_rounds, "images": int(len(x_train)),
-                "data_sha256": hashlib.sha256(x_train.tobytes() + y_train.tobytes()).hexdigest()}
+                "data_sha256": _sha256(x_train, y_train)}
     os.makedirs(out, exist_ok=True)
     log = trials.TrialLog(out, trials.fingerprint(model_path, settings), settings)
     context = {"model": model, **dict(zip(CONTEXT_KEYS, (x_fit, y_fit, x_val, y_val)))}
@@ -231,13 +237,13 @@ def _report(search, model_path, out, messages, seconds):
     chosen = {o: pareto.choose(points, baseline["val_accuracy"], max_drop, o) for o in pareto.OBJECTIVES}
     objective = search.settings["objective"]
     chosen_path = os.path.join(out, "chosen.npz")
-    shutil.copyfile(chosen[objective]["path"], chosen_path)
+    with open(chosen[objective]["path"], "rb") as f:
+        write_file(chosen_path, f.read())
+    messages.append(pareto.plot(points, chosen[objective], os.path.join(out, "front.png")))
     report = {"settings": search.settings, "baseline": baseline, "points": points,
               "front": [p["key"] + "/" + p["kind"] for p in best], "chosen": chosen,
-              "chosen_path": chosen_path, "seconds": seconds}
+              "chosen_path": chosen_path, "seconds": seconds, "messages": [m for m in messages if m]}
     pareto.save(report, os.path.join(out, "front.json"))
-    messages.append(pareto.plot(points, chosen[objective], os.path.join(out, "front.png")))
-    report["messages"] = [m for m in messages if m]
     return report
 
 

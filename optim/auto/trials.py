@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from minicnn import __version__
 from minicnn.atomic import write_file
+from minicnn.datasets import file_hash
 
 from . import recipe
 
@@ -46,9 +47,7 @@ def candidate_key(candidate):
 
 def fingerprint(model_path, settings):
     """sha256 of the model file's bytes, the settings and the code version: what a trial's result depends on."""
-    digest = hashlib.sha256()
-    with open(model_path, "rb") as f:
-        digest.update(f.read())
+    digest = hashlib.sha256(file_hash(model_path, "sha256").encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     digest.update(__version__.encode())
     return digest.hexdigest()
@@ -65,8 +64,9 @@ class TrialLog:
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             self._read(fingerprint)
         else:
-            with open(self.path, "w") as f:
-                f.write(json.dumps({"fingerprint": fingerprint, "settings": settings, "version": __version__}) + "\n")
+            # whole or not at all: a run killed here must not leave a log that later runs refuse
+            write_file(self.path, json.dumps({"fingerprint": fingerprint, "settings": settings,
+                                              "version": __version__}) + "\n")
 
     def _read(self, expected):
         with open(self.path) as f:

@@ -46,6 +46,8 @@ def run(onnx_model, x, batch_size=256, threads=None):
 def agreement(model, onnx_model, x, batch_size=256):
     """How the first output of `onnx_model` (the logits) agrees with model.predict(x):
     {"max_relative_error", "argmax_agreement", "images"} (see the module docstring)."""
+    if len(x) == 0:
+        raise ValueError("agreement needs at least one image, got none")
     expected = model.predict(x, batch_size=batch_size)
     logits = run(onnx_model, x, batch_size)[0]
     if logits.shape != expected.shape:
@@ -53,5 +55,4 @@ def agreement(model, onnx_model, x, batch_size=256):
     scale = float(np.abs(expected).max(initial=0)) or 1.0
     error = float(np.abs(logits.astype(np.float64) - expected).max(initial=0)) / scale
     same = logits.reshape(len(x), -1).argmax(axis=1) == expected.reshape(len(x), -1).argmax(axis=1)
-    return {"max_relative_error": error, "argmax_agreement": float(same.mean()) if len(x) else 1.0,
-            "images": len(x)}
+    return {"max_relative_error": error, "argmax_agreement": float(same.mean()), "images": len(x)}
