@@ -21,11 +21,11 @@ onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 import minicnn  # noqa: E402
+import minicnn.atomic  # noqa: E402  (its open, made to fail mid-write)
 from minicnn import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU, Sequential, zoo  # noqa: E402
 from optim import binary, cutting, pruning, quantization, sharing, sparse, structured  # noqa: E402
 from optim.app.cli import main  # noqa: E402
 from optim.export import MAX_OPSET, MIN_OPSET, agreement, export, run, to_onnx  # noqa: E402
-from optim.export import graph as export_graph  # noqa: E402  (its open, made to fail mid-write)
 from optim.export import int8 as int8_export  # noqa: E402  (its converter table, against optim's op kinds)
 from optim.quantization.ops import OP_KINDS  # noqa: E402
 
@@ -365,7 +365,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary_one(tmp_path, monke
             self.file.write(data[: len(data) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_graph, "open", DiskFull, raising=False)
+    monkeypatch.setattr(minicnn.atomic, "open", DiskFull, raising=False)  # the open write_file writes through
     with pytest.raises(OSError, match="No space left"):
         export(zoo.lenet300(seed=0), out)
     assert len(opened) == 1 and opened[0].parent == tmp_path and opened[0] != out  # the write began

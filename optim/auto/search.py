@@ -145,9 +145,18 @@ class Run:
                 if p["path"] not in self.latency:
                     self.latency[p["path"]] = pareto.latency(p["path"], x_one)
 
-    def tried_already(self, cand):
-        """Whether a trial already ran `cand` (another tolerance read the same settings off the curves)."""
-        return trials.candidate_key(cand) in self.results
+    def new_jobs(self, jobs):
+        """The jobs no trial has run yet. A tolerance that reads the same settings off the curves
+        as one tried before gives the same point: it is recorded as tried, with that trial's key,
+        so that its family's bracket narrows past it."""
+        fresh = []
+        for tolerance, cand in jobs:
+            key = trials.candidate_key(cand)
+            if key in self.results:
+                self.tried.setdefault(cand["family"], {})[tolerance] = key
+            else:
+                fresh.append((tolerance, cand))
+        return fresh
 
     def within(self, key):
         floor = self.table["baseline"] - self.settings["max_drop"] / 100
@@ -211,10 +220,9 @@ def _search(search, table, techniques, tolerances, refine_rounds, started, time_
             return
         jobs = [(t, candidate(f, table, t, techniques, epochs, max_drop)) for f in kinds
                 for t in next_tolerances(search.tried[f], {t: search.within(k) for t, k in search.tried[f].items()})]
-        jobs = [job for job in jobs if not search.tried_already(job[1])]
-        if not jobs:
-            break
-        search.run(jobs)
+        jobs = search.new_jobs(jobs)
+        if jobs:
+            search.run(jobs)
     if out_of_time():
         return
     jobs = []

@@ -28,7 +28,7 @@ never when optim is imported.
 
 import numpy as np
 
-from minicnn.atomic import atomic_path
+from minicnn.atomic import write_file
 
 INSTALL_HINT = "pip install -e '.[onnx]'"
 # Per-axis DequantizeLinear (the int32 logits, one scale per class) came in opset 13; Clip and
@@ -158,6 +158,5 @@ class Graph:
 def write(model, path):
     """Write the ModelProto `model` to `path` atomically; returns the bytes written."""
     data = model.SerializeToString()
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        f.write(data)
+    write_file(path, data)
     return len(data)
