@@ -23,18 +23,41 @@ builds must give the same results) and for benchmarks:
 """
 
 import contextlib
+import ctypes
 import os
+import sys
 import threading
 import types
 
 import numba
 
-# Numba's default OpenMP workers and OpenBLAS's threads both spin after a
-# parallel region. A conv alternates the two (im2row in Numba, GEMM in BLAS),
-# and on a 2-core machine each switch then waited a whole scheduler tick.
-# The workqueue layer's workers sleep.
+
+def _load_tbb():
+    """Whether Intel TBB, the threading layer minicnn asks Numba for, loads.
+
+    TBB's workers spin a moment after a loop, then sleep: the next loop starts in ~2 us, where
+    waking a sleeping workqueue thread (the fallback) costs 100-150 us on this project's 2-core
+    VMs (an empty two-task loop: 132 us), longer than a batch-1 layer takes. They yield while
+    they spin, so OpenBLAS's threads, which a training step alternates with Numba's (im2row,
+    then GEMM), and PyTorch's in the same process run as fast as beside the workqueue
+    (bench_substrate). OpenMP's spin restarts as fast but is one setting for the whole process
+    (docs/techniques.md).
+
+    pip's tbb wheel (a dependency on Linux x86-64) puts libtbb in <prefix>/lib, where the
+    dynamic loader does not look. Loaded here by path, it is what Numba's TBB layer then finds
+    by its name (also when NUMBA_THREADING_LAYER names tbb).
+    """
+    try:
+        ctypes.CDLL(os.path.join(sys.prefix, "lib", "libtbb.so.12"), mode=ctypes.RTLD_GLOBAL)
+        from numba.np.ufunc import tbbpool  # noqa: F401  Numba's layer must load too
+    except (OSError, ImportError):
+        return False
+    return True
+
+
+_tbb_loaded = _load_tbb()
 if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
+    numba.config.THREADING_LAYER = "tbb" if _tbb_loaded else "workqueue"
 
 MODES = ("auto", "serial", "threaded")
 # The workqueue layer runs one parallel loop at a time: two threads of the program starting
@@ -42,12 +65,10 @@ MODES = ("auto", "serial", "threaded")
 _one_parallel_loop = threading.Lock()
 MIN_OUTPUTS = 1 << 18  # the break-even of minicnn's own loops, in elements touched (read or written)
 # The break-even of the register-tiled kernels (direct, narrow), in multiply-adds: they do
-# 50-60 G of them per second per core, and waking a sleeping workqueue thread costs 100-150 us
-# on this project's 2-core VM (an empty two-task loop: 132 us). OpenMP's threads spin a while
-# after a loop, and start the next in ~2 us: with NUMBA_THREADING_LAYER=omp the break-even is
-# LeNet-5's conv1 at batch 1 (288 K: 10 us serial, 8 us threaded). docs/techniques.md says
-# why omp is not the default.
-MIN_MACS = 1 << 18 if os.environ.get("NUMBA_THREADING_LAYER") == "omp" else 1 << 24
+# 50-60 G of them per second per core. With TBB (or OpenMP) it is between LeNet-5's conv1 at
+# batch 1 (288 K: 13 us serial, 17 us threaded) and its conv2 (1.6 M: 39 and 32 us). Waking
+# the workqueue's sleeping thread costs the time of 2^24 of them.
+MIN_MACS = 1 << 24 if numba.config.THREADING_LAYER == "workqueue" else 1 << 19
 
 
 def _check_mode(mode, source):
