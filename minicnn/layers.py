@@ -218,12 +218,11 @@ class ReLU(Layer):
 
     def forward(self, x):
         check_array(x, "ReLU input", finite=False)
-        out = np.maximum(x, 0)
-        self.cache = out > 0
+        out, self.cache = kernels.relu_forward(x)
         return out
 
     def backward(self, dout):
-        return dout * self.cache
+        return kernels.relu_backward(dout, self.cache)
 
 
 class MaxPool2D(Layer):

@@ -134,6 +134,23 @@ def test_maxpool_2x2_path_matches_reference_with_ties(N, C, H, W, seed):
     np.testing.assert_array_equal(arg, ref_arg, err_msg="argmax: ours vs reference (first maximum wins)")
 
 
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=4), seeds, st.sampled_from([np.float32, np.float64]))
+def test_relu_matches_reference_bit_for_bit(shape, seed, dtype):
+    rng = np.random.default_rng(seed)
+    x = random_array(seed, shape, dtype)
+    special = np.array([np.nan, -0.0, 0.0, np.inf, -np.inf], dtype)
+    x.reshape(-1)[: min(x.size, 5)] = rng.permutation(special)[: min(x.size, 5)]
+    out, mask = K.relu_forward(x)
+    ref_out, ref_mask = K.relu_forward_ref(x)
+    assert out.dtype == dtype and mask.dtype == np.bool_
+    np.testing.assert_array_equal(out.view(np.uint8), ref_out.view(np.uint8))  # -0.0 and NaNs included
+    np.testing.assert_array_equal(mask, ref_mask)
+    dout = random_array(seed + 1, shape, dtype)
+    np.testing.assert_array_equal(K.relu_backward(dout, mask), K.relu_backward_ref(dout, mask))
+    if x.ndim > 1:  # a transposed (not C-contiguous) input
+        np.testing.assert_array_equal(K.relu_forward(x.T)[0], K.relu_forward_ref(x.T)[0])
+
+
 def test_maxpool_ties_go_to_the_first_maximum():
     x = np.zeros((1, 1, 2, 2), np.float32)
     out, arg = K.maxpool_forward(x, 2, 2)
