@@ -461,7 +461,6 @@ def _maxpool_backward_loops(dout, argmax, x_shape):
 _maxpool_backward = twin(_maxpool_backward_loops)
 
 
-
 def maxpool_backward(dout, argmax, x_shape):
     """Fast max-pool backward, same contract as maxpool_backward_ref."""
     return _maxpool_backward(int(np.prod(x_shape)), dout, argmax, x_shape)
