@@ -1,4 +1,4 @@
-"""The hot loops of the network: convolution, max-pooling and ReLU, twice over.
+"""The hot loops of the network: convolution and max-pooling, twice over.
 
 Each op comes as a plain NumPy reference (`*_ref`: short, obviously right,
 the specification) and a fast version with the same signature that the
@@ -464,51 +464,3 @@ _maxpool_backward = twin(_maxpool_backward_loops)
 def maxpool_backward(dout, argmax, x_shape):
     """Fast max-pool backward, same contract as maxpool_backward_ref."""
     return _maxpool_backward(int(np.prod(x_shape)), dout, argmax, x_shape)
-
-
-# --------------------------------------------------------------------------
-# ReLU
-
-
-def relu_forward_ref(x):
-    """(out, mask): max(x, 0) (NaN stays NaN), and where x > 0: where backward lets dout through."""
-    return np.maximum(x, 0), x > 0
-
-
-def relu_backward_ref(dout, mask):
-    """dx: dout where mask, else 0."""
-    return np.where(mask, dout, 0).astype(dout.dtype)
-
-
-def _relu_forward_loops(x, out, mask):
-    for i in prange(x.size):
-        v = x[i]
-        mask[i] = v > 0
-        out[i] = v if v > 0 or v != v else 0  # a NaN stays NaN, as in numpy.maximum
-    return out, mask
-
-
-def _relu_backward_loops(dout, mask, dx):
-    for i in prange(dout.size):
-        dx[i] = dout[i] if mask[i] else 0
-    return dx
-
-
-_relu_forward = twin(_relu_forward_loops)
-_relu_backward = twin(_relu_backward_loops)
-
-
-def relu_forward(x):
-    """Fast relu_forward_ref: one pass, threaded when large (numpy's two passes run on one core)."""
-    out, mask = np.empty(x.shape, x.dtype), np.empty(x.shape, np.bool_)  # C order, whatever x's
-    _relu_forward(x.size, np.ascontiguousarray(x).reshape(-1), out.reshape(-1), mask.reshape(-1))
-    return out, mask
-
-
-def relu_backward(dout, mask):
-    """Fast relu_backward_ref."""
-    if mask.shape != dout.shape:
-        raise ValueError(f"ReLU backward: dout has shape {dout.shape}, its forward's output {mask.shape}")
-    dx = np.empty(dout.shape, dout.dtype)
-    _relu_backward(dout.size, np.ascontiguousarray(dout).reshape(-1), mask.reshape(-1), dx.reshape(-1))
-    return dx

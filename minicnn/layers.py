@@ -18,7 +18,7 @@ Shapes are NCHW; parameters are float32 unless converted with `astype`
 
 import numpy as np
 
-from . import kernels
+from . import kernels, relu
 from .checks import check_array, check_positive_int
 
 
@@ -218,11 +218,11 @@ class ReLU(Layer):
 
     def forward(self, x):
         check_array(x, "ReLU input", finite=False)
-        out, self.cache = kernels.relu_forward(x)
+        out, self.cache = relu.relu_forward(x)
         return out
 
     def backward(self, dout):
-        return kernels.relu_backward(dout, self.cache)
+        return relu.relu_backward(dout, self.cache)
 
 
 class MaxPool2D(Layer):
