@@ -26,4 +26,4 @@ __all__ = [
     "Adam", "Conv2D", "Dense", "Flatten", "Layer", "MaxPool2D", "ReLU", "SGD", "Sequential",
     "datasets", "evaluate", "fit", "kernels", "load", "losses", "save", "zoo",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

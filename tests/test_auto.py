@@ -144,6 +144,17 @@ def test_bad_inputs(setup, tmp_path, kwargs, message):
         auto.auto_compress(path, x, y, str(tmp_path / "bad"), **kwargs)
 
 
+def test_pool_workers_get_their_share_of_blas_threads(monkeypatch):
+    monkeypatch.delenv(trials.BLAS_THREADS, raising=False)
+    pool = trials.LocalExecutor({}, workers=2)
+    try:
+        seen = pool.pool.submit(os.getenv, trials.BLAS_THREADS).result()
+    finally:
+        pool.close()
+    assert seen == str(max(1, os.cpu_count() // 2))
+    assert trials.BLAS_THREADS not in os.environ  # put back: the driver's own setting is untouched
+
+
 def test_unreachable_scheduler_names_its_address(setup, tmp_path):
     _, path, x, y, _, _ = setup
     pytest.importorskip("distributed", reason="dask[distributed] is not installed (the `dask` extra)")

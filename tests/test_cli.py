@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import numpy as np
+
 import minicnn
 from optim.app.cli import main
 
@@ -15,6 +17,16 @@ def test_train_prints_summary_and_saves(tmp_path, capsys):
     accuracy = float(text.split("test accuracy ")[1].split()[0])
     x, y = minicnn.datasets.load()[2:]
     assert abs(minicnn.evaluate(minicnn.load(out), x, y) - accuracy) <= 5e-5  # printed with 4 decimals
+
+
+def test_hold_out_trains_without_the_split_compress_auto_decides_on(tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr("optim.app.commands.fit", lambda model, x, y, **kw: seen.append(x))
+    assert main(["train", "--model", "lenet300", "--epochs", "1", "--hold-out", "0.25", "--seed", "3"]) == 0
+    x, y = minicnn.datasets.load()[:2]
+    x_fit = minicnn.datasets.split_validation(x, y, 0.25, 3)[0]
+    assert len(seen) == 1 and np.array_equal(seen[0], x_fit)
+    assert "holding out 2000 training images" in capsys.readouterr().out
 
 
 def test_errors_are_reported_not_raised(tmp_path, capsys):

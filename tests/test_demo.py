@@ -65,6 +65,18 @@ def test_the_techniques_really_change_the_artifacts(quick_run):
         assert rows["deep compression"]["compression"] > rows["model pruning"]["compression"]
 
 
+def test_the_automatic_row_is_the_searchs_choice_from_a_held_out_base(quick_run):
+    out, result = quick_run
+    for name in demo.NETWORKS:
+        row = next(r for r in result["results"] if r["model"] == name and r["technique"] == "automatic compression")
+        with open(out / f"baseline-{name}-heldout-quick-mnist10k-auto" / "front.json") as f:
+            front = json.load(f)
+        with open(front["chosen_path"], "rb") as f:
+            assert (out / row["artifact"]).read_bytes() == f.read()
+        assert front["baseline"]["path"].endswith(f"baseline-{name}-heldout-quick-mnist10k.npz")
+        assert row["settings"]["trials"] == len({p["key"] for p in front["points"]}) - 1 >= 4
+
+
 def test_markdown_report_and_plots(quick_run):
     out, result = quick_run
     text = (out / "report.md").read_text()

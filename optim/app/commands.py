@@ -51,6 +51,9 @@ def finish(title, model, x_test, y_test, out):
 
 def cmd_train(args):
     x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
+    if args.hold_out:  # the split compress --auto --validation F --seed S decides on: never trained on
+        x_train, y_train, x_val, y_val = datasets.split_validation(x_train, y_train, args.hold_out, args.seed)
+        print(f"holding out {len(x_val)} training images (--hold-out {args.hold_out}, seed {args.seed})")
     model = zoo.build(args.model, seed=args.seed)
     optimizer = Adam(args.lr) if args.optimizer == "adam" else SGD(args.lr, momentum=args.momentum)
     print(f"training {args.model} on {args.data}: {len(x_train)} images, "
@@ -341,6 +344,9 @@ def add_commands(commands):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--momentum", type=float, default=0.9, help="for sgd")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hold-out", type=float, default=None, metavar="FRACTION",
+                   help="train without this fraction of the training images: the validation split that "
+                        "compress --auto --validation FRACTION (same --seed) takes its decisions on")
     p.add_argument("--out", default=None, help="where to save the trained model (.npz)")
     p.set_defaults(run=cmd_train)
 

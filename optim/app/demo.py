@@ -33,7 +33,7 @@ from minicnn.summary import totals
 from minicnn.timing import Budget, compare
 from minicnn.training import evaluate, fit
 
-from .. import binary, cutting, distillation, pruning, quantization, sparse, structured
+from .. import auto, binary, cutting, distillation, pruning, quantization, sparse, structured
 from ..deep_compression import deep_compression
 from .report import format_verdict, write_json, write_markdown
 
@@ -47,15 +47,18 @@ class Recipe:
     train_images: int | None  # None: every training image
     max_epochs: int | None  # None: every technique trains for the epochs its settings ask
     timing: Budget
+    search: dict  # optim.auto's options beyond the technique's settings
 
     def epochs(self, n):
         return n if self.max_epochs is None else min(n, self.max_epochs)
 
 
 FULL_RUN = Recipe(train_images=None, max_epochs=None,
-                  timing=Budget(repeats=7, min_time=0.05, warmup=3, warm_time=0.1, switch_time=0.05))
+                  timing=Budget(repeats=7, min_time=0.05, warmup=3, warm_time=0.1, switch_time=0.05),
+                  search={"workers": 2})
 QUICK_RUN = Recipe(train_images=2000, max_epochs=2,
-                   timing=Budget(repeats=1, min_time=0.0, warmup=1, warm_time=0.0, switch_time=0.0))
+                   timing=Budget(repeats=1, min_time=0.0, warmup=1, warm_time=0.0, switch_time=0.0),
+                   search={"workers": 1, "tolerances": (1.0, 4.0), "refine_rounds": 0})
 BASELINE_EPOCHS = 10  # the example's recipe: Adam, lr 1e-3, batch 64
 
 # What each technique is asked for, per network: the settings its own command
@@ -74,6 +77,7 @@ SETTINGS = {
         "model cutting": {"max_drop": 0.005, "epochs": 3},
         "deep compression": {"sparsity": 0.8, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "ends_scale": 1.0,
                              "epochs": 6},
+        "automatic compression": {"network": "seed_cnn", "max_drop": 0.3, "time_budget": 4, "epochs": 4},
     },
     "lenet5": {
         "weight sharing": {"bits": {"conv": 4, "fc": 4}, "epochs": 2},
@@ -87,6 +91,8 @@ SETTINGS = {
         # conv1 and fc2 (2% of the weights, the most sensitive) are pruned to half the sparsity
         "deep compression": {"sparsity": 0.95, "bits": {"conv": 8, "fc": 5}, "iterations": 8, "ends_scale": 0.5,
                              "epochs": 6},
+        # no per-layer number: optim.auto finds them within max_drop points of validation accuracy
+        "automatic compression": {"network": "lenet5", "max_drop": 0.3, "time_budget": 8, "epochs": 4},
     },
 }
 
@@ -110,6 +116,7 @@ class Data:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    name: str
 
 
 def load_data(name, recipe, root=None, seed=0):
@@ -118,7 +125,7 @@ def load_data(name, recipe, root=None, seed=0):
     if recipe.train_images is not None and recipe.train_images < len(x_train):
         keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[: recipe.train_images])
         x_train, y_train = x_train[keep], y_train[keep]
-    return Data(x_train, y_train, *datasets.split_validation(x_train, y_train, 0.1, seed), x_test, y_test)
+    return Data(x_train, y_train, *datasets.split_validation(x_train, y_train, 0.1, seed), x_test, y_test, name)
 
 
 @dataclass
@@ -219,6 +226,23 @@ def deep_compression_pipeline(model, data, epochs, sparsity, bits, iterations, e
     return Outcome(result.model, settings, note="prune, share, Huffman-code")
 
 
+def automatic_compression(model, data, epochs, network, max_drop, time_budget, recipe, out_dir):
+    """optim.auto's search, from a base of the same recipe trained without the validation split
+    (the baseline has seen it: its candidates, retrained without it, would all look worse than they
+    are). The search keeps its trial log beside that base, so a second run resumes it."""
+    base, path = baseline(network, data, recipe, out_dir, held_out=True)
+    report = auto.auto_compress(path, data.x_train, data.y_train, path.removesuffix(".npz") + "-auto", max_drop,
+                                time_budget=time_budget, epochs=epochs, **recipe.search)
+    chosen = report["chosen"]["bytes"]
+    settings = {"max_drop": max_drop, "objective": "bytes", "time_budget_min": time_budget, "retrain_epochs": epochs,
+                "chosen": {"family": chosen["family"], "kind": chosen["kind"], "tolerance": chosen["tolerance"]},
+                "trials": len({p["key"] for p in report["points"]}) - 1, "search_seconds": round(report["seconds"])}
+    note = (f"{settings['trials']} trials in {report['seconds'] / 60:.1f} min; validation "
+            f"{100 * (chosen['val_accuracy'] - report['baseline']['val_accuracy']):+.2f} points against its own base "
+            f"(trained without the validation split: {evaluate(base, data.x_test, data.y_test):.2%} on test)")
+    return Outcome(load(report["chosen_path"]), settings, note=note)
+
+
 # The techniques in the order the demo applies them.
 APPLY = {
     "weight sharing": weight_sharing,
@@ -230,6 +254,7 @@ APPLY = {
     "model pruning": model_pruning,
     "model cutting": model_cutting,
     "deep compression": deep_compression_pipeline,
+    "automatic compression": automatic_compression,
 }
 TECHNIQUES = tuple(APPLY)
 
@@ -251,10 +276,12 @@ def _architecture(model):
     return [(layer.kind, layer.config()) for layer in model.layers]
 
 
-def baseline(name, data, recipe, out_dir, data_name):
-    """The trained network `name`: DIR/baseline-<name>[-quick]-<data>.npz if it is there (its
-    architecture checked), else trained and saved there. Returns (model, path)."""
-    path = os.path.join(out_dir, f"baseline-{name}{'-quick' if recipe.train_images else ''}-{data_name}.npz")
+def baseline(name, data, recipe, out_dir, held_out=False):
+    """The trained network `name`: DIR/baseline-<name>[-heldout][-quick]-<data>.npz if it is there
+    (its architecture checked), else trained and saved there. held_out: trained on x_fit only, for
+    a search that decides on x_val. Returns (model, path)."""
+    path = os.path.join(out_dir, f"baseline-{name}{'-heldout' if held_out else ''}"
+                                 f"{'-quick' if recipe.train_images else ''}-{data.name}.npz")
     fresh = zoo.build(name, seed=0)
     if os.path.exists(path):
         model = load(path)
@@ -262,9 +289,10 @@ def baseline(name, data, recipe, out_dir, data_name):
             raise ValueError(f"{path} holds another architecture than {name}; remove it or choose another --out")
         tqdm.write(f"reusing the trained {name} cached in {path}")
         return model, path
+    x, y = (data.x_fit, data.y_fit) if held_out else (data.x_train, data.y_train)
     epochs = recipe.epochs(BASELINE_EPOCHS)
-    tqdm.write(f"training {name} on {len(data.x_train)} images: {epochs} epochs, batch 64, adam lr 0.001")
-    fit(fresh, data.x_train, data.y_train, epochs=epochs, optimizer=Adam(1e-3))
+    tqdm.write(f"training {name} on {len(x)} images: {epochs} epochs, batch 64, adam lr 0.001")
+    fit(fresh, x, y, epochs=epochs, optimizer=Adam(1e-3))
     fresh.save(path)
     return fresh, path
 
@@ -310,6 +338,8 @@ def apply_technique(technique, name, model, base, data, recipe, out_dir):
     settings = dict(SETTINGS[name][technique])
     epochs = recipe.epochs(settings.pop("epochs", 0))
     start = time.perf_counter()
+    if technique == "automatic compression":  # the search keeps its trials and front in out_dir
+        settings.update(recipe=recipe, out_dir=out_dir)
     outcome = APPLY[technique](model, data, epochs, **settings)
     seconds = time.perf_counter() - start
     path = os.path.join(out_dir, f"{name}-{technique.replace(' ', '-')}.npz")
@@ -343,7 +373,7 @@ def run(data_name="mnist10k", out_dir="demo", quick=False, root=None, networks=N
     figures = {}  # per network: the models and curves the plots draw
     steps = tqdm(total=len(networks) * len(techniques), desc="demo", unit="technique")
     for name in networks:
-        model, path = baseline(name, data, recipe, out_dir, data_name)
+        model, path = baseline(name, data, recipe, out_dir)
         base = report["baseline"][name] = measure_baseline(name, model, path, data, recipe)
         figures[name] = {"baseline": model}
         if plots:  # the curves are only drawn: 6 evaluations per weight layer

@@ -2,13 +2,14 @@
 
 A candidate is a JSON-ready dict (the search writes it, the trial log keys on it):
 
-    {"family": "prune" | "filters" | "binary", "epochs": E, "sparsity": {name: s},
+    {"family": "prune" | "filters" | "narrow" | "binary", "epochs": E, "sparsity": {name: s},
      "filters": {name: r}, "bits_tolerance": t (a fraction), "int8": bool, "share": bool}
 
 and `run` turns it into compressed models with the project's own techniques, in
 the order of Deep Compression (Han, Mao & Dally 2016), structured pruning first:
 
     1. filters (Li et al. 2017): remove floor(r_l * units_l) lowest-L1 units of layer l
+       (the "narrow" family stops here: all s_l = 0, the layers stay dense and are retrained)
     2. pruning: per-layer magnitude masks, reached on Zhu & Gupta's cubic schedule
        s_l(t) = s_l (1 - (1 - t/T)^3) over the first half of E epochs of retraining
        (Adam 1e-4; 3e-4 after filter removal, which moves the weights further), with the
@@ -20,9 +21,12 @@ the order of Deep Compression (Han, Mao & Dally 2016), structured pruning first:
        curve of the dense layer in stage 1 is far too optimistic for them)
     4. int8: the retrained model post-training quantized (optim.quantization) -> point "int8"
 
-The "binary" family binarizes the middle weight layers (BinaryConnect weights,
-float activations), trains E epochs with latent weights clipped to [-1, 1], and
-packs them to one bit per weight -> point "binary".
+The "binary" family removes the candidate's units (step 1, when it has any),
+binarizes the middle weight layers (sensitivity.binary_layers; BinaryConnect
+weights, float activations), trains E epochs with latent weights clipped to
+[-1, 1], and packs them to one bit per weight -> point "binary". Fewer units and
+one bit per weight multiply: the seed CNN with half its filters and a binary
+dense layer is 36x smaller than its float32 file.
 
 A trial is a pure function of (candidate, context, seed): it reads nothing else
 and every random choice comes from `seed`, so a process pool, a Dask worker on
@@ -40,6 +44,7 @@ from . import sensitivity
 from ..sparse import to_sparse
 
 PRUNE_LR, FILTERS_LR, SHARE_LR = 1e-4, 3e-4, 1e-4
+BINARY_EPOCHS = 2  # times the candidate's epochs: a latent weight must cross zero to flip its sign
 
 
 class PerLayerSchedule:
@@ -97,11 +102,35 @@ def _retrain_pruned(model, candidate, x, y, seed, lr):
     return model
 
 
+def _shared(model, candidate, context, seed, constraint=None):
+    """The shared point of a retrained model: each float layer's weights k-means shared with the
+    fewest bits its own curve allows, centroids fine-tuned one epoch (`constraint` after each step)."""
+    bits = fewest_bits(model, candidate["bits_tolerance"], context["x_val"], context["y_val"], seed)
+    bits = deep_compression.capped_bits(model, bits)
+    shared = sharing.share_weights(model, bits, seed=seed)
+    fit(shared, context["x_fit"], context["y_fit"], epochs=1, batch_size=64, optimizer=Adam(SHARE_LR), seed=seed + 1,
+        constraint=constraint, verbose=False)
+    return shared, bits
+
+
 def _binary(model, candidate, context, seed):
-    trained = binary.binarize(model)
-    fit(trained, context["x_fit"], context["y_fit"], epochs=candidate["epochs"], batch_size=64,
+    trained = binary.binarize(model, layers=sensitivity.binary_layers(model))
+    fit(trained, context["x_fit"], context["y_fit"], epochs=BINARY_EPOCHS * candidate["epochs"], batch_size=64,
         optimizer=Adam(1e-3), seed=seed, constraint=binary.clip_latent, verbose=False)
-    return [_point("binary", binary.pack(trained), context["x_val"], context["y_val"])]
+    points = [_point("binary", binary.pack(trained), context["x_val"], context["y_val"])]
+    if candidate.get("share"):
+        shared, bits = _shared(trained, candidate, context, seed, constraint=binary.clip_latent)
+        points.append(_point("binary-shared", binary.pack(shared), context["x_val"], context["y_val"], bits=bits))
+    return points
+
+
+def _remove_filters(model, candidate):
+    """(model, retraining lr): the candidate's units removed first, if it removes any."""
+    names = pruning.layer_names(model)
+    rates = {names[n]: r for n, r in candidate.get("filters", {}).items() if r > 0}
+    if not rates:
+        return model, PRUNE_LR
+    return structured.prune(model, rates), FILTERS_LR
 
 
 def run(candidate, context, seed):
@@ -112,22 +141,13 @@ def run(candidate, context, seed):
     retraining images, "x_val", "y_val" the validation split}. The context's model is not changed.
     """
     x, y, x_val, y_val = context["x_fit"], context["y_fit"], context["x_val"], context["y_val"]
-    model = context["model"].copy()
+    model, lr = _remove_filters(context["model"].copy(), candidate)
     if candidate["family"] == "binary":
         return _binary(model, candidate, context, seed)
-    lr = PRUNE_LR
-    if candidate.get("filters"):
-        names = pruning.layer_names(model)
-        rates = {names[n]: r for n, r in candidate["filters"].items() if r > 0}
-        if rates:
-            model, lr = structured.prune(model, rates), FILTERS_LR
     model = _retrain_pruned(model, candidate, x, y, seed, lr)
     points = [_point("sparse", to_sparse(model), x_val, y_val)]
     if candidate.get("share"):
-        bits = fewest_bits(model, candidate["bits_tolerance"], x_val, y_val, seed)
-        bits = deep_compression.capped_bits(model, bits)
-        shared = sharing.share_weights(model, bits, seed=seed)
-        fit(shared, x, y, epochs=1, batch_size=64, optimizer=Adam(SHARE_LR), seed=seed + 1, verbose=False)
+        shared, bits = _shared(model, candidate, context, seed)
         points.append(_point("shared", shared, x_val, y_val, bits=bits))
     if candidate.get("int8"):
         points.append(_point("int8", quantization.quantize_model(model, x[:sensitivity.CALIBRATION]), x_val, y_val))

@@ -15,9 +15,11 @@ its first crossing, so tolerances between grid points give new settings):
 
 so sensitive layers stay dense and wide, redundant ones go far, with no number
 given by hand. Each candidate is retrained (recipe.py) and yields up to three
-models (sparse float, shared + Huffman, int8), plus one binary trial.
+models (sparse float, shared + Huffman, int8), or one binary model.
 
-    round 0   a ladder of tolerances, for each family (prune; filters + prune)
+    round 0   a ladder of tolerances, for each family (prune; filters + prune;
+              filters + binary; for --objective latency, filters alone: "narrow");
+              without filters, one binary trial with every unit
     round k   per family, bisect (geometrically, two points) between the largest
               tolerance whose trial stayed within max_drop and the next one tried
     last      fine-tune the promising candidates: the bracketing pair of each
@@ -81,23 +83,30 @@ def candidate(family, table, tolerance, techniques, epochs, max_drop):
     The bits get an even share of the budget per layer, max_drop / L: the drops of L shared
     layers add up, and the pruning has used its own part of the budget already.
     """
-    if family == "binary":
-        return {"family": "binary", "epochs": epochs}
-    chosen = sensitivity.settings_within(table, tolerance / 100)
+    chosen = sensitivity.settings_within(table, tolerance / 100) if tolerance is not None else {}
     layers = table["layers"]
+    shared = {"bits_tolerance": round(max_drop / 100 / len(layers), 6), "share": "share" in techniques}
+    if family == "binary":
+        return {"family": "binary", "epochs": epochs, "filters": chosen.get("filters", {}), **shared}
+    unpruned = {name: 0.0 for name in layers}
     return {"family": family, "epochs": epochs,
-            "sparsity": chosen.get("sparsity", {name: 0.0 for name in layers}),
-            "bits_tolerance": round(max_drop / 100 / len(layers), 6),
-            "filters": chosen.get("filters", {}) if family == "filters" else {},
-            "share": "share" in techniques, "int8": "int8" in techniques}
+            "sparsity": unpruned if family == "narrow" else chosen.get("sparsity", unpruned),
+            "filters": chosen.get("filters", {}) if family in ("filters", "narrow") else {},
+            "int8": "int8" in techniques, **shared}
 
 
-def families(techniques, table):
+def families(techniques, table, objective):
+    """The families that climb a tolerance ladder: binary does when units can be removed first;
+    narrow (units removed, no weight pruned: dense kernels on smaller layers) for latency only."""
     out = []
     if {"prune", "share", "int8"} & set(techniques):
         out.append("prune")
     if "filters" in techniques and table.get("filters"):
         out.append("filters")
+        if objective == "latency":
+            out.append("narrow")
+        if "binary" in techniques and table.get("binary"):
+            out.append("binary")
     return out
 
 
@@ -206,9 +215,9 @@ def auto_compress(model_path, x_train, y_train, out, max_drop, objective="bytes"
 
 def _search(search, table, techniques, tolerances, refine_rounds, started, time_budget):
     epochs, max_drop = search.settings["epochs"], search.settings["max_drop"]
-    kinds = families(techniques, table)
+    kinds = families(techniques, table, search.settings["objective"])
     jobs = [(t, candidate(f, table, t, techniques, epochs, max_drop)) for f in kinds for t in tolerances]
-    if "binary" in techniques and len(table["layers"]) >= 3:
+    if table.get("binary") and "binary" not in kinds:  # one binary trial, with every unit
         jobs.append((None, candidate("binary", table, None, techniques, epochs, max_drop)))
     search.run(jobs)
 

@@ -57,11 +57,21 @@ def bits_sensitivity(model, x_val, y_val, bits=BITS, seed=0):
     return curves
 
 
+def binary_layers(model):
+    """The indices of the weight layers that go binary: every one but the first and the last, which
+    stay float in BinaryConnect and XNOR-Net; a network of only two takes the larger, which holds
+    nearly all the weights (the seed CNN's dense layer, as in the demo)."""
+    weights = list(pruning.layer_names(model).values())
+    if len(weights) == 2:
+        return [max(weights, key=lambda i: model.layers[i].params["W"].size)]
+    return weights[1:-1]
+
+
 def binary_sensitivity(model, x_val, y_val):
-    """{layer name: accuracy} with that layer's weights binarized alone (middle layers only: the
-    first and last stay float in BinaryConnect and XNOR-Net)."""
-    names = list(pruning.layer_names(model).items())
-    return {name: evaluate(binary.binarize(model, layers=[index]), x_val, y_val) for name, index in names[1:-1]}
+    """{layer name: accuracy} with that layer's weights binarized alone (the layers of binary_layers)."""
+    chosen = binary_layers(model)
+    return {name: evaluate(binary.binarize(model, layers=[index]), x_val, y_val)
+            for name, index in pruning.layer_names(model).items() if index in chosen}
 
 
 def filter_sensitivity(model, x_val, y_val, rates=FILTER_RATES):
@@ -87,7 +97,7 @@ def analyse(model, x_fit, x_val, y_val, techniques, seed=0):
     if "filters" in techniques:
         table["filters"] = {name: [list(p) for p in curve]
                             for name, curve in filter_sensitivity(model, x_val, y_val).items()}
-    if "binary" in techniques and len(table["layers"]) >= 3:
+    if "binary" in techniques and len(table["layers"]) >= 2:
         table["binary"] = binary_sensitivity(model, x_val, y_val)
     if "int8" in techniques:
         table["int8"] = evaluate(quantization.quantize_model(model, x_fit[:CALIBRATION]), x_val, y_val)
