@@ -23,10 +23,12 @@ the order of Deep Compression (Han, Mao & Dally 2016), structured pruning first:
 
 The "binary" family removes the candidate's units (step 1, when it has any),
 binarizes the middle weight layers (sensitivity.binary_layers; BinaryConnect
-weights, float activations), trains E epochs with latent weights clipped to
-[-1, 1], and packs them to one bit per weight -> point "binary". Fewer units and
-one bit per weight multiply: the seed CNN with half its filters and a binary
-dense layer is 36x smaller than its float32 file.
+weights, float activations), trains 2E epochs with latent weights clipped to
+[-1, 1], and packs them to one bit per weight -> point "binary"; then shares the
+layers left float as in step 3 (the binary ones train on through the centroids'
+epoch) -> point "binary-shared". Fewer units and one bit per weight multiply:
+the seed CNN with half its filters and a binary dense layer is 36x smaller than
+its float32 file.
 
 A trial is a pure function of (candidate, context, seed): it reads nothing else
 and every random choice comes from `seed`, so a process pool, a Dask worker on
