@@ -71,8 +71,8 @@ def test_chosen_model_respects_max_drop_on_validation(first_run):
     for objective, chosen in first_run["chosen"].items():
         assert chosen["val_accuracy"] >= baseline - 0.01 - 1e-12
         within = [p for p in first_run["points"] if p["val_accuracy"] >= baseline - 0.01 - 1e-12]
-        assert chosen[{"bytes": "bytes", "latency": "latency_s"}[objective]] == min(
-            p[{"bytes": "bytes", "latency": "latency_s"}[objective]] for p in within)
+        assert chosen["bytes"] == min(p["bytes"] for p in within) if objective == "bytes" else (
+            chosen["speedup"] == max(p["speedup"] for p in within))
     assert first_run["chosen"]["bytes"]["bytes"] < first_run["baseline"]["bytes"]
 
 
@@ -210,7 +210,7 @@ def test_cli_prints_one_line_on_bad_input(setup, tmp_path, capsys):
 
 
 def test_front_and_choice_on_made_up_points():
-    pts = [{"val_accuracy": a, "bytes": b, "latency_s": t, "key": str(i), "kind": "k"}
+    pts = [{"val_accuracy": a, "bytes": b, "speedup": 1 / t, "key": str(i), "kind": "k"}
            for i, (a, b, t) in enumerate([(0.99, 100, 1.0), (0.98, 50, 1.0), (0.98, 60, 1.0), (0.97, 50, 0.5),
                                           (0.99, 100, 2.0)])]
     assert [p["key"] for p in auto.front(pts)] == ["1", "3", "0"]  # by bytes, then higher accuracy

@@ -1,10 +1,10 @@
 """The Pareto front of the search's models, and the choice within the accuracy budget.
 
-Every model the search made is a point p = (a, b, t): validation accuracy a (higher
-is better), bytes of its file b and batch-1 latency t (lower are better). p
-dominates q when it is no worse in all three and better in one:
+Every model the search made is a point p = (a, b, v): validation accuracy a and
+batch-1 speedup v over the base model (higher are better), bytes of its file b
+(lower is better). p dominates q when it is no worse in all three and better in one:
 
-    p > q  <=>  a_p >= a_q, b_p <= b_q, t_p <= t_q, and p != q in at least one
+    p > q  <=>  a_p >= a_q, b_p <= b_q, v_p >= v_q, and p != q in at least one
 
 The front is the set of points no other point dominates (the trade-offs worth
 keeping, as in AMC, He et al. ECCV 2018, and HAQ, Wang et al. CVPR 2019, which
@@ -14,44 +14,51 @@ the budget a >= a_0 - max_drop, the chosen model is the one with the fewest byte
 
 Latency is measured, not computed: `latency` times model.predict on one image with
 minicnn.timing (warm-up, calibrated repeats, median), in the driver, one model
-at a time, while no trial runs.
+at a time, while no trial runs, in alternating rounds with the base model: the
+speedup v is the ratio of one run (the machine's pace drifts between runs more
+than the models differ).
 """
 
 import json
 
 from minicnn.atomic import save_figure, write_file
 from minicnn.serialization import load
-from minicnn.timing import QUICK, measure
+from minicnn.timing import QUICK, compare, measure
 
 OBJECTIVES = ("bytes", "latency")
 
 
 def dominates(p, q):
     no_worse = (p["val_accuracy"] >= q["val_accuracy"] and p["bytes"] <= q["bytes"]
-                and p["latency_s"] <= q["latency_s"])
+                and p["speedup"] >= q["speedup"])
     better = (p["val_accuracy"] > q["val_accuracy"] or p["bytes"] < q["bytes"]
-              or p["latency_s"] < q["latency_s"])
+              or p["speedup"] > q["speedup"])
     return no_worse and better
 
 
 def front(points):
     """The points no other point dominates, sorted by bytes (then accuracy, descending)."""
     kept = [p for p in points if not any(dominates(q, p) for q in points)]
-    return sorted(kept, key=lambda p: (p["bytes"], -p["val_accuracy"], p["latency_s"]))
+    return sorted(kept, key=lambda p: (p["bytes"], -p["val_accuracy"], -p["speedup"]))
 
 
 def choose(points, baseline_accuracy, max_drop, objective="bytes"):
     """The best point by `objective` with val_accuracy >= baseline - max_drop (fractions), or None."""
     within = [p for p in points if p["val_accuracy"] >= baseline_accuracy - max_drop - 1e-12]
-    order = {"bytes": lambda p: (p["bytes"], -p["val_accuracy"], p["latency_s"]),
-             "latency": lambda p: (p["latency_s"], -p["val_accuracy"], p["bytes"])}[objective]
+    order = {"bytes": lambda p: (p["bytes"], -p["val_accuracy"], -p["speedup"]),
+             "latency": lambda p: (-p["speedup"], -p["val_accuracy"], p["bytes"])}[objective]
     return min(within, key=order, default=None)
 
 
-def latency(path, x_one, budget=QUICK):
-    """Median seconds of one batch-1 predict of the model file at `path`; x_one (1, C, H, W) float32."""
+def latency(path, x_one, base=None, budget=QUICK):
+    """{"latency_s": the median of one batch-1 predict of the model file at `path`, "speedup": the
+    base model's median over it, the two timed in alternating rounds (1.0 without a base)}.
+    x_one (1, C, H, W) float32."""
     model = load(path)
-    return measure(lambda: model.predict(x_one), budget).median
+    if base is None:
+        return {"latency_s": measure(lambda: model.predict(x_one), budget).median, "speedup": 1.0}
+    t = compare({"model": lambda: model.predict(x_one), "base": lambda: base.predict(x_one)}, budget)
+    return {"latency_s": t["model"].median, "speedup": t["base"].median / t["model"].median}
 
 
 def save(report, path):
@@ -59,7 +66,7 @@ def save(report, path):
 
 
 def plot(points, chosen, path):
-    """Validation accuracy against bytes (log scale), latency as colour, the front circled;
+    """Validation accuracy against bytes (log scale), batch-1 speedup as colour, the front circled;
     returns a message instead when matplotlib (the `plot` extra) is missing."""
     try:
         from matplotlib.figure import Figure  # the object API: no pyplot state, no global backend
@@ -68,11 +75,11 @@ def plot(points, chosen, path):
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.add_subplot()
     dots = ax.scatter([p["bytes"] for p in points], [100 * p["val_accuracy"] for p in points],
-                      c=[1e3 * p["latency_s"] for p in points], cmap="viridis", s=18)
-    fig.colorbar(dots, label="batch-1 latency (ms)")
+                      c=[p["speedup"] for p in points], cmap="viridis", s=18)
+    fig.colorbar(dots, label="batch-1 speedup over the base model")
     best = front(points)  # in three figures: not joined, a point may sit below its neighbours by being faster
     ax.plot([p["bytes"] for p in best], [100 * p["val_accuracy"] for p in best], color="crimson", ls="none",
-            marker="o", mfc="none", ms=8, label="Pareto front (accuracy, bytes, latency)")
+            marker="o", mfc="none", ms=8, label="Pareto front (accuracy, bytes, speedup)")
     if chosen is not None:
         ax.scatter([chosen["bytes"]], [100 * chosen["val_accuracy"]], marker="*", s=180, color="orange",
                    zorder=5, label="chosen")

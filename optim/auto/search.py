@@ -134,7 +134,7 @@ class Run:
         self.table, self.settings, self.progress = table, settings, progress
         self.tried = {}  # family -> {tolerance: key}
         self.results = {}  # key -> (candidate, tolerance, points)
-        self.latency = {}  # path -> seconds
+        self.latency = {}  # path -> {"latency_s", "speedup" over the base model}
 
     def run(self, jobs):
         """jobs: [(tolerance, candidate)] -> run (or resume) them, record their points."""
@@ -152,7 +152,7 @@ class Run:
         for _, _, points in self.results.values():
             for p in points:
                 if p["path"] not in self.latency:
-                    self.latency[p["path"]] = pareto.latency(p["path"], x_one)
+                    self.latency[p["path"]] = pareto.latency(p["path"], x_one, self.context["model"])
 
     def new_jobs(self, jobs):
         """The jobs no trial has run yet. A tolerance that reads the same settings off the curves
@@ -176,7 +176,7 @@ class Run:
         for key, (cand, tolerance, points) in self.results.items():
             for p in points:
                 out.append({**p, "key": key, "family": cand["family"], "tolerance": tolerance,
-                            "epochs": cand["epochs"], "latency_s": self.latency[p["path"]]})
+                            "epochs": cand["epochs"], **self.latency[p["path"]]})
         return sorted(out, key=lambda p: (p["key"], p["kind"]))
 
 
@@ -247,7 +247,7 @@ def _report(search, model_path, out, messages, seconds):
     baseline = {"key": "baseline", "kind": "float32", "family": "baseline", "tolerance": None,
                 "path": os.path.abspath(model_path), "val_accuracy": search.table["baseline"],
                 "bytes": os.path.getsize(model_path),
-                "latency_s": pareto.latency(model_path, search.context["x_val"][:1])}
+                **pareto.latency(model_path, search.context["x_val"][:1])}
     points = [baseline] + search.points()
     best = pareto.front(points)
     max_drop = search.settings["max_drop"] / 100
