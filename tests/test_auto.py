@@ -71,8 +71,10 @@ def test_chosen_model_respects_max_drop_on_validation(first_run):
     for objective, chosen in first_run["chosen"].items():
         assert chosen["val_accuracy"] >= baseline - 0.01 - 1e-12
         within = [p for p in first_run["points"] if p["val_accuracy"] >= baseline - 0.01 - 1e-12]
-        assert chosen["bytes"] == min(p["bytes"] for p in within) if objective == "bytes" else (
-            chosen["speedup"] == max(p["speedup"] for p in within))
+        if objective == "bytes":
+            assert chosen["bytes"] == min(p["bytes"] for p in within)
+        else:
+            assert chosen["speedup"] == max(p["speedup"] for p in within)
     assert first_run["chosen"]["bytes"]["bytes"] < first_run["baseline"]["bytes"]
 
 
@@ -155,6 +157,16 @@ def test_pool_workers_get_their_share_of_blas_threads(monkeypatch):
     assert trials.BLAS_THREADS not in os.environ  # put back: the driver's own setting is untouched
 
 
+def test_a_blas_thread_count_set_by_the_user_is_kept(monkeypatch):
+    monkeypatch.setenv(trials.BLAS_THREADS, "3")
+    pool = trials.LocalExecutor({}, workers=2)
+    try:
+        seen = pool.pool.submit(os.getenv, trials.BLAS_THREADS).result()
+    finally:
+        pool.close()
+    assert seen == "3" and os.environ[trials.BLAS_THREADS] == "3"
+
+
 def test_unreachable_scheduler_names_its_address(setup, tmp_path):
     _, path, x, y, _, _ = setup
     pytest.importorskip("distributed", reason="dask[distributed] is not installed (the `dask` extra)")
@@ -195,6 +207,49 @@ def test_filters_family_makes_a_narrower_model_that_loads(setup, tmp_path):
     file.write_bytes(points[0]["file"])
     narrow = minicnn.load(str(file))
     assert narrow.output_shapes()[0][0] == 3 and points[0]["bytes"] < os.path.getsize(path)
+
+
+def test_binary_family_removes_units_then_binarizes_and_shares_the_float_layers(setup, tmp_path):
+    _, path, x, y, _, _ = setup
+    model = minicnn.load(path)
+    x_fit, y_fit, x_val, y_val = minicnn.datasets.split_validation(x, y, 0.1, 0)
+    context = {"model": model, "x_fit": x_fit, "y_fit": y_fit, "x_val": x_val, "y_val": y_val}
+    cand = {"family": "binary", "epochs": 1, "filters": {"conv1": 0.5}, "bits_tolerance": 0.01, "share": True}
+    points = trials.recipe.run(cand, context, 0)
+    assert [p["kind"] for p in points] == ["binary", "binary-shared"]
+    assert set(points[1]["bits"]) == {"conv1", "fc2"}  # the float layers, by their names in the model
+    for p in points:
+        file = tmp_path / f"{p['kind']}.npz"
+        file.write_bytes(p["file"])
+        kinds = [layer.kind for layer in minicnn.load(str(file)).layers]
+        assert kinds.count("packed_binary_dense") == 1 and p["bytes"] < os.path.getsize(path) / 4
+
+
+def test_binary_layers_are_the_middle_ones_or_the_larger_of_two():
+    rng = np.random.default_rng(0)
+    three = Sequential([Conv2D(1, 4, 3, rng=rng), ReLU(), Flatten(), Dense(400, 20, rng=rng), ReLU(),
+                        Dense(20, 10, rng=rng)], input_shape=(1, 12, 12))
+    two = Sequential([Conv2D(1, 4, 3, rng=rng), ReLU(), Flatten(), Dense(400, 10, rng=rng)], input_shape=(1, 12, 12))
+    one = Sequential([Flatten(), Dense(144, 10, rng=rng)], input_shape=(1, 12, 12))
+    assert sensitivity.binary_layers(three) == [3]
+    assert sensitivity.binary_layers(two) == [3]
+    assert sensitivity.binary_layers(one) == []
+
+
+def test_each_family_asks_for_what_it_runs():
+    table = {"baseline": 0.9, "layers": ["conv1", "fc1", "fc2"],
+             "sparsity": {n: [[0.5, 0.9], [0.9, 0.8]] for n in ("conv1", "fc1", "fc2")},
+             "filters": {n: [[0.25, 0.9], [0.75, 0.7]] for n in ("conv1", "fc1")}, "binary": {"fc1": 0.5}}
+    techniques = list(search.TECHNIQUES)
+    assert search.families(techniques, table, "bytes") == ["prune", "filters", "binary"]
+    assert search.families(techniques, table, "latency") == ["prune", "filters", "narrow", "binary"]
+    narrow = search.candidate("narrow", table, 10.0, techniques, 4, 0.3)
+    assert set(narrow["sparsity"].values()) == {0.0} and narrow["filters"]["conv1"] > 0
+    wide = search.candidate("filters", table, 10.0, techniques, 4, 0.3)
+    assert wide["filters"] == narrow["filters"] and wide["sparsity"]["fc1"] > 0
+    binary = search.candidate("binary", table, 10.0, techniques, 4, 0.3)
+    assert binary["filters"] == narrow["filters"] and "sparsity" not in binary and binary["share"]
+    assert search.candidate("binary", table, None, techniques, 4, 0.3)["filters"] == {}
 
 
 def test_cli_prints_one_line_on_bad_input(setup, tmp_path, capsys):

@@ -51,7 +51,7 @@ def finish(title, model, x_test, y_test, out):
 
 def cmd_train(args):
     x_train, y_train, x_test, y_test = datasets.load(args.data, root=args.root)
-    if args.hold_out:  # the split compress --auto --validation F --seed S decides on: never trained on
+    if args.hold_out is not None:  # the split compress --auto --validation F --seed S decides on: never trained on
         x_train, y_train, x_val, y_val = datasets.split_validation(x_train, y_train, args.hold_out, args.seed)
         print(f"holding out {len(x_val)} training images (--hold-out {args.hold_out}, seed {args.seed})")
     model = zoo.build(args.model, seed=args.seed)
@@ -234,7 +234,8 @@ def cmd_auto(args):
               f"          validation {p['val_accuracy']:.4f} ({100 * (p['val_accuracy'] - base['val_accuracy']):+.2f} "
               f"points), test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points), "
               f"{p['bytes']:,} bytes ({base['bytes'] / p['bytes']:.1f}x smaller), batch-1 "
-              f"{1e3 * p['latency_s']:.3f} ms ({p['speedup']:.2f}x the base model's speed, timed in alternation)")
+              f"{1e3 * p['latency_s']:.3f} ms" + ("" if p["key"] == "baseline" else
+                                                  f" ({p['speedup']:.2f}x the base model's speed, timed in alternation)"))
     return 0
 
 

@@ -60,6 +60,7 @@ QUICK_RUN = Recipe(train_images=2000, max_epochs=2,
                    timing=Budget(repeats=1, min_time=0.0, warmup=1, warm_time=0.0, switch_time=0.0),
                    search={"workers": 1, "tolerances": (1.0, 4.0), "refine_rounds": 0})
 BASELINE_EPOCHS = 10  # the example's recipe: Adam, lr 1e-3, batch 64
+VALIDATION = 0.1  # of the training images: x_val, the split every decision reads
 
 # What each technique is asked for, per network: the settings its own command
 # measured (docs/techniques.md). Layer names count from 1 per kind: conv1, fc1...
@@ -125,7 +126,8 @@ def load_data(name, recipe, root=None, seed=0):
     if recipe.train_images is not None and recipe.train_images < len(x_train):
         keep = np.sort(np.random.default_rng(seed).permutation(len(x_train))[: recipe.train_images])
         x_train, y_train = x_train[keep], y_train[keep]
-    return Data(x_train, y_train, *datasets.split_validation(x_train, y_train, 0.1, seed), x_test, y_test, name)
+    return Data(x_train, y_train, *datasets.split_validation(x_train, y_train, VALIDATION, seed), x_test, y_test,
+                name)
 
 
 @dataclass
@@ -232,7 +234,7 @@ def automatic_compression(model, data, epochs, network, max_drop, time_budget, r
     are). The search keeps its trial log beside that base, so a second run resumes it."""
     base, path = baseline(network, data, recipe, out_dir, held_out=True)
     report = auto.auto_compress(path, data.x_train, data.y_train, path.removesuffix(".npz") + "-auto", max_drop,
-                                time_budget=time_budget, epochs=epochs, **recipe.search)
+                                time_budget=time_budget, epochs=epochs, validation=VALIDATION, seed=0, **recipe.search)
     chosen = report["chosen"]["bytes"]
     settings = {"max_drop": max_drop, "objective": "bytes", "time_budget_min": time_budget, "retrain_epochs": epochs,
                 "chosen": {"family": chosen["family"], "kind": chosen["kind"], "tolerance": chosen["tolerance"]},

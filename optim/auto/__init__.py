@@ -3,7 +3,7 @@
 Given a trained model file and a budget of validation accuracy (max_drop points),
 find per-layer settings of the project's techniques (pruning, weight sharing,
 int8, binary weights, filter pruning) and return the Pareto front of validation
-accuracy, bytes on disk and batch-1 latency, with the smallest (or fastest)
+accuracy, bytes on disk and batch-1 speedup over the base model, with the smallest (or fastest)
 model within the budget. Every decision is taken on a validation split of the
 training images; the test images are looked at once, at the end (evaluate_chosen).
 

@@ -10,13 +10,13 @@ The front is the set of points no other point dominates (the trade-offs worth
 keeping, as in AMC, He et al. ECCV 2018, and HAQ, Wang et al. CVPR 2019, which
 search the same accuracy/size/latency space with reinforcement learning). Within
 the budget a >= a_0 - max_drop, the chosen model is the one with the fewest bytes
-(or the lowest latency), ties broken by higher accuracy, then fewer bytes.
+(ties broken by higher accuracy, then higher speedup) or the highest speedup (ties
+broken by higher accuracy, then fewer bytes).
 
 Latency is measured, not computed: `latency` times model.predict on one image with
-minicnn.timing (warm-up, calibrated repeats, median), in the driver, one model
-at a time, while no trial runs, in alternating rounds with the base model: the
-speedup v is the ratio of one run (the machine's pace drifts between runs more
-than the models differ).
+minicnn.timing (warm-up, calibrated repeats, median), in the driver, while no trial
+runs, each model in alternating rounds with the base model: the speedup v is the
+ratio of one run (the machine's pace drifts between runs more than the models differ).
 """
 
 import json

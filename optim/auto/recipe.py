@@ -5,6 +5,8 @@ A candidate is a JSON-ready dict (the search writes it, the trial log keys on it
     {"family": "prune" | "filters" | "narrow" | "binary", "epochs": E, "sparsity": {name: s},
      "filters": {name: r}, "bits_tolerance": t (a fraction), "int8": bool, "share": bool}
 
+(a binary candidate has no "sparsity" and no "int8")
+
 and `run` turns it into compressed models with the project's own techniques, in
 the order of Deep Compression (Han, Mao & Dally 2016), structured pruning first:
 
@@ -122,6 +124,9 @@ def _binary(model, candidate, context, seed):
     points = [_point("binary", binary.pack(trained), context["x_val"], context["y_val"])]
     if candidate.get("share"):
         shared, bits = _shared(trained, candidate, context, seed, constraint=binary.clip_latent)
+        # layer_names counts the float layers alone once the others are binary: name them as before
+        names = {index: name for name, index in pruning.layer_names(model).items()}
+        bits = {names[index]: bits[name] for name, index in pruning.layer_names(trained).items()}
         points.append(_point("binary-shared", binary.pack(shared), context["x_val"], context["y_val"], bits=bits))
     return points
 

@@ -8,14 +8,16 @@ curves (sensitivity.settings_within, each curve followed piecewise-linearly up t
 its first crossing, so tolerances between grid points give new settings):
 
     s_l(t) = max{s : a_0 - a_l^prune(s) <= t}      sparsity of layer l
-    r_l(t) = max{r : a_0 - a_l^filter(r) <= t}     fraction of units removed (filters family)
+    r_l(t) = max{r : a_0 - a_l^filter(r) <= t}     fraction of units removed (filters, narrow,
+                                                   binary families)
     b_l    = min{b : a' - a_l^share(b) <= D / L}   index bits of layer l, read in the trial off
                                                    the curve of the pruned, retrained layer (a'),
                                                    D = max_drop shared evenly by the L layers
 
 so sensitive layers stay dense and wide, redundant ones go far, with no number
 given by hand. Each candidate is retrained (recipe.py) and yields up to three
-models (sparse float, shared + Huffman, int8), or one binary model.
+models (sparse float, shared + Huffman, int8), or two binary ones (binary, and
+binary with its float layers shared).
 
     round 0   a ladder of tolerances, for each family (prune; filters + prune;
               filters + binary; for --objective latency, filters alone: "narrow");

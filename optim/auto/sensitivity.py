@@ -64,7 +64,7 @@ def binary_layers(model):
     weights = list(pruning.layer_names(model).values())
     if len(weights) == 2:
         return [max(weights, key=lambda i: model.layers[i].params["W"].size)]
-    return weights[1:-1]
+    return weights[1:-1]  # [] for a single weight layer: nothing goes binary
 
 
 def binary_sensitivity(model, x_val, y_val):
@@ -97,7 +97,7 @@ def analyse(model, x_fit, x_val, y_val, techniques, seed=0):
     if "filters" in techniques:
         table["filters"] = {name: [list(p) for p in curve]
                             for name, curve in filter_sensitivity(model, x_val, y_val).items()}
-    if "binary" in techniques and len(table["layers"]) >= 2:
+    if "binary" in techniques and binary_layers(model):
         table["binary"] = binary_sensitivity(model, x_val, y_val)
     if "int8" in techniques:
         table["int8"] = evaluate(quantization.quantize_model(model, x_fit[:CALIBRATION]), x_val, y_val)

@@ -139,9 +139,13 @@ class LocalExecutor:
             if BLAS_THREADS not in os.environ:
                 os.environ[BLAS_THREADS] = str(max(1, (os.cpu_count() or 1) // workers))
                 self.blas_set = True
-            self.pool = concurrent.futures.ProcessPoolExecutor(
-                workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_context,
-                initargs=(context,))
+            try:
+                self.pool = concurrent.futures.ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_context,
+                    initargs=(context,))
+            except BaseException:
+                self.close()
+                raise
 
     def map(self, jobs):
         if self.pool is None:
