@@ -35,7 +35,7 @@ def block_geometry(draw):
 @example((1, 1, 28, 28, 20, 5, 1, 0, False, True), 2)  # LeNet-5's conv1
 @example((2, 4, 13, 13, 17, 3, 1, 1, True, False), 3)  # 17 filters: one lane past a vector
 @example((3, 2, 9, 10, 64, 2, 1, 0, False, False), 4)  # two full blocks; rows end mid-tile
-@example((1, 5, 12, 12, 16, 5, 1, 2, True, True), 5)  # 16 filters: the second vector idle
+@example((1, 5, 12, 12, 16, 5, 1, 2, True, True), 5)  # 16 filters: the second vector skipped
 def test_conv_block_matches_conv_relu_pool(geometry, seed):
     N, C, H, W, F, K, S, P, relu, pool = geometry
     x, Wt, b = random_array(seed, (N, C, H, W)), random_array(seed + 1, (F, C, K, K)), random_array(seed + 2, F)
