@@ -7,6 +7,7 @@ in the message, instead of surfacing as an obscure error deep in a kernel.
 
 import math
 
+import numba
 import numpy as np
 
 
@@ -25,10 +26,26 @@ def check_array(x, name, ndim=None, kind="f", finite=True):
         raise TypeError(f"{name} must be a floating array, got dtype {x.dtype}")
     if kind == "i" and x.dtype.kind not in "iu":
         raise TypeError(f"{name} must be an integer array, got dtype {x.dtype}")
-    if finite and x.dtype.kind == "f" and not np.isfinite(x).all():
+    if finite and x.dtype.kind == "f" and not _finite(x):
         bad = np.argwhere(~np.isfinite(x))[0]
         raise ValueError(f"{name} has non-finite values (first at index {tuple(bad)})")
     return x
+
+
+def _finite(x):
+    """Whether a float array holds no inf or NaN: np.isfinite(x).all() without the temporary
+    boolean array, which at batch 1 costs predict as much as a small layer (4 us against 0.3)."""
+    if x.dtype not in (np.float32, np.float64):
+        return np.isfinite(x).all()
+    return _count_not_finite(x.reshape(-1)) == 0
+
+
+@numba.njit(cache=True)
+def _count_not_finite(x):
+    bad = 0
+    for i in range(x.size):  # a sum, not an early exit: it runs 16 lanes at a time
+        bad += x[i] - x[i] != 0  # inf - inf and NaN - NaN are NaN
+    return bad
 
 
 def check_labels(y, n, num_classes, name="y"):

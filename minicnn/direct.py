@@ -47,7 +47,10 @@ from .kernels import conv2d_forward_ref, conv_output_size, maxpool_forward_ref
 from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["conv_block", "conv_block_ref", "dense_block", "dense_block_ref", "output_shape", "pack_filters"]
+__all__ = [
+    "conv_block", "conv_block_ref", "conv_block_runner", "dense_block", "dense_block_ref", "dense_block_runner",
+    "output_shape", "pack_filters",
+]
 
 BLOCK = 2 * LANES  # filters per register tile
 PIXELS = 8  # output pixels per register tile
@@ -182,6 +185,26 @@ def _emit(out, at, lo, hi, blo, bhi, relu, wlo, whi):
 _conv_block = twin(_conv_block_loops, min_work=MIN_MACS)
 
 
+def conv_block_runner(xp_shape, F, K, stride, relu, pool, strides=None):
+    """conv_block for padded inputs of xp_shape (N, Hp, Wp, C), its sizes worked out once and
+    nothing checked: returns run(xp, w, b, out) -> out.
+
+    conv_block is the checked call. minicnn.inference binds a runner per stage and input shape
+    to arrays it made: at batch 1, the checks and sizes of every call cost as much as a small
+    layer's arithmetic.
+    """
+    N, Hp, Wp, C = xp_shape
+    macs = N * conv_output_size(Hp, K, stride, 0) * conv_output_size(Wp, K, stride, 0) * F * K * K * C
+    block_stride, tap_stride = strides or (K * K * C * BLOCK, BLOCK)
+
+    def run(xp, w, b, out):
+        _conv_block(macs, xp.reshape(-1), Hp, Wp, C, w.reshape(-1), block_stride, tap_stride, b, F, K, stride,
+                    relu, pool, out.reshape(-1))
+        return out
+
+    return run
+
+
 def conv_block(xp, w, b, F, K, stride, relu, pool, out=None, strides=None):
     """Fast conv_block_ref on a padded channels-last xp (N, Hp, Wp, C): returns out (N, Ho', Wo', F).
 
@@ -191,16 +214,11 @@ def conv_block(xp, w, b, F, K, stride, relu, pool, out=None, strides=None):
     check_kernel_array(xp, "xp")
     if xp.ndim != 4:
         raise ValueError(f"xp must be (N, Hp, Wp, C), got shape {xp.shape}")
-    N, Hp, Wp, C = xp.shape
     check_kernel_array(b, "b", (F,))
     if strides is None:
-        check_kernel_array(w, "w (pack_filters' output)", (-(-F // BLOCK) * K * K * C * BLOCK,))
+        check_kernel_array(w, "w (pack_filters' output)", (-(-F // BLOCK) * K * K * xp.shape[3] * BLOCK,))
     out = output_array(out, output_shape(xp.shape, F, K, stride, pool))
-    macs = N * conv_output_size(Hp, K, stride, 0) * conv_output_size(Wp, K, stride, 0) * F * K * K * C
-    block_stride, tap_stride = strides or (K * K * C * BLOCK, BLOCK)
-    _conv_block(macs, xp.reshape(-1), Hp, Wp, C, w.reshape(-1), block_stride, tap_stride, b, F, K, stride, relu,
-                pool, out.reshape(-1))
-    return out
+    return conv_block_runner(xp.shape, F, K, stride, relu, pool, strides)(xp, w, b, out)
 
 
 def _dense_rows_loops(x, W, b, relu, out):
@@ -246,6 +264,24 @@ def dense_block_ref(x, W, b, relu):
     return np.maximum(out, 0) if relu else out
 
 
+def dense_block_runner(x_shape, F, relu):
+    """dense_block for inputs of x_shape (N, in) and F outputs, nothing checked: returns
+    run(x, W, b, out) -> out (conv_block_runner says why)."""
+    N, C = x_shape
+    full = N - N % PIXELS
+    if full:  # the groups of 8 rows, as one image of full // 8 rows of 8 pixels
+        groups = conv_block_runner((1, full // PIXELS, PIXELS, C), F, 1, 1, relu, False, strides=(BLOCK, F))
+
+    def run(x, W, b, out):
+        if full:
+            groups(x[:full].reshape(1, full // PIXELS, PIXELS, C), W, b, out[:full].reshape(1, full // PIXELS, PIXELS, F))
+        if full < N:
+            _dense_rows((N - full) * C * F, x[full:], W, b, relu, out[full:])
+        return out
+
+    return run
+
+
 def dense_block(x, W, b, relu, out=None):
     """Fast dense_block_ref: x (N, in), W (in, out), b (out,), float32 and C-contiguous.
     out (N, out), if given, is written in place.
@@ -262,10 +298,4 @@ def dense_block(x, W, b, relu, out=None):
     check_kernel_array(W, "W", (C, F))
     check_kernel_array(b, "b", (F,))
     out = output_array(out, (N, F))
-    full = N - N % PIXELS
-    if full:
-        conv_block(x[:full].reshape(1, full // PIXELS, PIXELS, C), W, b, F, 1, 1, relu, False,
-                   out[:full].reshape(1, full // PIXELS, PIXELS, F), strides=(BLOCK, F))
-    if full < N:
-        _dense_rows((N - full) * C * F, x[full:], W, b, relu, out[full:])
-    return out
+    return dense_block_runner(x.shape, F, relu)(x, W, b, out)

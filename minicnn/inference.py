@@ -22,6 +22,12 @@ they differ bit for bit (training and pruning change weights in place, so
 nothing short of looking can tell): comparing is a contiguous read, a fifth
 of the time packing takes.
 
+The first call with inputs of a shape binds the stages to it: each stage's
+buffers and its kernel's sizes are worked out once (direct's and narrow's
+*_runner functions), and later calls of that shape run only the bound
+steps. At batch 1 the checks and sizes of every kernel call cost as much as
+a small layer's arithmetic.
+
 A stage runs only float32 layers of exactly the types above; everything
 else (float64 models, optim's layers) runs its own forward. The results
 agree with Sequential.forward to float32 rounding (tests/test_inference.py).
@@ -32,6 +38,7 @@ import numba
 import numpy as np
 
 from . import direct, narrow
+from .checks import check_kernel_array
 from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 
 __all__ = ["Inference"]
@@ -67,20 +74,28 @@ class _Conv:
     def weights(self):
         W = self.conv.params["W"]
         if self.source is None or self.source.shape != W.shape or not _same(self.source, W):
+            conv = self.conv  # the runner was bound to the layer's geometry: a weight must fit it
+            check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2))
             self.source, self.w = W.copy(), direct.pack_filters(W)
         return self.w
 
-    def __call__(self, x, buffers, name):
+    def bind(self, shape, buffers, name):
+        """run(x) for x of shape (N, H, W, C), channels last: writes and returns a buffer."""
         conv = self.conv
-        w, b = self.weights(), conv.params["b"]
         F, K, S, P = conv.out_channels, conv.kernel_size, conv.stride, conv.padding
-        if P:
-            N, H, W, C = x.shape
-            xp = buffers.get(name + " padded", (N, H + 2 * P, W + 2 * P, C), zeroed=True)
-            xp[:, P : H + P, P : W + P] = x  # the border stays as it was made: zeros
-            x = xp
-        out = buffers.get(name, direct.output_shape(x.shape, F, K, S, self.pool))
-        return direct.conv_block(x, w, b, F, K, S, self.relu, self.pool, out)
+        N, H, W, C = shape
+        padded = (N, H + 2 * P, W + 2 * P, C)
+        xp = buffers.get(name + " padded", padded, zeroed=True) if P else None
+        out = buffers.get(name, direct.output_shape(padded, F, K, S, self.pool))
+        kernel = direct.conv_block_runner(padded, F, K, S, self.relu, self.pool)
+
+        def run(x):
+            if P:
+                xp[:, P : H + P, P : W + P] = x  # the border stays as it was made: zeros
+                x = xp
+            return kernel(x, self.weights(), check_kernel_array(conv.params["b"], "Conv2D bias", (F,)), out)
+
+        return run
 
 
 @numba.njit(cache=True)
@@ -104,24 +119,32 @@ class _Dense:
 
     def __init__(self, dense, relu, flatten):
         self.dense, self.relu, self.channels_last = dense, relu, flatten
-        self.orders = {}
 
-    def __call__(self, x, buffers, name):
-        """x (N, K) or, after a Flatten, (N, ...): (N, H, W, C) channels last if 4-D."""
-        W, b = self.dense.params["W"], self.dense.params["b"]
-        N = x.shape[0]
-        out = buffers.get(name, (N, W.shape[1]))
-        if W.shape[1] <= narrow.MAX_OUTPUTS:
-            order = self.orders.get(x.shape[1:])  # by the shape of one sample: any batch size
-            if order is None:
-                order = self.orders[x.shape[1:]] = (narrow.flatten_order(*x.shape[1:]) if x.ndim == 4
-                                                    else np.arange(x[0].size))
-            return narrow.narrow_dense(x.reshape(N, -1), order, W, b, self.relu, out)
-        if x.ndim == 4:
-            flat = buffers.get(name + " flat", (N, x[0].size))
-            flat.reshape(N, x.shape[3], x.shape[1], x.shape[2])[...] = x.transpose(0, 3, 1, 2)
-            x = flat
-        return direct.dense_block(x.reshape(N, -1), W, b, self.relu, out)
+    def bind(self, shape, buffers, name):
+        """run(x) for x of shape (N, K) or, after a Flatten, (N, ...): (N, H, W, C) channels last if 4-D."""
+        dense = self.dense
+        N, K, O = shape[0], int(np.prod(shape[1:])), dense.out_features
+        out = buffers.get(name, (N, O))
+
+        def weights():
+            W, b = dense.params["W"], dense.params["b"]
+            return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
+
+        if O <= narrow.MAX_OUTPUTS:
+            order = narrow.flatten_order(*shape[1:]) if len(shape) == 4 else np.arange(K)
+            kernel = narrow.narrow_dense_runner((N, K), O, self.relu)
+            return lambda x: kernel(x.reshape(N, K), order, *weights(), out)
+        kernel = direct.dense_block_runner((N, K), O, self.relu)
+        if len(shape) < 4:
+            return lambda x: kernel(x.reshape(N, K), *weights(), out)
+        flat = buffers.get(name + " flat", (N, K))
+        nchw = flat.reshape(N, shape[3], shape[1], shape[2])
+
+        def run(x):
+            nchw[...] = x.transpose(0, 3, 1, 2)
+            return kernel(flat, *weights(), out)
+
+        return run
 
 
 class _Layer:
@@ -132,10 +155,13 @@ class _Layer:
     def __init__(self, layer):
         self.layer = layer
 
-    def __call__(self, x, buffers, name):
-        out = self.layer.forward(x)
-        self.layer.cache = None  # inference keeps no activations alive
-        return out
+    def bind(self, shape, buffers, name):
+        def run(x):
+            out = self.layer.forward(x)
+            self.layer.cache = None  # inference keeps no activations alive
+            return out
+
+        return run
 
 
 def _stages(layers):
@@ -175,7 +201,7 @@ def _stages(layers):
 class Inference:
     """The stages of a layer list: call it on x (N, C, H, W) for the last layer's output.
 
-    That output is a buffer the next call overwrites: copy what you keep
+    The output is a buffer the next call overwrites: copy what you keep
     (Sequential.predict does). One thread at a time: the stages share their
     buffers (Sequential.predict keeps one Inference per thread).
     """
@@ -184,14 +210,49 @@ class Inference:
         self.layers = tuple(layers)
         self.stages = _stages(self.layers)
         self.buffers = _Buffers()
+        self.shape, self.steps = None, ()
 
     def __call__(self, x):
-        channels_last = False  # x's layout, when it has 4 axes
+        if x.shape != self.shape:
+            return self._bind(x)
+        for step in self.steps:
+            x = step(x)
+        return x
+
+    def _bind(self, x):
+        """Run the stages on x, binding each step to the shape it sees."""
+        shape, steps = x.shape, []
+        channels_last = made_here = False  # x's layout when it has 4 axes; whether a fused stage wrote x
         for i, stage in enumerate(self.stages):
+            fused = not isinstance(stage, _Layer)
+            axes = None
             if x.ndim == 4 and stage.channels_last != channels_last:
-                x = x.transpose(0, 2, 3, 1) if stage.channels_last else x.transpose(0, 3, 1, 2)
-            if not isinstance(stage, _Layer):  # the fused stages' kernels take contiguous float32
-                x = np.ascontiguousarray(x, dtype=np.float32)
-            x = stage(x, self.buffers, f"stage {i}")
-            channels_last = stage.channels_last and x.ndim == 4
-        return x.transpose(0, 3, 1, 2) if channels_last else x  # a network that ends in a conv
+                axes = (0, 2, 3, 1) if stage.channels_last else (0, 3, 1, 2)
+            if axes is not None or (fused and not made_here):
+                bound = x.shape if axes is None else tuple(x.shape[a] for a in axes)
+                steps.append(_layout(axes, fused, bound))
+                x = steps[-1](x)
+            steps.append(stage.bind(x.shape, self.buffers, f"stage {i}"))
+            x = steps[-1](x)
+            channels_last, made_here = stage.channels_last and x.ndim == 4, fused
+        if channels_last:  # a network that ends in a conv
+            steps.append(_layout((0, 3, 1, 2), False, None))
+            x = steps[-1](x)
+        self.shape, self.steps = shape, tuple(steps)  # only now: a failed bind leaves no half-made steps
+        return x
+
+
+def _layout(axes, fused, shape):
+    """The step that puts a stage's input in its layout: transposed by axes and, for a fused stage,
+    made the contiguous float32 array of `shape` its kernels were bound to (a layer of its own
+    forward before it could return another shape: named, not read past its end)."""
+    def step(x):
+        if axes is not None:
+            x = x.transpose(axes)
+        if fused:
+            x = np.ascontiguousarray(x, dtype=np.float32)
+            if x.shape != shape:
+                raise ValueError(f"inference bound a stage to inputs of shape {shape}, got {x.shape}")
+        return x
+
+    return step

@@ -25,7 +25,7 @@ from .checks import check_kernel_array, output_array
 from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["MAX_OUTPUTS", "flatten_order", "narrow_dense", "narrow_dense_ref"]
+__all__ = ["MAX_OUTPUTS", "flatten_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner"]
 
 MAX_OUTPUTS = LANES
 ROWS = 8  # batch rows per register tile
@@ -94,6 +94,17 @@ def _narrow_dense_loops(x, order, W, b, relu, out):
 _narrow_dense = twin(_narrow_dense_loops, min_work=MIN_MACS // 2)
 
 
+def narrow_dense_runner(x_shape, O, relu):
+    """narrow_dense for inputs of x_shape (N, K) and O outputs, nothing checked but `order`'s
+    range: returns run(x, order, W, b, out) -> out (direct.conv_block_runner says why)."""
+    work = x_shape[0] * x_shape[1] * O
+
+    def run(x, order, W, b, out):
+        return _narrow_dense(work, x, order, W, b, relu, out)
+
+    return run
+
+
 def narrow_dense(x, order, W, b, relu, out=None):
     """Fast narrow_dense_ref: x (N, K) float32, order (K,) int64, W (K, O <= 16) and b (O,) float32,
     all C-contiguous. out (N, O), if given, is written in place."""
@@ -107,4 +118,4 @@ def narrow_dense(x, order, W, b, relu, out=None):
     check_kernel_array(b, "b", (O,))
     check_kernel_array(order, "order", (K,), np.int64)
     out = output_array(out, (N, O))
-    return _narrow_dense(x.size * W.shape[1], x, order, W, b, relu, out)
+    return narrow_dense_runner(x.shape, O, relu)(x, order, W, b, out)

@@ -138,6 +138,37 @@ def test_predict_follows_a_weight_of_another_shape_in_the_same_layer():
     assert_same_logits(model, images(2))
 
 
+def test_predict_refuses_a_weight_that_no_longer_fits_its_layer():
+    """The stages are bound to each layer's geometry: a weight array replaced by one of another
+    shape is named, not read past its end."""
+    model = zoo.lenet5(seed=0)
+    x = images(2)
+    np.testing.assert_array_equal(model.predict(x.astype(np.float64)), model.predict(x))  # same steps, any dtype
+    model.layers[0].params["W"] = np.zeros((20, 1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"Conv2D weight must have shape \(20, 1, 5, 5\)"):
+        model.predict(x)
+    model = zoo.lenet5(seed=0)
+    model.predict(x)
+    model.layers[-1].params["W"] = np.zeros((500, 9), np.float32)
+    with pytest.raises(ValueError, match=r"Dense weight must have shape \(500, 10\)"):
+        model.predict(x)
+
+
+def test_a_layer_that_changes_its_output_shape_is_caught_before_a_fused_stage():
+    class Shrinking(ReLU):  # returns one column less on every call after the first
+        calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x if self.calls == 1 else np.ascontiguousarray(x[..., : 1 - self.calls])
+
+    model = zoo.lenet5(seed=0)
+    model.layers.insert(2, Shrinking())
+    model.predict(images(1))
+    with pytest.raises(ValueError, match=r"inference bound a stage to inputs of shape \(1, 12, 12, 20\)"):
+        model.predict(images(1))
+
+
 def test_predict_from_two_threads_at_once():
     """Each thread runs its own stages and buffers: neither sees the other's activations."""
     model = zoo.lenet5(seed=0)

@@ -4,9 +4,12 @@ import os
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, zoo
+from minicnn.checks import check_array
 from minicnn.summary import totals
 from gradcheck import numerical_gradient, relative_error
 
@@ -48,6 +51,20 @@ def test_forward_checks_input():
         model.forward(np.zeros((2, 1, 28, 27), np.float32))
     with pytest.raises(ValueError, match="non-finite"):
         model.forward(np.full((1, 1, 28, 28), np.inf, np.float32))
+
+
+@given(st.sampled_from([np.float16, np.float32, np.float64]), st.integers(1, 40), st.integers(0, 39),
+       st.sampled_from([0.0, np.inf, -np.inf, np.nan]), st.booleans())
+def test_check_array_finds_any_non_finite_value(dtype, n, at, value, strided):
+    """Wherever the inf or NaN sits, in any float dtype, in a contiguous array or a strided view."""
+    x = np.random.default_rng(n).standard_normal((2, n)).astype(dtype)
+    x[1, at % n] = value
+    x = x[:, ::2] if strided else x
+    if np.isfinite(x).all():
+        assert check_array(x, "x") is x
+    else:
+        with pytest.raises(ValueError, match="x has non-finite values"):
+            check_array(x, "x")
 
 
 def test_save_load_round_trip(tmp_path):
