@@ -18,6 +18,7 @@ kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
     store_first(x, i, v, n) x[i : i + n] = v[:n], 0 <= n <= 16 (a masked store: x may end before i + 16)
     fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
     add(a, b)               a + b
+    add_where(a, m, b)      a + b in the lanes whose bit of m (a 16-bit mask, lane 0 its lowest bit) is 1, a elsewhere
     permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
 
 and `transpose16(src, i, ss, dst, j, ds)`, which moves a 16 x 16 block:
@@ -248,6 +249,21 @@ def add(typingctx, a, b):
 
 
 @intrinsic
+def add_where(typingctx, a, m, b):
+    """a + b in the lanes whose bit of the integer m (lane 0: bit 0) is set, a in the others: AVX-512's
+    masked add (vaddps with a k-register); elsewhere LLVM spreads the 16 bits over the lanes and blends."""
+    if not (a == b == f32x16 and isinstance(m, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        bits = context.cast(builder, args[1], sig.args[1], types.uint16)
+        lanes = builder.bitcast(bits, ir.VectorType(ir.IntType(1), LANES))
+        return builder.select(lanes, builder.fadd(args[0], args[2]), args[0])
+
+    return f32x16(a, m, b), codegen
+
+
+@intrinsic
 def permute2(typingctx, lo, k, j, hi):
     """Lane t is concatenate([lo, hi])[k[j + t]]: a lookup into the 32 floats of two vectors.
 
@@ -351,6 +367,10 @@ def _add_python(a, b):
     return a + b
 
 
+def _add_where_python(a, m, b):
+    return np.where((int(m) >> np.arange(LANES)) & 1 == 1, a + b, a)
+
+
 def _permute2_python(lo, k, j, hi):
     return np.concatenate([lo, hi])[k[j : j + LANES]]
 
@@ -362,6 +382,7 @@ def _transpose16_python(src, i, src_stride, dst, j, dst_stride):
 
 if numba.config.DISABLE_JIT:
     load, store, splat, fma, add = _load_python, _store_python, _splat_python, _fma_python, _add_python
+    add_where = _add_where_python
     broadcast, maximum = _broadcast_python, _maximum_python
     load_first, store_first = _load_first_python, _store_first_python
     permute2, transpose16 = _permute2_python, _transpose16_python

@@ -2,6 +2,11 @@
 straight-through gradients, packed inference, files (optim/binary/)."""
 
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -12,10 +17,11 @@ from gradcheck import numerical_gradient, relative_error
 from minicnn import kernels, parallel
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from optim.binary import (
-    BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, binarize, clip_latent, pack, xnor,
+    BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, addsub, binarize, clip_latent, pack, xnor,
 )
 from strategies import conv_geometry, random_array
 
+ROOT = Path(__file__).resolve().parents[1]
 seeds = st.integers(0, 2**31 - 1)
 lengths = st.integers(1, 300)  # across word boundaries: 63, 64, 65, 127, 128, ...
 
@@ -86,19 +92,58 @@ def test_xnor_matmul_equals_plus_minus_one_dot_exactly(R, F, n, seed):
     np.testing.assert_array_equal(xnor.xnor_matmul_ref(pa, pw, n), expected, err_msg="reference vs float dot")
 
 
-@given(st.integers(1, 70), st.integers(1, 5), lengths, seeds)
-def test_addsub_matmul_equals_float_reference(R, F, n, seed):
+@given(st.integers(1, 20), st.integers(1, 70), lengths, seeds)
+def test_addsub_dense_equals_float_reference(R, F, n, seed):
+    """Rows in tiles of 8 and alone, outputs in pairs of 16-lane groups and alone, any n."""
     x = random_array(seed, (R, n), np.float32)
-    w = xnor.pack_signs(random_array(seed + 1, (F, n)))
-    ref = xnor.addsub_matmul_ref(x, w)
-    exact = x.astype(np.float64) @ xnor.unpack_signs(w, n).astype(np.float64).T
-    bound = 1e-6 * n * np.abs(x).sum(axis=1, keepdims=True)  # float32 rounding of n additions
+    signs = signs_of(random_array(seed + 1, (F, n)))
+    alpha = np.abs(random_array(seed + 2, (F,), np.float32))
+    b = random_array(seed + 3, (F,), np.float32)
+    lanes = addsub.pack_lanes(signs)
+    exact = (x.astype(np.float64) @ signs.T.astype(np.float64)) * alpha + b
+    bound = 1e-6 * n * np.abs(x).sum(axis=1, keepdims=True) * alpha + 1e-6 * np.abs(b)  # float32 rounding
+    ref = addsub.addsub_dense_ref(x, signs.astype(np.float32), alpha, b)
+    assert np.all(np.abs(ref - exact) <= bound), f"reference {ref} vs exact {exact}"
     for build in BUILDS:
         with parallel.forced(build):
-            ours = xnor.addsub_matmul(x, w)
+            ours = addsub.addsub_dense(x, lanes, alpha, b)
         assert ours.dtype == np.float32
         assert np.all(np.abs(ours - exact) <= bound), f"ours {ours} vs exact {exact} ({build})"
-    assert np.all(np.abs(ref - exact) <= bound), f"reference {ref} vs exact {exact}"
+
+
+def test_pack_lanes_puts_output_16g_plus_l_in_bit_l():
+    signs = -np.ones((20, 3), np.float32)
+    signs[0, 0] = signs[5, 0] = signs[17, 2] = 1
+    lanes = addsub.pack_lanes(signs)
+    assert lanes.dtype == np.uint16 and lanes.shape == (2, 3)
+    np.testing.assert_array_equal(lanes, [[1 | 1 << 5, 0, 0], [0, 0, 1 << 1]])
+
+
+def test_addsub_and_xnor_kernels_without_avx512_agree():
+    """The portable path: the kernels compiled for an AVX2-only CPU (Numba's CPU name), where a
+    masked add is a blend, in a fresh process, against the references."""
+    code = (
+        "import numpy as np\n"
+        "from minicnn import parallel, simd\n"
+        "from optim.binary import addsub, xnor\n"
+        "assert not simd.HAS_PERMUTE, simd.target_features()\n"
+        "rng = np.random.default_rng(0)\n"
+        "for R, F, n in ((1, 500, 800), (21, 37, 75)):\n"
+        "    x = rng.standard_normal((R, n)).astype(np.float32)\n"
+        "    s = np.where(rng.standard_normal((F, n)) >= 0, 1, -1).astype(np.float32)\n"
+        "    alpha, b = rng.random(F).astype(np.float32), rng.standard_normal(F).astype(np.float32)\n"
+        "    for build in ('serial', 'threaded'):\n"
+        "        with parallel.forced(build):\n"
+        "            y = addsub.addsub_dense(x, addsub.pack_lanes(s), alpha, b)\n"
+        "            d = xnor.xnor_matmul(xnor.pack_signs(x), xnor.pack_signs(s), n)\n"
+        "        assert np.abs(y - addsub.addsub_dense_ref(x, s, alpha, b)).max() < 1e-3, build\n"
+        "        assert (d == np.where(x >= 0, 1, -1) @ s.T.astype(int)).all(), build\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
+                            timeout=600)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------

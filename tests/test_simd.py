@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minicnn import simd
-from minicnn.simd import (LANES, add, aligned_empty, broadcast, fma, load, load_first, maximum, permute2, splat, store,
-                          store_first, transpose16)
+from minicnn.simd import (LANES, add, add_where, aligned_empty, broadcast, fma, load, load_first, maximum, permute2,
+                          splat, store, store_first, transpose16)
 
 floats = st.floats(-1e6, 1e6, width=32)
 
@@ -23,6 +23,11 @@ def _arithmetic(a, b, c, out):
     store(out, 0, fma(load(a, 0), load(b, 0), load(c, 0)))
     store(out, LANES, add(load(a, 0), load(b, 0)))
     store(out, 2 * LANES, splat(a[0]))
+
+
+@numba.njit
+def _add_where(a, m, b, out):
+    store(out, 0, add_where(load(a, 0), m, load(b, 0)))
 
 
 @numba.njit
@@ -53,6 +58,14 @@ def test_load_store_move_16_lanes_at_any_offset(i, j, seed):
     expected = np.full_like(dst, -7.0)
     expected[j : j + LANES] = src[i : i + LANES]
     np.testing.assert_array_equal(dst, expected)
+
+
+@given(st.lists(floats, min_size=2 * LANES, max_size=2 * LANES), st.integers(0, 2**16 - 1))
+def test_add_where_adds_in_the_lanes_of_the_mask_bits(values, m):
+    a, b = np.array(values, np.float32).reshape(2, LANES)
+    out = np.empty(LANES, np.float32)
+    _add_where(a, np.uint16(m), b, out)
+    np.testing.assert_array_equal(out, np.where([(m >> lane) & 1 for lane in range(LANES)], a + b, a))
 
 
 @given(st.lists(floats, min_size=3 * LANES, max_size=3 * LANES))

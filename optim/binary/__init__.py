@@ -13,8 +13,10 @@ Modules:
              BinaryConv2D, binarize (float model -> binarized copy), clip_latent.
     packed   inference: PackedBinaryDense, PackedBinaryConv2D (signs stored one
              bit each, alpha and bias in float32), pack (trained -> packed copy).
-    xnor     bit kernels: signs packed into uint64 words, XNOR-popcount and
-             add/subtract matrix products, each with its NumPy reference.
+    xnor     bit kernels: signs packed into uint64 words and the XNOR-popcount
+             matrix product, each with its NumPy reference.
+    addsub   real inputs times binary weights: 16 outputs' signs to a uint16,
+             masked adds where a float kernel multiply-adds; its NumPy reference.
 """
 
 from .layers import BinaryConv2D, BinaryDense, binarize, clip_latent

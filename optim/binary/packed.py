@@ -29,18 +29,8 @@ from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 from minicnn.serialization import stored_array
 
-from . import xnor
+from . import addsub, xnor
 from .layers import BinaryConv2D, BinaryDense
-
-
-def packed_rows_forward(rows, bits, alpha, b, binary_input):
-    """out (R, F) float32 from rows (R, n) float32 and packed signs bits (F, words) uint64, alpha (F,), b (F,)."""
-    if binary_input:
-        return xnor_forward(xnor.pack_signs(rows), np.abs(rows).mean(axis=1, dtype=np.float32), bits, alpha, b,
-                            rows.shape[1])
-    out = xnor.addsub_matmul(rows, bits) * alpha
-    out += b
-    return out
 
 
 def xnor_forward(signs, beta, bits, alpha, b, n):
@@ -74,6 +64,8 @@ class PackedBinaryLayer(Layer):
             raise ValueError(f"alpha scales must be >= 0 (means of |W|), got min {alpha.min()}")
         self.bits, self.alpha, self.b = bits, alpha.astype(np.float32), b.astype(np.float32)
         self.n, self.binary_input = int(n), check_bool(binary_input, "binary_input")
+        # Real inputs meet the signs 16 outputs at a time (addsub.py): the same bits, laid out by input.
+        self.lanes = None if self.binary_input else addsub.pack_lanes(self.signs())
 
     @classmethod
     def _from_latent(cls, Wm, b, binary_input, **geometry):
@@ -85,6 +77,13 @@ class PackedBinaryLayer(Layer):
     def signs(self):
         """The weights' signs (F, n) float32 in {-1, +1}."""
         return xnor.unpack_signs(self.bits, self.n)
+
+    def rows_forward(self, rows):
+        """out (R, F) float32 from rows (R, n) float32: the layer's product with each row, alpha, b added."""
+        if self.binary_input:
+            beta = np.abs(rows).mean(axis=1, dtype=np.float32)
+            return xnor_forward(xnor.pack_signs(rows), beta, self.bits, self.alpha, self.b, self.n)
+        return addsub.addsub_dense(rows, self.lanes, self.alpha, self.b)
 
     def backward(self, dout):
         raise NotImplementedError(f"{type(self).__name__} is inference-only: train the Binary layer it was packed from")
@@ -141,7 +140,7 @@ class PackedBinaryDense(PackedBinaryLayer):
         check_array(x, f"{type(self).__name__} input", ndim=2, finite=False)
         self.output_shape(x.shape[1:])
         x = np.ascontiguousarray(x, dtype=np.float32)
-        return packed_rows_forward(x, self.bits, self.alpha, self.b, self.binary_input)
+        return self.rows_forward(x)
 
     def macs(self, in_shape):
         return self.in_features * self.out_features
@@ -187,7 +186,7 @@ class PackedBinaryConv2D(PackedBinaryLayer):
             signs, beta = xnor.im2row_signs(xp, k, k, self.stride)
             out = xnor_forward(signs, beta, self.bits, self.alpha, self.b, self.n)
         else:
-            out = packed_rows_forward(kernels.im2row(xp, k, k, self.stride), self.bits, self.alpha, self.b, False)
+            out = self.rows_forward(kernels.im2row(xp, k, k, self.stride))
         return np.ascontiguousarray(out.reshape(x.shape[0], Ho, Wo, -1).transpose(0, 3, 1, 2))
 
     def macs(self, in_shape):

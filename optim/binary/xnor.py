@@ -1,5 +1,5 @@
-"""Bit kernels for binary layers: signs packed into uint64 words, XNOR-popcount
-and add/subtract matrix products (Rastegari et al., XNOR-Net, ECCV 2016;
+"""Bit kernels for binary layers: signs packed into uint64 words and the
+XNOR-popcount matrix product (Rastegari et al., XNOR-Net, ECCV 2016;
 Hubara et al., Binarized Neural Networks, NeurIPS 2016).
 
 Packing. A row v of n values becomes ceil(n / 64) uint64 words: bit k
@@ -15,9 +15,7 @@ bits agree and -1 where they differ, so
 Padding bits are 0 in both rows, their XOR is 0 and they never count, so
 any n works, not only multiples of 64.
 
-Add/subtract. With real x and w in {-1, +1}^n no multiplication is needed:
-
-    dot(x, w) = sum_{bit_i = 1} x_i - sum_{bit_i = 0} x_i.
+(Real inputs against binary weights: addsub.py.)
 
 Each kernel comes as a plain NumPy reference (`*_ref`, through
 np.unpackbits and a float matrix product: the specification) and a Numba
@@ -201,49 +199,3 @@ _xnor_matmul = twin(_xnor_matmul_loops, MIN_STEPS)
 def xnor_matmul(a, w, n):
     """Fast xnor_matmul_ref: a (R, words), w (F, words) uint64 -> (R, F) int32."""
     return _xnor_matmul(a.size * w.shape[0], a, w, n)
-
-
-# --------------------------------------------------------------------------
-# Add/subtract: real activations times binary weights
-
-
-def addsub_matmul_ref(x, w):
-    """x (R, n) float32, w (F, words) uint64 packed signs -> (R, F) float32 = x @ signs(w).T."""
-    return (x @ unpack_signs(w, x.shape[1]).T).astype(np.float32)
-
-
-@numba.njit(cache=True, fastmath={"reassoc", "nsz"})
-def _signed_sum(x_part, word, count):
-    """float32 sum of x_part[b] where bit b of the uint64 word is 1, minus the others, b < count."""
-    acc = np.float32(0)
-    for b in range(count):
-        v = x_part[b]
-        acc += v if (word >> np.uint64(b)) & np.uint64(1) else -v
-    return acc
-
-
-def _addsub_matmul_loops(x, w):
-    R, n = x.shape
-    F, K = w.shape
-    full = n // 64  # whole words: a fixed trip count of 64 lets LLVM vectorize the select-and-add
-    out = np.empty((R, F), np.float32)
-    blocks = (R + ROW_BLOCK - 1) // ROW_BLOCK
-    for t in prange(blocks * F):
-        first, j = (t // F) * ROW_BLOCK, t % F
-        for r in range(first, min(R, first + ROW_BLOCK)):
-            acc = np.float32(0)
-            for k in range(full):
-                acc += _signed_sum(x[r, 64 * k : 64 * k + 64], w[j, k], 64)
-            if full < K:
-                acc += _signed_sum(x[r, 64 * full :], w[j, full], n - 64 * full)
-            out[r, j] = acc
-    return out
-
-
-# Float sums in any order: without reassociation LLVM may not vectorize a float reduction.
-_addsub_matmul = twin(_addsub_matmul_loops, MIN_STEPS, fastmath={"reassoc", "nsz"})
-
-
-def addsub_matmul(x, w):
-    """Fast addsub_matmul_ref: x (R, n) float32, w (F, words) uint64 -> (R, F) float32."""
-    return _addsub_matmul(x.size * w.shape[0], x, w)

@@ -1,0 +1,159 @@
+"""Real inputs times binary weights, 16 outputs to a vector: masked adds where floats multiply-add.
+
+A binary layer with real inputs (BinaryConnect, Courbariaux et al., NeurIPS
+2015) has weights alpha_j * s_ji with s_ji in {-1, +1}. For a row x of n reals,
+
+    y_j = alpha_j * sum_i s_ji x_i + b_j = alpha_j * (2 P_j - S) + b_j,
+    P_j = sum_{i: s_ji = +1} x_i,       S = sum_i x_i.
+
+P for 16 outputs at once takes one masked add per input: the signs of input
+i for outputs 16g .. 16g + 15 are the bits of one uint16 (`pack_lanes`), and
+simd.add_where(P, bits, [x_i] * 16) adds x_i in the lanes whose sign is +1.
+Where the float kernel (minicnn.direct.dense_block) reads a 4-byte weight
+per multiply-add, this reads one bit: at batch 1, where reading the weights
+is the work (LeNet-5's fc1: 1.6 MB of float32, 50 KB of bits), it is faster;
+over many rows a masked add issues at the rate of a multiply-add, and the
+two kernels run level.
+
+Layout: lanes (G, n) uint16, G = ceil(F / 16); bit l of lanes[g, i] is 1 iff
+s_{16g+l, i} = +1, and the bits of outputs past F are 0.
+
+Like direct.dense_block, the kernel holds a tile of 8 rows x 32 outputs
+(sixteen 16-lane sums) for rows in groups of 8: each pair of masks is loaded
+once for 8 rows and each input once for 32 outputs. The rows left over run
+alone, 128 outputs (eight sums) per task. S is a row's plain sum, taken once.
+"""
+
+import numba
+import numpy as np
+from numba import prange
+
+from minicnn.checks import check_kernel_array, output_array
+from minicnn.parallel import MIN_MACS, twin
+from minicnn.simd import LANES, add, add_where, broadcast, fma, load_first, splat, store_first
+
+__all__ = ["addsub_dense", "addsub_dense_ref", "pack_lanes"]
+
+ROWS = 8  # rows per tile
+
+
+def pack_lanes(signs):
+    """signs (F, n), any reals: (ceil(F / 16), n) uint16 whose bit l of [g, i] is signs[16g + l, i] > 0."""
+    F, n = signs.shape
+    G = -(-F // LANES)
+    positive = np.zeros((G * LANES, n), np.uint32)
+    positive[:F] = signs > 0
+    weights = (np.uint32(1) << np.arange(LANES, dtype=np.uint32))[None, :, None]  # lane l is bit l
+    return (positive.reshape(G, LANES, n) * weights).sum(axis=1).astype(np.uint16)
+
+
+def addsub_dense_ref(x, signs, alpha, b):
+    """The specification: y (R, F) = (x @ signs.T) * alpha + b for x (R, n), signs (F, n) in {-1, +1}."""
+    return (x @ signs.T) * alpha + b
+
+
+@numba.njit(cache=True, fastmath={"reassoc", "nsz"})
+def _row_sum(x, start, n):
+    """sum(x[start : start + n]), vectorised (hence reassociated)."""
+    s = np.float32(0)
+    for i in range(start, start + n):
+        s += x[i]
+    return s
+
+
+@numba.njit(cache=True)
+def _emit(out, at, p, S, alpha, b, f, F):
+    """out[at : at + w] = alpha[f : f + w] * (2 p - S) + b[f : f + w], w = the outputs left of 16 from f."""
+    w = min(max(F - f, 0), LANES)
+    store_first(out, at, fma(load_first(alpha, f, w), add(add(p, p), splat(-S)), load_first(b, f, w)), w)
+
+
+@numba.njit(cache=True)
+def _tile(x, lanes, alpha, b, out, r, g, n, G, F):
+    """Rows r .. r + 7, outputs 16g .. 16g + 31."""
+    two = g + 1 < G
+    z = splat(0.0)
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = z  # outputs 16g .. 16g + 15 of the 8 rows
+    q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = z  # outputs 16g + 16 .. 16g + 31
+    for i in range(n):
+        at = r * n + i
+        v0, v1, v2, v3 = broadcast(x, at), broadcast(x, at + n), broadcast(x, at + 2 * n), broadcast(x, at + 3 * n)
+        v4, v5, v6, v7 = broadcast(x, at + 4 * n), broadcast(x, at + 5 * n), broadcast(x, at + 6 * n), \
+            broadcast(x, at + 7 * n)
+        lo = lanes[g * n + i]
+        p0, p1, p2, p3 = add_where(p0, lo, v0), add_where(p1, lo, v1), add_where(p2, lo, v2), add_where(p3, lo, v3)
+        p4, p5, p6, p7 = add_where(p4, lo, v4), add_where(p5, lo, v5), add_where(p6, lo, v6), add_where(p7, lo, v7)
+        if two:  # loop-invariant: LLVM keeps a loop without it for a last group alone
+            hi = lanes[(g + 1) * n + i]
+            q0, q1, q2, q3 = add_where(q0, hi, v0), add_where(q1, hi, v1), add_where(q2, hi, v2), \
+                add_where(q3, hi, v3)
+            q4, q5, q6, q7 = add_where(q4, hi, v4), add_where(q5, hi, v5), add_where(q6, hi, v6), \
+                add_where(q7, hi, v7)
+    f = LANES * g
+    for k, (p, q) in enumerate(((p0, q0), (p1, q1), (p2, q2), (p3, q3), (p4, q4), (p5, q5), (p6, q6), (p7, q7))):
+        S = _row_sum(x, (r + k) * n, n)
+        _emit(out, (r + k) * F + f, p, S, alpha, b, f, F)
+        _emit(out, (r + k) * F + f + LANES, q, S, alpha, b, f + LANES, F)
+
+
+@numba.njit(cache=True)
+def _span(x, lanes, alpha, b, out, r, g, n, G, F):
+    """Row r alone, outputs 16g .. 16g + 127: eight sums, each mask read once."""
+    groups = min(8, G - g)
+    z = splat(0.0)
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = z
+    for i in range(n):
+        v = broadcast(x, r * n + i)
+        p0 = add_where(p0, lanes[g * n + i], v)
+        if groups > 1:  # each test loop-invariant, as in _tile
+            p1 = add_where(p1, lanes[(g + 1) * n + i], v)
+        if groups > 2:
+            p2 = add_where(p2, lanes[(g + 2) * n + i], v)
+        if groups > 3:
+            p3 = add_where(p3, lanes[(g + 3) * n + i], v)
+        if groups > 4:
+            p4 = add_where(p4, lanes[(g + 4) * n + i], v)
+        if groups > 5:
+            p5 = add_where(p5, lanes[(g + 5) * n + i], v)
+        if groups > 6:
+            p6 = add_where(p6, lanes[(g + 6) * n + i], v)
+        if groups > 7:
+            p7 = add_where(p7, lanes[(g + 7) * n + i], v)
+    S = _row_sum(x, r * n, n)
+    for k, p in enumerate((p0, p1, p2, p3, p4, p5, p6, p7)):
+        f = LANES * (g + k)
+        _emit(out, r * F + f, p, S, alpha, b, f, F)
+
+
+def _addsub_dense_loops(x, lanes, alpha, b, out):
+    R, n = x.shape
+    G, F = lanes.shape[0], out.shape[1]
+    tiles, pairs, spans = R // ROWS, (G + 1) // 2, (G + 7) // 8
+    xf, lf, of = x.reshape(-1), lanes.reshape(-1), out.reshape(-1)
+    for t in prange(tiles * pairs + (R - tiles * ROWS) * spans):
+        if t < tiles * pairs:
+            _tile(xf, lf, alpha, b, of, t // pairs * ROWS, t % pairs * 2, n, G, F)
+        else:
+            u = t - tiles * pairs
+            _span(xf, lf, alpha, b, of, tiles * ROWS + u // spans, u % spans * 8, n, G, F)
+    return out
+
+
+# A weight is a bit here, so the threads pay where they do for the conv kernels (LeNet-5's fc1 at
+# batch 1, 400 K masked adds: 9 us serial, 12 us threaded).
+_addsub_dense = twin(_addsub_dense_loops, min_work=MIN_MACS)
+
+
+def addsub_dense(x, lanes, alpha, b, out=None):
+    """Fast addsub_dense_ref: x (R, n) float32, lanes = pack_lanes(signs) (ceil(F / 16), n) uint16,
+    alpha (F,) and b (F,) float32, all C-contiguous: returns out (R, F), written in place if given."""
+    check_kernel_array(x, "x")
+    if x.ndim != 2:
+        raise ValueError(f"x must be (R, n), got shape {x.shape}")
+    R, n = x.shape
+    F = alpha.shape[0] if isinstance(alpha, np.ndarray) else -1
+    check_kernel_array(alpha, "alpha", (F,))
+    check_kernel_array(b, "b", (F,))
+    check_kernel_array(lanes, "lanes (pack_lanes' output)", (-(-F // LANES), n), np.uint16)
+    out = output_array(out, (R, F))
+    return _addsub_dense(R * n * F, x, lanes, alpha, b, out)
