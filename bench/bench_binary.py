@@ -8,15 +8,17 @@ Measured in one run, side by side, after checking the results agree:
      (the issue's target: >= 8x faster than float32 at batch 64);
    - XNOR layer: PackedBinaryDense with binary inputs, i.e. the kernel plus
      packing the input signs and the beta * alpha scaling;
-   - add/subtract layer: PackedBinaryDense with real inputs (binary weights only).
+   - add/subtract layer: PackedBinaryDense with real inputs (binary weights only),
+     optim.binary.addsub's masked adds.
 2. LeNet-5 end to end (model.predict) at batch 1 and 256: float32 against the
-   packed binary-weight model (conv2 and fc1 binary, real activations) and
-   the packed XNOR model (conv2 and fc1 with binary inputs too); the first
-   and last layers stay float32 in both.
+   packed binary-weight model (conv2 and fc1 binary, real activations: they
+   run in predict's fused stages) and the packed XNOR model (conv2 and fc1
+   with binary inputs too: their own forward); the first and last layers stay
+   float32 in both.
 
 The weights are random (seeded): speed depends on shapes only. Every figure
 is a median over repeats after a warm-up that excludes Numba's compilation
-(bench/common.py). speedup = float32 time / binary time, so > 1 means the
+(bench/common.py), the contestants of a row timed in alternating rounds. speedup = float32 time / binary time, so > 1 means the
 binary path is faster.
 
     python bench/bench_binary.py [--quick] [--threads N] [--threading MODE] [--json PATH]
@@ -35,7 +37,7 @@ import numpy as np  # noqa: E402
 from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
-from minicnn.timing import FULL, QUICK, measure  # noqa: E402
+from minicnn.timing import FULL, QUICK, compare  # noqa: E402
 from minicnn import zoo  # noqa: E402
 from minicnn.layers import Dense  # noqa: E402
 from optim.binary import BinaryDense, PackedBinaryDense, binarize, pack, xnor  # noqa: E402
@@ -69,12 +71,12 @@ def dense_figures(budget):
         for name, layer, binary_input in (("add/subtract", addsub_layer, False), ("XNOR", xnor_layer, True)):
             check(np.allclose(layer.forward(x[:4]), trained[binary_input].forward(x[:4]), rtol=1e-4, atol=1e-4),
                   f"{name} layer vs the training-time forward")
-        t = {
-            "float32 Dense": measure(lambda: float_layer.forward(x), budget),
-            "XNOR-popcount kernel": measure(lambda: xnor.xnor_matmul(a, bits, DENSE), budget),
-            "XNOR layer (packs input)": measure(lambda: xnor_layer.forward(x), budget),
-            "add/subtract layer": measure(lambda: addsub_layer.forward(x), budget),
-        }
+        t = compare({
+            "float32 Dense": lambda: float_layer.forward(x),
+            "XNOR-popcount kernel": lambda: xnor.xnor_matmul(a, bits, DENSE),
+            "XNOR layer (packs input)": lambda: xnor_layer.forward(x),
+            "add/subtract layer": lambda: addsub_layer.forward(x),
+        }, budget)
         rows.append({"batch": batch, "timing": {k: v.to_dict() for k, v in t.items()},
                      "ms": {k: 1e3 * v.median for k, v in t.items()},
                      "speedup": {k: t["float32 Dense"].median / v.median for k, v in t.items()}})
@@ -98,7 +100,7 @@ def network_figures(budget):
         for name, model in trained_form.items():
             check(np.allclose(models[name].predict(x), model.predict(x), rtol=1e-4, atol=1e-4),
                   f"packed {name} LeNet-5 vs its training-time forward")
-        t = {name: measure(lambda m=m: m.predict(x, batch_size=batch), budget) for name, m in models.items()}
+        t = compare({name: lambda m=m: m.predict(x, batch_size=batch) for name, m in models.items()}, budget)
         rows.append({"batch": batch, "timing": {k: v.to_dict() for k, v in t.items()},
                      "ms": {k: 1e3 * v.median for k, v in t.items()},
                      "images_per_s": {k: batch / v.median for k, v in t.items()},

@@ -28,8 +28,18 @@ buffers and its kernel's sizes are worked out once (direct's and narrow's
 steps. At batch 1 the checks and sizes of every kernel call cost as much as
 a small layer's arithmetic.
 
-A stage runs only float32 layers of exactly the types above; everything
-else (float64 models, optim's layers) runs its own forward. The results
+A stage runs float32 layers of exactly the types above, and layers of
+other libraries that offer a stage their own kernel: a layer whose `fused`
+is true and that has
+
+    fused_conv(padded_shape, relu, pool) -> run(xp, out)   (a Conv2D's out_channels, kernel_size,
+                                                             stride, padding)
+    fused_dense(shape, relu) -> run(x, out)                 (a Dense's out_features; shape (N, K))
+
+where run has direct.conv_block_runner's contract: channels-last xp (N, Hp,
+Wp, C) or x (N, K), float32, out written and returned (optim's packed binary
+layers with real inputs do). Everything else (float64 models, optim's other
+layers) runs its own forward. The results
 agree with Sequential.forward to float32 rounding (tests/test_inference.py).
 Docs: docs/techniques.md, "The float32 baseline".
 """
@@ -63,7 +73,7 @@ class _Buffers:
 
 
 class _Conv:
-    """Conv2D, with the ReLU and 2x2 max-pool that follow it fused in."""
+    """Conv2D, or a layer offering fused_conv, with the ReLU and 2x2 max-pool that follow it fused in."""
 
     channels_last = True
 
@@ -79,6 +89,16 @@ class _Conv:
             self.source, self.w = W.copy(), direct.pack_filters(W)
         return self.w
 
+    def kernel(self, padded):
+        """run(xp, out) for padded channels-last inputs of shape `padded`."""
+        conv = self.conv
+        if type(conv) is not Conv2D:
+            return conv.fused_conv(padded, self.relu, self.pool)
+        F = conv.out_channels
+        float_kernel = direct.conv_block_runner(padded, F, conv.kernel_size, conv.stride, self.relu, self.pool)
+        return lambda xp, out: float_kernel(xp, self.weights(), check_kernel_array(conv.params["b"], "Conv2D bias",
+                                                                                   (F,)), out)
+
     def bind(self, shape, buffers, name):
         """run(x) for x of shape (N, H, W, C), channels last: writes and returns a buffer."""
         conv = self.conv
@@ -87,13 +107,13 @@ class _Conv:
         padded = (N, H + 2 * P, W + 2 * P, C)
         xp = buffers.get(name + " padded", padded, zeroed=True) if P else None
         out = buffers.get(name, direct.output_shape(padded, F, K, S, self.pool))
-        kernel = direct.conv_block_runner(padded, F, K, S, self.relu, self.pool)
+        kernel = self.kernel(padded)
 
         def run(x):
             if P:
                 xp[:, P : H + P, P : W + P] = x  # the border stays as it was made: zeros
                 x = xp
-            return kernel(x, self.weights(), check_kernel_array(conv.params["b"], "Conv2D bias", (F,)), out)
+            return kernel(x, out)
 
         return run
 
@@ -110,39 +130,47 @@ def _same(a, b):
 
 
 class _Dense:
-    """Dense, with the ReLU after it and, if `flatten`, the Flatten before it fused in.
+    """Dense, or a layer offering fused_dense, with the ReLU after it and, if `flatten`, the Flatten
+    before it fused in.
 
-    At most 16 outputs (a classifier) go to narrow.narrow_dense, which reads a channels-last
-    input where Flatten's order puts it; wider layers to direct.dense_block, after a
-    transposed copy of a channels-last input (LeNet-5's is 800 floats per image).
+    A float32 Dense of at most 16 outputs (a classifier) goes to narrow.narrow_dense, which reads a
+    channels-last input where Flatten's order puts it; wider layers to direct.dense_block, and other
+    layers to their own kernel, after a transposed copy of a channels-last input (LeNet-5's is 800
+    floats per image).
     """
 
     def __init__(self, dense, relu, flatten):
         self.dense, self.relu, self.channels_last = dense, relu, flatten
 
+    def weights(self, K, O):
+        W, b = self.dense.params["W"], self.dense.params["b"]
+        return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
+
+    def kernel(self, shape):
+        """run(x, out) for x (N, K) of `shape`."""
+        dense = self.dense
+        if type(dense) is not Dense:
+            return dense.fused_dense(shape, self.relu)
+        float_kernel = direct.dense_block_runner(shape, dense.out_features, self.relu)
+        return lambda x, out: float_kernel(x, *self.weights(*shape[1:], dense.out_features), out)
+
     def bind(self, shape, buffers, name):
         """run(x) for x of shape (N, K) or, after a Flatten, (N, ...): (N, H, W, C) channels last if 4-D."""
-        dense = self.dense
-        N, K, O = shape[0], int(np.prod(shape[1:])), dense.out_features
+        N, K, O = shape[0], int(np.prod(shape[1:])), self.dense.out_features
         out = buffers.get(name, (N, O))
-
-        def weights():
-            W, b = dense.params["W"], dense.params["b"]
-            return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
-
-        if O <= narrow.MAX_OUTPUTS:
+        if type(self.dense) is Dense and O <= narrow.MAX_OUTPUTS:
             order = narrow.flatten_order(*shape[1:]) if len(shape) == 4 else np.arange(K)
             kernel = narrow.narrow_dense_runner((N, K), O, self.relu)
-            return lambda x: kernel(x.reshape(N, K), order, *weights(), out)
-        kernel = direct.dense_block_runner((N, K), O, self.relu)
+            return lambda x: kernel(x.reshape(N, K), order, *self.weights(K, O), out)
+        kernel = self.kernel((N, K))
         if len(shape) < 4:
-            return lambda x: kernel(x.reshape(N, K), *weights(), out)
+            return lambda x: kernel(x.reshape(N, K), out)
         flat = buffers.get(name + " flat", (N, K))
         nchw = flat.reshape(N, shape[3], shape[1], shape[2])
 
         def run(x):
             nchw[...] = x.transpose(0, 3, 1, 2)
-            return kernel(flat, *weights(), out)
+            return kernel(flat, out)
 
         return run
 
@@ -164,6 +192,14 @@ class _Layer:
         return run
 
 
+def _fuses(layer, kind):
+    """Whether layer runs as a stage of `kind` (Conv2D or Dense): a float32 layer of exactly that type,
+    or a layer of that geometry whose `fused` is true and which offers the stage's kernel."""
+    if type(layer) is kind:
+        return _float32(layer)
+    return getattr(layer, "fused", False) is True and hasattr(layer, "fused_conv" if kind is Conv2D else "fused_dense")
+
+
 def _stages(layers):
     """The layer list as a list of stages, fusing what the module docstring lists."""
     stages, i = [], 0
@@ -175,7 +211,7 @@ def _stages(layers):
     while i < len(layers):
         layer = layers[i]
         i += 1
-        if type(layer) is Conv2D and _float32(layer):
+        if _fuses(layer, Conv2D):
             relu = pool = False
             if next_is(ReLU):
                 relu, i = True, i + 1
@@ -184,11 +220,11 @@ def _stages(layers):
                 if next_is(ReLU):
                     relu, i = True, i + 1
             stages.append(_Conv(layer, relu, pool))
-        elif type(layer) is Dense and _float32(layer):
+        elif _fuses(layer, Dense):
             relu = next_is(ReLU)
             i += relu
             stages.append(_Dense(layer, relu, flatten=False))
-        elif type(layer) is Flatten and next_is(Dense) and _float32(layers[i]):
+        elif type(layer) is Flatten and i < len(layers) and _fuses(layers[i], Dense):
             dense, i = layers[i], i + 1
             relu = next_is(ReLU)
             i += relu

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import minicnn
 from gradcheck import numerical_gradient, relative_error
 from minicnn import kernels, parallel
+from minicnn.inference import Inference
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from optim.binary import (
     BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, addsub, binarize, clip_latent, pack, xnor,
@@ -92,8 +93,8 @@ def test_xnor_matmul_equals_plus_minus_one_dot_exactly(R, F, n, seed):
     np.testing.assert_array_equal(xnor.xnor_matmul_ref(pa, pw, n), expected, err_msg="reference vs float dot")
 
 
-@given(st.integers(1, 20), st.integers(1, 70), lengths, seeds)
-def test_addsub_dense_equals_float_reference(R, F, n, seed):
+@given(st.integers(1, 20), st.integers(1, 70), lengths, st.booleans(), seeds)
+def test_addsub_dense_equals_float_reference(R, F, n, relu, seed):
     """Rows in tiles of 8 and alone, outputs in pairs of 16-lane groups and alone, any n."""
     x = random_array(seed, (R, n), np.float32)
     signs = signs_of(random_array(seed + 1, (F, n)))
@@ -101,12 +102,13 @@ def test_addsub_dense_equals_float_reference(R, F, n, seed):
     b = random_array(seed + 3, (F,), np.float32)
     lanes = addsub.pack_lanes(signs)
     exact = (x.astype(np.float64) @ signs.T.astype(np.float64)) * alpha + b
+    exact = np.maximum(exact, 0) if relu else exact
     bound = 1e-6 * n * np.abs(x).sum(axis=1, keepdims=True) * alpha + 1e-6 * np.abs(b)  # float32 rounding
-    ref = addsub.addsub_dense_ref(x, signs.astype(np.float32), alpha, b)
+    ref = addsub.addsub_dense_ref(x, signs.astype(np.float32), alpha, b, relu)
     assert np.all(np.abs(ref - exact) <= bound), f"reference {ref} vs exact {exact}"
     for build in BUILDS:
         with parallel.forced(build):
-            ours = addsub.addsub_dense(x, lanes, alpha, b)
+            ours = addsub.addsub_dense(x, lanes, alpha, b, relu)
         assert ours.dtype == np.float32
         assert np.all(np.abs(ours - exact) <= bound), f"ours {ours} vs exact {exact} ({build})"
 
@@ -138,6 +140,12 @@ def test_addsub_and_xnor_kernels_without_avx512_agree():
         "            d = xnor.xnor_matmul(xnor.pack_signs(x), xnor.pack_signs(s), n)\n"
         "        assert np.abs(y - addsub.addsub_dense_ref(x, s, alpha, b)).max() < 1e-3, build\n"
         "        assert (d == np.where(x >= 0, 1, -1) @ s.T.astype(int)).all(), build\n"
+        "from minicnn import zoo\n"
+        "from optim.binary import binarize, pack\n"
+        "m = pack(binarize(zoo.lenet5(seed=0)))\n"
+        "x = rng.random((9, 1, 28, 28), dtype=np.float32)\n"
+        "for b in (1, 9):\n"
+        "    assert np.abs(m.predict(x[:b]) - m.forward(x[:b])).max() < 2e-5, b\n"
         "print('ok')\n"
     )
     env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt"}
@@ -279,6 +287,29 @@ def small_cnn(seed=0):
         Conv2D(1, 4, 5, rng=rng), MaxPool2D(2), Conv2D(4, 8, 3, padding=1, rng=rng), MaxPool2D(2),
         Flatten(), Dense(8 * 6 * 6, 32, rng=rng), ReLU(), Dense(32, 10, rng=rng),
     ])
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 20), st.integers(0, 1), st.booleans(), seeds)
+@example(1, 0, False, 0)  # the add/subtract kernel
+@example(9, 1, True, 1)  # the float one on decoded weights, and a row left over
+def test_predict_runs_real_input_binary_layers_in_fused_stages(N, padding, relu_after_pool, seed):
+    """Packed binary layers with real inputs join predict's stages (the add/subtract kernel below
+    ADDSUB_BELOW rows, the float one on decoded weights from there); with binary inputs they run
+    their own forward. Either way predict is forward."""
+    rng = np.random.default_rng(seed)
+    layers = [Conv2D(1, 4, 5, rng=rng), MaxPool2D(2), Conv2D(4, 8, 3, padding=padding, rng=rng), MaxPool2D(2)]
+    layers += [ReLU()] if relu_after_pool else []
+    layers += [Flatten(), Dense(8 * (5 + padding) ** 2, 21, rng=rng), ReLU(), Dense(21, 3, rng=rng)]
+    model = minicnn.Sequential(layers, input_shape=(1, 28, 28))
+    x = rng.random((N, 1, 28, 28), dtype=np.float32)
+    for binary_activations in (False, True):
+        packed = pack(binarize(model, binary_activations=binary_activations))
+        kinds = [type(stage).__name__ for stage in Inference(packed.layers).stages]
+        assert (kinds == ["_Conv", "_Conv", "_Dense", "_Dense"]) != binary_activations, kinds
+        for build in BUILDS:
+            with parallel.forced(build):
+                np.testing.assert_allclose(packed.predict(x), packed.forward(x), rtol=0, atol=2e-5)
 
 
 def test_binarize_defaults_to_the_middle_and_keeps_the_original():

@@ -30,9 +30,9 @@ from numba import prange
 
 from minicnn.checks import check_kernel_array, output_array
 from minicnn.parallel import MIN_MACS, twin
-from minicnn.simd import LANES, add, add_where, broadcast, fma, load_first, splat, store_first
+from minicnn.simd import LANES, add, add_where, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["addsub_dense", "addsub_dense_ref", "pack_lanes"]
+__all__ = ["addsub_dense", "addsub_dense_ref", "addsub_dense_runner", "pack_lanes"]
 
 ROWS = 8  # rows per tile
 
@@ -47,9 +47,11 @@ def pack_lanes(signs):
     return (positive.reshape(G, LANES, n) * weights).sum(axis=1).astype(np.uint16)
 
 
-def addsub_dense_ref(x, signs, alpha, b):
-    """The specification: y (R, F) = (x @ signs.T) * alpha + b for x (R, n), signs (F, n) in {-1, +1}."""
-    return (x @ signs.T) * alpha + b
+def addsub_dense_ref(x, signs, alpha, b, relu=False):
+    """The specification: y (R, F) = (x @ signs.T) * alpha + b for x (R, n), signs (F, n) in {-1, +1};
+    max(y, 0) if relu."""
+    y = (x @ signs.T) * alpha + b
+    return np.maximum(y, 0) if relu else y
 
 
 @numba.njit(cache=True, fastmath={"reassoc", "nsz"})
@@ -62,14 +64,16 @@ def _row_sum(x, start, n):
 
 
 @numba.njit(cache=True)
-def _emit(out, at, p, S, alpha, b, f, F):
-    """out[at : at + w] = alpha[f : f + w] * (2 p - S) + b[f : f + w], w = the outputs left of 16 from f."""
+def _emit(out, at, p, S, alpha, b, f, F, relu):
+    """out[at : at + w] = alpha[f : f + w] * (2 p - S) + b[f : f + w], w = the outputs left of 16 from f;
+    through max(., 0) if relu."""
     w = min(max(F - f, 0), LANES)
-    store_first(out, at, fma(load_first(alpha, f, w), add(add(p, p), splat(-S)), load_first(b, f, w)), w)
+    y = fma(load_first(alpha, f, w), add(add(p, p), splat(-S)), load_first(b, f, w))
+    store_first(out, at, maximum(y, splat(0.0)) if relu else y, w)
 
 
 @numba.njit(cache=True)
-def _tile(x, lanes, alpha, b, out, r, g, n, G, F):
+def _tile(x, lanes, alpha, b, out, r, g, n, G, F, relu):
     """Rows r .. r + 7, outputs 16g .. 16g + 31."""
     two = g + 1 < G
     z = splat(0.0)
@@ -92,12 +96,12 @@ def _tile(x, lanes, alpha, b, out, r, g, n, G, F):
     f = LANES * g
     for k, (p, q) in enumerate(((p0, q0), (p1, q1), (p2, q2), (p3, q3), (p4, q4), (p5, q5), (p6, q6), (p7, q7))):
         S = _row_sum(x, (r + k) * n, n)
-        _emit(out, (r + k) * F + f, p, S, alpha, b, f, F)
-        _emit(out, (r + k) * F + f + LANES, q, S, alpha, b, f + LANES, F)
+        _emit(out, (r + k) * F + f, p, S, alpha, b, f, F, relu)
+        _emit(out, (r + k) * F + f + LANES, q, S, alpha, b, f + LANES, F, relu)
 
 
 @numba.njit(cache=True)
-def _span(x, lanes, alpha, b, out, r, g, n, G, F):
+def _span(x, lanes, alpha, b, out, r, g, n, G, F, relu):
     """Row r alone, outputs 16g .. 16g + 127: eight sums, each mask read once."""
     groups = min(8, G - g)
     z = splat(0.0)
@@ -122,20 +126,20 @@ def _span(x, lanes, alpha, b, out, r, g, n, G, F):
     S = _row_sum(x, r * n, n)
     for k, p in enumerate((p0, p1, p2, p3, p4, p5, p6, p7)):
         f = LANES * (g + k)
-        _emit(out, r * F + f, p, S, alpha, b, f, F)
+        _emit(out, r * F + f, p, S, alpha, b, f, F, relu)
 
 
-def _addsub_dense_loops(x, lanes, alpha, b, out):
+def _addsub_dense_loops(x, lanes, alpha, b, relu, out):
     R, n = x.shape
     G, F = lanes.shape[0], out.shape[1]
     tiles, pairs, spans = R // ROWS, (G + 1) // 2, (G + 7) // 8
     xf, lf, of = x.reshape(-1), lanes.reshape(-1), out.reshape(-1)
     for t in prange(tiles * pairs + (R - tiles * ROWS) * spans):
         if t < tiles * pairs:
-            _tile(xf, lf, alpha, b, of, t // pairs * ROWS, t % pairs * 2, n, G, F)
+            _tile(xf, lf, alpha, b, of, t // pairs * ROWS, t % pairs * 2, n, G, F, relu)
         else:
             u = t - tiles * pairs
-            _span(xf, lf, alpha, b, of, tiles * ROWS + u // spans, u % spans * 8, n, G, F)
+            _span(xf, lf, alpha, b, of, tiles * ROWS + u // spans, u % spans * 8, n, G, F, relu)
     return out
 
 
@@ -144,9 +148,17 @@ def _addsub_dense_loops(x, lanes, alpha, b, out):
 _addsub_dense = twin(_addsub_dense_loops, min_work=MIN_MACS)
 
 
-def addsub_dense(x, lanes, alpha, b, out=None):
-    """Fast addsub_dense_ref: x (R, n) float32, lanes = pack_lanes(signs) (ceil(F / 16), n) uint16,
-    alpha (F,) and b (F,) float32, all C-contiguous: returns out (R, F), written in place if given."""
+def addsub_dense_runner(x_shape, F, relu):
+    """addsub_dense for x of x_shape (R, n) and F outputs, nothing checked: returns
+    run(x, lanes, alpha, b, out) -> out (minicnn.direct.conv_block_runner says why)."""
+    work = x_shape[0] * x_shape[1] * F
+    return lambda x, lanes, alpha, b, out: _addsub_dense(work, x, lanes, alpha, b, relu, out)
+
+
+def addsub_dense(x, lanes, alpha, b, relu=False, out=None):
+    """Fast addsub_dense_ref (then max(., 0) if relu): x (R, n) float32, lanes = pack_lanes(signs)
+    (ceil(F / 16), n) uint16, alpha (F,) and b (F,) float32, all C-contiguous: returns out (R, F),
+    written in place if given."""
     check_kernel_array(x, "x")
     if x.ndim != 2:
         raise ValueError(f"x must be (R, n), got shape {x.shape}")
@@ -156,4 +168,4 @@ def addsub_dense(x, lanes, alpha, b, out=None):
     check_kernel_array(b, "b", (F,))
     check_kernel_array(lanes, "lanes (pack_lanes' output)", (-(-F // LANES), n), np.uint16)
     out = output_array(out, (R, F))
-    return _addsub_dense(R * n * F, x, lanes, alpha, b, out)
+    return addsub_dense_runner(x.shape, F, relu)(x, lanes, alpha, b, out)
