@@ -34,12 +34,16 @@ is true and that has
 
     fused_conv(padded_shape, relu, pool) -> run(xp, out)   (a Conv2D's out_channels, kernel_size,
                                                              stride, padding)
-    fused_dense(shape, relu) -> run(x, out)                 (a Dense's out_features; shape (N, K))
+    fused_dense(shape, relu) -> run(x, out)                 (a Dense's out_features)
 
-where run has direct.conv_block_runner's contract: channels-last xp (N, Hp,
-Wp, C) or x (N, K), float32, out written and returned (optim's packed binary
-layers with real inputs do). Everything else (float64 models, optim's other
-layers) runs its own forward. The results
+where run has direct.conv_block_runner's contract: xp (N, Hp, Wp, C)
+channels last, float32, out written and returned. A dense stage's x has
+`shape`: (N, K), or after a Flatten (N, H, W, C) channels last, whose
+values the Flatten's (C, H, W) order puts where narrow.flatten_order says.
+optim's sparse and weight-shared layers offer them (the dense weights or
+the sparse kernel, whichever is faster), and its packed binary layers with
+real inputs. Everything else (float64 models, optim's other layers) runs
+its own forward. The results
 agree with Sequential.forward to float32 rounding (tests/test_inference.py).
 Docs: docs/techniques.md, "The float32 baseline".
 """
@@ -134,9 +138,9 @@ class _Dense:
     before it fused in.
 
     A float32 Dense of at most 16 outputs (a classifier) goes to narrow.narrow_dense, which reads a
-    channels-last input where Flatten's order puts it; wider layers to direct.dense_block, and other
-    layers to their own kernel, after a transposed copy of a channels-last input (LeNet-5's is 800
-    floats per image).
+    channels-last input where Flatten's order puts it; wider ones to direct.dense_block, after a
+    transposed copy of a channels-last input (LeNet-5's is 800 floats per image); other layers to
+    the kernel they offer, which takes the input as the stage receives it.
     """
 
     def __init__(self, dense, relu, flatten):
@@ -146,31 +150,27 @@ class _Dense:
         W, b = self.dense.params["W"], self.dense.params["b"]
         return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
 
-    def kernel(self, shape):
-        """run(x, out) for x (N, K) of `shape`."""
-        dense = self.dense
-        if type(dense) is not Dense:
-            return dense.fused_dense(shape, self.relu)
-        float_kernel = direct.dense_block_runner(shape, dense.out_features, self.relu)
-        return lambda x, out: float_kernel(x, *self.weights(*shape[1:], dense.out_features), out)
-
     def bind(self, shape, buffers, name):
         """run(x) for x of shape (N, K) or, after a Flatten, (N, ...): (N, H, W, C) channels last if 4-D."""
-        N, K, O = shape[0], int(np.prod(shape[1:])), self.dense.out_features
+        dense = self.dense
+        N, K, O = shape[0], int(np.prod(shape[1:])), dense.out_features
         out = buffers.get(name, (N, O))
-        if type(self.dense) is Dense and O <= narrow.MAX_OUTPUTS:
+        if type(dense) is not Dense:
+            kernel = dense.fused_dense(shape, self.relu)
+            return lambda x: kernel(x, out)
+        if O <= narrow.MAX_OUTPUTS:
             order = narrow.flatten_order(*shape[1:]) if len(shape) == 4 else np.arange(K)
             kernel = narrow.narrow_dense_runner((N, K), O, self.relu)
             return lambda x: kernel(x.reshape(N, K), order, *self.weights(K, O), out)
-        kernel = self.kernel((N, K))
+        kernel = direct.dense_block_runner((N, K), O, self.relu)
         if len(shape) < 4:
-            return lambda x: kernel(x.reshape(N, K), out)
+            return lambda x: kernel(x.reshape(N, K), *self.weights(K, O), out)
         flat = buffers.get(name + " flat", (N, K))
         nchw = flat.reshape(N, shape[3], shape[1], shape[2])
 
         def run(x):
             nchw[...] = x.transpose(0, 3, 1, 2)
-            return kernel(flat, out)
+            return kernel(flat, *self.weights(K, O), out)
 
         return run
 

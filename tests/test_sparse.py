@@ -297,6 +297,33 @@ def test_training_a_sparse_layer_only_moves_its_nonzeros(monkeypatch):
     np.testing.assert_allclose(layer.forward(x1), x1 @ (2 * W.T) + layer.params["b"], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+def test_predict_runs_sparse_layers_in_fused_stages_with_the_kernel_for_each_batch(density):
+    """Convs with one input channel or from FUSED_CONV_SPARSE_BELOW run in stages on their dense
+    weights; dense layers always, on the sparse kernel or the dense weights by density and rows.
+    predict is forward, also after a training step changed the weights."""
+    from minicnn.inference import Inference
+    model = minicnn.zoo.lenet5(seed=0)
+    rng = np.random.default_rng(5)
+    for layer in model.layers:
+        if "W" in getattr(layer, "params", {}):
+            layer.params["W"][rng.random(layer.params["W"].shape) >= density] = 0
+    twins = {Conv2D: SparseConv2D, Dense: SparseDense}  # every weight layer sparse, even a dense one
+    pruned = Sequential([twins[type(layer)].from_dense(layer) if type(layer) in twins else layer
+                         for layer in model.layers], input_shape=model.input_shape)
+    kinds = [type(stage).__name__ for stage in Inference(pruned.layers).stages]
+    conv2_fused = density >= csr_layer.FUSED_CONV_SPARSE_BELOW
+    assert kinds == ["_Conv", "_Conv", "_Dense", "_Dense"] if conv2_fused else ["_Conv", "_Layer", "_Layer", "_Dense", "_Dense"]
+    x = rng.random((70, 1, 28, 28), dtype=np.float32)
+    for batch in (1, 5, 64, 70):  # the classifier's sparse kernel up to 63 rows, never from 64
+        np.testing.assert_allclose(pruned.predict(x, batch_size=batch), pruned.forward(x), rtol=0, atol=2e-5)
+    y = rng.integers(0, 10, 16)
+    pruned.backward(minicnn.losses.cross_entropy(pruned.forward(x[:16]), y)[1])
+    minicnn.SGD(0.5).step(pruned.layers)
+    for batch in (1, 64):
+        np.testing.assert_allclose(pruned.predict(x, batch_size=batch), pruned.forward(x), rtol=0, atol=2e-5)
+
+
 def test_stats_report_nonzeros_density_and_bytes():
     M = np.zeros((10, 100), np.float32)
     M[np.arange(10), np.arange(10) * 7] = 1.5  # one nonzero per row, gaps of 107

@@ -23,7 +23,7 @@ import math
 
 import numpy as np
 
-from minicnn import direct, kernels
+from minicnn import direct, kernels, narrow
 from minicnn.checks import check_array, check_bool
 from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
@@ -69,7 +69,7 @@ class PackedBinaryLayer(Layer):
         # Real inputs meet the signs 16 outputs at a time (addsub.py): the same bits, laid out by input.
         self.lanes = None if self.binary_input else addsub.pack_lanes(self.signs())
         self.fused = not self.binary_input  # minicnn.inference runs it in a stage (fused_conv, fused_dense)
-        self._decoded = None
+        self._decoded, self._ordered = None, {}
 
     @classmethod
     def _from_latent(cls, Wm, b, binary_input, **geometry):
@@ -153,7 +153,8 @@ class PackedBinaryDense(PackedBinaryLayer):
         return self.rows_forward(x)
 
     def fused_dense(self, shape, relu):
-        """For minicnn.inference (real inputs): run(x, out) on x (N, in_features) of `shape`.
+        """For minicnn.inference (real inputs): run(x, out) on x of `shape` (minicnn.inference's
+        protocol), its inputs met in x's order: the lanes' columns or the weights' rows put in it once.
 
         Below ADDSUB_BELOW rows, the masked adds of addsub.py, which read a bit per weight where
         the float kernel reads 4 bytes: LeNet-5's fc1 at batch 1 took 16 us against 36. From 8
@@ -161,12 +162,22 @@ class PackedBinaryDense(PackedBinaryLayer):
         float kernel ahead (0.87-1.16x on fc1 and on a 336 -> 319 layer), so the float kernel
         runs on the decoded weights alpha_j * s_ji.
         """
-        N, K = shape
+        N, K, F = shape[0], self.in_features, self.out_features
         if N < ADDSUB_BELOW:
-            kernel = addsub.addsub_dense_runner(shape, self.out_features, relu)
-            return lambda x, out: kernel(x, self.lanes, self.alpha, self.b, out)
-        kernel, W = direct.dense_block_runner(shape, self.out_features, relu), np.ascontiguousarray(self.decoded().T)
-        return lambda x, out: kernel(x, W, self.b, out)
+            kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self._in_order("lanes", shape[1:])
+            return lambda x, out: kernel(x.reshape(N, K), lanes, self.alpha, self.b, out)
+        kernel, W = direct.dense_block_runner((N, K), F, relu), self._in_order("W", shape[1:])
+        return lambda x, out: kernel(x.reshape(N, K), W, self.b, out)
+
+    def _in_order(self, what, sample_shape):
+        """The lanes (columns) or decoded weights W (in, out) (rows) in the order of inputs of
+        sample_shape: Flatten's after a channels-last (H, W, C), as they are otherwise. Kept."""
+        key = (what, sample_shape)
+        if key not in self._ordered:
+            order = narrow.flatten_order(*sample_shape) if len(sample_shape) == 3 else np.arange(self.in_features)
+            source = self.lanes.T if what == "lanes" else self.decoded().T
+            self._ordered[key] = np.ascontiguousarray(source[order].T if what == "lanes" else source[order])
+        return self._ordered[key]
 
     def macs(self, in_shape):
         return self.in_features * self.out_features

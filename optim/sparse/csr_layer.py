@@ -12,11 +12,16 @@ Forward picks the kernel per call: the sparse kernels (kernels.py, vector.py)
 below the density where they beat the dense product (`SPARSE_BELOW`, which
 depends on the batch size), the dense product of the rebuilt M above it.
 Backward always goes through the dense M: its gradient is dL/dM = dout^T x.
+
+predict runs the layers in minicnn.inference's fused stages where that is
+faster (`fused`, `fused_conv`, `fused_dense`; FUSED_*): predict's float
+kernels on the dense M, or the sparse kernel, against the much faster
+fused kernels a float layer runs there. The file stays sparse or shared.
 """
 
 import numpy as np
 
-from minicnn import kernels
+from minicnn import direct, kernels, narrow
 from minicnn.checks import check_positive_int
 from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.simd import HAS_PERMUTE
@@ -42,6 +47,20 @@ from .vector import blocked_matmul, column_blocks, lane_layout, lane_values, lan
 #   from batch 2 on is the batch-64 figure.
 SPARSE_BELOW = {"dense": {1: 0.4 if HAS_PERMUTE else 0.2, 2: 0.3, 4: 0.35, 16: 0.2, 64: 0.3},
                 "conv2d": {1: 0.45, 2: 0.3}}
+
+# The same against predict's fused stages (minicnn.inference: the direct conv with ReLU and pool in
+# its epilogue, the register-tiled dense kernels), which are several times faster than the dense
+# forward above. Session 8, 2 threads, alternating rounds, sparse time / fused time at 5/10/20/30%:
+# - Conv2D: with one input channel (LeNet-5's conv1, the seed CNN's conv) the sparse conv lost at
+#   every density (0.33-0.60x at batch 1, 0.15-0.42x at 64); on LeNet-5's conv2 (20 channels) it
+#   won at 5-10% (1.5-2.0x), tied at 20% and lost at 30% (0.82-0.93x). A conv stage is chosen once
+#   for every batch size, so a sparse conv runs in a stage from one input channel or from 20%.
+# - Dense: on fc1 (800 -> 500) the sparse kernels won to 20% at every batch (1.7-5.5x; 0.87x once,
+#   at 16 rows), on the seed CNN's classifier (5408 -> 10) to 20% below 64 rows (1.05-1.9x) and
+#   never from 64 (0.40-0.56x). A dense stage picks its kernel per batch size.
+FUSED_CONV_SPARSE_BELOW = 0.2
+FUSED_DENSE_SPARSE_BELOW = 0.15  # at 16 rows on fc1, 20% was a loss
+NARROW_SPARSE_UP_TO = 63  # rows: a classifier's sparse kernel loses to narrow.narrow_dense from 64
 
 # SparseDense runs lanes_matmul (one input at a time) up to this batch size, blocked_matmul (16
 # inputs a vector) above. fc1 at 10% density, two runs: lanes_matmul won at batch 8 (33-41 us
@@ -100,6 +119,19 @@ class CSRLayer(Layer):
             self._patterns[name] = build()
         return self._patterns[name]
 
+    def _laid_out_as(self, layout, build):
+        """build(): the weights laid out for a kernel (`layout` names it), kept until backward.
+
+        Laid out again after backward (training is about to change them) or when the array
+        they come from is a new one (a cast; `layer.params["values"] = edited`). Values changed
+        in place by hand, outside training, are not noticed: comparing them at every call
+        would cost as much as the batch-1 kernel itself. (`_dense_matrix` does compare them:
+        next to a dense product the comparison is cheap.)"""
+        source = self.params[self.weight_param]
+        if self._laid_out.get(layout, (None,))[0] is not source:
+            self._laid_out[layout] = (source, build())
+        return self._laid_out[layout][1]
+
     def uses_sparse_kernel(self, batch=1):
         """Whether forward runs the sparse kernel for a batch of this many inputs (SPARSE_BELOW)."""
         return self.density < sparse_below(self.sparse_family, batch)
@@ -157,6 +189,37 @@ class CSRDense(CSRLayer):
             return csr_matvec(self.values(), self.indices, self.indptr, x[0], b)[None]
         return csr_matmul(self.values(), self.indices, self.indptr, x, b)
 
+    @property
+    def fused(self):
+        """Whether predict runs the layer in a fused stage (minicnn.inference): in float32 it does."""
+        return self.dtype == np.float32
+
+    def fused_dense(self, shape, relu):
+        """For minicnn.inference: run(x, out) on x of `shape` (minicnn.inference's protocol), the
+        kernel picked for its N rows.
+
+        Below FUSED_DENSE_SPARSE_BELOW (a classifier of at most 16 outputs: and below 64 rows)
+        sparse_forward, on rows in Flatten's order; else predict's float kernel for the layer's
+        width on the dense weights, their rows put in x's order once.
+        """
+        N, O = shape[0], self.out_features
+        order = narrow.flatten_order(*shape[1:]) if len(shape) == 4 else np.arange(self.in_features)
+        narrow_width = O <= narrow.MAX_OUTPUTS
+        if self.density < FUSED_DENSE_SPARSE_BELOW and (N <= NARROW_SPARSE_UP_TO or not narrow_width):
+            def run(x, out):
+                rows = x.transpose(0, 3, 1, 2).reshape(N, -1) if len(shape) == 4 else x
+                out[...] = self.sparse_forward(np.ascontiguousarray(rows))
+                return np.maximum(out, 0, out=out) if relu else out
+
+            return run
+        if narrow_width:  # narrow_dense reads the rows of W in x's order itself
+            kernel = narrow.narrow_dense_runner((N, order.size), O, relu)
+            W = lambda: self._laid_out_as("W", lambda: np.ascontiguousarray(self.matrix().T))  # noqa: E731
+            return lambda x, out: kernel(x.reshape(N, -1), order, W(), self.params["b"], out)
+        kernel = direct.dense_block_runner((N, order.size), O, relu)
+        W = lambda: self._laid_out_as(("W", shape[1:]), lambda: np.ascontiguousarray(self.matrix().T[order]))  # noqa: E731
+        return lambda x, out: kernel(x.reshape(N, -1), W(), self.params["b"], out)
+
     def _blocks(self):
         return self._pattern("blocks", lambda: column_blocks(self.indices, self.indptr, self.shape[1]))
 
@@ -164,23 +227,11 @@ class CSRDense(CSRLayer):
         return self._pattern("lanes", lambda: lane_layout(self.indices, self.indptr, self.shape[1]))
 
     def _values_in(self, layout):
-        """The values laid out for `layout`'s kernel.
-
-        Laid out again after backward (training is about to change them) or when the array
-        they come from is a new one (a cast; `layer.params["values"] = edited`). Values changed
-        in place by hand, outside training, are not noticed: comparing them at every call
-        would cost as much as the batch-1 kernel itself. (`_dense_matrix` does compare them:
-        next to a dense product the comparison is cheap.)"""
-        source = self.params[self.weight_param]
-        if self._laid_out.get(layout, (None,))[0] is not source:
-            if layout == "blocks":
-                order, _, _ = self._blocks()
-                laid_out = self.values()[order]
-            else:
-                slots, lane_columns, _ = self._lanes()
-                laid_out = lane_values(self.values(), slots, lane_columns.size)
-            self._laid_out[layout] = (source, laid_out)
-        return self._laid_out[layout][1]
+        """The values laid out for `layout`'s kernel ("blocks", "lanes")."""
+        if layout == "blocks":
+            return self._laid_out_as(layout, lambda: self.values()[self._blocks()[0]])
+        slots, lane_columns, _ = self._lanes()
+        return self._laid_out_as(layout, lambda: lane_values(self.values(), slots, lane_columns.size))
 
     def backward(self, dout):
         self._laid_out = {}
@@ -220,6 +271,19 @@ class CSRConv2D(CSRLayer):
 
     output_shape = Conv2D.output_shape
 
+    @property
+    def fused(self):
+        """Whether predict runs the layer in a fused stage (minicnn.inference): in float32, where the
+        sparse conv would not beat it (FUSED_CONV_SPARSE_BELOW)."""
+        return self.dtype == np.float32 and (self.in_channels == 1 or self.density >= FUSED_CONV_SPARSE_BELOW)
+
+    def fused_conv(self, padded_shape, relu, pool):
+        """For minicnn.inference: run(xp, out), the direct conv on the dense weights, channels last."""
+        F, k = self.out_channels, self.kernel_size
+        kernel = direct.conv_block_runner(padded_shape, F, k, self.stride, relu, pool)
+        filters = lambda: direct.pack_filters(self.matrix().reshape(F, self.in_channels, k, k))  # noqa: E731
+        return lambda xp, out: kernel(xp, self._laid_out_as("filters", filters), self.params["b"], out)
+
     def forward(self, x):
         x = self._input(x, 4, self.in_channels)
         self.output_shape(x.shape[1:])
@@ -233,6 +297,7 @@ class CSRConv2D(CSRLayer):
         return out
 
     def backward(self, dout):
+        self._laid_out = {}
         # The sparse forward never built the im2row matrix backward needs: build it here.
         x, k = self.cache, self.kernel_size
         rows = kernels.conv_rows(x, k, k, self.stride, self.padding)
