@@ -43,7 +43,7 @@ def _finite(x):
 @numba.njit(cache=True)
 def _count_not_finite(x):
     bad = 0
-    for i in range(x.size):  # a sum, not an early exit: it runs 16 lanes at a time
+    for i in range(x.size):  # a sum, not an early exit: LLVM vectorises it
         bad += x[i] - x[i] != 0  # inf - inf and NaN - NaN are NaN
     return bad
 

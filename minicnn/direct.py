@@ -269,12 +269,13 @@ def dense_block_runner(x_shape, F, relu):
     run(x, W, b, out) -> out (conv_block_runner says why)."""
     N, C = x_shape
     full = N - N % PIXELS
-    if full:  # the groups of 8 rows, as one image of full // 8 rows of 8 pixels
-        groups = conv_block_runner((1, full // PIXELS, PIXELS, C), F, 1, 1, relu, False, strides=(BLOCK, F))
+    image = (1, full // PIXELS, PIXELS)  # the groups of 8 rows, as one image of rows of 8 pixels
+    if full:
+        groups = conv_block_runner((*image, C), F, 1, 1, relu, False, strides=(BLOCK, F))
 
     def run(x, W, b, out):
         if full:
-            groups(x[:full].reshape(1, full // PIXELS, PIXELS, C), W, b, out[:full].reshape(1, full // PIXELS, PIXELS, F))
+            groups(x[:full].reshape(*image, C), W, b, out[:full].reshape(*image, F))
         if full < N:
             _dense_rows((N - full) * C * F, x[full:], W, b, relu, out[full:])
         return out

@@ -4,11 +4,12 @@
 backward needs. Inference needs none of that, so `Sequential.predict`
 runs the same layers as stages:
 
-    Conv2D [ReLU] [MaxPool2D(2)] [ReLU]   one direct.conv_block: bias, ReLU and pool in its epilogue
+    Conv2D [ReLU] [MaxPool2D(2)] [ReLU]   one direct conv (conv_block_runner): bias, ReLU and pool
+                                          in its epilogue
     [Flatten] Dense [ReLU]                narrow.narrow_dense for at most 16 outputs (it reads a
                                           channels-last input in Flatten's order), else
-                                          direct.dense_block; never BLAS, whose threads and Numba's
-                                          would take turns at the cores
+                                          direct.dense_block (their runners); never BLAS, whose
+                                          threads and Numba's would take turns at the cores
     any other layer                       its own forward, in NCHW
 
 Activations stay channels last (N, H, W, C) from one conv stage to the next,
@@ -25,7 +26,7 @@ of the time packing takes.
 The first call with inputs of a shape binds the stages to it: each stage's
 buffers and its kernel's sizes are worked out once (direct's and narrow's
 *_runner functions), and later calls of that shape run only the bound
-steps. At batch 1 the checks and sizes of every kernel call cost as much as
+steps (kept for the last MAX_BOUND shapes). At batch 1 the checks and sizes of every kernel call cost as much as
 a small layer's arithmetic.
 
 A stage runs float32 layers of exactly the types above, and layers of
@@ -36,10 +37,11 @@ is true and that has
                                                              stride, padding)
     fused_dense(shape, relu) -> run(x, out)                 (a Dense's out_features)
 
-where run has direct.conv_block_runner's contract: xp (N, Hp, Wp, C)
-channels last, float32, out written and returned. A dense stage's x has
-`shape`: (N, K), or after a Flatten (N, H, W, C) channels last, whose
-values the Flatten's (C, H, W) order puts where narrow.flatten_order says.
+where run writes the stage's output into out and returns it: xp (N, Hp,
+Wp, C) padded and channels last, float32. A dense stage's x has `shape`:
+(N, K), or after a Flatten (N, H, W, C) channels last, whose values the
+Flatten's (C, H, W) order puts where narrow.input_order says. The stage
+checks the input's channels or features against the layer's.
 optim's sparse and weight-shared layers offer them (the dense weights or
 the sparse kernel, whichever is faster), and its packed binary layers with
 real inputs. Everything else (float64 models, optim's other layers) runs
@@ -56,6 +58,8 @@ from .checks import check_kernel_array
 from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 
 __all__ = ["Inference"]
+
+MAX_BOUND = 4  # input shapes whose steps are kept: predict's batches and its last, shorter one
 
 
 def _float32(layer):
@@ -100,14 +104,19 @@ class _Conv:
             return conv.fused_conv(padded, self.relu, self.pool)
         F = conv.out_channels
         float_kernel = direct.conv_block_runner(padded, F, conv.kernel_size, conv.stride, self.relu, self.pool)
-        return lambda xp, out: float_kernel(xp, self.weights(), check_kernel_array(conv.params["b"], "Conv2D bias",
-                                                                                   (F,)), out)
+
+        def run(xp, out):
+            return float_kernel(xp, self.weights(), check_kernel_array(conv.params["b"], "Conv2D bias", (F,)), out)
+
+        return run
 
     def bind(self, shape, buffers, name):
         """run(x) for x of shape (N, H, W, C), channels last: writes and returns a buffer."""
         conv = self.conv
         F, K, S, P = conv.out_channels, conv.kernel_size, conv.stride, conv.padding
         N, H, W, C = shape
+        if C != conv.in_channels:  # the kernels read C channels per pixel: checked before they run
+            raise ValueError(f"{type(conv).__name__} expects {conv.in_channels} input channels, got {C}")
         padded = (N, H + 2 * P, W + 2 * P, C)
         xp = buffers.get(name + " padded", padded, zeroed=True) if P else None
         out = buffers.get(name, direct.output_shape(padded, F, K, S, self.pool))
@@ -154,12 +163,14 @@ class _Dense:
         """run(x) for x of shape (N, K) or, after a Flatten, (N, ...): (N, H, W, C) channels last if 4-D."""
         dense = self.dense
         N, K, O = shape[0], int(np.prod(shape[1:])), dense.out_features
+        if K != dense.in_features:  # the kernels read K values per row: checked before they run
+            raise ValueError(f"{type(dense).__name__} expects {dense.in_features} input features, got {K}")
         out = buffers.get(name, (N, O))
         if type(dense) is not Dense:
             kernel = dense.fused_dense(shape, self.relu)
             return lambda x: kernel(x, out)
         if O <= narrow.MAX_OUTPUTS:
-            order = narrow.flatten_order(*shape[1:]) if len(shape) == 4 else np.arange(K)
+            order = narrow.input_order(shape)
             kernel = narrow.narrow_dense_runner((N, K), O, self.relu)
             return lambda x: kernel(x.reshape(N, K), order, *self.weights(K, O), out)
         kernel = direct.dense_block_runner((N, K), O, self.relu)
@@ -197,7 +208,7 @@ def _fuses(layer, kind):
     or a layer of that geometry whose `fused` is true and which offers the stage's kernel."""
     if type(layer) is kind:
         return _float32(layer)
-    return getattr(layer, "fused", False) is True and hasattr(layer, "fused_conv" if kind is Conv2D else "fused_dense")
+    return bool(getattr(layer, "fused", False)) and hasattr(layer, "fused_conv" if kind is Conv2D else "fused_dense")
 
 
 def _stages(layers):
@@ -246,12 +257,13 @@ class Inference:
         self.layers = tuple(layers)
         self.stages = _stages(self.layers)
         self.buffers = _Buffers()
-        self.shape, self.steps = None, ()
+        self.bound = {}  # input shape -> its steps
 
     def __call__(self, x):
-        if x.shape != self.shape:
+        steps = self.bound.get(x.shape)
+        if steps is None:
             return self._bind(x)
-        for step in self.steps:
+        for step in steps:
             x = step(x)
         return x
 
@@ -274,7 +286,9 @@ class Inference:
         if channels_last:  # a network that ends in a conv
             steps.append(_layout((0, 3, 1, 2), False, None))
             x = steps[-1](x)
-        self.shape, self.steps = shape, tuple(steps)  # only now: a failed bind leaves no half-made steps
+        if len(self.bound) >= MAX_BOUND:  # a caller of ever new batch sizes: start over, not hoard buffers
+            self.bound.clear()
+        self.bound[shape] = tuple(steps)  # only now: a failed bind leaves no half-made steps
         return x
 
 

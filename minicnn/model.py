@@ -82,7 +82,7 @@ class Sequential:
             return np.zeros((0, *self.output_shapes()[-1]), np.float32)
         # Each call of run returns a buffer that its next call overwrites: copied out.
         if len(x) <= batch_size:
-            return run(x).astype(np.float32)  # a copy, also of a float64 model's output
+            return run(x).astype(np.float32, order="C")  # a copy, also of a float64 model's or a transposed view
         first = run(x[:batch_size])
         out = np.empty((len(x), *first.shape[1:]), np.float32)
         out[:batch_size] = first

@@ -25,7 +25,7 @@ from .checks import check_kernel_array, output_array
 from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["MAX_OUTPUTS", "flatten_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner"]
+__all__ = ["MAX_OUTPUTS", "flatten_order", "input_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner"]
 
 MAX_OUTPUTS = LANES
 ROWS = 8  # batch rows per register tile
@@ -40,6 +40,12 @@ def narrow_dense_ref(x, order, W, b, relu):
 def flatten_order(H, W, C):
     """order for x (N, H, W, C) taken flat: the (C, H, W)-order position of each value."""
     return np.arange(C * H * W).reshape(C, H, W).transpose(1, 2, 0).reshape(-1)
+
+
+def input_order(shape):
+    """order for a dense stage's input of `shape` (minicnn.inference): flatten_order after a Flatten
+    of a channels-last (N, H, W, C), the identity for any other shape (N, ...) taken flat."""
+    return flatten_order(*shape[1:]) if len(shape) == 4 else np.arange(int(np.prod(shape[1:])))
 
 
 def _narrow_dense_loops(x, order, W, b, relu, out):

@@ -154,6 +154,22 @@ def test_predict_refuses_a_weight_that_no_longer_fits_its_layer():
         model.predict(x)
 
 
+def test_a_stage_refuses_inputs_its_layer_does_not_take():
+    """Inference is public: channels or features its layer does not expect are named before a kernel
+    would read past the weights."""
+    with pytest.raises(ValueError, match="Conv2D expects 1 input channels, got 3"):
+        Inference([Conv2D(1, 4, 3, rng=0)])(np.ones((1, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match="Dense expects 12 input features, got 16"):
+        Inference([Flatten(), Dense(12, 20, rng=0)])(np.ones((1, 1, 4, 4), np.float32))
+
+
+def test_predict_returns_c_contiguous_logits_for_any_number_of_batches():
+    ends_in_conv = Sequential([Conv2D(1, 4, 3, rng=0), ReLU()], input_shape=(1, 5, 5))
+    x = np.random.default_rng(1).random((3, 1, 5, 5), dtype=np.float32)
+    for batch in (1, 3):
+        assert ends_in_conv.predict(x, batch_size=batch).flags.c_contiguous, batch
+
+
 def test_a_layer_that_changes_its_output_shape_is_caught_before_a_fused_stage():
     class Shrinking(ReLU):  # returns one column less on every call after the first
         calls = 0

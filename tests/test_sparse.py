@@ -313,7 +313,8 @@ def test_predict_runs_sparse_layers_in_fused_stages_with_the_kernel_for_each_bat
                          for layer in model.layers], input_shape=model.input_shape)
     kinds = [type(stage).__name__ for stage in Inference(pruned.layers).stages]
     conv2_fused = density >= csr_layer.FUSED_CONV_SPARSE_BELOW
-    assert kinds == ["_Conv", "_Conv", "_Dense", "_Dense"] if conv2_fused else ["_Conv", "_Layer", "_Layer", "_Dense", "_Dense"]
+    fused, conv2_alone = ["_Conv", "_Conv", "_Dense", "_Dense"], ["_Conv", "_Layer", "_Layer", "_Dense", "_Dense"]
+    assert kinds == (fused if conv2_fused else conv2_alone), kinds
     x = rng.random((70, 1, 28, 28), dtype=np.float32)
     for batch in (1, 5, 64, 70):  # the classifier's sparse kernel up to 63 rows, never from 64
         np.testing.assert_allclose(pruned.predict(x, batch_size=batch), pruned.forward(x), rtol=0, atol=2e-5)

@@ -69,7 +69,7 @@ class PackedBinaryLayer(Layer):
         # Real inputs meet the signs 16 outputs at a time (addsub.py): the same bits, laid out by input.
         self.lanes = None if self.binary_input else addsub.pack_lanes(self.signs())
         self.fused = not self.binary_input  # minicnn.inference runs it in a stage (fused_conv, fused_dense)
-        self._decoded, self._ordered = None, {}
+        self._laid_out = {}  # what predict's kernels read, by layout: built on first use
 
     @classmethod
     def _from_latent(cls, Wm, b, binary_input, **geometry):
@@ -83,10 +83,9 @@ class PackedBinaryLayer(Layer):
         return xnor.unpack_signs(self.bits, self.n)
 
     def decoded(self):
-        """alpha_j * s_ji (F, n) float32: the weights the float kernels read, made once and kept."""
-        if self._decoded is None:
-            self._decoded = self.signs() * self.alpha[:, None]
-        return self._decoded
+        """alpha_j * s_ji (F, n) float32: the weights the float kernels read (their layouts are kept,
+        not this)."""
+        return self.signs() * self.alpha[:, None]
 
     def rows_forward(self, rows):
         """out (R, F) float32 from rows (R, n) float32: the layer's product with each row, alpha, b added."""
@@ -164,20 +163,20 @@ class PackedBinaryDense(PackedBinaryLayer):
         """
         N, K, F = shape[0], self.in_features, self.out_features
         if N < ADDSUB_BELOW:
-            kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self._in_order("lanes", shape[1:])
+            kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self._in_order("lanes", shape)
             return lambda x, out: kernel(x.reshape(N, K), lanes, self.alpha, self.b, out)
-        kernel, W = direct.dense_block_runner((N, K), F, relu), self._in_order("W", shape[1:])
+        kernel, W = direct.dense_block_runner((N, K), F, relu), self._in_order("W", shape)
         return lambda x, out: kernel(x.reshape(N, K), W, self.b, out)
 
-    def _in_order(self, what, sample_shape):
-        """The lanes (columns) or decoded weights W (in, out) (rows) in the order of inputs of
-        sample_shape: Flatten's after a channels-last (H, W, C), as they are otherwise. Kept."""
-        key = (what, sample_shape)
-        if key not in self._ordered:
-            order = narrow.flatten_order(*sample_shape) if len(sample_shape) == 3 else np.arange(self.in_features)
-            source = self.lanes.T if what == "lanes" else self.decoded().T
-            self._ordered[key] = np.ascontiguousarray(source[order].T if what == "lanes" else source[order])
-        return self._ordered[key]
+    def _in_order(self, what, shape):
+        """The lanes' columns ("lanes") or the decoded W (in, out)'s rows ("W") in the order of a
+        stage's inputs of `shape` (narrow.input_order); kept."""
+        key = (what, shape[1:])
+        if key not in self._laid_out:
+            order = narrow.input_order(shape)
+            kept = self.lanes[:, order] if what == "lanes" else self.decoded().T[order]
+            self._laid_out[key] = np.ascontiguousarray(kept)
+        return self._laid_out[key]
 
     def macs(self, in_shape):
         return self.in_features * self.out_features
@@ -234,8 +233,9 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         add issues at a multiply-add's rate: read as bits, the weights would buy no speed.
         """
         F, K = self.out_channels, self.kernel_size
-        w = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K))
-        kernel = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool)
+        if "filters" not in self._laid_out:
+            self._laid_out["filters"] = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K))
+        kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self._laid_out["filters"]
         return lambda xp, out: kernel(xp, w, self.b, out)
 
     def macs(self, in_shape):

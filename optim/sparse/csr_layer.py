@@ -13,16 +13,17 @@ below the density where they beat the dense product (`SPARSE_BELOW`, which
 depends on the batch size), the dense product of the rebuilt M above it.
 Backward always goes through the dense M: its gradient is dL/dM = dout^T x.
 
-predict runs the layers in minicnn.inference's fused stages where that is
-faster (`fused`, `fused_conv`, `fused_dense`; FUSED_*): predict's float
-kernels on the dense M, or the sparse kernel, against the much faster
-fused kernels a float layer runs there. The file stays sparse or shared.
+predict runs the layers in minicnn.inference's fused stages (`fused`,
+`fused_conv`, `fused_dense`): predict's float kernels on the dense M, or the
+sparse kernel where it still wins (FUSED_*), measured against those fused
+kernels, which are several times faster than the dense forward. The file
+stays sparse or shared.
 """
 
 import numpy as np
 
 from minicnn import direct, kernels, narrow
-from minicnn.checks import check_positive_int
+from minicnn.checks import check_kernel_array, check_positive_int
 from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.simd import HAS_PERMUTE
 
@@ -92,9 +93,9 @@ class CSRLayer(Layer):
         self.params = params
         self.grads = {name: np.zeros_like(p) for name, p in params.items()}
         self._dense = None  # M, built on demand when the dense kernel is faster
-        # What the sparse kernels derive from the layer, built on first use: what follows from the
-        # pattern alone (_pattern) lasts as long as the pattern; the values laid out for a kernel
-        # (_values_in), until training changes them.
+        # What the kernels derive from the layer, built on first use: what follows from the pattern
+        # alone (_pattern) lasts as long as the pattern; the weights laid out for a kernel (the sparse
+        # kernels' values, predict's dense weights: _laid_out_as), until training changes them.
         self._patterns, self._laid_out = {}, {}
 
     @property
@@ -128,9 +129,14 @@ class CSRLayer(Layer):
         would cost as much as the batch-1 kernel itself. (`_dense_matrix` does compare them:
         next to a dense product the comparison is cheap.)"""
         source = self.params[self.weight_param]
-        if self._laid_out.get(layout, (None,))[0] is not source:
-            self._laid_out[layout] = (source, build())
-        return self._laid_out[layout][1]
+        kept = self._laid_out.get(layout)
+        if kept is None or kept[0] is not source:
+            kept = self._laid_out[layout] = (source, build())
+        return kept[1]  # not read back from the dict: backward on another thread may empty it
+
+    def _bias(self):
+        """params["b"], checked for predict's kernels: a user may replace it, as a Dense's."""
+        return check_kernel_array(self.params["b"], "bias", (self.shape[0],))
 
     def uses_sparse_kernel(self, batch=1):
         """Whether forward runs the sparse kernel for a batch of this many inputs (SPARSE_BELOW)."""
@@ -195,30 +201,38 @@ class CSRDense(CSRLayer):
         return self.dtype == np.float32
 
     def fused_dense(self, shape, relu):
-        """For minicnn.inference: run(x, out) on x of `shape` (minicnn.inference's protocol), the
-        kernel picked for its N rows.
+        """For minicnn.inference: run(x, out) on x of `shape` (its protocol), the kernel picked for
+        its N rows.
 
         Below FUSED_DENSE_SPARSE_BELOW (a classifier of at most 16 outputs: and below 64 rows)
         sparse_forward, on rows in Flatten's order; else predict's float kernel for the layer's
-        width on the dense weights, their rows put in x's order once.
+        width on the dense weights, their rows put in x's order once. Like the sparse kernels'
+        layouts (_laid_out_as), the dense weights follow training, not values edited by hand.
         """
         N, O = shape[0], self.out_features
-        order = narrow.flatten_order(*shape[1:]) if len(shape) == 4 else np.arange(self.in_features)
-        narrow_width = O <= narrow.MAX_OUTPUTS
-        if self.density < FUSED_DENSE_SPARSE_BELOW and (N <= NARROW_SPARSE_UP_TO or not narrow_width):
+        order = narrow.input_order(shape)
+        if self.density < FUSED_DENSE_SPARSE_BELOW and (N <= NARROW_SPARSE_UP_TO or O > narrow.MAX_OUTPUTS):
             def run(x, out):
-                rows = x.transpose(0, 3, 1, 2).reshape(N, -1) if len(shape) == 4 else x
-                out[...] = self.sparse_forward(np.ascontiguousarray(rows))
+                rows = x.transpose(0, 3, 1, 2) if len(shape) == 4 else x
+                out[...] = self.sparse_forward(np.ascontiguousarray(rows.reshape(N, -1)))
                 return np.maximum(out, 0, out=out) if relu else out
 
             return run
-        if narrow_width:  # narrow_dense reads the rows of W in x's order itself
+        if O <= narrow.MAX_OUTPUTS:  # narrow_dense reads the rows of W in x's order itself
             kernel = narrow.narrow_dense_runner((N, order.size), O, relu)
-            W = lambda: self._laid_out_as("W", lambda: np.ascontiguousarray(self.matrix().T))  # noqa: E731
-            return lambda x, out: kernel(x.reshape(N, -1), order, W(), self.params["b"], out)
+
+            def run(x, out):
+                W = self._laid_out_as("W", lambda: np.ascontiguousarray(self.matrix().T))
+                return kernel(x.reshape(N, -1), order, W, self._bias(), out)
+
+            return run
         kernel = direct.dense_block_runner((N, order.size), O, relu)
-        W = lambda: self._laid_out_as(("W", shape[1:]), lambda: np.ascontiguousarray(self.matrix().T[order]))  # noqa: E731
-        return lambda x, out: kernel(x.reshape(N, -1), W(), self.params["b"], out)
+
+        def run(x, out):
+            W = self._laid_out_as(("W", shape[1:]), lambda: np.ascontiguousarray(self.matrix().T[order]))
+            return kernel(x.reshape(N, -1), W, self._bias(), out)
+
+        return run
 
     def _blocks(self):
         return self._pattern("blocks", lambda: column_blocks(self.indices, self.indptr, self.shape[1]))
@@ -278,11 +292,18 @@ class CSRConv2D(CSRLayer):
         return self.dtype == np.float32 and (self.in_channels == 1 or self.density >= FUSED_CONV_SPARSE_BELOW)
 
     def fused_conv(self, padded_shape, relu, pool):
-        """For minicnn.inference: run(xp, out), the direct conv on the dense weights, channels last."""
+        """For minicnn.inference: run(xp, out), the direct conv on the dense weights, channels last
+        (kept as fused_dense keeps its)."""
         F, k = self.out_channels, self.kernel_size
         kernel = direct.conv_block_runner(padded_shape, F, k, self.stride, relu, pool)
-        filters = lambda: direct.pack_filters(self.matrix().reshape(F, self.in_channels, k, k))  # noqa: E731
-        return lambda xp, out: kernel(xp, self._laid_out_as("filters", filters), self.params["b"], out)
+
+        def filters():
+            return direct.pack_filters(self.matrix().reshape(F, self.in_channels, k, k))
+
+        def run(xp, out):
+            return kernel(xp, self._laid_out_as("filters", filters), self._bias(), out)
+
+        return run
 
     def forward(self, x):
         x = self._input(x, 4, self.in_channels)
