@@ -26,8 +26,8 @@ of the time packing takes.
 The first call with inputs of a shape binds the stages to it: each stage's
 buffers and its kernel's sizes are worked out once (direct's and narrow's
 *_runner functions), and later calls of that shape run only the bound
-steps (kept for the last MAX_BOUND shapes). At batch 1 the checks and sizes of every kernel call cost as much as
-a small layer's arithmetic.
+steps (kept for the last MAX_BOUND shapes). At batch 1 the checks and sizes
+of every kernel call cost as much as a small layer's arithmetic.
 
 A stage runs float32 layers of exactly the types above, and layers of
 other libraries that offer a stage their own kernel: a layer whose `fused`
@@ -41,12 +41,12 @@ where run writes the stage's output into out and returns it: xp (N, Hp,
 Wp, C) padded and channels last, float32. A dense stage's x has `shape`:
 (N, K), or after a Flatten (N, H, W, C) channels last, whose values the
 Flatten's (C, H, W) order puts where narrow.input_order says. The stage
-checks the input's channels or features against the layer's.
-optim's sparse and weight-shared layers offer them (the dense weights or
-the sparse kernel, whichever is faster), and its packed binary layers with
+checks the input's channels or features against the layer's. optim's
+sparse and weight-shared layers offer them (their dense weights, or the
+sparse kernel where it is faster), and so do its packed binary layers with
 real inputs. Everything else (float64 models, optim's other layers) runs
-its own forward. The results
-agree with Sequential.forward to float32 rounding (tests/test_inference.py).
+its own forward. The results agree with Sequential.forward to float32
+rounding (tests/test_inference.py).
 Docs: docs/techniques.md, "The float32 baseline".
 """
 
