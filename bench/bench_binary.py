@@ -18,8 +18,8 @@ Measured in one run, side by side, after checking the results agree:
 
 The weights are random (seeded): speed depends on shapes only. Every figure
 is a median over repeats after a warm-up that excludes Numba's compilation
-(bench/common.py), the contestants of a row timed in alternating rounds. speedup = float32 time / binary time, so > 1 means the
-binary path is faster.
+(bench/common.py), the contestants of a row timed in alternating rounds.
+speedup = float32 time / binary time, so > 1 means the binary path is faster.
 
     python bench/bench_binary.py [--quick] [--threads N] [--threading MODE] [--json PATH]
 """

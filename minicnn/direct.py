@@ -20,10 +20,11 @@ all lanes), then does 16 fused multiply-adds: the arithmetic, not the
 loads, sets the pace (the inner loop of LeNet's conv2 runs at ~90% of the
 FMA units' rate; docs/techniques.md has the whole kernel's). A block of at
 most 16 filters (a narrow layer) skips the second vector: 8 multiply-adds a
-tap instead of 16 of which half were masked (9 or 16 filters: 1.3-1.4x). The 8 pixels
-are 8 neighbours along a row, or, with pooling, the 2x4 block that makes 2
-pooled outputs, so the max, the bias and the ReLU are applied to the sums
-before anything is stored: with pooling, nothing full-size is written.
+tap instead of 16 of which half were masked (9 or 16 filters: 1.3-1.4x).
+The 8 pixels are 8 neighbours along a row, or, with pooling, the 2x4 block
+that makes 2 pooled outputs, so the max, the bias and the ReLU are applied
+to the sums before anything is stored: with pooling, nothing full-size is
+written.
 With AVX2 (the portable build) a 16-lane sum takes two registers, and the
 tile's sixteen spill: correct, slower.
 

@@ -18,7 +18,7 @@ kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
     store_first(x, i, v, n) x[i : i + n] = v[:n], 0 <= n <= 16 (a masked store: x may end before i + 16)
     fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
     add(a, b)               a + b
-    add_where(a, m, b)      a + b in the lanes whose bit of m (a 16-bit mask, lane 0 its lowest bit) is 1, a elsewhere
+    add_where(a, m, b)      a + b in the lanes whose bit of m is 1, a elsewhere (m: 16 bits, lane 0 bit 0)
     permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
 
 and `transpose16(src, i, ss, dst, j, ds)`, which moves a 16 x 16 block:

@@ -2,11 +2,6 @@
 straight-through gradients, packed inference, files (optim/binary/)."""
 
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -20,9 +15,9 @@ from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from optim.binary import (
     BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, addsub, binarize, clip_latent, pack, xnor,
 )
+from portable import run_without_avx512
 from strategies import conv_geometry, random_array
 
-ROOT = Path(__file__).resolve().parents[1]
 seeds = st.integers(0, 2**31 - 1)
 lengths = st.integers(1, 300)  # across word boundaries: 63, 64, 65, 127, 128, ...
 
@@ -124,11 +119,10 @@ def test_pack_lanes_puts_output_16g_plus_l_in_bit_l():
 def test_addsub_and_xnor_kernels_without_avx512_agree():
     """The portable path: the kernels compiled for an AVX2-only CPU (Numba's CPU name), where a
     masked add is a blend, in a fresh process, against the references."""
-    code = (
+    run_without_avx512(
         "import numpy as np\n"
-        "from minicnn import parallel, simd\n"
+        "from minicnn import parallel\n"
         "from optim.binary import addsub, xnor\n"
-        "assert not simd.HAS_PERMUTE, simd.target_features()\n"
         "rng = np.random.default_rng(0)\n"
         "for R, F, n in ((1, 500, 800), (21, 37, 75)):\n"
         "    x = rng.standard_normal((R, n)).astype(np.float32)\n"
@@ -148,10 +142,6 @@ def test_addsub_and_xnor_kernels_without_avx512_agree():
         "    assert np.abs(m.predict(x[:b]) - m.forward(x[:b])).max() < 2e-5, b\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                            timeout=600)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------

@@ -32,7 +32,8 @@ def test_gradient_is_numerical(n, k, temperature, alpha, seed):
     # A central difference of a loss L carries ~eps |L| / h of rounding, and the T^2 term makes
     # |L| ~ 10^3 at T = 50: 2e-7 of absolute noise, 1e-6 of a gradient of 0.06.
     rounding = 8 * np.finfo(np.float64).eps * abs(loss) / 1e-6 / max(np.abs(grad).max(), NOISE_SCALE)
-    assert err < 1e-6 + rounding, f"T={temperature}, alpha={alpha}: relative error {err:.2e}\nours {grad}\nnumerical {num}"
+    assert err < 1e-6 + rounding, \
+        f"T={temperature}, alpha={alpha}: relative error {err:.2e}\nours {grad}\nnumerical {num}"
 
 
 def test_hand_computed_case():

@@ -1,10 +1,6 @@
 """Sequential.predict through minicnn.inference's fused stages: the same numbers as forward."""
 
-import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +9,8 @@ from hypothesis import strategies as st
 
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, parallel, zoo
 from minicnn.inference import Inference
+from portable import run_without_avx512
 
-ROOT = Path(__file__).resolve().parents[1]
 NETWORKS = ("lenet5", "seed_cnn", "tiny_cnn", "small_cnn", "deep_cnn", "lenet300", "small_mlp")
 
 
@@ -209,10 +205,9 @@ def test_predict_of_no_images_and_bad_input():
 def test_kernels_without_avx512_agree():
     """The portable path: the same kernels compiled for an AVX2-only CPU (Numba's CPU name),
     in a fresh process, against forward."""
-    code = (
+    run_without_avx512(
         "import numpy as np\n"
-        "from minicnn import simd, zoo\n"
-        "assert not simd.HAS_PERMUTE, simd.target_features()\n"
+        "from minicnn import zoo\n"
         "x = np.random.default_rng(0).random((20, 1, 28, 28), dtype=np.float32)\n"
         "for name in ('lenet5', 'seed_cnn', 'deep_cnn'):\n"
         "    m = zoo.build(name, seed=0)\n"
@@ -220,7 +215,3 @@ def test_kernels_without_avx512_agree():
         "        assert np.abs(m.predict(x[:b]) - m.forward(x[:b])).max() < 2e-5, name\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt"}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env,
-                            timeout=600)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

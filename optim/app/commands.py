@@ -234,8 +234,8 @@ def cmd_auto(args):
               f"          validation {p['val_accuracy']:.4f} ({100 * (p['val_accuracy'] - base['val_accuracy']):+.2f} "
               f"points), test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points), "
               f"{p['bytes']:,} bytes ({base['bytes'] / p['bytes']:.1f}x smaller), batch-1 "
-              f"{1e3 * p['latency_s']:.3f} ms" + ("" if p["key"] == "baseline" else
-                                                  f" ({p['speedup']:.2f}x the base model's speed, timed in alternation)"))
+              f"{1e3 * p['latency_s']:.3f} ms"
+              + ("" if p["key"] == "baseline" else f" ({p['speedup']:.2f}x the base model's speed, timed in alternation)"))
     return 0
 
 

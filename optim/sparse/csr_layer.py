@@ -218,21 +218,15 @@ class CSRDense(CSRLayer):
                 return np.maximum(out, 0, out=out) if relu else out
 
             return run
-        if O <= narrow.MAX_OUTPUTS:  # narrow_dense reads the rows of W in x's order itself
-            kernel = narrow.narrow_dense_runner((N, order.size), O, relu)
 
-            def run(x, out):
-                W = self._laid_out_as("W", lambda: np.ascontiguousarray(self.matrix().T))
-                return kernel(x.reshape(N, -1), order, W, self._bias(), out)
+        def weights():  # W (in, out), its rows in x's order
+            return self._laid_out_as(("W", shape[1:]), lambda: np.ascontiguousarray(self.matrix().T[order]))
 
-            return run
+        if O <= narrow.MAX_OUTPUTS:
+            kernel, identity = narrow.narrow_dense_runner((N, order.size), O, relu), np.arange(order.size)
+            return lambda x, out: kernel(x.reshape(N, -1), identity, weights(), self._bias(), out)
         kernel = direct.dense_block_runner((N, order.size), O, relu)
-
-        def run(x, out):
-            W = self._laid_out_as(("W", shape[1:]), lambda: np.ascontiguousarray(self.matrix().T[order]))
-            return kernel(x.reshape(N, -1), W, self._bias(), out)
-
-        return run
+        return lambda x, out: kernel(x.reshape(N, -1), weights(), self._bias(), out)
 
     def _blocks(self):
         return self._pattern("blocks", lambda: column_blocks(self.indices, self.indptr, self.shape[1]))
