@@ -18,7 +18,7 @@ kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
     store_first(x, i, v, n) x[i : i + n] = v[:n], 0 <= n <= 16 (a masked store: x may end before i + 16)
     fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
     add(a, b)               a + b
-    add_where(a, m, b)      a + b in the lanes whose bit of m is 1, a elsewhere (m: 16 bits, lane 0 bit 0)
+    add_where(a, m, i, b)   a + b in the lanes whose bit of m[i] is 1, a elsewhere (m: uint16 array, lane 0 bit 0)
     permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
 
 and `transpose16(src, i, ss, dst, j, ds)`, which moves a 16 x 16 block:
@@ -249,18 +249,19 @@ def add(typingctx, a, b):
 
 
 @intrinsic
-def add_where(typingctx, a, m, b):
-    """a + b in the lanes whose bit of the integer m (lane 0: bit 0) is set, a in the others: AVX-512's
-    masked add (vaddps with a k-register); elsewhere LLVM spreads the 16 bits over the lanes and blends."""
-    if not (a == b == f32x16 and isinstance(m, types.Integer)):
+def add_where(typingctx, a, m, i, b):
+    """a + b in the lanes whose bit of m[i] (m a 1-D uint16 array; lane 0: bit 0) is set, a in the
+    others: AVX-512's masked add (vaddps with a k-register loaded straight from m); elsewhere LLVM
+    spreads the 16 bits over the lanes and blends."""
+    if not (a == b == f32x16 and _is_array_of(m, types.uint16) and isinstance(i, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        bits = context.cast(builder, args[1], sig.args[1], types.uint16)
+        bits = builder.load(_lanes_at(context, builder, sig.args[1], args[1], sig.args[2], args[2], ir.IntType(16)))
         lanes = builder.bitcast(bits, ir.VectorType(ir.IntType(1), LANES))
-        return builder.select(lanes, builder.fadd(args[0], args[2]), args[0])
+        return builder.select(lanes, builder.fadd(args[0], args[3]), args[0])
 
-    return f32x16(a, m, b), codegen
+    return f32x16(a, m, i, b), codegen
 
 
 @intrinsic
@@ -367,8 +368,8 @@ def _add_python(a, b):
     return a + b
 
 
-def _add_where_python(a, m, b):
-    return np.where((int(m) >> np.arange(LANES)) & 1 == 1, a + b, a)
+def _add_where_python(a, m, i, b):
+    return np.where((int(m[i]) >> np.arange(LANES)) & 1 == 1, a + b, a)
 
 
 def _permute2_python(lo, k, j, hi):

@@ -26,8 +26,8 @@ def _arithmetic(a, b, c, out):
 
 
 @numba.njit
-def _add_where(a, m, b, out):
-    store(out, 0, add_where(load(a, 0), m, load(b, 0)))
+def _add_where(a, m, i, b, out):
+    store(out, 0, add_where(load(a, 0), m, i, load(b, 0)))
 
 
 @numba.njit
@@ -60,11 +60,13 @@ def test_load_store_move_16_lanes_at_any_offset(i, j, seed):
     np.testing.assert_array_equal(dst, expected)
 
 
-@given(st.lists(floats, min_size=2 * LANES, max_size=2 * LANES), st.integers(0, 2**16 - 1))
-def test_add_where_adds_in_the_lanes_of_the_mask_bits(values, m):
+@given(st.lists(floats, min_size=2 * LANES, max_size=2 * LANES), st.integers(0, 2**16 - 1), st.integers(0, 2))
+def test_add_where_adds_in_the_lanes_of_the_mask_bits(values, m, i):
     a, b = np.array(values, np.float32).reshape(2, LANES)
     out = np.empty(LANES, np.float32)
-    _add_where(a, np.uint16(m), b, out)
+    bits = np.full(3, 0xA5A5, np.uint16)
+    bits[i] = m  # the mask is read at its index, not next to it
+    _add_where(a, bits, i, b, out)
     np.testing.assert_array_equal(out, np.where([(m >> lane) & 1 for lane in range(LANES)], a + b, a))
 
 

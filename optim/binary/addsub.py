@@ -8,7 +8,7 @@ A binary layer with real inputs (BinaryConnect, Courbariaux et al., NeurIPS
 
 P for 16 outputs at once takes one masked add per input: the signs of input
 i for outputs 16g .. 16g + 15 are the bits of one uint16 (`pack_lanes`), and
-simd.add_where(P, bits, [x_i] * 16) adds x_i in the lanes whose sign is +1.
+simd.add_where(P, lanes, i, [x_i] * 16) adds x_i in the lanes whose sign is +1.
 Where the float kernel (minicnn.direct.dense_block) reads a 4-byte weight
 per multiply-add, this reads one bit: at batch 1, where reading the weights
 is the work (LeNet-5's fc1: 1.6 MB of float32, 50 KB of bits), it is faster;
@@ -21,7 +21,10 @@ s_{16g+l, i} = +1, and the bits of outputs past F are 0.
 Like direct.dense_block, the kernel holds a tile of 8 rows x 32 outputs
 (sixteen 16-lane sums) for rows in groups of 8: each pair of masks is loaded
 once for 8 rows and each input once for 32 outputs. The rows left over run
-alone, 128 outputs (eight sums) per task. S is a row's plain sum, taken once.
+alone, 128 outputs (eight sums) per task, or, in a layer of fewer than 128
+outputs, 16 outputs per task as eight sums over every eighth input: eight
+masked adds in flight either way, each one waits 4 cycles for the one before it.
+S is a row's plain sum, taken once.
 """
 
 import numba
@@ -80,19 +83,19 @@ def _tile(x, lanes, alpha, b, out, r, g, n, G, F, relu):
     p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = z  # outputs 16g .. 16g + 15 of the 8 rows
     q0 = q1 = q2 = q3 = q4 = q5 = q6 = q7 = z  # outputs 16g + 16 .. 16g + 31
     for i in range(n):
-        at = r * n + i
+        at, lo, hi = r * n + i, g * n + i, (g + 1) * n + i
         v0, v1, v2, v3 = broadcast(x, at), broadcast(x, at + n), broadcast(x, at + 2 * n), broadcast(x, at + 3 * n)
         v4, v5, v6, v7 = broadcast(x, at + 4 * n), broadcast(x, at + 5 * n), broadcast(x, at + 6 * n), \
             broadcast(x, at + 7 * n)
-        lo = lanes[g * n + i]
-        p0, p1, p2, p3 = add_where(p0, lo, v0), add_where(p1, lo, v1), add_where(p2, lo, v2), add_where(p3, lo, v3)
-        p4, p5, p6, p7 = add_where(p4, lo, v4), add_where(p5, lo, v5), add_where(p6, lo, v6), add_where(p7, lo, v7)
+        p0, p1, p2, p3 = add_where(p0, lanes, lo, v0), add_where(p1, lanes, lo, v1), add_where(p2, lanes, lo, v2), \
+            add_where(p3, lanes, lo, v3)
+        p4, p5, p6, p7 = add_where(p4, lanes, lo, v4), add_where(p5, lanes, lo, v5), add_where(p6, lanes, lo, v6), \
+            add_where(p7, lanes, lo, v7)
         if two:  # loop-invariant: LLVM keeps a loop without it for a last group alone
-            hi = lanes[(g + 1) * n + i]
-            q0, q1, q2, q3 = add_where(q0, hi, v0), add_where(q1, hi, v1), add_where(q2, hi, v2), \
-                add_where(q3, hi, v3)
-            q4, q5, q6, q7 = add_where(q4, hi, v4), add_where(q5, hi, v5), add_where(q6, hi, v6), \
-                add_where(q7, hi, v7)
+            q0, q1, q2, q3 = add_where(q0, lanes, hi, v0), add_where(q1, lanes, hi, v1), \
+                add_where(q2, lanes, hi, v2), add_where(q3, lanes, hi, v3)
+            q4, q5, q6, q7 = add_where(q4, lanes, hi, v4), add_where(q5, lanes, hi, v5), \
+                add_where(q6, lanes, hi, v6), add_where(q7, lanes, hi, v7)
     f = LANES * g
     for k, (p, q) in enumerate(((p0, q0), (p1, q1), (p2, q2), (p3, q3), (p4, q4), (p5, q5), (p6, q6), (p7, q7))):
         S = _row_sum(x, (r + k) * n, n)
@@ -101,45 +104,61 @@ def _tile(x, lanes, alpha, b, out, r, g, n, G, F, relu):
 
 
 @numba.njit(cache=True)
-def _span(x, lanes, alpha, b, out, r, g, n, G, F, relu):
-    """Row r alone, outputs 16g .. 16g + 127: eight sums, each mask read once."""
-    groups = min(8, G - g)
+def _span(x, lanes, alpha, b, out, r, g, first, n, F, relu):
+    """Row r alone, groups g .. g + 7 (outputs 16g .. 16g + 127): eight sums, each mask read once.
+    Stores groups g + first .. g + 7: a row's last span starts 8 groups before the end, so that
+    every span has 8 (a test per group in the loop would cost more than the groups it saves)."""
     z = splat(0.0)
     p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = z
     for i in range(n):
-        v = broadcast(x, r * n + i)
-        p0 = add_where(p0, lanes[g * n + i], v)
-        if groups > 1:  # each test loop-invariant, as in _tile
-            p1 = add_where(p1, lanes[(g + 1) * n + i], v)
-        if groups > 2:
-            p2 = add_where(p2, lanes[(g + 2) * n + i], v)
-        if groups > 3:
-            p3 = add_where(p3, lanes[(g + 3) * n + i], v)
-        if groups > 4:
-            p4 = add_where(p4, lanes[(g + 4) * n + i], v)
-        if groups > 5:
-            p5 = add_where(p5, lanes[(g + 5) * n + i], v)
-        if groups > 6:
-            p6 = add_where(p6, lanes[(g + 6) * n + i], v)
-        if groups > 7:
-            p7 = add_where(p7, lanes[(g + 7) * n + i], v)
+        v, at = broadcast(x, r * n + i), g * n + i
+        p0, p1 = add_where(p0, lanes, at, v), add_where(p1, lanes, at + n, v)
+        p2, p3 = add_where(p2, lanes, at + 2 * n, v), add_where(p3, lanes, at + 3 * n, v)
+        p4, p5 = add_where(p4, lanes, at + 4 * n, v), add_where(p5, lanes, at + 5 * n, v)
+        p6, p7 = add_where(p6, lanes, at + 6 * n, v), add_where(p7, lanes, at + 7 * n, v)
     S = _row_sum(x, r * n, n)
     for k, p in enumerate((p0, p1, p2, p3, p4, p5, p6, p7)):
-        f = LANES * (g + k)
-        _emit(out, r * F + f, p, S, alpha, b, f, F, relu)
+        if k >= first:
+            f = LANES * (g + k)
+            _emit(out, r * F + f, p, S, alpha, b, f, F, relu)
+
+
+@numba.njit(cache=True)
+def _group(x, lanes, alpha, b, out, r, g, n, F, relu):
+    """Row r alone, group g (outputs 16g .. 16g + 15), for layers of fewer than 8 groups: eight
+    sums over every eighth input, added at the end, so that eight adds are in flight, as in _span."""
+    z = splat(0.0)
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = z
+    full = n - n % 8
+    for i in range(0, full, 8):
+        v, at = r * n + i, g * n + i
+        p0, p1 = add_where(p0, lanes, at, broadcast(x, v)), add_where(p1, lanes, at + 1, broadcast(x, v + 1))
+        p2, p3 = add_where(p2, lanes, at + 2, broadcast(x, v + 2)), add_where(p3, lanes, at + 3, broadcast(x, v + 3))
+        p4, p5 = add_where(p4, lanes, at + 4, broadcast(x, v + 4)), add_where(p5, lanes, at + 5, broadcast(x, v + 5))
+        p6, p7 = add_where(p6, lanes, at + 6, broadcast(x, v + 6)), add_where(p7, lanes, at + 7, broadcast(x, v + 7))
+    for i in range(full, n):
+        p0 = add_where(p0, lanes, g * n + i, broadcast(x, r * n + i))
+    p = add(add(add(p0, p1), add(p2, p3)), add(add(p4, p5), add(p6, p7)))
+    f = LANES * g
+    _emit(out, r * F + f, p, _row_sum(x, r * n, n), alpha, b, f, F, relu)
 
 
 def _addsub_dense_loops(x, lanes, alpha, b, relu, out):
     R, n = x.shape
     G, F = lanes.shape[0], out.shape[1]
-    tiles, pairs, spans = R // ROWS, (G + 1) // 2, (G + 7) // 8
+    tiles, pairs = R // ROWS, (G + 1) // 2
+    alone = (G + 7) // 8 if G >= 8 else G  # tasks per row left over: spans of 8 groups, or groups
     xf, lf, of = x.reshape(-1), lanes.reshape(-1), out.reshape(-1)
-    for t in prange(tiles * pairs + (R - tiles * ROWS) * spans):
+    for t in prange(tiles * pairs + (R - tiles * ROWS) * alone):
         if t < tiles * pairs:
             _tile(xf, lf, alpha, b, of, t // pairs * ROWS, t % pairs * 2, n, G, F, relu)
+            continue
+        r, s = tiles * ROWS + (t - tiles * pairs) // alone, (t - tiles * pairs) % alone
+        if G >= 8:
+            g = min(8 * s, G - 8)
+            _span(xf, lf, alpha, b, of, r, g, 8 * s - g, n, F, relu)
         else:
-            u = t - tiles * pairs
-            _span(xf, lf, alpha, b, of, tiles * ROWS + u // spans, u % spans * 8, n, G, F, relu)
+            _group(xf, lf, alpha, b, of, r, s, n, F, relu)
     return out
 
 
