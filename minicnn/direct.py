@@ -46,7 +46,7 @@ from numba import prange
 from .checks import check_kernel_array, output_array
 from .kernels import conv2d_forward_ref, conv_output_size, maxpool_forward_ref
 from .parallel import MIN_MACS, twin
-from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
+from .simd import LANES, add, aligned_empty, broadcast, fma, load_first, maximum, splat, store_first
 
 __all__ = [
     "conv_block", "conv_block_ref", "conv_block_runner", "dense_block", "dense_block_ref", "dense_block_runner",
@@ -69,12 +69,18 @@ def conv_block_ref(x, W, b, stride, padding, relu, pool):
 
 
 def pack_filters(W):
-    """W (F, C, KH, KW) as the flat (B, KH, KW, C, 32) array the kernel reads 32 filters at a time.
+    """W (F, C, KH, KW) as the flat (B, KH, KW, C, 32) array the kernel reads 32 filters at a time,
+    starting on a 64-byte boundary.
     (Read as (KH, KW, C, F) instead, rows of F floats leave a block's 128 bytes straddling cache
     lines: LeNet's conv2 took 1.4x as long.)"""
     F = W.shape[0]
     blocks = -(-F // BLOCK)
-    w = np.zeros((blocks, *W.shape[2:], W.shape[1], BLOCK), np.float32)
+    shape = (blocks, *W.shape[2:], W.shape[1], BLOCK)
+    # On a 64-byte boundary, each vector load of weights reads one cache line, not two: 3-9% of
+    # a conv's time (LeNet-5's conv2 31 -> 28 us at batch 1), and what malloc happened to return
+    # made that differ from process to process.
+    w = aligned_empty(int(np.prod(shape))).reshape(shape)
+    w[...] = 0
     taps = W.transpose(2, 3, 1, 0)  # (KH, KW, C, F)
     for blk in range(blocks):
         width = min(BLOCK, F - blk * BLOCK)

@@ -59,6 +59,17 @@ def test_dense_block_is_a_dense_layer(N, n_in, n_out, relu, seed):
         close(got, expected, n_in)
 
 
+@given(st.integers(1, 70), st.integers(1, 4), st.integers(1, 5))
+def test_pack_filters_lays_out_blocks_of_32_on_a_cache_line(F, C, K):
+    W = np.arange(F * C * K * K, dtype=np.float32).reshape(F, C, K, K) + 1
+    w = direct.pack_filters(W)
+    assert w.ctypes.data % 64 == 0
+    blocks = w.reshape(-1, K, K, C, direct.BLOCK)  # (B, KH, KW, C, 32)
+    taps = blocks.transpose(0, 4, 3, 1, 2).reshape(-1, C, K, K)  # (B * 32, C, KH, KW)
+    np.testing.assert_array_equal(taps[:F], W)
+    np.testing.assert_array_equal(taps[F:], 0)
+
+
 def test_conv_block_writes_into_out_and_refuses_an_out_it_cannot_write_through():
     x = np.ones((2, 6, 6, 3), np.float32)
     w, b = direct.pack_filters(np.ones((5, 3, 3, 3), np.float32)), np.zeros(5, np.float32)
