@@ -171,6 +171,19 @@ def test_quantize_hand_computed():
     np.testing.assert_array_equal(q, [8, 10, 10, 11, 12, 127])  # 0.25 / 0.5 = 0.5 rounds to even
 
 
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.floats(1e-3, 1),
+       st.integers(-128, 127), seeds)
+def test_quantize_nhwc_is_affine_quantize_transposed_bit_for_bit(N, C, H, W, scale, zero_point, seed):
+    rng = np.random.default_rng(seed)
+    x = (rng.integers(-300, 300, (N, C, H, W)) * (scale / 2)).astype(np.float32)  # many ties: x / S = k + 1/2
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            ours = K.quantize_nhwc(x, scale, zero_point)
+        np.testing.assert_array_equal(ours, K.quantize_nhwc_ref(x, scale, zero_point), err_msg=build)
+    np.testing.assert_array_equal(K.quantize_nhwc_ref(x, scale, zero_point).transpose(0, 3, 1, 2),
+                                  A.affine_quantize(x, scale, zero_point))
+
+
 @given(st.floats(-50, 0), st.floats(0, 50))
 @example(-1.0, 0.2)
 def test_activation_qparams_cover_the_range_and_zero(lo, hi):

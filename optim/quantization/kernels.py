@@ -37,7 +37,7 @@ from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
 from minicnn.simd import HAS_VNNI
 
-from .affine import WMAX
+from .affine import QMAX, QMIN, WMAX, affine_quantize
 from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_scalar
 
 
@@ -79,21 +79,26 @@ def _im2row_nhwc_loops(x, KH, KW, stride, padding, fill, width):
     Ho = (H + 2 * padding - KH) // stride + 1
     Wo = (W + 2 * padding - KW) // stride + 1
     rows = np.empty((N * Ho * Wo, width), dtype=x.dtype)
+    xf, out, run = x.reshape(-1), rows.reshape(-1), KW * C
     for t in prange(N * Ho):
         n, i = t // Ho, t % Ho
         for j in range(Wo):
-            r = t * Wo + j
-            k = 0
+            at, w0 = (t * Wo + j) * width, j * stride - padding
             for kh in range(KH):
                 h = i * stride + kh - padding
-                for kw in range(KW):
-                    w = j * stride + kw - padding
-                    inside = 0 <= h < H and 0 <= w < W
-                    for c in range(C):
-                        rows[r, k] = x[n, h, w, c] if inside else fill
-                        k += 1
-            for k in range(KH * KW * C, width):
-                rows[r, k] = 0
+                if 0 <= h < H and 0 <= w0 and w0 + KW <= W:  # a window line inside the image: KW*C bytes in a row
+                    src = ((n * H + h) * W + w0) * C
+                    for k in range(run):  # unsigned indices: no negative-index test, so the copy vectorises
+                        out[np.uint64(at + k)] = xf[np.uint64(src + k)]
+                else:
+                    for kw in range(KW):
+                        w = w0 + kw
+                        inside = 0 <= h < H and 0 <= w < W
+                        for c in range(C):
+                            out[at + kw * C + c] = xf[((n * H + h) * W + w) * C + c] if inside else fill
+                at += run
+            for k in range(at, at - KH * run + width):
+                out[np.uint64(k)] = 0
     return rows
 
 
@@ -350,6 +355,35 @@ def qgemm_int32(a, packed, bias, lo):
 
 
 # --------------------------------------------------------------------------
+# The model's input: float (N, C, H, W) to int8 codes in NHWC, in one pass
+
+
+def quantize_nhwc_ref(x, scale, zero_point):
+    """int8 (N, H, W, C) = affine_quantize(x, scale, zero_point) of x float (N, C, H, W), transposed."""
+    return np.ascontiguousarray(affine_quantize(x, scale, zero_point).transpose(0, 2, 3, 1))
+
+
+def _quantize_nhwc_loops(x, scale, zero_point):
+    N, C, H, W = x.shape
+    out = np.empty((N, H, W, C), np.int8)
+    for t in prange(N * H):
+        n, i = t // H, t % H
+        for j in range(W):
+            for c in range(C):  # affine_quantize's arithmetic: float64, round half to even, clamp
+                q = np.rint(np.float64(x[n, c, i, j]) / scale) + zero_point
+                out[n, i, j, c] = np.int8(min(max(q, QMIN), QMAX))
+    return out
+
+
+_quantize_nhwc = twin(_quantize_nhwc_loops)
+
+
+def quantize_nhwc(x, scale, zero_point):
+    """Fast quantize_nhwc_ref, bit for bit (x a 4-D float array)."""
+    return _quantize_nhwc(x.size, x, float(scale), int(zero_point))
+
+
+# --------------------------------------------------------------------------
 # Max-pooling in the integer domain: requantization is monotone, so the max
 # of the int8 codes is the code of the max.
 
@@ -365,17 +399,18 @@ def _maxpool_nhwc_loops(x, k, stride):
     Ho = (H - k) // stride + 1
     Wo = (W - k) // stride + 1
     out = np.empty((N, Ho, Wo, C), dtype=x.dtype)
+    xf, of = x.reshape(-1), out.reshape(-1)
     for t in prange(N * Ho):
         n, i = t // Ho, t % Ho
         for j in range(Wo):
-            for c in range(C):
-                out[n, i, j, c] = x[n, i * stride, j * stride, c]
+            at, first = (t * Wo + j) * C, ((n * H + i * stride) * W + j * stride) * C
+            for c in range(C):  # unsigned indices (no negative-index test): the channel loops vectorise
+                of[np.uint64(at + c)] = xf[np.uint64(first + c)]
             for dh in range(k):
                 for dw in range(k):
+                    src = first + (dh * W + dw) * C
                     for c in range(C):
-                        v = x[n, i * stride + dh, j * stride + dw, c]
-                        if v > out[n, i, j, c]:
-                            out[n, i, j, c] = v
+                        of[np.uint64(at + c)] = max(of[np.uint64(at + c)], xf[np.uint64(src + c)])
     return out
 
 

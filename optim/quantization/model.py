@@ -25,6 +25,7 @@ from minicnn.model import output_shapes
 from minicnn.serialization import check_all_used, check_input_shape, check_output_shapes, check_specs, entries, write_npz
 from minicnn.summary import format_summary
 
+from . import kernels as K
 from .affine import (
     QMAX, QMIN, activation_qparams, affine_quantize, check_bits, check_scale, check_zero_point, quantize_bias,
     quantize_weights,
@@ -65,8 +66,9 @@ class QuantizedModel:
         if x.shape[1:] != self.input_shape:
             expected = ", ".join(map(str, self.input_shape))
             raise ValueError(f"model expects inputs of shape (N, {expected}), got {x.shape}")
-        q = affine_quantize(x, *self.input_q)
-        return np.ascontiguousarray(q.transpose(0, 2, 3, 1)) if q.ndim == 4 else q
+        if x.ndim == 4:
+            return K.quantize_nhwc(x, *self.input_q)
+        return affine_quantize(x, *self.input_q)
 
     def forward_int(self, q, reference=False):
         """Integer codes in, integer codes out: int8 or the last layer's int32 accumulators.
