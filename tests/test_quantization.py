@@ -320,6 +320,32 @@ def conv_layer_case(seed, geom, relu):
     return op, x, (np.maximum(y, 0) if relu else y)
 
 
+@given(seeds, conv_geometry(), st.booleans(), st.integers(1, 3), st.integers(1, 3))
+def test_int_conv_pooled_before_requantizing_gives_the_same_codes(seed, geom, relu, k, stride):
+    op, x, _ = conv_layer_case(seed, geom, relu)
+    Ho, Wo = op._output_nhwc(x.shape)[1:3]
+    if min(Ho, Wo) < k:
+        return
+    pool = ops.IntMaxPool2D(op.out_q, k, stride)
+    expected = pool.forward(op.forward(x, reference=True), reference=True)
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            np.testing.assert_array_equal(op.forward_pooled(x, pool), expected, err_msg=build)
+
+
+@given(st.integers(1, 20), st.integers(1, 40), seeds, st.booleans())
+def test_requantize_matches_reference(M, F, seed, relu):
+    rng = np.random.default_rng(seed)
+    acc = rng.integers(-(2**31), 2**31, (M, F)).astype(np.int32)
+    m0 = rng.integers(2**30, 2**31, F).astype(np.int32)
+    shift = rng.integers(-31, 2, F).astype(np.int8)
+    z = int(rng.integers(-128, 128))
+    expected = FP.requantize_ref(acc, m0, shift, z, z if relu else -128, 127)
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            np.testing.assert_array_equal(FP.requantize(acc, m0, shift, z, z if relu else -128, 127), expected)
+
+
 @given(seeds, conv_geometry(), st.booleans())
 def test_int_conv_is_exact_real_conv_rounded_once(seed, geom, relu):
     op, x, y = conv_layer_case(seed, geom, relu)

@@ -24,6 +24,9 @@ in C); here it saturates to int32, so every input has a defined result.
 
 import numba
 import numpy as np
+from numba import prange
+
+from minicnn.parallel import twin
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 SHIFT_RANGE = (-31, 30)  # shift of M = M0 * 2^(shift - 31), as TFLite allows
@@ -120,3 +123,30 @@ def multiply_by_quantized_multiplier(x, m0, shift):
     x, shift = np.asarray(x, np.int64), np.asarray(shift, np.int64)
     x = np.clip(x << np.maximum(shift, 0), INT32_MIN, INT32_MAX)
     return rounding_divide_by_pot(saturating_rounding_doubling_high_mul(x, m0), np.maximum(-shift, 0))
+
+
+# --------------------------------------------------------------------------
+# Whole arrays of accumulators to int8 codes: a conv's sums after its max-pool
+
+
+def requantize_ref(acc, m0, shift, z_out, lo, hi):
+    """int8 (M, F) = clamp(MultiplyByQuantizedMultiplier(acc, m0, shift) + z_out, lo, hi) of int32 acc (M, F),
+    m0 int32 and shift int8 (F,) per output channel."""
+    return np.clip(multiply_by_quantized_multiplier(acc, m0, shift) + z_out, lo, hi).astype(np.int8)
+
+
+def _requantize_loops(acc, m0, shift, z_out, lo, hi):
+    M, F = acc.shape
+    out = np.empty((M, F), np.int8)
+    for r in prange(M):
+        for f in range(F):
+            out[r, f] = min(max(multiply_by_quantized_multiplier_scalar(acc[r, f], m0[f], shift[f]) + z_out, lo), hi)
+    return out
+
+
+_requantize = twin(_requantize_loops)
+
+
+def requantize(acc, m0, shift, z_out, lo, hi):
+    """Fast requantize_ref, bit for bit; acc C-contiguous int32 (M, F)."""
+    return _requantize(acc.size, acc, m0, shift, z_out, lo, hi)

@@ -275,16 +275,16 @@ def qgemm_int32_ref(a, wt, bias, lo):
     return np.clip(acc, lo, INT32_MAX).astype(np.int32)
 
 
-def _accumulate_row(a32, r, wp, acc):
-    """acc[f] = sum_k (a[r, k] + 128) wt[f, k] for all 32 ceil(F/32) filters, padding included.
+def _accumulate_row(a32, r, wp, acc, at):
+    """acc[at + f] = sum_k (a[r, k] + 128) wt[f, k] for all 32 ceil(F/32) filters, padding included.
 
     a32 uint32 (M, G): the int8 rows, 4 bytes per word; wp int8, PackedWeights.wp
-    flattened; acc int32 (32 ceil(F/32),), overwritten. Four filter blocks
-    share each broadcast word (32 filters per pass).
+    flattened; acc int32, its 32 ceil(F/32) values from `at` overwritten. Four filter
+    blocks share each broadcast word (32 filters per pass).
     """
     G = a32.shape[1]
     flip = np.uint32(0x80808080)
-    for b in range(0, acc.shape[0] // 8, 4):
+    for b in range(0, wp.size // (32 * G), 4):  # wp holds 8 filters x 4 bytes per block and group
         s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
         for g in range(G):
             x = a32[r, g] ^ flip
@@ -293,13 +293,46 @@ def _accumulate_row(a32, r, wp, acc):
             s1 = dot4_add(s1, x, wp, i + G * 32)
             s2 = dot4_add(s2, x, wp, i + 2 * G * 32)
             s3 = dot4_add(s3, x, wp, i + 3 * G * 32)
-        store8(acc, 8 * b, s0)
-        store8(acc, 8 * b + 8, s1)
-        store8(acc, 8 * b + 16, s2)
-        store8(acc, 8 * b + 24, s3)
+        store8(acc, at + 8 * b, s0)
+        store8(acc, at + 8 * b + 8, s1)
+        store8(acc, at + 8 * b + 16, s2)
+        store8(acc, at + 8 * b + 24, s3)
 
 
 _accumulate = numba.njit(inline="always", cache=True)(_accumulate_row)
+
+
+def _accumulate_4_rows(a32, r, wp, acc):
+    """_accumulate_row for rows r .. r + 3 at once, row i into acc[i F' : (i + 1) F'] (F' = acc.size / 4):
+    each 32-byte load of weights serves 4 rows (16 sums in registers), not one."""
+    G = a32.shape[1]
+    F32 = wp.size // (4 * G)
+    flip = np.uint32(0x80808080)
+    for b in range(0, F32 // 8, 4):
+        p0, p1, p2, p3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r, blocks b .. b + 3
+        q0, q1, q2, q3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 1
+        u0, u1, u2, u3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 2
+        v0, v1, v2, v3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 3
+        for g in range(G):
+            x0, x1, x2, x3 = a32[r, g] ^ flip, a32[r + 1, g] ^ flip, a32[r + 2, g] ^ flip, a32[r + 3, g] ^ flip
+            i, j = (b * G + g) * 32, G * 32
+            p0, p1, p2, p3 = dot4_add(p0, x0, wp, i), dot4_add(p1, x0, wp, i + j), dot4_add(p2, x0, wp, i + 2 * j), \
+                dot4_add(p3, x0, wp, i + 3 * j)
+            q0, q1, q2, q3 = dot4_add(q0, x1, wp, i), dot4_add(q1, x1, wp, i + j), dot4_add(q2, x1, wp, i + 2 * j), \
+                dot4_add(q3, x1, wp, i + 3 * j)
+            u0, u1, u2, u3 = dot4_add(u0, x2, wp, i), dot4_add(u1, x2, wp, i + j), dot4_add(u2, x2, wp, i + 2 * j), \
+                dot4_add(u3, x2, wp, i + 3 * j)
+            v0, v1, v2, v3 = dot4_add(v0, x3, wp, i), dot4_add(v1, x3, wp, i + j), dot4_add(v2, x3, wp, i + 2 * j), \
+                dot4_add(v3, x3, wp, i + 3 * j)
+        for row, (s0, s1, s2, s3) in enumerate(((p0, p1, p2, p3), (q0, q1, q2, q3), (u0, u1, u2, u3), (v0, v1, v2, v3))):
+            at = row * F32 + 8 * b
+            store8(acc, at, s0)
+            store8(acc, at + 8, s1)
+            store8(acc, at + 16, s2)
+            store8(acc, at + 24, s3)
+
+
+_accumulate4 = numba.njit(inline="always", cache=True)(_accumulate_4_rows)
 ROWS_PER_TASK = 64
 
 
@@ -307,14 +340,21 @@ def _qgemm_loops(a32, wp, colsum, bias, m0, shift, z_out, lo, hi):
     M = a32.shape[0]
     F = bias.shape[0]
     out = np.empty((M, F), dtype=np.int8)
+    F32 = wp.size // (4 * a32.shape[1])
     for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        acc = np.empty(wp.size // (4 * a32.shape[1]), dtype=np.int32)
-        for r in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
-            _accumulate(a32, r, wp, acc)
-            for f in range(F):
-                dot = acc[f] - 128 * colsum[f]  # int64 arithmetic: exact
-                q = multiply_by_quantized_multiplier_scalar(dot + bias[f], m0[f], shift[f]) + z_out
-                out[r, f] = min(max(q, lo), hi)
+        acc = np.empty(4 * F32, dtype=np.int32)
+        end = min(M, (task + 1) * ROWS_PER_TASK)
+        for r0 in range(task * ROWS_PER_TASK, end, 4):
+            rows = min(4, end - r0)
+            if rows == 4:
+                _accumulate4(a32, r0, wp, acc)
+            for i in range(rows):
+                if rows < 4:
+                    _accumulate(a32, r0 + i, wp, acc, i * F32)
+                for f in range(F):
+                    dot = acc[i * F32 + f] - 128 * colsum[f]  # int64 arithmetic: exact
+                    q = multiply_by_quantized_multiplier_scalar(dot + bias[f], m0[f], shift[f]) + z_out
+                    out[r0 + i, f] = min(max(q, lo), hi)
     return out
 
 
@@ -322,12 +362,19 @@ def _qgemm_int32_loops(a32, wp, colsum, bias, lo):
     M = a32.shape[0]
     F = bias.shape[0]
     out = np.empty((M, F), dtype=np.int32)
+    F32 = wp.size // (4 * a32.shape[1])
     for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        acc = np.empty(wp.size // (4 * a32.shape[1]), dtype=np.int32)
-        for r in range(task * ROWS_PER_TASK, min(M, (task + 1) * ROWS_PER_TASK)):
-            _accumulate(a32, r, wp, acc)
-            for f in range(F):
-                out[r, f] = max(acc[f] - 128 * colsum[f] + bias[f], lo)
+        acc = np.empty(4 * F32, dtype=np.int32)
+        end = min(M, (task + 1) * ROWS_PER_TASK)
+        for r0 in range(task * ROWS_PER_TASK, end, 4):
+            rows = min(4, end - r0)
+            if rows == 4:
+                _accumulate4(a32, r0, wp, acc)
+            for i in range(rows):
+                if rows < 4:
+                    _accumulate(a32, r0 + i, wp, acc, i * F32)
+                for f in range(F):
+                    out[r0 + i, f] = max(acc[i * F32 + f] - 128 * colsum[f] + bias[f], lo)
     return out
 
 

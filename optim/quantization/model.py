@@ -73,10 +73,16 @@ class QuantizedModel:
     def forward_int(self, q, reference=False):
         """Integer codes in, integer codes out: int8 or the last layer's int32 accumulators.
 
-        reference=True runs the plain NumPy references instead of the Numba kernels.
+        reference=True runs the plain NumPy references, op by op. The kernels take a conv and the
+        max-pool after it together (IntConv2D.forward_pooled): the same codes, fewer requantized.
         """
-        for op in self.layers:
-            q = op.forward(q, reference)
+        ops, i = self.layers, 0
+        while i < len(ops):
+            pool = ops[i + 1] if i + 1 < len(ops) else None
+            if not reference and isinstance(ops[i], IntConv2D) and isinstance(pool, IntMaxPool2D):
+                q, i = ops[i].forward_pooled(q, pool), i + 2
+            else:
+                q, i = ops[i].forward(q, reference), i + 1
         return q
 
     def dequantize_output(self, out):

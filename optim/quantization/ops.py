@@ -27,6 +27,7 @@ import numpy as np
 from minicnn.checks import check_bool, check_int, check_number, check_positive_int
 from minicnn.kernels import conv_output_size
 
+from . import fixedpoint as FP
 from . import kernels as K
 from .affine import QMAX, QMIN, WMAX, check_scale, check_zero_point
 from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier
@@ -160,13 +161,30 @@ class IntConv2D(_IntLinear):
         return np.ascontiguousarray(self.W.transpose(0, 2, 3, 1).reshape(F, -1))
 
     def forward(self, x, reference=False):
-        N, H, W, _ = x.shape
-        F, _, KH, KW = self.W.shape
+        return self.matmul(self._rows(x, reference), reference).reshape(self._output_nhwc(x.shape))
+
+    def forward_pooled(self, x, pool):
+        """forward, then the IntMaxPool2D `pool`, with the pool taken on the int32 sums before they
+        are requantized: the same codes (requantization and its clamp never decrease, so the
+        maximum commutes with them), and a 2x2 pool leaves a quarter of the outputs to requantize."""
+        if self.out_q is None:
+            return pool.forward(self.forward(x))
+        F = self.W.shape[0]
+        sums = K.qgemm_int32(self._rows(x), self.packed, self.folded_bias, INT32_MIN)
+        pooled = K.maxpool_nhwc(sums.reshape(self._output_nhwc(x.shape)), pool.kernel_size, pool.stride)
+        z = self.out_q[1]
+        codes = FP.requantize(pooled.reshape(-1, F), self.multiplier, self.shift, z, z if self.relu else QMIN, QMAX)
+        return codes.reshape(pooled.shape)
+
+    def _rows(self, x, reference=False):
+        _, _, KH, KW = self.W.shape
         im2row = K.im2row_nhwc_ref if reference else K.im2row_nhwc
-        rows = im2row(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad with the code of 0
-        Ho = conv_output_size(H, KH, self.stride, self.padding)
-        Wo = conv_output_size(W, KW, self.stride, self.padding)
-        return self.matmul(rows, reference).reshape(N, Ho, Wo, F)
+        return im2row(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad with the code of 0
+
+    def _output_nhwc(self, x_shape):
+        N, H, W, _ = x_shape
+        F, _, KH, KW = self.W.shape
+        return N, conv_output_size(H, KH, self.stride, self.padding), conv_output_size(W, KW, self.stride, self.padding), F
 
     def output_shape(self, in_shape):
         F, C, KH, KW = self.W.shape
