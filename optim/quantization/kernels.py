@@ -413,12 +413,14 @@ def quantize_nhwc_ref(x, scale, zero_point):
 def _quantize_nhwc_loops(x, scale, zero_point):
     N, C, H, W = x.shape
     out = np.empty((N, H, W, C), np.int8)
+    xf, of = x.reshape(-1), out.reshape(-1)
     for t in prange(N * H):
         n, i = t // H, t % H
-        for j in range(W):
-            for c in range(C):  # affine_quantize's arithmetic: float64, round half to even, clamp
-                q = np.rint(np.float64(x[n, c, i, j]) / scale) + zero_point
-                out[n, i, j, c] = np.int8(min(max(q, QMIN), QMAX))
+        for c in range(C):
+            src, dst = ((n * C + c) * H + i) * W, t * W * C + c
+            for j in range(W):  # affine_quantize's arithmetic: float64, round half to even, clamp
+                q = np.rint(np.float64(xf[np.uint64(src + j)]) / scale) + zero_point
+                of[np.uint64(dst + j * C)] = np.int8(min(max(q, QMIN), QMAX))
     return out
 
 
@@ -427,7 +429,7 @@ _quantize_nhwc = twin(_quantize_nhwc_loops)
 
 def quantize_nhwc(x, scale, zero_point):
     """Fast quantize_nhwc_ref, bit for bit (x a 4-D float array)."""
-    return _quantize_nhwc(x.size, x, float(scale), int(zero_point))
+    return _quantize_nhwc(x.size, np.ascontiguousarray(x), float(scale), int(zero_point))
 
 
 # --------------------------------------------------------------------------
