@@ -336,6 +336,16 @@ _accumulate4 = numba.njit(inline="always", cache=True)(_accumulate_4_rows)
 ROWS_PER_TASK = 64
 
 
+@numba.njit(inline="always", cache=True)
+def _accumulate_rows(a32, r0, rows, wp, acc, F32):
+    """The sums of rows r0 .. r0 + rows - 1 (rows <= 4), row i's from acc[i F32]: 4 at once if 4."""
+    if rows == 4:
+        _accumulate4(a32, r0, wp, acc)
+    else:
+        for i in range(rows):
+            _accumulate(a32, r0 + i, wp, acc, i * F32)
+
+
 def _qgemm_loops(a32, wp, colsum, bias, m0, shift, z_out, lo, hi):
     M = a32.shape[0]
     F = bias.shape[0]
@@ -346,11 +356,8 @@ def _qgemm_loops(a32, wp, colsum, bias, m0, shift, z_out, lo, hi):
         end = min(M, (task + 1) * ROWS_PER_TASK)
         for r0 in range(task * ROWS_PER_TASK, end, 4):
             rows = min(4, end - r0)
-            if rows == 4:
-                _accumulate4(a32, r0, wp, acc)
+            _accumulate_rows(a32, r0, rows, wp, acc, F32)
             for i in range(rows):
-                if rows < 4:
-                    _accumulate(a32, r0 + i, wp, acc, i * F32)
                 for f in range(F):
                     dot = acc[i * F32 + f] - 128 * colsum[f]  # int64 arithmetic: exact
                     q = multiply_by_quantized_multiplier_scalar(dot + bias[f], m0[f], shift[f]) + z_out
@@ -368,11 +375,8 @@ def _qgemm_int32_loops(a32, wp, colsum, bias, lo):
         end = min(M, (task + 1) * ROWS_PER_TASK)
         for r0 in range(task * ROWS_PER_TASK, end, 4):
             rows = min(4, end - r0)
-            if rows == 4:
-                _accumulate4(a32, r0, wp, acc)
+            _accumulate_rows(a32, r0, rows, wp, acc, F32)
             for i in range(rows):
-                if rows < 4:
-                    _accumulate(a32, r0 + i, wp, acc, i * F32)
                 for f in range(F):
                     out[r0 + i, f] = max(acc[i * F32 + f] - 128 * colsum[f] + bias[f], lo)
     return out
