@@ -91,7 +91,8 @@ def test_xnor_matmul_equals_plus_minus_one_dot_exactly(R, F, n, seed):
 @given(st.integers(1, 20), st.integers(1, 300), lengths, st.booleans(), seeds)
 def test_addsub_dense_equals_float_reference(R, F, n, relu, seed):
     """Rows in tiles of 8 and alone; outputs in pairs of 16-lane groups, in spans of 8 groups (the
-    last one overlapping the one before from 129 outputs on), or group by group below 128; any n."""
+    last one overlapping the one before unless the groups are a multiple of 8), or group by group
+    below 8 groups (112 outputs); any n."""
     x = random_array(seed, (R, n), np.float32)
     signs = signs_of(random_array(seed + 1, (F, n)))
     alpha = np.abs(random_array(seed + 2, (F,), np.float32))

@@ -21,10 +21,12 @@ s_{16g+l, i} = +1, and the bits of outputs past F are 0.
 Like direct.dense_block, the kernel holds a tile of 8 rows x 32 outputs
 (sixteen 16-lane sums) for rows in groups of 8: each pair of masks is loaded
 once for 8 rows and each input once for 32 outputs. The rows left over run
-alone, 128 outputs (eight sums) per task, or, in a layer of fewer than 128
-outputs, 16 outputs per task as eight sums over every eighth input: eight
-masked adds in flight either way, each one waits 4 cycles for the one before it.
-S is a row's plain sum, taken once.
+alone, 128 outputs (eight sums) per task, or, in a layer of fewer than 8
+groups (at most 112 outputs), 16 outputs per task as eight sums over every
+eighth input: eight masked adds in flight either way, each one waits 4
+cycles for the one before it. (So a row alone there adds in another order
+than a row of a tile, and the two can differ in the last bits, as in
+minicnn.narrow.) S is a row's plain sum, taken once.
 """
 
 import numba

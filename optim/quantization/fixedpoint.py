@@ -18,7 +18,9 @@ M = M0 * 2^(shift - 31) with M0 an int32 in [2^30, 2^31) (`quantize_multiplier`)
 
 Each function exists twice: a scalar version compiled into the kernels
 (`*_scalar`, Numba) and a vectorised int64 NumPy version used by the
-references. TFLite leaves the overflow of x * 2^shift undefined (int32 shift
+references. `requantize` applies the whole step, clamp included, to an
+array of accumulators (a conv's sums after its max-pool), beside its
+NumPy reference `requantize_ref`. TFLite leaves the overflow of x * 2^shift undefined (int32 shift
 in C); here it saturates to int32, so every input has a defined result.
 """
 

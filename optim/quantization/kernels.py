@@ -83,7 +83,8 @@ def _im2row_nhwc_loops(x, KH, KW, stride, padding, fill, width):
     for t in prange(N * Ho):
         n, i = t // Ho, t % Ho
         for j in range(Wo):
-            at, w0 = (t * Wo + j) * width, j * stride - padding
+            row = (t * Wo + j) * width
+            at, w0 = row, j * stride - padding
             for kh in range(KH):
                 h = i * stride + kh - padding
                 if 0 <= h < H and 0 <= w0 and w0 + KW <= W:  # a window line inside the image: KW*C bytes in a row
@@ -97,7 +98,7 @@ def _im2row_nhwc_loops(x, KH, KW, stride, padding, fill, width):
                         for c in range(C):
                             out[at + kw * C + c] = xf[((n * H + h) * W + w) * C + c] if inside else fill
                 at += run
-            for k in range(at, at - KH * run + width):
+            for k in range(at, row + width):
                 out[np.uint64(k)] = 0
     return rows
 
@@ -109,7 +110,7 @@ def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
     """Fast im2row_nhwc, same contract as im2row_nhwc_ref; serial for small inputs (batch 1)."""
     N, H, W, _ = x.shape
     rows = N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding)
-    return _im2row_nhwc(rows * width, x, KH, KW, stride, padding, fill, width)
+    return _im2row_nhwc(rows * width, np.ascontiguousarray(x), KH, KW, stride, padding, fill, width)
 
 
 # --------------------------------------------------------------------------
@@ -246,7 +247,7 @@ def pack_weights(wt):
         raise ValueError(f"weight codes must lie in [-{WMAX}, {WMAX}] (symmetric int8), got {wt.min()}")
     if K_ > MAX_K:
         raise ValueError(f"{K_} products per output could overflow the int32 accumulators (at most {MAX_K})")
-    Fb, G = -(-F // 32) * 4, -(-K_ // 4)  # whole passes of 4 blocks: see _accumulate_row
+    Fb, G = -(-F // 32) * 4, -(-K_ // 4)  # whole passes of 4 blocks: see _row_sums
     padded = np.zeros((Fb * 8, G * 4), dtype=np.int8)
     padded[:F, :K_] = wt
     wp = np.ascontiguousarray(padded.reshape(Fb, 8, G, 4).transpose(0, 2, 1, 3))
@@ -275,7 +276,8 @@ def qgemm_int32_ref(a, wt, bias, lo):
     return np.clip(acc, lo, INT32_MAX).astype(np.int32)
 
 
-def _accumulate_row(a32, r, wp, acc, at):
+@numba.njit(inline="always", cache=True)
+def _row_sums(a32, r, wp, acc, at):
     """acc[at + f] = sum_k (a[r, k] + 128) wt[f, k] for all 32 ceil(F/32) filters, padding included.
 
     a32 uint32 (M, G): the int8 rows, 4 bytes per word; wp int8, PackedWeights.wp
@@ -284,7 +286,7 @@ def _accumulate_row(a32, r, wp, acc, at):
     """
     G = a32.shape[1]
     flip = np.uint32(0x80808080)
-    for b in range(0, wp.size // (32 * G), 4):  # wp holds 8 filters x 4 bytes per block and group
+    for b in range(0, wp.size // (32 * G), 4):  # wp: 8 filters x 4 bytes per block and group
         s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
         for g in range(G):
             x = a32[r, g] ^ flip
@@ -299,16 +301,14 @@ def _accumulate_row(a32, r, wp, acc, at):
         store8(acc, at + 8 * b + 24, s3)
 
 
-_accumulate = numba.njit(inline="always", cache=True)(_accumulate_row)
-
-
-def _accumulate_4_rows(a32, r, wp, acc):
-    """_accumulate_row for rows r .. r + 3 at once, row i into acc[i F' : (i + 1) F'] (F' = acc.size / 4):
-    each 32-byte load of weights serves 4 rows (16 sums in registers), not one."""
+@numba.njit(inline="always", cache=True)
+def _four_rows_sums(a32, r, wp, acc):
+    """_row_sums of rows r .. r + 3 at once, row i's from acc[i F'], F' = 32 ceil(F/32): each 32-byte
+    load of weights serves 4 rows (16 sums in registers), not one."""
     G = a32.shape[1]
     F32 = wp.size // (4 * G)
     flip = np.uint32(0x80808080)
-    for b in range(0, F32 // 8, 4):
+    for b in range(0, wp.size // (32 * G), 4):
         p0, p1, p2, p3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r, blocks b .. b + 3
         q0, q1, q2, q3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 1
         u0, u1, u2, u3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 2
@@ -324,7 +324,8 @@ def _accumulate_4_rows(a32, r, wp, acc):
                 dot4_add(u3, x2, wp, i + 3 * j)
             v0, v1, v2, v3 = dot4_add(v0, x3, wp, i), dot4_add(v1, x3, wp, i + j), dot4_add(v2, x3, wp, i + 2 * j), \
                 dot4_add(v3, x3, wp, i + 3 * j)
-        for row, (s0, s1, s2, s3) in enumerate(((p0, p1, p2, p3), (q0, q1, q2, q3), (u0, u1, u2, u3), (v0, v1, v2, v3))):
+        rows = ((p0, p1, p2, p3), (q0, q1, q2, q3), (u0, u1, u2, u3), (v0, v1, v2, v3))
+        for row, (s0, s1, s2, s3) in enumerate(rows):
             at = row * F32 + 8 * b
             store8(acc, at, s0)
             store8(acc, at + 8, s1)
@@ -332,18 +333,17 @@ def _accumulate_4_rows(a32, r, wp, acc):
             store8(acc, at + 24, s3)
 
 
-_accumulate4 = numba.njit(inline="always", cache=True)(_accumulate_4_rows)
 ROWS_PER_TASK = 64
 
 
 @numba.njit(inline="always", cache=True)
-def _accumulate_rows(a32, r0, rows, wp, acc, F32):
+def _sums(a32, r0, rows, wp, acc, F32):
     """The sums of rows r0 .. r0 + rows - 1 (rows <= 4), row i's from acc[i F32]: 4 at once if 4."""
     if rows == 4:
-        _accumulate4(a32, r0, wp, acc)
+        _four_rows_sums(a32, r0, wp, acc)
     else:
         for i in range(rows):
-            _accumulate(a32, r0 + i, wp, acc, i * F32)
+            _row_sums(a32, r0 + i, wp, acc, i * F32)
 
 
 def _qgemm_loops(a32, wp, colsum, bias, m0, shift, z_out, lo, hi):
@@ -356,7 +356,7 @@ def _qgemm_loops(a32, wp, colsum, bias, m0, shift, z_out, lo, hi):
         end = min(M, (task + 1) * ROWS_PER_TASK)
         for r0 in range(task * ROWS_PER_TASK, end, 4):
             rows = min(4, end - r0)
-            _accumulate_rows(a32, r0, rows, wp, acc, F32)
+            _sums(a32, r0, rows, wp, acc, F32)
             for i in range(rows):
                 for f in range(F):
                     dot = acc[i * F32 + f] - 128 * colsum[f]  # int64 arithmetic: exact
@@ -375,7 +375,7 @@ def _qgemm_int32_loops(a32, wp, colsum, bias, lo):
         end = min(M, (task + 1) * ROWS_PER_TASK)
         for r0 in range(task * ROWS_PER_TASK, end, 4):
             rows = min(4, end - r0)
-            _accumulate_rows(a32, r0, rows, wp, acc, F32)
+            _sums(a32, r0, rows, wp, acc, F32)
             for i in range(rows):
                 for f in range(F):
                     out[r0 + i, f] = max(acc[i * F32 + f] - 128 * colsum[f] + bias[f], lo)
@@ -432,8 +432,10 @@ _quantize_nhwc = twin(_quantize_nhwc_loops)
 
 
 def quantize_nhwc(x, scale, zero_point):
-    """Fast quantize_nhwc_ref, bit for bit (x a 4-D float array)."""
-    return _quantize_nhwc(x.size, np.ascontiguousarray(x), float(scale), int(zero_point))
+    """Fast quantize_nhwc_ref, bit for bit (x a 4-D float array; other than float32, read as float64,
+    which is what affine_quantize computes in)."""
+    x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)
+    return _quantize_nhwc(x.size, x, float(scale), int(zero_point))
 
 
 # --------------------------------------------------------------------------
@@ -472,4 +474,4 @@ _maxpool_nhwc = twin(_maxpool_nhwc_loops)
 
 def maxpool_nhwc(x, k, stride):
     """Fast maxpool_nhwc, same contract as maxpool_nhwc_ref; serial for small inputs (batch 1)."""
-    return _maxpool_nhwc(x.size, x, k, stride)
+    return _maxpool_nhwc(x.size, np.ascontiguousarray(x), k, stride)

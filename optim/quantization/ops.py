@@ -27,10 +27,9 @@ import numpy as np
 from minicnn.checks import check_bool, check_int, check_number, check_positive_int
 from minicnn.kernels import conv_output_size
 
-from . import fixedpoint as FP
 from . import kernels as K
 from .affine import QMAX, QMIN, WMAX, check_scale, check_zero_point
-from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier
+from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
 
 
 class _IntLinear:
@@ -90,11 +89,13 @@ class _IntLinear:
             lo = 0 if self.relu else INT32_MIN
             fn = K.qgemm_int32_ref if reference else K.qgemm_int32
             return fn(rows, self.wt if reference else self.packed, self.folded_bias, lo)
-        z = self.out_q[1]
-        lo = z if self.relu else QMIN  # ReLU: the real 0 is the code Z_out
         fn = K.qgemm_ref if reference else K.qgemm
         return fn(rows, self.wt if reference else self.packed, self.folded_bias, self.multiplier, self.shift,
-                  z, lo, QMAX)
+                  self.out_q[1], self._lowest_code(), QMAX)
+
+    def _lowest_code(self):
+        """The clamp's low end: Z_out under a ReLU (the code of the real 0), else QMIN."""
+        return self.out_q[1] if self.relu else QMIN
 
     def stats(self):
         """What minicnn's summary table reads: params, nonzero, bits_per_weight, bytes (as stored)."""
@@ -172,8 +173,8 @@ class IntConv2D(_IntLinear):
         F = self.W.shape[0]
         sums = K.qgemm_int32(self._rows(x), self.packed, self.folded_bias, INT32_MIN)
         pooled = K.maxpool_nhwc(sums.reshape(self._output_nhwc(x.shape)), pool.kernel_size, pool.stride)
-        z = self.out_q[1]
-        codes = FP.requantize(pooled.reshape(-1, F), self.multiplier, self.shift, z, z if self.relu else QMIN, QMAX)
+        codes = requantize(pooled.reshape(-1, F), self.multiplier, self.shift, self.out_q[1], self._lowest_code(),
+                           QMAX)
         return codes.reshape(pooled.shape)
 
     def _rows(self, x, reference=False):
@@ -182,9 +183,9 @@ class IntConv2D(_IntLinear):
         return im2row(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad with the code of 0
 
     def _output_nhwc(self, x_shape):
-        N, H, W, _ = x_shape
-        F, _, KH, KW = self.W.shape
-        return N, conv_output_size(H, KH, self.stride, self.padding), conv_output_size(W, KW, self.stride, self.padding), F
+        N, H, W, C = x_shape
+        F, Ho, Wo = self.output_shape((C, H, W))
+        return N, Ho, Wo, F
 
     def output_shape(self, in_shape):
         F, C, KH, KW = self.W.shape
