@@ -10,7 +10,9 @@ Measured in one run, side by side, on the same inputs:
    (`minicnn.kernels.conv2d_forward`; float32 predict runs the fused
    `minicnn.direct.conv_block`, which bench_substrate.py times) against the int8 conv (im2row on int8
    NHWC + int8 GEMM with int32 accumulators + fixed-point requantization),
-   and float32 Dense (x @ W + b) against the int8 dense op.
+   and float32 Dense (x @ W + b) against the int8 dense op; each int8 op's
+   multiply-adds per second also as a fraction of the int8 peak that a probe
+   kernel measures in the same run (bench/peak.py's dot4_peak).
 
 The machine is shared, so each pair is measured in `--rounds` alternating
 rounds and the ratio reported is the median of the per-round ratios
@@ -40,11 +42,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # measure this working tree, not an installed copy
 
+import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
+from bench.peak import dot4_peak  # noqa: E402
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import kernels, zoo  # noqa: E402
 from optim.quantization import quantize_model  # noqa: E402
@@ -108,7 +112,8 @@ def conv_case(name, layer_index, in_shape):
     x = np.random.default_rng(3).random((BATCH, *in_shape), dtype=np.float32)
     xq = np.random.default_rng(4).integers(-128, 128, (BATCH, in_shape[1], in_shape[2], in_shape[0])).astype(np.int8)
     W, b = layer.params["W"], layer.params["b"]
-    return (lambda: kernels.conv2d_forward(x, W, b, layer.stride, layer.padding)), (lambda: op.forward(xq))
+    return (lambda: kernels.conv2d_forward(x, W, b, layer.stride, layer.padding)), (lambda: op.forward(xq)), \
+        BATCH * op.macs(in_shape)
 
 
 def dense_case(name, layer_index):
@@ -117,10 +122,12 @@ def dense_case(name, layer_index):
     x = np.random.default_rng(3).random((BATCH, layer.in_features), dtype=np.float32)
     xq = np.random.default_rng(5).integers(-128, 128, x.shape).astype(np.int8)
     W, b = layer.params["W"], layer.params["b"]
-    return (lambda: x @ W + b), (lambda: op.forward(xq))
+    return (lambda: x @ W + b), (lambda: op.forward(xq)), BATCH * op.macs((layer.in_features,))
 
 
-def kernel_rows(budget, rounds, out):
+def kernel_rows(budget, rounds, peak, out):
+    """Rows of the kernel table; the int8 op's multiply-adds per second also as a fraction of `peak`,
+    the int8 probe's GMAC/s (its time includes im2row and requantization)."""
     cases = {
         "lenet5 conv1 1->20 5x5 28x28": conv_case("lenet5", 0, (1, 28, 28)),
         "lenet5 conv2 20->50 5x5 12x12": conv_case("lenet5", 2, (20, 12, 12)),
@@ -128,11 +135,13 @@ def kernel_rows(budget, rounds, out):
         "lenet5 dense 800->500": dense_case("lenet5", 5),
     }
     rows = []
-    for figure, (float_fn, int_fn) in cases.items():
+    for figure, (float_fn, int_fn, macs) in cases.items():
         med, ratio = compare({"float32": float_fn, "int8": int_fn}, budget, rounds)
         ms = {k: 1e3 * t for k, t in med.items()}
-        rows.append([f"{figure} b{BATCH}", "ms", ms["float32"], ms["int8"], ratio])
-        out.append({"figure": figure, "unit": "ms", "value": ms, "speed_ratio": ratio, "batch": BATCH})
+        gmacs = macs / med["int8"] / 1e9
+        rows.append([f"{figure} b{BATCH}", "ms", ms["float32"], ms["int8"], ratio, gmacs, f"{100 * gmacs / peak:.0f}%"])
+        out.append({"figure": figure, "unit": "ms", "value": ms, "speed_ratio": ratio, "batch": BATCH,
+                    "int8_gmacs": gmacs, "of_int8_peak": gmacs / peak})
     return rows
 
 
@@ -144,14 +153,20 @@ def main(argv=None):
     set_threads(args.threads)
     budget = QUICK if args.quick else FULL
     networks, kernel_figures = [], []
-    rows = network_rows(budget, args.rounds, networks) + kernel_rows(budget, args.rounds, kernel_figures)
+    rows = network_rows(budget, args.rounds, networks)
+    peak, _ = dot4_peak(budget)
+    kernels_table = kernel_rows(budget, args.rounds, peak, kernel_figures)
     print("machine:\n" + format_facts(machine_facts()))
     print(f"\nint8 vs float32, {args.rounds} alternating rounds; speedup = float32 time / int8 time\n")
     print(format_table(["figure", "unit", "float32", "int8", "speedup"], rows))
+    print(f"\nint8 peak (bench/peak.py's probe: 256-bit dot4_add, {numba.get_num_threads()} threads): "
+          f"{num(peak)} GMAC/s; kernels' int8 multiply-adds per second, as a fraction of it\n")
+    print(format_table(["figure", "unit", "float32", "int8", "speedup", "int8 GMAC/s", "of int8 peak"],
+                       kernels_table))
     for r in networks:
         print(f"{r['figure']}: int8 argmax agrees with float32 on {num(100 * r['argmax_agreement'])}% of random images")
     write_json(args.json, {"machine": machine_facts(), "rounds": args.rounds, "quick": args.quick,
-                           "networks": networks, "kernels": kernel_figures})
+                           "int8_peak_gmacs": peak, "networks": networks, "kernels": kernel_figures})
     print(f"\nwrote {args.json}")
 
 
