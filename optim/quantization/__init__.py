@@ -8,11 +8,12 @@ layer is an int8 dot product summed in int32 and scaled back to int8 by a
 fixed-point multiplier, and the last layer's int32 sums are dequantized once.
 
 What lives where:
-    affine.py       r = S (q - Z): scales, zero points, weights per channel, int32 biases
+    affine.py       r = S (q - Z): scales, zero points, weights per channel, int32 biases, the
+                    model's input quantized into NHWC in one Numba pass
     calibration.py  the integer graph of a model (plan) and the activation ranges
                     (min/max, EMA, percentile)
     fixedpoint.py   TFLite's requantization: M = M0 2^(shift - 31), rounding high multiply
-                    and rounding shift, scalar (Numba) and NumPy versions
+                    and rounding shift, scalar (Numba) and NumPy versions, and over arrays
     kernels.py      Numba kernels on int8 NHWC: im2row, int8 GEMM on VNNI with int32 sums
                     and requantization, max-pool; a NumPy reference for each
     ops.py          IntConv2D, IntDense, IntMaxPool2D, IntFlatten, IntReLU

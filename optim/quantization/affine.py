@@ -14,6 +14,9 @@ A real r is represented by an integer code q:
 """
 
 import numpy as np
+from numba import prange
+
+from minicnn.parallel import twin
 
 from .fixedpoint import INT32_MAX, INT32_MIN
 
@@ -97,3 +100,36 @@ def quantize_bias(b, scale):
     """int32 (F,) round(b / scale), saturating; b float (F,), scale = S_in * S_w per channel."""
     q = np.rint(np.asarray(b, dtype=np.float64) / check_scale(scale, "bias scale"))
     return np.clip(q, INT32_MIN, INT32_MAX).astype(np.int32)
+
+
+# --------------------------------------------------------------------------
+# The model's input: float (N, C, H, W) to int8 codes in NHWC, in one pass
+
+
+def quantize_nhwc_ref(x, scale, zero_point):
+    """int8 (N, H, W, C) = affine_quantize(x, scale, zero_point) of x float (N, C, H, W), transposed."""
+    return np.ascontiguousarray(affine_quantize(x, scale, zero_point).transpose(0, 2, 3, 1))
+
+
+def _quantize_nhwc_loops(x, scale, zero_point):
+    N, C, H, W = x.shape
+    out = np.empty((N, H, W, C), np.int8)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    for t in prange(N * H):
+        n, i = t // H, t % H
+        for c in range(C):
+            src, dst = ((n * C + c) * H + i) * W, t * W * C + c
+            for j in range(W):  # affine_quantize's arithmetic: float64, round half to even, clamp
+                q = np.rint(np.float64(xf[np.uint64(src + j)]) / scale) + zero_point
+                of[np.uint64(dst + j * C)] = np.int8(min(max(q, QMIN), QMAX))
+    return out
+
+
+_quantize_nhwc = twin(_quantize_nhwc_loops)
+
+
+def quantize_nhwc(x, scale, zero_point):
+    """Fast quantize_nhwc_ref, bit for bit (x a 4-D float array; other than float32, read as float64,
+    which is what affine_quantize computes in)."""
+    x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)
+    return _quantize_nhwc(x.size, x, float(scale), int(zero_point))

@@ -25,10 +25,9 @@ from minicnn.model import output_shapes
 from minicnn.serialization import check_all_used, check_input_shape, check_output_shapes, check_specs, entries, write_npz
 from minicnn.summary import format_summary
 
-from . import kernels as K
 from .affine import (
     QMAX, QMIN, activation_qparams, affine_quantize, check_bits, check_scale, check_zero_point, quantize_bias,
-    quantize_weights,
+    quantize_nhwc, quantize_weights,
 )
 from .calibration import calibrate, observed_points, plan
 from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
@@ -67,7 +66,7 @@ class QuantizedModel:
             expected = ", ".join(map(str, self.input_shape))
             raise ValueError(f"model expects inputs of shape (N, {expected}), got {x.shape}")
         if x.ndim == 4:
-            return K.quantize_nhwc(x, *self.input_q)
+            return quantize_nhwc(x, *self.input_q)
         return affine_quantize(x, *self.input_q)
 
     def forward_int(self, q, reference=False):
