@@ -66,8 +66,10 @@ def _dot4_probe(rounds, w, out):
         s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zeros8()
         s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = zeros8()
         for _ in range(rounds):  # the int32 sums wrap around: a probe, not a result
-            s0, s1, s2, s3 = dot4_add(s0, x, w, 0), dot4_add(s1, x, w, 32), dot4_add(s2, x, w, 0), dot4_add(s3, x, w, 32)
-            s4, s5, s6, s7 = dot4_add(s4, x, w, 0), dot4_add(s5, x, w, 32), dot4_add(s6, x, w, 0), dot4_add(s7, x, w, 32)
+            s0, s1, s2, s3 = dot4_add(s0, x, w, 0), dot4_add(s1, x, w, 32), dot4_add(s2, x, w, 0), \
+                dot4_add(s3, x, w, 32)
+            s4, s5, s6, s7 = dot4_add(s4, x, w, 0), dot4_add(s5, x, w, 32), dot4_add(s6, x, w, 0), \
+                dot4_add(s7, x, w, 32)
             s8, s9 = dot4_add(s8, x, w, 0), dot4_add(s9, x, w, 32)
             s10, s11 = dot4_add(s10, x, w, 0), dot4_add(s11, x, w, 32)
             s12, s13 = dot4_add(s12, x, w, 0), dot4_add(s13, x, w, 32)

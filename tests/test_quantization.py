@@ -245,12 +245,14 @@ def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     shift = rng.integers(-31, 2, F).astype(np.int8)
     z = int(rng.integers(-128, 128))
     lo = z if relu else -128
-    ours = K.qgemm(a, K.pack_weights(wt), bias, m0, shift, z, lo, 127)
+    packed = K.pack_weights(wt)
+    ours = K.qgemm(K.rows_words(a, packed), packed, bias, m0, shift, z, lo, 127)
     ref = K.qgemm_ref(a, wt, bias, m0, shift, z, lo, 127)
     assert ours.dtype == np.int8
     np.testing.assert_array_equal(ours, ref)
     lo32 = 0 if relu else INT32_MIN
-    np.testing.assert_array_equal(K.qgemm_int32(a, K.pack_weights(wt), bias, lo32), K.qgemm_int32_ref(a, wt, bias, lo32))
+    np.testing.assert_array_equal(K.qgemm_int32(K.rows_words(a, packed), packed, bias, lo32),
+                                  K.qgemm_int32_ref(a, wt, bias, lo32))
 
 
 @pytest.mark.parametrize("build", ["threaded", "serial"])
@@ -262,8 +264,8 @@ def test_qgemm_builds_match_reference(build):
     m0, shift = rng.integers(2**30, 2**31, 45).astype(np.int32), rng.integers(-31, 2, 45).astype(np.int8)
     packed = K.pack_weights(wt)
     with parallel.forced(build):
-        ours = K.qgemm(a, packed, bias, m0, shift, 5, 5, 127)
-        ours32 = K.qgemm_int32(a, packed, bias, INT32_MIN)
+        ours = K.qgemm(K.rows_words(a, packed), packed, bias, m0, shift, 5, 5, 127)
+        ours32 = K.qgemm_int32(K.rows_words(a, packed), packed, bias, INT32_MIN)
     np.testing.assert_array_equal(ours, K.qgemm_ref(a, wt, bias, m0, shift, 5, 5, 127))
     np.testing.assert_array_equal(ours32, K.qgemm_int32_ref(a, wt, bias, INT32_MIN))
 
@@ -273,17 +275,38 @@ def test_qgemm_hand_computed():
     wt = np.array([[1, 1, 1], [2, -1, 0]], np.int8)
     bias = np.array([4, -1], np.int32)
     packed = K.pack_weights(wt)
-    np.testing.assert_array_equal(K.qgemm_int32(a, packed, bias, INT32_MIN), [[10, -1], [4, -9]])
-    np.testing.assert_array_equal(K.qgemm_int32(a, packed, bias, 0), [[10, 0], [4, 0]])
+    rows = K.rows_words(a, packed)
+    np.testing.assert_array_equal(K.qgemm_int32(rows, packed, bias, INT32_MIN), [[10, -1], [4, -9]])
+    np.testing.assert_array_equal(K.qgemm_int32(rows, packed, bias, 0), [[10, 0], [4, 0]])
     # M = 1/2 as M0 = 2^30, shift 0: one rounding, in the high product, ties toward +inf:
     # 5, -0.5 -> 0, 2, -4.5 -> -4; then + Z_out = 3
     half = np.full(2, 2**30, np.int32), np.zeros(2, np.int8)
-    np.testing.assert_array_equal(K.qgemm(a, packed, bias, *half, 3, -128, 127), [[8, 3], [5, -1]])
-    np.testing.assert_array_equal(K.qgemm(a, packed, bias, *half, 3, 3, 127), [[8, 3], [5, 3]])  # fused ReLU
+    np.testing.assert_array_equal(K.qgemm(rows, packed, bias, *half, 3, -128, 127), [[8, 3], [5, -1]])
+    np.testing.assert_array_equal(K.qgemm(rows, packed, bias, *half, 3, 3, 127), [[8, 3], [5, 3]])  # fused ReLU
     # M = 1/4 as M0 = 2^30, shift -1: 10 -> 5 -> 2.5 -> 3 (RoundingDivideByPOT: away from zero),
     # -1 -> -0.5 -> 0, 4 -> 2 -> 1, -9 -> -4.5 -> -4 -> -2
     quarter = np.full(2, 2**30, np.int32), np.full(2, -1, np.int8)
-    np.testing.assert_array_equal(K.qgemm(a, packed, bias, *quarter, 3, -128, 127), [[6, 3], [4, 1]])
+    np.testing.assert_array_equal(K.qgemm(rows, packed, bias, *quarter, 3, -128, 127), [[6, 3], [4, 1]])
+
+
+@given(st.integers(1, 3), st.sampled_from([4, 8, 12]), st.integers(1, 9), st.integers(1, 9), st.integers(1, 40),
+       st.integers(1, 4), st.integers(1, 3), seeds)
+def test_qgemm_on_windows_read_in_place_is_qgemm_on_im2row(N, C, H, W, F, k, stride, seed):
+    assume(min(H, W) >= k)
+    rng = np.random.default_rng(seed)
+    x, wt = random_codes(rng, (N, H, W, C)), random_codes(rng, (F, k * k * C), -127)
+    bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
+    m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
+    assert K.conv_fits_words(x.shape, 0) and not K.conv_fits_words(x.shape, 1)
+    rows = K.im2row_nhwc_ref(x, k, k, stride, 0, 0, k * k * C)
+    packed = K.pack_weights(wt)
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            words = K.conv_words(x, k, k, stride)
+            np.testing.assert_array_equal(K.qgemm(words, packed, bias, m0, shift, 3, -128, 127),
+                                          K.qgemm_ref(rows, wt, bias, m0, shift, 3, -128, 127), err_msg=build)
+            np.testing.assert_array_equal(K.qgemm_int32(words, packed, bias, INT32_MIN),
+                                          K.qgemm_int32_ref(rows, wt, bias, INT32_MIN), err_msg=build)
 
 
 @given(pool_geometry(), seeds)

@@ -24,6 +24,7 @@ Every fast kernel has a NumPy reference (`*_ref`) with the same contract;
 the two agree bit for bit.
 """
 
+import functools
 from typing import NamedTuple
 
 import numba
@@ -277,19 +278,20 @@ def qgemm_int32_ref(a, wt, bias, lo):
 
 
 @numba.njit(inline="always", cache=True)
-def _row_sums(a32, r, wp, acc, at):
-    """acc[at + f] = sum_k (a[r, k] + 128) wt[f, k] for all 32 ceil(F/32) filters, padding included.
+def _row_sums(x32, start, off, wp, acc, at):
+    """acc[at + f] = sum_k (a_k + 128) wt[f, k] for all 32 ceil(F/32) filters, padding included.
 
-    a32 uint32 (M, G): the int8 rows, 4 bytes per word; wp int8, PackedWeights.wp
-    flattened; acc int32, its 32 ceil(F/32) values from `at` overwritten. Four filter
-    blocks share each broadcast word (32 filters per pass).
+    The row's int8 values a_k, 4 bytes per uint32 word, are the words x32[start + off[g]], g < G:
+    a row of im2row's output (off = 0, 1, ..., G - 1), or a conv's window read in place from the
+    image (`conv_words`). wp int8, PackedWeights.wp flattened; acc int32, its 32 ceil(F/32)
+    values from `at` overwritten. Four filter blocks share each broadcast word (32 filters per pass).
     """
-    G = a32.shape[1]
+    G = off.size
     flip = np.uint32(0x80808080)
     for b in range(0, wp.size // (32 * G), 4):  # wp: 8 filters x 4 bytes per block and group
         s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
         for g in range(G):
-            x = a32[r, g] ^ flip
+            x = x32[np.uint64(start + off[g])] ^ flip  # unsigned: no negative-index test in the loop
             i = (b * G + g) * 32
             s0 = dot4_add(s0, x, wp, i)
             s1 = dot4_add(s1, x, wp, i + G * 32)
@@ -302,19 +304,22 @@ def _row_sums(a32, r, wp, acc, at):
 
 
 @numba.njit(inline="always", cache=True)
-def _four_rows_sums(a32, r, wp, acc):
+def _four_rows_sums(x32, starts, r, off, wp, acc):
     """_row_sums of rows r .. r + 3 at once, row i's from acc[i F'], F' = 32 ceil(F/32): each 32-byte
     load of weights serves 4 rows (16 sums in registers), not one."""
-    G = a32.shape[1]
+    G = off.size
     F32 = wp.size // (4 * G)
     flip = np.uint32(0x80808080)
+    t0, t1, t2, t3 = starts[r], starts[r + 1], starts[r + 2], starts[r + 3]
     for b in range(0, wp.size // (32 * G), 4):
         p0, p1, p2, p3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r, blocks b .. b + 3
         q0, q1, q2, q3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 1
         u0, u1, u2, u3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 2
         v0, v1, v2, v3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 3
         for g in range(G):
-            x0, x1, x2, x3 = a32[r, g] ^ flip, a32[r + 1, g] ^ flip, a32[r + 2, g] ^ flip, a32[r + 3, g] ^ flip
+            o = off[g]
+            x0, x1 = x32[np.uint64(t0 + o)] ^ flip, x32[np.uint64(t1 + o)] ^ flip
+            x2, x3 = x32[np.uint64(t2 + o)] ^ flip, x32[np.uint64(t3 + o)] ^ flip
             i, j = (b * G + g) * 32, G * 32
             p0, p1, p2, p3 = dot4_add(p0, x0, wp, i), dot4_add(p1, x0, wp, i + j), dot4_add(p2, x0, wp, i + 2 * j), \
                 dot4_add(p3, x0, wp, i + 3 * j)
@@ -337,26 +342,25 @@ ROWS_PER_TASK = 64
 
 
 @numba.njit(inline="always", cache=True)
-def _sums(a32, r0, rows, wp, acc, F32):
+def _sums(x32, starts, r0, rows, off, wp, acc, F32):
     """The sums of rows r0 .. r0 + rows - 1 (rows <= 4), row i's from acc[i F32]: 4 at once if 4."""
     if rows == 4:
-        _four_rows_sums(a32, r0, wp, acc)
+        _four_rows_sums(x32, starts, r0, off, wp, acc)
     else:
         for i in range(rows):
-            _row_sums(a32, r0 + i, wp, acc, i * F32)
+            _row_sums(x32, starts[r0 + i], off, wp, acc, i * F32)
 
 
-def _qgemm_loops(a32, wp, colsum, bias, m0, shift, z_out, lo, hi):
-    M = a32.shape[0]
-    F = bias.shape[0]
+def _qgemm_loops(x32, starts, off, wp, colsum, bias, m0, shift, z_out, lo, hi):
+    M, F = starts.size, bias.shape[0]
     out = np.empty((M, F), dtype=np.int8)
-    F32 = wp.size // (4 * a32.shape[1])
+    F32 = wp.size // (4 * off.size)
     for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         acc = np.empty(4 * F32, dtype=np.int32)
         end = min(M, (task + 1) * ROWS_PER_TASK)
         for r0 in range(task * ROWS_PER_TASK, end, 4):
             rows = min(4, end - r0)
-            _sums(a32, r0, rows, wp, acc, F32)
+            _sums(x32, starts, r0, rows, off, wp, acc, F32)
             for i in range(rows):
                 for f in range(F):
                     dot = acc[i * F32 + f] - 128 * colsum[f]  # int64 arithmetic: exact
@@ -365,17 +369,16 @@ def _qgemm_loops(a32, wp, colsum, bias, m0, shift, z_out, lo, hi):
     return out
 
 
-def _qgemm_int32_loops(a32, wp, colsum, bias, lo):
-    M = a32.shape[0]
-    F = bias.shape[0]
+def _qgemm_int32_loops(x32, starts, off, wp, colsum, bias, lo):
+    M, F = starts.size, bias.shape[0]
     out = np.empty((M, F), dtype=np.int32)
-    F32 = wp.size // (4 * a32.shape[1])
+    F32 = wp.size // (4 * off.size)
     for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         acc = np.empty(4 * F32, dtype=np.int32)
         end = min(M, (task + 1) * ROWS_PER_TASK)
         for r0 in range(task * ROWS_PER_TASK, end, 4):
             rows = min(4, end - r0)
-            _sums(a32, r0, rows, wp, acc, F32)
+            _sums(x32, starts, r0, rows, off, wp, acc, F32)
             for i in range(rows):
                 for f in range(F):
                     out[r0 + i, f] = max(acc[i * F32 + f] - 128 * colsum[f] + bias[f], lo)
@@ -387,22 +390,69 @@ _qgemm = twin(_qgemm_loops, MIN_MACS)
 _qgemm_int32 = twin(_qgemm_int32_loops, MIN_MACS)
 
 
-def _words(a, wp):
-    """a int8 (M, K) as uint32 (M, G), zero-padded to the G = wp.shape[1] groups of 4."""
-    a = pad_columns(np.ascontiguousarray(a), 4 * wp.shape[1])
-    return a.view(np.uint32)
+class Words(NamedTuple):
+    """The operand of qgemm: M rows of G words (4 int8 values each), row r's word g being
+    x32[starts[r] + off[g]]. x32 uint32 flat, starts int64 (M,), off int64 (G,)."""
+
+    x32: np.ndarray
+    starts: np.ndarray
+    off: np.ndarray
 
 
-def qgemm(a, packed, bias, m0, shift, z_out, lo, hi):
-    """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi) with packed = pack_weights(wt), bit for bit."""
-    a32 = _words(a, packed.wp)
-    return _qgemm(a32.size * 4 * len(bias), a32, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi)
+def rows_words(a, packed):
+    """The Words of the rows of a int8 (M, K): a zero-padded to the G = packed.wp.shape[1] groups
+    of 4 columns, row r's words x32[r G + g]."""
+    G = packed.wp.shape[1]
+    x32 = pad_columns(np.ascontiguousarray(a), 4 * G).view(np.uint32).reshape(-1)
+    return Words(x32, np.arange(len(a), dtype=np.int64) * G, np.arange(G, dtype=np.int64))
 
 
-def qgemm_int32(a, packed, bias, lo):
-    """qgemm_int32_ref(a, wt, bias, lo) with packed = pack_weights(wt), bit for bit."""
-    a32 = _words(a, packed.wp)
-    return _qgemm_int32(a32.size * 4 * len(bias), a32, packed.wp.reshape(-1), packed.colsum, bias, lo)
+def conv_fits_words(x_shape, padding):
+    """Whether conv_words can read a conv's windows from an input of x_shape (N, H, W, C) in place:
+    no padding to fill, and channels in whole words (C a multiple of 4)."""
+    return padding == 0 and x_shape[3] % ROW_ALIGN == 0
+
+
+def conv_words(x, KH, KW, stride):
+    """The Words of the conv windows of x int8 (N, H, W, C), read in place: im2row's row of output
+    pixel (n, i, j), in its (kh, kw, c) order, is the words x32[starts[(n Ho + i) Wo + j] + off[g]].
+    For conv_fits_words inputs."""
+    starts, off = _window_offsets(*x.shape, KH, KW, stride)
+    return Words(np.ascontiguousarray(x).view(np.uint32).reshape(-1), starts, off)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_offsets(N, H, W, C, KH, KW, stride):
+    """(starts, off) of conv_words, kept per shape: worked out with numpy, they would cost a batch-1
+    conv more than its arithmetic. Read-only."""
+    Ho, Wo, C4 = (H - KH) // stride + 1, (W - KW) // stride + 1, C // ROW_ALIGN
+    n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
+    kh, kw, c = np.ix_(np.arange(KH), np.arange(KW), np.arange(C4))
+    starts = (((n * H + i) * W + j) * C4).reshape(-1).astype(np.int64)
+    off = ((kh * W + kw) * C4 + c).reshape(-1).astype(np.int64)
+    starts.flags.writeable = off.flags.writeable = False
+    return starts, off
+
+
+def _check_words(words):
+    if not isinstance(words, Words):
+        raise TypeError(f"qgemm takes Words (rows_words, conv_words), got {type(words).__name__}")
+    return words
+
+
+def qgemm(words, packed, bias, m0, shift, z_out, lo, hi):
+    """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi) with words = rows_words(a, packed) (or a
+    conv's conv_words, its im2row rows a) and packed = pack_weights(wt), bit for bit."""
+    x32, starts, off = _check_words(words)
+    work = starts.size * 4 * off.size * len(bias)
+    return _qgemm(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi)
+
+
+def qgemm_int32(words, packed, bias, lo):
+    """qgemm_int32_ref(a, wt, bias, lo), with words and packed as for qgemm, bit for bit."""
+    x32, starts, off = _check_words(words)
+    work = starts.size * 4 * off.size * len(bias)
+    return _qgemm_int32(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, lo)
 
 
 # --------------------------------------------------------------------------

@@ -84,7 +84,8 @@ class _IntLinear:
         return self.out_q
 
     def matmul(self, rows, reference=False):
-        """rows int8 (M, K) -> int8 (M, F) requantized, or int32 (M, F) for the last layer."""
+        """rows -> int8 (M, F) requantized, or int32 (M, F) for the last layer. rows: int8 (M, K) for
+        the references, the kernels' operand (K.rows_words, K.conv_words) for the kernels."""
         if self.out_q is None:
             lo = 0 if self.relu else INT32_MIN
             fn = K.qgemm_int32_ref if reference else K.qgemm_int32
@@ -178,9 +179,15 @@ class IntConv2D(_IntLinear):
         return codes.reshape(pooled.shape)
 
     def _rows(self, x, reference=False):
+        """matmul's rows: im2row's, or for the kernels without padding and with whole words of
+        channels, the windows read in place from x (no copy)."""
         _, _, KH, KW = self.W.shape
-        im2row = K.im2row_nhwc_ref if reference else K.im2row_nhwc
-        return im2row(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad with the code of 0
+        if reference:
+            return K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])
+        if K.conv_fits_words(x.shape, self.padding):
+            return K.conv_words(x, KH, KW, self.stride)
+        rows = K.im2row_nhwc(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad: code of 0
+        return K.rows_words(rows, self.packed)
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -218,7 +225,7 @@ class IntDense(_IntLinear):
         return np.ascontiguousarray(self.W.T)  # (out, in): each output one contiguous dot product
 
     def forward(self, x, reference=False):
-        return self.matmul(K.pad_columns(x, self.wt.shape[1]), reference)
+        return self.matmul(K.pad_columns(x, self.wt.shape[1]) if reference else K.rows_words(x, self.packed), reference)
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.W.shape[0],):
