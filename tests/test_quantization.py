@@ -18,6 +18,7 @@ from optim.quantization import affine as A
 from optim.quantization import calibration, ops, qat
 from optim.quantization import fixedpoint as FP
 from optim.quantization import kernels as K
+from portable import run_without_avx512
 from strategies import conv_geometry, pool_geometry
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -673,6 +674,22 @@ def test_cli_quantize(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--model", str(src), "--bits", "4", "--out", str(out)])
     assert "invalid choice: 4" in capsys.readouterr().err
+
+
+def test_int8_lenet_on_the_portable_build_matches_the_references():
+    """Without AVX-512 and VNNI: im2row, windows read in place (conv2's 20 channels), pools on int32
+    sums, the GEMM in both builds, bit for bit with the NumPy references."""
+    run_without_avx512(
+        "import numpy as np\n"
+        "from minicnn import parallel, zoo\n"
+        "from optim.quantization import kernels, quantize_model\n"
+        "assert not kernels.HAS_VNNI\n"
+        "x = np.random.default_rng(1).random((9, 1, 28, 28), dtype=np.float32)\n"
+        "q = quantize_model(zoo.build('lenet5', seed=0), x, per_channel=True)\n"
+        "for build in ('serial', 'threaded'):\n"
+        "    with parallel.forced(build):\n"
+        "        assert np.array_equal(q.predict(x), q.predict(x, reference=True)), build\n"
+        "print('ok')\n")
 
 
 @pytest.mark.parametrize("vnni", [True, False])
