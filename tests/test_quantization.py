@@ -15,7 +15,7 @@ from minicnn import kernels as FK
 from minicnn import parallel
 from optim import quantization as Q
 from optim.quantization import affine as A
-from optim.quantization import calibration, ops, qat
+from optim.quantization import calibration, ops, qat, windows
 from optim.quantization import fixedpoint as FP
 from optim.quantization import kernels as K
 from portable import run_without_avx512
@@ -247,12 +247,12 @@ def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     z = int(rng.integers(-128, 128))
     lo = z if relu else -128
     packed = K.pack_weights(wt)
-    ours = K.qgemm(K.rows_words(a, packed), packed, bias, m0, shift, z, lo, 127)
+    ours = K.qgemm(windows.rows_words(a, packed), packed, bias, m0, shift, z, lo, 127)
     ref = K.qgemm_ref(a, wt, bias, m0, shift, z, lo, 127)
     assert ours.dtype == np.int8
     np.testing.assert_array_equal(ours, ref)
     lo32 = 0 if relu else INT32_MIN
-    np.testing.assert_array_equal(K.qgemm_int32(K.rows_words(a, packed), packed, bias, lo32),
+    np.testing.assert_array_equal(K.qgemm_int32(windows.rows_words(a, packed), packed, bias, lo32),
                                   K.qgemm_int32_ref(a, wt, bias, lo32))
 
 
@@ -265,8 +265,8 @@ def test_qgemm_builds_match_reference(build):
     m0, shift = rng.integers(2**30, 2**31, 45).astype(np.int32), rng.integers(-31, 2, 45).astype(np.int8)
     packed = K.pack_weights(wt)
     with parallel.forced(build):
-        ours = K.qgemm(K.rows_words(a, packed), packed, bias, m0, shift, 5, 5, 127)
-        ours32 = K.qgemm_int32(K.rows_words(a, packed), packed, bias, INT32_MIN)
+        ours = K.qgemm(windows.rows_words(a, packed), packed, bias, m0, shift, 5, 5, 127)
+        ours32 = K.qgemm_int32(windows.rows_words(a, packed), packed, bias, INT32_MIN)
     np.testing.assert_array_equal(ours, K.qgemm_ref(a, wt, bias, m0, shift, 5, 5, 127))
     np.testing.assert_array_equal(ours32, K.qgemm_int32_ref(a, wt, bias, INT32_MIN))
 
@@ -276,7 +276,7 @@ def test_qgemm_hand_computed():
     wt = np.array([[1, 1, 1], [2, -1, 0]], np.int8)
     bias = np.array([4, -1], np.int32)
     packed = K.pack_weights(wt)
-    rows = K.rows_words(a, packed)
+    rows = windows.rows_words(a, packed)
     np.testing.assert_array_equal(K.qgemm_int32(rows, packed, bias, INT32_MIN), [[10, -1], [4, -9]])
     np.testing.assert_array_equal(K.qgemm_int32(rows, packed, bias, 0), [[10, 0], [4, 0]])
     # M = 1/2 as M0 = 2^30, shift 0: one rounding, in the high product, ties toward +inf:
@@ -298,12 +298,12 @@ def test_qgemm_on_windows_read_in_place_is_qgemm_on_im2row(N, C, H, W, F, k, str
     x, wt = random_codes(rng, (N, H, W, C)), random_codes(rng, (F, k * k * C), -127)
     bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
     m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
-    assert K.conv_fits_words(x.shape, 0) and not K.conv_fits_words(x.shape, 1)
+    assert windows.conv_fits_words(x.shape, 0) and not windows.conv_fits_words(x.shape, 1)
     rows = K.im2row_nhwc_ref(x, k, k, stride, 0, 0, k * k * C)
     packed = K.pack_weights(wt)
     for build in ("serial", "threaded"):
         with parallel.forced(build):
-            words = K.conv_words(x, k, k, stride)
+            words = windows.conv_words(x, k, k, stride)
             np.testing.assert_array_equal(K.qgemm(words, packed, bias, m0, shift, 3, -128, 127),
                                           K.qgemm_ref(rows, wt, bias, m0, shift, 3, -128, 127), err_msg=build)
             np.testing.assert_array_equal(K.qgemm_int32(words, packed, bias, INT32_MIN),
@@ -674,6 +674,27 @@ def test_cli_quantize(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quantize", "--model", str(src), "--bits", "4", "--out", str(out)])
     assert "invalid choice: 4" in capsys.readouterr().err
+
+
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 14), st.integers(1, 20), st.integers(1, 8),
+       st.integers(1, 8), st.integers(1, 3), seeds)
+def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F, KH, KW, stride, seed):
+    assume(H >= KH and W >= KW)
+    rng = np.random.default_rng(seed)
+    x, Wq = random_codes(rng, (N, H, W, 1)), random_codes(rng, (F, 1, KH, KW), -127)
+    wt = Wq.transpose(0, 2, 3, 1).reshape(F, -1)
+    bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
+    m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
+    assert windows.line_fits_words(x.shape, KW, 0) and not windows.line_fits_words(x.shape, KW, 1)
+    rows = K.im2row_nhwc_ref(x, KH, KW, stride, 0, 0, KH * KW)
+    packed = windows.line_weights(Wq)
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            words = windows.line_words(x, KH, KW, stride)
+            np.testing.assert_array_equal(K.qgemm(words, packed, bias, m0, shift, 3, -128, 127),
+                                          K.qgemm_ref(rows, wt, bias, m0, shift, 3, -128, 127), err_msg=build)
+            np.testing.assert_array_equal(K.qgemm_int32(words, packed, bias, INT32_MIN),
+                                          K.qgemm_int32_ref(rows, wt, bias, INT32_MIN), err_msg=build)
 
 
 def test_int8_lenet_on_the_portable_build_matches_the_references():

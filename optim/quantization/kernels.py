@@ -24,7 +24,6 @@ Every fast kernel has a NumPy reference (`*_ref`) with the same contract;
 the two agree bit for bit.
 """
 
-import functools
 from typing import NamedTuple
 
 import numba
@@ -399,50 +398,15 @@ class Words(NamedTuple):
     off: np.ndarray
 
 
-def rows_words(a, packed):
-    """The Words of the rows of a int8 (M, K): a zero-padded to the G = packed.wp.shape[1] groups
-    of 4 columns, row r's words x32[r G + g]."""
-    G = packed.wp.shape[1]
-    x32 = pad_columns(np.ascontiguousarray(a), 4 * G).view(np.uint32).reshape(-1)
-    return Words(x32, np.arange(len(a), dtype=np.int64) * G, np.arange(G, dtype=np.int64))
-
-
-def conv_fits_words(x_shape, padding):
-    """Whether conv_words can read a conv's windows from an input of x_shape (N, H, W, C) in place:
-    no padding to fill, and channels in whole words (C a multiple of 4)."""
-    return padding == 0 and x_shape[3] % ROW_ALIGN == 0
-
-
-def conv_words(x, KH, KW, stride):
-    """The Words of the conv windows of x int8 (N, H, W, C), read in place: im2row's row of output
-    pixel (n, i, j), in its (kh, kw, c) order, is the words x32[starts[(n Ho + i) Wo + j] + off[g]].
-    For conv_fits_words inputs."""
-    starts, off = _window_offsets(*x.shape, KH, KW, stride)
-    return Words(np.ascontiguousarray(x).view(np.uint32).reshape(-1), starts, off)
-
-
-@functools.lru_cache(maxsize=16)
-def _window_offsets(N, H, W, C, KH, KW, stride):
-    """(starts, off) of conv_words, kept per shape: worked out with numpy, they would cost a batch-1
-    conv more than its arithmetic. Read-only."""
-    Ho, Wo, C4 = (H - KH) // stride + 1, (W - KW) // stride + 1, C // ROW_ALIGN
-    n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
-    kh, kw, c = np.ix_(np.arange(KH), np.arange(KW), np.arange(C4))
-    starts = (((n * H + i) * W + j) * C4).reshape(-1).astype(np.int64)
-    off = ((kh * W + kw) * C4 + c).reshape(-1).astype(np.int64)
-    starts.flags.writeable = off.flags.writeable = False
-    return starts, off
-
-
 def _check_words(words):
     if not isinstance(words, Words):
-        raise TypeError(f"qgemm takes Words (rows_words, conv_words), got {type(words).__name__}")
+        raise TypeError(f"qgemm takes Words (optim.quantization.windows), got {type(words).__name__}")
     return words
 
 
 def qgemm(words, packed, bias, m0, shift, z_out, lo, hi):
-    """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi) with words = rows_words(a, packed) (or a
-    conv's conv_words, its im2row rows a) and packed = pack_weights(wt), bit for bit."""
+    """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi) with words = windows.rows_words(a, packed)
+    (or a conv's windows read in place, its im2row rows a) and packed = pack_weights(wt), bit for bit."""
     x32, starts, off = _check_words(words)
     work = starts.size * 4 * off.size * len(bias)
     return _qgemm(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi)

@@ -28,6 +28,7 @@ from minicnn.checks import check_bool, check_int, check_number, check_positive_i
 from minicnn.kernels import conv_output_size
 
 from . import kernels as K
+from . import windows
 from .affine import QMAX, QMIN, WMAX, check_scale, check_zero_point
 from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
 
@@ -83,16 +84,16 @@ class _IntLinear:
             return self.in_q[0] * self.w_scale.astype(np.float64), 0
         return self.out_q
 
-    def matmul(self, rows, reference=False):
-        """rows -> int8 (M, F) requantized, or int32 (M, F) for the last layer. rows: int8 (M, K) for
-        the references, the kernels' operand (K.rows_words, K.conv_words) for the kernels."""
+    def matmul(self, rows, weights, reference=False):
+        """rows -> int8 (M, F) requantized, or int32 (M, F) for the last layer. rows and weights: int8
+        (M, K) and wt for the references, Words and their packed weights for the kernels."""
         if self.out_q is None:
             lo = 0 if self.relu else INT32_MIN
             fn = K.qgemm_int32_ref if reference else K.qgemm_int32
-            return fn(rows, self.wt if reference else self.packed, self.folded_bias, lo)
+            return fn(rows, weights, self.folded_bias, lo)
         fn = K.qgemm_ref if reference else K.qgemm
-        return fn(rows, self.wt if reference else self.packed, self.folded_bias, self.multiplier, self.shift,
-                  self.out_q[1], self._lowest_code(), QMAX)
+        return fn(rows, weights, self.folded_bias, self.multiplier, self.shift, self.out_q[1], self._lowest_code(),
+                  QMAX)
 
     def _lowest_code(self):
         """The clamp's low end: Z_out under a ReLU (the code of the real 0), else QMIN."""
@@ -156,6 +157,7 @@ class IntConv2D(_IntLinear):
     def __init__(self, W, w_scale, b, in_q, out_q, relu, stride, padding, multiplier=None, shift=None):
         self.stride, self.padding = check_positive_int(stride, "stride"), check_positive_int(padding, "padding", 0)
         super().__init__(W, w_scale, b, in_q, out_q, relu, multiplier, shift)
+        self._line_packed = None  # windows.line_weights(W), made on first use by a one-channel input
 
     def kernel_weights(self):
         """wt (F, KH*KW*C): the columns in im2row_nhwc's (kh, kw, c) order (before padding)."""
@@ -163,7 +165,7 @@ class IntConv2D(_IntLinear):
         return np.ascontiguousarray(self.W.transpose(0, 2, 3, 1).reshape(F, -1))
 
     def forward(self, x, reference=False):
-        return self.matmul(self._rows(x, reference), reference).reshape(self._output_nhwc(x.shape))
+        return self.matmul(*self._rows(x, reference), reference=reference).reshape(self._output_nhwc(x.shape))
 
     def forward_pooled(self, x, pool):
         """forward, then the IntMaxPool2D `pool`, with the pool taken on the int32 sums before they
@@ -172,22 +174,27 @@ class IntConv2D(_IntLinear):
         if self.out_q is None:
             return pool.forward(self.forward(x))
         F = self.W.shape[0]
-        sums = K.qgemm_int32(self._rows(x), self.packed, self.folded_bias, INT32_MIN)
+        sums = K.qgemm_int32(*self._rows(x), self.folded_bias, INT32_MIN)
         pooled = K.maxpool_nhwc(sums.reshape(self._output_nhwc(x.shape)), pool.kernel_size, pool.stride)
         codes = requantize(pooled.reshape(-1, F), self.multiplier, self.shift, self.out_q[1], self._lowest_code(),
                            QMAX)
         return codes.reshape(pooled.shape)
 
     def _rows(self, x, reference=False):
-        """matmul's rows: im2row's, or for the kernels without padding and with whole words of
-        channels, the windows read in place from x (no copy)."""
-        _, _, KH, KW = self.W.shape
+        """(rows, weights) for matmul: im2row's rows and wt for the references; for the kernels, the
+        windows as Words and their packed weights: read in place where the lines of a window are
+        whole words (windows.py), else copied by im2row."""
+        _, C, KH, KW = self.W.shape
         if reference:
-            return K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])
-        if K.conv_fits_words(x.shape, self.padding):
-            return K.conv_words(x, KH, KW, self.stride)
+            return K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1]), self.wt
+        if windows.conv_fits_words(x.shape, self.padding):
+            return windows.conv_words(x, KH, KW, self.stride), self.packed
+        if windows.line_fits_words(x.shape, KW, self.padding):
+            if self._line_packed is None:
+                self._line_packed = windows.line_weights(self.W)
+            return windows.line_words(x, KH, KW, self.stride), self._line_packed
         rows = K.im2row_nhwc(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad: code of 0
-        return K.rows_words(rows, self.packed)
+        return windows.rows_words(rows, self.packed), self.packed
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -225,7 +232,9 @@ class IntDense(_IntLinear):
         return np.ascontiguousarray(self.W.T)  # (out, in): each output one contiguous dot product
 
     def forward(self, x, reference=False):
-        return self.matmul(K.pad_columns(x, self.wt.shape[1]) if reference else K.rows_words(x, self.packed), reference)
+        if reference:
+            return self.matmul(K.pad_columns(x, self.wt.shape[1]), self.wt, reference=True)
+        return self.matmul(windows.rows_words(x, self.packed), self.packed)
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.W.shape[0],):

@@ -1,0 +1,99 @@
+"""The GEMM's operand: a layer's rows as Words, copied by im2row or read in place from the image.
+
+qgemm reads row r's word g (4 int8 values) at x32[starts[r] + off[g]] (kernels.Words). For
+rows already laid out (im2row's, a dense layer's input), starts[r] = r G and off[g] = g. A
+conv's window needs no copy when its lines are whole words in the image:
+
+    conv_words   no padding and C a multiple of 4: the window of output pixel (n, i, j) is
+                 KH lines of KW C contiguous bytes, line kh at pixel (n, i S + kh, j S)
+    line_words   one channel (KW <= 8): a line of KW bytes starts anywhere in a word, so the
+                 image is copied 4 times, shifted by 0-3 bytes, and a line is read as
+                 L = ceil(KW / 4) words of the copy where it starts on a word; its 4L - KW
+                 bytes past the window meet zero weights (line_weights)
+
+against im2row, which copies every window (25 bytes per output pixel for a 5x5 conv).
+"""
+
+import functools
+
+import numpy as np
+
+from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns
+
+__all__ = ["conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_words", "rows_words"]
+
+
+def rows_words(a, packed):
+    """The Words of the rows of a int8 (M, K): a zero-padded to the G = packed.wp.shape[1] groups
+    of 4 columns, row r's words x32[r G + g]."""
+    G = packed.wp.shape[1]
+    x32 = pad_columns(np.ascontiguousarray(a), 4 * G).view(np.uint32).reshape(-1)
+    return Words(x32, np.arange(len(a), dtype=np.int64) * G, np.arange(G, dtype=np.int64))
+
+
+def conv_fits_words(x_shape, padding):
+    """Whether conv_words can read a conv's windows from an input of x_shape (N, H, W, C) in place:
+    no padding to fill, and channels in whole words (C a multiple of 4)."""
+    return padding == 0 and x_shape[3] % ROW_ALIGN == 0
+
+
+def conv_words(x, KH, KW, stride):
+    """The Words of the conv windows of x int8 (N, H, W, C), read in place: im2row's row of output
+    pixel (n, i, j), in its (kh, kw, c) order, is the words x32[starts[(n Ho + i) Wo + j] + off[g]].
+    For conv_fits_words inputs."""
+    starts, off = _window_offsets(*x.shape, KH, KW, stride)
+    return Words(np.ascontiguousarray(x).view(np.uint32).reshape(-1), starts, off)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_offsets(N, H, W, C, KH, KW, stride):
+    """(starts, off) of conv_words, kept per shape: worked out with numpy, they would cost a batch-1
+    conv more than its arithmetic. Read-only."""
+    Ho, Wo, C4 = (H - KH) // stride + 1, (W - KW) // stride + 1, C // ROW_ALIGN
+    n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
+    kh, kw, c = np.ix_(np.arange(KH), np.arange(KW), np.arange(C4))
+    starts = (((n * H + i) * W + j) * C4).reshape(-1).astype(np.int64)
+    off = ((kh * W + kw) * C4 + c).reshape(-1).astype(np.int64)
+    starts.flags.writeable = off.flags.writeable = False
+    return starts, off
+
+
+def line_fits_words(x_shape, KW, padding):
+    """Whether line_words reads a conv's windows from an input of x_shape (N, H, W, C)."""
+    return padding == 0 and x_shape[3] == 1 and KW <= 2 * ROW_ALIGN
+
+
+def line_weights(W):
+    """pack_weights of W (F, 1, KH, KW) int8 laid out for line_words: line kh's KW weights, then
+    zeros up to 4 ceil(KW / 4)."""
+    F, _, KH, KW = W.shape
+    L = -(-KW // ROW_ALIGN)
+    wt = np.zeros((F, KH, ROW_ALIGN * L), np.int8)
+    wt[:, :, :KW] = W[:, 0]
+    return pack_weights(wt.reshape(F, -1))
+
+
+def line_words(x, KH, KW, stride):
+    """The Words of the windows of x int8 (N, H, W, 1), for line_fits_words inputs and
+    line_weights: line kh of output pixel (n, i, j) is words j' // 4 .. j' // 4 + L - 1 of row
+    i S + kh in the copy shifted by j' % 4 bytes, j' = j S."""
+    N, H, W, _ = x.shape
+    starts, off, Wq = _line_offsets(N, H, W, KH, KW, stride)
+    copies = np.zeros((ROW_ALIGN, N, H, ROW_ALIGN * Wq), np.int8)
+    for s in range(min(ROW_ALIGN, W)):
+        copies[s, :, :, : W - s] = x[:, :, s:, 0]
+    return Words(copies.reshape(-1).view(np.uint32), starts, off)
+
+
+@functools.lru_cache(maxsize=16)
+def _line_offsets(N, H, W, KH, KW, stride):
+    """(starts, off, words per row of a copy) of line_words, kept per shape. Read-only."""
+    L = -(-KW // ROW_ALIGN)
+    Wq = W // ROW_ALIGN + L + 1  # the last window's last word inside its row
+    Ho, Wo = (H - KH) // stride + 1, (W - KW) // stride + 1
+    n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
+    starts = ((((j % ROW_ALIGN) * N + n) * H + i) * Wq + j // ROW_ALIGN).reshape(-1).astype(np.int64)
+    kh, line = np.ix_(np.arange(KH), np.arange(L))
+    off = (kh * Wq + line).reshape(-1).astype(np.int64)
+    starts.flags.writeable = off.flags.writeable = False
+    return starts, off, Wq
