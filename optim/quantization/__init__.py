@@ -16,6 +16,7 @@ What lives where:
                     and rounding shift, scalar (Numba) and NumPy versions, and over arrays
     kernels.py      Numba kernels on int8 NHWC: im2row, int8 GEMM on VNNI with int32 sums
                     and requantization, max-pool; a NumPy reference for each
+    windows.py      the GEMM's rows as words: im2row's, or a conv's windows read in place
     ops.py          IntConv2D, IntDense, IntMaxPool2D, IntFlatten, IntReLU
     model.py        QuantizedModel, its file format (kind "quantized_int8"), convert and
                     post-training quantize_model
