@@ -49,6 +49,7 @@ from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
 from bench.peak import dot4_peak  # noqa: E402
+from minicnn.simd import HAS_VNNI  # noqa: E402
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import kernels, zoo  # noqa: E402
 from optim.quantization import quantize_model  # noqa: E402
@@ -127,7 +128,7 @@ def dense_case(name, layer_index):
 
 def kernel_rows(budget, rounds, peak, out):
     """Rows of the kernel table; the int8 op's multiply-adds per second also as a fraction of `peak`,
-    the int8 probe's GMAC/s (its time includes im2row and requantization)."""
+    the int8 probe's GMAC/s (None without VNNI), the op's time including its layouts and requantization."""
     cases = {
         "lenet5 conv1 1->20 5x5 28x28": conv_case("lenet5", 0, (1, 28, 28)),
         "lenet5 conv2 20->50 5x5 12x12": conv_case("lenet5", 2, (20, 12, 12)),
@@ -139,9 +140,11 @@ def kernel_rows(budget, rounds, peak, out):
         med, ratio = compare({"float32": float_fn, "int8": int_fn}, budget, rounds)
         ms = {k: 1e3 * t for k, t in med.items()}
         gmacs = macs / med["int8"] / 1e9
-        rows.append([f"{figure} b{BATCH}", "ms", ms["float32"], ms["int8"], ratio, gmacs, f"{100 * gmacs / peak:.0f}%"])
+        share = None if peak is None else gmacs / peak
+        rows.append([f"{figure} b{BATCH}", "ms", ms["float32"], ms["int8"], ratio, gmacs,
+                     "-" if share is None else f"{100 * share:.0f}%"])
         out.append({"figure": figure, "unit": "ms", "value": ms, "speed_ratio": ratio, "batch": BATCH,
-                    "int8_gmacs": gmacs, "of_int8_peak": gmacs / peak})
+                    "int8_gmacs": gmacs, "of_int8_peak": share})
     return rows
 
 
@@ -154,13 +157,17 @@ def main(argv=None):
     budget = QUICK if args.quick else FULL
     networks, kernel_figures = [], []
     rows = network_rows(budget, args.rounds, networks)
-    peak, _ = dot4_peak(budget)
+    peak = dot4_peak(budget)[0] if HAS_VNNI else None
     kernels_table = kernel_rows(budget, args.rounds, peak, kernel_figures)
     print("machine:\n" + format_facts(machine_facts()))
     print(f"\nint8 vs float32, {args.rounds} alternating rounds; speedup = float32 time / int8 time\n")
     print(format_table(["figure", "unit", "float32", "int8", "speedup"], rows))
-    print(f"\nint8 peak (bench/peak.py's probe: 256-bit dot4_add, {numba.get_num_threads()} threads): "
-          f"{num(peak)} GMAC/s; kernels' int8 multiply-adds per second, as a fraction of it\n")
+    if peak is None:
+        print("\nno VNNI in this build: no int8 peak (the probe's portable products are loop-invariant, and LLVM "
+              "takes them out of its loop)\n")
+    else:
+        print(f"\nint8 peak (bench/peak.py's probe: 256-bit dot4_add, {numba.get_num_threads()} threads): "
+              f"{num(peak)} GMAC/s; kernels' int8 multiply-adds per second, as a fraction of it\n")
     print(format_table(["figure", "unit", "float32", "int8", "speedup", "int8 GMAC/s", "of int8 peak"],
                        kernels_table))
     for r in networks:

@@ -17,8 +17,9 @@ sixteen sums spills there, and its fraction of the peak is lower.
 
 `dot4_peak` is the same for int8: sixteen independent int32x8 sums, each step one
 `optim.quantization.kernels.dot4_add` (VNNI's vpdpbusd on 256-bit vectors: 8 lanes x 4
-byte products), the instruction the int8 kernels issue; without VNNI, its portable
-spelling (widening multiplies and adds):
+byte products), the instruction the int8 kernels issue. VNNI only: the portable spelling
+(widening multiplies and adds) of a step whose operands never change is taken out of the loop
+by LLVM, and the probe would time additions.
 
     GMAC/s = 32 x SUMS x rounds x threads / seconds
 """
