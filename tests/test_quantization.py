@@ -296,14 +296,20 @@ def test_qgemm_on_windows_read_in_place_is_qgemm_on_im2row(N, C, H, W, F, k, str
     assume(min(H, W) >= k)
     rng = np.random.default_rng(seed)
     x, wt = random_codes(rng, (N, H, W, C)), random_codes(rng, (F, k * k * C), -127)
-    bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
-    m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
     assert windows.conv_fits_words(x.shape, 0) and not windows.conv_fits_words(x.shape, 1)
     rows = K.im2row_nhwc_ref(x, k, k, stride, 0, 0, k * k * C)
-    packed = K.pack_weights(wt)
+    assert_qgemm_on_words_is_qgemm_on_rows(lambda: windows.conv_words(x, k, k, stride), K.pack_weights(wt), rows, wt,
+                                           rng)
+
+
+def assert_qgemm_on_words_is_qgemm_on_rows(make_words, packed, rows, wt, rng):
+    """qgemm and qgemm_int32 on make_words() (in both builds) against the references on im2row's rows."""
+    F = len(wt)
+    bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
+    m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
     for build in ("serial", "threaded"):
         with parallel.forced(build):
-            words = windows.conv_words(x, k, k, stride)
+            words = make_words()
             np.testing.assert_array_equal(K.qgemm(words, packed, bias, m0, shift, 3, -128, 127),
                                           K.qgemm_ref(rows, wt, bias, m0, shift, 3, -128, 127), err_msg=build)
             np.testing.assert_array_equal(K.qgemm_int32(words, packed, bias, INT32_MIN),
@@ -682,19 +688,10 @@ def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F,
     assume(H >= KH and W >= KW)
     rng = np.random.default_rng(seed)
     x, Wq = random_codes(rng, (N, H, W, 1)), random_codes(rng, (F, 1, KH, KW), -127)
-    wt = Wq.transpose(0, 2, 3, 1).reshape(F, -1)
-    bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
-    m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
     assert windows.line_fits_words(x.shape, KW, 0) and not windows.line_fits_words(x.shape, KW, 1)
     rows = K.im2row_nhwc_ref(x, KH, KW, stride, 0, 0, KH * KW)
-    packed = windows.line_weights(Wq)
-    for build in ("serial", "threaded"):
-        with parallel.forced(build):
-            words = windows.line_words(x, KH, KW, stride)
-            np.testing.assert_array_equal(K.qgemm(words, packed, bias, m0, shift, 3, -128, 127),
-                                          K.qgemm_ref(rows, wt, bias, m0, shift, 3, -128, 127), err_msg=build)
-            np.testing.assert_array_equal(K.qgemm_int32(words, packed, bias, INT32_MIN),
-                                          K.qgemm_int32_ref(rows, wt, bias, INT32_MIN), err_msg=build)
+    assert_qgemm_on_words_is_qgemm_on_rows(lambda: windows.line_words(x, KH, KW, stride), windows.line_weights(Wq),
+                                           rows, Wq.transpose(0, 2, 3, 1).reshape(F, -1), rng)
 
 
 def test_int8_lenet_on_the_portable_build_matches_the_references():

@@ -350,9 +350,9 @@ def _sums(x32, starts, r0, rows, off, wp, acc, F32):
             _row_sums(x32, starts[r0 + i], off, wp, acc, i * F32)
 
 
-def _qgemm_loops(x32, starts, off, wp, colsum, bias, m0, shift, z_out, lo, hi):
+def _qgemm_loops(x32, starts, off, wp, colsum, bias, m0, shift, z_out, lo, hi, out):
+    """out (M, F) int8: the sums requantized; or int32, when m0 is empty: the sums, max(., lo)."""
     M, F = starts.size, bias.shape[0]
-    out = np.empty((M, F), dtype=np.int8)
     F32 = wp.size // (4 * off.size)
     for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         acc = np.empty(4 * F32, dtype=np.int32)
@@ -362,31 +362,17 @@ def _qgemm_loops(x32, starts, off, wp, colsum, bias, m0, shift, z_out, lo, hi):
             _sums(x32, starts, r0, rows, off, wp, acc, F32)
             for i in range(rows):
                 for f in range(F):
-                    dot = acc[i * F32 + f] - 128 * colsum[f]  # int64 arithmetic: exact
-                    q = multiply_by_quantized_multiplier_scalar(dot + bias[f], m0[f], shift[f]) + z_out
-                    out[r0 + i, f] = min(max(q, lo), hi)
-    return out
-
-
-def _qgemm_int32_loops(x32, starts, off, wp, colsum, bias, lo):
-    M, F = starts.size, bias.shape[0]
-    out = np.empty((M, F), dtype=np.int32)
-    F32 = wp.size // (4 * off.size)
-    for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        acc = np.empty(4 * F32, dtype=np.int32)
-        end = min(M, (task + 1) * ROWS_PER_TASK)
-        for r0 in range(task * ROWS_PER_TASK, end, 4):
-            rows = min(4, end - r0)
-            _sums(x32, starts, r0, rows, off, wp, acc, F32)
-            for i in range(rows):
-                for f in range(F):
-                    out[r0 + i, f] = max(acc[i * F32 + f] - 128 * colsum[f] + bias[f], lo)
+                    dot = acc[i * F32 + f] - 128 * colsum[f] + bias[f]  # int64 arithmetic: exact
+                    if m0.size:
+                        q = multiply_by_quantized_multiplier_scalar(dot, m0[f], shift[f]) + z_out
+                        out[r0 + i, f] = min(max(q, lo), hi)
+                    else:
+                        out[r0 + i, f] = max(dot, lo)
     return out
 
 
 MIN_MACS = 2_000_000  # multiply-adds below which waking the workers costs more than they save
 _qgemm = twin(_qgemm_loops, MIN_MACS)
-_qgemm_int32 = twin(_qgemm_int32_loops, MIN_MACS)
 
 
 class Words(NamedTuple):
@@ -409,14 +395,17 @@ def qgemm(words, packed, bias, m0, shift, z_out, lo, hi):
     (or a conv's windows read in place, its im2row rows a) and packed = pack_weights(wt), bit for bit."""
     x32, starts, off = _check_words(words)
     work = starts.size * 4 * off.size * len(bias)
-    return _qgemm(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi)
+    out = np.empty((starts.size, len(bias)), np.int8)
+    return _qgemm(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi, out)
 
 
 def qgemm_int32(words, packed, bias, lo):
     """qgemm_int32_ref(a, wt, bias, lo), with words and packed as for qgemm, bit for bit."""
     x32, starts, off = _check_words(words)
     work = starts.size * 4 * off.size * len(bias)
-    return _qgemm_int32(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, lo)
+    out, none = np.empty((starts.size, len(bias)), np.int32), np.zeros(0, np.int32)  # no multipliers: int32 out
+    return _qgemm(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, none, none.astype(np.int8), 0,
+                  lo, INT32_MAX, out)
 
 
 # --------------------------------------------------------------------------
