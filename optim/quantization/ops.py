@@ -184,7 +184,7 @@ class IntConv2D(_IntLinear):
         """(rows, weights) for matmul: im2row's rows and wt for the references; for the kernels, the
         windows as Words and their packed weights: read in place where the lines of a window are
         whole words (windows.py), else copied by im2row."""
-        _, C, KH, KW = self.W.shape
+        _, _, KH, KW = self.W.shape
         if reference:
             return K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1]), self.wt
         if windows.conv_fits_words(x.shape, self.padding):
