@@ -16,7 +16,7 @@ registers: the probe still measures the FMA rate, but a kernel's tile of
 sixteen sums spills there, and its fraction of the peak is lower.
 
 `dot4_peak` is the same for int8: sixteen independent int32x8 sums, each step one
-`optim.quantization.kernels.dot4_add` (VNNI's vpdpbusd on 256-bit vectors: 8 lanes x 4
+`optim.quantization.vectors.dot4_add` (VNNI's vpdpbusd on 256-bit vectors: 8 lanes x 4
 byte products), the instruction the int8 kernels issue. VNNI only: the portable spelling
 (widening multiplies and adds) of a step whose operands never change is taken out of the loop
 by LLVM, and the probe would time additions.
@@ -30,7 +30,7 @@ from numba import prange
 
 from minicnn.simd import LANES, add, fma, splat, store
 from minicnn.timing import measure
-from optim.quantization.kernels import dot4_add, store8, zeros8
+from optim.quantization.vectors import dot4_add, store8, zeros8
 
 SUMS = 16  # independent sums per thread: 2 FMA units x 4 cycles of latency, twice over
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import assume, example, given
 from hypothesis import strategies as st
+import numba
 
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
@@ -18,6 +19,7 @@ from optim.quantization import affine as A
 from optim.quantization import calibration, ops, qat, windows
 from optim.quantization import fixedpoint as FP
 from optim.quantization import kernels as K
+from optim.quantization import vectors as V
 from portable import run_without_avx512
 from strategies import conv_geometry, pool_geometry
 
@@ -59,10 +61,28 @@ def tflite_mbqm(x, m0, shift):
     return tflite_rdbpot(tflite_srdhm(x, m0), right)
 
 
-def ours_scalar_and_vector(x, m0, shift):
-    scalar = int(FP.multiply_by_quantized_multiplier_scalar(x, m0, shift))
+@numba.njit
+def lanes_mbqm(x, m0, shift):
+    """MultiplyByQuantizedMultiplier of x int32 (8n,), m0 int32 and shift int8 per element, as the
+    kernels run it (vectors.requantize8, with no zero point and no clamp)."""
+    out = np.empty(x.size, np.int32)
+    for i in range(0, x.size, 8):
+        V.store8(out, i, V.requantize8(V.load8(x, i), m0, shift, i, 0, INT32_MIN, INT32_MAX))
+    return out
+
+
+def ours_lanes_and_numpy(x, m0, shift):
+    lanes = int(lanes_mbqm(np.full(8, x, np.int32), np.full(8, m0, np.int32), np.full(8, shift, np.int8))[0])
     vector = int(FP.multiply_by_quantized_multiplier(np.array([x]), np.array([m0]), np.array([shift]))[0])
-    return scalar, vector
+    return lanes, vector
+
+
+def qgemm8(words, packed, bias, m0, shift, z, lo, hi, window=1):
+    return K.qgemm(words, packed, K.int8_epilogue(packed, bias, m0, shift, z, lo, hi), window)
+
+
+def qgemm32(words, packed, bias, lo, window=1):
+    return K.qgemm(words, packed, K.int32_epilogue(packed, bias, lo), window)
 
 
 # --------------------------------------------------------------------------
@@ -77,7 +97,7 @@ def ours_scalar_and_vector(x, m0, shift):
 @example(INT32_MIN, INT32_MIN)  # the one overflow
 def test_doubling_high_mul_is_tflites(a, b):
     expected = tflite_srdhm(a, b)
-    assert int(FP.saturating_rounding_doubling_high_mul_scalar(a, b)) == expected
+    assert ours_lanes_and_numpy(a, b, 0)[0] == expected  # shift 0: the high product alone
     assert int(FP.saturating_rounding_doubling_high_mul(np.array([a]), np.array([b]))[0]) == expected
     if not a == b == INT32_MIN:
         # What the C code means: round(a*b / 2^31), ties toward +infinity.
@@ -92,7 +112,6 @@ def test_doubling_high_mul_is_tflites(a, b):
 @example(INT32_MIN, 31)
 def test_rounding_divide_by_pot_is_tflites(x, exponent):
     expected = tflite_rdbpot(x, exponent)
-    assert int(FP.rounding_divide_by_pot_scalar(x, exponent)) == expected
     assert int(FP.rounding_divide_by_pot(np.array([x]), np.array([exponent]))[0]) == expected
     # round(x / 2^e), ties away from zero
     q = Fraction(x, 1 << exponent)
@@ -105,7 +124,7 @@ def test_rounding_divide_by_pot_ties_go_away_from_zero(exponent, k, negative):
     if x > INT32_MAX:
         return
     x, expected = (-x, -(k + 1)) if negative else (x, k + 1)
-    ours = int(FP.rounding_divide_by_pot_scalar(x, exponent))
+    ours = int(FP.rounding_divide_by_pot(np.array([x]), np.array([exponent]))[0])
     assert ours == expected, f"ours {ours}, expected {expected} for the tie {x} / 2^{exponent}"
 
 
@@ -115,15 +134,15 @@ def test_rounding_divide_by_pot_ties_go_away_from_zero(exponent, k, negative):
 @example(-(1 << 30), 2**30, 0)
 def test_multiply_by_quantized_multiplier_is_tflites(x, m0, shift):
     expected = tflite_mbqm(x, m0, shift)
-    scalar, vector = ours_scalar_and_vector(x, m0, shift)
-    assert scalar == expected and vector == expected, f"ours {scalar}, {vector}; TFLite {expected}"
+    lanes, vector = ours_lanes_and_numpy(x, m0, shift)
+    assert lanes == expected and vector == expected, f"ours {lanes}, {vector}; TFLite {expected}"
 
 
 @given(int32s, multipliers, st.integers(-31, 0))
 def test_multiply_by_quantized_multiplier_rounds_x_times_m(x, m0, shift):
     # Two roundings: <= 1/2 of the high product, seen through the shift, then 1/2.
     exact = Fraction(x * m0, 1 << (31 - shift))
-    ours = ours_scalar_and_vector(x, m0, shift)[0]
+    ours = ours_lanes_and_numpy(x, m0, shift)[0]
     assert abs(ours - exact) <= Fraction(1, 2) + Fraction(1, 2 << -shift), f"ours {ours}, x*M = {float(exact)}"
 
 
@@ -247,12 +266,12 @@ def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     z = int(rng.integers(-128, 128))
     lo = z if relu else -128
     packed = K.pack_weights(wt)
-    ours = K.qgemm(windows.rows_words(a, packed), packed, bias, m0, shift, z, lo, 127)
+    ours = qgemm8(windows.rows_words(a, packed), packed, bias, m0, shift, z, lo, 127)
     ref = K.qgemm_ref(a, wt, bias, m0, shift, z, lo, 127)
     assert ours.dtype == np.int8
     np.testing.assert_array_equal(ours, ref)
     lo32 = 0 if relu else INT32_MIN
-    np.testing.assert_array_equal(K.qgemm_int32(windows.rows_words(a, packed), packed, bias, lo32),
+    np.testing.assert_array_equal(qgemm32(windows.rows_words(a, packed), packed, bias, lo32),
                                   K.qgemm_int32_ref(a, wt, bias, lo32))
 
 
@@ -265,8 +284,8 @@ def test_qgemm_builds_match_reference(build):
     m0, shift = rng.integers(2**30, 2**31, 45).astype(np.int32), rng.integers(-31, 2, 45).astype(np.int8)
     packed = K.pack_weights(wt)
     with parallel.forced(build):
-        ours = K.qgemm(windows.rows_words(a, packed), packed, bias, m0, shift, 5, 5, 127)
-        ours32 = K.qgemm_int32(windows.rows_words(a, packed), packed, bias, INT32_MIN)
+        ours = qgemm8(windows.rows_words(a, packed), packed, bias, m0, shift, 5, 5, 127)
+        ours32 = qgemm32(windows.rows_words(a, packed), packed, bias, INT32_MIN)
     np.testing.assert_array_equal(ours, K.qgemm_ref(a, wt, bias, m0, shift, 5, 5, 127))
     np.testing.assert_array_equal(ours32, K.qgemm_int32_ref(a, wt, bias, INT32_MIN))
 
@@ -277,17 +296,17 @@ def test_qgemm_hand_computed():
     bias = np.array([4, -1], np.int32)
     packed = K.pack_weights(wt)
     rows = windows.rows_words(a, packed)
-    np.testing.assert_array_equal(K.qgemm_int32(rows, packed, bias, INT32_MIN), [[10, -1], [4, -9]])
-    np.testing.assert_array_equal(K.qgemm_int32(rows, packed, bias, 0), [[10, 0], [4, 0]])
+    np.testing.assert_array_equal(qgemm32(rows, packed, bias, INT32_MIN), [[10, -1], [4, -9]])
+    np.testing.assert_array_equal(qgemm32(rows, packed, bias, 0), [[10, 0], [4, 0]])
     # M = 1/2 as M0 = 2^30, shift 0: one rounding, in the high product, ties toward +inf:
     # 5, -0.5 -> 0, 2, -4.5 -> -4; then + Z_out = 3
     half = np.full(2, 2**30, np.int32), np.zeros(2, np.int8)
-    np.testing.assert_array_equal(K.qgemm(rows, packed, bias, *half, 3, -128, 127), [[8, 3], [5, -1]])
-    np.testing.assert_array_equal(K.qgemm(rows, packed, bias, *half, 3, 3, 127), [[8, 3], [5, 3]])  # fused ReLU
+    np.testing.assert_array_equal(qgemm8(rows, packed, bias, *half, 3, -128, 127), [[8, 3], [5, -1]])
+    np.testing.assert_array_equal(qgemm8(rows, packed, bias, *half, 3, 3, 127), [[8, 3], [5, 3]])  # fused ReLU
     # M = 1/4 as M0 = 2^30, shift -1: 10 -> 5 -> 2.5 -> 3 (RoundingDivideByPOT: away from zero),
     # -1 -> -0.5 -> 0, 4 -> 2 -> 1, -9 -> -4.5 -> -4 -> -2
     quarter = np.full(2, 2**30, np.int32), np.full(2, -1, np.int8)
-    np.testing.assert_array_equal(K.qgemm(rows, packed, bias, *quarter, 3, -128, 127), [[6, 3], [4, 1]])
+    np.testing.assert_array_equal(qgemm8(rows, packed, bias, *quarter, 3, -128, 127), [[6, 3], [4, 1]])
 
 
 @given(st.integers(1, 3), st.sampled_from([4, 8, 12]), st.integers(1, 9), st.integers(1, 9), st.integers(1, 40),
@@ -298,22 +317,28 @@ def test_qgemm_on_windows_read_in_place_is_qgemm_on_im2row(N, C, H, W, F, k, str
     x, wt = random_codes(rng, (N, H, W, C)), random_codes(rng, (F, k * k * C), -127)
     assert windows.conv_fits_words(x.shape, 0) and not windows.conv_fits_words(x.shape, 1)
     rows = K.im2row_nhwc_ref(x, k, k, stride, 0, 0, k * k * C)
-    assert_qgemm_on_words_is_qgemm_on_rows(lambda: windows.conv_words(x, k, k, stride), K.pack_weights(wt), rows, wt,
-                                           rng)
+    assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.conv_words(x, k, k, stride, pool), K.pack_weights(wt),
+                                           rows, wt, rng, (N, (H - k) // stride + 1, (W - k) // stride + 1))
 
 
-def assert_qgemm_on_words_is_qgemm_on_rows(make_words, packed, rows, wt, rng):
-    """qgemm and qgemm_int32 on make_words() (in both builds) against the references on im2row's rows."""
+def assert_qgemm_on_words_is_qgemm_on_rows(make_words, packed, rows, wt, rng, grid):
+    """qgemm, int8 and int32 out, on make_words(pool) (in both builds) against the references on
+    im2row's rows of the conv output grid (N, Ho, Wo); with pool = 2 (window = 4) against the
+    references' 2x2 max-pool."""
     F = len(wt)
     bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
     m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
+    codes = K.qgemm_ref(rows, wt, bias, m0, shift, 3, -128, 127).reshape(*grid, F)
+    sums = K.qgemm_int32_ref(rows, wt, bias, INT32_MIN).reshape(*grid, F)
     for build in ("serial", "threaded"):
-        with parallel.forced(build):
-            words = make_words()
-            np.testing.assert_array_equal(K.qgemm(words, packed, bias, m0, shift, 3, -128, 127),
-                                          K.qgemm_ref(rows, wt, bias, m0, shift, 3, -128, 127), err_msg=build)
-            np.testing.assert_array_equal(K.qgemm_int32(words, packed, bias, INT32_MIN),
-                                          K.qgemm_int32_ref(rows, wt, bias, INT32_MIN), err_msg=build)
+        for pool in (1, 2) if min(grid[1:]) >= 2 else (1,):
+            expected, expected32 = (K.maxpool_nhwc_ref(a, pool, pool).reshape(-1, F) for a in (codes, sums))
+            with parallel.forced(build):
+                words, window = make_words(pool), pool * pool
+                np.testing.assert_array_equal(qgemm8(words, packed, bias, m0, shift, 3, -128, 127, window), expected,
+                                              err_msg=f"{build}, pool {pool}")
+                np.testing.assert_array_equal(qgemm32(words, packed, bias, INT32_MIN, window), expected32,
+                                              err_msg=f"{build}, pool {pool}")
 
 
 @given(pool_geometry(), seeds)
@@ -349,9 +374,9 @@ def conv_layer_case(seed, geom, relu):
     return op, x, (np.maximum(y, 0) if relu else y)
 
 
-@given(seeds, conv_geometry(), st.booleans(), st.integers(1, 3), st.integers(1, 3))
-def test_int_conv_pooled_before_requantizing_gives_the_same_codes(seed, geom, relu, k, stride):
-    op, x, _ = conv_layer_case(seed, geom, relu)
+@given(seeds, conv_geometry(), st.booleans(), st.just((2, 2)) | st.tuples(st.integers(1, 3), st.integers(1, 3)))
+def test_int_conv_pooled_before_requantizing_gives_the_same_codes(seed, geom, relu, pool_size):
+    (k, stride), (op, x, _) = pool_size, conv_layer_case(seed, geom, relu)
     _, Ho, Wo = op.output_shape((x.shape[3], x.shape[1], x.shape[2]))
     assume(min(Ho, Wo) >= k)
     last = ops.IntConv2D(op.W, op.w_scale, op.b, op.in_q, None, relu, op.stride, op.padding)  # int32 sums out
@@ -363,17 +388,19 @@ def test_int_conv_pooled_before_requantizing_gives_the_same_codes(seed, geom, re
                 np.testing.assert_array_equal(conv.forward_pooled(x, pool), expected, err_msg=build)
 
 
-@given(st.integers(1, 20), st.integers(1, 40), seeds, st.booleans())
-def test_requantize_matches_reference(M, F, seed, relu):
+@given(seeds, st.integers(0, 30))
+def test_requantize8_is_the_numpy_arithmetic_on_every_lane(seed, bits):
+    """Many values at once, a third of them exact ties of the final rounding, every shift and
+    multiplier in range: the kernels' lanes agree with the reference, value for value."""
     rng = np.random.default_rng(seed)
-    acc = rng.integers(-(2**31), 2**31, (M, F)).astype(np.int32)
-    m0 = rng.integers(2**30, 2**31, F).astype(np.int32)
-    shift = rng.integers(-31, 2, F).astype(np.int8)
-    z = int(rng.integers(-128, 128))
-    expected = FP.requantize_ref(acc, m0, shift, z, z if relu else -128, 127)
-    for build in ("serial", "threaded"):
-        with parallel.forced(build):
-            np.testing.assert_array_equal(FP.requantize(acc, m0, shift, z, z if relu else -128, 127), expected)
+    n = 8 * 512
+    shift = rng.integers(*FP.SHIFT_RANGE, n, endpoint=True).astype(np.int8)
+    m0 = np.where(rng.random(n) < 0.1, 2**30, rng.integers(0, 2**31, n)).astype(np.int32)
+    x = rng.integers(-(2**bits), 2**bits, n, endpoint=True)
+    tie = rng.random(n) < 0.3  # x m0 / 2^31 lands on k + 1/2 before a shift of 1
+    x = np.where(tie & (m0 == 2**30), 2 * (x >> 1) + 1, x).astype(np.int32)
+    x[:6] = [INT32_MIN, INT32_MAX, 0, -1, 1, INT32_MIN + 1]
+    np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), FP.multiply_by_quantized_multiplier(x, m0, shift))
 
 
 @given(seeds, conv_geometry(), st.booleans())
@@ -690,8 +717,9 @@ def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F,
     x, Wq = random_codes(rng, (N, H, W, 1)), random_codes(rng, (F, 1, KH, KW), -127)
     assert windows.line_fits_words(x.shape, KW, 0) and not windows.line_fits_words(x.shape, KW, 1)
     rows = K.im2row_nhwc_ref(x, KH, KW, stride, 0, 0, KH * KW)
-    assert_qgemm_on_words_is_qgemm_on_rows(lambda: windows.line_words(x, KH, KW, stride), windows.line_weights(Wq),
-                                           rows, Wq.transpose(0, 2, 3, 1).reshape(F, -1), rng)
+    assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.line_words(x, KH, KW, stride, pool),
+                                           windows.line_weights(Wq), rows, Wq.transpose(0, 2, 3, 1).reshape(F, -1),
+                                           rng, (N, (H - KH) // stride + 1, (W - KW) // stride + 1))
 
 
 def test_int8_lenet_on_the_portable_build_matches_the_references():
@@ -717,16 +745,16 @@ def test_dot4_add_both_spellings(monkeypatch, vnni):
     HAS_VNNI is read when a function using dot4_add is compiled, so a fresh
     function compiled with it forced off exercises the path a CPU without VNNI runs.
     """
-    if vnni and not K.HAS_VNNI:
+    if vnni and not V.HAS_VNNI:
         pytest.skip("this CPU has no VNNI: only the portable spelling can run here")
     import numba
 
-    monkeypatch.setattr(K, "HAS_VNNI", vnni)
+    monkeypatch.setattr(V, "HAS_VNNI", vnni)
 
     @numba.njit
     def one_step(x_word, wp):
         out = np.empty(8, np.int32)
-        K.store8(out, 0, K.dot4_add(K.zeros8(), x_word, wp, 0))
+        V.store8(out, 0, V.dot4_add(V.zeros8(), x_word, wp, 0))
         return out
 
     rng = np.random.default_rng(1)

@@ -10,13 +10,17 @@ inside the integer model, so a convolution's receptive field, gathered by
 (positions in the padding read `fill`, the input's zero point, which stands
 for the real value 0), zero-padded to a multiple of ROW_ALIGN = 4 columns.
 A layer is then out[r, f] = requantize(rows[r] . wt[f] + bias[f]) (`qgemm`),
-or the int32 sums themselves for the last layer (`qgemm_int32`).
+or the int32 sums themselves for the last layer, and a conv followed by a
+2x2 max-pool takes the maximum of each window's 4 sums before requantizing
+(the same codes: requantization never decreases): one requantization in 4.
 
 The weights are packed once per layer (`pack_weights`) so that one VNNI
-instruction (vpdpbusd, see `dot4_add`) adds 4 products to each of 8 filters'
+instruction (vpdpbusd, see `vectors.dot4_add`) adds 4 products to each of 8 filters'
 int32 sums: the kernel broadcasts 4 bytes of a row and runs them against 4
 blocks of 8 filters, no horizontal sums, no padding of K beyond 4. Rows
-are independent, so `prange` splits them over cores; small jobs run a
+are independent, so `prange` splits them over cores; the epilogue
+(bias, max-pool, requantization, clamp) runs on 8 filters at a time
+(`vectors.requantize8`) while the sums are still in cache; small jobs run a
 serial build of the same loops (`minicnn.parallel.twin`), as waking Numba's
 workers costs more than they do.
 
@@ -28,17 +32,15 @@ from typing import NamedTuple
 
 import numba
 import numpy as np
-from llvmlite import ir
-from numba import prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic, models, register_model
+from numba import prange
 
 from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
 from minicnn.simd import HAS_VNNI
 
 from .affine import WMAX
-from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier, multiply_by_quantized_multiplier_scalar
+from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
+from .vectors import add8, dot4_add, load8, max8, requantize8, splat8, store8, store_first, zeros8
 
 
 # --------------------------------------------------------------------------
@@ -111,110 +113,6 @@ def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
     N, H, W, _ = x.shape
     rows = N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding)
     return _im2row_nhwc(rows * width, np.ascontiguousarray(x), KH, KW, stride, padding, fill, width)
-
-
-# --------------------------------------------------------------------------
-# The 4-byte dot-product instruction
-#
-# x86's VNNI instruction vpdpbusd adds to each of 8 int32 lanes the dot
-# product of 4 unsigned bytes with 4 signed bytes, exactly (no saturation):
-# 32 multiply-adds per instruction, 4x float32's FMA. Numba does not emit it
-# from loops (LLVM's vectoriser keeps to vpmaddwd, 16 int16 products), so it
-# is called explicitly: `dot4_add(acc, x, wp, i)` with acc an `int32x8`
-# value (an LLVM vector kept in a register), x four bytes packed in an int32
-# and broadcast to the 8 lanes, and wp[i : i + 32] the 8 lanes' 4 weights.
-# A CPU without VNNI gets the same arithmetic spelled as widening
-# multiplies and adds, which LLVM compiles for whatever it has.
-#
-# The activations are int8 but vpdpbusd wants unsigned bytes: flipping the
-# sign bit maps q to u = q + 128 in [0, 255], and the kernels subtract the
-# constant 128 * sum_k w_k (`PackedWeights.colsum`) from each sum.
-
-
-class Int32x8(types.Type):
-    def __init__(self):
-        super().__init__(name="int32x8")
-
-
-int32x8 = Int32x8()
-_V8I32, _V32I8 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(8), 32)
-
-
-@register_model(Int32x8)
-class _Int32x8Model(models.PrimitiveModel):
-    def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8I32)
-
-
-
-
-@intrinsic
-def zeros8(typingctx):
-    """An int32x8 of zeros."""
-    return int32x8(), lambda context, builder, sig, args: ir.Constant(_V8I32, None)
-
-
-def _portable_dpbusd(builder, acc, x, w):
-    u = builder.zext(builder.bitcast(x, _V32I8), ir.VectorType(ir.IntType(32), 32))
-    s = builder.sext(builder.bitcast(w, _V32I8), ir.VectorType(ir.IntType(32), 32))
-    products = builder.mul(u, s)
-    for j in range(4):
-        lanes = ir.Constant(ir.VectorType(ir.IntType(32), 8), [4 * lane + j for lane in range(8)])
-        acc = builder.add(acc, builder.shuffle_vector(products, products, lanes))
-    return acc
-
-
-@intrinsic
-def dot4_add(typingctx, acc, x, wp, i):
-    """acc[l] + sum_j u_j * wp[i + 4 l + j], l < 8, u the 4 bytes of x (uint32) read as unsigned."""
-
-    def codegen(context, builder, sig, args):
-        acc, x, wp, i = args
-        data = context.make_array(sig.args[2])(context, builder, wp).data
-        w = builder.load(builder.bitcast(builder.gep(data, [i]), _V8I32.as_pointer()), align=1)
-        xs = builder.insert_element(ir.Constant(_V8I32, None), builder.trunc(x, ir.IntType(32)),
-                                    ir.Constant(ir.IntType(32), 0))
-        xs = builder.shuffle_vector(xs, xs, ir.Constant(_V8I32, [0] * 8))
-        if not HAS_VNNI:
-            return _portable_dpbusd(builder, acc, xs, w)
-        vpdpbusd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256")
-        return builder.call(vpdpbusd, [acc, xs, w])
-
-    return int32x8(int32x8, types.uint32, wp, types.intp), codegen
-
-
-@intrinsic
-def store8(typingctx, out, i, acc):
-    """out[i : i + 8] = acc (out an int32 array)."""
-
-    def codegen(context, builder, sig, args):
-        out, i, acc = args
-        data = context.make_array(sig.args[0])(context, builder, out).data
-        builder.store(acc, builder.bitcast(builder.gep(data, [i]), _V8I32.as_pointer()), align=4)
-        return context.get_dummy_value()
-
-    return types.none(out, types.intp, int32x8), codegen
-
-
-# The same three in NumPy: what they mean, and what runs with NUMBA_DISABLE_JIT=1.
-
-
-def _zeros8_python():
-    return np.zeros(8, np.int32)
-
-
-def _dot4_add_python(acc, x, wp, i):
-    u = np.array([(int(x) >> (8 * j)) & 255 for j in range(4)], np.int64)
-    return (acc + wp.reshape(-1)[i : i + 32].reshape(8, 4).astype(np.int64) @ u).astype(np.int32)
-
-
-def _store8_python(out, i, acc):
-    out.reshape(-1)[i : i + 8] = acc
-
-
-if numba.config.DISABLE_JIT:
-    zeros8, dot4_add, store8 = _zeros8_python, _dot4_add_python, _store8_python
 
 
 # --------------------------------------------------------------------------
@@ -340,34 +238,83 @@ def _four_rows_sums(x32, starts, r, off, wp, acc):
 ROWS_PER_TASK = 64
 
 
+class Epilogue(NamedTuple):
+    """What qgemm does with each output's sum s (exact, int32), per filter f < F, the arrays padded to
+    the 32 ceil(F/32) filters of the packed weights:
+
+        int8 codes   clamp(MBQM(s + bias[f], m0[f], shift[f]) + z_out, lo, hi)
+        int32        max(s + bias[f], lo)                           (m0 and shift empty)
+
+    bias int32 is the layer's less 128 colsum (the unsigned bytes' offset, PackedWeights), m0 int32,
+    shift int8. Built once per layer by `int8_epilogue` or `int32_epilogue`."""
+
+    bias: np.ndarray
+    m0: np.ndarray
+    shift: np.ndarray
+    z_out: int
+    lo: int
+    hi: int
+    F: int
+
+
+def _padded(packed, values, dtype):
+    out = np.zeros(packed.wp.shape[0] * 8, dtype)
+    out[: len(values)] = values
+    return out
+
+
+def int32_epilogue(packed, bias, lo):
+    """The Epilogue of qgemm_int32_ref(., wt, bias, lo), packed = pack_weights(wt)."""
+    unsigned = np.asarray(bias, np.int64) - 128 * packed.colsum.astype(np.int64)
+    if np.abs(unsigned).max(initial=0) > INT32_MAX:
+        raise ValueError("bias - 128 sum_k w_k must fit in int32 (the layer's accumulators could overflow)")
+    empty = np.zeros(0, np.int32)
+    return Epilogue(_padded(packed, unsigned, np.int32), empty, empty.astype(np.int8), 0, int(lo), INT32_MAX,
+                    len(bias))
+
+
+def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
+    """The Epilogue of qgemm_ref(., wt, bias, m0, shift, z_out, lo, hi), packed = pack_weights(wt)."""
+    if len(m0) == 0 or np.min(m0) < 0:
+        raise ValueError("the requantization multipliers must be >= 0 (quantize_multiplier's)")
+    e = int32_epilogue(packed, bias, INT32_MIN)
+    return e._replace(m0=_padded(packed, m0, np.int32), shift=_padded(packed, shift, np.int8), z_out=int(z_out),
+                      lo=int(lo), hi=int(hi))
+
+
 @numba.njit(inline="always", cache=True)
-def _sums(x32, starts, r0, rows, off, wp, acc, F32):
-    """The sums of rows r0 .. r0 + rows - 1 (rows <= 4), row i's from acc[i F32]: 4 at once if 4."""
-    if rows == 4:
-        _four_rows_sums(x32, starts, r0, off, wp, acc)
-    else:
-        for i in range(rows):
-            _row_sums(x32, starts[r0 + i], off, wp, acc, i * F32)
+def _finish(acc, rows, window, F32, bias, m0, shift, z_out, lo, hi, o, at, F):
+    """The outputs of `rows` rows' sums acc[i F32 + f], one per `window` rows, F values each, stored
+    in the flat o from o[at] on: per 8 filters, the window's maximum (it commutes with the rest),
+    plus bias, requantized (or, m0 empty, kept int32 and clamped below by lo)."""
+    for first in range(0, rows, window):
+        for b in range(0, F, 8):
+            s = load8(acc, first * F32 + b)
+            for k in range(1, window):
+                s = max8(s, load8(acc, (first + k) * F32 + b))
+            s = add8(s, load8(bias, b))
+            s = requantize8(s, m0, shift, b, z_out, lo, hi) if m0.size else max8(s, splat8(lo))
+            store_first(o, at + first // window * F + b, s, min(8, F - b))
 
 
-def _qgemm_loops(x32, starts, off, wp, colsum, bias, m0, shift, z_out, lo, hi, out):
-    """out (M, F) int8: the sums requantized; or int32, when m0 is empty: the sums, max(., lo)."""
-    M, F = starts.size, bias.shape[0]
-    F32 = wp.size // (4 * off.size)
-    for task in prange((M + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
+    """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
+    (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to int8, or int32
+    when m0 is empty. Rows run 4 at a time (a window of 4 is one pass), the last few one by one:
+    one loop calling both tiles through a test runs at half speed in the serial build."""
+    F, F32 = out.shape[1], bias.size
+    o = out.reshape(-1)
+    rows_end = starts.size // window * window
+    for task in prange((rows_end + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         acc = np.empty(4 * F32, dtype=np.int32)
-        end = min(M, (task + 1) * ROWS_PER_TASK)
-        for r0 in range(task * ROWS_PER_TASK, end, 4):
-            rows = min(4, end - r0)
-            _sums(x32, starts, r0, rows, off, wp, acc, F32)
-            for i in range(rows):
-                for f in range(F):
-                    dot = acc[i * F32 + f] - 128 * colsum[f] + bias[f]  # int64 arithmetic: exact
-                    if m0.size:
-                        q = multiply_by_quantized_multiplier_scalar(dot, m0[f], shift[f]) + z_out
-                        out[r0 + i, f] = min(max(q, lo), hi)
-                    else:
-                        out[r0 + i, f] = max(dot, lo)
+        start, end = task * ROWS_PER_TASK, min(rows_end, (task + 1) * ROWS_PER_TASK)
+        fours = start + (end - start) // 4 * 4
+        for r0 in range(start, fours, 4):
+            _four_rows_sums(x32, starts, r0, off, wp, acc)
+            _finish(acc, 4, window, F32, bias, m0, shift, z_out, lo, hi, o, r0 // window * F, F)
+        for r in range(fours, end):  # window 1 here
+            _row_sums(x32, starts[r], off, wp, acc, 0)
+            _finish(acc, 1, 1, F32, bias, m0, shift, z_out, lo, hi, o, r * F, F)
     return out
 
 
@@ -384,28 +331,21 @@ class Words(NamedTuple):
     off: np.ndarray
 
 
-def _check_words(words):
+def qgemm(words, packed, epilogue, window=1):
+    """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi), or qgemm_int32_ref(a, wt, bias, lo), bit for bit,
+    with words = windows.rows_words(a, packed) (or a conv's windows read in place, its im2row rows
+    a), packed = pack_weights(wt) and epilogue = int8_epilogue(packed, bias, m0, ...) (or int32_epilogue).
+
+    window = 4: of each 4 consecutive rows, their maximum: one output (M // 4, F) per 2x2 max-pool
+    window, when the words' rows run pool window by pool window (windows.py)."""
     if not isinstance(words, Words):
         raise TypeError(f"qgemm takes Words (optim.quantization.windows), got {type(words).__name__}")
-    return words
-
-
-def qgemm(words, packed, bias, m0, shift, z_out, lo, hi):
-    """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi) with words = windows.rows_words(a, packed)
-    (or a conv's windows read in place, its im2row rows a) and packed = pack_weights(wt), bit for bit."""
-    x32, starts, off = _check_words(words)
-    work = starts.size * 4 * off.size * len(bias)
-    out = np.empty((starts.size, len(bias)), np.int8)
-    return _qgemm(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, m0, shift, z_out, lo, hi, out)
-
-
-def qgemm_int32(words, packed, bias, lo):
-    """qgemm_int32_ref(a, wt, bias, lo), with words and packed as for qgemm, bit for bit."""
-    x32, starts, off = _check_words(words)
-    work = starts.size * 4 * off.size * len(bias)
-    out, none = np.empty((starts.size, len(bias)), np.int32), np.zeros(0, np.int32)  # no multipliers: int32 out
-    return _qgemm(work, x32, starts, off, packed.wp.reshape(-1), packed.colsum, bias, none, none.astype(np.int8), 0,
-                  lo, INT32_MAX, out)
+    if window not in (1, 4):
+        raise ValueError(f"qgemm pools windows of 1 or 4 rows, got {window}")
+    x32, starts, off = words
+    out = np.empty((starts.size // window, epilogue.F), np.int8 if epilogue.m0.size else np.int32)
+    work = starts.size * 4 * off.size * epilogue.F
+    return _qgemm(work, x32, starts, window, off, packed.wp.reshape(-1), *epilogue[:6], out)
 
 
 # --------------------------------------------------------------------------

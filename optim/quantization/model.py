@@ -73,13 +73,16 @@ class QuantizedModel:
         """Integer codes in, integer codes out: int8 or the last layer's int32 accumulators.
 
         reference=True runs the plain NumPy references, op by op. The kernels take a conv and the
-        max-pool after it together (IntConv2D.forward_pooled): the same codes, fewer requantized.
+        max-pool after it together (IntConv2D.forward_pooled: the same codes, fewer requantized),
+        and a flatten and the dense layer after it (IntDense.forward_nhwc: no reordering pass).
         """
         ops, i = self.layers, 0
         while i < len(ops):
-            pool = ops[i + 1] if i + 1 < len(ops) else None
-            if not reference and isinstance(ops[i], IntConv2D) and isinstance(pool, IntMaxPool2D):
-                q, i = ops[i].forward_pooled(q, pool), i + 2
+            after = ops[i + 1] if i + 1 < len(ops) else None
+            if not reference and isinstance(ops[i], IntConv2D) and isinstance(after, IntMaxPool2D):
+                q, i = ops[i].forward_pooled(q, after), i + 2
+            elif not reference and isinstance(ops[i], IntFlatten) and isinstance(after, IntDense) and q.ndim == 4:
+                q, i = after.forward_nhwc(q), i + 2
             else:
                 q, i = ops[i].forward(q, reference), i + 1
         return q

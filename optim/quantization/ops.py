@@ -30,7 +30,7 @@ from minicnn.kernels import conv_output_size
 from . import kernels as K
 from . import windows
 from .affine import QMAX, QMIN, WMAX, check_scale, check_zero_point
-from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier, requantize
+from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier
 
 
 class _IntLinear:
@@ -72,6 +72,11 @@ class _IntLinear:
         self.wt = K.pad_columns(wt, K.padded_width(wt.shape[1]))
         self.packed = K.pack_weights(self.wt)
         self.folded_bias = folded.astype(np.int32)
+        if self.out_q is None:
+            self.epilogue = K.int32_epilogue(self.packed, self.folded_bias, 0 if self.relu else INT32_MIN)
+        else:
+            self.epilogue = K.int8_epilogue(self.packed, self.folded_bias, multiplier, shift, self.out_q[1],
+                                            self._lowest_code(), QMAX)
 
     def real_multipliers(self):
         """M = S_in S_w / S_out per output channel, computed from the stored float32 scales."""
@@ -84,16 +89,16 @@ class _IntLinear:
             return self.in_q[0] * self.w_scale.astype(np.float64), 0
         return self.out_q
 
-    def matmul(self, rows, weights, reference=False):
+    def matmul(self, rows, weights, reference=False, window=1):
         """rows -> int8 (M, F) requantized, or int32 (M, F) for the last layer. rows and weights: int8
-        (M, K) and wt for the references, Words and their packed weights for the kernels."""
+        (M, K) and wt for the references, Words and their packed weights for the kernels (window:
+        see kernels.qgemm)."""
+        if not reference:
+            return K.qgemm(rows, weights, self.epilogue, window)
         if self.out_q is None:
-            lo = 0 if self.relu else INT32_MIN
-            fn = K.qgemm_int32_ref if reference else K.qgemm_int32
-            return fn(rows, weights, self.folded_bias, lo)
-        fn = K.qgemm_ref if reference else K.qgemm
-        return fn(rows, weights, self.folded_bias, self.multiplier, self.shift, self.out_q[1], self._lowest_code(),
-                  QMAX)
+            return K.qgemm_int32_ref(rows, weights, self.folded_bias, 0 if self.relu else INT32_MIN)
+        return K.qgemm_ref(rows, weights, self.folded_bias, self.multiplier, self.shift, self.out_q[1],
+                           self._lowest_code(), QMAX)
 
     def _lowest_code(self):
         """The clamp's low end: Z_out under a ReLU (the code of the real 0), else QMIN."""
@@ -168,33 +173,34 @@ class IntConv2D(_IntLinear):
         return self.matmul(*self._rows(x, reference), reference=reference).reshape(self._output_nhwc(x.shape))
 
     def forward_pooled(self, x, pool):
-        """forward, then the IntMaxPool2D `pool`, with the pool taken on the int32 sums before they
-        are requantized: the same codes (requantization and its clamp never decrease, so the
-        maximum commutes with them), and a 2x2 pool leaves a quarter of the outputs to requantize."""
-        if self.out_q is None:
+        """forward, then the IntMaxPool2D `pool`. A 2x2 pool of stride 2 is taken inside the GEMM, on
+        each window's 4 int32 sums before they are requantized: the same codes (requantization and
+        its clamp never decrease, so the maximum commutes with them), a quarter of the
+        requantizations, and no full-size output written."""
+        if pool.kernel_size != 2 or pool.stride != 2:
             return pool.forward(self.forward(x))
-        F = self.W.shape[0]
-        sums = K.qgemm_int32(*self._rows(x), self.folded_bias, INT32_MIN)
-        pooled = K.maxpool_nhwc(sums.reshape(self._output_nhwc(x.shape)), pool.kernel_size, pool.stride)
-        codes = requantize(pooled.reshape(-1, F), self.multiplier, self.shift, self.out_q[1], self._lowest_code(),
-                           QMAX)
-        return codes.reshape(pooled.shape)
+        N, Ho, Wo, F = self._output_nhwc(x.shape)
+        return self.matmul(*self._rows(x, pool=2), window=4).reshape(N, Ho // 2, Wo // 2, F)
 
-    def _rows(self, x, reference=False):
+    def _rows(self, x, reference=False, pool=1):
         """(rows, weights) for matmul: im2row's rows and wt for the references; for the kernels, the
         windows as Words and their packed weights: read in place where the lines of a window are
-        whole words (windows.py), else copied by im2row."""
+        whole words (windows.py), else copied by im2row; pool = 2: the rows in windows.pool_order."""
         _, _, KH, KW = self.W.shape
         if reference:
             return K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1]), self.wt
         if windows.conv_fits_words(x.shape, self.padding):
-            return windows.conv_words(x, KH, KW, self.stride), self.packed
+            return windows.conv_words(x, KH, KW, self.stride, pool), self.packed
         if windows.line_fits_words(x.shape, KW, self.padding):
             if self._line_packed is None:
                 self._line_packed = windows.line_weights(self.W)
-            return windows.line_words(x, KH, KW, self.stride), self._line_packed
+            return windows.line_words(x, KH, KW, self.stride, pool), self._line_packed
         rows = K.im2row_nhwc(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad: code of 0
-        return windows.rows_words(rows, self.packed), self.packed
+        words = windows.rows_words(rows, self.packed)
+        if pool > 1:
+            N, Ho, Wo, _ = self._output_nhwc(x.shape)
+            words = words._replace(starts=words.starts[windows.pool_order(N, Ho, Wo, pool)])
+        return words, self.packed
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -228,6 +234,10 @@ class IntDense(_IntLinear):
     kind = "dense"
     weight_ndim, out_axis = 2, 1
 
+    def __init__(self, W, w_scale, b, in_q, out_q, relu, multiplier=None, shift=None):
+        super().__init__(W, w_scale, b, in_q, out_q, relu, multiplier, shift)
+        self._nhwc = None  # (H, W, C), and the weights packed for inputs of that shape: see forward_nhwc
+
     def kernel_weights(self):
         return np.ascontiguousarray(self.W.T)  # (out, in): each output one contiguous dot product
 
@@ -235,6 +245,19 @@ class IntDense(_IntLinear):
         if reference:
             return self.matmul(K.pad_columns(x, self.wt.shape[1]), self.wt, reference=True)
         return self.matmul(windows.rows_words(x, self.packed), self.packed)
+
+    def forward_nhwc(self, x):
+        """forward(IntFlatten().forward(x)) of x int8 (N, H, W, C), with no flattening pass: the
+        weights' columns are put in NHWC order once (per input shape) instead of the activations
+        in (C, H, W) order every call."""
+        if self._nhwc is None or self._nhwc[0] != x.shape[1:]:
+            H, W, C = x.shape[1:]
+            if H * W * C != self.W.shape[0]:
+                raise ValueError(f"IntDense expects {self.W.shape[0]} inputs, got {H}x{W}x{C} = {H * W * C}")
+            wt = self.kernel_weights().reshape(-1, C, H, W).transpose(0, 2, 3, 1).reshape(self.W.shape[1], -1)
+            self._nhwc = x.shape[1:], K.pack_weights(K.pad_columns(wt, self.wt.shape[1]))
+        packed = self._nhwc[1]
+        return self.matmul(windows.rows_words(x.reshape(len(x), -1), packed), packed)
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.W.shape[0],):

@@ -11,7 +11,9 @@ conv's window needs no copy when its lines are whole words in the image:
                  L = ceil(KW / 4) words of the copy where it starts on a word; its 4L - KW
                  bytes past the window meet zero weights (line_weights)
 
-against im2row, which copies every window (25 bytes per output pixel for a 5x5 conv).
+against im2row, which copies every window (25 bytes per output pixel for a 5x5 conv). With
+pool = 2 the rows come pool window by pool window (`pool_order`): the 4 pixels of each 2x2
+max-pool window, for qgemm's window = 4.
 """
 
 import functools
@@ -20,7 +22,8 @@ import numpy as np
 
 from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns
 
-__all__ = ["conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_words", "rows_words"]
+__all__ = ["conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_words", "pool_order",
+           "rows_words"]
 
 
 def rows_words(a, packed):
@@ -37,22 +40,34 @@ def conv_fits_words(x_shape, padding):
     return padding == 0 and x_shape[3] % ROW_ALIGN == 0
 
 
-def conv_words(x, KH, KW, stride):
+@functools.lru_cache(maxsize=16)
+def pool_order(N, Ho, Wo, pool):
+    """int64 (N Hp Wp pool^2): the indices of a conv's output pixels (rows (n Ho + i) Wo + j) pool
+    window by pool window, the windows in NHWC order, the pixels of each row by row; Hp = Ho // pool,
+    Wp = Wo // pool (a last row or column no window covers is left out, as max-pooling does). Read-only."""
+    Hp, Wp = Ho // pool, Wo // pool
+    pixels = np.arange(N * Ho * Wo).reshape(N, Ho, Wo)[:, : Hp * pool, : Wp * pool]
+    order = pixels.reshape(N, Hp, pool, Wp, pool).transpose(0, 1, 3, 2, 4).reshape(-1)
+    order.flags.writeable = False
+    return order
+
+
+def conv_words(x, KH, KW, stride, pool=1):
     """The Words of the conv windows of x int8 (N, H, W, C), read in place: im2row's row of output
-    pixel (n, i, j), in its (kh, kw, c) order, is the words x32[starts[(n Ho + i) Wo + j] + off[g]].
-    For conv_fits_words inputs."""
-    starts, off = _window_offsets(*x.shape, KH, KW, stride)
+    pixel (n, i, j), in its (kh, kw, c) order, is the words x32[starts[(n Ho + i) Wo + j] + off[g]]
+    (pool > 1: the rows in pool_order). For conv_fits_words inputs."""
+    starts, off = _window_offsets(*x.shape, KH, KW, stride, pool)
     return Words(np.ascontiguousarray(x).view(np.uint32).reshape(-1), starts, off)
 
 
 @functools.lru_cache(maxsize=16)
-def _window_offsets(N, H, W, C, KH, KW, stride):
+def _window_offsets(N, H, W, C, KH, KW, stride, pool):
     """(starts, off) of conv_words, kept per shape: worked out with numpy, they would cost a batch-1
     conv more than its arithmetic. Read-only."""
     Ho, Wo, C4 = (H - KH) // stride + 1, (W - KW) // stride + 1, C // ROW_ALIGN
     n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
     kh, kw, c = np.ix_(np.arange(KH), np.arange(KW), np.arange(C4))
-    starts = (((n * H + i) * W + j) * C4).reshape(-1).astype(np.int64)
+    starts = (((n * H + i) * W + j) * C4).reshape(-1)[pool_order(N, Ho, Wo, pool)].astype(np.int64)
     off = ((kh * W + kw) * C4 + c).reshape(-1).astype(np.int64)
     starts.flags.writeable = off.flags.writeable = False
     return starts, off
@@ -73,12 +88,12 @@ def line_weights(W):
     return pack_weights(wt.reshape(F, -1))
 
 
-def line_words(x, KH, KW, stride):
+def line_words(x, KH, KW, stride, pool=1):
     """The Words of the windows of x int8 (N, H, W, 1), for line_fits_words inputs and
     line_weights: line kh of output pixel (n, i, j) is words j' // 4 .. j' // 4 + L - 1 of row
-    i S + kh in the copy shifted by j' % 4 bytes, j' = j S."""
+    i S + kh in the copy shifted by j' % 4 bytes, j' = j S (pool > 1: the pixels in pool_order)."""
     N, H, W, _ = x.shape
-    starts, off, Wq = _line_offsets(N, H, W, KH, KW, stride)
+    starts, off, Wq = _line_offsets(N, H, W, KH, KW, stride, pool)
     copies = np.zeros((ROW_ALIGN, N, H, ROW_ALIGN * Wq), np.int8)
     for s in range(min(ROW_ALIGN, W)):
         copies[s, :, :, : W - s] = x[:, :, s:, 0]
@@ -86,13 +101,14 @@ def line_words(x, KH, KW, stride):
 
 
 @functools.lru_cache(maxsize=16)
-def _line_offsets(N, H, W, KH, KW, stride):
+def _line_offsets(N, H, W, KH, KW, stride, pool):
     """(starts, off, words per row of a copy) of line_words, kept per shape. Read-only."""
     L = -(-KW // ROW_ALIGN)
     Wq = W // ROW_ALIGN + L + 1  # the last window's last word inside its row
     Ho, Wo = (H - KH) // stride + 1, (W - KW) // stride + 1
     n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
-    starts = ((((j % ROW_ALIGN) * N + n) * H + i) * Wq + j // ROW_ALIGN).reshape(-1).astype(np.int64)
+    starts = ((((j % ROW_ALIGN) * N + n) * H + i) * Wq + j // ROW_ALIGN).reshape(-1)[pool_order(N, Ho, Wo, pool)]
+    starts = starts.astype(np.int64)
     kh, line = np.ix_(np.arange(KH), np.arange(L))
     off = (kh * Wq + line).reshape(-1).astype(np.int64)
     starts.flags.writeable = off.flags.writeable = False
