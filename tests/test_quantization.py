@@ -709,6 +709,16 @@ def test_cli_quantize(tmp_path, capsys):
     assert "invalid choice: 4" in capsys.readouterr().err
 
 
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 13), st.integers(0, 6), seeds)
+def test_shifted_copies_match_reference(N, H, W, extra, seed):
+    x = random_codes(np.random.default_rng(seed), (N, H, W))
+    expected = K.shifted_copies_ref(x, W + extra)
+    assert expected.shape == (4, N, H, W + extra)
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            np.testing.assert_array_equal(K.shifted_copies(x, W + extra), expected, err_msg=build)
+
+
 @given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 14), st.integers(1, 20), st.integers(1, 8),
        st.integers(1, 8), st.integers(1, 3), seeds)
 def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F, KH, KW, stride, seed):

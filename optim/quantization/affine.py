@@ -132,4 +132,4 @@ def quantize_nhwc(x, scale, zero_point):
     """Fast quantize_nhwc_ref, bit for bit (x a 4-D float array; other than float32, read as float64,
     which is what affine_quantize computes in)."""
     x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)
-    return _quantize_nhwc(x.size, x, float(scale), int(zero_point))
+    return _quantize_nhwc(2 * x.size, x, float(scale), int(zero_point))  # work: elements read and written

@@ -115,6 +115,38 @@ def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
     return _im2row_nhwc(rows * width, np.ascontiguousarray(x), KH, KW, stride, padding, fill, width)
 
 
+def shifted_copies_ref(x, width):
+    """int8 (4, N, H, width): copy s of x int8 (N, H, W) is x shifted left by s bytes, zero-filled
+    (width >= W): copies[s, n, h, j] = x[n, h, j + s] where j + s < W, else 0."""
+    N, H, W = x.shape
+    copies = np.zeros((ROW_ALIGN, N, H, width), np.int8)
+    for s in range(min(ROW_ALIGN, W)):
+        copies[s, :, :, : W - s] = x[:, :, s:]
+    return copies
+
+
+def _shifted_copies_loops(x, width):
+    N, H, W = x.shape
+    out = np.empty((ROW_ALIGN, N, H, width), np.int8)
+    xf, of = x.reshape(-1), out.reshape(-1)
+    for t in prange(N * H):
+        for s in range(ROW_ALIGN):
+            src, dst, inside = t * W + s, (s * N * H + t) * width, max(0, W - s)
+            for j in range(inside):  # unsigned indices: the copy vectorises
+                of[np.uint64(dst + j)] = xf[np.uint64(src + j)]
+            for j in range(inside, width):
+                of[np.uint64(dst + j)] = 0
+    return out
+
+
+_shifted_copies = twin(_shifted_copies_loops)
+
+
+def shifted_copies(x, width):
+    """Fast shifted_copies_ref, same contract; serial for small inputs (batch 1)."""
+    return _shifted_copies(ROW_ALIGN * x.size, np.ascontiguousarray(x), width)
+
+
 # --------------------------------------------------------------------------
 # Integer matrix products: out[r, f] from the dot of row r of a with row f of wt
 

@@ -20,7 +20,7 @@ import functools
 
 import numpy as np
 
-from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns
+from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns, shifted_copies
 
 __all__ = ["conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_words", "pool_order",
            "rows_words"]
@@ -94,9 +94,7 @@ def line_words(x, KH, KW, stride, pool=1):
     i S + kh in the copy shifted by j' % 4 bytes, j' = j S (pool > 1: the pixels in pool_order)."""
     N, H, W, _ = x.shape
     starts, off, Wq = _line_offsets(N, H, W, KH, KW, stride, pool)
-    copies = np.zeros((ROW_ALIGN, N, H, ROW_ALIGN * Wq), np.int8)
-    for s in range(min(ROW_ALIGN, W)):
-        copies[s, :, :, : W - s] = x[:, :, s:, 0]
+    copies = shifted_copies(x.reshape(N, H, W), ROW_ALIGN * Wq)
     return Words(copies.reshape(-1).view(np.uint32), starts, off)
 
 
