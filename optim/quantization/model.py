@@ -61,10 +61,16 @@ class QuantizedModel:
 
     def quantize_input(self, x):
         """float (N, C, H, W) -> int8 (N, H, W, C) codes (or (N, F) for flat inputs)."""
+        return self._quantize(self._check_input(x))
+
+    def _check_input(self, x):
         check_array(x, "model input", ndim=1 + len(self.input_shape))
         if x.shape[1:] != self.input_shape:
             expected = ", ".join(map(str, self.input_shape))
             raise ValueError(f"model expects inputs of shape (N, {expected}), got {x.shape}")
+        return x
+
+    def _quantize(self, x):
         if x.ndim == 4:
             return quantize_nhwc(x, *self.input_q)
         return affine_quantize(x, *self.input_q)
@@ -98,12 +104,12 @@ class QuantizedModel:
     def predict(self, x, batch_size=256, reference=False):
         """Logits float32 (N, ...) computed in integers between the input and the output."""
         batch_size = check_positive_int(batch_size, "batch_size")
-        check_array(x, "model input", ndim=1 + len(self.input_shape))
-        outs = [self.dequantize_output(self.forward_int(self.quantize_input(x[i : i + batch_size]), reference))
+        x = self._check_input(x)  # once, not per batch
+        outs = [self.dequantize_output(self.forward_int(self._quantize(x[i : i + batch_size]), reference))
                 for i in range(0, len(x), batch_size)]
         if not outs:
             return np.zeros((0, *self.output_shape), np.float32)
-        return np.concatenate(outs)
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
 
     def summary(self):
         """The quantization settings, then minicnn's per-op table (str)."""

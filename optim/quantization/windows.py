@@ -31,7 +31,15 @@ def rows_words(a, packed):
     of 4 columns, row r's words x32[r G + g]."""
     G = packed.wp.shape[1]
     x32 = pad_columns(np.ascontiguousarray(a), 4 * G).view(np.uint32).reshape(-1)
-    return Words(x32, np.arange(len(a), dtype=np.int64) * G, np.arange(G, dtype=np.int64))
+    return Words(x32, *_row_offsets(len(a), G))
+
+
+@functools.lru_cache(maxsize=16)
+def _row_offsets(M, G):
+    """(starts, off) of rows_words, kept per shape. Read-only."""
+    starts, off = np.arange(M, dtype=np.int64) * G, np.arange(G, dtype=np.int64)
+    starts.flags.writeable = off.flags.writeable = False
+    return starts, off
 
 
 def conv_fits_words(x_shape, padding):
