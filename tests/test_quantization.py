@@ -733,13 +733,14 @@ def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F,
 
 
 def test_int8_lenet_on_the_portable_build_matches_the_references():
-    """Without AVX-512 and VNNI: im2row, windows read in place (conv2's 20 channels), pools on int32
-    sums, the GEMM in both builds, bit for bit with the NumPy references."""
+    """Without AVX-512 and VNNI: windows read in place (conv1's shifted copies, conv2's 20 channels),
+    the GEMM with its pool and requantization (<8 x i64> on AVX2) in both builds, bit for bit with
+    the NumPy references."""
     run_without_avx512(
         "import numpy as np\n"
         "from minicnn import parallel, zoo\n"
-        "from optim.quantization import kernels, quantize_model\n"
-        "assert not kernels.HAS_VNNI\n"
+        "from optim.quantization import quantize_model, vectors\n"
+        "assert not vectors.HAS_VNNI\n"
         "x = np.random.default_rng(1).random((9, 1, 28, 28), dtype=np.float32)\n"
         "q = quantize_model(zoo.build('lenet5', seed=0), x, per_channel=True)\n"
         "for build in ('serial', 'threaded'):\n"

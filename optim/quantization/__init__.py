@@ -13,9 +13,12 @@ What lives where:
     calibration.py  the integer graph of a model (plan) and the activation ranges
                     (min/max, EMA, percentile)
     fixedpoint.py   TFLite's requantization: M = M0 2^(shift - 31), rounding high multiply
-                    and rounding shift, scalar (Numba) and NumPy versions, and over arrays
-    kernels.py      Numba kernels on int8 NHWC: im2row, int8 GEMM on VNNI with int32 sums
-                    and requantization, max-pool; a NumPy reference for each
+                    and rounding shift, in NumPy (the references' arithmetic)
+    vectors.py      int32x8: 8 int32 sums in a register, VNNI's 4-byte dot product, and the
+                    requantization on 8 lanes at once (LLVM IR through Numba intrinsics)
+    kernels.py      Numba kernels on int8 NHWC: im2row, int8 GEMM on VNNI with int32 sums, a
+                    2x2 max-pool and the requantization in its epilogue, max-pool; a NumPy
+                    reference for each
     windows.py      the GEMM's rows as words: im2row's, or a conv's windows read in place
     ops.py          IntConv2D, IntDense, IntMaxPool2D, IntFlatten, IntReLU
     model.py        QuantizedModel, its file format (kind "quantized_int8"), convert and

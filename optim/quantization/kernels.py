@@ -36,7 +36,6 @@ from numba import prange
 
 from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
-from minicnn.simd import HAS_VNNI
 
 from .affine import WMAX
 from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
