@@ -33,7 +33,7 @@ from numba import prange
 from minicnn import kernels
 from minicnn.parallel import twin
 
-ROW_BLOCK = 64  # input rows that stay in cache while every weight row streams past them
+ROW_BLOCK = 64  # input rows per task
 
 # Threads pay from this many inner-loop steps (a word packed, compared or
 # summed) on: below it a batch-1 LeNet-5 layer runs faster on one thread.
@@ -118,31 +118,30 @@ def im2row_signs_ref(xp, KH, KW, stride):
     return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
 
 
-@numba.njit(cache=True)
-def _bits_at(line, p, width):
-    """`width` (< 64) bits of a packed line (words,) uint64 starting at bit p, in the low bits of a uint64."""
-    w, o = p // 64, p % 64
-    bits = line[w] >> np.uint64(o)
-    if o + width > 64:  # the run continues in the next word
-        bits |= line[w + 1] << np.uint64(64 - o)
-    return bits & ((np.uint64(1) << np.uint64(width)) - np.uint64(1))
-
-
 def _gather_rows_loops(lines, KH, KW, stride, Ho, Wo):
-    N, C = lines.shape[:2]
+    N, C, Hp, L = lines.shape
     n = C * KH * KW
-    packed = np.zeros((N * Ho * Wo, words_for(n)), np.uint64)
+    flat, mask = lines.reshape(-1), (np.uint64(1) << np.uint64(KW)) - np.uint64(1)
+    packed = np.empty((N * Ho * Wo, words_for(n)), np.uint64)
     for r in prange(N * Ho * Wo):
         image, i, j = r // (Ho * Wo), (r // Wo) % Ho, r % Wo
-        k = 0  # bit position in the row, which runs (c, kh, kw) as im2row's columns
-        for c in range(C):
+        at, o = j * stride // 64, np.uint64(j * stride % 64)  # where the runs start in their lines
+        word, filled, w = np.uint64(0), 0, 0  # the row's next word, built in a register: its bits so far
+        for c in range(C):  # the row runs (c, kh, kw) as im2row's columns
             for kh in range(KH):
-                run = _bits_at(lines[image, c, i * stride + kh], j * stride, KW)
-                o = k % 64
-                packed[r, k // 64] |= run << np.uint64(o)
-                if o + KW > 64:
-                    packed[r, k // 64 + 1] |= run >> np.uint64(64 - o)
-                k += KW
+                first = np.uint64(((image * C + c) * Hp + i * stride + kh) * L + at)
+                run = flat[first] >> o
+                if o + np.uint64(KW) > np.uint64(64):  # the run continues in the line's next word
+                    run |= flat[first + np.uint64(1)] << (np.uint64(64) - o)
+                run &= mask
+                word |= run << np.uint64(filled)
+                filled += KW
+                if filled >= 64:  # full: stored, and the run's bits past it start the next word
+                    packed[r, w] = word
+                    w, filled = w + 1, filled - 64
+                    word = run >> np.uint64(KW - filled)  # KW - filled in 1 .. KW < 64 bits already placed
+        if filled:
+            packed[r, w] = word
     return packed
 
 
@@ -163,8 +162,13 @@ def im2row_signs(xp, KH, KW, stride):
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
     lines = pack_signs(xp.reshape(-1, Wp)).reshape(N, C, Hp, -1)
     A = np.abs(xp).sum(axis=1, dtype=np.float32)
-    windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
-    beta = windows.sum(axis=(3, 4), dtype=np.float32).reshape(-1) / np.float32(C * KH * KW)
+    window_lines = A[:, :, 0 : stride * (Wo - 1) + 1 : stride].copy()  # sums of KW, then of KH of them
+    for kw in range(1, KW):
+        window_lines += A[:, :, kw : kw + stride * (Wo - 1) + 1 : stride]
+    windows = window_lines[:, 0 : stride * (Ho - 1) + 1 : stride].copy()
+    for kh in range(1, KH):
+        windows += window_lines[:, kh : kh + stride * (Ho - 1) + 1 : stride]
+    beta = windows.reshape(-1) / np.float32(C * KH * KW)
     return _gather_rows(N * Ho * Wo * C * KH, lines, KH, KW, stride, Ho, Wo), beta
 
 
@@ -178,18 +182,20 @@ def xnor_matmul_ref(a, w, n):
     return exact.astype(np.int32)  # integers below 2**53: float64 is exact
 
 
-def _xnor_matmul_loops(a, w, n):
+def _xnor_matmul_loops(a, wt, n):
     R, K = a.shape
-    F = w.shape[0]
+    F = wt.shape[1]
     out = np.empty((R, F), np.int32)
-    blocks = (R + ROW_BLOCK - 1) // ROW_BLOCK
-    for t in prange(blocks * F):
-        first, j = (t // F) * ROW_BLOCK, t % F
-        for r in range(first, min(R, first + ROW_BLOCK)):
-            differ = 0
+    for t in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
+        differ = np.empty(F, np.int64)
+        for r in range(t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK)):
+            differ[:] = 0
             for k in range(K):
-                differ += popcount(a[r, k] ^ w[j, k])
-            out[r, j] = n - 2 * differ
+                x = a[r, k]
+                for j in range(F):  # across filters: LLVM runs 8 at once (vpopcntq where the CPU has it)
+                    differ[j] += popcount(x ^ wt[k, j])
+            for j in range(F):
+                out[r, j] = n - 2 * differ[j]
     return out
 
 
@@ -198,4 +204,4 @@ _xnor_matmul = twin(_xnor_matmul_loops, MIN_STEPS)
 
 def xnor_matmul(a, w, n):
     """Fast xnor_matmul_ref: a (R, words), w (F, words) uint64 -> (R, F) int32."""
-    return _xnor_matmul(a.size * w.shape[0], a, w, n)
+    return _xnor_matmul(a.size * w.shape[0], a, np.ascontiguousarray(w.T), n)
