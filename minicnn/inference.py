@@ -43,10 +43,11 @@ Wp, C) padded and channels last, float32. A dense stage's x has `shape`:
 Flatten's (C, H, W) order puts where narrow.input_order says. The stage
 checks the input's channels or features against the layer's. optim's
 sparse and weight-shared layers offer them (their dense weights, or the
-sparse kernel where it is faster), and so do its packed binary layers with
-real inputs. Everything else (float64 models, optim's other layers) runs
-its own forward. The results agree with Sequential.forward to float32
-rounding (tests/test_inference.py).
+sparse kernel where it is faster), and so do its packed binary layers
+(XNOR-popcount where their inputs are binary too). Everything else (float64
+models, optim's other layers) runs its own forward. The results agree with
+Sequential.forward to float32 rounding (tests/test_inference.py; a binary
+input's sign can flip where rounding moves a value across 0).
 Docs: docs/techniques.md, "The float32 baseline".
 """
 

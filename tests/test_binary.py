@@ -120,7 +120,8 @@ def test_pack_lanes_puts_output_16g_plus_l_in_bit_l():
 
 def test_addsub_and_xnor_kernels_without_avx512_agree():
     """The portable path: the kernels compiled for an AVX2-only CPU (Numba's CPU name), where a
-    masked add is a blend, in a fresh process, against the references."""
+    masked add is a blend and a popcount has no vector instruction, in a fresh process, against
+    the references; LeNet-5's predict (fused stages, real and binary inputs) against forward."""
     run_without_avx512(
         "import numpy as np\n"
         "from minicnn import parallel\n"
@@ -138,10 +139,11 @@ def test_addsub_and_xnor_kernels_without_avx512_agree():
         "        assert (d == np.where(x >= 0, 1, -1) @ s.T.astype(int)).all(), build\n"
         "from minicnn import zoo\n"
         "from optim.binary import binarize, pack\n"
-        "m = pack(binarize(zoo.lenet5(seed=0)))\n"
         "x = rng.random((9, 1, 28, 28), dtype=np.float32)\n"
-        "for b in (1, 9):\n"
-        "    assert np.abs(m.predict(x[:b]) - m.forward(x[:b])).max() < 2e-5, b\n"
+        "for acts in (False, True):\n"
+        "    m = pack(binarize(zoo.lenet5(seed=0), binary_activations=acts))\n"
+        "    for b in (1, 9):\n"
+        "        assert np.abs(m.predict(x[:b]) - m.forward(x[:b])).max() < 2e-5, (acts, b)\n"
         "print('ok')\n"
     )
 
@@ -285,10 +287,11 @@ def small_cnn(seed=0):
 @given(st.integers(1, 20), st.integers(0, 1), st.booleans(), seeds)
 @example(1, 0, False, 0)  # the add/subtract kernel
 @example(9, 1, True, 1)  # the float one on decoded weights, and a row left over
-def test_predict_runs_real_input_binary_layers_in_fused_stages(N, padding, relu_after_pool, seed):
-    """Packed binary layers with real inputs join predict's stages (the add/subtract kernel below
-    ADDSUB_BELOW rows, the float one on decoded weights from there); with binary inputs they run
-    their own forward. Either way predict is forward."""
+def test_predict_runs_binary_layers_in_fused_stages(N, padding, relu_after_pool, seed):
+    """Packed binary layers join predict's stages: with real inputs the add/subtract kernel below
+    ADDSUB_BELOW rows, the float one on decoded weights from there; with binary inputs
+    XNOR-popcount on channels-last signs, the ReLU and pool in its loop. Either way predict is
+    forward."""
     rng = np.random.default_rng(seed)
     layers = [Conv2D(1, 4, 5, rng=rng), MaxPool2D(2), Conv2D(4, 8, 3, padding=padding, rng=rng), MaxPool2D(2)]
     layers += [ReLU()] if relu_after_pool else []
@@ -298,7 +301,7 @@ def test_predict_runs_real_input_binary_layers_in_fused_stages(N, padding, relu_
     for binary_activations in (False, True):
         packed = pack(binarize(model, binary_activations=binary_activations))
         kinds = [type(stage).__name__ for stage in Inference(packed.layers).stages]
-        assert (kinds == ["_Conv", "_Conv", "_Dense", "_Dense"]) != binary_activations, kinds
+        assert kinds == ["_Conv", "_Conv", "_Dense", "_Dense"], kinds
         for build in BUILDS:
             with parallel.forced(build):
                 np.testing.assert_allclose(packed.predict(x), packed.forward(x), rtol=0, atol=2e-5)
@@ -443,6 +446,43 @@ def test_im2row_signs_matches_reference(geom, seed):
             bits, beta = xnor.im2row_signs(xp, k, k, s)
         np.testing.assert_array_equal(bits, ref_bits, err_msg=f"packed receptive fields vs reference ({build})")
         np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
+
+
+@given(conv_geometry(max_channels=24), seeds)
+@example((2, 20, 12, 12, 1, 5, 1, 0), 0)  # LeNet-5's conv2: window lines of 100 bits
+@example((1, 13, 9, 9, 1, 4, 3, 1), 1)  # 52-bit lines at stride 3: pieces straddling words
+def test_im2row_signs_nhwc_matches_reference(geom, seed):
+    """Channels last: a window line is one run of KW C bits, moved in pieces of at most 32."""
+    N, C, H, W, F, k, s, p = geom
+    xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
+    ref_bits, ref_beta = xnor.im2row_signs_nhwc_ref(xp, k, k, s)
+    for build in BUILDS:
+        with parallel.forced(build):
+            bits, beta = xnor.im2row_signs_nhwc(xp, k, k, s)
+        np.testing.assert_array_equal(bits, ref_bits, err_msg=f"packed receptive fields vs reference ({build})")
+        np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
+
+
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 70), st.integers(1, 150),
+       st.booleans(), st.booleans(), seeds)
+def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):
+    """Scaled XNOR products with the ReLU and the 2x2 pool in the loop, bit for bit (the same float32
+    operations in the same order), odd grids included (the pool drops the last row and column)."""
+    rng = np.random.default_rng(seed)
+    words = xnor.words_for(n)
+    a = xnor.pack_signs(rng.standard_normal((N * Ho * Wo, n)).astype(np.float32))
+    w = xnor.pack_signs(rng.standard_normal((F, n)).astype(np.float32))
+    beta, alpha = rng.random(N * Ho * Wo, dtype=np.float32), rng.random(F, dtype=np.float32)
+    b = rng.standard_normal(F).astype(np.float32)
+    pool = pool and min(Ho, Wo) >= 2
+    expected = xnor.xnor_layer_ref(a, w, n, beta, alpha, b, (N, Ho, Wo), relu, pool)
+    assert a.shape == (N * Ho * Wo, words) and expected.shape[1:3] == ((Ho // 2, Wo // 2) if pool else (Ho, Wo))
+    for build in BUILDS:
+        with parallel.forced(build):
+            out = np.empty(expected.shape, np.float32)
+            got = xnor.xnor_layer(a, np.ascontiguousarray(w.T), n, beta, alpha, b, (N, Ho, Wo), relu, pool, out)
+        assert got is out
+        np.testing.assert_array_equal(out, expected, err_msg=build)
 
 
 @pytest.mark.parametrize("width,k,stride", [(70, 5, 1), (150, 7, 3), (64, 3, 2), (129, 1, 1)])

@@ -68,7 +68,7 @@ class PackedBinaryLayer(Layer):
         self.n, self.binary_input = int(n), check_bool(binary_input, "binary_input")
         # Real inputs meet the signs 16 outputs at a time (addsub.py): the same bits, laid out by input.
         self.lanes = None if self.binary_input else addsub.pack_lanes(self.signs())
-        self.fused = not self.binary_input  # minicnn.inference runs it in a stage (fused_conv, fused_dense)
+        self.fused = True  # minicnn.inference runs it in a stage (fused_conv, fused_dense)
         self._laid_out = {}  # what predict's kernels read, by layout: built on first use
 
     @classmethod
@@ -152,8 +152,11 @@ class PackedBinaryDense(PackedBinaryLayer):
         return self.rows_forward(x)
 
     def fused_dense(self, shape, relu):
-        """For minicnn.inference (real inputs): run(x, out) on x of `shape` (minicnn.inference's
-        protocol), its inputs met in x's order: the lanes' columns or the weights' rows put in it once.
+        """For minicnn.inference: run(x, out) on x of `shape` (minicnn.inference's protocol), its
+        inputs met in x's order: the lanes' columns, the weights' rows or their signs put in it once.
+
+        Binary inputs: x's signs packed row by row, against the weights' signs in x's order
+        (xnor.xnor_layer, beta = mean |x| per row).
 
         Below ADDSUB_BELOW rows, the masked adds of addsub.py, which read a bit per weight where
         the float kernel reads 4 bytes: LeNet-5's fc1 at batch 1 took 16 us against 36. From 8
@@ -162,6 +165,17 @@ class PackedBinaryDense(PackedBinaryLayer):
         runs on the decoded weights alpha_j * s_ji.
         """
         N, K, F = shape[0], self.in_features, self.out_features
+        if self.binary_input:
+            wt = self._in_order("bits", shape)
+
+            def run(x, out):
+                x = x.reshape(N, K)
+                beta = np.abs(x).mean(axis=1, dtype=np.float32)
+                xnor.xnor_layer(xnor.pack_signs(x), wt, self.n, beta, self.alpha, self.b, (N, 1, 1), relu, False,
+                                out.reshape(N, 1, 1, F))
+                return out
+
+            return run
         if N < ADDSUB_BELOW:
             kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self._in_order("lanes", shape)
             return lambda x, out: kernel(x.reshape(N, K), lanes, self.alpha, self.b, out)
@@ -169,12 +183,18 @@ class PackedBinaryDense(PackedBinaryLayer):
         return lambda x, out: kernel(x.reshape(N, K), W, self.b, out)
 
     def _in_order(self, what, shape):
-        """The lanes' columns ("lanes") or the decoded W (in, out)'s rows ("W") in the order of a
-        stage's inputs of `shape` (narrow.input_order); kept."""
+        """The lanes' columns ("lanes"), the decoded W (in, out)'s rows ("W") or the signs packed and
+        transposed ("bits": (words, F), xnor_layer's wt) in the order of a stage's inputs of `shape`
+        (narrow.input_order); kept."""
         key = (what, shape[1:])
         if key not in self._laid_out:
             order = narrow.input_order(shape)
-            kept = self.lanes[:, order] if what == "lanes" else self.decoded().T[order]
+            if what == "lanes":
+                kept = self.lanes[:, order]
+            elif what == "W":
+                kept = self.decoded().T[order]
+            else:
+                kept = xnor.pack_signs(self.signs()[:, order]).T
             self._laid_out[key] = np.ascontiguousarray(kept)
         return self._laid_out[key]
 
@@ -226,13 +246,28 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         return np.ascontiguousarray(out.reshape(x.shape[0], Ho, Wo, -1).transpose(0, 3, 1, 2))
 
     def fused_conv(self, padded_shape, relu, pool):
-        """For minicnn.inference (real inputs): run(xp, out) on channels-last padded inputs.
+        """For minicnn.inference: run(xp, out) on channels-last padded inputs.
 
-        The float conv kernel (minicnn.direct) on the decoded weights alpha_j * s_ji. A conv is
-        arithmetic-bound (its weights stay in cache while many pixels use them), and a masked
-        add issues at a multiply-add's rate: read as bits, the weights would buy no speed.
+        Real inputs: the float conv kernel (minicnn.direct) on the decoded weights alpha_j * s_ji.
+        A conv is arithmetic-bound (its weights stay in cache while many pixels use them), and a
+        masked add issues at a multiply-add's rate: read as bits, the weights would buy no speed.
+        Binary inputs: the window rows' signs gathered from the channels-last image
+        (xnor.im2row_signs_nhwc) against the filters' signs in (kh, kw, c) order, the ReLU and the
+        pool taken as the outputs are made (xnor.xnor_layer).
         """
         F, K = self.out_channels, self.kernel_size
+        if self.binary_input:
+            if "nhwc bits" not in self._laid_out:
+                signs = self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1).reshape(F, -1)
+                self._laid_out["nhwc bits"] = np.ascontiguousarray(xnor.pack_signs(signs).T)
+            wt, (N, Hp, Wp, _) = self._laid_out["nhwc bits"], padded_shape
+            grid = (N, (Hp - K) // self.stride + 1, (Wp - K) // self.stride + 1)
+
+            def run(xp, out):
+                rows, beta = xnor.im2row_signs_nhwc(xp, K, K, self.stride)
+                return xnor.xnor_layer(rows, wt, self.n, beta, self.alpha, self.b, grid, relu, pool, out)
+
+            return run
         if "filters" not in self._laid_out:
             self._laid_out["filters"] = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K))
         kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self._laid_out["filters"]

@@ -118,28 +118,40 @@ def im2row_signs_ref(xp, KH, KW, stride):
     return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
 
 
-def _gather_rows_loops(lines, KH, KW, stride, Ho, Wo):
+def im2row_signs_nhwc_ref(xp, KH, KW, stride):
+    """im2row_signs_ref of channels-last xp (N, Hp, Wp, C), the rows' columns in (kh, kw, c) order."""
+    windows = np.lib.stride_tricks.sliding_window_view(xp, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
+    rows = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, KH * KW * xp.shape[3])
+    return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
+
+
+RUN = 32  # bits a gather step moves: a run of a window line is split into pieces of at most this
+
+
+def _gather_rows_loops(lines, KH, run_bits, step, Ho, Wo):
     N, C, Hp, L = lines.shape
-    n = C * KH * KW
-    flat, mask = lines.reshape(-1), (np.uint64(1) << np.uint64(KW)) - np.uint64(1)
-    packed = np.empty((N * Ho * Wo, words_for(n)), np.uint64)
+    packed = np.empty((N * Ho * Wo, words_for(C * KH * run_bits)), np.uint64)
+    flat = lines.reshape(-1)
     for r in prange(N * Ho * Wo):
         image, i, j = r // (Ho * Wo), (r // Wo) % Ho, r % Wo
-        at, o = j * stride // 64, np.uint64(j * stride % 64)  # where the runs start in their lines
         word, filled, w = np.uint64(0), 0, 0  # the row's next word, built in a register: its bits so far
-        for c in range(C):  # the row runs (c, kh, kw) as im2row's columns
+        for c in range(C):  # the row runs (c, kh) as im2row's columns
             for kh in range(KH):
-                first = np.uint64(((image * C + c) * Hp + i * stride + kh) * L + at)
-                run = flat[first] >> o
-                if o + np.uint64(KW) > np.uint64(64):  # the run continues in the line's next word
-                    run |= flat[first + np.uint64(1)] << (np.uint64(64) - o)
-                run &= mask
-                word |= run << np.uint64(filled)
-                filled += KW
-                if filled >= 64:  # full: stored, and the run's bits past it start the next word
-                    packed[r, w] = word
-                    w, filled = w + 1, filled - 64
-                    word = run >> np.uint64(KW - filled)  # KW - filled in 1 .. KW < 64 bits already placed
+                line = ((image * C + c) * Hp + i * step[0] + kh) * L
+                for p in range(0, run_bits, RUN):
+                    width = min(RUN, run_bits - p)
+                    at = j * step[1] + p  # the piece's first bit in its line
+                    first, o = np.uint64(line + at // 64), np.uint64(at % 64)
+                    piece = flat[first] >> o
+                    if o + np.uint64(width) > np.uint64(64):  # it continues in the line's next word
+                        piece |= flat[first + np.uint64(1)] << (np.uint64(64) - o)
+                    piece &= (np.uint64(1) << np.uint64(width)) - np.uint64(1)
+                    word |= piece << np.uint64(filled)
+                    filled += width
+                    if filled >= 64:  # full: stored, and the piece's bits past it start the next word
+                        packed[r, w] = word
+                        w, filled = w + 1, filled - 64
+                        word = piece >> np.uint64(width - filled)  # width - filled in 1 .. 32 bits placed
         if filled:
             packed[r, w] = word
     return packed
@@ -148,28 +160,43 @@ def _gather_rows_loops(lines, KH, KW, stride, Ho, Wo):
 _gather_rows = twin(_gather_rows_loops, MIN_STEPS)
 
 
+def _window_means(A, KH, KW, stride, Ho, Wo, n):
+    """(N Ho Wo,) float32: A (N, Hp, Wp) summed over each KH x KW window, / n; as sums of window
+    lines, then of KH of them (XNOR-Net's K = A * k)."""
+    lines = A[:, :, 0 : stride * (Wo - 1) + 1 : stride].copy()
+    for kw in range(1, KW):
+        lines += A[:, :, kw : kw + stride * (Wo - 1) + 1 : stride]
+    windows = lines[:, 0 : stride * (Ho - 1) + 1 : stride].copy()
+    for kh in range(1, KH):
+        windows += lines[:, kh : kh + stride * (Ho - 1) + 1 : stride]
+    return windows.reshape(-1) / np.float32(n)
+
+
 def im2row_signs(xp, KH, KW, stride):
     """Fast im2row_signs_ref: xp (N, C, Hp, Wp) float32 -> ((N*Ho*Wo, words) uint64, (N*Ho*Wo,) float32).
 
     Each input value is in KH*KW receptive fields. So its sign is packed once,
     line by line (bit w of line (n, c, h) is xp[n, c, h, w] >= 0), and a row
     is gathered as C*KH runs of KW consecutive bits. beta comes from
-    A = sum_c |xp| summed over each KH x KW window (XNOR-Net's K = A * k).
+    A = sum_c |xp| summed over each KH x KW window.
     """
-    if KW >= 64:
-        raise ValueError(f"binary-input convolution supports kernels narrower than 64, got {KW}")
     N, C, Hp, Wp = xp.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
     lines = pack_signs(xp.reshape(-1, Wp)).reshape(N, C, Hp, -1)
-    A = np.abs(xp).sum(axis=1, dtype=np.float32)
-    window_lines = A[:, :, 0 : stride * (Wo - 1) + 1 : stride].copy()  # sums of KW, then of KH of them
-    for kw in range(1, KW):
-        window_lines += A[:, :, kw : kw + stride * (Wo - 1) + 1 : stride]
-    windows = window_lines[:, 0 : stride * (Ho - 1) + 1 : stride].copy()
-    for kh in range(1, KH):
-        windows += window_lines[:, kh : kh + stride * (Ho - 1) + 1 : stride]
-    beta = windows.reshape(-1) / np.float32(C * KH * KW)
-    return _gather_rows(N * Ho * Wo * C * KH, lines, KH, KW, stride, Ho, Wo), beta
+    beta = _window_means(np.abs(xp).sum(axis=1, dtype=np.float32), KH, KW, stride, Ho, Wo, C * KH * KW)
+    return _gather_rows(N * Ho * Wo * C * KH, lines, KH, KW, (stride, stride), Ho, Wo), beta
+
+
+def im2row_signs_nhwc(xp, KH, KW, stride):
+    """Fast im2row_signs_nhwc_ref: xp (N, Hp, Wp, C) float32, channels last.
+
+    A line of the image is one run of Wp C bits (pixel by pixel, its C channels), so a window
+    line is KW C consecutive bits: KH runs per row, where channels first take C KH runs of KW."""
+    N, Hp, Wp, C = xp.shape
+    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
+    lines = pack_signs(xp.reshape(-1, Wp * C)).reshape(N, 1, Hp, -1)
+    beta = _window_means(np.abs(xp).sum(axis=3, dtype=np.float32), KH, KW, stride, Ho, Wo, C * KH * KW)
+    return _gather_rows(N * Ho * Wo * KH * C, lines, KH, KW * C, (stride, stride * C), Ho, Wo), beta
 
 
 # --------------------------------------------------------------------------
@@ -182,18 +209,23 @@ def xnor_matmul_ref(a, w, n):
     return exact.astype(np.int32)  # integers below 2**53: float64 is exact
 
 
+@numba.njit(inline="always", cache=True)
+def _differences(a, r, wt, differ):
+    """differ[j] = popcount(a[r] XOR w[j]) for every filter j; wt = w.T (words, F)."""
+    differ[:] = 0
+    for k in range(a.shape[1]):
+        x = a[r, k]
+        for j in range(differ.size):  # across filters: LLVM runs 8 at once (vpopcntq where the CPU has it)
+            differ[j] += popcount(x ^ wt[k, j])
+
+
 def _xnor_matmul_loops(a, wt, n):
-    R, K = a.shape
-    F = wt.shape[1]
+    R, F = a.shape[0], wt.shape[1]
     out = np.empty((R, F), np.int32)
     for t in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
         differ = np.empty(F, np.int64)
         for r in range(t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK)):
-            differ[:] = 0
-            for k in range(K):
-                x = a[r, k]
-                for j in range(F):  # across filters: LLVM runs 8 at once (vpopcntq where the CPU has it)
-                    differ[j] += popcount(x ^ wt[k, j])
+            _differences(a, r, wt, differ)
             for j in range(F):
                 out[r, j] = n - 2 * differ[j]
     return out
@@ -205,3 +237,48 @@ _xnor_matmul = twin(_xnor_matmul_loops, MIN_STEPS)
 def xnor_matmul(a, w, n):
     """Fast xnor_matmul_ref: a (R, words), w (F, words) uint64 -> (R, F) int32."""
     return _xnor_matmul(a.size * w.shape[0], a, np.ascontiguousarray(w.T), n)
+
+
+def xnor_layer_ref(a, w, n, beta, alpha, b, grid, relu, pool):
+    """A binary-input layer's output, channels last: out (N, Ho', Wo', F) float32 of the rows
+    a (N Ho Wo, words) of pixels (n, i, j), grid = (N, Ho, Wo), each row's products with w (F, words)
+
+        y = (n - 2 popcount(a XOR w)) beta_r alpha_j + b_j,   then max(y, 0) if relu,
+
+    and with pool, the maximum of each 2x2 window of pixels (Ho' = Ho // 2; else Ho' = Ho)."""
+    y = xnor_matmul_ref(a, w, n).astype(np.float32) * (beta[:, None] * alpha) + b
+    y = y.reshape(*grid, -1)
+    if relu:
+        y = np.maximum(y, 0)
+    if pool:
+        N, Ho, Wo, F = y.shape
+        y = y[:, : Ho // 2 * 2, : Wo // 2 * 2].reshape(N, Ho // 2, 2, Wo // 2, 2, F).max(axis=(2, 4))
+    return y
+
+
+def _xnor_layer_loops(a, wt, n, beta, alpha, b, Ho, Wo, relu, pool, out):
+    N, Hq, Wq, F = out.shape
+    side = 2 if pool else 1
+    for t in prange(N * Hq):  # one row of outputs
+        image, i = t // Hq, t % Hq
+        differ, best = np.empty(F, np.int64), np.empty(F, np.float32)
+        for j in range(Wq):
+            for q in range(side * side):  # the pixels of the pool window, or the one pixel
+                r = (image * Ho + i * side + q // side) * Wo + j * side + q % side
+                _differences(a, r, wt, differ)
+                for f in range(F):
+                    y = np.float32(n - 2 * differ[f]) * (beta[r] * alpha[f]) + b[f]
+                    best[f] = y if q == 0 else max(best[f], y)
+            for f in range(F):
+                out[image, i, j, f] = max(best[f], np.float32(0)) if relu else best[f]
+    return out
+
+
+_xnor_layer = twin(_xnor_layer_loops, MIN_STEPS)
+
+
+def xnor_layer(a, wt, n, beta, alpha, b, grid, relu, pool, out):
+    """Fast xnor_layer_ref, written into out (N, Ho', Wo', F) float32 and returned; wt = w.T
+    (words, F) contiguous, kept by the caller. The max-pool is taken on the 4 pixels' outputs as
+    they are made: the full-size output is never written."""
+    return _xnor_layer(a.size * wt.shape[1], a, wt, n, beta, alpha, b, grid[1], grid[2], relu, pool, out)
