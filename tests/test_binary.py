@@ -75,6 +75,8 @@ def test_xnor_dot_hand_computed():
 
 
 @given(st.integers(1, 70), st.integers(1, 5), lengths, seeds)
+@example(3, 5, 64 * xnor.FILTERS_AT_ONCE, 0)  # the last length counted across filters
+@example(3, 5, 64 * xnor.FILTERS_AT_ONCE + 1, 0)  # the first across words
 def test_xnor_matmul_equals_plus_minus_one_dot_exactly(R, F, n, seed):
     a = signs_of(random_array(seed, (R, n)))
     w = signs_of(random_array(seed + 1, (F, n)))
@@ -463,11 +465,12 @@ def test_im2row_signs_nhwc_matches_reference(geom, seed):
         np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
 
 
-@given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 70), st.integers(1, 150),
+@given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 70), st.integers(1, 2500),
        st.booleans(), st.booleans(), seeds)
 def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):
     """Scaled XNOR products with the ReLU and the 2x2 pool in the loop, bit for bit (the same float32
-    operations in the same order), odd grids included (the pool drops the last row and column)."""
+    operations in the same order), odd grids included (the pool drops the last row and column), rows
+    short and long (popcounts across filters up to FILTERS_AT_ONCE words, across words beyond)."""
     rng = np.random.default_rng(seed)
     words = xnor.words_for(n)
     a = xnor.pack_signs(rng.standard_normal((N * Ho * Wo, n)).astype(np.float32))
@@ -480,7 +483,7 @@ def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):
     for build in BUILDS:
         with parallel.forced(build):
             out = np.empty(expected.shape, np.float32)
-            got = xnor.xnor_layer(a, np.ascontiguousarray(w.T), n, beta, alpha, b, (N, Ho, Wo), relu, pool, out)
+            got = xnor.xnor_layer(a, w, xnor.transposed(w), n, beta, alpha, b, (N, Ho, Wo), relu, pool, out)
         assert got is out
         np.testing.assert_array_equal(out, expected, err_msg=build)
 

@@ -35,12 +35,13 @@ from .layers import BinaryConv2D, BinaryDense
 ADDSUB_BELOW = 8  # rows: PackedBinaryDense.fused_dense's add/subtract kernel below, the float one from here
 
 
-def xnor_forward(signs, beta, bits, alpha, b, n):
+def xnor_forward(signs, beta, bits, alpha, b, n, bits_t=None):
     """out (R, F) float32 = beta alpha (n - 2 popcount(signs XOR bits)) + b.
 
-    signs (R, words) and bits (F, words) uint64, rows of n signs; beta (R,), alpha (F,), b (F,) float32.
+    signs (R, words) and bits (F, words) uint64, rows of n signs; beta (R,), alpha (F,), b (F,) float32;
+    bits_t = xnor.transposed(bits), if kept.
     """
-    dots = xnor.xnor_matmul(signs, bits, n)
+    dots = xnor.xnor_matmul(signs, bits, n, bits_t)
     out = dots.astype(np.float32) * (beta[:, None] * alpha)  # exact below 2**24
     out += b
     return out
@@ -91,8 +92,13 @@ class PackedBinaryLayer(Layer):
         """out (R, F) float32 from rows (R, n) float32: the layer's product with each row, alpha, b added."""
         if self.binary_input:
             beta = np.abs(rows).mean(axis=1, dtype=np.float32)
-            return xnor_forward(xnor.pack_signs(rows), beta, self.bits, self.alpha, self.b, self.n)
+            return xnor_forward(xnor.pack_signs(rows), beta, self.bits, self.alpha, self.b, self.n, self._bits_t())
         return addsub.addsub_dense(rows, self.lanes, self.alpha, self.b)
+
+    def _bits_t(self):
+        if "bits t" not in self._laid_out:
+            self._laid_out["bits t"] = xnor.transposed(self.bits)
+        return self._laid_out["bits t"]
 
     def backward(self, dout):
         raise NotImplementedError(f"{type(self).__name__} is inference-only: train the Binary layer it was packed from")
@@ -166,12 +172,13 @@ class PackedBinaryDense(PackedBinaryLayer):
         """
         N, K, F = shape[0], self.in_features, self.out_features
         if self.binary_input:
-            wt = self._in_order("bits", shape)
+            w = self._in_order("bits", shape)
+            wt = xnor.transposed(w)
 
             def run(x, out):
                 x = x.reshape(N, K)
                 beta = np.abs(x).mean(axis=1, dtype=np.float32)
-                xnor.xnor_layer(xnor.pack_signs(x), wt, self.n, beta, self.alpha, self.b, (N, 1, 1), relu, False,
+                xnor.xnor_layer(xnor.pack_signs(x), w, wt, self.n, beta, self.alpha, self.b, (N, 1, 1), relu, False,
                                 out.reshape(N, 1, 1, F))
                 return out
 
@@ -183,9 +190,8 @@ class PackedBinaryDense(PackedBinaryLayer):
         return lambda x, out: kernel(x.reshape(N, K), W, self.b, out)
 
     def _in_order(self, what, shape):
-        """The lanes' columns ("lanes"), the decoded W (in, out)'s rows ("W") or the signs packed and
-        transposed ("bits": (words, F), xnor_layer's wt) in the order of a stage's inputs of `shape`
-        (narrow.input_order); kept."""
+        """The lanes' columns ("lanes"), the decoded W (in, out)'s rows ("W") or the signs packed
+        ("bits": (F, words)) in the order of a stage's inputs of `shape` (narrow.input_order); kept."""
         key = (what, shape[1:])
         if key not in self._laid_out:
             order = narrow.input_order(shape)
@@ -194,7 +200,7 @@ class PackedBinaryDense(PackedBinaryLayer):
             elif what == "W":
                 kept = self.decoded().T[order]
             else:
-                kept = xnor.pack_signs(self.signs()[:, order]).T
+                kept = xnor.pack_signs(self.signs()[:, order])
             self._laid_out[key] = np.ascontiguousarray(kept)
         return self._laid_out[key]
 
@@ -240,7 +246,7 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         if self.binary_input:
             # Packed straight from the image: the float im2row rows, k*k times its size, are never built.
             signs, beta = xnor.im2row_signs(xp, k, k, self.stride)
-            out = xnor_forward(signs, beta, self.bits, self.alpha, self.b, self.n)
+            out = xnor_forward(signs, beta, self.bits, self.alpha, self.b, self.n, self._bits_t())
         else:
             out = self.rows_forward(kernels.im2row(xp, k, k, self.stride))
         return np.ascontiguousarray(out.reshape(x.shape[0], Ho, Wo, -1).transpose(0, 3, 1, 2))
@@ -259,13 +265,14 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         if self.binary_input:
             if "nhwc bits" not in self._laid_out:
                 signs = self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1).reshape(F, -1)
-                self._laid_out["nhwc bits"] = np.ascontiguousarray(xnor.pack_signs(signs).T)
-            wt, (N, Hp, Wp, _) = self._laid_out["nhwc bits"], padded_shape
+                w = xnor.pack_signs(signs)
+                self._laid_out["nhwc bits"] = w, xnor.transposed(w)
+            (w, wt), (N, Hp, Wp, _) = self._laid_out["nhwc bits"], padded_shape
             grid = (N, (Hp - K) // self.stride + 1, (Wp - K) // self.stride + 1)
 
             def run(xp, out):
                 rows, beta = xnor.im2row_signs_nhwc(xp, K, K, self.stride)
-                return xnor.xnor_layer(rows, wt, self.n, beta, self.alpha, self.b, grid, relu, pool, out)
+                return xnor.xnor_layer(rows, w, wt, self.n, beta, self.alpha, self.b, grid, relu, pool, out)
 
             return run
         if "filters" not in self._laid_out:
