@@ -465,6 +465,14 @@ def test_im2row_signs_nhwc_matches_reference(geom, seed):
         np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
 
 
+@given(st.integers(1, 40), st.integers(1, 900), seeds)
+def test_abs_sums_match_reference(R, K, seed):
+    x = random_array(seed, (R, K), np.float32)
+    for build in BUILDS:
+        with parallel.forced(build):
+            np.testing.assert_allclose(xnor.abs_sums(x), xnor.abs_sums_ref(x), rtol=1e-5, err_msg=build)
+
+
 @given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 70), st.integers(1, 2500),
        st.booleans(), st.booleans(), seeds)
 def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):

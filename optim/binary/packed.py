@@ -177,7 +177,7 @@ class PackedBinaryDense(PackedBinaryLayer):
 
             def run(x, out):
                 x = x.reshape(N, K)
-                beta = np.abs(x).mean(axis=1, dtype=np.float32)
+                beta = xnor.abs_sums(x) / np.float32(K)
                 xnor.xnor_layer(xnor.pack_signs(x), w, wt, self.n, beta, self.alpha, self.b, (N, 1, 1), relu, False,
                                 out.reshape(N, 1, 1, F))
                 return out

@@ -160,16 +160,53 @@ def _gather_rows_loops(lines, KH, run_bits, step, Ho, Wo):
 _gather_rows = twin(_gather_rows_loops, MIN_STEPS)
 
 
-def _window_means(A, KH, KW, stride, Ho, Wo, n):
-    """(N Ho Wo,) float32: A (N, Hp, Wp) summed over each KH x KW window, / n; as sums of window
-    lines, then of KH of them (XNOR-Net's K = A * k)."""
-    lines = A[:, :, 0 : stride * (Wo - 1) + 1 : stride].copy()
-    for kw in range(1, KW):
-        lines += A[:, :, kw : kw + stride * (Wo - 1) + 1 : stride]
-    windows = lines[:, 0 : stride * (Ho - 1) + 1 : stride].copy()
-    for kh in range(1, KH):
-        windows += lines[:, kh : kh + stride * (Ho - 1) + 1 : stride]
-    return windows.reshape(-1) / np.float32(n)
+def abs_sums_ref(x):
+    """(R,) float32: sum_k |x[r, k]| of x (R, K) float32."""
+    return np.abs(x).sum(axis=1, dtype=np.float32)
+
+
+def _abs_sums_loops(x):
+    R, K = x.shape
+    out = np.empty(R, np.float32)
+    for r in prange(R):
+        total = np.float32(0)
+        for k in range(K):
+            total += abs(x[r, k])
+        out[r] = total
+    return out
+
+
+_abs_sums = twin(_abs_sums_loops, MIN_STEPS)
+
+
+def abs_sums(x):
+    """Fast abs_sums_ref (sums in another order: equal to float32 rounding)."""
+    return _abs_sums(x.size, x)
+
+
+def _window_means_loops(A, KH, KW, stride, Ho, Wo, n):
+    N = A.shape[0]
+    out = np.empty(N * Ho * Wo, np.float32)
+    for t in prange(N * Ho):
+        image, i = t // Ho, t % Ho
+        for j in range(Wo):
+            total = np.float32(0)
+            for kh in range(KH):
+                for kw in range(KW):
+                    total += A[image, i * stride + kh, j * stride + kw]
+            out[t * Wo + j] = total / np.float32(n)
+    return out
+
+
+_window_means = twin(_window_means_loops, MIN_STEPS)
+
+
+def window_means(A, KH, KW, stride, n):
+    """(N Ho Wo,) float32: A (N, Hp, Wp) float32 summed over each KH x KW window, / n: a row's mean
+    |x| from A = sum_c |x| (XNOR-Net's K = A * k)."""
+    N, Hp, Wp = A.shape
+    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
+    return _window_means(N * Ho * Wo * KH * KW, A, KH, KW, stride, Ho, Wo, n)
 
 
 def im2row_signs(xp, KH, KW, stride):
@@ -183,7 +220,7 @@ def im2row_signs(xp, KH, KW, stride):
     N, C, Hp, Wp = xp.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
     lines = pack_signs(xp.reshape(-1, Wp)).reshape(N, C, Hp, -1)
-    beta = _window_means(np.abs(xp).sum(axis=1, dtype=np.float32), KH, KW, stride, Ho, Wo, C * KH * KW)
+    beta = window_means(np.abs(xp).sum(axis=1, dtype=np.float32), KH, KW, stride, C * KH * KW)
     return _gather_rows(N * Ho * Wo * C * KH, lines, KH, KW, (stride, stride), Ho, Wo), beta
 
 
@@ -195,7 +232,7 @@ def im2row_signs_nhwc(xp, KH, KW, stride):
     N, Hp, Wp, C = xp.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
     lines = pack_signs(xp.reshape(-1, Wp * C)).reshape(N, 1, Hp, -1)
-    beta = _window_means(np.abs(xp).sum(axis=3, dtype=np.float32), KH, KW, stride, Ho, Wo, C * KH * KW)
+    beta = window_means(abs_sums(xp.reshape(-1, C)).reshape(N, Hp, Wp), KH, KW, stride, C * KH * KW)
     return _gather_rows(N * Ho * Wo * KH * C, lines, KH, KW * C, (stride, stride * C), Ho, Wo), beta
 
 
