@@ -10,11 +10,14 @@ Measured in one run, side by side, after checking the results agree:
      packing the input signs and the beta * alpha scaling;
    - add/subtract layer: PackedBinaryDense with real inputs (binary weights only),
      optim.binary.addsub's masked adds.
-2. LeNet-5 end to end (model.predict) at batch 1 and 256: float32 against the
-   packed binary-weight model (conv2 and fc1 binary, real activations: they
-   run in predict's fused stages) and the packed XNOR model (conv2 and fc1
-   with binary inputs too: their own forward); the first and last layers stay
-   float32 in both.
+2. LeNet-5's conv2 (20 -> 50 channels, 5x5, on 12x12, then its 2x2 max-pool)
+   as predict runs it, one fused stage, at batch 1 and 256: float32 (the direct
+   conv) against XNOR (binary inputs and weights: signs gathered channels last,
+   popcounts, the pool in the loop).
+3. LeNet-5 end to end (model.predict) at batch 1 and 256: float32 against the
+   packed binary-weight model (conv2 and fc1 binary, real activations) and the
+   packed XNOR model (conv2 and fc1 with binary inputs too), all in predict's
+   fused stages; the first and last layers stay float32 in both.
 
 The weights are random (seeded): speed depends on shapes only. Every figure
 is a median over repeats after a warm-up that excludes Numba's compilation
@@ -38,13 +41,16 @@ from bench.common import (  # noqa: E402
     add_run_args, format_facts, format_table, machine_facts, num, parse_run_args, set_threads, write_json,
 )
 from minicnn.timing import FULL, QUICK, compare  # noqa: E402
-from minicnn import zoo  # noqa: E402
-from minicnn.layers import Dense  # noqa: E402
-from optim.binary import BinaryDense, PackedBinaryDense, binarize, pack, xnor  # noqa: E402
+from minicnn import Sequential, zoo  # noqa: E402
+from minicnn.layers import Conv2D, Dense, MaxPool2D  # noqa: E402
+from optim.binary import (  # noqa: E402
+    BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, binarize, pack, xnor,
+)
 
 DENSE = 4096
 DENSE_BATCHES = (1, 64, 256)
 NET_BATCHES = (1, 256)
+CONV = (20, 50, 5, 12)  # LeNet-5's conv2: channels in and out, kernel, input side
 
 
 def check(condition, message):
@@ -81,6 +87,27 @@ def dense_figures(budget):
                      "ms": {k: 1e3 * v.median for k, v in t.items()},
                      "speedup": {k: t["float32 Dense"].median / v.median for k, v in t.items()}})
         print(f"  dense batch {batch} done", flush=True)
+    return rows
+
+
+def conv_figures(budget):
+    C, F, K, H = CONV
+    rng = np.random.default_rng(2)
+    conv, binary = Conv2D(C, F, K, rng=rng), BinaryConv2D(C, F, K, binary_input=True)
+    binary.params["W"][...], binary.params["b"][...] = conv.params["W"], conv.params["b"]
+    models = {"float32 conv": Sequential([conv, MaxPool2D(2)], input_shape=(C, H, H)),
+              "XNOR conv": Sequential([PackedBinaryConv2D.from_layer(binary), MaxPool2D(2)], input_shape=(C, H, H))}
+    trained_form = Sequential([binary, MaxPool2D(2)], input_shape=(C, H, H))
+    rows = []
+    for batch in NET_BATCHES:
+        x = rng.standard_normal((batch, C, H, H)).astype(np.float32)
+        check(np.allclose(models["XNOR conv"].predict(x), trained_form.forward(x), rtol=1e-4, atol=1e-4),
+              "packed XNOR conv vs its training-time forward")
+        t = compare({name: lambda m=m: m.predict(x, batch_size=batch) for name, m in models.items()}, budget)
+        rows.append({"batch": batch, "timing": {k: v.to_dict() for k, v in t.items()},
+                     "ms": {k: 1e3 * v.median for k, v in t.items()},
+                     "speedup": {k: t["float32 conv"].median / v.median for k, v in t.items()}})
+        print(f"  conv batch {batch} done", flush=True)
     return rows
 
 
@@ -134,6 +161,11 @@ def main(argv=None):
     print(f"\nDense {DENSE} -> {DENSE} (speedup = float32 time / this time; "
           "the kernel column excludes packing the input)")
     print(table(result["dense"], "batch"), flush=True)
+
+    result["conv2"] = conv_figures(budget)
+    C, F, K, H = CONV
+    print(f"\nLeNet-5's conv2, {C} -> {F} channels, {K}x{K} on {H}x{H}, and its 2x2 max-pool: model.predict of the two")
+    print(table(result["conv2"], "batch"), flush=True)
 
     result["lenet5"], weight_bytes = network_figures(budget)
     result["lenet5_middle_weight_bytes"] = weight_bytes

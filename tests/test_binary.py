@@ -442,10 +442,15 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
 def test_im2row_signs_matches_reference(geom, seed):
     N, C, H, W, F, k, s, p = geom
     xp = kernels.pad(random_array(seed, (N, C, H, W), np.float32), p)
-    ref_bits, ref_beta = xnor.im2row_signs_ref(xp, k, k, s)
+    assert_rows_of_signs_match(xnor.im2row_signs, xnor.im2row_signs_ref, xp, k, s)
+
+
+def assert_rows_of_signs_match(fast, reference, xp, k, s):
+    """fast(xp, k, k, s) in both builds against reference: the bits exactly, beta to float32 rounding."""
+    ref_bits, ref_beta = reference(xp, k, k, s)
     for build in BUILDS:
         with parallel.forced(build):
-            bits, beta = xnor.im2row_signs(xp, k, k, s)
+            bits, beta = fast(xp, k, k, s)
         np.testing.assert_array_equal(bits, ref_bits, err_msg=f"packed receptive fields vs reference ({build})")
         np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
 
@@ -457,12 +462,7 @@ def test_im2row_signs_nhwc_matches_reference(geom, seed):
     """Channels last: a window line is one run of KW C bits, moved in pieces of at most 32."""
     N, C, H, W, F, k, s, p = geom
     xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
-    ref_bits, ref_beta = xnor.im2row_signs_nhwc_ref(xp, k, k, s)
-    for build in BUILDS:
-        with parallel.forced(build):
-            bits, beta = xnor.im2row_signs_nhwc(xp, k, k, s)
-        np.testing.assert_array_equal(bits, ref_bits, err_msg=f"packed receptive fields vs reference ({build})")
-        np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
+    assert_rows_of_signs_match(xnor.im2row_signs_nhwc, xnor.im2row_signs_nhwc_ref, xp, k, s)
 
 
 @given(st.integers(1, 40), st.integers(1, 900), seeds)

@@ -129,6 +129,8 @@ RUN = 32  # bits a gather step moves: a run of a window line is split into piece
 
 
 def _gather_rows_loops(lines, KH, run_bits, step, Ho, Wo):
+    """Rows (N Ho Wo, words) uint64 of the packed lines (N, C, Hp, L): row (n, i, j) is, for each c
+    and kh, the run_bits bits of line (n, c, i step[0] + kh) from bit j step[1] on, back to back."""
     N, C, Hp, L = lines.shape
     packed = np.empty((N * Ho * Wo, words_for(C * KH * run_bits)), np.uint64)
     flat = lines.reshape(-1)

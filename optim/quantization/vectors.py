@@ -52,6 +52,7 @@ class Int32x8(types.Type):
 int32x8 = Int32x8()
 _I64 = ir.IntType(64)
 _V8I32, _V32I8, _V8I64 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(8), 32), ir.VectorType(_I64, 8)
+_V8I8 = ir.VectorType(ir.IntType(8), 8)
 
 
 @register_model(Int32x8)
@@ -65,6 +66,12 @@ def _pointer(context, builder, array_type, array, index, lanes_type):
     return builder.bitcast(builder.gep(data, [index]), lanes_type.as_pointer())
 
 
+def _splat(builder, value, lanes_type):
+    """value (a scalar of the lanes' type) in all 8 lanes."""
+    one = builder.insert_element(ir.Constant(lanes_type, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_V8I32, [0] * 8))
+
+
 @intrinsic
 def zeros8(typingctx):
     return int32x8(), lambda context, builder, sig, args: ir.Constant(_V8I32, None)
@@ -73,7 +80,7 @@ def zeros8(typingctx):
 @intrinsic
 def splat8(typingctx, s):
     def codegen(context, builder, sig, args):
-        return _splat32(builder, context.cast(builder, args[0], sig.args[0], types.int32))
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _V8I32)
 
     return int32x8(s), codegen
 
@@ -119,9 +126,7 @@ def dot4_add(typingctx, acc, x, wp, i):
     def codegen(context, builder, sig, args):
         acc, x, wp, i = args
         w = builder.load(_pointer(context, builder, sig.args[2], wp, i, _V8I32), align=1)
-        xs = builder.insert_element(ir.Constant(_V8I32, None), builder.trunc(x, ir.IntType(32)),
-                                    ir.Constant(ir.IntType(32), 0))
-        xs = builder.shuffle_vector(xs, xs, ir.Constant(_V8I32, [0] * 8))
+        xs = _splat(builder, builder.trunc(x, ir.IntType(32)), _V8I32)
         if not HAS_VNNI:
             return _portable_dpbusd(builder, acc, xs, w)
         vpdpbusd = cgutils.get_or_insert_function(
@@ -129,11 +134,6 @@ def dot4_add(typingctx, acc, x, wp, i):
         return builder.call(vpdpbusd, [acc, xs, w])
 
     return int32x8(int32x8, types.uint32, wp, types.intp), codegen
-
-
-def _splat64(builder, value):
-    one = builder.insert_element(ir.Constant(_V8I64, None), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_V8I32, [0] * 8))
 
 
 def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
@@ -162,8 +162,9 @@ def requantize8(typingctx, v, m0, shift, i, z, lo, hi):
     def codegen(context, builder, sig, args):
         v, m0, shift, i, z, lo, hi = args
         m0 = builder.load(_pointer(context, builder, sig.args[1], m0, i, _V8I32), align=4)
-        shift = builder.load(_pointer(context, builder, sig.args[2], shift, i, ir.VectorType(ir.IntType(8), 8)), align=1)
-        z, lo, hi = (_splat64(builder, context.cast(builder, a, t, types.int64)) for a, t in zip((z, lo, hi), sig.args[4:]))
+        shift = builder.load(_pointer(context, builder, sig.args[2], shift, i, _V8I8), align=1)
+        z, lo, hi = (_splat(builder, context.cast(builder, a, t, types.int64), _V8I64)
+                     for a, t in zip((z, lo, hi), sig.args[4:]))
         return _requantize_lanes(builder, v, m0, shift, z, lo, hi)
 
     if not (isinstance(m0, types.Array) and m0.dtype == types.int32 and isinstance(shift, types.Array)
@@ -192,7 +193,7 @@ def store_first(typingctx, out, i, v, n):
         out, i, v, n = args
         lanes = ir.VectorType(element, 8)
         first = builder.icmp_signed("<", ir.Constant(_V8I32, list(range(8))),
-                                    _splat32(builder, builder.trunc(n, ir.IntType(32))))
+                                    _splat(builder, builder.trunc(n, ir.IntType(32)), _V8I32))
         masked_store = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(ir.VoidType(), [lanes, lanes.as_pointer(), ir.IntType(32),
                                                             ir.VectorType(ir.IntType(1), 8)]),
@@ -203,11 +204,6 @@ def store_first(typingctx, out, i, v, n):
         return context.get_dummy_value()
 
     return types.none(out, types.intp, int32x8, types.intp), codegen
-
-
-def _splat32(builder, value):
-    one = builder.insert_element(ir.Constant(_V8I32, None), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_V8I32, [0] * 8))
 
 
 # The same operations in NumPy: what they mean, and what runs with NUMBA_DISABLE_JIT=1.
