@@ -496,6 +496,17 @@ def error_bound(model, qmodel, x):
 
 
 @pytest.mark.parametrize("name", ["lenet-like", "strided, padded, loose relu", "mlp"])
+def test_integer_model_steps_bound_to_shapes_stay_exact(name):
+    """forward_int keeps steps bound to a few input shapes: batches of ever new and returning sizes,
+    more shapes than it keeps, each bit for bit with the references."""
+    rng = np.random.default_rng(2)
+    qmodel = Q.quantize_model(small_models(0)[name], rng.random((16, 1, 28, 28), dtype=np.float32))
+    for n in (1, 3, 1, 5, 2, 7, 3, 1, 6, 5):
+        x = rng.random((n, 1, 28, 28), dtype=np.float32)
+        np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True), err_msg=f"batch {n}")
+
+
+@pytest.mark.parametrize("name", ["lenet-like", "strided, padded, loose relu", "mlp"])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_integer_model_within_quantization_bound_of_float_model(name, per_channel):
     model = small_models(0)[name]

@@ -371,12 +371,17 @@ def qgemm(words, packed, epilogue, window=1):
     window, when the words' rows run pool window by pool window (windows.py)."""
     if not isinstance(words, Words):
         raise TypeError(f"qgemm takes Words (optim.quantization.windows), got {type(words).__name__}")
+    return qgemm_runner(words.starts, words.off, packed, epilogue, window)(words.x32)
+
+
+def qgemm_runner(starts, off, packed, epilogue, window=1):
+    """run(x32) = qgemm(Words(x32, starts, off), packed, epilogue, window), all but the words bound
+    once: at batch 1 an unbound call's checks and sizes cost about a tenth of a conv."""
     if window not in (1, 4):
         raise ValueError(f"qgemm pools windows of 1 or 4 rows, got {window}")
-    x32, starts, off = words
-    out = np.empty((starts.size // window, epilogue.F), np.int8 if epilogue.m0.size else np.int32)
-    work = starts.size * 4 * off.size * epilogue.F
-    return _qgemm(work, x32, starts, window, off, packed.wp.reshape(-1), *epilogue[:6], out)
+    shape, dtype = (starts.size // window, epilogue.F), (np.int8 if epilogue.m0.size else np.int32)
+    work, wp, fixed = starts.size * 4 * off.size * epilogue.F, packed.wp.reshape(-1), tuple(epilogue[:6])
+    return lambda x32: _qgemm(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))
 
 
 # --------------------------------------------------------------------------

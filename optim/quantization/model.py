@@ -32,6 +32,8 @@ from .affine import (
 from .calibration import calibrate, observed_points, plan
 from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
 
+MAX_BOUND = 4  # input shapes whose steps forward_int keeps: predict's batches and its last, shorter one
+
 MODEL_KIND = "quantized_int8"
 
 
@@ -54,6 +56,8 @@ class QuantizedModel:
         self.per_channel = bool(per_channel)
         self.ranges = list(ranges)
         self.output_shape = self.output_shapes()[-1]
+        self._bound = {}  # input shape -> forward_int's steps bound to it
+        self._output_q = self.layers[-1].output_scale  # (S, Z) of the output codes: computed, so kept
 
     def output_shapes(self):
         """Per-sample output shape of every op, in the float model's (C, H, W) convention."""
@@ -78,25 +82,47 @@ class QuantizedModel:
     def forward_int(self, q, reference=False):
         """Integer codes in, integer codes out: int8 or the last layer's int32 accumulators.
 
-        reference=True runs the plain NumPy references, op by op. The kernels take a conv and the
-        max-pool after it together (IntConv2D.forward_pooled: the same codes, fewer requantized),
-        and a flatten and the dense layer after it (IntDense.forward_nhwc: no reordering pass).
+        reference=True runs the plain NumPy references, op by op. The kernels run steps bound to
+        the input's shape (kept for a few shapes: predict's batches and its last, shorter one),
+        which take a conv and the max-pool after it together (IntConv2D.bind: the same codes,
+        fewer requantized) and a flatten and the dense layer after it (IntDense.bind: no
+        reordering pass).
         """
-        ops, i = self.layers, 0
+        if reference:
+            for op in self.layers:
+                q = op.forward(q, reference=True)
+            return q
+        steps = self._bound.get(q.shape)
+        if steps is None:
+            return self._bind(q)
+        for step in steps:
+            q = step(q)
+        return q
+
+    def _bind(self, q):
+        """forward_int(q), binding each step to the shape it sees; the steps kept for q's shape."""
+        if len(self._bound) >= MAX_BOUND:  # a caller of ever new batch sizes: start over, not hoard
+            self._bound.clear()
+        shape, ops, i, steps = q.shape, self.layers, 0, []
         while i < len(ops):
-            after = ops[i + 1] if i + 1 < len(ops) else None
-            if not reference and isinstance(ops[i], IntConv2D) and isinstance(after, IntMaxPool2D):
-                q, i = ops[i].forward_pooled(q, after), i + 2
-            elif not reference and isinstance(ops[i], IntFlatten) and isinstance(after, IntDense) and q.ndim == 4:
-                q, i = after.forward_nhwc(q), i + 2
+            op, after = ops[i], ops[i + 1] if i + 1 < len(ops) else None
+            if isinstance(op, IntConv2D) and isinstance(after, IntMaxPool2D):
+                step, i = op.bind(q.shape, after), i + 2
+            elif isinstance(op, IntFlatten) and isinstance(after, IntDense) and q.ndim == 4:
+                step, i = after.bind(q.shape), i + 2
+            elif isinstance(op, (IntConv2D, IntDense)):
+                step, i = op.bind(q.shape), i + 1
             else:
-                q, i = ops[i].forward(q, reference), i + 1
+                step, i = op.forward, i + 1
+            steps.append(step)
+            q = step(q)
+        self._bound[shape] = tuple(steps)  # only now: a failed bind leaves no half-made steps
         return q
 
     def dequantize_output(self, out):
         """The last op's codes (int8, or its int32 accumulators) -> float32 reals, NCHW if 4-D."""
-        scale, zero_point = self.layers[-1].output_scale
-        r = (out.astype(np.float64) - zero_point) * scale
+        scale, zero_point = self._output_q
+        r = (out - np.float64(zero_point)) * scale  # in float64: exact codes, one rounding to float32
         if r.ndim == 4:
             r = r.transpose(0, 3, 1, 2)
         return r.astype(np.float32)

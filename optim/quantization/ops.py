@@ -89,15 +89,13 @@ class _IntLinear:
             return self.in_q[0] * self.w_scale.astype(np.float64), 0
         return self.out_q
 
-    def matmul(self, rows, weights, reference=False, window=1):
-        """rows -> int8 (M, F) requantized, or int32 (M, F) for the last layer. rows and weights: int8
-        (M, K) and wt for the references, Words and their packed weights for the kernels (window:
-        see kernels.qgemm)."""
-        if not reference:
-            return K.qgemm(rows, weights, self.epilogue, window)
+    def matmul_ref(self, rows):
+        """The NumPy references' product: int8 rows (M, K) (im2row's, or a dense layer's inputs,
+        padded to wt's columns) -> int8 (M, F) requantized, or int32 (M, F) for the last layer.
+        The kernels run the same through `bind`."""
         if self.out_q is None:
-            return K.qgemm_int32_ref(rows, weights, self.folded_bias, 0 if self.relu else INT32_MIN)
-        return K.qgemm_ref(rows, weights, self.folded_bias, self.multiplier, self.shift, self.out_q[1],
+            return K.qgemm_int32_ref(rows, self.wt, self.folded_bias, 0 if self.relu else INT32_MIN)
+        return K.qgemm_ref(rows, self.wt, self.folded_bias, self.multiplier, self.shift, self.out_q[1],
                            self._lowest_code(), QMAX)
 
     def _lowest_code(self):
@@ -170,37 +168,56 @@ class IntConv2D(_IntLinear):
         return np.ascontiguousarray(self.W.transpose(0, 2, 3, 1).reshape(F, -1))
 
     def forward(self, x, reference=False):
-        return self.matmul(*self._rows(x, reference), reference=reference).reshape(self._output_nhwc(x.shape))
+        if reference:
+            _, _, KH, KW = self.W.shape
+            rows = K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])
+            return self.matmul_ref(rows).reshape(self._output_nhwc(x.shape))
+        return self.bind(x.shape)(x)
 
     def forward_pooled(self, x, pool):
-        """forward, then the IntMaxPool2D `pool`. A 2x2 pool of stride 2 is taken inside the GEMM, on
-        each window's 4 int32 sums before they are requantized: the same codes (requantization and
-        its clamp never decrease, so the maximum commutes with them), a quarter of the
-        requantizations, and no full-size output written."""
-        if pool.kernel_size != 2 or pool.stride != 2:
-            return pool.forward(self.forward(x))
-        N, Ho, Wo, F = self._output_nhwc(x.shape)
-        return self.matmul(*self._rows(x, pool=2), window=4).reshape(N, Ho // 2, Wo // 2, F)
+        """forward, then the IntMaxPool2D `pool` (see bind)."""
+        return self.bind(x.shape, pool)(x)
 
-    def _rows(self, x, reference=False, pool=1):
-        """(rows, weights) for matmul: im2row's rows and wt for the references; for the kernels, the
-        windows as Words and their packed weights: read in place where the lines of a window are
-        whole words (windows.py), else copied by im2row; pool = 2: the rows in windows.pool_order."""
+    def bind(self, x_shape, pool=None):
+        """run(x): forward(x), then the IntMaxPool2D `pool` if given, for inputs x of x_shape (N, H,
+        W, C), with the windows' layout, offsets and weights chosen once.
+
+        A 2x2 pool of stride 2 is taken inside the GEMM, on each window's 4 int32 sums before they
+        are requantized: the same codes (requantization and its clamp never decrease, so the
+        maximum commutes with them), a quarter of the requantizations, and no full-size output
+        written."""
+        if pool is not None and (pool.kernel_size, pool.stride) != (2, 2):
+            conv = self.bind(x_shape)
+            return lambda x: pool.forward(conv(x))
+        N, Ho, Wo, F = self._output_nhwc(x_shape)
+        side = 2 if pool is not None else 1
+        words_of, packed = self._words(x_shape, side)
+        sample = words_of(np.zeros(x_shape, np.int8))  # the offsets depend on the shape alone
+        gemm, out_shape = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue, side * side), \
+            (N, Ho // side, Wo // side, F)
+        return lambda x: gemm(words_of(x).x32).reshape(out_shape)
+
+    def _words(self, x_shape, pool):
+        """(words_of, packed): words_of(x) the Words of x's windows, for inputs of x_shape, read in
+        place where the lines of a window are whole words (windows.py), else copied by im2row, the
+        rows in windows.pool_order if pool > 1; packed their weights."""
         _, _, KH, KW = self.W.shape
-        if reference:
-            return K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1]), self.wt
-        if windows.conv_fits_words(x.shape, self.padding):
-            return windows.conv_words(x, KH, KW, self.stride, pool), self.packed
-        if windows.line_fits_words(x.shape, KW, self.padding):
+        S = self.stride
+        if windows.conv_fits_words(x_shape, self.padding):
+            return (lambda x: windows.conv_words(x, KH, KW, S, pool)), self.packed
+        if windows.line_fits_words(x_shape, KW, self.padding):
             if self._line_packed is None:
                 self._line_packed = windows.line_weights(self.W)
-            return windows.line_words(x, KH, KW, self.stride, pool), self._line_packed
-        rows = K.im2row_nhwc(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])  # pad: code of 0
-        words = windows.rows_words(rows, self.packed)
-        if pool > 1:
-            N, Ho, Wo, _ = self._output_nhwc(x.shape)
-            words = words._replace(starts=words.starts[windows.pool_order(N, Ho, Wo, pool)])
-        return words, self.packed
+            return (lambda x: windows.line_words(x, KH, KW, S, pool)), self._line_packed
+        N, Ho, Wo, _ = self._output_nhwc(x_shape)
+        order = windows.pool_order(N, Ho, Wo, pool)
+
+        def im2row_words(x):  # padding reads the code of the real 0
+            words = windows.rows_words(K.im2row_nhwc(x, KH, KW, S, self.padding, self.in_q[1], self.wt.shape[1]),
+                                       self.packed)
+            return words._replace(starts=words.starts[order]) if pool > 1 else words
+
+        return im2row_words, self.packed
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -236,28 +253,37 @@ class IntDense(_IntLinear):
 
     def __init__(self, W, w_scale, b, in_q, out_q, relu, multiplier=None, shift=None):
         super().__init__(W, w_scale, b, in_q, out_q, relu, multiplier, shift)
-        self._nhwc = None  # (H, W, C), and the weights packed for inputs of that shape: see forward_nhwc
+        self._nhwc = None  # (H, W, C), and the weights packed for inputs of that shape: see bind
 
     def kernel_weights(self):
         return np.ascontiguousarray(self.W.T)  # (out, in): each output one contiguous dot product
 
     def forward(self, x, reference=False):
+        """x int8 (N, in); for the kernels also (N, H, W, C), the codes an IntFlatten would flatten
+        (see bind)."""
         if reference:
-            return self.matmul(K.pad_columns(x, self.wt.shape[1]), self.wt, reference=True)
-        return self.matmul(windows.rows_words(x, self.packed), self.packed)
+            return self.matmul_ref(K.pad_columns(x, self.wt.shape[1]))
+        return self.bind(x.shape)(x)
 
-    def forward_nhwc(self, x):
-        """forward(IntFlatten().forward(x)) of x int8 (N, H, W, C), with no flattening pass: the
-        weights' columns are put in NHWC order once (per input shape) instead of the activations
-        in (C, H, W) order every call."""
-        if self._nhwc is None or self._nhwc[0] != x.shape[1:]:
-            H, W, C = x.shape[1:]
-            if H * W * C != self.W.shape[0]:
-                raise ValueError(f"IntDense expects {self.W.shape[0]} inputs, got {H}x{W}x{C} = {H * W * C}")
-            wt = self.kernel_weights().reshape(-1, C, H, W).transpose(0, 2, 3, 1).reshape(self.W.shape[1], -1)
-            self._nhwc = x.shape[1:], K.pack_weights(K.pad_columns(wt, self.wt.shape[1]))
-        packed = self._nhwc[1]
-        return self.matmul(windows.rows_words(x.reshape(len(x), -1), packed), packed)
+    def bind(self, x_shape):
+        """run(x): forward(x) for inputs of x_shape, (N, in) or (N, H, W, C): then the flatten before
+        this layer is in the weights, their columns put in NHWC order once per shape, not the
+        activations in (C, H, W) order every call."""
+        N, K_ = x_shape[0], self.W.shape[0]
+        packed = self.packed
+        if len(x_shape) == 4:
+            H, W, C = x_shape[1:]
+            if H * W * C != K_:
+                raise ValueError(f"IntDense expects {K_} inputs, got {H}x{W}x{C} = {H * W * C}")
+            if self._nhwc is None or self._nhwc[0] != x_shape[1:]:
+                wt = self.kernel_weights().reshape(-1, C, H, W).transpose(0, 2, 3, 1).reshape(self.W.shape[1], -1)
+                self._nhwc = x_shape[1:], K.pack_weights(K.pad_columns(wt, self.wt.shape[1]))
+            packed = self._nhwc[1]
+        elif tuple(x_shape[1:]) != (K_,):
+            self.output_shape(x_shape[1:])  # raises, naming the shape
+        sample = windows.rows_words(np.zeros((N, K_), np.int8), packed)
+        gemm = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue)
+        return lambda x: gemm(windows.rows_words(x.reshape(N, K_), packed).x32)
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.W.shape[0],):
