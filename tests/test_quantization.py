@@ -385,20 +385,23 @@ def test_int_conv_pooled_before_requantizing_gives_the_same_codes(seed, geom, re
         expected = pool.forward(conv.forward(x, reference=True), reference=True)
         for build in ("serial", "threaded"):
             with parallel.forced(build):
-                np.testing.assert_array_equal(conv.forward_pooled(x, pool), expected, err_msg=build)
+                np.testing.assert_array_equal(conv.bind(x.shape, pool)(x), expected, err_msg=build)
 
 
 @given(seeds, st.integers(0, 30))
 def test_requantize8_is_the_numpy_arithmetic_on_every_lane(seed, bits):
-    """Many values at once, a third of them exact ties of the final rounding, every shift and
-    multiplier in range: the kernels' lanes agree with the reference, value for value."""
+    """Many values at once, every shift and multiplier in range, and a third of the lanes exact ties
+    of the final rounding (M0 = 2^30 halves x = odd 2^e exactly, then the shift by e leaves k + 1/2):
+    the kernels' lanes agree with the reference, value for value."""
     rng = np.random.default_rng(seed)
     n = 8 * 512
     shift = rng.integers(*FP.SHIFT_RANGE, n, endpoint=True).astype(np.int8)
-    m0 = np.where(rng.random(n) < 0.1, 2**30, rng.integers(0, 2**31, n)).astype(np.int32)
+    m0 = rng.integers(0, 2**31, n)
     x = rng.integers(-(2**bits), 2**bits, n, endpoint=True)
-    tie = rng.random(n) < 0.3  # x m0 / 2^31 lands on k + 1/2 before a shift of 1
-    x = np.where(tie & (m0 == 2**30), 2 * (x >> 1) + 1, x).astype(np.int32)
+    tie, e = rng.random(n) < 0.3, rng.integers(1, 20, n)
+    odd = 2 * rng.integers(-1000, 1000, n) + 1
+    m0, shift = np.where(tie, 2**30, m0).astype(np.int32), np.where(tie, -e, shift).astype(np.int8)
+    x = np.clip(np.where(tie, odd << e, x), INT32_MIN, INT32_MAX).astype(np.int32)  # x / 2 = odd 2^(e-1)
     x[:6] = [INT32_MIN, INT32_MAX, 0, -1, 1, INT32_MIN + 1]
     np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), FP.multiply_by_quantized_multiplier(x, m0, shift))
 

@@ -362,4 +362,9 @@ def xnor_layer(a, w, wt, n, beta, alpha, b, grid, relu, pool, out):
     """Fast xnor_layer_ref, written into out (N, Ho', Wo', F) float32 and returned; wt =
     transposed(w), kept by the caller. The max-pool is taken on the 4 pixels' outputs as they are
     made: the full-size output is never written."""
+    (N, Ho, Wo), (F, words), side = grid, w.shape, 2 if pool else 1
+    expected, expected_t = (N, Ho // side, Wo // side, F), (words if words <= FILTERS_AT_ONCE else 0, F)
+    if a.shape[0] != N * Ho * Wo or out.shape != expected or wt.shape != expected_t:
+        raise ValueError(f"xnor_layer: {a.shape[0]} rows for a grid {grid} (pool {pool}) into {out.shape}, expected "
+                         f"{expected}; wt {wt.shape} must be transposed(w), {expected_t}")
     return _xnor_layer(a.size * w.shape[0], a, w, wt, n, beta, alpha, b, grid[1], grid[2], relu, pool, out)

@@ -38,7 +38,7 @@ from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
 
 from .affine import WMAX
-from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
+from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE, multiply_by_quantized_multiplier
 from .vectors import add8, dot4_add, load8, max8, requantize8, splat8, store8, store_first, zeros8
 
 
@@ -143,6 +143,8 @@ _shifted_copies = twin(_shifted_copies_loops)
 
 def shifted_copies(x, width):
     """Fast shifted_copies_ref, same contract; serial for small inputs (batch 1)."""
+    if width < x.shape[2]:
+        raise ValueError(f"shifted copies of rows of {x.shape[2]} bytes need a width >= {x.shape[2]}, got {width}")
     return _shifted_copies(ROW_ALIGN * x.size, np.ascontiguousarray(x), width)
 
 
@@ -306,8 +308,12 @@ def int32_epilogue(packed, bias, lo):
 
 def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
     """The Epilogue of qgemm_ref(., wt, bias, m0, shift, z_out, lo, hi), packed = pack_weights(wt)."""
-    if len(m0) == 0 or np.min(m0) < 0:
+    if not len(m0) == len(shift) == len(bias):
+        raise ValueError(f"one multiplier and shift per filter: got {len(m0)} and {len(shift)} for {len(bias)}")
+    if np.min(m0, initial=0) < 0:
         raise ValueError("the requantization multipliers must be >= 0 (quantize_multiplier's)")
+    if len(shift) and not SHIFT_RANGE[0] <= np.min(shift) <= np.max(shift) <= SHIFT_RANGE[1]:
+        raise ValueError(f"requantization shifts must lie in {SHIFT_RANGE}, got {np.min(shift)} .. {np.max(shift)}")
     e = int32_epilogue(packed, bias, INT32_MIN)
     return e._replace(m0=_padded(packed, m0, np.int32), shift=_padded(packed, shift, np.int8), z_out=int(z_out),
                       lo=int(lo), hi=int(hi))
@@ -379,6 +385,10 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
     once: at batch 1 an unbound call's checks and sizes cost about a tenth of a conv."""
     if window not in (1, 4):
         raise ValueError(f"qgemm pools windows of 1 or 4 rows, got {window}")
+    if starts.size % window or off.size != packed.wp.shape[1] or epilogue.bias.size != 8 * packed.wp.shape[0]:
+        raise ValueError(f"qgemm: {starts.size} rows of {off.size} words for windows of {window}, against weights "
+                         f"of {packed.wp.shape[1]} words and an epilogue of {epilogue.bias.size} filters for "
+                         f"{8 * packed.wp.shape[0]}")
     shape, dtype = (starts.size // window, epilogue.F), (np.int8 if epilogue.m0.size else np.int32)
     work, wp, fixed = starts.size * 4 * off.size * epilogue.F, packed.wp.reshape(-1), tuple(epilogue[:6])
     return lambda x32: _qgemm(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))

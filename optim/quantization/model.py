@@ -56,8 +56,7 @@ class QuantizedModel:
         self.per_channel = bool(per_channel)
         self.ranges = list(ranges)
         self.output_shape = self.output_shapes()[-1]
-        self._bound = {}  # input shape -> forward_int's steps bound to it
-        self._output_q = self.layers[-1].output_scale  # (S, Z) of the output codes: computed, so kept
+        self._bound, self._bound_to = {}, tuple(self.layers)  # input shape -> forward_int's steps; their ops
 
     def output_shapes(self):
         """Per-sample output shape of every op, in the float model's (C, H, W) convention."""
@@ -93,7 +92,7 @@ class QuantizedModel:
                 q = op.forward(q, reference=True)
             return q
         steps = self._bound.get(q.shape)
-        if steps is None:
+        if steps is None or self._bound_to != tuple(self.layers):  # new shape, or ops changed since
             return self._bind(q)
         for step in steps:
             q = step(q)
@@ -101,8 +100,8 @@ class QuantizedModel:
 
     def _bind(self, q):
         """forward_int(q), binding each step to the shape it sees; the steps kept for q's shape."""
-        if len(self._bound) >= MAX_BOUND:  # a caller of ever new batch sizes: start over, not hoard
-            self._bound.clear()
+        if len(self._bound) >= MAX_BOUND or self._bound_to != tuple(self.layers):  # start over
+            self._bound, self._bound_to = {}, tuple(self.layers)
         shape, ops, i, steps = q.shape, self.layers, 0, []
         while i < len(ops):
             op, after = ops[i], ops[i + 1] if i + 1 < len(ops) else None
@@ -121,7 +120,7 @@ class QuantizedModel:
 
     def dequantize_output(self, out):
         """The last op's codes (int8, or its int32 accumulators) -> float32 reals, NCHW if 4-D."""
-        scale, zero_point = self._output_q
+        scale, zero_point = self.layers[-1].output_scale
         r = (out - np.float64(zero_point)) * scale  # in float64: exact codes, one rounding to float32
         if r.ndim == 4:
             r = r.transpose(0, 3, 1, 2)

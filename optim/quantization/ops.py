@@ -48,6 +48,7 @@ class _IntLinear:
         self.out_q = None if out_q is None else (float(out_q[0]), int(out_q[1]))
         check_scale(self.in_q[0], "input scale")
         check_scale(w_scale, "weight scales")
+        self._sums_scale = self.in_q[0] * w_scale.astype(np.float64)  # what dequantizes int32 outputs
         check_zero_point(self.in_q[1], "input zero point")
         if W.size and W.min() < -WMAX:
             raise ValueError(f"{type(self).__name__}: weight codes must lie in [-{WMAX}, {WMAX}], got {W.min()}")
@@ -84,9 +85,9 @@ class _IntLinear:
 
     @property
     def output_scale(self):
-        """(scale per channel, zero point) of this op's output codes."""
+        """(scale per channel, zero point) of this op's output codes: S_in S_w for the int32 sums."""
         if self.out_q is None:
-            return self.in_q[0] * self.w_scale.astype(np.float64), 0
+            return self._sums_scale, 0
         return self.out_q
 
     def matmul_ref(self, rows):
@@ -174,10 +175,6 @@ class IntConv2D(_IntLinear):
             return self.matmul_ref(rows).reshape(self._output_nhwc(x.shape))
         return self.bind(x.shape)(x)
 
-    def forward_pooled(self, x, pool):
-        """forward, then the IntMaxPool2D `pool` (see bind)."""
-        return self.bind(x.shape, pool)(x)
-
     def bind(self, x_shape, pool=None):
         """run(x): forward(x), then the IntMaxPool2D `pool` if given, for inputs x of x_shape (N, H,
         W, C), with the windows' layout, offsets and weights chosen once.
@@ -191,33 +188,32 @@ class IntConv2D(_IntLinear):
             return lambda x: pool.forward(conv(x))
         N, Ho, Wo, F = self._output_nhwc(x_shape)
         side = 2 if pool is not None else 1
-        words_of, packed = self._words(x_shape, side)
-        sample = words_of(np.zeros(x_shape, np.int8))  # the offsets depend on the shape alone
-        gemm, out_shape = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue, side * side), \
+        x32_of, starts, off, packed = self._words(x_shape, side)
+        gemm, out_shape = K.qgemm_runner(starts, off, packed, self.epilogue, side * side), \
             (N, Ho // side, Wo // side, F)
-        return lambda x: gemm(words_of(x).x32).reshape(out_shape)
+        return lambda x: gemm(x32_of(x)).reshape(out_shape)
 
     def _words(self, x_shape, pool):
-        """(words_of, packed): words_of(x) the Words of x's windows, for inputs of x_shape, read in
-        place where the lines of a window are whole words (windows.py), else copied by im2row, the
-        rows in windows.pool_order if pool > 1; packed their weights."""
+        """(x32_of, starts, off, packed): the Words of an input x of x_shape are (x32_of(x), starts,
+        off), read in place where the lines of a window are whole words (windows.py), else copied by
+        im2row, the rows in windows.pool_order if pool > 1; packed their weights. (Packed other
+        ways than self.packed, the weights keep its column sums, so self.epilogue serves them all.)"""
         _, _, KH, KW = self.W.shape
-        S = self.stride
+        S, zeros = self.stride, np.zeros(x_shape, np.int8)  # the offsets depend on the shape alone
         if windows.conv_fits_words(x_shape, self.padding):
-            return (lambda x: windows.conv_words(x, KH, KW, S, pool)), self.packed
-        if windows.line_fits_words(x_shape, KW, self.padding):
+            words_of, packed = (lambda x: windows.conv_words(x, KH, KW, S, pool)), self.packed
+        elif windows.line_fits_words(x_shape, KW, self.padding):
             if self._line_packed is None:
                 self._line_packed = windows.line_weights(self.W)
-            return (lambda x: windows.line_words(x, KH, KW, S, pool)), self._line_packed
-        N, Ho, Wo, _ = self._output_nhwc(x_shape)
-        order = windows.pool_order(N, Ho, Wo, pool)
-
-        def im2row_words(x):  # padding reads the code of the real 0
-            words = windows.rows_words(K.im2row_nhwc(x, KH, KW, S, self.padding, self.in_q[1], self.wt.shape[1]),
-                                       self.packed)
-            return words._replace(starts=words.starts[order]) if pool > 1 else words
-
-        return im2row_words, self.packed
+            words_of, packed = (lambda x: windows.line_words(x, KH, KW, S, pool)), self._line_packed
+        else:  # padding reads the code of the real 0
+            words_of = lambda x: windows.rows_words(  # noqa: E731
+                K.im2row_nhwc(x, KH, KW, S, self.padding, self.in_q[1], self.wt.shape[1]), self.packed)
+            N, Ho, Wo, _ = self._output_nhwc(x_shape)
+            _, starts, off = words_of(zeros)
+            return (lambda x: words_of(x).x32), starts[windows.pool_order(N, Ho, Wo, pool)], off, self.packed
+        _, starts, off = words_of(zeros)
+        return (lambda x: words_of(x).x32), starts, off, packed
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -275,10 +271,11 @@ class IntDense(_IntLinear):
             H, W, C = x_shape[1:]
             if H * W * C != K_:
                 raise ValueError(f"IntDense expects {K_} inputs, got {H}x{W}x{C} = {H * W * C}")
-            if self._nhwc is None or self._nhwc[0] != x_shape[1:]:
+            known = self._nhwc  # one read: another thread may bind another shape meanwhile
+            if known is None or known[0] != x_shape[1:]:
                 wt = self.kernel_weights().reshape(-1, C, H, W).transpose(0, 2, 3, 1).reshape(self.W.shape[1], -1)
-                self._nhwc = x_shape[1:], K.pack_weights(K.pad_columns(wt, self.wt.shape[1]))
-            packed = self._nhwc[1]
+                known = self._nhwc = x_shape[1:], K.pack_weights(K.pad_columns(wt, self.wt.shape[1]))
+            packed = known[1]
         elif tuple(x_shape[1:]) != (K_,):
             self.output_shape(x_shape[1:])  # raises, naming the shape
         sample = windows.rows_words(np.zeros((N, K_), np.int8), packed)

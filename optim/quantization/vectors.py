@@ -126,7 +126,7 @@ def dot4_add(typingctx, acc, x, wp, i):
     def codegen(context, builder, sig, args):
         acc, x, wp, i = args
         w = builder.load(_pointer(context, builder, sig.args[2], wp, i, _V8I32), align=1)
-        xs = _splat(builder, builder.trunc(x, ir.IntType(32)), _V8I32)
+        xs = _splat(builder, x, _V8I32)
         if not HAS_VNNI:
             return _portable_dpbusd(builder, acc, xs, w)
         vpdpbusd = cgutils.get_or_insert_function(
