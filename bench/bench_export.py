@@ -100,7 +100,9 @@ def int8_model(args, x_train):
 
 
 def has_vnni():
-    """Whether the host CPU has VNNI (int8 dot products into int32), as LLVM reads its features."""
+    """Whether the host CPU has VNNI (int8 dot products into int32), as LLVM reads its features: the
+    CPU ONNX Runtime picks its kernels for, not the target Numba may be told to compile for
+    (minicnn.simd.HAS_VNNI, which a portable run turns off)."""
     import llvmlite.binding
 
     features = llvmlite.binding.get_host_cpu_features()

@@ -91,7 +91,7 @@ class PackedBinaryLayer(Layer):
     def rows_forward(self, rows):
         """out (R, F) float32 from rows (R, n) float32: the layer's product with each row, alpha, b added."""
         if self.binary_input:
-            beta = np.abs(rows).mean(axis=1, dtype=np.float32)
+            beta = xnor.abs_sums(rows) / np.float32(rows.shape[1])  # mean |row|, as predict's stages take it
             return xnor_forward(xnor.pack_signs(rows), beta, self.bits, self.alpha, self.b, self.n, self._bits_t())
         return addsub.addsub_dense(rows, self.lanes, self.alpha, self.b)
 

@@ -199,21 +199,20 @@ class IntConv2D(_IntLinear):
         im2row, the rows in windows.pool_order if pool > 1; packed their weights. (Packed other
         ways than self.packed, the weights keep its column sums, so self.epilogue serves them all.)"""
         _, _, KH, KW = self.W.shape
-        S, zeros = self.stride, np.zeros(x_shape, np.int8)  # the offsets depend on the shape alone
+        S, order = self.stride, None
         if windows.conv_fits_words(x_shape, self.padding):
             words_of, packed = (lambda x: windows.conv_words(x, KH, KW, S, pool)), self.packed
         elif windows.line_fits_words(x_shape, KW, self.padding):
             if self._line_packed is None:
                 self._line_packed = windows.line_weights(self.W)
             words_of, packed = (lambda x: windows.line_words(x, KH, KW, S, pool)), self._line_packed
-        else:  # padding reads the code of the real 0
-            words_of = lambda x: windows.rows_words(  # noqa: E731
-                K.im2row_nhwc(x, KH, KW, S, self.padding, self.in_q[1], self.wt.shape[1]), self.packed)
+        else:  # im2row's rows, padding read as the code of the real 0, pixel by pixel: put in pool order here
+            words_of, packed = (lambda x: windows.rows_words(
+                K.im2row_nhwc(x, KH, KW, S, self.padding, self.in_q[1], self.wt.shape[1]), self.packed)), self.packed
             N, Ho, Wo, _ = self._output_nhwc(x_shape)
-            _, starts, off = words_of(zeros)
-            return (lambda x: words_of(x).x32), starts[windows.pool_order(N, Ho, Wo, pool)], off, self.packed
-        _, starts, off = words_of(zeros)
-        return (lambda x: words_of(x).x32), starts, off, packed
+            order = windows.pool_order(N, Ho, Wo, pool)
+        _, starts, off = words_of(np.zeros(x_shape, np.int8))  # the offsets depend on the shape alone
+        return (lambda x: words_of(x).x32), (starts if order is None else starts[order]), off, packed
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
