@@ -234,38 +234,68 @@ def _row_sums(x32, start, off, wp, acc, at):
 
 
 @numba.njit(inline="always", cache=True)
-def _four_rows_sums(x32, starts, r, off, wp, acc):
-    """_row_sums of rows r .. r + 3 at once, row i's from acc[i F'], F' = 32 ceil(F/32): each 32-byte
-    load of weights serves 4 rows (16 sums in registers), not one."""
+def _four_rows_pass(x32, t0, t1, t2, t3, off, wp, b):
+    """The sums of blocks b .. b + 3 (32 filters) for the four rows whose words start at t0 .. t3, as
+    _row_sums makes them: 16 vectors (row by row, block by block), each 32-byte load of weights serving
+    4 rows, not one."""
     G = off.size
-    F32 = wp.size // (4 * G)
     flip = np.uint32(0x80808080)
-    t0, t1, t2, t3 = starts[r], starts[r + 1], starts[r + 2], starts[r + 3]
-    for b in range(0, wp.size // (32 * G), 4):
-        p0, p1, p2, p3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r, blocks b .. b + 3
-        q0, q1, q2, q3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 1
-        u0, u1, u2, u3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 2
-        v0, v1, v2, v3 = zeros8(), zeros8(), zeros8(), zeros8()  # row r + 3
-        for g in range(G):
-            o = off[g]
-            x0, x1 = x32[np.uint64(t0 + o)] ^ flip, x32[np.uint64(t1 + o)] ^ flip
-            x2, x3 = x32[np.uint64(t2 + o)] ^ flip, x32[np.uint64(t3 + o)] ^ flip
-            i, j = (b * G + g) * 32, G * 32
-            p0, p1, p2, p3 = dot4_add(p0, x0, wp, i), dot4_add(p1, x0, wp, i + j), dot4_add(p2, x0, wp, i + 2 * j), \
-                dot4_add(p3, x0, wp, i + 3 * j)
-            q0, q1, q2, q3 = dot4_add(q0, x1, wp, i), dot4_add(q1, x1, wp, i + j), dot4_add(q2, x1, wp, i + 2 * j), \
-                dot4_add(q3, x1, wp, i + 3 * j)
-            u0, u1, u2, u3 = dot4_add(u0, x2, wp, i), dot4_add(u1, x2, wp, i + j), dot4_add(u2, x2, wp, i + 2 * j), \
-                dot4_add(u3, x2, wp, i + 3 * j)
-            v0, v1, v2, v3 = dot4_add(v0, x3, wp, i), dot4_add(v1, x3, wp, i + j), dot4_add(v2, x3, wp, i + 2 * j), \
-                dot4_add(v3, x3, wp, i + 3 * j)
-        rows = ((p0, p1, p2, p3), (q0, q1, q2, q3), (u0, u1, u2, u3), (v0, v1, v2, v3))
-        for row, (s0, s1, s2, s3) in enumerate(rows):
+    p0, p1, p2, p3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t0, blocks b .. b + 3
+    q0, q1, q2, q3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t1
+    u0, u1, u2, u3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t2
+    v0, v1, v2, v3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t3
+    for g in range(G):
+        o = off[g]
+        x0, x1 = x32[np.uint64(t0 + o)] ^ flip, x32[np.uint64(t1 + o)] ^ flip
+        x2, x3 = x32[np.uint64(t2 + o)] ^ flip, x32[np.uint64(t3 + o)] ^ flip
+        i, j = (b * G + g) * 32, G * 32
+        p0, p1, p2, p3 = dot4_add(p0, x0, wp, i), dot4_add(p1, x0, wp, i + j), dot4_add(p2, x0, wp, i + 2 * j), \
+            dot4_add(p3, x0, wp, i + 3 * j)
+        q0, q1, q2, q3 = dot4_add(q0, x1, wp, i), dot4_add(q1, x1, wp, i + j), dot4_add(q2, x1, wp, i + 2 * j), \
+            dot4_add(q3, x1, wp, i + 3 * j)
+        u0, u1, u2, u3 = dot4_add(u0, x2, wp, i), dot4_add(u1, x2, wp, i + j), dot4_add(u2, x2, wp, i + 2 * j), \
+            dot4_add(u3, x2, wp, i + 3 * j)
+        v0, v1, v2, v3 = dot4_add(v0, x3, wp, i), dot4_add(v1, x3, wp, i + j), dot4_add(v2, x3, wp, i + 2 * j), \
+            dot4_add(v3, x3, wp, i + 3 * j)
+    return p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3
+
+
+@numba.njit(inline="always", cache=True)
+def _four_rows_sums(x32, starts, r, off, wp, acc):
+    """_row_sums of rows r .. r + 3 at once, row i's from acc[i F'], F' = 32 ceil(F/32)."""
+    F32 = wp.size // (4 * off.size)
+    for b in range(0, wp.size // (32 * off.size), 4):
+        sums = _four_rows_pass(x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
+        for row in range(4):
             at = row * F32 + 8 * b
-            store8(acc, at, s0)
-            store8(acc, at + 8, s1)
-            store8(acc, at + 16, s2)
-            store8(acc, at + 24, s3)
+            store8(acc, at, sums[4 * row])
+            store8(acc, at + 8, sums[4 * row + 1])
+            store8(acc, at + 16, sums[4 * row + 2])
+            store8(acc, at + 24, sums[4 * row + 3])
+
+
+@numba.njit(cache=True)
+def _emit8(s, f, bias, m0, shift, z_out, lo, hi, o, at, F):
+    """o[at + f : at + f + 8] (those below F) = the outputs of filters f .. f + 7 from their sums s:
+    plus bias, requantized (or, m0 empty, kept int32 and clamped below by lo)."""
+    if f < F:
+        s = add8(s, load8(bias, f))
+        s = requantize8(s, m0, shift, f, z_out, lo, hi) if m0.size else max8(s, splat8(lo))
+        store_first(o, at + f, s, min(8, F - f))
+
+
+@numba.njit(inline="always", cache=True)
+def _pooled_window(x32, starts, r, off, wp, bias, m0, shift, z_out, lo, hi, o, at, F):
+    """The output of the 2x2 pool window whose 4 pixels are rows r .. r + 3, stored from o[at] on:
+    per 32 filters, the maximum of the four rows' sums taken in registers, then _emit8. (Stored in
+    acc and read back by _finish, the sums took a third of the seed CNN's conv at batch 256.)"""
+    for b in range(0, wp.size // (32 * off.size), 4):
+        p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3 = _four_rows_pass(
+            x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
+        _emit8(max8(max8(p0, q0), max8(u0, v0)), 8 * b, bias, m0, shift, z_out, lo, hi, o, at, F)
+        _emit8(max8(max8(p1, q1), max8(u1, v1)), 8 * b + 8, bias, m0, shift, z_out, lo, hi, o, at, F)
+        _emit8(max8(max8(p2, q2), max8(u2, v2)), 8 * b + 16, bias, m0, shift, z_out, lo, hi, o, at, F)
+        _emit8(max8(max8(p3, q3), max8(u3, v3)), 8 * b + 24, bias, m0, shift, z_out, lo, hi, o, at, F)
 
 
 ROWS_PER_TASK = 64
@@ -320,25 +350,20 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
 
 
 @numba.njit(inline="always", cache=True)
-def _finish(acc, rows, window, F32, bias, m0, shift, z_out, lo, hi, o, at, F):
-    """The outputs of `rows` rows' sums acc[i F32 + f], one per `window` rows, F values each, stored
-    in the flat o from o[at] on: per 8 filters, the window's maximum (it commutes with the rest),
-    plus bias, requantized (or, m0 empty, kept int32 and clamped below by lo)."""
-    for first in range(0, rows, window):
+def _finish(acc, rows, F32, bias, m0, shift, z_out, lo, hi, o, at, F):
+    """The outputs of `rows` rows' sums acc[i F32 + f], F values each, stored in the flat o from
+    o[at] on, 8 filters at a time (_emit8)."""
+    for row in range(rows):
         for b in range(0, F, 8):
-            s = load8(acc, first * F32 + b)
-            for k in range(1, window):
-                s = max8(s, load8(acc, (first + k) * F32 + b))
-            s = add8(s, load8(bias, b))
-            s = requantize8(s, m0, shift, b, z_out, lo, hi) if m0.size else max8(s, splat8(lo))
-            store_first(o, at + first // window * F + b, s, min(8, F - b))
+            _emit8(load8(acc, row * F32 + b), b, bias, m0, shift, z_out, lo, hi, o, at + row * F, F)
 
 
 def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
     """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
     (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to int8, or int32
-    when m0 is empty. Rows run 4 at a time (a window of 4 is one pass), the last few one by one:
-    one loop calling both tiles through a test runs at half speed in the serial build."""
+    when m0 is empty. Rows run 4 at a time (a window of 4 is one pass, finished in registers), the
+    last few one by one: one loop calling both tiles through a test runs at half speed in the serial
+    build."""
     F, F32 = out.shape[1], bias.size
     o = out.reshape(-1)
     rows_end = starts.size // window * window
@@ -346,12 +371,16 @@ def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, o
         acc = np.empty(4 * F32, dtype=np.int32)
         start, end = task * ROWS_PER_TASK, min(rows_end, (task + 1) * ROWS_PER_TASK)
         fours = start + (end - start) // 4 * 4
+        if window == 4:
+            for r0 in range(start, end, 4):
+                _pooled_window(x32, starts, r0, off, wp, bias, m0, shift, z_out, lo, hi, o, r0 // 4 * F, F)
+            continue
         for r0 in range(start, fours, 4):
             _four_rows_sums(x32, starts, r0, off, wp, acc)
-            _finish(acc, 4, window, F32, bias, m0, shift, z_out, lo, hi, o, r0 // window * F, F)
+            _finish(acc, 4, F32, bias, m0, shift, z_out, lo, hi, o, r0 * F, F)
         for r in range(fours, end):  # window 1 here
             _row_sums(x32, starts[r], off, wp, acc, 0)
-            _finish(acc, 1, 1, F32, bias, m0, shift, z_out, lo, hi, o, r * F, F)
+            _finish(acc, 1, F32, bias, m0, shift, z_out, lo, hi, o, r * F, F)
     return out
 
 
