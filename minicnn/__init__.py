@@ -8,8 +8,9 @@
 
 Where things live: layers.py and model.py (forward/backward pairs, Sequential);
 kernels.py (training's conv and pool, each beside its NumPy reference);
-inference.py, direct.py, narrow.py (what predict runs: fused channels-last
-stages and their register-tiled kernels); simd.py and parallel.py (the vector
+inference.py, direct.py, narrow.py, chain.py (what predict runs: fused
+channels-last stages, their register-tiled kernels, and a small batch's
+stages in one parallel loop); simd.py and parallel.py (the vector
 type those kernels use, and the one threaded/serial rule); losses,
 optimizers, training; serialization and atomic (model files); datasets, zoo,
 summary, timing, checks.

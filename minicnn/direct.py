@@ -49,8 +49,8 @@ from .parallel import MIN_MACS, twin
 from .simd import LANES, add, aligned_empty, broadcast, fma, load_first, maximum, splat, store_first
 
 __all__ = [
-    "conv_block", "conv_block_ref", "conv_block_runner", "dense_block", "dense_block_ref", "dense_block_runner",
-    "output_shape", "pack_filters",
+    "conv_block", "conv_block_ref", "conv_block_runner", "conv_row", "dense_block", "dense_block_ref",
+    "dense_block_runner", "dense_span", "output_shape", "pack_filters",
 ]
 
 BLOCK = 2 * LANES  # filters per register tile
@@ -101,15 +101,16 @@ def _conv_block_loops(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, 
     blocks = (F + BLOCK - 1) // BLOCK
     for t in prange(x.size // (Hp * Wp * C) * rows * blocks):  # one output row, one block of filters
         n, r, blk = t // (rows * blocks), t // blocks % rows, t % blocks
-        _row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, pool, out, n, r, blk)
+        conv_row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, pool, out, n, r, blk)
     return out
 
 
 @numba.njit(cache=True)
-def _row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, pool, out, n, r, blk):
-    """Output row r of image n, filters 32 blk .. 32 blk + 31, tile by tile. A function of its
-    own, not the body of the prange: inside a parallel loop LLVM compiles it 1.5x slower. (A task
-    per tile instead costs the seed CNN's 9-tap conv a third of its speed.)"""
+def conv_row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, pool, out, n, r, blk):
+    """Output row r of image n (pooled row r with pool), filters 32 blk .. 32 blk + 31, tile by tile:
+    one task of conv_block, whose arguments it takes flat. A function of its own, not the body of
+    the prange: inside a parallel loop LLVM compiles it 1.5x slower. (A task per tile instead
+    costs the seed CNN's 9-tap conv a third of its speed.)"""
     Ho, Wo = (Hp - K) // S + 1, (Wp - K) // S + 1
     rows, cols = (Ho // 2, Wo // 2) if pool else (Ho, Wo)
     f0 = blk * BLOCK
@@ -228,18 +229,21 @@ def conv_block(xp, w, b, F, K, stride, relu, pool, out=None, strides=None):
     return conv_block_runner(xp.shape, F, K, stride, relu, pool, strides)(xp, w, b, out)
 
 
-def _dense_rows_loops(x, W, b, relu, out):
+def _dense_rows_loops(x, at, W, b, relu, out):
     N, C = x.shape
     F = W.shape[1]
     spans = (F + ROW_SPAN - 1) // ROW_SPAN
     for t in prange(N * spans):
-        _row_span(x.reshape(-1), W.reshape(-1), b, relu, out.reshape(-1), t // spans, t % spans * ROW_SPAN, C, F)
+        dense_span(x.reshape(-1), at, W.reshape(-1), b, relu, out.reshape(-1), t // spans, t % spans * ROW_SPAN, C, F)
     return out
 
 
 @numba.njit(cache=True)
-def _row_span(x, w, b, relu, out, n, f0, C, F):
-    """out[n, f0 : f0 + 128]: eight 16-lane sums of one row; each weight is read once."""
+def dense_span(x, at, w, b, relu, out, n, f0, C, F):
+    """out[n, f0 : f0 + 128] = b + sum_k x[n C + at[k]] w[k, f0 : f0 + 128] (then max(., 0) if relu),
+    eight 16-lane sums, each weight read once: a row of a Dense (at the identity), or of Flatten then
+    Dense on a channels-last input (at[k] where the input's value k in Flatten's order lies). One
+    task of dense_block for fewer rows than a register tile; w (C, F) and the rest flat."""
     width = min(ROW_SPAN, F - f0)
     # lanes in use of each of the eight vectors
     m0, m1, m2, m3 = min(width, 16), min(max(width - 16, 0), 16), min(max(width - 32, 0), 16), \
@@ -248,16 +252,16 @@ def _row_span(x, w, b, relu, out, n, f0, C, F):
         max(width - 112, 0)
     s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = splat(0.0)
     for k in range(C):
-        v, at = broadcast(x, n * C + k), k * F + f0
-        s0, s1 = fma(v, load_first(w, at, m0), s0), fma(v, load_first(w, at + 16, m1), s1)
-        s2, s3 = fma(v, load_first(w, at + 32, m2), s2), fma(v, load_first(w, at + 48, m3), s3)
-        s4, s5 = fma(v, load_first(w, at + 64, m4), s4), fma(v, load_first(w, at + 80, m5), s5)
-        s6, s7 = fma(v, load_first(w, at + 96, m6), s6), fma(v, load_first(w, at + 112, m7), s7)
-    at = n * F + f0
-    _emit(out, at, s0, s1, load_first(b, f0, m0), load_first(b, f0 + 16, m1), relu, m0, m1)
-    _emit(out, at + 32, s2, s3, load_first(b, f0 + 32, m2), load_first(b, f0 + 48, m3), relu, m2, m3)
-    _emit(out, at + 64, s4, s5, load_first(b, f0 + 64, m4), load_first(b, f0 + 80, m5), relu, m4, m5)
-    _emit(out, at + 96, s6, s7, load_first(b, f0 + 96, m6), load_first(b, f0 + 112, m7), relu, m6, m7)
+        v, i = broadcast(x, n * C + at[k]), k * F + f0
+        s0, s1 = fma(v, load_first(w, i, m0), s0), fma(v, load_first(w, i + 16, m1), s1)
+        s2, s3 = fma(v, load_first(w, i + 32, m2), s2), fma(v, load_first(w, i + 48, m3), s3)
+        s4, s5 = fma(v, load_first(w, i + 64, m4), s4), fma(v, load_first(w, i + 80, m5), s5)
+        s6, s7 = fma(v, load_first(w, i + 96, m6), s6), fma(v, load_first(w, i + 112, m7), s7)
+    o = n * F + f0
+    _emit(out, o, s0, s1, load_first(b, f0, m0), load_first(b, f0 + 16, m1), relu, m0, m1)
+    _emit(out, o + 32, s2, s3, load_first(b, f0 + 32, m2), load_first(b, f0 + 48, m3), relu, m2, m3)
+    _emit(out, o + 64, s4, s5, load_first(b, f0 + 64, m4), load_first(b, f0 + 80, m5), relu, m4, m5)
+    _emit(out, o + 96, s6, s7, load_first(b, f0 + 96, m6), load_first(b, f0 + 112, m7), relu, m6, m7)
 
 
 # Half the conv kernels' break-even: each multiply-add here reads a weight of its own, so two
@@ -279,12 +283,13 @@ def dense_block_runner(x_shape, F, relu):
     image = (1, full // PIXELS, PIXELS)  # the groups of 8 rows, as one image of rows of 8 pixels
     if full:
         groups = conv_block_runner((*image, C), F, 1, 1, relu, False, strides=(BLOCK, F))
+    identity = np.arange(C)
 
     def run(x, W, b, out):
         if full:
             groups(x[:full].reshape(*image, C), W, b, out[:full].reshape(*image, F))
         if full < N:
-            _dense_rows((N - full) * C * F, x[full:], W, b, relu, out[full:])
+            _dense_rows((N - full) * C * F, x[full:], identity, W, b, relu, out[full:])
         return out
 
     return run

@@ -18,6 +18,7 @@ rows keeps 8 registers of sums and each weight row is loaded once for all
 split four ways (k mod 4) so that four multiply-adds are in flight.
 """
 
+import numba
 import numpy as np
 from numba import prange
 
@@ -25,7 +26,9 @@ from .checks import check_kernel_array, output_array
 from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["MAX_OUTPUTS", "flatten_order", "input_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner"]
+__all__ = [
+    "MAX_OUTPUTS", "flatten_order", "input_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner", "narrow_row",
+]
 
 MAX_OUTPUTS = LANES
 ROWS = 8  # batch rows per register tile
@@ -74,24 +77,31 @@ def _narrow_dense_loops(x, order, W, b, relu, out):
                 a6 = fma(broadcast(xf, j + 6 * K), w, a6)
                 a7 = fma(broadcast(xf, j + 7 * K), w, a7)
             sums = (a0, a1, a2, a3, a4, a5, a6, a7)
+            for i in range(ROWS):
+                v = add(sums[i], bias)
+                store_first(of, (r + i) * O, maximum(v, zero) if relu else v, O)
         else:
-            r = ROWS * tiles + t - tiles
-            a0 = a1 = a2 = a3 = zero
-            k = 0
-            while k + 4 <= K:
-                a0 = fma(broadcast(xf, r * K + k), load_first(Wf, order[k] * O, O), a0)
-                a1 = fma(broadcast(xf, r * K + k + 1), load_first(Wf, order[k + 1] * O, O), a1)
-                a2 = fma(broadcast(xf, r * K + k + 2), load_first(Wf, order[k + 2] * O, O), a2)
-                a3 = fma(broadcast(xf, r * K + k + 3), load_first(Wf, order[k + 3] * O, O), a3)
-                k += 4
-            while k < K:
-                a0 = fma(broadcast(xf, r * K + k), load_first(Wf, order[k] * O, O), a0)
-                k += 1
-            sums = (add(add(a0, a1), add(a2, a3)), zero, zero, zero, zero, zero, zero, zero)
-        for i in range(ROWS if t < tiles else 1):
-            v = add(sums[i], bias)
-            store_first(of, (r + i) * O, maximum(v, zero) if relu else v, O)
+            narrow_row(xf, order, Wf, b, relu, of, ROWS * tiles + t - tiles, K, O)
     return out
+
+
+@numba.njit(cache=True)
+def narrow_row(x, order, w, b, relu, out, r, K, O):
+    """Row r of narrow_dense alone, its sum split four ways (k mod 4) so that four multiply-adds
+    are in flight: one task of narrow_dense, the arrays flat."""
+    a0 = a1 = a2 = a3 = splat(0.0)
+    k = 0
+    while k + 4 <= K:
+        a0 = fma(broadcast(x, r * K + k), load_first(w, order[k] * O, O), a0)
+        a1 = fma(broadcast(x, r * K + k + 1), load_first(w, order[k + 1] * O, O), a1)
+        a2 = fma(broadcast(x, r * K + k + 2), load_first(w, order[k + 2] * O, O), a2)
+        a3 = fma(broadcast(x, r * K + k + 3), load_first(w, order[k + 3] * O, O), a3)
+        k += 4
+    while k < K:
+        a0 = fma(broadcast(x, r * K + k), load_first(w, order[k] * O, O), a0)
+        k += 1
+    v = add(add(add(a0, a1), add(a2, a3)), load_first(b, 0, O))
+    store_first(out, r * O, maximum(v, splat(0.0)) if relu else v, O)
 
 
 # Half the conv kernels' break-even: a classifier runs right after the network's last conv

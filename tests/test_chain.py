@@ -1,0 +1,94 @@
+"""minicnn.chain: a small batch's stages in one parallel loop, the same numbers as the stages one by one."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, chain, direct, narrow, parallel, zoo
+from minicnn.inference import CHAIN_BATCH, Inference
+
+
+def images(n, seed=0, side=28):
+    return np.random.default_rng(seed).random((n, 1, side, side), dtype=np.float32)
+
+
+def chained(inference, x):
+    """The output of inference on x, asserting that it ran as one chain step."""
+    out = inference(x)
+    assert len(inference.bound[x.shape]) == 1, "not run as a chain"
+    return out
+
+
+@pytest.mark.parametrize("name", ["lenet5", "seed_cnn", "small_cnn"])
+@pytest.mark.parametrize("mode", ["serial", "threaded"])
+def test_a_small_batch_as_one_chain_is_the_stages_bit_for_bit(name, mode):
+    """The chain runs the stages' own task kernels: whoever claims a task, it writes the same bits."""
+    model = zoo.build(name, seed=3)
+    for n in (3, CHAIN_BATCH - 1):  # enough work to run threaded: the chain declines less
+        x = images(n, seed=n)
+        inference = Inference(model.layers)
+        with parallel.forced(mode):
+            for _ in range(20):  # claims race differently from call to call
+                np.testing.assert_array_equal(chained(inference, x), Inference(model.layers)._bind_stages(x)[1])
+        np.testing.assert_allclose(inference(x), model.forward(x), rtol=0, atol=2e-5)
+
+
+def test_a_padded_first_conv_chains_and_a_later_one_does_not():
+    rng = np.random.default_rng(0)
+    first = Sequential([Conv2D(1, 32, 3, padding=1, rng=rng), ReLU(), MaxPool2D(2), Flatten(),
+                        Dense(32 * 14 * 14, 10, rng=rng)], input_shape=(1, 28, 28))
+    x = images(3)
+    np.testing.assert_allclose(chained(Inference(first.layers), x), first.forward(x), rtol=0, atol=2e-5)
+    later = Sequential([Conv2D(1, 32, 3, rng=rng), ReLU(), Conv2D(32, 16, 3, padding=1, rng=rng), Flatten(),
+                        Dense(16 * 26 * 26, 10, rng=rng)], input_shape=(1, 28, 28))
+    inference = Inference(later.layers)
+    np.testing.assert_allclose(inference(x), later.forward(x), rtol=0, atol=2e-5)
+    assert len(inference.bound[x.shape]) > 1
+
+
+def test_a_chained_predict_follows_weights_changed_in_place():
+    model = zoo.lenet5(seed=0)
+    x = images(1)
+    before = model.predict(x)
+    model.layers[2].params["W"][3, 1] *= -3.0
+    model.layers[5].params["W"][:, 7] += 0.5
+    model.layers[-1].params["b"][2] -= 1.0
+    after = model.predict(x)
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, model.forward(x), rtol=0, atol=2e-5)
+    model.layers[5].params["W"] = model.layers[5].params["W"] * 0.5  # a new array, not an edit
+    np.testing.assert_allclose(model.predict(x), model.forward(x), rtol=0, atol=2e-5)
+
+
+def stages_of(rng, N, side, C, filters, kernel, pool, units):
+    """A random plan: conv (+ ReLU, pool) -> flatten -> dense (ReLU) -> classifier, its buffers and weights."""
+    xp = rng.standard_normal((N, side, side, C)).astype(np.float32)
+    W = rng.standard_normal((filters, C, kernel, kernel)).astype(np.float32)
+    rows = [chain.conv_stage(xp.shape, filters, kernel, 1, True, pool)]
+    shape = direct.output_shape(xp.shape, filters, kernel, 1, pool)
+    K = int(np.prod(shape[1:]))
+    rows += [chain.dense_stage(N, K, units, True), chain.dense_stage(N, units, 3, False)]
+    order = narrow.input_order(shape)
+    at = [np.zeros(0, np.int64), np.argsort(order), np.arange(units)]
+    acts = [xp, np.empty(shape, np.float32), np.empty((N, units), np.float32), np.empty((N, 3), np.float32)]
+    weights = [direct.pack_filters(W), rng.standard_normal((K, units)).astype(np.float32),
+               rng.standard_normal((units, 3)).astype(np.float32)]
+    biases = [rng.standard_normal(n).astype(np.float32) for n in (filters, units, 3)]
+    return rows, acts, at, weights, biases
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(1, 5), st.integers(6, 11), st.integers(1, 3), st.integers(1, 40), st.integers(1, 3),
+       st.booleans(), st.integers(1, 300), st.integers(0, 2**16))
+def test_chain_is_its_tasks_in_order(N, side, C, filters, kernel, pool, units, seed):
+    """Chain() (threaded or serial) against run_stages_ref, the tasks one after the other: bit for bit."""
+    rows, acts, at, weights, biases = stages_of(np.random.default_rng(seed), N, side, C, filters, kernel, pool, units)
+    c = chain.Chain(rows, acts, at)
+    for s, (w, b) in enumerate(zip(weights, biases)):
+        c.set_weights(s, w, b)
+    expected = [a.reshape(-1).copy() for a in acts]
+    chain.run_stages_ref(c.plan, tuple(expected), tuple(w.reshape(-1) for w in weights), tuple(biases), tuple(at))
+    for mode in ("serial", "threaded"):
+        with parallel.forced(mode):
+            np.testing.assert_array_equal(c(), expected[-1].reshape(N, 3))
