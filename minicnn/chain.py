@@ -15,7 +15,7 @@ runs a float32 network of convs and dense layers as one parallel loop of
 one iteration per thread. The tasks are numbered stage by stage, split as
 direct's kernels split them: a conv's task is one output row of one image
 for 32 filters (direct.conv_row), a dense layer's 128 outputs of one row
-(direct.dense_span). Each thread takes the next number with an atomic
+(direct.dense_span), a classifier's row (narrow.narrow_row). Each thread takes the next number with an atomic
 fetch-and-add on counters[0] until none is left. A task of stage s starts
 once every task of stage s - 1 is done: counters[s] counts them, read with
 acquire ordering; the fetch-and-add that counts a task releases its writes.
@@ -127,8 +127,8 @@ def _pause(typingctx):
     """The spin-wait hint (x86's pause): the waiting thread yields the core's resources a moment."""
     def codegen(context, builder, sig, args):
         if _X86:
-            builder.call(builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), [])),
-                         [])
+            pause = builder.module.declare_intrinsic("llvm.x86.sse2.pause", fnty=ir.FunctionType(ir.VoidType(), []))
+            builder.call(pause, [])
         return context.get_dummy_value()
 
     return types.none(), codegen

@@ -64,8 +64,8 @@ import numpy as np
 from . import direct, narrow
 from .chain import Chain, conv_stage, dense_stage
 from .checks import check_kernel_array
-from .parallel import MIN_MACS
 from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from .parallel import MIN_MACS
 
 __all__ = ["Inference"]
 

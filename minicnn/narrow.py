@@ -27,7 +27,8 @@ from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
 __all__ = [
-    "MAX_OUTPUTS", "flatten_order", "input_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner", "narrow_row",
+    "MAX_OUTPUTS", "flatten_order", "input_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner",
+    "narrow_row",
 ]
 
 MAX_OUTPUTS = LANES
