@@ -20,16 +20,26 @@ fetch-and-add on counters[0] until none is left. A task of stage s starts
 once every task of stage s - 1 is done: counters[s] counts them, read with
 acquire ordering; the fetch-and-add that counts a task releases its writes.
 
+A conv reads its weights packed (direct.pack_filters), and training or
+pruning change a layer's weights in place, so the packed copy must follow.
+Compared in Python before the loop (conv2's 100 KB against a copy of them),
+that took 10 of LeNet-5's 55 us at batch 1. So the loop's first tasks do it,
+one per block of 32 filters (whose weights are contiguous in (F, C, K, K)):
+compare the block with the copy it was packed from and, where they differ,
+copy and pack it again (_check_block). Stage 0 waits for them.
+
 Why it cannot deadlock: a thread waits only after claiming a task of stage
 s, so every task of stage s - 1 has been claimed, by threads running them.
 If the second thread never arrives, the first claims every task in turn and
 never waits; the serial build (minicnn.parallel.twin) is the same code.
 
     plan (S, PLAN_COLUMNS) int64: a row per stage, conv_stage's or dense_stage's
-    acts      S + 1 float32 arrays, flat (a tuple, as the three below): stage s reads acts[s] and
+    acts      S + 1 float32 arrays, flat (a tuple, as the five below): stage s reads acts[s] and
               writes acts[s + 1]
               (a conv's input channels last and padded, its output channels last)
-    weights   S float32 arrays: pack_filters(W) of a conv, W (in, out) of a dense layer
+    raw       S float32 arrays: a conv's W (F, C, K, K) as the layer holds it, a dense layer's W (in, out)
+    sources   S float32 arrays: what a conv's packed weights were packed from; empty for a dense layer
+    weights   S float32 arrays: pack_filters of a conv's source; a dense layer's W again
     biases    S float32 arrays
     at        S int64 arrays: where a dense layer's input k lies (direct.dense_span), or which row of
               W a narrow layer's input k meets (narrow.narrow_row); empty for a conv
@@ -43,7 +53,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .direct import BLOCK, ROW_SPAN, conv_row, dense_span
+from .direct import BLOCK, ROW_SPAN, conv_row, dense_span, pack_filters
 from .kernels import conv_output_size
 from .narrow import MAX_OUTPUTS, narrow_row
 from .parallel import MIN_MACS, twin
@@ -134,25 +144,65 @@ def _pause(typingctx):
     return types.none(), codegen
 
 
-def _run_stages_loops(plan, acts, weights, biases, at, counters, claimants):
+@numba.njit(cache=True)
+def _check_block(W, source, packed, F, C, K, blk):
+    """Filters 32 blk .. 32 blk + 31 of a conv: where W differs from source (bit for bit), source
+    becomes W and packed becomes direct.pack_filters(W) for those filters."""
+    f0, f1, taps = blk * BLOCK, min(F, (blk + 1) * BLOCK), C * K * K
+    a, b = W[f0 * taps : f1 * taps].view(np.int32), source[f0 * taps : f1 * taps].view(np.int32)
+    differ = 0
+    for i in range(a.size):  # no early exit: this loop runs 16 lanes at a time
+        differ |= a[i] ^ b[i]
+    if differ == 0:
+        return
+    source[f0 * taps : f1 * taps] = W[f0 * taps : f1 * taps]
+    at = blk * taps * BLOCK
+    for f in range(f0, f1):
+        for c in range(C):
+            for kh in range(K):
+                for kw in range(K):
+                    packed[at + ((kh * K + kw) * C + c) * BLOCK + f - f0] = W[((f * C + c) * K + kh) * K + kw]
+
+
+@numba.njit(cache=True)
+def _checks(plan, t, raw, sources, weights):
+    """Check task t: the t-th block of 32 filters, counting the conv stages' blocks in order."""
+    for s in range(plan.shape[0]):
+        if plan[s, 0] == CONV:
+            blocks = (plan[s, 5] + BLOCK - 1) // BLOCK
+            if t < blocks:
+                _check_block(raw[s], sources[s], weights[s], plan[s, 5], plan[s, 4], plan[s, 6], t)
+                return
+            t -= blocks
+
+
+def _run_stages_loops(plan, acts, raw, sources, weights, biases, at, counters, claimants):
     S = plan.shape[0]
-    total = 0
+    checks = total = 0
     for s in range(S):
         total += plan[s, 1]
+        if plan[s, 0] == CONV:
+            checks += (plan[s, 5] + BLOCK - 1) // BLOCK
+    total += checks
     for i in range(counters.size):  # a loop, not counters[:] = 0: that would be a parallel loop of its own
         counters[i] = 0
+    # counters: [0] the next task's number; [1 + s] the tasks of stage s done; [S + 1] the checks done
     for _ in prange(claimants):  # one per thread: each takes tasks until none is left
         while True:
             t = _fetch_add(counters, 0, 1)
             if t >= total:
                 break
-            s, first = 0, 0
+            if t < checks:
+                _checks(plan, t, raw, sources, weights)
+                _fetch_add(counters, S + 1, 1)
+                continue
+            s, first = 0, checks
             while t >= first + plan[s, 1]:
                 first += plan[s, 1]
                 s += 1
-            if s > 0:
-                while _load_acquire(counters, s) < plan[s - 1, 1]:
-                    _pause()
+            done, needed = (counters.size - 1, checks) if s == 0 else (s, plan[s - 1, 1])
+            while _load_acquire(counters, done) < needed:
+                _pause()
             _task(plan, s, t - first, acts, weights, biases, at)
             _fetch_add(counters, s + 1, 1)
 
@@ -161,9 +211,9 @@ _run_stages = twin(_run_stages_loops, min_work=MIN_MACS)
 
 
 class Chain:
-    """The stages of a plan bound to their buffers: set each stage's weights (set_weights), fill
-    the first buffer, call; the last buffer holds the output. One thread at a time (the counters
-    and buffers are the chain's).
+    """The stages of a plan bound to their buffers: give each stage its layer's arrays (set_arrays),
+    fill the first buffer, call; the last buffer holds the output. One thread at a time (the
+    counters, buffers and packed weights are the chain's).
 
     The arrays go to the kernel as tuples, not typed lists: a typed list's items are counted
     references, and two threads taking them for every task contend for the counts (LeNet-5 at
@@ -175,19 +225,31 @@ class Chain:
         self.plan = np.array([r for r, _ in rows], np.int64).reshape(-1, PLAN_COLUMNS)
         self.work = sum(m for _, m in rows)
         self.buffers, self.acts, self.at = acts, tuple(a.reshape(-1) for a in acts), tuple(at)
-        self.sources = [None] * (2 * len(rows))  # each stage's weights and bias, as set_weights got them
-        self.arrays = None  # (weights, biases): tuples of the flat arrays, remade after a change
-        self.counters = np.zeros(len(rows) + 1, np.int64)
+        S = len(rows)
+        self.given = [None] * (2 * S)  # each stage's W and b, as set_arrays got them
+        self.packs = [None] * S  # a conv's (source, packed weights), flat; None for a dense layer
+        self.arrays = None  # the kernel's tuples (raw, sources, weights, biases), remade after a change
+        self.counters = np.zeros(S + 2, np.int64)
 
-    def set_weights(self, s, w, b):
-        """Stage s reads w and b (float32, C-contiguous) from now on: cheap when they are the arrays it
-        reads already."""
-        if w is not self.sources[2 * s] or b is not self.sources[2 * s + 1]:
-            self.sources[2 * s : 2 * s + 2] = w, b
-            self.arrays = None
+    def knows(self, s, W, b):
+        """Whether stage s reads these arrays already (their values may have changed since: the loop
+        reads them in place, and checks a conv's W against its packed copy)."""
+        return W is self.given[2 * s] and b is self.given[2 * s + 1]
+
+    def set_arrays(self, s, W, b):
+        """Stage s reads the layer's W and b (float32, C-contiguous, of the layer's shapes, checked by
+        the caller) from now on; a conv's W new to it is copied and packed here."""
+        if self.plan[s, 0] == CONV and W is not self.given[2 * s]:
+            self.packs[s] = W.reshape(-1).copy(), pack_filters(W)
+        self.given[2 * s : 2 * s + 2] = W, b
+        self.arrays = None
 
     def __call__(self):
         if self.arrays is None:
-            self.arrays = tuple(tuple(a.reshape(-1) for a in self.sources[k::2]) for k in (0, 1))
+            empty = np.zeros(0, np.float32)
+            raw, biases = (tuple(a.reshape(-1) for a in self.given[k::2]) for k in (0, 1))
+            sources = tuple(empty if p is None else p[0] for p in self.packs)
+            weights = tuple(w if p is None else p[1] for w, p in zip(raw, self.packs))
+            self.arrays = raw, sources, weights, biases
         _run_stages(self.work, self.plan, self.acts, *self.arrays, self.at, self.counters, numba.get_num_threads())
         return self.buffers[-1]

@@ -141,8 +141,11 @@ class _Conv:
 
         return run
 
-    def chain_arrays(self):
-        return self.weights(), check_kernel_array(self.conv.params["b"], "Conv2D bias", (self.conv.out_channels,))
+    def checked(self, W, b):
+        """(W, b), checked to be what a chain's conv of this layer's geometry reads."""
+        conv = self.conv
+        check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2))
+        return W, check_kernel_array(b, "Conv2D bias", (conv.out_channels,))
 
 
 @numba.njit(cache=True)
@@ -199,8 +202,10 @@ class _Dense:
 
         return run
 
-    def chain_arrays(self):
-        return self.weights(self.dense.in_features, self.dense.out_features)
+    def checked(self, W, b):
+        """(W, b), checked to be what a chain's dense stage of this layer's geometry reads."""
+        K, O = self.dense.in_features, self.dense.out_features
+        return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
 
 
 class _Layer:
@@ -349,12 +354,15 @@ class Inference:
         if sum(macs for _, macs in rows) < MIN_MACS:
             return None
         acts = [self.buffers.get(f"chain {i}", shape, zeroed=i == 0) for i, shape in enumerate(shapes)]
-        chain, stages, inside = Chain(rows, acts, at), self.stages, acts[0][:, P : H + P, P : W + P]
+        chain, inside = Chain(rows, acts, at), acts[0][:, P : H + P, P : W + P]
+        layers = [(stage, (stage.conv if isinstance(stage, _Conv) else stage.dense).params) for stage in self.stages]
 
         def run(x):
             inside[...] = x.transpose(0, 2, 3, 1)
-            for s, stage in enumerate(stages):
-                chain.set_weights(s, *stage.chain_arrays())
+            for s, (stage, params) in enumerate(layers):
+                W, b = params["W"], params["b"]
+                if not chain.knows(s, W, b):  # a new array: checked once (its values are read in place)
+                    chain.set_arrays(s, *stage.checked(W, b))
             return chain()
 
         return run

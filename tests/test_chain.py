@@ -72,8 +72,7 @@ def stages_of(rng, N, side, C, filters, kernel, pool, units):
     order = narrow.input_order(shape)
     at = [np.zeros(0, np.int64), np.argsort(order), np.arange(units)]
     acts = [xp, np.empty(shape, np.float32), np.empty((N, units), np.float32), np.empty((N, 3), np.float32)]
-    weights = [direct.pack_filters(W), rng.standard_normal((K, units)).astype(np.float32),
-               rng.standard_normal((units, 3)).astype(np.float32)]
+    weights = [W, rng.standard_normal((K, units)).astype(np.float32), rng.standard_normal((units, 3)).astype(np.float32)]
     biases = [rng.standard_normal(n).astype(np.float32) for n in (filters, units, 3)]
     return rows, acts, at, weights, biases
 
@@ -86,9 +85,33 @@ def test_chain_is_its_tasks_in_order(N, side, C, filters, kernel, pool, units, s
     rows, acts, at, weights, biases = stages_of(np.random.default_rng(seed), N, side, C, filters, kernel, pool, units)
     c = chain.Chain(rows, acts, at)
     for s, (w, b) in enumerate(zip(weights, biases)):
-        c.set_weights(s, w, b)
+        c.set_arrays(s, w, b)
     expected = [a.reshape(-1).copy() for a in acts]
-    chain.run_stages_ref(c.plan, tuple(expected), tuple(w.reshape(-1) for w in weights), tuple(biases), tuple(at))
+    read = (direct.pack_filters(weights[0]), *(w.reshape(-1) for w in weights[1:]))
+    chain.run_stages_ref(c.plan, tuple(expected), read, tuple(biases), tuple(at))
     for mode in ("serial", "threaded"):
         with parallel.forced(mode):
             np.testing.assert_array_equal(c(), expected[-1].reshape(N, 3))
+
+
+@pytest.mark.parametrize("mode", ["serial", "threaded"])
+def test_the_chain_repacks_the_blocks_of_filters_changed_in_place(mode):
+    """The loop's first tasks compare each block of 32 filters with the copy it was packed from."""
+    rows, acts, at, weights, biases = stages_of(np.random.default_rng(5), 2, 9, 3, 70, 3, True, 40)
+    c = chain.Chain(rows, acts, at)
+    for s, (w, b) in enumerate(zip(weights, biases)):
+        c.set_arrays(s, w, b)
+    W = weights[0]
+    with parallel.forced(mode):
+        c()
+        W[40, 2, 1, 0] = -W[40, 2, 1, 0] - 1.0  # block 1 of 3
+        W[69] *= 2.0  # the last, narrow block
+        weights[1][5] += 1.0  # a dense layer's weights are read in place
+        got = c().copy()
+    source, packed = c.packs[0]
+    np.testing.assert_array_equal(source, W.reshape(-1))
+    np.testing.assert_array_equal(packed, direct.pack_filters(W))
+    expected = [a.reshape(-1).copy() for a in acts]
+    read = (direct.pack_filters(W), *(w.reshape(-1) for w in weights[1:]))
+    chain.run_stages_ref(c.plan, tuple(expected), read, tuple(biases), tuple(at))
+    np.testing.assert_array_equal(got, expected[-1].reshape(2, 3))
