@@ -33,7 +33,7 @@ A batch below CHAIN_BATCH of a network of float32 Conv2D stages (padded in
 the first alone) and Dense stages runs as one step: minicnn.chain, every
 stage's tasks in a single parallel loop, when there is work enough to run
 threaded (at batch 1, every threaded kernel paid a few microseconds to start
-its loop: LeNet-5's predict went 63 -> 55 us). Its tasks are the stages' own
+its loop: LeNet-5's predict went 63 -> 52 us). Its tasks are the stages' own
 kernels, so the numbers are the same bits.
 
 A stage runs float32 layers of exactly the types above, and layers of
