@@ -54,6 +54,7 @@ from numba import prange, types
 from numba.extending import intrinsic
 
 from .direct import BLOCK, ROW_SPAN, conv_row, dense_span, pack_filters
+from .checks import same_bits
 from .kernels import conv_output_size
 from .narrow import MAX_OUTPUTS, narrow_row
 from .parallel import MIN_MACS, twin
@@ -149,11 +150,7 @@ def _check_block(W, source, packed, F, C, K, blk):
     """Filters 32 blk .. 32 blk + 31 of a conv: where W differs from source (bit for bit), source
     becomes W and packed becomes direct.pack_filters(W) for those filters."""
     f0, f1, taps = blk * BLOCK, min(F, (blk + 1) * BLOCK), C * K * K
-    a, b = W[f0 * taps : f1 * taps].view(np.int32), source[f0 * taps : f1 * taps].view(np.int32)
-    differ = 0
-    for i in range(a.size):  # no early exit: this loop runs 16 lanes at a time
-        differ |= a[i] ^ b[i]
-    if differ == 0:
+    if same_bits(W[f0 * taps : f1 * taps], source[f0 * taps : f1 * taps]):
         return
     source[f0 * taps : f1 * taps] = W[f0 * taps : f1 * taps]
     at = blk * taps * BLOCK

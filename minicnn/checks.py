@@ -101,6 +101,18 @@ def check_kernel_array(a, name, shape=None, dtype=np.float32):
     return a
 
 
+@numba.njit(cache=True)
+def same_bits(a, b):
+    """a and b (float32, one size) equal bit for bit: -0.0 differs from 0.0, a NaN equals itself.
+    What a kernel's packed copy of weights is checked against (minicnn.inference, minicnn.chain).
+    (Not numpy.array_equal: its temporary arrays cost more than the comparison, at batch 1.)"""
+    a, b = a.reshape(-1).view(np.int32), b.reshape(-1).view(np.int32)
+    differ = 0
+    for i in range(a.size):  # no early exit: this loop runs 16 lanes at a time
+        differ |= a[i] ^ b[i]
+    return differ == 0
+
+
 def output_array(out, shape, name="out"):
     """out, checked with check_kernel_array (float32, shape), or a new float32 array of shape."""
     return np.empty(shape, np.float32) if out is None else check_kernel_array(out, name, shape)

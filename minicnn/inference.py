@@ -58,12 +58,11 @@ input's sign can flip where rounding moves a value across 0).
 Docs: docs/techniques.md, "The float32 baseline".
 """
 
-import numba
 import numpy as np
 
 from . import direct, narrow
 from .chain import Chain, conv_stage, dense_stage
-from .checks import check_kernel_array
+from .checks import check_kernel_array, same_bits
 from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from .parallel import MIN_MACS
 
@@ -102,7 +101,7 @@ class _Conv:
 
     def weights(self):
         W = self.conv.params["W"]
-        if self.source is None or self.source.shape != W.shape or not _same(self.source, W):
+        if self.source is None or self.source.shape != W.shape or not same_bits(self.source, W):
             conv = self.conv  # the runner was bound to the layer's geometry: a weight must fit it
             check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2))
             self.source, self.w = W.copy(), direct.pack_filters(W)
@@ -144,19 +143,8 @@ class _Conv:
     def checked(self, W, b):
         """(W, b), checked to be what a chain's conv of this layer's geometry reads."""
         conv = self.conv
-        check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2))
-        return W, check_kernel_array(b, "Conv2D bias", (conv.out_channels,))
-
-
-@numba.njit(cache=True)
-def _same(a, b):
-    """a and b (float32, one shape) equal bit for bit: -0.0 differs from 0.0, a NaN equals itself.
-    (Not numpy.array_equal: its temporary arrays cost more than the comparison, at batch 1.)"""
-    a, b = a.reshape(-1).view(np.int32), b.reshape(-1).view(np.int32)
-    differ = 0
-    for i in range(a.size):  # no early exit: this loop runs 16 lanes at a time
-        differ |= a[i] ^ b[i]
-    return differ == 0
+        return (check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2)),
+                check_kernel_array(b, "Conv2D bias", (conv.out_channels,)))
 
 
 class _Dense:
@@ -355,12 +343,12 @@ class Inference:
             return None
         acts = [self.buffers.get(f"chain {i}", shape, zeroed=i == 0) for i, shape in enumerate(shapes)]
         chain, inside = Chain(rows, acts, at), acts[0][:, P : H + P, P : W + P]
-        layers = [(stage, (stage.conv if isinstance(stage, _Conv) else stage.dense).params) for stage in self.stages]
+        layers = [(stage, stage.conv if isinstance(stage, _Conv) else stage.dense) for stage in self.stages]
 
         def run(x):
             inside[...] = x.transpose(0, 2, 3, 1)
-            for s, (stage, params) in enumerate(layers):
-                W, b = params["W"], params["b"]
+            for s, (stage, layer) in enumerate(layers):
+                W, b = layer.params["W"], layer.params["b"]
                 if not chain.knows(s, W, b):  # a new array: checked once (its values are read in place)
                     chain.set_arrays(s, *stage.checked(W, b))
             return chain()
@@ -370,11 +358,13 @@ class Inference:
 
 def _chains(stages):
     """Whether the stages can run as one minicnn.chain: float32 Conv2D stages (padded in the first
-    alone: a later stage's input is the buffer an earlier one wrote), then Dense stages."""
+    alone: a later stage's input is the buffer an earlier one wrote), then Dense stages, the first
+    of them after a Flatten."""
     convs = [s for s in stages if isinstance(s, _Conv)]
-    return bool(convs) and stages[0] is convs[0] and isinstance(stages[-1], _Dense) and all(
-        type(s.conv) is Conv2D and (s is convs[0] or s.conv.padding == 0) if isinstance(s, _Conv)
-        else isinstance(s, _Dense) and type(s.dense) is Dense for s in stages)
+    denses = stages[len(convs):]
+    return bool(convs and denses) and stages[: len(convs)] == convs and denses[0].channels_last and all(
+        type(s.conv) is Conv2D and (s is convs[0] or s.conv.padding == 0) for s in convs) and all(
+        isinstance(s, _Dense) and type(s.dense) is Dense for s in denses)
 
 
 def _layout(axes, fused, shape):

@@ -8,6 +8,10 @@ from hypothesis import strategies as st
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, chain, direct, narrow, parallel, zoo
 from minicnn.inference import CHAIN_BATCH, Inference
 
+# The chain runs when its work would run threaded: on Numba's workqueue layer (no TBB) only from 2^24
+# multiply-adds, more than these networks do below a batch of 8.
+needs_tbb = pytest.mark.skipif(parallel.MIN_MACS > 1 << 19, reason="Numba's TBB layer not loaded: nothing chains")
+
 
 def images(n, seed=0, side=28):
     return np.random.default_rng(seed).random((n, 1, side, side), dtype=np.float32)
@@ -20,6 +24,7 @@ def chained(inference, x):
     return out
 
 
+@needs_tbb
 @pytest.mark.parametrize("name", ["lenet5", "seed_cnn", "small_cnn"])
 @pytest.mark.parametrize("mode", ["serial", "threaded"])
 def test_a_small_batch_as_one_chain_is_the_stages_bit_for_bit(name, mode):
@@ -29,11 +34,13 @@ def test_a_small_batch_as_one_chain_is_the_stages_bit_for_bit(name, mode):
         x = images(n, seed=n)
         inference = Inference(model.layers)
         with parallel.forced(mode):
+            stages = Inference(model.layers)._bind_stages(x)[1].copy()
             for _ in range(20):  # claims race differently from call to call
-                np.testing.assert_array_equal(chained(inference, x), Inference(model.layers)._bind_stages(x)[1])
+                np.testing.assert_array_equal(chained(inference, x), stages)
         np.testing.assert_allclose(inference(x), model.forward(x), rtol=0, atol=2e-5)
 
 
+@needs_tbb
 def test_a_padded_first_conv_chains_and_a_later_one_does_not():
     rng = np.random.default_rng(0)
     first = Sequential([Conv2D(1, 32, 3, padding=1, rng=rng), ReLU(), MaxPool2D(2), Flatten(),
@@ -47,17 +54,21 @@ def test_a_padded_first_conv_chains_and_a_later_one_does_not():
     assert len(inference.bound[x.shape]) > 1
 
 
-def test_a_chained_predict_follows_weights_changed_in_place():
+@needs_tbb
+def test_a_chained_predict_follows_weights_changed_in_place_or_replaced():
     model = zoo.lenet5(seed=0)
     x = images(1)
     before = model.predict(x)
-    model.layers[2].params["W"][3, 1] *= -3.0
-    model.layers[5].params["W"][:, 7] += 0.5
-    model.layers[-1].params["b"][2] -= 1.0
+    assert len(model._inference.run.bound[x.shape]) == 1, "not run as a chain"
+    model.layers[2].params["W"][3, 1] *= -3.0  # conv2's packed weights must follow
     after = model.predict(x)
     assert not np.allclose(before, after)
     np.testing.assert_allclose(after, model.forward(x), rtol=0, atol=2e-5)
-    model.layers[5].params["W"] = model.layers[5].params["W"] * 0.5  # a new array, not an edit
+    model.layers[5].params["W"][:, 7] += 0.5
+    model.layers[-1].params["b"][2] -= 1.0
+    np.testing.assert_allclose(model.predict(x), model.forward(x), rtol=0, atol=2e-5)
+    model.layers[0].params["W"] = model.layers[0].params["W"] * -0.5  # new arrays, not edits
+    model.layers[5].params = {"W": model.layers[5].params["W"] * 0.5, "b": model.layers[5].params["b"] + 1.0}
     np.testing.assert_allclose(model.predict(x), model.forward(x), rtol=0, atol=2e-5)
 
 
@@ -69,10 +80,11 @@ def stages_of(rng, N, side, C, filters, kernel, pool, units):
     shape = direct.output_shape(xp.shape, filters, kernel, 1, pool)
     K = int(np.prod(shape[1:]))
     rows += [chain.dense_stage(N, K, units, True), chain.dense_stage(N, units, 3, False)]
-    order = narrow.input_order(shape)
-    at = [np.zeros(0, np.int64), np.argsort(order), np.arange(units)]
+    order = narrow.input_order(shape)  # as minicnn.inference gives it: rows of W for a narrow stage
+    at = [np.zeros(0, np.int64), order if units <= narrow.MAX_OUTPUTS else np.argsort(order), np.arange(units)]
     acts = [xp, np.empty(shape, np.float32), np.empty((N, units), np.float32), np.empty((N, 3), np.float32)]
-    weights = [W, rng.standard_normal((K, units)).astype(np.float32), rng.standard_normal((units, 3)).astype(np.float32)]
+    weights = [W, rng.standard_normal((K, units)).astype(np.float32),
+               rng.standard_normal((units, 3)).astype(np.float32)]
     biases = [rng.standard_normal(n).astype(np.float32) for n in (filters, units, 3)]
     return rows, acts, at, weights, biases
 

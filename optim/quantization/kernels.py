@@ -368,13 +368,13 @@ def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, o
     o = out.reshape(-1)
     rows_end = starts.size // window * window
     for task in prange((rows_end + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
-        acc = np.empty(4 * F32, dtype=np.int32)
         start, end = task * ROWS_PER_TASK, min(rows_end, (task + 1) * ROWS_PER_TASK)
-        fours = start + (end - start) // 4 * 4
         if window == 4:
             for r0 in range(start, end, 4):
                 _pooled_window(x32, starts, r0, off, wp, bias, m0, shift, z_out, lo, hi, o, r0 // 4 * F, F)
             continue
+        acc = np.empty(4 * F32, dtype=np.int32)
+        fours = start + (end - start) // 4 * 4
         for r0 in range(start, fours, 4):
             _four_rows_sums(x32, starts, r0, off, wp, acc)
             _finish(acc, 4, F32, bias, m0, shift, z_out, lo, hi, o, r0 * F, F)
