@@ -17,8 +17,10 @@ direct's kernels split them: a conv's task is one output row of one image
 for 32 filters (direct.conv_row), a dense layer's 128 outputs of one row
 (direct.dense_span), a classifier's row (narrow.narrow_row). Each thread takes the next number with an atomic
 fetch-and-add on counters[0] until none is left. A task of stage s starts
-once every task of stage s - 1 is done: counters[s] counts them, read with
-acquire ordering; the fetch-and-add that counts a task releases its writes.
+once every task numbered before its stage's first is done: counters[1]
+counts the tasks done, read with acquire ordering (the fetch-and-add that
+counts a task releases its writes), and since no later task can finish
+first, the count reaches that number exactly when they have.
 
 A conv reads its weights packed (direct.pack_filters), and training or
 pruning change a layer's weights in place, so the packed copy must follow.
@@ -26,7 +28,8 @@ Compared in Python before the loop (conv2's 100 KB against a copy of them),
 that took 10 of LeNet-5's 55 us at batch 1. So the loop's first tasks do it,
 one per block of 32 filters (whose weights are contiguous in (F, C, K, K)):
 compare the block with the copy it was packed from and, where they differ,
-copy and pack it again (_check_block). Stage 0 waits for them.
+copy and pack it again (_check_block). They are numbered before stage 0's
+tasks, which wait for them.
 
 Why it cannot deadlock: a thread waits only after claiming a task of stage
 s, so every task of stage s - 1 has been claimed, by threads running them.
@@ -174,16 +177,13 @@ def _checks(plan, t, raw, sources, weights):
 
 
 def _run_stages_loops(plan, acts, raw, sources, weights, biases, at, counters, claimants):
-    S = plan.shape[0]
     checks = total = 0
-    for s in range(S):
+    for s in range(plan.shape[0]):
         total += plan[s, 1]
         if plan[s, 0] == CONV:
             checks += (plan[s, 5] + BLOCK - 1) // BLOCK
     total += checks
-    for i in range(counters.size):  # a loop, not counters[:] = 0: that would be a parallel loop of its own
-        counters[i] = 0
-    # counters: [0] the next task's number; [1 + s] the tasks of stage s done; [S + 1] the checks done
+    counters[0] = counters[1] = 0  # the next task's number; the tasks done
     for _ in prange(claimants):  # one per thread: each takes tasks until none is left
         while True:
             t = _fetch_add(counters, 0, 1)
@@ -191,17 +191,17 @@ def _run_stages_loops(plan, acts, raw, sources, weights, biases, at, counters, c
                 break
             if t < checks:
                 _checks(plan, t, raw, sources, weights)
-                _fetch_add(counters, S + 1, 1)
-                continue
-            s, first = 0, checks
-            while t >= first + plan[s, 1]:
-                first += plan[s, 1]
-                s += 1
-            done, needed = (counters.size - 1, checks) if s == 0 else (s, plan[s - 1, 1])
-            while _load_acquire(counters, done) < needed:
-                _pause()
-            _task(plan, s, t - first, acts, weights, biases, at)
-            _fetch_add(counters, s + 1, 1)
+            else:
+                s, first = 0, checks  # task t is task t - first of stage s
+                while t >= first + plan[s, 1]:
+                    first += plan[s, 1]
+                    s += 1
+                # Every task before `first` done: no task from `first` on finishes before they all
+                # have, so the count reaches `first` exactly when they have.
+                while _load_acquire(counters, 1) < first:
+                    _pause()
+                _task(plan, s, t - first, acts, weights, biases, at)
+            _fetch_add(counters, 1, 1)
 
 
 _run_stages = twin(_run_stages_loops, min_work=MIN_MACS)
@@ -226,7 +226,7 @@ class Chain:
         self.given = [None] * (2 * S)  # each stage's W and b, as set_arrays got them
         self.packs = [None] * S  # a conv's (source, packed weights), flat; None for a dense layer
         self.arrays = None  # the kernel's tuples (raw, sources, weights, biases), remade after a change
-        self.counters = np.zeros(S + 2, np.int64)
+        self.counters = np.zeros(2, np.int64)
 
     def knows(self, s, W, b):
         """Whether stage s reads these arrays already (their values may have changed since: the loop

@@ -102,8 +102,7 @@ class _Conv:
     def weights(self):
         W = self.conv.params["W"]
         if self.source is None or self.source.shape != W.shape or not same_bits(self.source, W):
-            conv = self.conv  # the runner was bound to the layer's geometry: a weight must fit it
-            check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2))
+            self.checked(W, self.conv.params["b"])  # the runner was bound to the layer's geometry
             self.source, self.w = W.copy(), direct.pack_filters(W)
         return self.w
 
@@ -141,7 +140,7 @@ class _Conv:
         return run
 
     def checked(self, W, b):
-        """(W, b), checked to be what a chain's conv of this layer's geometry reads."""
+        """(W, b), checked to be what the kernels of a stage of this layer's geometry read."""
         conv = self.conv
         return (check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2)),
                 check_kernel_array(b, "Conv2D bias", (conv.out_channels,)))
@@ -160,9 +159,8 @@ class _Dense:
     def __init__(self, dense, relu, flatten):
         self.dense, self.relu, self.channels_last = dense, relu, flatten
 
-    def weights(self, K, O):
-        W, b = self.dense.params["W"], self.dense.params["b"]
-        return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
+    def weights(self):
+        return self.checked(self.dense.params["W"], self.dense.params["b"])
 
     def bind(self, shape, buffers, name):
         """run(x) for x of shape (N, K) or, after a Flatten, (N, ...): (N, H, W, C) channels last if 4-D."""
@@ -177,21 +175,21 @@ class _Dense:
         if O <= narrow.MAX_OUTPUTS:
             order = narrow.input_order(shape)
             kernel = narrow.narrow_dense_runner((N, K), O, self.relu)
-            return lambda x: kernel(x.reshape(N, K), order, *self.weights(K, O), out)
+            return lambda x: kernel(x.reshape(N, K), order, *self.weights(), out)
         kernel = direct.dense_block_runner((N, K), O, self.relu)
         if len(shape) < 4:
-            return lambda x: kernel(x.reshape(N, K), *self.weights(K, O), out)
+            return lambda x: kernel(x.reshape(N, K), *self.weights(), out)
         flat = buffers.get(name + " flat", (N, K))
         nchw = flat.reshape(N, shape[3], shape[1], shape[2])
 
         def run(x):
             nchw[...] = x.transpose(0, 3, 1, 2)
-            return kernel(flat, *self.weights(K, O), out)
+            return kernel(flat, *self.weights(), out)
 
         return run
 
     def checked(self, W, b):
-        """(W, b), checked to be what a chain's dense stage of this layer's geometry reads."""
+        """(W, b), checked to be what the kernels of a stage of this layer's geometry read."""
         K, O = self.dense.in_features, self.dense.out_features
         return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
 
