@@ -18,8 +18,18 @@ Shapes are NCHW; parameters are float32 unless converted with `astype`
 
 import numpy as np
 
-from . import kernels, relu
+from . import direct, kernels, relu
 from .checks import check_array, check_positive_int
+
+
+def _product(a, b, bias=None):
+    """a @ b (+ bias): float32 through direct.dense_block, not BLAS, whose threads would take turns
+    at the cores with the Numba kernels of the layers around it (a BLAS call in a training step
+    left LeNet-5's conv kernels after it at half speed); other dtypes through numpy."""
+    if a.dtype != np.float32 or b.dtype != np.float32:
+        return a @ b if bias is None else a @ b + bias
+    bias = np.zeros(b.shape[1], np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)
+    return direct.dense_block(np.ascontiguousarray(a), np.ascontiguousarray(b), bias, False)
 
 
 def _init_uniform(rng, shape, fan_in, dtype=np.float32):
@@ -136,17 +146,24 @@ class Conv2D(Layer):
         )
 
     def forward(self, x):
+        """float32 through direct.conv_block (the conv of predict and of minicnn.convpool's steps:
+        the same bits whether a pool follows or not), other dtypes through im2row and a GEMM."""
         x = self._input(x, 4, self.in_channels)
         self.output_shape(x.shape[1:])
-        out, rows = kernels.conv2d_forward(x, self.params["W"], self.params["b"], self.stride, self.padding)
-        self.cache = (rows, x.shape)
-        return out
+        W, b, K, S = self.params["W"], self.params["b"], self.kernel_size, self.stride
+        xp = kernels.pad_nhwc(x, self.padding)
+        self.cache = (xp, x.shape)
+        if x.dtype != np.float32:
+            return kernels.conv2d_forward(x, W, b, S, self.padding)[0]
+        y = direct.conv_block(xp, direct.pack_filters(W), b, self.out_channels, K, S, False, False)
+        return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
 
     def backward(self, dout):
-        rows, x_shape = self.cache
+        xp, x_shape = self.cache
+        K = self.kernel_size
         dx, self.grads["W"], self.grads["b"] = kernels.conv2d_backward(
-            dout.astype(self.dtype, copy=False), rows, x_shape, self.params["W"], self.stride, self.padding,
-            input_grad=self.needs_input_grad,
+            dout.astype(self.dtype, copy=False), kernels.im2row_hwc(xp, K, K, self.stride), x_shape,
+            self.params["W"], self.stride, self.padding, input_grad=self.needs_input_grad,
         )
         return dx
 
@@ -193,16 +210,14 @@ class Dense(Layer):
     def forward(self, x):
         x = self._input(x, 2, self.in_features)
         self.cache = x
-        out = x @ self.params["W"]
-        out += self.params["b"]
-        return out
+        return _product(x, self.params["W"], self.params["b"])
 
     def backward(self, dout):
         x = self.cache
         dout = dout.astype(self.dtype, copy=False)
-        self.grads["W"] = x.T @ dout
+        self.grads["W"] = _product(x.T, dout)
         self.grads["b"] = dout.sum(axis=0)
-        return dout @ self.params["W"].T if self.needs_input_grad else None
+        return _product(dout, self.params["W"].T) if self.needs_input_grad else None
 
     def macs(self, in_shape):
         return self.params["W"].size
