@@ -9,11 +9,13 @@ Measured in one run, side by side:
 3. The kernels on the zoo's conv shapes at batch 64: GFLOP/s of the fused
    conv (+ ReLU) + 2x2 max-pool that predict runs (`direct.conv_block`,
    2 * MACs of the conv), as a fraction of the float32 peak that a probe
-   kernel measures in the same run (bench/peak.py); then training's
-   `kernels.conv2d_forward` (2 * MACs) and `kernels.conv2d_backward` (two
-   GEMMs, dW and d(rows): 4 * MACs), next to numpy's float32 matrix product
-   on 1024^3 and on each conv's forward GEMM shape, the ceiling an im2row
-   convolution can reach. Max-pooling in GB/s.
+   kernel measures in the same run (bench/peak.py); then training's: a
+   Conv2D's forward (the direct conv, 2 * MACs) and backward (im2row, two
+   GEMMs, dW and d(rows): 4 * MACs), which a conv without a 2x2 pool after
+   it runs, and the conv + pool step that minicnn.convpool runs when one
+   follows (forward and backward, 6 * MACs as the layers count them), next to
+   numpy's float32 matrix product on 1024^3 and on each conv's forward GEMM
+   shape. Max-pooling in GB/s.
 4. If `import torch` works, the same networks and ops in PyTorch with the
    same number of threads as Numba uses, the same initial weights (checked:
    the logits agree), torch.optim.Adam and F.cross_entropy for training,
@@ -50,7 +52,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.peak import fma_peak  # noqa: E402
 from minicnn.timing import FULL, QUICK, compare, measure  # noqa: E402
-from minicnn import direct, kernels, parallel, zoo  # noqa: E402
+from minicnn import Conv2D, MaxPool2D, ReLU, convpool, direct, kernels, parallel, zoo  # noqa: E402
 from minicnn.losses import cross_entropy  # noqa: E402
 from minicnn.optimizers import Adam  # noqa: E402
 
@@ -107,12 +109,37 @@ class Minicnn:
         np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4)
         return lambda: direct.conv_block(xp, w, b, W.shape[0], W.shape[2], 1, relu, True, out)
 
+    @staticmethod
+    def _conv(W, b):
+        conv = Conv2D(W.shape[1], W.shape[0], W.shape[2])
+        conv.params.update(W=W, b=b)
+        return conv
+
     def conv_forward(self, x, W, b):
-        return lambda: kernels.conv2d_forward(x, W, b, 1, 0)
+        """What training runs for a Conv2D with no 2x2 pool after it: the direct conv, to NCHW."""
+        return lambda: self._conv(W, b).forward(x)
 
     def conv_backward(self, x, W, b, dout):
-        _, rows = kernels.conv2d_forward(x, W, b, 1, 0)
-        return lambda: kernels.conv2d_backward(dout, rows, x.shape, W, 1, 0)
+        """Its backward: im2row of the kept input, two GEMMs and row2im."""
+        conv = self._conv(W, b)
+        conv.forward(x)
+        return lambda: conv.backward(dout)
+
+    def conv_pool_step(self, x, W, b, relu, dout):
+        """What training runs for a conv, its ReLU and its 2x2 max-pool: minicnn.convpool's step,
+        forward and backward (dx too), checked against the layers one by one before it is timed."""
+        layers = [self._conv(W, b), *([ReLU()] if relu else []), MaxPool2D(2)]
+        (step,) = convpool.training_steps(layers)
+        expected = x
+        for layer in layers:
+            expected = layer.forward(expected)
+        np.testing.assert_array_equal(step.forward(x), expected)
+
+        def run():
+            step.forward(x)
+            step.backward(dout)
+
+        return run
 
     def gemm(self, a, w):
         return lambda: a @ w.T  # the conv forward's product: rows @ W.reshape(F, -1).T
@@ -202,6 +229,17 @@ class Torch:
         def run():
             with self.torch.inference_mode():
                 self.F.conv2d(xt, Wt, bt)
+
+        return run
+
+    def conv_pool_step(self, x, W, b, relu, dout):
+        """conv, ReLU, max-pool forward and their backward through autograd (dx too)."""
+        torch, F = self.torch, self.F
+        xt, Wt, bt, dt = (torch.from_numpy(a).requires_grad_(a is not dout) for a in (x, W, b, dout))
+
+        def run():
+            y = F.conv2d(xt, Wt, bt)
+            F.max_pool2d(F.relu(y) if relu else y, 2).backward(dt)
 
         return run
 
@@ -329,6 +367,11 @@ def kernel_figures(sides, budget, peak):
         rows.append(record(f"{name} fwd", "GFLOP/s", gflops(2 * macs), fwd, shape=shape, macs=macs,
                            fraction_of_own_gemm=of_gemm))
         rows.append(record(f"{name} bwd", "GFLOP/s", gflops(4 * macs), bwd, shape=shape, macs=macs))
+        Ho = x.shape[2] - K + 1
+        dpool = np.random.default_rng(2).standard_normal((x.shape[0], F, Ho // 2, Ho // 2)).astype(np.float32)
+        step = compare({s.label: s.conv_pool_step(x, W, b, relu, dpool) for s in sides}, budget)
+        rows.append(record(f"{name}{' + relu' if relu else ''} + pool, training step", "GFLOP/s", gflops(6 * macs),
+                           step, shape=shape, macs=macs))
         rows.append(record(f"  GEMM of {name} fwd", "GFLOP/s", gflops(2 * macs), gemm, shape=f"{M}x{Kd}x{F}"))
     return rows
 
@@ -454,7 +497,8 @@ def main(argv=None):
     result["kernels"] = kernel_figures(kernel_sides, budget, peak)
     print(f"\nfloat32 peak (bench/peak.py's probe, {threads} threads): {num(peak)} GFLOP/s")
     print(f"kernels at batch {KERNEL_BATCH} (minicnn column = numpy for GEMM rows; predict's = the fused conv "
-          "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs; 'of peak' = minicnn's speed / the probe's "
+          "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs, training step (convpool's forward and "
+          "backward) = 6*MACs, the layers' dense count, of which the step's backward does a quarter; 'of peak' = minicnn's speed / the probe's "
           "on as many threads as the kernel ran on; "
           "'of GEMM' = conv fwd speed / its own GEMM's speed)")
     extras = [("of peak", lambda r: pct(r.get("fraction_of_peak"))),

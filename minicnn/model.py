@@ -6,6 +6,7 @@ import threading
 import numpy as np
 
 from .checks import check_array, check_positive_int
+from .convpool import training_steps
 from .inference import Inference
 from .summary import format_summary
 
@@ -39,10 +40,14 @@ class Sequential:
         return x
 
     def forward(self, x):
-        """x (N, *input_shape) float -> logits (N, num_classes), keeping what backward needs."""
+        """x (N, *input_shape) float -> logits (N, num_classes), keeping what backward needs.
+
+        The layers run in minicnn.convpool's training steps: a Conv2D with the 2x2 max-pool (and
+        ReLU) after it is one step, whose backward reaches only the pooled positions.
+        """
         self.check_input(x)
-        for layer in self.layers:
-            x = layer.forward(x)
+        for step in self._training_steps():
+            x = step.forward(x)
         return x
 
     def backward(self, dout, input_grad=False):
@@ -56,8 +61,8 @@ class Sequential:
         first = self.layers[0]
         first.needs_input_grad = input_grad
         try:
-            for layer in reversed(self.layers):
-                dout = layer.backward(dout)
+            for step in reversed(self._training_steps()):
+                dout = step.backward(dout)
         finally:
             first.needs_input_grad = True
         return dout if input_grad else None
@@ -90,9 +95,23 @@ class Sequential:
             out[i : i + batch_size] = run(x[i : i + batch_size])
         return out
 
+    def _training_steps(self):
+        """convpool.training_steps of the layers, kept (with their buffers) while the layers stay."""
+        layers = tuple(self.layers)
+        kept = self.__dict__.get("_steps")
+        if kept is None or kept[0] != layers:
+            kept = self._steps = (layers, training_steps(layers))
+        return kept[1]
+
+    def clear_activations(self):
+        """Forget what forward kept for backward: every layer's cache and the training steps' buffers."""
+        for layer in self.layers:
+            layer.cache = None
+        self.__dict__.pop("_steps", None)
+
     def __getstate__(self):
-        """What copy and pickle take: not predict's buffers."""
-        return {k: v for k, v in self.__dict__.items() if k != "_inference"}
+        """What copy and pickle take: not predict's buffers, nor training's."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("_inference", "_steps")}
 
     def copy(self):
         """An independent deep copy: compression techniques work on one, never on the original."""

@@ -69,8 +69,7 @@ def fit(model, x, y, epochs=10, batch_size=64, optimizer=None, seed=0, constrain
             history["val_accuracy"].append(evaluate(model, *validation))
             if verbose:
                 tqdm.write(f"epoch {epoch + 1}: val accuracy {history['val_accuracy'][-1]:.4f}")
-    for layer in model.layers:
-        layer.cache = None
+    model.clear_activations()
     return history
 
 
