@@ -7,7 +7,8 @@
     print(model.summary(), minicnn.evaluate(model, x_test, y_test))
 
 Where things live: layers.py and model.py (forward/backward pairs, Sequential);
-kernels.py (training's conv and pool, each beside its NumPy reference);
+kernels.py (the conv's and pool's NumPy references and their im2row and pool kernels);
+convpool.py (training's conv and 2x2 max-pool as one step);
 inference.py, direct.py, narrow.py, chain.py (what predict runs: fused
 channels-last stages, their register-tiled kernels, and a small batch's
 stages in one parallel loop); simd.py and parallel.py (the vector
