@@ -765,7 +765,8 @@ def test_int8_lenet_on_the_portable_build_matches_the_references():
 
 @pytest.mark.parametrize("vnni", [True, False])
 def test_dot4_add_both_spellings(monkeypatch, vnni):
-    """The VNNI instruction and the portable widening arithmetic give the same exact sums.
+    """The VNNI instruction and the portable widening arithmetic give the same exact sums, each on
+    pack_weights' layout for it (without VNNI, the 32 bytes are ordered (j // 2, l, j % 2)).
 
     HAS_VNNI is read when a function using dot4_add is compiled, so a fresh
     function compiled with it forced off exercises the path a CPU without VNNI runs.
@@ -786,5 +787,6 @@ def test_dot4_add_both_spellings(monkeypatch, vnni):
     u = rng.integers(0, 256, 4).astype(np.uint8)
     wp = rng.integers(-128, 128, 32).astype(np.int8)
     x_word = np.uint32(int.from_bytes(u.tobytes(), "little"))
-    expected = (u.astype(np.int64)[None, :] * wp.reshape(8, 4).astype(np.int64)).sum(axis=1)
+    w = wp.reshape(8, 4) if vnni else wp.reshape(2, 8, 2).transpose(1, 0, 2).reshape(8, 4)  # w[l, j]
+    expected = (u.astype(np.int64)[None, :] * w.astype(np.int64)).sum(axis=1)
     np.testing.assert_array_equal(one_step(x_word, wp), expected)

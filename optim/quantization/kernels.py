@@ -36,6 +36,7 @@ from numba import prange
 
 from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
+from minicnn.simd import HAS_VNNI
 
 from .affine import WMAX
 from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE, multiply_by_quantized_multiplier
@@ -157,7 +158,8 @@ class PackedWeights(NamedTuple):
 
     wp int8 (4 ceil(F/32), ceil(K/4), 8, 4), zero-padded: wp[b, g, l, j] =
     wt[8 b + l, 4 g + j], the dot4_add operand of filters 8b .. 8b + 7 and
-    columns 4g .. 4g + 3; colsum int32 (F,) = sum_k wt[f, k], for the 128
+    columns 4g .. 4g + 3 (without VNNI, each (b, g)'s 32 bytes in the order (j // 2, l, j % 2):
+    the pairs of columns that vpmaddwd adds, see vectors.dot4_add); colsum int32 (F,) = sum_k wt[f, k], for the 128
     the unsigned bytes add: sum_k (a_k + 128) wt[f, k] - 128 colsum[f] = a . wt[f].
     """
 
@@ -181,8 +183,10 @@ def pack_weights(wt):
     Fb, G = -(-F // 32) * 4, -(-K_ // 4)  # whole passes of 4 blocks: see _row_sums
     padded = np.zeros((Fb * 8, G * 4), dtype=np.int8)
     padded[:F, :K_] = wt
-    wp = np.ascontiguousarray(padded.reshape(Fb, 8, G, 4).transpose(0, 2, 1, 3))
-    return PackedWeights(wp, wt.astype(np.int32).sum(axis=1, dtype=np.int32))
+    wp = padded.reshape(Fb, 8, G, 4).transpose(0, 2, 1, 3)
+    if not HAS_VNNI:  # dot4_add's vpmaddwd takes columns 0, 1 of the 8 filters, then 2, 3
+        wp = wp.reshape(Fb, G, 8, 2, 2).transpose(0, 1, 3, 2, 4)
+    return PackedWeights(np.ascontiguousarray(wp).reshape(Fb, G, 8, 4), wt.astype(np.int32).sum(axis=1, dtype=np.int32))
 
 
 MAX_K = INT32_MAX // (255 * WMAX)  # |sum_k u_k w_k| <= K 255 WMAX, u_k the unsigned activations

@@ -111,21 +111,27 @@ def max8(typingctx, u, v):
     return int32x8(int32x8, int32x8), lambda context, builder, sig, args: _smax(builder, *args)
 
 
-def _pairs(builder, v, lanes):
-    """v[0] + v[1], v[2] + v[3], ...: `lanes` sums of neighbours (v has 2 lanes per sum)."""
-    even = ir.Constant(ir.VectorType(ir.IntType(32), lanes), list(range(0, 2 * lanes, 2)))
-    odd = ir.Constant(ir.VectorType(ir.IntType(32), lanes), list(range(1, 2 * lanes, 2)))
-    return builder.add(builder.shuffle_vector(v, v, even), builder.shuffle_vector(v, v, odd))
-
-
 def _portable_dpbusd(builder, acc, x, w):
-    """vpdpbusd without VNNI: 32 exact products (a byte times a byte fits 16 bits, so they are the
-    i16 x i16 -> i32 products that LLVM gives to vpmaddwd, which also adds neighbours), then
-    the neighbouring pairs added once more: 4 products per lane."""
-    wide = ir.VectorType(ir.IntType(32), 32)
-    u = builder.zext(builder.bitcast(x, _V32I8), wide)
-    s = builder.sext(builder.bitcast(w, _V32I8), wide)
-    return builder.add(acc, _pairs(builder, _pairs(builder, builder.mul(u, s), 16), 8))
+    """vpdpbusd without VNNI, on pack_weights' layout for it: w's first 16 bytes are columns 0 and 1
+    of the 8 filters (filter by filter), its last 16 columns 2 and 3. A byte times a byte fits 16
+    bits, so the products are the i16 x i16 -> i32 ones that LLVM gives to vpmaddwd, which adds
+    neighbours: the 4 bytes of x as the i16 pairs (x0, x1) and (x2, x3), each repeated 8 times,
+    against the two halves of w, two vpmaddwd and two adds, exact."""
+    i32, v16 = ir.IntType(32), ir.VectorType(ir.IntType(32), 16)
+    even = ir.Constant(ir.VectorType(i32, 8), list(range(0, 16, 2)))
+    odd = ir.Constant(ir.VectorType(i32, 8), list(range(1, 16, 2)))
+    lo = builder.or_(builder.and_(x, ir.Constant(i32, 0xFF)), builder.shl(builder.and_(x, ir.Constant(i32, 0xFF00)),
+                                                                           ir.Constant(i32, 8)))
+    hi = builder.or_(builder.and_(builder.lshr(x, ir.Constant(i32, 16)), ir.Constant(i32, 0xFF)),
+                     builder.and_(builder.lshr(x, ir.Constant(i32, 8)), ir.Constant(i32, 0xFF0000)))
+    w = builder.bitcast(w, _V32I8)
+    for half, pair in enumerate((lo, hi)):
+        u = builder.sext(builder.bitcast(_splat(builder, pair, _V8I32), ir.VectorType(ir.IntType(16), 16)), v16)
+        columns = ir.Constant(ir.VectorType(i32, 16), list(range(16 * half, 16 * half + 16)))
+        products = builder.mul(u, builder.sext(builder.shuffle_vector(w, w, columns), v16))
+        acc = builder.add(acc, builder.add(builder.shuffle_vector(products, products, even),
+                                           builder.shuffle_vector(products, products, odd)))
+    return acc
 
 
 @intrinsic
@@ -133,9 +139,9 @@ def dot4_add(typingctx, acc, x, wp, i):
     def codegen(context, builder, sig, args):
         acc, x, wp, i = args
         w = builder.load(_pointer(context, builder, sig.args[2], wp, i, _V8I32), align=1)
-        xs = _splat(builder, x, _V8I32)
         if not HAS_VNNI:
-            return _portable_dpbusd(builder, acc, xs, w)
+            return _portable_dpbusd(builder, acc, x, w)
+        xs = _splat(builder, x, _V8I32)
         vpdpbusd = cgutils.get_or_insert_function(
             builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256")
         return builder.call(vpdpbusd, [acc, xs, w])
@@ -238,7 +244,9 @@ def _max8_python(u, v):
 
 def _dot4_add_python(acc, x, wp, i):
     u = np.array([(int(x) >> (8 * j)) & 255 for j in range(4)], np.int64)
-    return (acc + wp.reshape(-1)[i : i + 32].reshape(8, 4).astype(np.int64) @ u).astype(np.int32)
+    w = wp.reshape(-1)[i : i + 32]
+    w = w.reshape(8, 4) if HAS_VNNI else w.reshape(2, 8, 2).transpose(1, 0, 2).reshape(8, 4)  # pack_weights' layouts
+    return (acc + w.astype(np.int64) @ u).astype(np.int32)
 
 
 def _requantize8_python(v, m0, shift, i, z, lo, hi):
