@@ -6,9 +6,9 @@ Measured in one run, side by side, on the same inputs:
    fused channels-last stages, minicnn.inference) against the int8
    `QuantizedModel.predict` (quantize the input, integer ops, dequantize the
    logits: everything included). Throughput at batch 256, latency at batch 1.
-2. Kernels, same shapes at batch 256: the float32 conv of training
-   (`minicnn.kernels.conv2d_forward`; float32 predict runs the fused
-   `minicnn.direct.conv_block`, which bench_substrate.py times) against the int8 conv (im2row on int8
+2. Kernels, same shapes at batch 256: the float32 im2row conv
+   (`minicnn.kernels.conv2d_forward`; float32 predict and training run the
+   direct `minicnn.direct.conv_block`, which bench_substrate.py times) against the int8 conv (im2row on int8
    NHWC + int8 GEMM with int32 accumulators + fixed-point requantization),
    and float32 Dense (x @ W + b) against the int8 dense op; each int8 op's
    multiply-adds per second also as a fraction of the int8 peak that a probe

@@ -1,6 +1,6 @@
 """Inference: the layers fused into stages, channels last, in buffers kept between calls.
 
-`Sequential.forward` runs one layer at a time in NCHW and keeps what
+`Sequential.forward` runs one layer (or conv and pool) at a time in NCHW and keeps what
 backward needs. Inference needs none of that, so `Sequential.predict`
 runs the same layers as stages:
 

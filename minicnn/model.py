@@ -56,7 +56,7 @@ class Sequential:
         Returns d(loss)/d(input) if input_grad, else None: training never needs
         the gradient of the images, so the first layer is told (through its
         `needs_input_grad`, for this call only) to skip computing it. For
-        LeNet-5 that is a GEMM and a row2im over the 64x1x28x28 batch.
+        LeNet-5 that is a scatter of every pooled gradient into the 64x1x28x28 batch.
         """
         first = self.layers[0]
         first.needs_input_grad = input_grad
