@@ -2,16 +2,18 @@
 
 1. LeNet-5's fc1 (800 -> 500) with 90% of its weights removed at random:
    `SparseDense.forward` (its 16-lane kernels: lanes_matmul at batch 1,
-   blocked_matmul at 64, transposes included) against what minicnn's Dense
-   does, `x @ W + b` with numpy's BLAS, at batch 1 and 64, timed in
-   interleaved rounds. Target: >= 3x. Twice: with the threads of the run
+   blocked_matmul at 64, transposes included) against the dense product
+   `x @ W + b` with numpy's BLAS (what CSRDense's dense path runs), then
+   layer against layer: against Dense.forward (since session 12
+   `direct.dense_block`, minicnn's own kernel: a training step calls no BLAS),
+   at batch 1 and 64, timed in interleaved rounds. Target: >= 3x. Twice: with the threads of the run
    (BLAS spreads batch 64 over both cores; the sparse kernels run on one,
    as waking Numba's workers costs more than half of their work), then with
    one thread each, kernel against kernel on one core (needs threadpoolctl
    to hold BLAS to one thread).
 2. Density sweep: the same two (at batch 1, 2, 4, 16, 64), and LeNet-5's
-   convolutions (sparse direct convolution against im2row + BLAS, at batch 1
-   and 64), over densities 1%..70%: where the sparse kernel stops winning.
+   convolutions (sparse direct convolution against Conv2D.forward, the
+   direct conv since session 12, at batch 1 and 64), over densities 1%..70%: where the sparse kernel stops winning.
    `optim.sparse.csr_layer.SPARSE_BELOW` holds the thresholds the layers use at each
    batch size; the table shows both.
 3. The whole LeNet-5 forward at batch 1 and 64: dense against the pruned,
