@@ -5,7 +5,8 @@
    blocked_matmul at 64, transposes included) against the dense product
    `x @ W + b` with numpy's BLAS (what CSRDense's dense path runs), then
    layer against layer: against Dense.forward (since session 12
-   `direct.dense_block`, minicnn's own kernel: a training step calls no BLAS),
+   `direct.dense_block`, minicnn's own kernel, so that a zoo network's
+   training step calls no BLAS),
    at batch 1 and 64, timed in interleaved rounds. Target: >= 3x. Twice: with the threads of the run
    (BLAS spreads batch 64 over both cores; the sparse kernels run on one,
    as waking Numba's workers costs more than half of their work), then with

@@ -117,7 +117,8 @@ class Minicnn:
 
     def conv_forward(self, x, W, b):
         """What training runs for a Conv2D with no 2x2 pool after it: the direct conv, to NCHW."""
-        return lambda: self._conv(W, b).forward(x)
+        conv = self._conv(W, b)
+        return lambda: conv.forward(x)
 
     def conv_backward(self, x, W, b, dout):
         """Its backward: im2row of the kept input, two GEMMs and row2im."""

@@ -29,7 +29,7 @@ from numba import prange
 
 from . import direct
 from .checks import check_array
-from .kernels import conv2d_backward_ref, conv2d_forward_ref, pad_nhwc
+from .kernels import conv2d_backward_ref, conv2d_forward_ref, hwc_matrix, pad_nhwc
 from .layers import Conv2D, MaxPool2D, ReLU
 from .parallel import MIN_MACS, twin
 from .simd import LANES, add, fma, load_first, splat, store_first
@@ -51,7 +51,7 @@ def conv_pool_forward_ref(x, W, b, stride, padding, relu):
     codes = windows.argmax(axis=-1).astype(np.uint8)  # the first maximum on ties
     out = windows.max(axis=-1)
     if relu:
-        codes[~(out > 0)] = NONE
+        codes[out <= 0] = NONE
         out = np.maximum(out, 0)
     return out, codes
 
@@ -83,8 +83,8 @@ def _pool_loops(y, relu, out, codes):
                     v = y[n, 2 * i + 1, 2 * j + 1, f]
                     code = 3 if v > best else code
                     best = v if v > best else best
-                    if relu and not best > 0:
-                        best, code = 0.0, NONE
+                    if relu and best <= 0:  # NaN stays NaN, as the ReLU layer keeps it
+                        best, code = np.float32(0), NONE
                     out[n, f, i, j] = best
                     codes[n, f, i, j] = code
 
@@ -188,7 +188,7 @@ def conv_pool_backward(dout, codes, xp, W, stride, padding, input_grad=True):
     N, F, Hq, Wq = dout.shape
     _, C, K, _ = W.shape
     _, Hp, Wp, _ = xp.shape
-    w = np.ascontiguousarray(W.transpose(0, 2, 3, 1)).reshape(-1)  # (F, K, K, C): a tap row is contiguous
+    w = hwc_matrix(W).reshape(-1)  # (F, K, K, C): a tap row is contiguous
     chunks = min(N, CHUNKS)
     partial, bias = np.zeros((chunks, F, K, K, C), np.float32), np.zeros((chunks, F), np.float32)
     dxp = np.zeros(xp.shape if input_grad else 0, np.float32)
@@ -218,7 +218,7 @@ class ConvPool:
     def forward(self, x):
         conv = self.conv
         if conv.dtype != np.float32:
-            self.cache = None
+            self.cache = "layers"
             for layer in self.layers:
                 x = layer.forward(x)
             return x
@@ -235,6 +235,8 @@ class ConvPool:
 
     def backward(self, dout):
         if self.cache is None:
+            raise RuntimeError("ConvPool.backward before forward: the step keeps what backward needs")
+        if self.cache == "layers":
             for layer in reversed(self.layers):
                 dout = layer.backward(dout)
             return dout

@@ -21,12 +21,13 @@ receptive field out as a row,
     rows[(n*Ho + i)*Wo + j, (c*KH + kh)*KW + kw] = xp[n, c, i*S + kh, j*S + kw]
 
 so that out = rows @ W.reshape(F, -1).T + b. `im2row` and its adjoint
-scatter-add `row2im` build these rows (optim/ uses them). The layers use the
-same rows with their columns in (kh, kw, c) order, gathered from the image
-taken channels-last (`conv_rows`, `row2im_hwc`): the copies then run over
-long contiguous stretches. The three matrix products (forward,
-dW = dout^T rows, drows = dout W) go to BLAS through numpy.matmul, the
-fastest matrix product on the machine (bench/ measures both).
+scatter-add `row2im` build these rows (optim/ uses them). Conv2D's backward
+(and a float64 Conv2D's forward) uses the same rows with their columns in
+(kh, kw, c) order, gathered from the image taken channels-last (`conv_rows`,
+`row2im_hwc`): the copies then run over long contiguous stretches, and the
+matrix products (dW = dout^T rows, drows = dout W) go to BLAS through
+numpy.matmul. A float32 Conv2D's forward is minicnn.direct's conv, and a
+conv followed by a 2x2 max-pool trains as one step (minicnn.convpool).
 
 Max-pooling keeps the flat index of each window's maximum (the first one
 on ties, as numpy.argmax does), so backward routes dout to it.
@@ -295,7 +296,7 @@ def hwc_matrix(W):
 
 
 def conv_rows(x, KH, KW, stride, padding):
-    """The im2row_hwc rows of x (N, C, H, W): what conv2d_forward keeps for conv2d_backward."""
+    """The im2row_hwc rows of x (N, C, H, W): what conv2d_forward multiplies and conv2d_backward reads."""
     return im2row_hwc(pad_nhwc(x, padding), KH, KW, stride)
 
 
@@ -322,7 +323,7 @@ def filter_major(dout):
 
 
 def conv2d_backward(dout, rows, x_shape, W, stride, padding, input_grad=True):
-    """Fast conv backward from the rows saved by conv2d_forward: (dx, dW, db).
+    """Fast conv backward from the rows of its input (conv_rows, im2row_hwc): (dx, dW, db).
 
     With input_grad=False, dx is None and its GEMM and row2im are skipped
     (a network's first layer: nobody wants the image's gradient).

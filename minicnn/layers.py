@@ -23,9 +23,10 @@ from .checks import check_array, check_positive_int
 
 
 def _product(a, b, bias=None):
-    """a @ b (+ bias): float32 through direct.dense_block, not BLAS, whose threads would take turns
-    at the cores with the Numba kernels of the layers around it (a BLAS call in a training step
-    left LeNet-5's conv kernels after it at half speed); other dtypes through numpy."""
+    """a @ b (+ bias): float32 through direct.dense_block, not BLAS, whose spinning threads take the
+    cores from the Numba kernels around it (a BLAS call in LeNet-5's training step left the conv
+    kernels after it at half speed; a Conv2D without a pool after it still runs its backward's
+    products on BLAS); other dtypes through numpy."""
     if a.dtype != np.float32 or b.dtype != np.float32:
         return a @ b if bias is None else a @ b + bias
     bias = np.zeros(b.shape[1], np.float32) if bias is None else np.ascontiguousarray(bias, np.float32)

@@ -38,9 +38,10 @@ def _load_tbb():
     TBB's workers spin a moment after a loop, then sleep: the next loop starts in ~2 us, where
     waking a sleeping workqueue thread (the fallback) costs 100-150 us on this project's 2-core
     VMs (an empty two-task loop: 132 us), longer than a batch-1 layer takes. They yield while
-    they spin, so OpenBLAS's threads, which a training step alternates with Numba's (im2row,
-    then GEMM), and PyTorch's in the same process run as fast as beside the workqueue
-    (bench_substrate). OpenMP's spin restarts as fast but is one setting for the whole process
+    they spin, so PyTorch's threads in the same process run as fast as beside the workqueue
+    (bench_substrate). OpenBLAS's spinning threads do not yield as much: a BLAS product in a
+    training step slowed the Numba kernels after it by half, and the layers' training paths
+    now call minicnn's own kernels (minicnn.layers, minicnn.convpool). OpenMP's spin restarts as fast but is one setting for the whole process
     (docs/techniques.md).
 
     pip's tbb wheel (a dependency on Linux x86-64) puts libtbb in <prefix>/lib, where the

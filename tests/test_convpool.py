@@ -9,6 +9,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, convpool, fit, parallel, zoo
+from minicnn.kernels import conv2d_forward_ref
 from gradcheck import check_layer_gradients
 from portable import run_without_avx512
 from strategies import random_array
@@ -66,10 +67,24 @@ def test_the_reference_backward_is_the_gradient(geom, seed):
 @given(conv_pool_geometry(), st.integers(0, 1000))
 def test_the_fast_step_is_the_reference(geom, seed):
     x, W, b, S, P, relu = case(geom, seed)
-    out, codes, xp = convpool.conv_pool_forward(x, W, b, S, P, relu)
+    forwards = {}
+    for mode in ("serial", "threaded"):
+        with parallel.forced(mode):
+            forwards[mode] = convpool.conv_pool_forward(x, W, b, S, P, relu)
+    for a, b_ in zip(*forwards.values()):
+        assert np.array_equal(a, b_)
+    out, codes, xp = forwards["serial"]
     ref_out, ref_codes = convpool.conv_pool_forward_ref(x, W, b, S, P, relu)
     np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-4)
-    assert (codes != ref_codes).mean() < 0.01  # a near tie may go the other way after another rounding
+    # The codes agree wherever the window's two largest values are apart by more than rounding.
+    y = conv2d_forward_ref(x.astype(np.float64), W.astype(np.float64), b.astype(np.float64), S, P)
+    Hq, Wq = out.shape[2:]
+    top = np.sort(y[:, :, : 2 * Hq, : 2 * Wq].reshape(*out.shape[:2], Hq, 2, Wq, 2).transpose(0, 1, 2, 4, 3, 5)
+                  .reshape(*out.shape, 4), axis=-1)
+    clear = top[..., -1] - top[..., -2] > 1e-4 * (1 + np.abs(top[..., -1]))
+    if relu:
+        clear &= np.abs(top[..., -1]) > 1e-4  # nor where the ReLU's 0 is a near tie
+    assert np.array_equal(codes[clear], ref_codes[clear])
     g = np.random.default_rng(seed + 1).standard_normal(out.shape).astype(np.float32)
     ref = convpool.conv_pool_backward_ref(g, codes, x, W, S, P)
     results = {}
@@ -107,13 +122,14 @@ LAYOUTS = {
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("first", [False, True])
-def test_the_step_is_its_layers(layout, first):
+@pytest.mark.parametrize("filters, stride", [(8, 1), (20, 2)])
+def test_the_step_is_its_layers(layout, first, filters, stride):
     """Forward: the same bits as the layers one by one (the same conv kernel, an exact max).
     Backward: the same gradients to float32 rounding, and dx only when asked."""
-    conv = Conv2D(3, 8, 3, padding=1, rng=0)
+    conv = Conv2D(3, filters, 3, stride=stride, padding=1, rng=0)
     layers = LAYOUTS[layout](conv)
     (step,) = convpool.training_steps(layers)
-    x = random_array(1, (4, 3, 9, 9), np.float32)
+    x = random_array(1, (4, 3, 11, 11), np.float32)
     expected = x
     for layer in layers:
         expected = layer.forward(expected)
@@ -130,6 +146,18 @@ def test_the_step_is_its_layers(layout, first):
     assert (dx is None) == first == (dx_layers is None)
     if not first:
         np.testing.assert_allclose(dx, dx_layers, rtol=1e-5, atol=1e-5)
+
+
+def test_nan_stays_nan_and_backward_needs_forward():
+    """A diverged conv's NaN passes the ReLU and the pool, as through the layers one by one."""
+    conv = Conv2D(1, 2, 3, rng=0)
+    conv.params["W"][1, 0, 0, 0] = np.nan
+    (step,) = convpool.training_steps([conv, ReLU(), MaxPool2D(2)])
+    x = random_array(0, (2, 1, 8, 8), np.float32)
+    out = step.forward(x)
+    assert np.isnan(out[:, 1]).all() and np.isfinite(out[:, 0]).all()
+    with pytest.raises(RuntimeError, match="before forward"):
+        convpool.training_steps([conv, MaxPool2D(2)])[0].backward(out)
 
 
 def test_which_layers_make_a_step():
@@ -163,11 +191,12 @@ def test_training_through_the_steps_matches_float64():
     """Sequential's gradients (through the steps, float32) against the float64 layers one by one."""
     model = zoo.lenet5(seed=0)
     exact = zoo.lenet5(seed=0).astype(np.float64)
-    x = random_array(0, (6, 1, 28, 28), np.float32)
-    g = random_array(1, (6, 10), np.float32)
+    x = random_array(0, (12, 1, 28, 28), np.float32)  # the dense kernel's rows: a group of 8, then 4 alone
+    g = random_array(1, (12, 10), np.float32)
     np.testing.assert_allclose(model.forward(x), exact.forward(x.astype(np.float64)), rtol=1e-4, atol=1e-4)
-    model.backward(g)
-    exact.backward(g.astype(np.float64))
+    dx = model.backward(g, input_grad=True)
+    dx_exact = exact.backward(g.astype(np.float64), input_grad=True)
+    np.testing.assert_allclose(dx, dx_exact, atol=1e-4 * np.abs(dx_exact).max())
     for ours, theirs in zip(model.layers, exact.layers):
         for name in ours.grads:
             scale = np.abs(theirs.grads[name]).max()

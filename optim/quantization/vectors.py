@@ -12,7 +12,8 @@ kernels say both outright, on LLVM's <8 x i32> (v an int32x8, i an index):
     load8(a, i)                       a[i : i + 8]                  (a int32)
     add8(u, v), max8(u, v)            u + v (wrapping), maximum(u, v)
     dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 8, u the 4 bytes of x (uint32),
-                                      unsigned; wp int8
+                                      unsigned; wp int8 (without VNNI: wp[i + 16 (j // 2) + 2 l + j % 2],
+                                      kernels.pack_weights' layout for vpmaddwd)
     requantize8(v, m0, shift, i, z, lo, hi)
                                       clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 8], shift[i : i + 8])
                                       + z, lo, hi): `fixedpoint`'s arithmetic in <8 x i64>
