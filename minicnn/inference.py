@@ -34,7 +34,10 @@ the first alone) and Dense stages runs as one step: minicnn.chain, every
 stage's tasks in a single parallel loop, when there is work enough to run
 threaded (at batch 1, every threaded kernel paid a few microseconds to start
 its loop: LeNet-5's predict went 63 -> 52 us). Its tasks are the stages' own
-kernels, so the numbers are the same bits.
+kernels, so the numbers are the same bits. A layer of another class joins
+a chain if its chain_params() gives (W, b) in the float layer's layout
+(float32, kept between calls while they do not change): optim's weight-shared
+and pruned layers do, where predict would run them on their dense weights.
 
 A stage runs float32 layers of exactly the types above, and layers of
 other libraries that offer a stage their own kernel: a layer whose `fused`
@@ -346,7 +349,7 @@ class Inference:
         def run(x):
             inside[...] = x.transpose(0, 2, 3, 1)
             for s, (stage, layer) in enumerate(layers):
-                W, b = layer.params["W"], layer.params["b"]
+                W, b = _chain_params(layer)
                 if not chain.knows(s, W, b):  # a new array: checked once (its values are read in place)
                     chain.set_arrays(s, *stage.checked(W, b))
             return chain()
@@ -354,15 +357,24 @@ class Inference:
         return run
 
 
+def _chain_params(layer):
+    """(W, b) of a stage's layer as a chain reads them: a Conv2D's or a Dense's params, or what
+    another layer's chain_params() gives (None when it runs a kernel of its own)."""
+    if type(layer) in (Conv2D, Dense):
+        return layer.params["W"], layer.params["b"]
+    offer = getattr(layer, "chain_params", None)
+    return None if offer is None else offer()
+
+
 def _chains(stages):
     """Whether the stages can run as one minicnn.chain: float32 Conv2D stages (padded in the first
     alone: a later stage's input is the buffer an earlier one wrote), then Dense stages, the first
-    of them after a Flatten."""
+    of them after a Flatten; each stage's layer giving its _chain_params."""
     convs = [s for s in stages if isinstance(s, _Conv)]
     denses = stages[len(convs):]
     return bool(convs and denses) and stages[: len(convs)] == convs and denses[0].channels_last and all(
-        type(s.conv) is Conv2D and (s is convs[0] or s.conv.padding == 0) for s in convs) and all(
-        isinstance(s, _Dense) and type(s.dense) is Dense for s in denses)
+        s is convs[0] or s.conv.padding == 0 for s in convs) and all(isinstance(s, _Dense) for s in denses) and all(
+        _chain_params(s.conv if isinstance(s, _Conv) else s.dense) is not None for s in stages)
 
 
 def _layout(axes, fused, shape):

@@ -72,6 +72,31 @@ def test_a_chained_predict_follows_weights_changed_in_place_or_replaced():
     np.testing.assert_allclose(model.predict(x), model.forward(x), rtol=0, atol=2e-5)
 
 
+@needs_tbb
+def test_weight_shared_layers_chain_on_their_dense_weights_and_sparse_ones_keep_their_stage():
+    """A layer of another class chains through chain_params: a weight-shared LeNet-5 (dense weights
+    decoded) in one chain (its stage sums fc1 in the input's order, the chain in Flatten's: the same
+    numbers to rounding); a pruned fc1 that predict runs on its sparse kernel keeps the stages;
+    retraining the codebook reaches the chain."""
+    from optim import pruning, sharing, sparse  # optim builds on minicnn, the test may use both
+
+    x = images(1)
+    shared = sharing.share_weights(zoo.lenet5(seed=0), 4)
+    inference = Inference(shared.layers)
+    np.testing.assert_allclose(chained(inference, x), shared.forward(x), rtol=0, atol=2e-5)
+    shared.layers[2].params["codebook"] *= 0.5  # in place, as an optimizer step does after backward
+    shared.forward(x)
+    shared.backward(np.ones((1, 10), np.float32))  # backward empties the laid-out weights
+    np.testing.assert_allclose(chained(inference, x), shared.forward(x), rtol=0, atol=2e-5)
+    pruned = zoo.lenet5(seed=0)
+    pruning.apply_masks(pruned, pruning.global_masks(pruned, 0.95))
+    pruned = sparse.to_sparse(pruned)
+    assert pruned.layers[5].density < 0.15 and pruned.layers[5].chain_params() is None
+    inference = Inference(pruned.layers)
+    np.testing.assert_allclose(inference(x), pruned.forward(x), rtol=0, atol=2e-5)
+    assert len(inference.bound[x.shape]) > 1
+
+
 def stages_of(rng, N, side, C, filters, kernel, pool, units):
     """A random plan: conv (+ ReLU, pool) -> flatten -> dense (ReLU) -> classifier, its buffers and weights."""
     xp = rng.standard_normal((N, side, side, C)).astype(np.float32)

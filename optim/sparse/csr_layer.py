@@ -228,6 +228,14 @@ class CSRDense(CSRLayer):
         kernel = direct.dense_block_runner((N, order.size), O, relu)
         return lambda x, out: kernel(x.reshape(N, -1), weights(), self._bias(), out)
 
+    def chain_params(self):
+        """For minicnn.chain: (W (in, out), b) dense float32, kept as fused_dense keeps its weights,
+        where predict runs the layer on them at a chain's batch sizes (from FUSED_DENSE_SPARSE_BELOW);
+        else None, and the layer runs in a stage of its own kernel."""
+        if not self.fused or self.density < FUSED_DENSE_SPARSE_BELOW:
+            return None
+        return self._laid_out_as("chain", lambda: np.ascontiguousarray(self.matrix().T)), self.params["b"]
+
     def _blocks(self):
         return self._pattern("blocks", lambda: column_blocks(self.indices, self.indptr, self.shape[1]))
 
@@ -298,6 +306,15 @@ class CSRConv2D(CSRLayer):
             return kernel(xp, self._laid_out_as("filters", filters), self._bias(), out)
 
         return run
+
+    def chain_params(self):
+        """For minicnn.chain: (W (F, C, k, k), b) dense float32 where predict runs the layer in a stage
+        (`fused`: on its dense weights), kept as fused_conv keeps its; else None."""
+        if not self.fused:
+            return None
+        k = self.kernel_size
+        W = self._laid_out_as("chain", lambda: self.matrix().reshape(self.out_channels, self.in_channels, k, k))
+        return W, self.params["b"]  # the chain checks arrays new to it
 
     def forward(self, x):
         x = self._input(x, 4, self.in_channels)
