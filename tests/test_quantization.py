@@ -763,6 +763,16 @@ def test_int8_lenet_on_the_portable_build_matches_the_references():
         "print('ok')\n")
 
 
+def test_weights_packed_for_another_cpu_are_refused():
+    """The layout of pack_weights depends on VNNI: weights packed on one CPU (an op pickled there)
+    and run on another would give wrong sums, so the kernels refuse them, naming why."""
+    packed = K.pack_weights(np.ones((3, 8), np.int8))
+    assert packed.vnni == V.HAS_VNNI
+    foreign = packed._replace(vnni=not packed.vnni)
+    with pytest.raises(ValueError, match="pack them again"):
+        K.qgemm_runner(np.zeros(1, np.int64), np.arange(2), foreign, K.int32_epilogue(foreign, np.zeros(3, np.int32), 0))
+
+
 @pytest.mark.parametrize("vnni", [True, False])
 def test_dot4_add_both_spellings(monkeypatch, vnni):
     """The VNNI instruction and the portable widening arithmetic give the same exact sums, each on

@@ -165,6 +165,7 @@ class PackedWeights(NamedTuple):
 
     wp: np.ndarray
     colsum: np.ndarray
+    vnni: bool = HAS_VNNI  # the layout's CPU: weights pickled on one CPU and used on another are refused
 
 
 def pack_weights(wt):
@@ -186,7 +187,8 @@ def pack_weights(wt):
     wp = padded.reshape(Fb, 8, G, 4).transpose(0, 2, 1, 3)
     if not HAS_VNNI:  # dot4_add's vpmaddwd takes columns 0, 1 of the 8 filters, then 2, 3
         wp = wp.reshape(Fb, G, 8, 2, 2).transpose(0, 1, 3, 2, 4)
-    return PackedWeights(np.ascontiguousarray(wp).reshape(Fb, G, 8, 4), wt.astype(np.int32).sum(axis=1, dtype=np.int32))
+    return PackedWeights(np.ascontiguousarray(wp).reshape(Fb, G, 8, 4), wt.astype(np.int32).sum(axis=1, dtype=np.int32),
+                         HAS_VNNI)
 
 
 MAX_K = INT32_MAX // (255 * WMAX)  # |sum_k u_k w_k| <= K 255 WMAX, u_k the unsigned activations
@@ -418,6 +420,9 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
     once: at batch 1 an unbound call's checks and sizes cost about a tenth of a conv."""
     if window not in (1, 4):
         raise ValueError(f"qgemm pools windows of 1 or 4 rows, got {window}")
+    if packed.vnni != HAS_VNNI:
+        raise ValueError(f"weights packed for a CPU {'with' if packed.vnni else 'without'} VNNI, run on one "
+                         f"{'with' if HAS_VNNI else 'without'}: pack them again (pack_weights)")
     if starts.size % window or off.size != packed.wp.shape[1] or epilogue.bias.size != 8 * packed.wp.shape[0]:
         raise ValueError(f"qgemm: {starts.size} rows of {off.size} words for windows of {window}, against weights "
                          f"of {packed.wp.shape[1]} words and an epilogue of {epilogue.bias.size} filters for "
