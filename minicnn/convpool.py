@@ -206,7 +206,11 @@ def conv_pool_backward(dout, codes, xp, W, stride, padding, input_grad=True):
 class ConvPool:
     """A float32 Conv2D, MaxPool2D(2, 2) and a ReLU before or after it (or none), forward and
     backward as one step: fills the conv's grads like its own backward. Other dtypes (the
-    float64 of gradient checks) run the layers one by one."""
+    float64 of gradient checks) run the layers one by one.
+
+    A layer of Conv2D's geometry that is not one (optim's pruned and weight-shared convs) takes
+    the step's place through two methods: step_params() -> (W (F, C, K, K), b) float32, the dense
+    weights to convolve with, and set_step_grads(dW, db), its own grads from theirs."""
 
     def __init__(self, layers):
         self.layers = tuple(layers)
@@ -228,9 +232,10 @@ class ConvPool:
         y_shape = (len(x), *shape[1:], shape[0])
         if self.y is None or self.y.shape != y_shape:
             self.y = np.empty(y_shape, np.float32)
-        out, codes, xp = conv_pool_forward(x.astype(np.float32, copy=False), conv.params["W"], conv.params["b"],
-                                           conv.stride, conv.padding, self.relu, self.y)
-        self.cache = (codes, xp)
+        W, b = (conv.params["W"], conv.params["b"]) if type(conv) is Conv2D else conv.step_params()
+        out, codes, xp = conv_pool_forward(x.astype(np.float32, copy=False), W, b, conv.stride, conv.padding,
+                                           self.relu, self.y)
+        self.cache = (codes, xp, W)
         return out
 
     def backward(self, dout):
@@ -241,15 +246,19 @@ class ConvPool:
                 dout = layer.backward(dout)
             return dout
         conv = self.conv
-        codes, xp = self.cache
-        dx, conv.grads["W"], conv.grads["b"] = conv_pool_backward(
-            dout, codes, xp, conv.params["W"], conv.stride, conv.padding, conv.needs_input_grad)
+        codes, xp, W = self.cache
+        dx, dW, db = conv_pool_backward(dout, codes, xp, W, conv.stride, conv.padding, conv.needs_input_grad)
+        if type(conv) is Conv2D:
+            conv.grads["W"], conv.grads["b"] = dW, db
+        else:
+            conv.set_step_grads(dW, db)
         return dx
 
 
 def training_steps(layers):
-    """The layer list as Sequential's training runs it: each Conv2D followed by [ReLU]
-    MaxPool2D(2, 2) [ReLU] (one ReLU at most) as one ConvPool, every other layer itself."""
+    """The layer list as Sequential's training runs it: each Conv2D (or layer offering step_params)
+    followed by [ReLU] MaxPool2D(2, 2) [ReLU] (one ReLU at most) as one ConvPool, every other layer
+    itself."""
     def at(k, kind):
         return k < len(layers) and type(layers[k]) is kind
 
@@ -257,7 +266,8 @@ def training_steps(layers):
     while i < len(layers):
         relu_first = at(i + 1, ReLU)
         j = i + 1 + relu_first
-        if at(i, Conv2D) and at(j, MaxPool2D) and layers[j].kernel_size == layers[j].stride == 2:
+        convolves = at(i, Conv2D) or hasattr(layers[i], "step_params")
+        if convolves and at(j, MaxPool2D) and layers[j].kernel_size == layers[j].stride == 2:
             j += 1 + (not relu_first and at(j + 1, ReLU))
             steps.append(ConvPool(layers[i:j]))
         else:

@@ -160,6 +160,35 @@ def test_nan_stays_nan_and_backward_needs_forward():
         convpool.training_steps([conv, MaxPool2D(2)])[0].backward(out)
 
 
+@pytest.mark.parametrize("kind", ["shared", "sparse"])
+def test_a_pruned_or_shared_conv_trains_in_the_step_as_through_its_own_backward(kind):
+    """optim's convs offer their dense weights (step_params) and take the step's dW back
+    (set_step_grads): the same gradients, for their own parameters, as their backward gives."""
+    from optim import pruning, sharing, sparse  # optim builds on minicnn, the test may use both
+
+    model = Sequential([Conv2D(3, 20, 3, rng=0), ReLU(), MaxPool2D(2), Flatten(), Dense(20 * 4 * 4, 4, rng=1)],
+                       input_shape=(3, 10, 10))
+    if kind == "shared":
+        model = sharing.share_weights(model, 3)
+    else:
+        pruning.apply_masks(model, pruning.global_masks(model, 0.7))
+        model = sparse.to_sparse(model)
+    conv = model.layers[0]
+    x, g = random_array(0, (5, 3, 10, 10), np.float32), random_array(1, (5, 20, 4, 4), np.float32)
+    (step,) = convpool.training_steps(model.layers[:3])
+    expected = x
+    for layer in model.layers[:3]:
+        expected = layer.forward(expected)
+    dx_layers = g
+    for layer in reversed(model.layers[:3]):
+        dx_layers = layer.backward(dx_layers)
+    grads = {k: v.copy() for k, v in conv.grads.items()}
+    np.testing.assert_allclose(step.forward(x), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(step.backward(g), dx_layers, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        np.testing.assert_allclose(conv.grads[name], grad, rtol=1e-4, atol=1e-4)
+
+
 def test_which_layers_make_a_step():
     def kinds(layers):
         return [type(s).__name__ if not isinstance(s, convpool.ConvPool) else f"ConvPool{len(s.layers)}"

@@ -316,6 +316,17 @@ class CSRConv2D(CSRLayer):
         W = self._laid_out_as("chain", lambda: self.matrix().reshape(self.out_channels, self.in_channels, k, k))
         return W, self.params["b"]  # the chain checks arrays new to it
 
+    def step_params(self):
+        """(W (F, C, k, k), b): the dense weights a training step of minicnn.convpool convolves with
+        when a 2x2 max-pool follows the layer (set_step_grads takes their gradients back)."""
+        return self._weight(), self.params["b"]
+
+    def set_step_grads(self, dW, db):
+        """The layer's grads from the step's dL/dW (F, C, k, k) and dL/db, as backward makes them."""
+        self._laid_out = {}
+        self.grads[self.weight_param] = self.weight_grad(dW.reshape(self.shape))
+        self.grads["b"] = db
+
     def forward(self, x):
         x = self._input(x, 4, self.in_channels)
         self.output_shape(x.shape[1:])
