@@ -499,8 +499,8 @@ def main(argv=None):
     print(f"\nfloat32 peak (bench/peak.py's probe, {threads} threads): {num(peak)} GFLOP/s")
     print(f"kernels at batch {KERNEL_BATCH} (minicnn column = numpy for GEMM rows; predict's = the fused conv "
           "(+ relu) + 2x2 max-pool kernel; fwd = 2*MACs, bwd = 4*MACs, training step (convpool's forward and "
-          "backward) = 6*MACs, the layers' dense count, of which the step's backward does a quarter; 'of peak' = minicnn's speed / the probe's "
-          "on as many threads as the kernel ran on; "
+          "backward) = 6*MACs, the layers' dense count, of which the step's backward does a quarter; "
+          "'of peak' = minicnn's speed / the probe's on as many threads as the kernel ran on; "
           "'of GEMM' = conv fwd speed / its own GEMM's speed)")
     extras = [("of peak", lambda r: pct(r.get("fraction_of_peak"))),
               ("of GEMM", lambda r: pct(r.get("fraction_of_own_gemm"))), ("shape", lambda r: r["shape"])]

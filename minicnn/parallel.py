@@ -41,8 +41,8 @@ def _load_tbb():
     they spin, so PyTorch's threads in the same process run as fast as beside the workqueue
     (bench_substrate). OpenBLAS's spinning threads do not yield as much: a BLAS product in a
     training step slowed the Numba kernels after it by half, and the layers' training paths
-    now call minicnn's own kernels (minicnn.layers, minicnn.convpool). OpenMP's spin restarts as fast but is one setting for the whole process
-    (docs/techniques.md).
+    now call minicnn's own kernels (minicnn.layers, minicnn.convpool). OpenMP's spin restarts
+    as fast but is one setting for the whole process (docs/techniques.md).
 
     pip's tbb wheel (a dependency on Linux x86-64) puts libtbb in <prefix>/lib, where the
     dynamic loader does not look. Loaded here by path, it is what Numba's TBB layer then finds
