@@ -113,6 +113,15 @@ def test_the_pool_pass_is_exact():
         assert (codes == convpool.NONE).any() == relu
 
 
+def one_by_one(layers, x, g):
+    """(output, d/dinput, the first layer's grads) of the layers run one at a time, dout g."""
+    for layer in layers:
+        x = layer.forward(x)
+    for layer in reversed(layers):
+        g = layer.backward(g)
+    return x, g, {k: v.copy() for k, v in layers[0].grads.items()}
+
+
 LAYOUTS = {
     "conv pool": lambda c: [c, MaxPool2D(2)],
     "conv relu pool": lambda c: [c, ReLU(), MaxPool2D(2)],
@@ -130,15 +139,10 @@ def test_the_step_is_its_layers(layout, first, filters, stride):
     layers = LAYOUTS[layout](conv)
     (step,) = convpool.training_steps(layers)
     x = random_array(1, (4, 3, 11, 11), np.float32)
-    expected = x
-    for layer in layers:
-        expected = layer.forward(expected)
-    g = random_array(2, expected.shape, np.float32)
+    _, Ho, Wo = conv.output_shape((3, 11, 11))
+    g = random_array(2, (4, filters, Ho // 2, Wo // 2), np.float32)  # the pooled output's shape
     conv.needs_input_grad = not first
-    dx_layers = g
-    for layer in reversed(layers):
-        dx_layers = layer.backward(dx_layers)
-    grads = {k: v.copy() for k, v in conv.grads.items()}
+    expected, dx_layers, grads = one_by_one(layers, x, g)
     assert np.array_equal(step.forward(x), expected)
     dx = step.backward(g)
     for name in grads:
@@ -176,13 +180,7 @@ def test_a_pruned_or_shared_conv_trains_in_the_step_as_through_its_own_backward(
     conv = model.layers[0]
     x, g = random_array(0, (5, 3, 10, 10), np.float32), random_array(1, (5, 20, 4, 4), np.float32)
     (step,) = convpool.training_steps(model.layers[:3])
-    expected = x
-    for layer in model.layers[:3]:
-        expected = layer.forward(expected)
-    dx_layers = g
-    for layer in reversed(model.layers[:3]):
-        dx_layers = layer.backward(dx_layers)
-    grads = {k: v.copy() for k, v in conv.grads.items()}
+    expected, dx_layers, grads = one_by_one(model.layers[:3], x, g)
     np.testing.assert_allclose(step.forward(x), expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(step.backward(g), dx_layers, rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():

@@ -296,25 +296,25 @@ class CSRConv2D(CSRLayer):
     def fused_conv(self, padded_shape, relu, pool):
         """For minicnn.inference: run(xp, out), the direct conv on the dense weights, channels last
         (kept as fused_dense keeps its)."""
-        F, k = self.out_channels, self.kernel_size
-        kernel = direct.conv_block_runner(padded_shape, F, k, self.stride, relu, pool)
-
-        def filters():
-            return direct.pack_filters(self.matrix().reshape(F, self.in_channels, k, k))
+        kernel = direct.conv_block_runner(padded_shape, self.out_channels, self.kernel_size, self.stride, relu, pool)
 
         def run(xp, out):
-            return kernel(xp, self._laid_out_as("filters", filters), self._bias(), out)
+            filters = self._laid_out_as("filters", lambda: direct.pack_filters(self._laid_out_weight()))
+            return kernel(xp, filters, self._bias(), out)
 
         return run
+
+    def _laid_out_weight(self):
+        """The dense W (F, C, k, k) of the current values, kept as the kernels' layouts are."""
+        k = self.kernel_size
+        return self._laid_out_as("W", lambda: self.matrix().reshape(self.out_channels, self.in_channels, k, k))
 
     def chain_params(self):
         """For minicnn.chain: (W (F, C, k, k), b) dense float32 where predict runs the layer in a stage
         (`fused`: on its dense weights), kept as fused_conv keeps its; else None."""
         if not self.fused:
             return None
-        k = self.kernel_size
-        W = self._laid_out_as("chain", lambda: self.matrix().reshape(self.out_channels, self.in_channels, k, k))
-        return W, self.params["b"]  # the chain checks arrays new to it
+        return self._laid_out_weight(), self.params["b"]  # the chain checks arrays new to it
 
     def step_params(self):
         """(W (F, C, k, k), b): the dense weights a training step of minicnn.convpool convolves with
