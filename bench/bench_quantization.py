@@ -166,7 +166,7 @@ def main(argv=None):
         print("\nno VNNI in this build: no int8 peak (the probe's portable products are loop-invariant, and LLVM "
               "takes them out of its loop)\n")
     else:
-        print(f"\nint8 peak (bench/peak.py's probe: 256-bit dot4_add, {numba.get_num_threads()} threads): "
+        print(f"\nint8 peak (bench/peak.py's probe: 16-lane dot4_add, {numba.get_num_threads()} threads): "
               f"{num(peak)} GMAC/s; kernels' int8 multiply-adds per second, as a fraction of it\n")
     print(format_table(["figure", "unit", "float32", "int8", "speedup", "int8 GMAC/s", "of int8 peak"],
                        kernels_table))

@@ -15,13 +15,14 @@ a sum is one register; with AVX2 two, and 16 sums then fill all 16 ymm
 registers: the probe still measures the FMA rate, but a kernel's tile of
 sixteen sums spills there, and its fraction of the peak is lower.
 
-`dot4_peak` is the same for int8: sixteen independent int32x8 sums, each step one
-`optim.quantization.vectors.dot4_add` (VNNI's vpdpbusd on 256-bit vectors: 8 lanes x 4
-byte products), the instruction the int8 kernels issue. VNNI only: the portable spelling
+`dot4_peak` is the same for int8: sixteen independent int32x16 sums, each step one
+`optim.quantization.vectors.dot4_add` (VNNI's vpdpbusd: 16 lanes x 4 byte products, one
+512-bit instruction with AVX-512, two 256-bit ones with AVX-VNNI), the instruction the int8
+kernels issue. VNNI only: the portable spelling
 (widening multiplies and adds) of a step whose operands never change is taken out of the loop
 by LLVM, and the probe would time additions.
 
-    GMAC/s = 32 x SUMS x rounds x threads / seconds
+    GMAC/s = 64 x SUMS x rounds x threads / seconds
 """
 
 import numba
@@ -30,7 +31,7 @@ from numba import prange
 
 from minicnn.simd import LANES, add, fma, splat, store
 from minicnn.timing import measure
-from optim.quantization.vectors import dot4_add, store8, zeros8
+from optim.quantization.vectors import dot4_add, store16, zeros16
 
 SUMS = 16  # independent sums per thread: 2 FMA units x 4 cycles of latency, twice over
 
@@ -62,21 +63,21 @@ def fma_peak(budget, rounds=200_000):
 
 @numba.njit(parallel=True, cache=True)
 def _dot4_probe(rounds, w, out):
-    for t in prange(out.size // (SUMS * 8)):
+    for t in prange(out.size // (SUMS * 16)):
         x = np.uint32(0x01020304 + t)
-        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zeros8()
-        s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = zeros8()
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zeros16()
+        s8 = s9 = s10 = s11 = s12 = s13 = s14 = s15 = zeros16()
         for _ in range(rounds):  # the int32 sums wrap around: a probe, not a result
-            s0, s1, s2, s3 = dot4_add(s0, x, w, 0), dot4_add(s1, x, w, 32), dot4_add(s2, x, w, 0), \
-                dot4_add(s3, x, w, 32)
-            s4, s5, s6, s7 = dot4_add(s4, x, w, 0), dot4_add(s5, x, w, 32), dot4_add(s6, x, w, 0), \
-                dot4_add(s7, x, w, 32)
-            s8, s9 = dot4_add(s8, x, w, 0), dot4_add(s9, x, w, 32)
-            s10, s11 = dot4_add(s10, x, w, 0), dot4_add(s11, x, w, 32)
-            s12, s13 = dot4_add(s12, x, w, 0), dot4_add(s13, x, w, 32)
-            s14, s15 = dot4_add(s14, x, w, 0), dot4_add(s15, x, w, 32)
+            s0, s1, s2, s3 = dot4_add(s0, x, w, 0), dot4_add(s1, x, w, 64), dot4_add(s2, x, w, 0), \
+                dot4_add(s3, x, w, 64)
+            s4, s5, s6, s7 = dot4_add(s4, x, w, 0), dot4_add(s5, x, w, 64), dot4_add(s6, x, w, 0), \
+                dot4_add(s7, x, w, 64)
+            s8, s9 = dot4_add(s8, x, w, 0), dot4_add(s9, x, w, 64)
+            s10, s11 = dot4_add(s10, x, w, 0), dot4_add(s11, x, w, 64)
+            s12, s13 = dot4_add(s12, x, w, 0), dot4_add(s13, x, w, 64)
+            s14, s15 = dot4_add(s14, x, w, 0), dot4_add(s15, x, w, 64)
         for k, s in enumerate((s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)):
-            store8(out, (t * SUMS + k) * 8, s)  # the sums are used: the loop cannot be dropped
+            store16(out, (t * SUMS + k) * 16, s)  # the sums are used: the loop cannot be dropped
     return out
 
 
@@ -84,7 +85,7 @@ def dot4_peak(budget, rounds=200_000):
     """(GMAC/s with all of Numba's threads, the Timing) of the int8 probe: the ceiling of kernels that
     issue dot4_add."""
     threads = numba.get_num_threads()
-    w = np.arange(64, dtype=np.int8)
-    out = np.empty(threads * SUMS * 8, np.int32)
+    w = np.arange(128, dtype=np.int8)
+    out = np.empty(threads * SUMS * 16, np.int32)
     timing = measure(lambda: _dot4_probe(rounds, w, out), budget)
-    return 32 * SUMS * rounds * threads / timing.median / 1e9, timing
+    return 64 * SUMS * rounds * threads / timing.median / 1e9, timing

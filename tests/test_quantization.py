@@ -63,22 +63,22 @@ def tflite_mbqm(x, m0, shift):
 
 @numba.njit
 def lanes_mbqm(x, m0, shift):
-    """MultiplyByQuantizedMultiplier of x int32 (8n,), m0 int32 and shift int8 per element, as the
-    kernels run it (vectors.requantize8, with no zero point and no clamp)."""
+    """MultiplyByQuantizedMultiplier of x int32 (16n,), m0 int32 and shift int8 per element, as the
+    kernels run it (vectors.requantize16, with no zero point and no clamp)."""
     out = np.empty(x.size, np.int32)
-    for i in range(0, x.size, 8):
-        V.store8(out, i, V.requantize8(V.load8(x, i), m0, shift, i, 0, INT32_MIN, INT32_MAX))
+    for i in range(0, x.size, 16):
+        V.store16(out, i, V.requantize16(V.load16(x, i), m0, shift, i, 0, INT32_MIN, INT32_MAX))
     return out
 
 
 def ours_lanes_and_numpy(x, m0, shift):
-    lanes = int(lanes_mbqm(np.full(8, x, np.int32), np.full(8, m0, np.int32), np.full(8, shift, np.int8))[0])
+    lanes = int(lanes_mbqm(np.full(16, x, np.int32), np.full(16, m0, np.int32), np.full(16, shift, np.int8))[0])
     vector = int(FP.multiply_by_quantized_multiplier(np.array([x]), np.array([m0]), np.array([shift]))[0])
     return lanes, vector
 
 
 def qgemm8(words, packed, bias, m0, shift, z, lo, hi, window=1):
-    return K.qgemm(words, packed, K.int8_epilogue(packed, bias, m0, shift, z, lo, hi), window)
+    return K.signed(K.qgemm(words, packed, K.int8_epilogue(packed, bias, m0, shift, z, lo, hi), window))
 
 
 def qgemm32(words, packed, bias, lo, window=1):
@@ -266,12 +266,12 @@ def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     z = int(rng.integers(-128, 128))
     lo = z if relu else -128
     packed = K.pack_weights(wt)
-    ours = qgemm8(windows.rows_words(a, packed), packed, bias, m0, shift, z, lo, 127)
+    ours = qgemm8(windows.rows_words(K.unsigned(a), packed), packed, bias, m0, shift, z, lo, 127)
     ref = K.qgemm_ref(a, wt, bias, m0, shift, z, lo, 127)
     assert ours.dtype == np.int8
     np.testing.assert_array_equal(ours, ref)
     lo32 = 0 if relu else INT32_MIN
-    np.testing.assert_array_equal(qgemm32(windows.rows_words(a, packed), packed, bias, lo32),
+    np.testing.assert_array_equal(qgemm32(windows.rows_words(K.unsigned(a), packed), packed, bias, lo32),
                                   K.qgemm_int32_ref(a, wt, bias, lo32))
 
 
@@ -284,8 +284,8 @@ def test_qgemm_builds_match_reference(build):
     m0, shift = rng.integers(2**30, 2**31, 45).astype(np.int32), rng.integers(-31, 2, 45).astype(np.int8)
     packed = K.pack_weights(wt)
     with parallel.forced(build):
-        ours = qgemm8(windows.rows_words(a, packed), packed, bias, m0, shift, 5, 5, 127)
-        ours32 = qgemm32(windows.rows_words(a, packed), packed, bias, INT32_MIN)
+        ours = qgemm8(windows.rows_words(K.unsigned(a), packed), packed, bias, m0, shift, 5, 5, 127)
+        ours32 = qgemm32(windows.rows_words(K.unsigned(a), packed), packed, bias, INT32_MIN)
     np.testing.assert_array_equal(ours, K.qgemm_ref(a, wt, bias, m0, shift, 5, 5, 127))
     np.testing.assert_array_equal(ours32, K.qgemm_int32_ref(a, wt, bias, INT32_MIN))
 
@@ -295,7 +295,7 @@ def test_qgemm_hand_computed():
     wt = np.array([[1, 1, 1], [2, -1, 0]], np.int8)
     bias = np.array([4, -1], np.int32)
     packed = K.pack_weights(wt)
-    rows = windows.rows_words(a, packed)
+    rows = windows.rows_words(K.unsigned(a), packed)
     np.testing.assert_array_equal(qgemm32(rows, packed, bias, INT32_MIN), [[10, -1], [4, -9]])
     np.testing.assert_array_equal(qgemm32(rows, packed, bias, 0), [[10, 0], [4, 0]])
     # M = 1/2 as M0 = 2^30, shift 0: one rounding, in the high product, ties toward +inf:
@@ -317,7 +317,8 @@ def test_qgemm_on_windows_read_in_place_is_qgemm_on_im2row(N, C, H, W, F, k, str
     x, wt = random_codes(rng, (N, H, W, C)), random_codes(rng, (F, k * k * C), -127)
     assert windows.conv_fits_words(x.shape, 0) and not windows.conv_fits_words(x.shape, 1)
     rows = K.im2row_nhwc_ref(x, k, k, stride, 0, 0, k * k * C)
-    assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.conv_words(x, k, k, stride, pool), K.pack_weights(wt),
+    u = K.unsigned(x)
+    assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.conv_words(u, k, k, stride, pool), K.pack_weights(wt),
                                            rows, wt, rng, (N, (H - k) // stride + 1, (W - k) // stride + 1))
 
 
@@ -385,11 +386,12 @@ def test_int_conv_pooled_before_requantizing_gives_the_same_codes(seed, geom, re
         expected = pool.forward(conv.forward(x, reference=True), reference=True)
         for build in ("serial", "threaded"):
             with parallel.forced(build):
-                np.testing.assert_array_equal(conv.bind(x.shape, pool)(x), expected, err_msg=build)
+                step = conv.bind(x.shape, pool)  # on the kernels' bytes
+                np.testing.assert_array_equal(K.signed(step(K.unsigned(x))), expected, err_msg=build)
 
 
 @given(seeds, st.integers(0, 30))
-def test_requantize8_is_the_numpy_arithmetic_on_every_lane(seed, bits):
+def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits):
     """Many values at once, every shift and multiplier in range, and a third of the lanes exact ties
     of the final rounding (M0 = 2^30 halves x = odd 2^e exactly, then the shift by e leaves k + 1/2):
     the kernels' lanes agree with the reference, value for value."""
@@ -741,14 +743,14 @@ def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F,
     x, Wq = random_codes(rng, (N, H, W, 1)), random_codes(rng, (F, 1, KH, KW), -127)
     assert windows.line_fits_words(x.shape, KW, 0) and not windows.line_fits_words(x.shape, KW, 1)
     rows = K.im2row_nhwc_ref(x, KH, KW, stride, 0, 0, KH * KW)
-    assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.line_words(x, KH, KW, stride, pool),
+    assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.line_words(K.unsigned(x), KH, KW, stride, pool),
                                            windows.line_weights(Wq), rows, Wq.transpose(0, 2, 3, 1).reshape(F, -1),
                                            rng, (N, (H - KH) // stride + 1, (W - KW) // stride + 1))
 
 
 def test_int8_lenet_on_the_portable_build_matches_the_references():
     """Without AVX-512 and VNNI: windows read in place (conv1's shifted copies, conv2's 20 channels),
-    the GEMM with its pool and requantization (<8 x i64> on AVX2) in both builds, bit for bit with
+    the GEMM with its pool and requantization (16 lanes in two registers) in both builds, bit for bit with
     the NumPy references."""
     run_without_avx512(
         "import numpy as np\n"
@@ -773,30 +775,45 @@ def test_weights_packed_for_another_cpu_are_refused():
         K.qgemm_runner(np.zeros(1, np.int64), np.arange(2), foreign, K.int32_epilogue(foreign, np.zeros(3, np.int32), 0))
 
 
-@pytest.mark.parametrize("vnni", [True, False])
-def test_dot4_add_both_spellings(monkeypatch, vnni):
-    """The VNNI instruction and the portable widening arithmetic give the same exact sums, each on
-    pack_weights' layout for it (without VNNI, the 32 bytes are ordered (j // 2, l, j % 2)).
+@given(st.lists(st.integers(-128, 127), min_size=1, max_size=64))
+def test_unsigned_bytes_keep_the_codes_and_their_order(values):
+    """The kernels' bytes q + 128 round-trip to the codes, and sort as the codes do (max-pooling and
+    ReLU's max run on them unchanged)."""
+    q = np.array(values, np.int8)
+    u = K.unsigned(q)
+    assert u.dtype == np.uint8
+    np.testing.assert_array_equal(u.astype(np.int64), q.astype(np.int64) + 128)
+    np.testing.assert_array_equal(K.signed(u), q)
+    np.testing.assert_array_equal(np.argsort(u, kind="stable"), np.argsort(q, kind="stable"))
 
-    HAS_VNNI is read when a function using dot4_add is compiled, so a fresh
-    function compiled with it forced off exercises the path a CPU without VNNI runs.
+
+@pytest.mark.parametrize("spelling", ["vnni512", "vnni256", "portable"])
+def test_dot4_add_every_spelling(monkeypatch, spelling):
+    """The 512-bit VNNI instruction, two 256-bit ones (AVX-VNNI without AVX-512) and the portable
+    widening arithmetic give the same exact sums, each on pack_weights' layout for it (without VNNI,
+    the 64 bytes are ordered (j // 2, l, j % 2)).
+
+    The flags are read when a function using dot4_add is compiled, so a fresh function compiled
+    with them forced off exercises the path such a CPU runs.
     """
-    if vnni and not V.HAS_VNNI:
-        pytest.skip("this CPU has no VNNI: only the portable spelling can run here")
+    vnni, wide = spelling != "portable", spelling == "vnni512"
+    if (wide and not V.HAS_VNNI_512) or (vnni and not V.HAS_VNNI):
+        pytest.skip(f"this CPU cannot run the {spelling} spelling")
     import numba
 
     monkeypatch.setattr(V, "HAS_VNNI", vnni)
+    monkeypatch.setattr(V, "HAS_VNNI_512", wide)
 
     @numba.njit
     def one_step(x_word, wp):
-        out = np.empty(8, np.int32)
-        V.store8(out, 0, V.dot4_add(V.zeros8(), x_word, wp, 0))
+        out = np.empty(16, np.int32)
+        V.store16(out, 0, V.dot4_add(V.zeros16(), x_word, wp, 0))
         return out
 
     rng = np.random.default_rng(1)
     u = rng.integers(0, 256, 4).astype(np.uint8)
-    wp = rng.integers(-128, 128, 32).astype(np.int8)
+    wp = rng.integers(-128, 128, 64).astype(np.int8)
     x_word = np.uint32(int.from_bytes(u.tobytes(), "little"))
-    w = wp.reshape(8, 4) if vnni else wp.reshape(2, 8, 2).transpose(1, 0, 2).reshape(8, 4)  # w[l, j]
+    w = wp.reshape(16, 4) if vnni else wp.reshape(2, 16, 2).transpose(1, 0, 2).reshape(16, 4)  # w[l, j]
     expected = (u.astype(np.int64)[None, :] * w.astype(np.int64)).sum(axis=1)
     np.testing.assert_array_equal(one_step(x_word, wp), expected)

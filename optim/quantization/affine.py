@@ -111,9 +111,8 @@ def quantize_nhwc_ref(x, scale, zero_point):
     return np.ascontiguousarray(affine_quantize(x, scale, zero_point).transpose(0, 2, 3, 1))
 
 
-def _quantize_nhwc_loops(x, scale, zero_point):
+def _quantize_nhwc_loops(x, scale, zero_point, offset, out):
     N, C, H, W = x.shape
-    out = np.empty((N, H, W, C), np.int8)
     xf, of = x.reshape(-1), out.reshape(-1)
     for t in prange(N * H):
         n, i = t // H, t % H
@@ -121,15 +120,19 @@ def _quantize_nhwc_loops(x, scale, zero_point):
             src, dst = ((n * C + c) * H + i) * W, t * W * C + c
             for j in range(W):  # affine_quantize's arithmetic: float64, round half to even, clamp
                 q = np.rint(np.float64(xf[np.uint64(src + j)]) / scale) + zero_point
-                of[np.uint64(dst + j * C)] = np.int8(min(max(q, QMIN), QMAX))
+                of[np.uint64(dst + j * C)] = np.int64(min(max(q, QMIN), QMAX)) + offset
     return out
 
 
 _quantize_nhwc = twin(_quantize_nhwc_loops)
 
 
-def quantize_nhwc(x, scale, zero_point):
+def quantize_nhwc(x, scale, zero_point, unsigned=False):
     """Fast quantize_nhwc_ref, bit for bit (x a 4-D float array; other than float32, read as float64,
-    which is what affine_quantize computes in)."""
+    which is what affine_quantize computes in); unsigned=True: the codes plus 128, uint8 (the
+    bytes the int8 kernels read, `kernels.unsigned`)."""
     x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)
-    return _quantize_nhwc(2 * x.size, x, float(scale), int(zero_point))  # work: elements read and written
+    N, C, H, W = x.shape
+    out = np.empty((N, H, W, C), np.uint8 if unsigned else np.int8)
+    work = 2 * x.size  # elements read and written
+    return _quantize_nhwc(work, x, float(scale), int(zero_point), 128 if unsigned else 0, out)

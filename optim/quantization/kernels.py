@@ -1,9 +1,11 @@
 """The int8 kernels of the integer model: im2row, int8 GEMM with int32 sums, max-pool.
 
 Jacob et al., CVPR 2018 (integer-only inference); the requantization is
-TFLite's fixed point (`fixedpoint`). Activations are int8 in NHWC layout
-inside the integer model, so a convolution's receptive field, gathered by
-`im2row_nhwc`, is a contiguous row
+TFLite's fixed point (`fixedpoint`). Activations are int8 codes q in NHWC
+layout inside the integer model, which the fast kernels read and write as
+the unsigned bytes q + 128 (`unsigned`: the sign bit flipped, the same
+order), the operand vpdpbusd takes as it is. A convolution's receptive
+field, gathered by `im2row_nhwc`, is a contiguous row
 
     rows[(n*Ho + i)*Wo + j, (kh*KW + kw)*C + c] = x[n, i*S + kh - P, j*S + kw - P, c]
 
@@ -15,12 +17,14 @@ or the int32 sums themselves for the last layer, and a conv followed by a
 (the same codes: requantization never decreases): one requantization in 4.
 
 The weights are packed once per layer (`pack_weights`) so that one VNNI
-instruction (vpdpbusd, see `vectors.dot4_add`) adds 4 products to each of 8 filters'
-int32 sums: the kernel broadcasts 4 bytes of a row and runs them against 4
-blocks of 8 filters, no horizontal sums, no padding of K beyond 4. Rows
+instruction (vpdpbusd, see `vectors.dot4_add`) adds 4 products to each of 16 filters'
+int32 sums: the kernel broadcasts 4 bytes of a row from memory and runs them
+against 2 blocks of 16 filters, no horizontal sums, no padding of K beyond 4.
+(Flipped in the kernel instead, each broadcast took a register and a
+shuffle port: LeNet-5's int8 predict at batch 256 ran 1.2x slower.) Rows
 are independent, so `prange` splits them over cores; the epilogue
-(bias, max-pool, requantization, clamp) runs on 8 filters at a time
-(`vectors.requantize8`) while the sums are still in cache; small jobs run a
+(bias, max-pool, requantization, clamp) runs on 16 filters at a time
+(`vectors.requantize16`) while the sums are still in registers; small jobs run a
 serial build of the same loops (`minicnn.parallel.twin`), as waking Numba's
 workers costs more than they do.
 
@@ -40,7 +44,7 @@ from minicnn.simd import HAS_VNNI
 
 from .affine import WMAX
 from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE, multiply_by_quantized_multiplier
-from .vectors import add8, dot4_add, load8, max8, requantize8, splat8, store8, store_first, zeros8
+from .vectors import LANES, add16, dot4_add, load16, max16, requantize16, splat16, store16, store_first, zeros16
 
 
 # --------------------------------------------------------------------------
@@ -62,6 +66,17 @@ def pad_columns(a, width):
     out = np.zeros((a.shape[0], width), dtype=a.dtype)
     out[:, : a.shape[1]] = a
     return out
+
+
+def unsigned(q):
+    """uint8 q + 128 of int8 codes q (any shape): the bytes the fast kernels read and write."""
+    return np.bitwise_xor(q.view(np.uint8), np.uint8(0x80))
+
+
+def signed(u):
+    """int8 codes u - 128 of the kernels' bytes u uint8: unsigned's inverse. (int32 sums, a last
+    layer's output, are returned as they are.)"""
+    return np.bitwise_xor(u, np.uint8(0x80)).view(np.int8) if u.dtype == np.uint8 else u
 
 
 def im2row_nhwc_ref(x, KH, KW, stride, padding, fill, width):
@@ -116,10 +131,10 @@ def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
 
 
 def shifted_copies_ref(x, width):
-    """int8 (4, N, H, width): copy s of x int8 (N, H, W) is x shifted left by s bytes, zero-filled
-    (width >= W): copies[s, n, h, j] = x[n, h, j + s] where j + s < W, else 0."""
+    """(4, N, H, width), x's dtype: copy s of x (N, H, W), bytes, is x shifted left by s bytes,
+    zero-filled (width >= W): copies[s, n, h, j] = x[n, h, j + s] where j + s < W, else 0."""
     N, H, W = x.shape
-    copies = np.zeros((ROW_ALIGN, N, H, width), np.int8)
+    copies = np.zeros((ROW_ALIGN, N, H, width), x.dtype)
     for s in range(min(ROW_ALIGN, W)):
         copies[s, :, :, : W - s] = x[:, :, s:]
     return copies
@@ -127,7 +142,7 @@ def shifted_copies_ref(x, width):
 
 def _shifted_copies_loops(x, width):
     N, H, W = x.shape
-    out = np.empty((ROW_ALIGN, N, H, width), np.int8)
+    out = np.empty((ROW_ALIGN, N, H, width), x.dtype)
     xf, of = x.reshape(-1), out.reshape(-1)
     for t in prange(N * H):
         for s in range(ROW_ALIGN):
@@ -156,9 +171,9 @@ def shifted_copies(x, width):
 class PackedWeights(NamedTuple):
     """The operand of the fast kernels for weights wt int8 (F, K).
 
-    wp int8 (4 ceil(F/32), ceil(K/4), 8, 4), zero-padded: wp[b, g, l, j] =
-    wt[8 b + l, 4 g + j], the dot4_add operand of filters 8b .. 8b + 7 and
-    columns 4g .. 4g + 3 (without VNNI, each (b, g)'s 32 bytes in the order (j // 2, l, j % 2):
+    wp int8 (2 ceil(F/32), ceil(K/4), 16, 4), zero-padded: wp[b, g, l, j] =
+    wt[16 b + l, 4 g + j], the dot4_add operand of filters 16b .. 16b + 15 and
+    columns 4g .. 4g + 3 (without VNNI, each (b, g)'s 64 bytes in the order (j // 2, l, j % 2):
     the pairs of columns that vpmaddwd adds, see vectors.dot4_add); colsum int32 (F,) = sum_k wt[f, k], for the 128
     the unsigned bytes add: sum_k (a_k + 128) wt[f, k] - 128 colsum[f] = a . wt[f].
     """
@@ -171,8 +186,8 @@ class PackedWeights(NamedTuple):
 def pack_weights(wt):
     """PackedWeights of wt int8 (F, K), K <= MAX_K so that the unsigned sums fit in int32.
 
-    F is padded with zero filters to a multiple of 32: the kernels run 4 blocks
-    of 8 filters per pass over a row, and a zero block costs less than the
+    F is padded with zero filters to a multiple of 32: the kernels run 2 blocks
+    of 16 filters per pass over a row, and a zero block costs less than the
     extra passes a remainder would take."""
     if wt.dtype != np.int8 or wt.ndim != 2:
         raise ValueError(f"weights must be a 2-D int8 array, got {wt.dtype} {wt.shape}")
@@ -181,14 +196,14 @@ def pack_weights(wt):
         raise ValueError(f"weight codes must lie in [-{WMAX}, {WMAX}] (symmetric int8), got {wt.min()}")
     if K_ > MAX_K:
         raise ValueError(f"{K_} products per output could overflow the int32 accumulators (at most {MAX_K})")
-    Fb, G = -(-F // 32) * 4, -(-K_ // 4)  # whole passes of 4 blocks: see _row_sums
-    padded = np.zeros((Fb * 8, G * 4), dtype=np.int8)
+    Fb, G = -(-F // 32) * 2, -(-K_ // 4)  # whole passes of 2 blocks: see _row_sums
+    padded = np.zeros((Fb * LANES, G * 4), dtype=np.int8)
     padded[:F, :K_] = wt
-    wp = padded.reshape(Fb, 8, G, 4).transpose(0, 2, 1, 3)
-    if not HAS_VNNI:  # dot4_add's vpmaddwd takes columns 0, 1 of the 8 filters, then 2, 3
-        wp = wp.reshape(Fb, G, 8, 2, 2).transpose(0, 1, 3, 2, 4)
-    return PackedWeights(np.ascontiguousarray(wp).reshape(Fb, G, 8, 4), wt.astype(np.int32).sum(axis=1, dtype=np.int32),
-                         HAS_VNNI)
+    wp = padded.reshape(Fb, LANES, G, 4).transpose(0, 2, 1, 3)
+    if not HAS_VNNI:  # dot4_add's vpmaddwd takes columns 0, 1 of the 16 filters, then 2, 3
+        wp = wp.reshape(Fb, G, LANES, 2, 2).transpose(0, 1, 3, 2, 4)
+    return PackedWeights(np.ascontiguousarray(wp).reshape(Fb, G, LANES, 4),
+                         wt.astype(np.int32).sum(axis=1, dtype=np.int32), HAS_VNNI)
 
 
 MAX_K = INT32_MAX // (255 * WMAX)  # |sum_k u_k w_k| <= K 255 WMAX, u_k the unsigned activations
@@ -217,91 +232,74 @@ def qgemm_int32_ref(a, wt, bias, lo):
 def _row_sums(x32, start, off, wp, acc, at):
     """acc[at + f] = sum_k (a_k + 128) wt[f, k] for all 32 ceil(F/32) filters, padding included.
 
-    The row's int8 values a_k, 4 bytes per uint32 word, are the words x32[start + off[g]], g < G:
-    a row of im2row's output (off = 0, 1, ..., G - 1), or a conv's window read in place from the
-    image (`conv_words`). wp int8, PackedWeights.wp flattened; acc int32, its 32 ceil(F/32)
-    values from `at` overwritten. Four filter blocks share each broadcast word (32 filters per pass).
+    The row's codes a_k, as the bytes a_k + 128 (`unsigned`), 4 per uint32 word, are the words
+    x32[start + off[g]], g < G: a row of im2row's output (off = 0, 1, ..., G - 1), or a conv's
+    window read in place from the image (`conv_words`). wp int8, PackedWeights.wp flattened; acc
+    int32, its 32 ceil(F/32) values from `at` overwritten. Two filter blocks share each broadcast
+    word (32 filters per pass).
     """
     G = off.size
-    flip = np.uint32(0x80808080)
-    for b in range(0, wp.size // (32 * G), 4):  # wp: 8 filters x 4 bytes per block and group
-        s0, s1, s2, s3 = zeros8(), zeros8(), zeros8(), zeros8()
+    for b in range(0, wp.size // (64 * G), 2):  # wp: 16 filters x 4 bytes per block and group
+        s0, s1 = zeros16(), zeros16()
         for g in range(G):
-            x = x32[np.uint64(start + off[g])] ^ flip  # unsigned: no negative-index test in the loop
-            i = (b * G + g) * 32
+            x = x32[np.uint64(start + off[g])]  # unsigned index: no negative-index test in the loop
+            i = (b * G + g) * 64
             s0 = dot4_add(s0, x, wp, i)
-            s1 = dot4_add(s1, x, wp, i + G * 32)
-            s2 = dot4_add(s2, x, wp, i + 2 * G * 32)
-            s3 = dot4_add(s3, x, wp, i + 3 * G * 32)
-        store8(acc, at + 8 * b, s0)
-        store8(acc, at + 8 * b + 8, s1)
-        store8(acc, at + 8 * b + 16, s2)
-        store8(acc, at + 8 * b + 24, s3)
+            s1 = dot4_add(s1, x, wp, i + G * 64)
+        store16(acc, at + 16 * b, s0)
+        store16(acc, at + 16 * b + 16, s1)
 
 
 @numba.njit(inline="always", cache=True)
 def _four_rows_pass(x32, t0, t1, t2, t3, off, wp, b):
-    """The sums of blocks b .. b + 3 (32 filters) for the four rows whose words start at t0 .. t3, as
-    _row_sums makes them: 16 vectors (row by row, block by block), each 32-byte load of weights serving
+    """The sums of blocks b and b + 1 (32 filters) for the four rows whose words start at t0 .. t3, as
+    _row_sums makes them: 8 vectors (row by row, block by block), each 64-byte load of weights serving
     4 rows, not one."""
     G = off.size
-    flip = np.uint32(0x80808080)
-    p0, p1, p2, p3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t0, blocks b .. b + 3
-    q0, q1, q2, q3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t1
-    u0, u1, u2, u3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t2
-    v0, v1, v2, v3 = zeros8(), zeros8(), zeros8(), zeros8()  # row t3
+    p0, p1, q0, q1 = zeros16(), zeros16(), zeros16(), zeros16()  # rows t0 and t1, blocks b and b + 1
+    u0, u1, v0, v1 = zeros16(), zeros16(), zeros16(), zeros16()  # rows t2 and t3
     for g in range(G):
         o = off[g]
-        x0, x1 = x32[np.uint64(t0 + o)] ^ flip, x32[np.uint64(t1 + o)] ^ flip
-        x2, x3 = x32[np.uint64(t2 + o)] ^ flip, x32[np.uint64(t3 + o)] ^ flip
-        i, j = (b * G + g) * 32, G * 32
-        p0, p1, p2, p3 = dot4_add(p0, x0, wp, i), dot4_add(p1, x0, wp, i + j), dot4_add(p2, x0, wp, i + 2 * j), \
-            dot4_add(p3, x0, wp, i + 3 * j)
-        q0, q1, q2, q3 = dot4_add(q0, x1, wp, i), dot4_add(q1, x1, wp, i + j), dot4_add(q2, x1, wp, i + 2 * j), \
-            dot4_add(q3, x1, wp, i + 3 * j)
-        u0, u1, u2, u3 = dot4_add(u0, x2, wp, i), dot4_add(u1, x2, wp, i + j), dot4_add(u2, x2, wp, i + 2 * j), \
-            dot4_add(u3, x2, wp, i + 3 * j)
-        v0, v1, v2, v3 = dot4_add(v0, x3, wp, i), dot4_add(v1, x3, wp, i + j), dot4_add(v2, x3, wp, i + 2 * j), \
-            dot4_add(v3, x3, wp, i + 3 * j)
-    return p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3
+        x0, x1, x2, x3 = x32[np.uint64(t0 + o)], x32[np.uint64(t1 + o)], x32[np.uint64(t2 + o)], x32[np.uint64(t3 + o)]
+        i, j = (b * G + g) * 64, (b * G + g + G) * 64
+        p0, p1, q0, q1 = dot4_add(p0, x0, wp, i), dot4_add(p1, x0, wp, j), dot4_add(q0, x1, wp, i), \
+            dot4_add(q1, x1, wp, j)
+        u0, u1, v0, v1 = dot4_add(u0, x2, wp, i), dot4_add(u1, x2, wp, j), dot4_add(v0, x3, wp, i), \
+            dot4_add(v1, x3, wp, j)
+    return p0, p1, q0, q1, u0, u1, v0, v1
 
 
 @numba.njit(inline="always", cache=True)
 def _four_rows_sums(x32, starts, r, off, wp, acc):
     """_row_sums of rows r .. r + 3 at once, row i's from acc[i F'], F' = 32 ceil(F/32)."""
     F32 = wp.size // (4 * off.size)
-    for b in range(0, wp.size // (32 * off.size), 4):
+    for b in range(0, wp.size // (64 * off.size), 2):
         sums = _four_rows_pass(x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
         for row in range(4):
-            at = row * F32 + 8 * b
-            store8(acc, at, sums[4 * row])
-            store8(acc, at + 8, sums[4 * row + 1])
-            store8(acc, at + 16, sums[4 * row + 2])
-            store8(acc, at + 24, sums[4 * row + 3])
+            store16(acc, row * F32 + 16 * b, sums[2 * row])
+            store16(acc, row * F32 + 16 * b + 16, sums[2 * row + 1])
 
 
 @numba.njit(cache=True)
-def _emit8(s, f, bias, m0, shift, z_out, lo, hi, o, at, F):
-    """o[at + f : at + f + 8] (those below F) = the outputs of filters f .. f + 7 from their sums s:
+def _emit16(s, f, bias, m0, shift, z_out, lo, hi, o, at, F):
+    """o[at + f : at + f + 16] (those below F) = the outputs of filters f .. f + 15 from their sums s:
     plus bias, requantized (or, m0 empty, kept int32 and clamped below by lo)."""
     if f < F:
-        s = add8(s, load8(bias, f))
-        s = requantize8(s, m0, shift, f, z_out, lo, hi) if m0.size else max8(s, splat8(lo))
-        store_first(o, at + f, s, min(8, F - f))
+        s = add16(s, load16(bias, f))
+        s = requantize16(s, m0, shift, f, z_out, lo, hi) if m0.size else max16(s, splat16(lo))
+        store_first(o, at + f, s, min(LANES, F - f))
 
 
 @numba.njit(inline="always", cache=True)
 def _pooled_window(x32, starts, r, off, wp, bias, m0, shift, z_out, lo, hi, o, at, F):
     """The output of the 2x2 pool window whose 4 pixels are rows r .. r + 3, stored from o[at] on:
-    per 32 filters, the maximum of the four rows' sums taken in registers, then _emit8. (Stored in
+    per 32 filters, the maximum of the four rows' sums taken in registers, then _emit16. (Stored in
     acc and read back by _finish, the sums took a third of the seed CNN's conv at batch 256.)"""
-    for b in range(0, wp.size // (32 * off.size), 4):
-        p0, p1, p2, p3, q0, q1, q2, q3, u0, u1, u2, u3, v0, v1, v2, v3 = _four_rows_pass(
+    for b in range(0, wp.size // (64 * off.size), 2):
+        p0, p1, q0, q1, u0, u1, v0, v1 = _four_rows_pass(
             x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
-        _emit8(max8(max8(p0, q0), max8(u0, v0)), 8 * b, bias, m0, shift, z_out, lo, hi, o, at, F)
-        _emit8(max8(max8(p1, q1), max8(u1, v1)), 8 * b + 8, bias, m0, shift, z_out, lo, hi, o, at, F)
-        _emit8(max8(max8(p2, q2), max8(u2, v2)), 8 * b + 16, bias, m0, shift, z_out, lo, hi, o, at, F)
-        _emit8(max8(max8(p3, q3), max8(u3, v3)), 8 * b + 24, bias, m0, shift, z_out, lo, hi, o, at, F)
+        _emit16(max16(max16(p0, q0), max16(u0, v0)), 16 * b, bias, m0, shift, z_out, lo, hi, o, at, F)
+        _emit16(max16(max16(p1, q1), max16(u1, v1)), 16 * b + 16, bias, m0, shift, z_out, lo, hi, o, at, F)
 
 
 ROWS_PER_TASK = 64
@@ -311,11 +309,12 @@ class Epilogue(NamedTuple):
     """What qgemm does with each output's sum s (exact, int32), per filter f < F, the arrays padded to
     the 32 ceil(F/32) filters of the packed weights:
 
-        int8 codes   clamp(MBQM(s + bias[f], m0[f], shift[f]) + z_out, lo, hi)
-        int32        max(s + bias[f], lo)                           (m0 and shift empty)
+        unsigned codes   clamp(MBQM(s + bias[f], m0[f], shift[f]) + z_out, lo, hi), uint8
+        int32            max(s + bias[f], lo)                           (m0 and shift empty)
 
     bias int32 is the layer's less 128 colsum (the unsigned bytes' offset, PackedWeights), m0 int32,
-    shift int8. Built once per layer by `int8_epilogue` or `int32_epilogue`."""
+    shift int8; z_out, lo and hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built
+    once per layer by `int8_epilogue` or `int32_epilogue`."""
 
     bias: np.ndarray
     m0: np.ndarray
@@ -327,7 +326,7 @@ class Epilogue(NamedTuple):
 
 
 def _padded(packed, values, dtype):
-    out = np.zeros(packed.wp.shape[0] * 8, dtype)
+    out = np.zeros(packed.wp.shape[0] * LANES, dtype)
     out[: len(values)] = values
     return out
 
@@ -343,7 +342,8 @@ def int32_epilogue(packed, bias, lo):
 
 
 def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
-    """The Epilogue of qgemm_ref(., wt, bias, m0, shift, z_out, lo, hi), packed = pack_weights(wt)."""
+    """The Epilogue of qgemm_ref(., wt, bias, m0, shift, z_out, lo, hi), packed = pack_weights(wt), its
+    codes written unsigned."""
     if not len(m0) == len(shift) == len(bias):
         raise ValueError(f"one multiplier and shift per filter: got {len(m0)} and {len(shift)} for {len(bias)}")
     if np.min(m0, initial=0) < 0:
@@ -351,17 +351,17 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
     if len(shift) and not SHIFT_RANGE[0] <= np.min(shift) <= np.max(shift) <= SHIFT_RANGE[1]:
         raise ValueError(f"requantization shifts must lie in {SHIFT_RANGE}, got {np.min(shift)} .. {np.max(shift)}")
     e = int32_epilogue(packed, bias, INT32_MIN)
-    return e._replace(m0=_padded(packed, m0, np.int32), shift=_padded(packed, shift, np.int8), z_out=int(z_out),
-                      lo=int(lo), hi=int(hi))
+    return e._replace(m0=_padded(packed, m0, np.int32), shift=_padded(packed, shift, np.int8),
+                      z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
 
 
 @numba.njit(inline="always", cache=True)
 def _finish(acc, rows, F32, bias, m0, shift, z_out, lo, hi, o, at, F):
     """The outputs of `rows` rows' sums acc[i F32 + f], F values each, stored in the flat o from
-    o[at] on, 8 filters at a time (_emit8)."""
+    o[at] on, 16 filters at a time (_emit16)."""
     for row in range(rows):
-        for b in range(0, F, 8):
-            _emit8(load8(acc, row * F32 + b), b, bias, m0, shift, z_out, lo, hi, o, at + row * F, F)
+        for b in range(0, F, LANES):
+            _emit16(load16(acc, row * F32 + b), b, bias, m0, shift, z_out, lo, hi, o, at + row * F, F)
 
 
 def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
@@ -404,9 +404,10 @@ class Words(NamedTuple):
 
 
 def qgemm(words, packed, epilogue, window=1):
-    """qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi), or qgemm_int32_ref(a, wt, bias, lo), bit for bit,
-    with words = windows.rows_words(a, packed) (or a conv's windows read in place, its im2row rows
-    a), packed = pack_weights(wt) and epilogue = int8_epilogue(packed, bias, m0, ...) (or int32_epilogue).
+    """unsigned(qgemm_ref(a, wt, bias, m0, shift, z_out, lo, hi)), or qgemm_int32_ref(a, wt, bias, lo),
+    bit for bit, with words = windows.rows_words(unsigned(a), packed) (or a conv's windows read in
+    place, its im2row rows a), packed = pack_weights(wt) and epilogue = int8_epilogue(packed, bias,
+    m0, ...) (or int32_epilogue).
 
     window = 4: of each 4 consecutive rows, their maximum: one output (M // 4, F) per 2x2 max-pool
     window, when the words' rows run pool window by pool window (windows.py)."""
@@ -423,18 +424,18 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
     if packed.vnni != HAS_VNNI:
         raise ValueError(f"weights packed for a CPU {'with' if packed.vnni else 'without'} VNNI, run on one "
                          f"{'with' if HAS_VNNI else 'without'}: pack them again (pack_weights)")
-    if starts.size % window or off.size != packed.wp.shape[1] or epilogue.bias.size != 8 * packed.wp.shape[0]:
+    if starts.size % window or off.size != packed.wp.shape[1] or epilogue.bias.size != LANES * packed.wp.shape[0]:
         raise ValueError(f"qgemm: {starts.size} rows of {off.size} words for windows of {window}, against weights "
                          f"of {packed.wp.shape[1]} words and an epilogue of {epilogue.bias.size} filters for "
-                         f"{8 * packed.wp.shape[0]}")
-    shape, dtype = (starts.size // window, epilogue.F), (np.int8 if epilogue.m0.size else np.int32)
+                         f"{LANES * packed.wp.shape[0]}")
+    shape, dtype = (starts.size // window, epilogue.F), (np.uint8 if epilogue.m0.size else np.int32)
     work, wp, fixed = starts.size * 4 * off.size * epilogue.F, packed.wp.reshape(-1), tuple(epilogue[:6])
     return lambda x32: _qgemm(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))
 
 
 # --------------------------------------------------------------------------
 # Max-pooling in the integer domain: requantization is monotone, so the max
-# of the int8 codes is the code of the max.
+# of the int8 codes is the code of the max (and of their unsigned bytes, the byte of the max).
 
 
 def maxpool_nhwc_ref(x, k, stride):

@@ -30,6 +30,7 @@ from .affine import (
     quantize_nhwc, quantize_weights,
 )
 from .calibration import calibrate, observed_points, plan
+from . import kernels as K
 from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
 
 MAX_BOUND = 4  # input shapes whose steps forward_int keeps: predict's batches and its last, shorter one
@@ -73,10 +74,12 @@ class QuantizedModel:
             raise ValueError(f"model expects inputs of shape (N, {expected}), got {x.shape}")
         return x
 
-    def _quantize(self, x):
+    def _quantize(self, x, unsigned=False):
+        """The input's codes (int8), or their bytes for the kernels (K.unsigned), in one pass if 4-D."""
         if x.ndim == 4:
-            return quantize_nhwc(x, *self.input_q)
-        return affine_quantize(x, *self.input_q)
+            return quantize_nhwc(x, *self.input_q, unsigned=unsigned)
+        q = affine_quantize(x, *self.input_q)
+        return K.unsigned(q) if unsigned else q
 
     def forward_int(self, q, reference=False):
         """Integer codes in, integer codes out: int8 or the last layer's int32 accumulators.
@@ -91,15 +94,20 @@ class QuantizedModel:
             for op in self.layers:
                 q = op.forward(q, reference=True)
             return q
-        steps = self._bound.get(q.shape)
+        return K.signed(self._run(K.unsigned(q)))
+
+    def _run(self, u):
+        """forward_int on the kernels' bytes: u uint8 (K.unsigned of the input codes) -> the last op's
+        bytes, or its int32 sums."""
+        steps = self._bound.get(u.shape)
         if steps is None or self._bound_to != tuple(self.layers):  # new shape, or ops changed since
-            return self._bind(q)
+            return self._bind(u)
         for step in steps:
-            q = step(q)
-        return q
+            u = step(u)
+        return u
 
     def _bind(self, q):
-        """forward_int(q), binding each step to the shape it sees; the steps kept for q's shape."""
+        """_run(q), binding each step to the shape it sees; the steps kept for q's shape."""
         if len(self._bound) >= MAX_BOUND or self._bound_to != tuple(self.layers):  # start over
             self._bound, self._bound_to = {}, tuple(self.layers)
         shape, ops, i, steps = q.shape, self.layers, 0, []
@@ -109,10 +117,8 @@ class QuantizedModel:
                 step, i = op.bind(q.shape, after), i + 2
             elif isinstance(op, IntFlatten) and isinstance(after, IntDense) and q.ndim == 4:
                 step, i = after.bind(q.shape), i + 2
-            elif isinstance(op, (IntConv2D, IntDense)):
-                step, i = op.bind(q.shape), i + 1
             else:
-                step, i = op.forward, i + 1
+                step, i = op.bind(q.shape), i + 1
             steps.append(step)
             q = step(q)
         self._bound[shape] = tuple(steps)  # only now: a failed bind leaves no half-made steps
@@ -130,8 +136,14 @@ class QuantizedModel:
         """Logits float32 (N, ...) computed in integers between the input and the output."""
         batch_size = check_positive_int(batch_size, "batch_size")
         x = self._check_input(x)  # once, not per batch
-        outs = [self.dequantize_output(self.forward_int(self._quantize(x[i : i + batch_size]), reference))
-                for i in range(0, len(x), batch_size)]
+        outs = []
+        for i in range(0, len(x), batch_size):
+            batch = x[i : i + batch_size]
+            if reference:
+                out = self.forward_int(self._quantize(batch), reference=True)
+            else:  # the input quantized straight to the kernels' bytes
+                out = K.signed(self._run(self._quantize(batch, unsigned=True)))
+            outs.append(self.dequantize_output(out))
         if not outs:
             return np.zeros((0, *self.output_shape), np.float32)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)

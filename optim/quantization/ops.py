@@ -17,9 +17,12 @@ accumulators, which the model dequantizes once with S_in S_w.
 
 Activations between ops are int8 NHWC (N, H, W, C) or (N, F). Every op has
 forward(x, reference=False) (reference=True: the NumPy references instead of
-the Numba kernels), output_shape(in_shape) in the float model's (C, H, W)
-convention, output_scale (S, Z) of its output codes, and state() / config()
-/ from_state(config, arrays, in_q) for the file format.
+the Numba kernels), bind(x_shape) (the kernels' step for inputs of that
+shape, on the codes' unsigned bytes q + 128, `kernels.unsigned`, as the
+model runs them between its input and its output), output_shape(in_shape)
+in the float model's (C, H, W) convention, output_scale (S, Z) of its output
+codes, and state() / config() / from_state(config, arrays, in_q) for the file
+format.
 """
 
 import numpy as np
@@ -173,19 +176,20 @@ class IntConv2D(_IntLinear):
             _, _, KH, KW = self.W.shape
             rows = K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])
             return self.matmul_ref(rows).reshape(self._output_nhwc(x.shape))
-        return self.bind(x.shape)(x)
+        return K.signed(self.bind(x.shape)(K.unsigned(x)))
 
     def bind(self, x_shape, pool=None):
-        """run(x): forward(x), then the IntMaxPool2D `pool` if given, for inputs x of x_shape (N, H,
-        W, C), with the windows' layout, offsets and weights chosen once.
+        """run(u): forward, then the IntMaxPool2D `pool` if given, on the kernels' bytes (u =
+        K.unsigned(x) in, the same of the codes out, or the int32 sums), for inputs x of x_shape
+        (N, H, W, C), with the windows' layout, offsets and weights chosen once.
 
         A 2x2 pool of stride 2 is taken inside the GEMM, on each window's 4 int32 sums before they
         are requantized: the same codes (requantization and its clamp never decrease, so the
         maximum commutes with them), a quarter of the requantizations, and no full-size output
         written."""
         if pool is not None and (pool.kernel_size, pool.stride) != (2, 2):
-            conv = self.bind(x_shape)
-            return lambda x: pool.forward(conv(x))
+            conv, k, s = self.bind(x_shape), pool.kernel_size, pool.stride
+            return lambda x: K.maxpool_nhwc(conv(x), k, s)
         N, Ho, Wo, F = self._output_nhwc(x_shape)
         side = 2 if pool is not None else 1
         x32_of, starts, off, packed = self._words(x_shape, side)
@@ -206,12 +210,13 @@ class IntConv2D(_IntLinear):
             if self._line_packed is None:
                 self._line_packed = windows.line_weights(self.W)
             words_of, packed = (lambda x: windows.line_words(x, KH, KW, S, pool)), self._line_packed
-        else:  # im2row's rows, padding read as the code of the real 0, pixel by pixel: put in pool order here
+        else:  # im2row's rows, padding read as the code of the real 0 (its byte), pixel by pixel: put in pool order
+            fill = self.in_q[1] + 128
             words_of, packed = (lambda x: windows.rows_words(
-                K.im2row_nhwc(x, KH, KW, S, self.padding, self.in_q[1], self.wt.shape[1]), self.packed)), self.packed
+                K.im2row_nhwc(x, KH, KW, S, self.padding, fill, self.wt.shape[1]), self.packed)), self.packed
             N, Ho, Wo, _ = self._output_nhwc(x_shape)
             order = windows.pool_order(N, Ho, Wo, pool)
-        _, starts, off = words_of(np.zeros(x_shape, np.int8))  # the offsets depend on the shape alone
+        _, starts, off = words_of(np.zeros(x_shape, np.uint8))  # the offsets depend on the shape alone
         return (lambda x: words_of(x).x32), (starts if order is None else starts[order]), off, packed
 
     def _output_nhwc(self, x_shape):
@@ -258,10 +263,11 @@ class IntDense(_IntLinear):
         (see bind)."""
         if reference:
             return self.matmul_ref(K.pad_columns(x, self.wt.shape[1]))
-        return self.bind(x.shape)(x)
+        return K.signed(self.bind(x.shape)(K.unsigned(x)))
 
     def bind(self, x_shape):
-        """run(x): forward(x) for inputs of x_shape, (N, in) or (N, H, W, C): then the flatten before
+        """run(u): forward on the kernels' bytes (as IntConv2D.bind) for inputs of x_shape, (N, in) or
+        (N, H, W, C): then the flatten before
         this layer is in the weights, their columns put in NHWC order once per shape, not the
         activations in (C, H, W) order every call."""
         N, K_ = x_shape[0], self.W.shape[0]
@@ -277,7 +283,7 @@ class IntDense(_IntLinear):
             packed = known[1]
         elif tuple(x_shape[1:]) != (K_,):
             self.output_shape(x_shape[1:])  # raises, naming the shape
-        sample = windows.rows_words(np.zeros((N, K_), np.int8), packed)
+        sample = windows.rows_words(np.zeros((N, K_), np.uint8), packed)
         gemm = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue)
         return lambda x: gemm(windows.rows_words(x.reshape(N, K_), packed).x32)
 
@@ -298,7 +304,8 @@ class IntDense(_IntLinear):
 
 
 class _IntPassThrough:
-    """Ops without weights; their output codes keep the input's (S, Z)."""
+    """Ops without weights; their output codes keep the input's (S, Z). bind(x_shape) gives the
+    step on the kernels' bytes (K.unsigned)."""
 
     def __init__(self, in_q):
         self.in_q = (float(in_q[0]), int(in_q[1]))
@@ -338,6 +345,10 @@ class IntMaxPool2D(_IntPassThrough):
         fn = K.maxpool_nhwc_ref if reference else K.maxpool_nhwc
         return fn(x, self.kernel_size, self.stride)
 
+    def bind(self, x_shape):
+        k, s = self.kernel_size, self.stride
+        return lambda u: K.maxpool_nhwc(u, k, s)  # the bytes keep the codes' order
+
     def output_shape(self, in_shape):
         if len(in_shape) != 3 or min(in_shape[1:]) < self.kernel_size:
             raise ValueError(f"IntMaxPool2D ({self.kernel_size}x{self.kernel_size}) cannot pool inputs of shape {in_shape}")
@@ -359,6 +370,9 @@ class IntFlatten(_IntPassThrough):
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x).reshape(len(x), -1)
 
+    def bind(self, x_shape):
+        return self.forward
+
     def output_shape(self, in_shape):
         return (int(np.prod(in_shape)),)
 
@@ -370,6 +384,10 @@ class IntReLU(_IntPassThrough):
 
     def forward(self, x, reference=False):
         return np.maximum(x, np.int8(self.in_q[1]))
+
+    def bind(self, x_shape):
+        zero = np.uint8(self.in_q[1] + 128)
+        return lambda u: np.maximum(u, zero)
 
     def output_shape(self, in_shape):
         return tuple(in_shape)

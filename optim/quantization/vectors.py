@@ -1,33 +1,38 @@
-"""The int32x8 vector of the int8 kernels: 8 int32 sums in one register, and what the kernels do with them.
+"""The int32x16 vector of the int8 kernels: 16 int32 sums in one register, and what the kernels do with them.
 
-x86's VNNI instruction vpdpbusd adds to each of 8 int32 lanes the dot
-product of 4 unsigned bytes with 4 signed bytes, exactly (no saturation):
-32 multiply-adds per instruction, 4x float32's FMA. Numba does not emit it
-from loops (LLVM's vectoriser keeps to vpmaddwd, 16 int16 products), and it
-does not vectorise the fixed-point requantization either (a loop of int64
-shifts, multiplies and selects stays scalar, ~1 ns an output). So the
-kernels say both outright, on LLVM's <8 x i32> (v an int32x8, i an index):
+x86's VNNI instruction vpdpbusd adds to each int32 lane the dot product of
+4 unsigned bytes with 4 signed bytes, exactly (no saturation): on 512-bit
+registers, 16 lanes, 64 multiply-adds per instruction, 4x float32's FMA.
+Numba does not emit it from loops (LLVM's vectoriser keeps to vpmaddwd,
+int16 products), and it does not vectorise the fixed-point requantization
+either (a loop of int64 shifts, multiplies and selects stays scalar, ~1 ns
+an output). So the kernels say both outright, on LLVM's <16 x i32> (v an
+int32x16, i an index):
 
-    zeros8(), splat8(s)               [0] * 8, [s] * 8
-    load8(a, i)                       a[i : i + 8]                  (a int32)
-    add8(u, v), max8(u, v)            u + v (wrapping), maximum(u, v)
-    dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 8, u the 4 bytes of x (uint32),
-                                      unsigned; wp int8 (without VNNI: wp[i + 16 (j // 2) + 2 l + j % 2],
+    zeros16(), splat16(s)             [0] * 16, [s] * 16
+    load16(a, i)                      a[i : i + 16]                  (a int32)
+    add16(u, v), max16(u, v)          u + v (wrapping), maximum(u, v)
+    dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 16, u the 4 bytes of x (uint32),
+                                      unsigned; wp int8 (without VNNI: wp[i + 32 (j // 2) + 2 l + j % 2],
                                       kernels.pack_weights' layout for vpmaddwd)
-    requantize8(v, m0, shift, i, z, lo, hi)
-                                      clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 8], shift[i : i + 8])
-                                      + z, lo, hi): `fixedpoint`'s arithmetic in <8 x i64>
-    store8(out, i, v)                 out[i : i + 8] = v              (out int32)
-    store_first(out, i, v, n)         out[i : i + n] = v[:n], 0 <= n <= 8, out int8 or int32 (a masked store:
-                                      out may end before i + 8)
+    requantize16(v, m0, shift, i, z, lo, hi)
+                                      clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
+                                      + z, lo, hi): `fixedpoint`'s arithmetic on int32 lanes
+    store16(out, i, v)                out[i : i + 16] = v              (out int32)
+    store_first(out, i, v, n)         out[i : i + n] = v[:n], 0 <= n <= 16, out (u)int8 or int32 (a masked store:
+                                      out may end before i + 16)
 
 The activations are int8 but vpdpbusd wants unsigned bytes: flipping the
 sign bit maps q to u = q + 128 in [0, 255], and the kernels subtract the
-constant 128 * sum_k w_k from each sum. A CPU without VNNI gets the same
-arithmetic spelled as widening multiplies and adds, and AVX2 runs the <8 x i64>
-of requantize8 as two registers: LLVM compiles both for whatever the CPU has.
+constant 128 * sum_k w_k from each sum. Sixteen lanes are one register with
+AVX-512 and two with AVX2, where LLVM splits every operation in halves: a
+CPU with AVX-VNNI alone (256-bit) runs dot4_add as two vpdpbusd, and one
+without VNNI the same arithmetic spelled as widening multiplies and adds.
+(With 256-bit vpdpbusd on AVX-512 registers' halves, the int8 kernels ran
+at half the rate: this CPU retires two 512-bit vpdpbusd per cycle, as many
+as 256-bit ones.)
 
-No bounds checks: callers guarantee 0 <= i and i + 8 <= a.size (i + n for
+No bounds checks: callers guarantee 0 <= i and i + 16 <= a.size (i + n for
 store_first). With NUMBA_DISABLE_JIT=1 the operations are the NumPy
 expressions at the end. Numba's cache does not see this file: after editing
 it, delete the __pycache__ folders.
@@ -40,26 +45,29 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from minicnn.simd import HAS_VNNI
+from minicnn.simd import HAS_VNNI, target_features
 
 from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
 
+LANES = 16
+HAS_VNNI_512 = "avx512vnni" in target_features()  # else, with HAS_VNNI, AVX-VNNI's 256-bit vpdpbusd
 
-class Int32x8(types.Type):
+
+class Int32x16(types.Type):
     def __init__(self):
-        super().__init__(name="int32x8")
+        super().__init__(name="int32x16")
 
 
-int32x8 = Int32x8()
-_I64 = ir.IntType(64)
-_V8I32, _V32I8, _V8I64 = ir.VectorType(ir.IntType(32), 8), ir.VectorType(ir.IntType(8), 32), ir.VectorType(_I64, 8)
-_V8I8 = ir.VectorType(ir.IntType(8), 8)
+int32x16 = Int32x16()
+_I32, _I64 = ir.IntType(32), ir.IntType(64)
+_V16I32, _V64I8 = ir.VectorType(_I32, LANES), ir.VectorType(ir.IntType(8), 64)
+_V16I8 = ir.VectorType(ir.IntType(8), LANES)
 
 
-@register_model(Int32x8)
-class _Int32x8Model(models.PrimitiveModel):
+@register_model(Int32x16)
+class _Int32x16Model(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _V8I32)
+        super().__init__(dmm, fe_type, _V16I32)
 
 
 def _pointer(context, builder, array_type, array, index, lanes_type):
@@ -68,35 +76,40 @@ def _pointer(context, builder, array_type, array, index, lanes_type):
 
 
 def _splat(builder, value, lanes_type):
-    """value (a scalar of the lanes' type) in all 8 lanes."""
-    one = builder.insert_element(ir.Constant(lanes_type, None), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_V8I32, [0] * 8))
+    """value (a scalar of the lanes' type) in all of them."""
+    one = builder.insert_element(ir.Constant(lanes_type, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(ir.VectorType(_I32, lanes_type.count), [0] * lanes_type.count))
+
+
+def _indices(values):
+    values = list(values)
+    return ir.Constant(ir.VectorType(_I32, len(values)), values)
 
 
 @intrinsic
-def zeros8(typingctx):
-    return int32x8(), lambda context, builder, sig, args: ir.Constant(_V8I32, None)
+def zeros16(typingctx):
+    return int32x16(), lambda context, builder, sig, args: ir.Constant(_V16I32, None)
 
 
 @intrinsic
-def splat8(typingctx, s):
+def splat16(typingctx, s):
     def codegen(context, builder, sig, args):
-        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _V8I32)
+        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _V16I32)
 
-    return int32x8(s), codegen
+    return int32x16(s), codegen
 
 
 @intrinsic
-def load8(typingctx, a, i):
+def load16(typingctx, a, i):
     def codegen(context, builder, sig, args):
-        return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], _V8I32), align=4)
+        return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], _V16I32), align=4)
 
-    return int32x8(a, types.intp), codegen
+    return int32x16(a, types.intp), codegen
 
 
 @intrinsic
-def add8(typingctx, u, v):
-    return int32x8(int32x8, int32x8), lambda context, builder, sig, args: builder.add(*args)
+def add16(typingctx, u, v):
+    return int32x16(int32x16, int32x16), lambda context, builder, sig, args: builder.add(*args)
 
 
 def _smax(builder, u, v):
@@ -108,155 +121,178 @@ def _smin(builder, u, v):
 
 
 @intrinsic
-def max8(typingctx, u, v):
-    return int32x8(int32x8, int32x8), lambda context, builder, sig, args: _smax(builder, *args)
+def max16(typingctx, u, v):
+    return int32x16(int32x16, int32x16), lambda context, builder, sig, args: _smax(builder, *args)
 
 
 def _portable_dpbusd(builder, acc, x, w):
-    """vpdpbusd without VNNI, on pack_weights' layout for it: w's first 16 bytes are columns 0 and 1
-    of the 8 filters (filter by filter), its last 16 columns 2 and 3. A byte times a byte fits 16
+    """vpdpbusd without VNNI, on pack_weights' layout for it: w's first 32 bytes are columns 0 and 1
+    of the 16 filters (filter by filter), its last 32 columns 2 and 3. A byte times a byte fits 16
     bits, so the products are the i16 x i16 -> i32 ones that LLVM gives to vpmaddwd, which adds
-    neighbours: the 4 bytes of x as the i16 pairs (x0, x1) and (x2, x3), each repeated 8 times,
-    against the two halves of w, two vpmaddwd and two adds, exact."""
-    i32, v16 = ir.IntType(32), ir.VectorType(ir.IntType(32), 16)
-    even = ir.Constant(ir.VectorType(i32, 8), list(range(0, 16, 2)))
-    odd = ir.Constant(ir.VectorType(i32, 8), list(range(1, 16, 2)))
-    lo = builder.or_(builder.and_(x, ir.Constant(i32, 0xFF)), builder.shl(builder.and_(x, ir.Constant(i32, 0xFF00)),
-                                                                           ir.Constant(i32, 8)))
-    hi = builder.or_(builder.and_(builder.lshr(x, ir.Constant(i32, 16)), ir.Constant(i32, 0xFF)),
-                     builder.and_(builder.lshr(x, ir.Constant(i32, 8)), ir.Constant(i32, 0xFF0000)))
-    w = builder.bitcast(w, _V32I8)
+    neighbours: the 4 bytes of x as the i16 pairs (x0, x1) and (x2, x3), each repeated 16 times,
+    against the two halves of w, two vpmaddwd (four on AVX2) and two adds, exact."""
+    v32 = ir.VectorType(_I32, 32)
+    lo = builder.or_(builder.and_(x, ir.Constant(_I32, 0xFF)), builder.shl(builder.and_(x, ir.Constant(_I32, 0xFF00)),
+                                                                            ir.Constant(_I32, 8)))
+    hi = builder.or_(builder.and_(builder.lshr(x, ir.Constant(_I32, 16)), ir.Constant(_I32, 0xFF)),
+                     builder.and_(builder.lshr(x, ir.Constant(_I32, 8)), ir.Constant(_I32, 0xFF0000)))
+    w = builder.bitcast(w, _V64I8)
     for half, pair in enumerate((lo, hi)):
-        u = builder.sext(builder.bitcast(_splat(builder, pair, _V8I32), ir.VectorType(ir.IntType(16), 16)), v16)
-        columns = ir.Constant(ir.VectorType(i32, 16), list(range(16 * half, 16 * half + 16)))
-        products = builder.mul(u, builder.sext(builder.shuffle_vector(w, w, columns), v16))
-        acc = builder.add(acc, builder.add(builder.shuffle_vector(products, products, even),
-                                           builder.shuffle_vector(products, products, odd)))
+        u = builder.sext(builder.bitcast(_splat(builder, pair, _V16I32), ir.VectorType(ir.IntType(16), 32)), v32)
+        products = builder.mul(u, builder.sext(builder.shuffle_vector(w, w, _indices(range(32 * half, 32 * half + 32))),
+                                               v32))
+        acc = builder.add(acc, builder.add(builder.shuffle_vector(products, products, _indices(range(0, 32, 2))),
+                                           builder.shuffle_vector(products, products, _indices(range(1, 32, 2)))))
     return acc
+
+
+def _vpdpbusd(builder, acc, xs, w, lanes):
+    vector = ir.VectorType(_I32, lanes)
+    return builder.call(cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * 3),
+                                                       f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"), [acc, xs, w])
 
 
 @intrinsic
 def dot4_add(typingctx, acc, x, wp, i):
     def codegen(context, builder, sig, args):
         acc, x, wp, i = args
-        w = builder.load(_pointer(context, builder, sig.args[2], wp, i, _V8I32), align=1)
+        w = builder.load(_pointer(context, builder, sig.args[2], wp, i, _V16I32), align=1)
         if not HAS_VNNI:
             return _portable_dpbusd(builder, acc, x, w)
-        xs = _splat(builder, x, _V8I32)
-        vpdpbusd = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(_V8I32, [_V8I32] * 3), "llvm.x86.avx512.vpdpbusd.256")
-        return builder.call(vpdpbusd, [acc, xs, w])
+        xs = _splat(builder, x, _V16I32)
+        if HAS_VNNI_512:
+            return _vpdpbusd(builder, acc, xs, w, LANES)
+        halves = [_vpdpbusd(builder, *(builder.shuffle_vector(v, v, _indices(range(8 * h, 8 * h + 8)))
+                                        for v in (acc, xs, w)), 8) for h in (0, 1)]
+        return builder.shuffle_vector(*halves, _indices(range(LANES)))
 
-    return int32x8(int32x8, types.uint32, wp, types.intp), codegen
+    return int32x16(int32x16, types.uint32, wp, types.intp), codegen
 
 
 def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
-    """fixedpoint.multiply_by_quantized_multiplier(v, m0, shift) + z, clamped to [lo, hi], in <8 x i64>.
+    """fixedpoint.multiply_by_quantized_multiplier(v, m0, shift) + z, clamped to [lo, hi], on the 16
+    int32 lanes themselves (z, lo and hi int32 with lo - z and hi - z in int32, as the codes' are).
 
-    Each rounding of fixedpoint's is one biased arithmetic shift: SaturatingRoundingDoublingHighMul
-    (x m0 + 2^30) >> 31 (its nudge and its division toward zero meet there), saturated by a min;
-    RoundingDivideByPOT by e (x + 2^(e-1) - [x < 0]) >> e, the bias 0 when e = 0."""
-    def const(c):
-        return ir.Constant(_V8I64, [c] * 8)
+    Only the product needs 64 bits: x m0 runs as two vpmuldq (32 x 32 -> 64 bits, the even lanes,
+    then the odd ones shifted down), and SaturatingRoundingDoublingHighMul's (x m0 + 2^30) >> 31
+    (its nudge and its division toward zero meet there) is bits 31..62 of each sum, put back in
+    place by a shift and a blend. It fits int32 but for x = m0 = -2^31, whose 2^31 reads as -2^31,
+    a value no other pair gives: that one saturates. RoundingDivideByPOT by e is TFLite's
+    (x >> e) + [(x & mask) > (mask >> 1) + [x < 0]], mask = 2^e - 1, which cannot overflow.
+    Half the instructions of the same arithmetic in <16 x i64> (two registers with AVX-512)."""
+    def const(c, lanes=LANES, width=32):
+        return ir.Constant(ir.VectorType(ir.IntType(width), lanes), [c] * lanes)
 
     zero, one = const(0), const(1)
-    x, m0, shift = builder.sext(v, _V8I64), builder.sext(m0, _V8I64), builder.sext(shift, _V8I64)
+    shift = builder.sext(shift, _V16I32)
     left, right = _smax(builder, shift, zero), _smax(builder, builder.sub(zero, shift), zero)
-    x = _smin(builder, _smax(builder, builder.shl(x, left), const(INT32_MIN)), const(INT32_MAX))
-    high = _smin(builder, builder.ashr(builder.add(builder.mul(x, m0), const(1 << 30)), const(31)), const(INT32_MAX))
+    shifted = builder.shl(v, left)  # x 2^left, saturated where it overflows: the sign's extreme
+    extreme = builder.xor(builder.ashr(v, const(31)), const(INT32_MAX))
+    x = builder.select(builder.icmp_signed("!=", builder.ashr(shifted, left), v), extreme, shifted)
+    v8i64 = ir.VectorType(_I64, 8)
+    x64, m64, c32 = builder.bitcast(x, v8i64), builder.bitcast(m0, v8i64), const(32, 8, 64)
+    nudge = const(1 << 30, 8, 64)
+    even = builder.add(builder.mul(builder.ashr(builder.shl(x64, c32), c32), builder.ashr(builder.shl(m64, c32), c32)),
+                       nudge)
+    odd = builder.add(builder.mul(builder.ashr(x64, c32), builder.ashr(m64, c32)), nudge)
+    even, odd = builder.lshr(even, const(31, 8, 64)), builder.shl(odd, const(1, 8, 64))  # bits 31..62 in place
+    high = builder.shuffle_vector(builder.bitcast(even, _V16I32), builder.bitcast(odd, _V16I32),
+                                  _indices(l + LANES * (l % 2) for l in range(LANES)))
+    wrapped = builder.icmp_signed("==", high, const(INT32_MIN))  # 2^31: the one overflow, x = m0 = -2^31
+    high = builder.select(wrapped, const(INT32_MAX), high)
     mask = builder.sub(builder.shl(one, right), one)
-    below = builder.ashr(mask, one)  # 2^(e-1) - 1, or 0
-    bias = builder.select(builder.icmp_signed("<", high, zero), below, builder.sub(mask, below))
-    q = builder.add(builder.ashr(builder.add(high, bias), right), z)
-    return builder.trunc(_smin(builder, _smax(builder, q, lo), hi), _V8I32)
+    threshold = builder.add(builder.ashr(mask, one), builder.lshr(high, const(31)))
+    up = builder.zext(builder.icmp_signed(">", builder.and_(high, mask), threshold), _V16I32)
+    q = builder.add(builder.ashr(high, right), up)
+    # clamp(q + z, lo, hi) = clamp(q, lo - z, hi - z) + z: no int32 overflow on the way
+    return builder.add(_smin(builder, _smax(builder, q, builder.sub(lo, z)), builder.sub(hi, z)), z)
 
 
 @intrinsic
-def requantize8(typingctx, v, m0, shift, i, z, lo, hi):
+def requantize16(typingctx, v, m0, shift, i, z, lo, hi):
     def codegen(context, builder, sig, args):
         v, m0, shift, i, z, lo, hi = args
-        m0 = builder.load(_pointer(context, builder, sig.args[1], m0, i, _V8I32), align=4)
-        shift = builder.load(_pointer(context, builder, sig.args[2], shift, i, _V8I8), align=1)
-        z, lo, hi = (_splat(builder, context.cast(builder, a, t, types.int64), _V8I64)
+        m0 = builder.load(_pointer(context, builder, sig.args[1], m0, i, _V16I32), align=4)
+        shift = builder.load(_pointer(context, builder, sig.args[2], shift, i, _V16I8), align=1)
+        z, lo, hi = (_splat(builder, context.cast(builder, a, t, types.int32), _V16I32)
                      for a, t in zip((z, lo, hi), sig.args[4:]))
         return _requantize_lanes(builder, v, m0, shift, z, lo, hi)
 
     if not (isinstance(m0, types.Array) and m0.dtype == types.int32 and isinstance(shift, types.Array)
             and shift.dtype == types.int8):
         return None
-    return int32x8(int32x8, m0, shift, types.intp, z, lo, hi), codegen
+    return int32x16(int32x16, m0, shift, types.intp, z, lo, hi), codegen
 
 
 @intrinsic
-def store8(typingctx, out, i, v):
+def store16(typingctx, out, i, v):
     def codegen(context, builder, sig, args):
         out, i, v = args
-        builder.store(v, _pointer(context, builder, sig.args[0], out, i, _V8I32), align=4)
+        builder.store(v, _pointer(context, builder, sig.args[0], out, i, _V16I32), align=4)
         return context.get_dummy_value()
 
-    return types.none(out, types.intp, int32x8), codegen
+    return types.none(out, types.intp, int32x16), codegen
 
 
 @intrinsic
 def store_first(typingctx, out, i, v, n):
-    if not (isinstance(out, types.Array) and out.dtype in (types.int8, types.int32)):
+    if not (isinstance(out, types.Array) and out.dtype in (types.int8, types.uint8, types.int32)):
         return None
     element = ir.IntType(out.dtype.bitwidth)
 
     def codegen(context, builder, sig, args):
         out, i, v, n = args
-        lanes = ir.VectorType(element, 8)
-        first = builder.icmp_signed("<", ir.Constant(_V8I32, list(range(8))),
-                                    _splat(builder, builder.trunc(n, ir.IntType(32)), _V8I32))
+        lanes = ir.VectorType(element, LANES)
+        first = builder.icmp_signed("<", _indices(range(LANES)), _splat(builder, builder.trunc(n, _I32), _V16I32))
         masked_store = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [lanes, lanes.as_pointer(), ir.IntType(32),
-                                                            ir.VectorType(ir.IntType(1), 8)]),
-            f"llvm.masked.store.v8i{element.width}.p0v8i{element.width}")
+            builder.module, ir.FunctionType(ir.VoidType(), [lanes, lanes.as_pointer(), _I32,
+                                                            ir.VectorType(ir.IntType(1), LANES)]),
+            f"llvm.masked.store.v{LANES}i{element.width}.p0v{LANES}i{element.width}")
         value = v if element.width == 32 else builder.trunc(v, lanes)
         builder.call(masked_store, [value, _pointer(context, builder, sig.args[0], out, i, lanes),
-                                    ir.Constant(ir.IntType(32), 1), first])
+                                    ir.Constant(_I32, 1), first])
         return context.get_dummy_value()
 
-    return types.none(out, types.intp, int32x8, types.intp), codegen
+    return types.none(out, types.intp, int32x16, types.intp), codegen
 
 
 # The same operations in NumPy: what they mean, and what runs with NUMBA_DISABLE_JIT=1.
 
 
-def _zeros8_python():
-    return np.zeros(8, np.int32)
+def _zeros16_python():
+    return np.zeros(LANES, np.int32)
 
 
-def _splat8_python(s):
-    return np.full(8, s, np.int32)
+def _splat16_python(s):
+    return np.full(LANES, s, np.int32)
 
 
-def _load8_python(a, i):
-    return a.reshape(-1)[i : i + 8].copy()
+def _load16_python(a, i):
+    return a.reshape(-1)[i : i + LANES].copy()
 
 
-def _add8_python(u, v):
+def _add16_python(u, v):
     return (u.astype(np.int64) + v).astype(np.int32)  # wraps like the machine's add
 
 
-def _max8_python(u, v):
+def _max16_python(u, v):
     return np.maximum(u, v)
 
 
 def _dot4_add_python(acc, x, wp, i):
     u = np.array([(int(x) >> (8 * j)) & 255 for j in range(4)], np.int64)
-    w = wp.reshape(-1)[i : i + 32]
-    w = w.reshape(8, 4) if HAS_VNNI else w.reshape(2, 8, 2).transpose(1, 0, 2).reshape(8, 4)  # pack_weights' layouts
-    return (acc + w.astype(np.int64) @ u).astype(np.int32)
+    w = wp.reshape(-1)[i : i + 4 * LANES]
+    w = w.reshape(LANES, 4) if HAS_VNNI else w.reshape(2, LANES, 2).transpose(1, 0, 2).reshape(LANES, 4)
+    return (acc + w.astype(np.int64) @ u).astype(np.int32)  # w[l, j], pack_weights' layouts
 
 
-def _requantize8_python(v, m0, shift, i, z, lo, hi):
-    q = multiply_by_quantized_multiplier(v, m0[i : i + 8], shift[i : i + 8]) + z
+def _requantize16_python(v, m0, shift, i, z, lo, hi):
+    q = multiply_by_quantized_multiplier(v, m0[i : i + LANES], shift[i : i + LANES]) + z
     return np.clip(q, lo, hi).astype(np.int32)
 
 
-def _store8_python(out, i, v):
-    out.reshape(-1)[i : i + 8] = v
+def _store16_python(out, i, v):
+    out.reshape(-1)[i : i + LANES] = v
 
 
 def _store_first_python(out, i, v, n):
@@ -264,6 +300,7 @@ def _store_first_python(out, i, v, n):
 
 
 if numba.config.DISABLE_JIT:
-    zeros8, splat8, load8, add8, max8 = _zeros8_python, _splat8_python, _load8_python, _add8_python, _max8_python
+    zeros16, splat16, load16, add16, max16 = _zeros16_python, _splat16_python, _load16_python, _add16_python, \
+        _max16_python
     dot4_add = _dot4_add_python
-    requantize8, store8, store_first = _requantize8_python, _store8_python, _store_first_python
+    requantize16, store16, store_first = _requantize16_python, _store16_python, _store_first_python
