@@ -8,8 +8,9 @@ Measured in one run, side by side, on the same inputs:
    logits: everything included). Throughput at batch 256, latency at batch 1.
 2. Kernels, same shapes at batch 256: the float32 im2row conv
    (`minicnn.kernels.conv2d_forward`; float32 predict and training run the
-   direct `minicnn.direct.conv_block`, which bench_substrate.py times) against the int8 conv (im2row on int8
-   NHWC + int8 GEMM with int32 accumulators + fixed-point requantization),
+   direct `minicnn.direct.conv_block`, which bench_substrate.py times) against the int8 conv as
+   predict runs it (`op.bind`: the windows of the codes' unsigned bytes read in place or copied,
+   the int8 GEMM with int32 accumulators, fixed-point requantization; no pool here),
    and float32 Dense (x @ W + b) against the int8 dense op; each int8 op's
    multiply-adds per second also as a fraction of the int8 peak that a probe
    kernel measures in the same run (bench/peak.py's dot4_peak).
@@ -53,6 +54,7 @@ from minicnn.simd import HAS_VNNI  # noqa: E402
 from minicnn.timing import FULL, QUICK, measure  # noqa: E402
 from minicnn import kernels, zoo  # noqa: E402
 from optim.quantization import quantize_model  # noqa: E402
+from optim.quantization.kernels import unsigned  # noqa: E402
 
 NETWORKS = ("lenet5", "seed_cnn")
 BATCH = 256
@@ -113,7 +115,8 @@ def conv_case(name, layer_index, in_shape):
     x = np.random.default_rng(3).random((BATCH, *in_shape), dtype=np.float32)
     xq = np.random.default_rng(4).integers(-128, 128, (BATCH, in_shape[1], in_shape[2], in_shape[0])).astype(np.int8)
     W, b = layer.params["W"], layer.params["b"]
-    return (lambda: kernels.conv2d_forward(x, W, b, layer.stride, layer.padding)), (lambda: op.forward(xq)), \
+    step, u = op.bind(xq.shape), unsigned(xq)  # what predict runs: a step bound to the shape, on the codes' bytes
+    return (lambda: kernels.conv2d_forward(x, W, b, layer.stride, layer.padding)), (lambda: step(u)), \
         BATCH * op.macs(in_shape)
 
 
@@ -123,7 +126,8 @@ def dense_case(name, layer_index):
     x = np.random.default_rng(3).random((BATCH, layer.in_features), dtype=np.float32)
     xq = np.random.default_rng(5).integers(-128, 128, x.shape).astype(np.int8)
     W, b = layer.params["W"], layer.params["b"]
-    return (lambda: x @ W + b), (lambda: op.forward(xq)), BATCH * op.macs((layer.in_features,))
+    step, u = op.bind(xq.shape), unsigned(xq)
+    return (lambda: x @ W + b), (lambda: step(u)), BATCH * op.macs((layer.in_features,))
 
 
 def kernel_rows(budget, rounds, peak, out):

@@ -243,14 +243,20 @@ def store_first(typingctx, out, i, v, n):
     def codegen(context, builder, sig, args):
         out, i, v, n = args
         lanes = ir.VectorType(element, LANES)
-        first = builder.icmp_signed("<", _indices(range(LANES)), _splat(builder, builder.trunc(n, _I32), _V16I32))
-        masked_store = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [lanes, lanes.as_pointer(), _I32,
-                                                            ir.VectorType(ir.IntType(1), LANES)]),
-            f"llvm.masked.store.v{LANES}i{element.width}.p0v{LANES}i{element.width}")
-        value = v if element.width == 32 else builder.trunc(v, lanes)
-        builder.call(masked_store, [value, _pointer(context, builder, sig.args[0], out, i, lanes),
-                                    ir.Constant(_I32, 1), first])
+        value, at = (v if element.width == 32 else builder.trunc(v, lanes)), \
+            _pointer(context, builder, sig.args[0], out, i, lanes)
+        # all 16 lanes: a plain store (AVX2 has no byte-masked store, and LLVM spells one as 16 branches)
+        with builder.if_else(builder.icmp_signed(">=", n, ir.Constant(n.type, LANES))) as (whole, part):
+            with whole:
+                builder.store(value, at, align=1)
+            with part:
+                first = builder.icmp_signed("<", _indices(range(LANES)),
+                                            _splat(builder, builder.trunc(n, _I32), _V16I32))
+                masked_store = cgutils.get_or_insert_function(
+                    builder.module, ir.FunctionType(ir.VoidType(), [lanes, lanes.as_pointer(), _I32,
+                                                                    ir.VectorType(ir.IntType(1), LANES)]),
+                    f"llvm.masked.store.v{LANES}i{element.width}.p0v{LANES}i{element.width}")
+                builder.call(masked_store, [value, at, ir.Constant(_I32, 1), first])
         return context.get_dummy_value()
 
     return types.none(out, types.intp, int32x16, types.intp), codegen
