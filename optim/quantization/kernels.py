@@ -44,7 +44,7 @@ from minicnn.simd import HAS_VNNI
 
 from .affine import WMAX
 from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE, multiply_by_quantized_multiplier
-from .vectors import LANES, add16, dot4_add, load16, max16, requantize16, splat16, store16, store_first, zeros16
+from .vectors import LANES, dot4_add, finish16, load16, max16, store16, zeros16
 
 
 # --------------------------------------------------------------------------
@@ -280,26 +280,19 @@ def _four_rows_sums(x32, starts, r, off, wp, acc):
             store16(acc, row * F32 + 16 * b + 16, sums[2 * row + 1])
 
 
-@numba.njit(cache=True)
-def _emit16(s, f, bias, m0, shift, z_out, lo, hi, o, at, F):
-    """o[at + f : at + f + 16] (those below F) = the outputs of filters f .. f + 15 from their sums s:
-    plus bias, requantized (or, m0 empty, kept int32 and clamped below by lo)."""
-    if f < F:
-        s = add16(s, load16(bias, f))
-        s = requantize16(s, m0, shift, f, z_out, lo, hi) if m0.size else max16(s, splat16(lo))
-        store_first(o, at + f, s, min(LANES, F - f))
-
-
 @numba.njit(inline="always", cache=True)
 def _pooled_window(x32, starts, r, off, wp, bias, m0, shift, z_out, lo, hi, o, at, F):
     """The output of the 2x2 pool window whose 4 pixels are rows r .. r + 3, stored from o[at] on:
-    per 32 filters, the maximum of the four rows' sums taken in registers, then _emit16. (Stored in
-    acc and read back by _finish, the sums took a third of the seed CNN's conv at batch 256.)"""
+    per 32 filters, the maximum of the four rows' sums taken in registers, then the epilogue
+    (vectors.finish16; filters f >= F not stored). (Stored in acc and read back by _finish, the
+    sums took a third of the seed CNN's conv at batch 256.)"""
     for b in range(0, wp.size // (64 * off.size), 2):
         p0, p1, q0, q1, u0, u1, v0, v1 = _four_rows_pass(
             x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
-        _emit16(max16(max16(p0, q0), max16(u0, v0)), 16 * b, bias, m0, shift, z_out, lo, hi, o, at, F)
-        _emit16(max16(max16(p1, q1), max16(u1, v1)), 16 * b + 16, bias, m0, shift, z_out, lo, hi, o, at, F)
+        f = 16 * b
+        finish16(o, at + f, max16(max16(p0, q0), max16(u0, v0)), bias, m0, shift, f, z_out, lo, hi, min(LANES, F - f))
+        f += 16
+        finish16(o, at + f, max16(max16(p1, q1), max16(u1, v1)), bias, m0, shift, f, z_out, lo, hi, min(LANES, F - f))
 
 
 ROWS_PER_TASK = 64
@@ -358,10 +351,11 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
 @numba.njit(inline="always", cache=True)
 def _finish(acc, rows, F32, bias, m0, shift, z_out, lo, hi, o, at, F):
     """The outputs of `rows` rows' sums acc[i F32 + f], F values each, stored in the flat o from
-    o[at] on, 16 filters at a time (_emit16)."""
+    o[at] on, 16 filters at a time (vectors.finish16)."""
     for row in range(rows):
-        for b in range(0, F, LANES):
-            _emit16(load16(acc, row * F32 + b), b, bias, m0, shift, z_out, lo, hi, o, at + row * F, F)
+        for f in range(0, F, LANES):
+            finish16(o, at + row * F + f, load16(acc, row * F32 + f), bias, m0, shift, f, z_out, lo, hi,
+                     min(LANES, F - f))
 
 
 def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):

@@ -9,9 +9,9 @@ either (a loop of int64 shifts, multiplies and selects stays scalar, ~1 ns
 an output). So the kernels say both outright, on LLVM's <16 x i32> (v an
 int32x16, i an index):
 
-    zeros16(), splat16(s)             [0] * 16, [s] * 16
+    zeros16()                         [0] * 16
     load16(a, i)                      a[i : i + 16]                  (a int32)
-    add16(u, v), max16(u, v)          u + v (wrapping), maximum(u, v)
+    max16(u, v)                       maximum(u, v)
     dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 16, u the 4 bytes of x (uint32),
                                       unsigned; wp int8 (without VNNI: wp[i + 32 (j // 2) + 2 l + j % 2],
                                       kernels.pack_weights' layout for vpmaddwd)
@@ -19,8 +19,13 @@ int32x16, i an index):
                                       clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
                                       + z, lo, hi): `fixedpoint`'s arithmetic on int32 lanes
     store16(out, i, v)                out[i : i + 16] = v              (out int32)
-    store_first(out, i, v, n)         out[i : i + n] = v[:n], 0 <= n <= 16, out (u)int8 or int32 (a masked store:
-                                      out may end before i + 16)
+    finish16(out, i, v, bias, m0, shift, f, z, lo, hi, n)
+                                      a GEMM's epilogue: out[i : i + n] = the first n lanes (none if n <= 0;
+                                      out may end before i + 16) of requantize16(v + bias[f : f + 16], m0,
+                                      shift, f, z, lo, hi) (out uint8), or with m0 empty of
+                                      maximum(v + bias[f : f + 16], lo) (out int32). One operation, not a
+                                      Numba function: one taking these arrays, where LLVM did not inline
+                                      it (AVX2's longer code), paid their reference counts on every call.
 
 The activations are int8 but vpdpbusd wants unsigned bytes: flipping the
 sign bit maps q to u = q + 128 in [0, 255], and the kernels subtract the
@@ -33,7 +38,7 @@ at half the rate: this CPU retires two 512-bit vpdpbusd per cycle, as many
 as 256-bit ones.)
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= a.size (i + n for
-store_first). With NUMBA_DISABLE_JIT=1 the operations are the NumPy
+finish16's out). With NUMBA_DISABLE_JIT=1 the operations are the NumPy
 expressions at the end. Numba's cache does not see this file: after editing
 it, delete the __pycache__ folders.
 """
@@ -92,24 +97,11 @@ def zeros16(typingctx):
 
 
 @intrinsic
-def splat16(typingctx, s):
-    def codegen(context, builder, sig, args):
-        return _splat(builder, context.cast(builder, args[0], sig.args[0], types.int32), _V16I32)
-
-    return int32x16(s), codegen
-
-
-@intrinsic
 def load16(typingctx, a, i):
     def codegen(context, builder, sig, args):
         return builder.load(_pointer(context, builder, sig.args[0], args[0], args[1], _V16I32), align=4)
 
     return int32x16(a, types.intp), codegen
-
-
-@intrinsic
-def add16(typingctx, u, v):
-    return int32x16(int32x16, int32x16), lambda context, builder, sig, args: builder.add(*args)
 
 
 def _smax(builder, u, v):
@@ -208,18 +200,26 @@ def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
     return builder.add(_smin(builder, _smax(builder, q, builder.sub(lo, z)), builder.sub(hi, z)), z)
 
 
+def _requantized(context, builder, v, m0_type, m0, shift_type, shift, i, z, lo, hi):
+    """requantize16's lanes: m0 and shift read from i on, z, lo and hi (int32 values) splat."""
+    m0 = builder.load(_pointer(context, builder, m0_type, m0, i, _V16I32), align=4)
+    shift = builder.load(_pointer(context, builder, shift_type, shift, i, _V16I8), align=1)
+    return _requantize_lanes(builder, v, m0, shift, *(_splat(builder, a, _V16I32) for a in (z, lo, hi)))
+
+
+def _is_epilogue(m0, shift):
+    return isinstance(m0, types.Array) and m0.dtype == types.int32 and isinstance(shift, types.Array) \
+        and shift.dtype == types.int8
+
+
 @intrinsic
 def requantize16(typingctx, v, m0, shift, i, z, lo, hi):
     def codegen(context, builder, sig, args):
-        v, m0, shift, i, z, lo, hi = args
-        m0 = builder.load(_pointer(context, builder, sig.args[1], m0, i, _V16I32), align=4)
-        shift = builder.load(_pointer(context, builder, sig.args[2], shift, i, _V16I8), align=1)
-        z, lo, hi = (_splat(builder, context.cast(builder, a, t, types.int32), _V16I32)
-                     for a, t in zip((z, lo, hi), sig.args[4:]))
-        return _requantize_lanes(builder, v, m0, shift, z, lo, hi)
+        v, m0, shift, i, *scalars = args
+        z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[4:]))
+        return _requantized(context, builder, v, sig.args[1], m0, sig.args[2], shift, i, z, lo, hi)
 
-    if not (isinstance(m0, types.Array) and m0.dtype == types.int32 and isinstance(shift, types.Array)
-            and shift.dtype == types.int8):
+    if not _is_epilogue(m0, shift):
         return None
     return int32x16(int32x16, m0, shift, types.intp, z, lo, hi), codegen
 
@@ -234,32 +234,44 @@ def store16(typingctx, out, i, v):
     return types.none(out, types.intp, int32x16), codegen
 
 
+def _store_first(context, builder, out_type, out, i, v, n):
+    """out[i : i + n] = v[:n] (truncated to out's bytes): a plain store when n >= 16 (AVX2 has no
+    byte-masked store, and LLVM spells one as 16 branches), else a masked one (none for n <= 0)."""
+    lanes = ir.VectorType(ir.IntType(out_type.dtype.bitwidth), LANES)
+    value, at = builder.trunc(v, lanes) if lanes != v.type else v, _pointer(context, builder, out_type, out, i, lanes)
+    with builder.if_else(builder.icmp_signed(">=", n, ir.Constant(n.type, LANES))) as (whole, part):
+        with whole:
+            builder.store(value, at, align=1)
+        with part:
+            first = builder.icmp_signed("<", _indices(range(LANES)), _splat(builder, builder.trunc(n, _I32), _V16I32))
+            masked_store = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [lanes, lanes.as_pointer(), _I32,
+                                                                ir.VectorType(ir.IntType(1), LANES)]),
+                f"llvm.masked.store.v{LANES}i{lanes.element.width}.p0v{LANES}i{lanes.element.width}")
+            builder.call(masked_store, [value, at, ir.Constant(_I32, 1), first])
+
+
 @intrinsic
-def store_first(typingctx, out, i, v, n):
-    if not (isinstance(out, types.Array) and out.dtype in (types.int8, types.uint8, types.int32)):
+def finish16(typingctx, out, i, v, bias, m0, shift, f, z, lo, hi, n):
+    if not (_is_epilogue(m0, shift) and isinstance(out, types.Array)
+            and out.dtype in (types.uint8, types.int32) and isinstance(bias, types.Array)):
         return None
-    element = ir.IntType(out.dtype.bitwidth)
 
     def codegen(context, builder, sig, args):
-        out, i, v, n = args
-        lanes = ir.VectorType(element, LANES)
-        value, at = (v if element.width == 32 else builder.trunc(v, lanes)), \
-            _pointer(context, builder, sig.args[0], out, i, lanes)
-        # all 16 lanes: a plain store (AVX2 has no byte-masked store, and LLVM spells one as 16 branches)
-        with builder.if_else(builder.icmp_signed(">=", n, ir.Constant(n.type, LANES))) as (whole, part):
-            with whole:
-                builder.store(value, at, align=1)
-            with part:
-                first = builder.icmp_signed("<", _indices(range(LANES)),
-                                            _splat(builder, builder.trunc(n, _I32), _V16I32))
-                masked_store = cgutils.get_or_insert_function(
-                    builder.module, ir.FunctionType(ir.VoidType(), [lanes, lanes.as_pointer(), _I32,
-                                                                    ir.VectorType(ir.IntType(1), LANES)]),
-                    f"llvm.masked.store.v{LANES}i{element.width}.p0v{LANES}i{element.width}")
-                builder.call(masked_store, [value, at, ir.Constant(_I32, 1), first])
+        out, i, v, bias, m0, shift, f, *scalars, n = args
+        z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[7:10]))
+        v = builder.add(v, builder.load(_pointer(context, builder, sig.args[3], bias, f, _V16I32), align=4))
+        codes = builder.icmp_signed(">", context.make_array(sig.args[4])(context, builder, m0).nitems,
+                                    ir.Constant(_I64, 0))
+        with builder.if_else(codes) as (requantized, sums):
+            with requantized:
+                _store_first(context, builder, sig.args[0], out, i,
+                             _requantized(context, builder, v, sig.args[4], m0, sig.args[5], shift, f, z, lo, hi), n)
+            with sums:
+                _store_first(context, builder, sig.args[0], out, i, _smax(builder, v, _splat(builder, lo, _V16I32)), n)
         return context.get_dummy_value()
 
-    return types.none(out, types.intp, int32x16, types.intp), codegen
+    return types.none(out, types.intp, int32x16, bias, m0, shift, types.intp, z, lo, hi, types.intp), codegen
 
 
 # The same operations in NumPy: what they mean, and what runs with NUMBA_DISABLE_JIT=1.
@@ -269,16 +281,8 @@ def _zeros16_python():
     return np.zeros(LANES, np.int32)
 
 
-def _splat16_python(s):
-    return np.full(LANES, s, np.int32)
-
-
 def _load16_python(a, i):
     return a.reshape(-1)[i : i + LANES].copy()
-
-
-def _add16_python(u, v):
-    return (u.astype(np.int64) + v).astype(np.int32)  # wraps like the machine's add
 
 
 def _max16_python(u, v):
@@ -301,12 +305,13 @@ def _store16_python(out, i, v):
     out.reshape(-1)[i : i + LANES] = v
 
 
-def _store_first_python(out, i, v, n):
-    out.reshape(-1)[i : i + n] = v[:n]
+def _finish16_python(out, i, v, bias, m0, shift, f, z, lo, hi, n):
+    v = (v.astype(np.int64) + bias[f : f + LANES]).astype(np.int32)  # wraps like the machine's add
+    v = _requantize16_python(v, m0, shift, f, z, lo, hi) if m0.size else np.maximum(v, lo)
+    if n > 0:
+        out.reshape(-1)[i : i + n] = v[:n].astype(out.dtype)
 
 
 if numba.config.DISABLE_JIT:
-    zeros16, splat16, load16, add16, max16 = _zeros16_python, _splat16_python, _load16_python, _add16_python, \
-        _max16_python
-    dot4_add = _dot4_add_python
-    requantize16, store16, store_first = _requantize16_python, _store16_python, _store_first_python
+    zeros16, load16, max16, dot4_add = _zeros16_python, _load16_python, _max16_python, _dot4_add_python
+    requantize16, store16, finish16 = _requantize16_python, _store16_python, _finish16_python
