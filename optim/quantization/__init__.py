@@ -14,8 +14,8 @@ What lives where:
                     (min/max, EMA, percentile)
     fixedpoint.py   TFLite's requantization: M = M0 2^(shift - 31), rounding high multiply
                     and rounding shift, in NumPy (the references' arithmetic)
-    vectors.py      int32x8: 8 int32 sums in a register, VNNI's 4-byte dot product, and the
-                    requantization on 8 lanes at once (LLVM IR through Numba intrinsics)
+    vectors.py      int32x16: 16 int32 sums in a register, VNNI's 4-byte dot product, and the
+                    requantization on 16 lanes at once (LLVM IR through Numba intrinsics)
     kernels.py      Numba kernels on int8 NHWC: im2row, int8 GEMM on VNNI with int32 sums, a
                     2x2 max-pool and the requantization in its epilogue, max-pool; a NumPy
                     reference for each
