@@ -127,7 +127,8 @@ class QuantizedModel:
     def dequantize_output(self, out):
         """The last op's codes (int8, or its int32 accumulators) -> float32 reals, NCHW if 4-D."""
         scale, zero_point = self.layers[-1].output_scale
-        r = (out - np.float64(zero_point)) * scale  # in float64: exact codes, one rounding to float32
+        # in float64: exact codes, one rounding to float32 (the int32 sums' zero point is 0: no subtraction)
+        r = out * scale if zero_point == 0 else (out - np.float64(zero_point)) * scale
         if r.ndim == 4:
             r = r.transpose(0, 3, 1, 2)
         return r.astype(np.float32)

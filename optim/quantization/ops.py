@@ -204,7 +204,8 @@ class IntConv2D(_IntLinear):
         ways than self.packed, the weights keep its column sums, so self.epilogue serves them all.)"""
         _, _, KH, KW = self.W.shape
         S, order = self.stride, None
-        if windows.conv_fits_words(x_shape, self.padding):
+        in_place = windows.conv_fits_words(x_shape, self.padding)
+        if in_place:
             words_of, packed = (lambda x: windows.conv_words(x, KH, KW, S, pool)), self.packed
         elif windows.line_fits_words(x_shape, KW, self.padding):
             if self._line_packed is None:
@@ -217,7 +218,8 @@ class IntConv2D(_IntLinear):
             N, Ho, Wo, _ = self._output_nhwc(x_shape)
             order = windows.pool_order(N, Ho, Wo, pool)
         _, starts, off = words_of(np.zeros(x_shape, np.uint8))  # the offsets depend on the shape alone
-        return (lambda x: words_of(x).x32), (starts if order is None else starts[order]), off, packed
+        x32_of = windows.as_words if in_place else (lambda x: words_of(x).x32)  # read in place: the input itself
+        return x32_of, (starts if order is None else starts[order]), off, packed
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -285,6 +287,8 @@ class IntDense(_IntLinear):
             self.output_shape(x_shape[1:])  # raises, naming the shape
         sample = windows.rows_words(np.zeros((N, K_), np.uint8), packed)
         gemm = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue)
+        if K_ == 4 * packed.wp.shape[1]:  # rows of whole words: the input's own bytes
+            return lambda x: gemm(windows.as_words(x))
         return lambda x: gemm(windows.rows_words(x.reshape(N, K_), packed).x32)
 
     def output_shape(self, in_shape):

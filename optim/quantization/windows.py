@@ -22,16 +22,21 @@ import numpy as np
 
 from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns, shifted_copies
 
-__all__ = ["conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_words", "pool_order",
-           "rows_words"]
+__all__ = ["as_words", "conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_words",
+           "pool_order", "rows_words"]
+
+
+def as_words(x):
+    """x's bytes (uint8 or int8, any shape, a multiple of 4 of them) as one flat uint32 array: a view
+    where x is contiguous. What a bound step does per call where its offsets are fixed."""
+    return np.ascontiguousarray(x).reshape(-1).view(np.uint32)
 
 
 def rows_words(a, packed):
-    """The Words of the rows of a int8 (M, K): a zero-padded to the G = packed.wp.shape[1] groups
+    """The Words of the rows of a (M, K), bytes: a zero-padded to the G = packed.wp.shape[1] groups
     of 4 columns, row r's words x32[r G + g]."""
     G = packed.wp.shape[1]
-    x32 = pad_columns(np.ascontiguousarray(a), 4 * G).view(np.uint32).reshape(-1)
-    return Words(x32, *_row_offsets(len(a), G))
+    return Words(as_words(pad_columns(a, 4 * G)), *_row_offsets(len(a), G))
 
 
 @functools.lru_cache(maxsize=16)
@@ -65,7 +70,7 @@ def conv_words(x, KH, KW, stride, pool=1):
     pixel (n, i, j), in its (kh, kw, c) order, is the words x32[starts[(n Ho + i) Wo + j] + off[g]]
     (pool > 1: the rows in pool_order). For conv_fits_words inputs."""
     starts, off = _window_offsets(*x.shape, KH, KW, stride, pool)
-    return Words(np.ascontiguousarray(x).view(np.uint32).reshape(-1), starts, off)
+    return Words(as_words(x), starts, off)
 
 
 @functools.lru_cache(maxsize=16)
