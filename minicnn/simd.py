@@ -60,18 +60,20 @@ _BYTES = ir.VectorType(ir.IntType(8), LANES)
 
 def target_features():
     """The CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME or NUMBA_CPU_FEATURES
-    name another target (portable caches do, and so can a test that wants the portable kernels)."""
-    if numba.config.CPU_NAME not in (None, "host"):
-        return set()
+    name another target (portable caches do, and so can a test that wants the portable kernels):
+    then those NUMBA_CPU_FEATURES lists, and none for a CPU named without them."""
     if numba.config.CPU_FEATURES is not None:
         return {f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+")}
+    if numba.config.CPU_NAME not in (None, "host"):
+        return set()
     return {name for name, on in llvmlite.binding.get_host_cpu_features().items() if on}
 
 
 _FEATURES = target_features()
 HAS_PERMUTE = "avx512f" in _FEATURES  # vpermi2ps
-# vpdpbusd on 256-bit vectors: AVX-VNNI, or AVX512-VNNI with AVX512-VL.
+# vpdpbusd on 256-bit vectors: AVX-VNNI, or AVX512-VNNI with AVX512-VL; on 512-bit ones: AVX512-VNNI.
 HAS_VNNI = "avxvnni" in _FEATURES or {"avx512vnni", "avx512vl"} <= _FEATURES
+HAS_VNNI_512 = "avx512vnni" in _FEATURES
 
 
 class F32x16(types.Type):

@@ -20,7 +20,7 @@ from optim.quantization import calibration, ops, qat, windows
 from optim.quantization import fixedpoint as FP
 from optim.quantization import kernels as K
 from optim.quantization import vectors as V
-from portable import run_without_avx512
+from portable import AVX2_ONLY, AVX_VNNI, host_features, run_without_avx512
 from strategies import conv_geometry, pool_geometry
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -201,6 +201,8 @@ def test_quantize_nhwc_is_affine_quantize_transposed_bit_for_bit(N, C, H, W, exp
     for build in ("serial", "threaded"):
         with parallel.forced(build):
             np.testing.assert_array_equal(A.quantize_nhwc(x, scale, zero_point), expected, err_msg=build)
+            np.testing.assert_array_equal(A.quantize_nhwc(x, scale, zero_point, unsigned=True), K.unsigned(expected),
+                                          err_msg=build)  # the bytes predict hands its kernels
 
 
 @given(st.floats(-50, 0), st.floats(0, 50))
@@ -748,21 +750,25 @@ def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F,
                                            rng, (N, (H - KH) // stride + 1, (W - KW) // stride + 1))
 
 
-def test_int8_lenet_on_the_portable_build_matches_the_references():
-    """Without AVX-512 and VNNI: windows read in place (conv1's shifted copies, conv2's 20 channels),
-    the GEMM with its pool and requantization (16 lanes in two registers) in both builds, bit for bit with
-    the NumPy references."""
+@pytest.mark.parametrize("build, vnni", [(AVX2_ONLY, False), (AVX_VNNI, True)], ids=["avx2", "avx-vnni"])
+def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
+    """Without AVX-512: windows read in place (conv1's shifted copies, conv2's 20 channels), the GEMM
+    with its pool and requantization (16 lanes in two registers) in both builds, bit for bit with the
+    NumPy references; without VNNI (the products spelled out), and with AVX-VNNI (two 256-bit
+    vpdpbusd per 16 lanes), where the CPU can run it."""
+    if vnni and "avxvnni" not in host_features():
+        pytest.skip("this CPU has no AVX-VNNI (VEX-encoded vpdpbusd): that build cannot run here")
     run_without_avx512(
         "import numpy as np\n"
         "from minicnn import parallel, zoo\n"
         "from optim.quantization import quantize_model, vectors\n"
-        "assert not vectors.HAS_VNNI\n"
+        f"assert vectors.HAS_VNNI == {vnni} and not vectors.HAS_VNNI_512\n"
         "x = np.random.default_rng(1).random((9, 1, 28, 28), dtype=np.float32)\n"
         "q = quantize_model(zoo.build('lenet5', seed=0), x, per_channel=True)\n"
         "for build in ('serial', 'threaded'):\n"
         "    with parallel.forced(build):\n"
         "        assert np.array_equal(q.predict(x), q.predict(x, reference=True)), build\n"
-        "print('ok')\n")
+        "print('ok')\n", build)
 
 
 def test_weights_packed_for_another_cpu_are_refused():
@@ -773,6 +779,17 @@ def test_weights_packed_for_another_cpu_are_refused():
     foreign = packed._replace(vnni=not packed.vnni)
     with pytest.raises(ValueError, match="pack them again"):
         K.qgemm_runner(np.zeros(1, np.int64), np.arange(2), foreign, K.int32_epilogue(foreign, np.zeros(3, np.int32), 0))
+
+
+@given(st.integers(-128, 127), seeds)
+def test_pass_through_steps_on_bytes_are_their_ops_on_codes(zero_point, seed):
+    """An IntReLU's and an IntMaxPool2D's bound steps on the kernels' bytes give the bytes of what the
+    ops give on the codes; after a last layer, on int32 sums, the sums' own maximum."""
+    q = np.random.default_rng(seed).integers(-128, 128, (2, 4, 4, 3)).astype(np.int8)
+    for op in (ops.IntReLU((0.5, zero_point)), ops.IntMaxPool2D((0.5, zero_point), 2, 2)):
+        np.testing.assert_array_equal(K.signed(op.bind(q.shape)(K.unsigned(q))), op.forward(q, reference=True))
+    sums = q.astype(np.int32) * 1000
+    np.testing.assert_array_equal(ops.IntReLU((0.5, 0)).bind(sums.shape)(sums), np.maximum(sums, 0))
 
 
 @given(st.lists(st.integers(-128, 127), min_size=1, max_size=64))

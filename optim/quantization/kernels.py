@@ -9,8 +9,8 @@ field, gathered by `im2row_nhwc`, is a contiguous row
 
     rows[(n*Ho + i)*Wo + j, (kh*KW + kw)*C + c] = x[n, i*S + kh - P, j*S + kw - P, c]
 
-(positions in the padding read `fill`, the input's zero point, which stands
-for the real value 0), zero-padded to a multiple of ROW_ALIGN = 4 columns.
+(positions in the padding read `fill`, the byte of the input's zero point,
+which stands for the real value 0), zero-padded to a multiple of ROW_ALIGN = 4 columns.
 A layer is then out[r, f] = requantize(rows[r] . wt[f] + bias[f]) (`qgemm`),
 or the int32 sums themselves for the last layer, and a conv followed by a
 2x2 max-pool takes the maximum of each window's 4 sums before requantizing
@@ -23,8 +23,9 @@ against 2 blocks of 16 filters, no horizontal sums, no padding of K beyond 4.
 (Flipped in the kernel instead, each broadcast took a register and a
 shuffle port: LeNet-5's int8 predict at batch 256 ran 1.2x slower.) Rows
 are independent, so `prange` splits them over cores; the epilogue
-(bias, max-pool, requantization, clamp) runs on 16 filters at a time
-(`vectors.requantize16`) while the sums are still in registers; small jobs run a
+(bias, requantization, clamp, store: `vectors.finish16`) runs on 16 filters
+at a time, a pool window's sums maximised and finished while still in
+registers; small jobs run a
 serial build of the same loops (`minicnn.parallel.twin`), as waking Numba's
 workers costs more than they do.
 
@@ -42,13 +43,13 @@ from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
 from minicnn.simd import HAS_VNNI
 
-from .affine import WMAX
+from .affine import QMAX, QMIN, WMAX
 from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE, multiply_by_quantized_multiplier
 from .vectors import LANES, dot4_add, finish16, load16, max16, store16, zeros16
 
 
 # --------------------------------------------------------------------------
-# im2row on NHWC int8, padding with the zero point
+# im2row on NHWC bytes, padding with the zero point's
 
 
 ROW_ALIGN = 4  # the kernels read rows 4 bytes (one dot4_add group) at a time
@@ -343,6 +344,8 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
         raise ValueError("the requantization multipliers must be >= 0 (quantize_multiplier's)")
     if len(shift) and not SHIFT_RANGE[0] <= np.min(shift) <= np.max(shift) <= SHIFT_RANGE[1]:
         raise ValueError(f"requantization shifts must lie in {SHIFT_RANGE}, got {np.min(shift)} .. {np.max(shift)}")
+    if not QMIN <= min(z_out, lo, hi) <= max(z_out, lo, hi) <= QMAX:  # int8 codes, whose bytes finish16 writes
+        raise ValueError(f"the output zero point and clamp must be int8 codes, got {z_out}, [{lo}, {hi}]")
     e = int32_epilogue(packed, bias, INT32_MIN)
     return e._replace(m0=_padded(packed, m0, np.int32), shift=_padded(packed, shift, np.int8),
                       z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
@@ -360,8 +363,8 @@ def _finish(acc, rows, F32, bias, m0, shift, z_out, lo, hi, o, at, F):
 
 def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
     """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
-    (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to int8, or int32
-    when m0 is empty. Rows run 4 at a time (a window of 4 is one pass, finished in registers), the
+    (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to unsigned codes, or
+    int32 when m0 is empty. Rows run 4 at a time (a window of 4 is one pass, finished in registers), the
     last few one by one: one loop calling both tiles through a test runs at half speed in the serial
     build."""
     F, F32 = out.shape[1], bias.size
@@ -389,7 +392,7 @@ _qgemm = twin(_qgemm_loops, MIN_MACS)
 
 
 class Words(NamedTuple):
-    """The operand of qgemm: M rows of G words (4 int8 values each), row r's word g being
+    """The operand of qgemm: M rows of G words (4 bytes each, `unsigned` codes), row r's word g being
     x32[starts[r] + off[g]]. x32 uint32 flat, starts int64 (M,), off int64 (G,)."""
 
     x32: np.ndarray

@@ -25,12 +25,12 @@ from minicnn.model import output_shapes
 from minicnn.serialization import check_all_used, check_input_shape, check_output_shapes, check_specs, entries, write_npz
 from minicnn.summary import format_summary
 
+from . import kernels as K
 from .affine import (
     QMAX, QMIN, activation_qparams, affine_quantize, check_bits, check_scale, check_zero_point, quantize_bias,
     quantize_nhwc, quantize_weights,
 )
 from .calibration import calibrate, observed_points, plan
-from . import kernels as K
 from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
 
 MAX_BOUND = 4  # input shapes whose steps forward_int keeps: predict's batches and its last, shorter one
@@ -106,23 +106,23 @@ class QuantizedModel:
             u = step(u)
         return u
 
-    def _bind(self, q):
-        """_run(q), binding each step to the shape it sees; the steps kept for q's shape."""
+    def _bind(self, u):
+        """_run(u), binding each step to the shape it sees; the steps kept for u's shape."""
         if len(self._bound) >= MAX_BOUND or self._bound_to != tuple(self.layers):  # start over
             self._bound, self._bound_to = {}, tuple(self.layers)
-        shape, ops, i, steps = q.shape, self.layers, 0, []
+        shape, ops, i, steps = u.shape, self.layers, 0, []
         while i < len(ops):
             op, after = ops[i], ops[i + 1] if i + 1 < len(ops) else None
             if isinstance(op, IntConv2D) and isinstance(after, IntMaxPool2D):
-                step, i = op.bind(q.shape, after), i + 2
-            elif isinstance(op, IntFlatten) and isinstance(after, IntDense) and q.ndim == 4:
-                step, i = after.bind(q.shape), i + 2
+                step, i = op.bind(u.shape, after), i + 2
+            elif isinstance(op, IntFlatten) and isinstance(after, IntDense) and u.ndim == 4:
+                step, i = after.bind(u.shape), i + 2
             else:
-                step, i = op.bind(q.shape), i + 1
+                step, i = op.bind(u.shape), i + 1
             steps.append(step)
-            q = step(q)
+            u = step(u)
         self._bound[shape] = tuple(steps)  # only now: a failed bind leaves no half-made steps
-        return q
+        return u
 
     def dequantize_output(self, out):
         """The last op's codes (int8, or its int32 accumulators) -> float32 reals, NCHW if 4-D."""

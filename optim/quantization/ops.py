@@ -188,8 +188,8 @@ class IntConv2D(_IntLinear):
         maximum commutes with them), a quarter of the requantizations, and no full-size output
         written."""
         if pool is not None and (pool.kernel_size, pool.stride) != (2, 2):
-            conv, k, s = self.bind(x_shape), pool.kernel_size, pool.stride
-            return lambda x: K.maxpool_nhwc(conv(x), k, s)
+            conv, pooled = self.bind(x_shape), pool.bind(None)
+            return lambda x: pooled(conv(x))
         N, Ho, Wo, F = self._output_nhwc(x_shape)
         side = 2 if pool is not None else 1
         x32_of, starts, off, packed = self._words(x_shape, side)
@@ -269,9 +269,8 @@ class IntDense(_IntLinear):
 
     def bind(self, x_shape):
         """run(u): forward on the kernels' bytes (as IntConv2D.bind) for inputs of x_shape, (N, in) or
-        (N, H, W, C): then the flatten before
-        this layer is in the weights, their columns put in NHWC order once per shape, not the
-        activations in (C, H, W) order every call."""
+        (N, H, W, C): then the flatten before this layer is in the weights, their columns put in NHWC
+        order once per shape, not the activations in (C, H, W) order every call."""
         N, K_ = x_shape[0], self.W.shape[0]
         packed = self.packed
         if len(x_shape) == 4:
@@ -350,8 +349,7 @@ class IntMaxPool2D(_IntPassThrough):
         return fn(x, self.kernel_size, self.stride)
 
     def bind(self, x_shape):
-        k, s = self.kernel_size, self.stride
-        return lambda u: K.maxpool_nhwc(u, k, s)  # the bytes keep the codes' order
+        return self.forward  # the kernels' bytes keep the codes' order (and int32 sums are pooled as they are)
 
     def output_shape(self, in_shape):
         if len(in_shape) != 3 or min(in_shape[1:]) < self.kernel_size:
@@ -390,8 +388,8 @@ class IntReLU(_IntPassThrough):
         return np.maximum(x, np.int8(self.in_q[1]))
 
     def bind(self, x_shape):
-        zero = np.uint8(self.in_q[1] + 128)
-        return lambda u: np.maximum(u, zero)
+        zero = self.in_q[1]  # the bytes' is zero + 128; int32 sums (after a last layer) keep zero itself
+        return lambda u: np.maximum(u, np.uint8(zero + 128) if u.dtype == np.uint8 else u.dtype.type(zero))
 
     def output_shape(self, in_shape):
         return tuple(in_shape)

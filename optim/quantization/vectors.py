@@ -17,7 +17,8 @@ int32x16, i an index):
                                       kernels.pack_weights' layout for vpmaddwd)
     requantize16(v, m0, shift, i, z, lo, hi)
                                       clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
-                                      + z, lo, hi): `fixedpoint`'s arithmetic on int32 lanes
+                                      + z, lo, hi): `fixedpoint`'s arithmetic on int32 lanes (z, lo, hi
+                                      int32 with lo - z and hi - z in int32, as the codes' bytes are)
     store16(out, i, v)                out[i : i + 16] = v              (out int32)
     finish16(out, i, v, bias, m0, shift, f, z, lo, hi, n)
                                       a GEMM's epilogue: out[i : i + n] = the first n lanes (none if n <= 0;
@@ -27,9 +28,10 @@ int32x16, i an index):
                                       Numba function: one taking these arrays, where LLVM did not inline
                                       it (AVX2's longer code), paid their reference counts on every call.
 
-The activations are int8 but vpdpbusd wants unsigned bytes: flipping the
-sign bit maps q to u = q + 128 in [0, 255], and the kernels subtract the
-constant 128 * sum_k w_k from each sum. Sixteen lanes are one register with
+The activations are int8 codes q but vpdpbusd wants unsigned bytes: the
+kernels read and write u = q + 128 in [0, 255] (the sign bit flipped, at the
+model's input), and each layer's bias holds the constant -128 sum_k w_k that
+this adds to a sum. Sixteen lanes are one register with
 AVX-512 and two with AVX2, where LLVM splits every operation in halves: a
 CPU with AVX-VNNI alone (256-bit) runs dot4_add as two vpdpbusd, and one
 without VNNI the same arithmetic spelled as widening multiplies and adds.
@@ -38,7 +40,8 @@ at half the rate: this CPU retires two 512-bit vpdpbusd per cycle, as many
 as 256-bit ones.)
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= a.size (i + n for
-finish16's out). With NUMBA_DISABLE_JIT=1 the operations are the NumPy
+finish16's out, f + 16 <= bias.size, and m0.size and shift.size where m0 is
+not empty). requantize16 is the epilogue's arithmetic alone, for the tests. With NUMBA_DISABLE_JIT=1 the operations are the NumPy
 expressions at the end. Numba's cache does not see this file: after editing
 it, delete the __pycache__ folders.
 """
@@ -50,12 +53,11 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from minicnn.simd import HAS_VNNI, target_features
+from minicnn.simd import HAS_VNNI, HAS_VNNI_512
 
 from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
 
 LANES = 16
-HAS_VNNI_512 = "avx512vnni" in target_features()  # else, with HAS_VNNI, AVX-VNNI's 256-bit vpdpbusd
 
 
 class Int32x16(types.Type):
@@ -253,8 +255,8 @@ def _store_first(context, builder, out_type, out, i, v, n):
 
 @intrinsic
 def finish16(typingctx, out, i, v, bias, m0, shift, f, z, lo, hi, n):
-    if not (_is_epilogue(m0, shift) and isinstance(out, types.Array)
-            and out.dtype in (types.uint8, types.int32) and isinstance(bias, types.Array)):
+    if not (_is_epilogue(m0, shift) and isinstance(out, types.Array) and out.dtype in (types.uint8, types.int32)
+            and isinstance(bias, types.Array) and bias.dtype == types.int32):
         return None
 
     def codegen(context, builder, sig, args):

@@ -1,6 +1,7 @@
 """The GEMM's operand: a layer's rows as Words, copied by im2row or read in place from the image.
 
-qgemm reads row r's word g (4 int8 values) at x32[starts[r] + off[g]] (kernels.Words). For
+qgemm reads row r's word g (4 bytes, the codes' `kernels.unsigned` ones) at x32[starts[r] + off[g]]
+(kernels.Words). For
 rows already laid out (im2row's, a dense layer's input), starts[r] = r G and off[g] = g. A
 conv's window needs no copy when its lines are whole words in the image:
 
@@ -66,7 +67,7 @@ def pool_order(N, Ho, Wo, pool):
 
 
 def conv_words(x, KH, KW, stride, pool=1):
-    """The Words of the conv windows of x int8 (N, H, W, C), read in place: im2row's row of output
+    """The Words of the conv windows of x bytes (N, H, W, C), read in place: im2row's row of output
     pixel (n, i, j), in its (kh, kw, c) order, is the words x32[starts[(n Ho + i) Wo + j] + off[g]]
     (pool > 1: the rows in pool_order). For conv_fits_words inputs."""
     starts, off = _window_offsets(*x.shape, KH, KW, stride, pool)
@@ -102,13 +103,13 @@ def line_weights(W):
 
 
 def line_words(x, KH, KW, stride, pool=1):
-    """The Words of the windows of x int8 (N, H, W, 1), for line_fits_words inputs and
+    """The Words of the windows of x bytes (N, H, W, 1), for line_fits_words inputs and
     line_weights: line kh of output pixel (n, i, j) is words j' // 4 .. j' // 4 + L - 1 of row
     i S + kh in the copy shifted by j' % 4 bytes, j' = j S (pool > 1: the pixels in pool_order)."""
     N, H, W, _ = x.shape
     starts, off, Wq = _line_offsets(N, H, W, KH, KW, stride, pool)
     copies = shifted_copies(x.reshape(N, H, W), ROW_ALIGN * Wq)
-    return Words(copies.reshape(-1).view(np.uint32), starts, off)
+    return Words(as_words(copies), starts, off)
 
 
 @functools.lru_cache(maxsize=16)
