@@ -41,9 +41,10 @@ as 256-bit ones.)
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= a.size (i + n for
 finish16's out, f + 16 <= bias.size, and m0.size and shift.size where m0 is
-not empty). requantize16 is the epilogue's arithmetic alone, for the tests. With NUMBA_DISABLE_JIT=1 the operations are the NumPy
-expressions at the end. Numba's cache does not see this file: after editing
-it, delete the __pycache__ folders.
+not empty). requantize16 is the epilogue's arithmetic alone, for the tests.
+With NUMBA_DISABLE_JIT=1 the operations are the NumPy expressions at the
+end. Numba's cache does not see this file: after editing it, delete the
+__pycache__ folders.
 """
 
 import numba
