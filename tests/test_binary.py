@@ -458,8 +458,9 @@ def assert_rows_of_signs_match(fast, reference, xp, k, s):
 @given(conv_geometry(max_channels=24), seeds)
 @example((2, 20, 12, 12, 1, 5, 1, 0), 0)  # LeNet-5's conv2: window lines of 100 bits
 @example((1, 13, 9, 9, 1, 4, 3, 1), 1)  # 52-bit lines at stride 3: pieces straddling words
+@example((2, 24, 9, 9, 1, 7, 1, 0), 2)  # 168-bit lines: three pieces, 63 + 63 + 42
 def test_im2row_signs_nhwc_matches_reference(geom, seed):
-    """Channels last: a window line is one run of KW C bits, moved in pieces of at most 32."""
+    """Channels last: a window line is one run of KW C bits, moved in pieces of at most 63."""
     N, C, H, W, F, k, s, p = geom
     xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
     assert_rows_of_signs_match(xnor.im2row_signs_nhwc, xnor.im2row_signs_nhwc_ref, xp, k, s)
