@@ -58,6 +58,11 @@ _INTS = ir.VectorType(ir.IntType(32), LANES)
 _BYTES = ir.VectorType(ir.IntType(8), LANES)
 
 
+def host_features():
+    """The features of the CPU this process runs on, whatever Numba is told to compile for."""
+    return {name for name, on in llvmlite.binding.get_host_cpu_features().items() if on}
+
+
 def target_features():
     """The CPU features Numba compiles for: the host's, unless NUMBA_CPU_NAME or NUMBA_CPU_FEATURES
     name another target (portable caches do, and so can a test that wants the portable kernels):
@@ -66,7 +71,7 @@ def target_features():
         return {f[1:] for f in numba.config.CPU_FEATURES.split(",") if f.startswith("+")}
     if numba.config.CPU_NAME not in (None, "host"):
         return set()
-    return {name for name, on in llvmlite.binding.get_host_cpu_features().items() if on}
+    return host_features()
 
 
 _FEATURES = target_features()

@@ -7,17 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import llvmlite.binding
-
 ROOT = Path(__file__).resolve().parents[1]
 AVX2_ONLY = {"NUMBA_CPU_NAME": "haswell", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt"}
 # Intel's cores since Alder Lake: 256-bit VNNI (VEX-encoded), no AVX-512
 AVX_VNNI = {"NUMBA_CPU_NAME": "alderlake", "NUMBA_CPU_FEATURES": "+avx,+avx2,+fma,+sse4.2,+popcnt,+avxvnni"}
-
-
-def host_features():
-    """The features of the CPU running the tests (whatever Numba is told to compile for)."""
-    return {name for name, on in llvmlite.binding.get_host_cpu_features().items() if on}
 
 
 def run_without_avx512(code, build=AVX2_ONLY):

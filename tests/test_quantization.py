@@ -13,14 +13,14 @@ import numba
 import minicnn
 from minicnn import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential
 from minicnn import kernels as FK
-from minicnn import parallel
+from minicnn import parallel, simd
 from optim import quantization as Q
 from optim.quantization import affine as A
 from optim.quantization import calibration, ops, qat, windows
 from optim.quantization import fixedpoint as FP
 from optim.quantization import kernels as K
 from optim.quantization import vectors as V
-from portable import AVX2_ONLY, AVX_VNNI, host_features, run_without_avx512
+from portable import AVX2_ONLY, AVX_VNNI, run_without_avx512
 from strategies import conv_geometry, pool_geometry
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -756,7 +756,7 @@ def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
     with its pool and requantization (16 lanes in two registers) in both builds, bit for bit with the
     NumPy references; without VNNI (the products spelled out), and with AVX-VNNI (two 256-bit
     vpdpbusd per 16 lanes), where the CPU can run it."""
-    if vnni and "avxvnni" not in host_features():
+    if vnni and "avxvnni" not in simd.host_features():
         pytest.skip("this CPU has no AVX-VNNI (VEX-encoded vpdpbusd): that build cannot run here")
     run_without_avx512(
         "import numpy as np\n"

@@ -49,7 +49,7 @@ from .vectors import LANES, dot4_add, finish16, load16, max16, store16, zeros16
 
 
 # --------------------------------------------------------------------------
-# im2row on NHWC bytes, padding with the zero point's
+# im2row on NHWC bytes, padding with the zero point's byte
 
 
 ROW_ALIGN = 4  # the kernels read rows 4 bytes (one dot4_add group) at a time

@@ -188,8 +188,8 @@ class IntConv2D(_IntLinear):
         maximum commutes with them), a quarter of the requantizations, and no full-size output
         written."""
         if pool is not None and (pool.kernel_size, pool.stride) != (2, 2):
-            conv, pooled = self.bind(x_shape), pool.bind(None)
-            return lambda x: pooled(conv(x))
+            conv = self.bind(x_shape)
+            return lambda x: pool.forward(conv(x))  # the bytes keep the codes' order
         N, Ho, Wo, F = self._output_nhwc(x_shape)
         side = 2 if pool is not None else 1
         x32_of, starts, off, packed = self._words(x_shape, side)
@@ -308,7 +308,8 @@ class IntDense(_IntLinear):
 
 class _IntPassThrough:
     """Ops without weights; their output codes keep the input's (S, Z). bind(x_shape) gives the
-    step on the kernels' bytes (K.unsigned)."""
+    step on the kernels' bytes (K.unsigned): forward itself, the bytes keeping the codes' order
+    (and a last layer's int32 sums passing as they are), where no zero point is read."""
 
     def __init__(self, in_q):
         self.in_q = (float(in_q[0]), int(in_q[1]))
@@ -333,6 +334,9 @@ class _IntPassThrough:
     def from_state(cls, config, arrays, in_q):
         return cls(in_q, **config)
 
+    def bind(self, x_shape):
+        return self.forward
+
 
 class IntMaxPool2D(_IntPassThrough):
     """Max over k x k windows of int8 codes, NHWC."""
@@ -347,9 +351,6 @@ class IntMaxPool2D(_IntPassThrough):
     def forward(self, x, reference=False):
         fn = K.maxpool_nhwc_ref if reference else K.maxpool_nhwc
         return fn(x, self.kernel_size, self.stride)
-
-    def bind(self, x_shape):
-        return self.forward  # the kernels' bytes keep the codes' order (and int32 sums are pooled as they are)
 
     def output_shape(self, in_shape):
         if len(in_shape) != 3 or min(in_shape[1:]) < self.kernel_size:
@@ -371,9 +372,6 @@ class IntFlatten(_IntPassThrough):
         if x.ndim == 4:
             x = x.transpose(0, 3, 1, 2)
         return np.ascontiguousarray(x).reshape(len(x), -1)
-
-    def bind(self, x_shape):
-        return self.forward
 
     def output_shape(self, in_shape):
         return (int(np.prod(in_shape)),)
