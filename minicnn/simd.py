@@ -18,6 +18,7 @@ kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
     store_first(x, i, v, n) x[i : i + n] = v[:n], 0 <= n <= 16 (a masked store: x may end before i + 16)
     fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
     add(a, b)               a + b
+    mul(a, b)               a * b
     add_where(a, m, i, b)   a + b in the lanes whose bit of m[i] is 1, a elsewhere (m: uint16 array, lane 0 bit 0)
     permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
 
@@ -256,6 +257,18 @@ def add(typingctx, a, b):
 
 
 @intrinsic
+def mul(typingctx, a, b):
+    """a * b lane by lane."""
+    if not a == b == f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return f32x16(a, b), codegen
+
+
+@intrinsic
 def add_where(typingctx, a, m, i, b):
     """a + b in the lanes whose bit of m[i] (m a 1-D uint16 array; lane 0: bit 0) is set, a in the
     others: AVX-512's masked add (vaddps with a k-register loaded straight from m); elsewhere LLVM
@@ -375,6 +388,10 @@ def _add_python(a, b):
     return a + b
 
 
+def _mul_python(a, b):
+    return a * b
+
+
 def _add_where_python(a, m, i, b):
     return np.where((int(m[i]) >> np.arange(LANES)) & 1 == 1, a + b, a)
 
@@ -390,6 +407,7 @@ def _transpose16_python(src, i, src_stride, dst, j, dst_stride):
 
 if numba.config.DISABLE_JIT:
     load, store, splat, fma, add = _load_python, _store_python, _splat_python, _fma_python, _add_python
+    mul = _mul_python
     add_where = _add_where_python
     broadcast, maximum = _broadcast_python, _maximum_python
     load_first, store_first = _load_first_python, _store_first_python

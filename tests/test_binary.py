@@ -2,6 +2,7 @@
 straight-through gradients, packed inference, files (optim/binary/)."""
 
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import example, given, settings
@@ -9,11 +10,12 @@ from hypothesis import strategies as st
 
 import minicnn
 from gradcheck import numerical_gradient, relative_error
-from minicnn import kernels, parallel
+from minicnn import kernels, parallel, simd
 from minicnn.inference import Inference
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from optim.binary import (
-    BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, addsub, binarize, clip_latent, pack, xnor,
+    BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, addsub, binarize, clip_latent, lanes, pack,
+    xnor,
 )
 from portable import run_without_avx512
 from strategies import conv_geometry, random_array
@@ -30,7 +32,7 @@ BUILDS = ("threaded", "serial")  # the same loops compiled with prange in parall
 
 
 # --------------------------------------------------------------------------
-# Packing and popcount
+# Packing and the popcount lanes
 
 
 @given(st.integers(1, 4), lengths, seeds)
@@ -55,13 +57,26 @@ def test_pack_layout_is_lsb_first():
     np.testing.assert_array_equal(packed, [[(1 << 0) | (1 << 2) | (1 << 63), (1 << 0) | (1 << 5)]])
 
 
-@given(st.lists(st.integers(0, 2**64 - 1), min_size=1, max_size=50))
-def test_popcount_matches_reference(values):
-    x = np.array(values, dtype=np.uint64)
-    ours = np.array([xnor.popcount(v) for v in x])
-    expected = np.array([bin(int(v)).count("1") for v in values])
-    np.testing.assert_array_equal(ours, expected)
-    np.testing.assert_array_equal(xnor.popcount_ref(x), expected)
+@numba.njit
+def _lanes_ops(x, wt, i, n, m, out, as_float):
+    d = lanes.count_add(lanes.count_add(lanes.zeros(), x, wt, i), x, wt, i)  # twice: the counts add
+    lanes.store_first(out, 0, d, 16)
+    lanes.store_first(out, 16, lanes.dots(d, n), m)
+    simd.store(as_float, 0, lanes.to_float(d))
+
+
+@given(st.integers(0, 2**32 - 1), st.lists(st.integers(0, 2**32 - 1), min_size=20, max_size=20),
+       st.integers(0, 4), st.integers(-100, 100), st.integers(0, 16))
+def test_lanes_ops_are_the_numpy_popcounts(x, words, i, n, m):
+    """lanes' operations against their NumPy meaning; the masked store writes m lanes, no more."""
+    wt = np.array(words, np.uint32)
+    out, as_float = np.full(32, -7, np.int32), np.empty(16, np.float32)
+    _lanes_ops(np.uint32(x), wt, i, n, m, out, as_float)
+    counts = 2 * np.array([bin(x ^ int(v)).count("1") for v in wt[i : i + 16]])
+    np.testing.assert_array_equal(out[:16], counts)
+    np.testing.assert_array_equal(out[16 : 16 + m], (n - 2 * counts)[:m])
+    assert (out[16 + m :] == -7).all()
+    np.testing.assert_array_equal(as_float, counts.astype(np.float32))
 
 
 # --------------------------------------------------------------------------
@@ -74,9 +89,9 @@ def test_xnor_dot_hand_computed():
     assert xnor.xnor_matmul(xnor.pack_signs(a), xnor.pack_signs(w), 3)[0, 0] == -1
 
 
-@given(st.integers(1, 70), st.integers(1, 5), lengths, seeds)
-@example(3, 5, 64 * xnor.FILTERS_AT_ONCE, 0)  # the last length counted across filters
-@example(3, 5, 64 * xnor.FILTERS_AT_ONCE + 1, 0)  # the first across words
+@given(st.integers(1, 70), st.integers(1, 70), lengths, seeds)
+@example(3, 33, 4096, 0)  # a last group of 3 rows; a second pass of 32 filters, one of them real; long rows
+@example(8, 32, 32, 0)  # whole groups and passes; one 32-bit word per row
 def test_xnor_matmul_equals_plus_minus_one_dot_exactly(R, F, n, seed):
     a = signs_of(random_array(seed, (R, n)))
     w = signs_of(random_array(seed + 1, (F, n)))
@@ -438,49 +453,65 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
     assert abs(minicnn.evaluate(minicnn.load(out), x, y) - accuracy) <= 5e-5
 
 
-@given(conv_geometry(max_channels=5), seeds)
-def test_im2row_signs_matches_reference(geom, seed):
-    N, C, H, W, F, k, s, p = geom
-    xp = kernels.pad(random_array(seed, (N, C, H, W), np.float32), p)
-    assert_rows_of_signs_match(xnor.im2row_signs, xnor.im2row_signs_ref, xp, k, s)
-
-
-def assert_rows_of_signs_match(fast, reference, xp, k, s):
-    """fast(xp, k, k, s) in both builds against reference: the bits exactly, beta to float32 rounding."""
-    ref_bits, ref_beta = reference(xp, k, k, s)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 70), seeds)
+@example(1, 2, 3, 64, 0)  # whole words
+def test_pixel_signs_match_reference(N, H, W, C, seed):
+    """A pixel's signs in ceil(C/32) words, bit for bit; its sum of |x| to float32 rounding."""
+    x = random_array(seed, (N, H, W, C), np.float32)
+    x[..., ::5] = 0  # sign(0) = +1
+    words, sums = xnor.pixel_signs_ref(x)
+    assert words.shape == (N, H, W, -(-C // 32))
+    np.testing.assert_array_equal(np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[..., :C],
+                                  x >= 0)
     for build in BUILDS:
         with parallel.forced(build):
-            bits, beta = fast(xp, k, k, s)
-        np.testing.assert_array_equal(bits, ref_bits, err_msg=f"packed receptive fields vs reference ({build})")
-        np.testing.assert_allclose(beta, ref_beta, rtol=1e-5, err_msg="beta = mean |receptive field|")
+            got_words, got_sums = xnor.pixel_signs(x)
+        np.testing.assert_array_equal(got_words, words, err_msg=build)
+        np.testing.assert_allclose(got_sums, sums, rtol=1e-5, err_msg=build)
 
 
-@given(conv_geometry(max_channels=24), seeds)
-@example((2, 20, 12, 12, 1, 5, 1, 0), 0)  # LeNet-5's conv2: window lines of 100 bits
-@example((1, 13, 9, 9, 1, 4, 3, 1), 1)  # 52-bit lines at stride 3: pieces straddling words
-@example((2, 24, 9, 9, 1, 7, 1, 0), 2)  # 168-bit lines: three pieces, 63 + 63 + 42
-def test_im2row_signs_nhwc_matches_reference(geom, seed):
-    """Channels last: a window line is one run of KW C bits, moved in pieces of at most 63."""
+@given(st.integers(1, 3), st.integers(0, 8), st.integers(0, 8), st.integers(1, 4), st.integers(1, 4),
+       st.integers(1, 3), seeds)
+def test_window_means_match_reference(N, Hp, Wp, KH, KW, stride, seed):
+    A = np.abs(random_array(seed, (N, Hp + KH, Wp + KW), np.float32))
+    for build in BUILDS:
+        with parallel.forced(build):
+            np.testing.assert_allclose(xnor.window_means(A, KH, KW, stride, 7),
+                                       xnor.window_means_ref(A, KH, KW, stride, 7), rtol=1e-5, err_msg=build)
+
+
+@given(conv_geometry(max_channels=40), seeds)
+@example((2, 20, 12, 12, 50, 5, 1, 0), 0)  # LeNet-5's conv2
+def test_xnor_conv_on_windows_read_in_place(geom, seed):
+    """window_rows' rows are the im2row rows of the pixels' words, and the kernel's products of them with
+    window_filters' words are the +-1 dot products of the windows' signs with the filters', exactly."""
     N, C, H, W, F, k, s, p = geom
     xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
-    assert_rows_of_signs_match(xnor.im2row_signs_nhwc, xnor.im2row_signs_nhwc_ref, xp, k, s)
-
-
-@given(st.integers(1, 40), st.integers(1, 900), seeds)
-def test_abs_sums_match_reference(R, K, seed):
-    x = random_array(seed, (R, K), np.float32)
+    filters = signs_of(random_array(seed + 1, (F, k, k, C))).astype(np.float32)
+    words = xnor.pixel_signs_ref(xp)[0]
+    rows = xnor.window_rows(words, k, k, s)
+    windows = np.lib.stride_tricks.sliding_window_view(words, (k, k), axis=(1, 2))[:, ::s, ::s]
+    Ho, Wo = windows.shape[1:3]
+    np.testing.assert_array_equal(rows.x32[rows.starts[:, None] + rows.off],
+                                  windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, -1))
+    sign_windows = np.lib.stride_tricks.sliding_window_view(signs_of(xp), (k, k), axis=(1, 2))[:, ::s, ::s]
+    exact = sign_windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, -1) @ filters.reshape(F, -1).T
+    ones, zeros = np.ones(N * Ho * Wo, np.float32), np.zeros(F, np.float32)
+    wb = xnor.blocked(xnor.window_filters(filters))
     for build in BUILDS:
         with parallel.forced(build):
-            np.testing.assert_allclose(xnor.abs_sums(x), xnor.abs_sums_ref(x), rtol=1e-5, err_msg=build)
+            out = xnor.xnor_layer(rows, wb, k * k * C, ones, zeros + 1, zeros, (N, Ho, Wo), False, False,
+                                  np.empty((N, Ho, Wo, F), np.float32))
+        np.testing.assert_array_equal(out.reshape(-1, F), exact, err_msg=build)
 
 
 @given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 70), st.integers(1, 2500),
        st.booleans(), st.booleans(), seeds)
-@example(2, 3, 5, 9, 64 * xnor.FILTERS_AT_ONCE + 1, True, True, 0)  # the first length counted across words
+@example(2, 3, 5, 33, 2049, True, True, 0)  # a second pass of 32 filters, one of them real; long rows
 def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):
-    """Scaled XNOR products with the ReLU and the 2x2 pool in the loop, bit for bit (the same float32
-    operations in the same order), odd grids included (the pool drops the last row and column), rows
-    short and long (popcounts across filters up to FILTERS_AT_ONCE words, across words beyond)."""
+    """Scaled XNOR products with the ReLU and the 2x2 pool in the registers, bit for bit (the same
+    float32 operations in the same order), odd grids included (the pool drops the last row and
+    column), rows in groups of 4 and a last group cut short."""
     rng = np.random.default_rng(seed)
     a = xnor.pack_signs(rng.standard_normal((N * Ho * Wo, n)).astype(np.float32))
     w = xnor.pack_signs(rng.standard_normal((F, n)).astype(np.float32))
@@ -492,13 +523,7 @@ def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):
     for build in BUILDS:
         with parallel.forced(build):
             out = np.empty(expected.shape, np.float32)
-            got = xnor.xnor_layer(a, w, xnor.transposed(w), n, beta, alpha, b, (N, Ho, Wo), relu, pool, out)
+            got = xnor.xnor_layer(xnor.packed_rows(a), xnor.blocked(w), n, beta, alpha, b, (N, Ho, Wo), relu, pool,
+                                  out)
         assert got is out
         np.testing.assert_array_equal(out, expected, err_msg=build)
-
-
-@pytest.mark.parametrize("width,k,stride", [(70, 5, 1), (150, 7, 3), (64, 3, 2), (129, 1, 1)])
-def test_im2row_signs_wide_inputs(width, k, stride):
-    """Lines longer than one word: runs of bits that straddle word boundaries."""
-    xp = random_array(width, (2, 3, k + 2, width), np.float32)
-    assert_rows_of_signs_match(xnor.im2row_signs, xnor.im2row_signs_ref, xp, k, stride)

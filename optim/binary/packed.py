@@ -35,18 +35,6 @@ from .layers import BinaryConv2D, BinaryDense
 ADDSUB_BELOW = 8  # rows: PackedBinaryDense.fused_dense's add/subtract kernel below, the float one from here
 
 
-def xnor_forward(signs, beta, bits, alpha, b, n, bits_t=None):
-    """out (R, F) float32 = beta alpha (n - 2 popcount(signs XOR bits)) + b.
-
-    signs (R, words) and bits (F, words) uint64, rows of n signs; beta (R,), alpha (F,), b (F,) float32;
-    bits_t = xnor.transposed(bits), if kept.
-    """
-    dots = xnor.xnor_matmul(signs, bits, n, bits_t)
-    out = dots.astype(np.float32) * (beta[:, None] * alpha)  # exact below 2**24
-    out += b
-    return out
-
-
 class PackedBinaryLayer(Layer):
     """Shared storage of the inference layers: F rows of n signs, packed, with alpha and b.
 
@@ -90,15 +78,37 @@ class PackedBinaryLayer(Layer):
 
     def rows_forward(self, rows):
         """out (R, F) float32 from rows (R, n) float32: the layer's product with each row, alpha, b added."""
-        if self.binary_input:
-            beta = xnor.abs_sums(rows) / np.float32(rows.shape[1])  # mean |row|, as predict's stages take it
-            return xnor_forward(xnor.pack_signs(rows), beta, self.bits, self.alpha, self.b, self.n, self._bits_t())
+        R, F = rows.shape[0], self.alpha.shape[0]
+        if self.binary_input:  # each row a 1 x 1 image of n channels
+            shape = (R, 1, 1, self.n)
+            wb = self._blocked("rows", lambda: self.signs().reshape(F, *shape[1:]))
+            run = self._xnor_runner(shape, 1, 1, False, False, wb)
+            return run(rows.reshape(shape), np.empty((R, 1, 1, F), np.float32)).reshape(R, F)
         return addsub.addsub_dense(rows, self.lanes, self.alpha, self.b)
 
-    def _bits_t(self):
-        if "bits t" not in self._laid_out:
-            self._laid_out["bits t"] = xnor.transposed(self.bits)
-        return self._laid_out["bits t"]
+    def _blocked(self, key, signs):
+        """xnor.blocked(xnor.window_filters(signs())), signs() the filters' signs (F, KH, KW, C) in the
+        order xnor.window_rows reads an input (a dense layer's (F, 1, 1, n)): made once under `key`."""
+        if key not in self._laid_out:
+            self._laid_out[key] = xnor.blocked(xnor.window_filters(signs()))
+        return self._laid_out[key]
+
+    def _xnor_runner(self, padded_shape, K, stride, relu, pool, wb):
+        """run(xp, out) for binary inputs xp (N, Hp, Wp, C) float32 of padded_shape, channels last, into out
+        (N, Ho', Wo', F): the pixels' signs packed and |x| summed in one pass (xnor.pixel_signs), beta
+        the K x K windows' means of |x|, the windows' words read in place (their offsets bound here)
+        against wb, the ReLU and the 2x2 pool in the kernel's registers (xnor.xnor_layer)."""
+        N, Hp, Wp, C = padded_shape
+        grid = (N, (Hp - K) // stride + 1, (Wp - K) // stride + 1)
+        rows = xnor.window_rows(np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), K, K, stride)
+
+        def run(xp, out):
+            words, sums = xnor.pixel_signs(xp)
+            beta = xnor.window_means(sums, K, K, stride, self.n)
+            return xnor.xnor_layer(rows._replace(x32=words.reshape(-1)), wb, self.n, beta, self.alpha, self.b, grid,
+                                   relu, pool, out)
+
+        return run
 
     def backward(self, dout):
         raise NotImplementedError(f"{type(self).__name__} is inference-only: train the Binary layer it was packed from")
@@ -161,8 +171,8 @@ class PackedBinaryDense(PackedBinaryLayer):
         """For minicnn.inference: run(x, out) on x of `shape` (minicnn.inference's protocol), its
         inputs met in x's order: the lanes' columns, the weights' rows or their signs put in it once.
 
-        Binary inputs: x's signs packed row by row, against the weights' signs in x's order
-        (xnor.xnor_layer, beta = mean |x| per row).
+        Binary inputs: each row of x a 1 x 1 image of K channels for the XNOR kernel (see
+        _xnor_runner), against the weights' signs in x's order; beta = mean |x| per row.
 
         Below ADDSUB_BELOW rows, the masked adds of addsub.py, which read a bit per weight where
         the float kernel reads 4 bytes: LeNet-5's fc1 at batch 1 took 16 us against 36. From 8
@@ -172,17 +182,10 @@ class PackedBinaryDense(PackedBinaryLayer):
         """
         N, K, F = shape[0], self.in_features, self.out_features
         if self.binary_input:
-            w = self._in_order("bits", shape)
-            wt = xnor.transposed(w)
-
-            def run(x, out):
-                x = x.reshape(N, K)
-                beta = xnor.abs_sums(x) / np.float32(K)
-                xnor.xnor_layer(xnor.pack_signs(x), w, wt, self.n, beta, self.alpha, self.b, (N, 1, 1), relu, False,
-                                out.reshape(N, 1, 1, F))
-                return out
-
-            return run
+            order = narrow.input_order(shape)
+            wb = self._blocked(("window bits", shape[1:]), lambda: self.signs()[:, order].reshape(F, 1, 1, K))
+            run = self._xnor_runner((N, 1, 1, K), 1, 1, relu, False, wb)
+            return lambda x, out: run(x.reshape(N, 1, 1, K), out.reshape(N, 1, 1, F))
         if N < ADDSUB_BELOW:
             kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self._in_order("lanes", shape)
             return lambda x, out: kernel(x.reshape(N, K), lanes, self.alpha, self.b, out)
@@ -190,17 +193,12 @@ class PackedBinaryDense(PackedBinaryLayer):
         return lambda x, out: kernel(x.reshape(N, K), W, self.b, out)
 
     def _in_order(self, what, shape):
-        """The lanes' columns ("lanes"), the decoded W (in, out)'s rows ("W") or the signs packed
-        ("bits": (F, words)) in the order of a stage's inputs of `shape` (narrow.input_order); kept."""
+        """The lanes' columns ("lanes") or the decoded W (in, out)'s rows ("W") in the order of a stage's
+        inputs of `shape` (narrow.input_order); kept."""
         key = (what, shape[1:])
         if key not in self._laid_out:
             order = narrow.input_order(shape)
-            if what == "lanes":
-                kept = self.lanes[:, order]
-            elif what == "W":
-                kept = self.decoded().T[order]
-            else:
-                kept = xnor.pack_signs(self.signs()[:, order])
+            kept = self.lanes[:, order] if what == "lanes" else self.decoded().T[order]
             self._laid_out[key] = np.ascontiguousarray(kept)
         return self._laid_out[key]
 
@@ -244,9 +242,9 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         x = np.ascontiguousarray(x, dtype=np.float32)
         k, xp = self.kernel_size, kernels.pad(x, self.padding)
         if self.binary_input:
-            # Packed straight from the image: the float im2row rows, k*k times its size, are never built.
-            signs, beta = xnor.im2row_signs(xp, k, k, self.stride)
-            out = xnor_forward(signs, beta, self.bits, self.alpha, self.b, self.n, self._bits_t())
+            xp = np.ascontiguousarray(xp.transpose(0, 2, 3, 1))
+            out = self.fused_conv(xp.shape, False, False)(xp, np.empty((x.shape[0], Ho, Wo, self.out_channels),
+                                                                       np.float32))
         else:
             out = self.rows_forward(kernels.im2row(xp, k, k, self.stride))
         return np.ascontiguousarray(out.reshape(x.shape[0], Ho, Wo, -1).transpose(0, 3, 1, 2))
@@ -257,24 +255,14 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         Real inputs: the float conv kernel (minicnn.direct) on the decoded weights alpha_j * s_ji.
         A conv is arithmetic-bound (its weights stay in cache while many pixels use them), and a
         masked add issues at a multiply-add's rate: read as bits, the weights would buy no speed.
-        Binary inputs: the window rows' signs gathered from the channels-last image
-        (xnor.im2row_signs_nhwc) against the filters' signs in (kh, kw, c) order, the ReLU and the
-        pool taken as the outputs are made (xnor.xnor_layer).
+        Binary inputs: the XNOR kernel on the windows read in place (see _xnor_runner), against the
+        filters' signs in (kh, kw, c) order.
         """
         F, K = self.out_channels, self.kernel_size
         if self.binary_input:
-            if "nhwc bits" not in self._laid_out:
-                signs = self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1).reshape(F, -1)
-                w = xnor.pack_signs(signs)
-                self._laid_out["nhwc bits"] = w, xnor.transposed(w)
-            (w, wt), (N, Hp, Wp, _) = self._laid_out["nhwc bits"], padded_shape
-            grid = (N, (Hp - K) // self.stride + 1, (Wp - K) // self.stride + 1)
-
-            def run(xp, out):
-                rows, beta = xnor.im2row_signs_nhwc(xp, K, K, self.stride)
-                return xnor.xnor_layer(rows, w, wt, self.n, beta, self.alpha, self.b, grid, relu, pool, out)
-
-            return run
+            wb = self._blocked("window bits",
+                               lambda: self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1))
+            return self._xnor_runner(padded_shape, K, self.stride, relu, pool, wb)
         if "filters" not in self._laid_out:
             self._laid_out["filters"] = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K))
         kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self._laid_out["filters"]

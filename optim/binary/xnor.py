@@ -1,11 +1,14 @@
-"""Bit kernels for binary layers: signs packed into uint64 words and the
+"""Bit kernels for binary layers: signs packed into words and the
 XNOR-popcount matrix product (Rastegari et al., XNOR-Net, ECCV 2016;
 Hubara et al., Binarized Neural Networks, NeurIPS 2016).
 
 Packing. A row v of n values becomes ceil(n / 64) uint64 words: bit k
 (least significant first) of word w is 1 iff v[64 w + k] >= 0, i.e. the
 sign +1, and the 64 * words - n padding bits are 0. A float32 weight takes
-32 bits, its sign one: 32x smaller.
+32 bits, its sign one: 32x smaller. An image's pixels (N, H, W, C) are
+packed pixel by pixel instead, ceil(C / 32) uint32 words each
+(`pixel_signs`), so that a convolution's window is whole words of the
+image, read in place: no row of signs is ever gathered (`window_rows`).
 
 XNOR-popcount. For a, w in {-1, +1}^n the product a_i w_i is +1 where the
 bits agree and -1 where they differ, so
@@ -13,57 +16,44 @@ bits agree and -1 where they differ, so
     dot(a, w) = (n - d) - d = n - 2 d,      d = popcount(a XOR w).
 
 Padding bits are 0 in both rows, their XOR is 0 and they never count, so
-any n works, not only multiples of 64.
+any n works, and a pixel's C channels can fill a 32-bit word partly.
+
+The kernels run the popcounts on 32-bit words, 16 filters' side by side in a
+register (`lanes`: vpxord, vpopcntd and vpaddd where AVX-512 VPOPCNTDQ
+exists), 4 rows and 32 filters at a time: each load of weights serves 4
+rows, the counts never leave the registers until the row ends, and a
+layer's scaling, ReLU and 2x2 max-pool are applied there too.
 
 (Real inputs against binary weights: addsub.py.)
 
 Each kernel comes as a plain NumPy reference (`*_ref`, through
 np.unpackbits and a float matrix product: the specification) and a Numba
-version with the same signature; tests/test_binary.py checks they agree.
-popcount is the classic SWAR bit trick (Hacker's Delight, 5-1): numba has
-no popcount of its own, and LLVM recognises the idiom and emits the
-hardware instruction (`popcnt`, or `vpopcntq` on 8 words at once where
-AVX-512 VPOPCNTDQ exists).
+version with the same contract; tests/test_binary.py checks they agree.
 """
+
+from typing import NamedTuple
 
 import numba
 import numpy as np
 from numba import prange
 
-from minicnn import kernels
+from minicnn import simd
 from minicnn.parallel import twin
 
-ROW_BLOCK = 64  # input rows per task
+from . import lanes
 
-# Threads pay from this many inner-loop steps (a word packed, compared or
-# summed) on: below it a batch-1 LeNet-5 layer runs faster on one thread.
+# Threads pay from this many inner-loop steps (a value packed or summed) on:
+# below it a batch-1 LeNet-5 layer runs faster on one thread.
 MIN_STEPS = 1 << 16
-
-_M1 = np.uint64(0x5555555555555555)
-_M2 = np.uint64(0x3333333333333333)
-_M4 = np.uint64(0x0F0F0F0F0F0F0F0F)
-_H01 = np.uint64(0x0101010101010101)
+# The same for the popcount kernels, counted in words x filters (rows x words x filters): LeNet-5's
+# conv2 at batch 1, 80,000, ran in 6.6 us on one thread and 9.0 on two; at batch 4, 320,000, 19 and 14.
+MIN_WORDS = 1 << 18
 
 
 @numba.njit(cache=True)
 def words_for(n):
     """uint64 words holding n bits: int -> int."""
     return (n + 63) // 64
-
-
-@numba.njit(cache=True)
-def popcount(x):
-    """Set bits of one uint64, as an int64: count in pairs, nibbles, bytes, then add the bytes with one multiply."""
-    x = x - ((x >> np.uint64(1)) & _M1)
-    x = (x & _M2) + ((x >> np.uint64(2)) & _M2)
-    x = (x + (x >> np.uint64(4))) & _M4
-    return np.int64((x * _H01) >> np.uint64(56))  # signed, so n - 2 * count stays an integer
-
-
-def popcount_ref(x):
-    """Set bits of each uint64 in x (any shape) -> integers of x's shape, through np.unpackbits."""
-    x = np.asarray(x, dtype="<u8")
-    return np.unpackbits(x.view(np.uint8).reshape(*x.shape, 8), axis=-1).sum(axis=-1)
 
 
 # --------------------------------------------------------------------------
@@ -109,96 +99,65 @@ def unpack_signs(packed, n):
     return np.where(bits == 1, np.float32(1), np.float32(-1))
 
 
-def im2row_signs_ref(xp, KH, KW, stride):
-    """The im2row rows of padded xp (N, C, Hp, Wp) float32, as their signs and scales.
-
-    Returns (packed signs (N*Ho*Wo, words) uint64, beta (N*Ho*Wo,) float32 = mean |row|).
-    """
-    rows = kernels.im2row_ref(xp, KH, KW, stride)
-    return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
-
-
-def im2row_signs_nhwc_ref(xp, KH, KW, stride):
-    """im2row_signs_ref of channels-last xp (N, Hp, Wp, C), the rows' columns in (kh, kw, c) order."""
-    windows = np.lib.stride_tricks.sliding_window_view(xp, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
-    rows = windows.transpose(0, 1, 2, 4, 5, 3).reshape(-1, KH * KW * xp.shape[3])
-    return pack_signs_ref(rows), np.abs(rows).mean(axis=1).astype(np.float32)
+def pixel_signs_ref(x):
+    """x (N, H, W, C) float32 -> (words (N, H, W, S) uint32, S = ceil(C / 32): bit c % 32 of word
+    c // 32 is x[..., c] >= 0, padding bits 0; sums (N, H, W) float32 = sum_c |x|, for beta)."""
+    S = -(-x.shape[3] // 32)
+    bits = np.zeros((*x.shape[:3], 32 * S), np.uint8)
+    bits[..., : x.shape[3]] = x >= 0
+    words = np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
+    return words, np.abs(x).sum(axis=-1, dtype=np.float32)
 
 
-# Bits a gather step moves: a run of a window line is split into pieces of at most this, the most
-# whose shifts below stay under 64 bits (32 before: LeNet-5's conv2 gather at batch 256 283 -> 208 us).
-RUN = 63
-
-
-def _gather_rows_loops(lines, KH, run_bits, step, Ho, Wo):
-    """Rows (N Ho Wo, words) uint64 of the packed lines (N, C, Hp, L): row (n, i, j) is, for each c
-    and kh, the run_bits bits of line (n, c, i step[0] + kh) from bit j step[1] on, back to back."""
-    N, C, Hp, L = lines.shape
-    packed = np.empty((N * Ho * Wo, words_for(C * KH * run_bits)), np.uint64)
-    flat = lines.reshape(-1)
-    for r in prange(N * Ho * Wo):
-        image, i, j = r // (Ho * Wo), (r // Wo) % Ho, r % Wo
-        word, filled, w = np.uint64(0), 0, 0  # the row's next word, built in a register: its bits so far
-        for c in range(C):  # the row runs (c, kh) as im2row's columns
-            for kh in range(KH):
-                line = ((image * C + c) * Hp + i * step[0] + kh) * L
-                for p in range(0, run_bits, RUN):
-                    width = min(RUN, run_bits - p)
-                    at = j * step[1] + p  # the piece's first bit in its line
-                    first, o = np.uint64(line + at // 64), np.uint64(at % 64)
-                    piece = flat[first] >> o
-                    if o + np.uint64(width) > np.uint64(64):  # it continues in the line's next word
-                        piece |= flat[first + np.uint64(1)] << (np.uint64(64) - o)
-                    piece &= (np.uint64(1) << np.uint64(width)) - np.uint64(1)
-                    word |= piece << np.uint64(filled)
-                    filled += width
-                    if filled >= 64:  # full: stored, and the piece's bits past it start the next word
-                        packed[r, w] = word
-                        w, filled = w + 1, filled - 64
-                        word = piece >> np.uint64(width - filled)  # width - filled in 1 .. 32 bits placed
-        if filled:
-            packed[r, w] = word
-    return packed
-
-
-_gather_rows = twin(_gather_rows_loops, MIN_STEPS)
-
-
-def abs_sums_ref(x):
-    """(R,) float32: sum_k |x[r, k]| of x (R, K) float32."""
-    return np.abs(x).sum(axis=1, dtype=np.float32)
-
-
-def _abs_sums_loops(x):
-    R, K = x.shape
-    out = np.empty(R, np.float32)
-    for r in prange(R):
+def _pixel_signs_loops(x):
+    N, H, W, C = x.shape
+    S = (C + 31) // 32
+    words, sums = np.empty((N * H * W, S), np.uint32), np.empty(N * H * W, np.float32)
+    x = x.reshape(-1)
+    for p in prange(N * H * W):  # the input read once for both, 16 values at a time
         total = np.float32(0)
-        for k in range(K):
-            total += abs(x[r, k])
-        out[r] = total
-    return out
+        for s in range(S):
+            word = np.uint32(0)
+            for c in range(32 * s, min(C, 32 * s + 32), 16):
+                m = min(16, C - c)
+                word |= lanes.sign_bits(x, p * C + c, m) << np.uint32(c - 32 * s)
+                total += lanes.abs_sum(x, p * C + c, m)
+            words[p, s] = word
+        sums[p] = total
+    return words.reshape(N, H, W, S), sums.reshape(N, H, W)
 
 
-_abs_sums = twin(_abs_sums_loops, MIN_STEPS)
+_pixel_signs = twin(_pixel_signs_loops, MIN_STEPS)
 
 
-def abs_sums(x):
-    """Fast abs_sums_ref (sums in another order: equal to float32 rounding)."""
-    return _abs_sums(x.size, x)
+def pixel_signs(x):
+    """Fast pixel_signs_ref (the sums in another order: equal to float32 rounding)."""
+    return _pixel_signs(x.size, np.ascontiguousarray(x, dtype=np.float32))
+
+
+def window_means_ref(A, KH, KW, stride, n):
+    """(N Ho Wo,) float32: A (N, Hp, Wp) float32 summed over each KH x KW window (stride), / n."""
+    windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
+    return (windows.sum(axis=(-2, -1), dtype=np.float32) / np.float32(n)).reshape(-1)
 
 
 def _window_means_loops(A, KH, KW, stride, Ho, Wo, n):
-    N = A.shape[0]
+    N, Hp = A.shape[:2]
     out = np.empty(N * Ho * Wo, np.float32)
-    for t in prange(N * Ho):
-        image, i = t // Ho, t % Ho
-        for j in range(Wo):
-            total = np.float32(0)
-            for kh in range(KH):
+    for image in prange(N):  # separable: KH + KW adds an output, not KH KW
+        lines = np.empty((Hp, Wo), np.float32)  # the sums over kw of every input line
+        for h in range(Hp):
+            for j in range(Wo):
+                total = np.float32(0)
                 for kw in range(KW):
-                    total += A[image, i * stride + kh, j * stride + kw]
-            out[t * Wo + j] = total / np.float32(n)
+                    total += A[image, h, j * stride + kw]
+                lines[h, j] = total
+        for i in range(Ho):
+            for j in range(Wo):
+                total = np.float32(0)
+                for kh in range(KH):
+                    total += lines[i * stride + kh, j]
+                out[(image * Ho + i) * Wo + j] = total / np.float32(n)
     return out
 
 
@@ -206,38 +165,44 @@ _window_means = twin(_window_means_loops, MIN_STEPS)
 
 
 def window_means(A, KH, KW, stride, n):
-    """(N Ho Wo,) float32: A (N, Hp, Wp) float32 summed over each KH x KW window, / n: a row's mean
-    |x| from A = sum_c |x| (XNOR-Net's K = A * k)."""
+    """Fast window_means_ref (sums in another order): a window's mean |x| from A = sum_c |x|
+    (XNOR-Net's K = A * k), n = KH KW C."""
     N, Hp, Wp = A.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    return _window_means(N * Ho * Wo * KH * KW, A, KH, KW, stride, Ho, Wo, n)
+    return _window_means(N * Ho * Wo * (KH + KW), A, KH, KW, stride, Ho, Wo, n)
 
 
-def im2row_signs(xp, KH, KW, stride):
-    """Fast im2row_signs_ref: xp (N, C, Hp, Wp) float32 -> ((N*Ho*Wo, words) uint64, (N*Ho*Wo,) float32).
+class Rows(NamedTuple):
+    """The operand of the XNOR kernels: M rows of K uint32 words, row r's word k being
+    x32[starts[r] + off[k]] (x32 uint32 flat, starts int64 (M,), off int64 (K,)): rows side by side
+    (`packed_rows`), or a convolution's windows read in place from an image (`window_rows`)."""
 
-    Each input value is in KH*KW receptive fields. So its sign is packed once,
-    line by line (bit w of line (n, c, h) is xp[n, c, h, w] >= 0), and a row
-    is gathered as C*KH runs of KW consecutive bits. beta comes from
-    A = sum_c |xp| summed over each KH x KW window.
-    """
-    N, C, Hp, Wp = xp.shape
+    x32: np.ndarray
+    starts: np.ndarray
+    off: np.ndarray
+
+
+def packed_rows(a):
+    """Rows of a (R, words) uint64, pack_signs' rows: each word as its two 32-bit halves, the low one
+    first (x86 is little-endian)."""
+    K = 2 * a.shape[1]
+    return Rows(np.ascontiguousarray(a).view(np.uint32).reshape(-1), np.arange(a.shape[0]) * K, np.arange(K))
+
+
+def window_rows(words, KH, KW, stride):
+    """Rows of the KH x KW windows (stride) of an image's pixel words (N, Hp, Wp, S) uint32
+    (pixel_signs'), in place: row (n, i, j) is the words of pixels (i stride + kh, j stride + kw)
+    in (kh, kw) order, KH KW S words (`window_filters` packs the weights so)."""
+    N, Hp, Wp, S = words.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    lines = pack_signs(xp.reshape(-1, Wp)).reshape(N, C, Hp, -1)
-    beta = window_means(np.abs(xp).sum(axis=1, dtype=np.float32), KH, KW, stride, C * KH * KW)
-    return _gather_rows(N * Ho * Wo * C * KH, lines, KH, KW, (stride, stride), Ho, Wo), beta
+    pixels = (np.arange(N)[:, None, None] * Hp + np.arange(Ho)[:, None] * stride) * Wp + np.arange(Wo) * stride
+    off = ((np.arange(KH)[:, None, None] * Wp + np.arange(KW)[:, None]) * S + np.arange(S)).reshape(-1)
+    return Rows(words.reshape(-1), pixels.reshape(-1) * S, off)
 
 
-def im2row_signs_nhwc(xp, KH, KW, stride):
-    """Fast im2row_signs_nhwc_ref: xp (N, Hp, Wp, C) float32, channels last.
-
-    A line of the image is one run of Wp C bits (pixel by pixel, its C channels), so a window
-    line is KW C consecutive bits: KH runs per row, where channels first take C KH runs of KW."""
-    N, Hp, Wp, C = xp.shape
-    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    lines = pack_signs(xp.reshape(-1, Wp * C)).reshape(N, 1, Hp, -1)
-    beta = window_means(abs_sums(xp.reshape(-1, C)).reshape(N, Hp, Wp), KH, KW, stride, C * KH * KW)
-    return _gather_rows(N * Ho * Wo * KH * C, lines, KH, KW * C, (stride, stride * C), Ho, Wo), beta
+def window_filters(signs):
+    """(F, KH KW S) uint32: the signs (F, KH, KW, C) of F filters as window_rows reads an image."""
+    return pixel_signs(signs)[0].reshape(signs.shape[0], -1)
 
 
 # --------------------------------------------------------------------------
@@ -250,76 +215,95 @@ def xnor_matmul_ref(a, w, n):
     return exact.astype(np.int32)  # integers below 2**53: float64 is exact
 
 
-FILTERS_AT_ONCE = 32  # words per row up to which the popcounts run across filters (see _differences)
-
-
-def transposed(w):
-    """What the kernels read beside w (F, words) uint64: w.T (words, F) contiguous where rows have at
-    most FILTERS_AT_ONCE words, else an empty (0, F) stand-in. Kept by the layers: it is w again."""
-    return np.ascontiguousarray(w.T) if w.shape[1] <= FILTERS_AT_ONCE else np.empty((0, w.shape[0]), np.uint64)
+def blocked(w):
+    """The weights' operand of the fast kernels: w (F, K) uint32 words (window_filters'), or pack_signs'
+    (F, words) uint64 rows taken as their halves, as wb uint32, flat, (2 ceil(F/32), K, 16),
+    wb[b, k, l] = word k of filter 16 b + l (zero filters pad F to a multiple of 32: the kernels run
+    2 blocks of 16 filters per pass over a row). Made once per layer and kept."""
+    w = np.ascontiguousarray(w).view(np.uint32)
+    (F, K), blocks = w.shape, -(-w.shape[0] // 32) * 2
+    padded = np.zeros((blocks * lanes.LANES, K), np.uint32)
+    padded[:F] = w
+    return np.ascontiguousarray(padded.reshape(blocks, lanes.LANES, K).transpose(0, 2, 1)).reshape(-1)
 
 
 @numba.njit(inline="always", cache=True)
-def _differences(a, r, w, wt, differ):
-    """differ[j] = popcount(a[r] XOR w[j]) for every filter j; wt = transposed(w).
-
-    Short rows (LeNet-5's conv2: 8 words, fc1: 13) run across filters, 8 at once (vpopcntq where
-    the CPU has it), their sums in a small array: 1.7x the filter-by-filter loop on conv2's rows;
-    long ones (4096 inputs: 64 words) filter by filter across words, where that array would
-    outgrow the L1 cache."""
-    K = a.shape[1]
-    if K <= FILTERS_AT_ONCE:
-        differ[:] = 0
-        for k in range(K):
-            x = a[r, k]
-            for j in range(differ.size):
-                differ[j] += popcount(x ^ wt[k, j])
-    else:
-        for j in range(differ.size):
-            d = 0
-            for k in range(K):
-                d += popcount(a[r, k] ^ w[j, k])
-            differ[j] = d
+def _counts(x32, s0, s1, s2, s3, off, wb, b):
+    """popcount(row XOR filter) of the rows whose words start at s0 .. s3 (Rows) against the 32 filters
+    of blocks b and b + 1 of wb = blocked(w): 8 lanes.counts16, row by row, block by block, held in
+    registers across the row (each 64-byte load of weights serves 4 rows)."""
+    K = off.size
+    p0, p1, q0, q1 = lanes.zeros(), lanes.zeros(), lanes.zeros(), lanes.zeros()
+    u0, u1, v0, v1 = lanes.zeros(), lanes.zeros(), lanes.zeros(), lanes.zeros()
+    for k in range(K):
+        i, j, o = (b * K + k) * lanes.LANES, ((b + 1) * K + k) * lanes.LANES, off[k]
+        # unsigned indices: no negative-index test in the loop
+        x0, x1, x2, x3 = x32[np.uint64(s0 + o)], x32[np.uint64(s1 + o)], x32[np.uint64(s2 + o)], x32[np.uint64(s3 + o)]
+        p0, p1 = lanes.count_add(p0, x0, wb, i), lanes.count_add(p1, x0, wb, j)
+        q0, q1 = lanes.count_add(q0, x1, wb, i), lanes.count_add(q1, x1, wb, j)
+        u0, u1 = lanes.count_add(u0, x2, wb, i), lanes.count_add(u1, x2, wb, j)
+        v0, v1 = lanes.count_add(v0, x3, wb, i), lanes.count_add(v1, x3, wb, j)
+    return p0, p1, q0, q1, u0, u1, v0, v1
 
 
-def _xnor_rows_loops(a, w, wt, n):
-    R, F = a.shape[0], w.shape[0]
-    out = np.empty((R, F), np.int32)
-    for t in prange((R + ROW_BLOCK - 1) // ROW_BLOCK):
-        differ = np.empty(F, np.int64)
-        for r in range(t * ROW_BLOCK, min(R, (t + 1) * ROW_BLOCK)):
-            _differences(a, r, w, wt, differ)
-            for j in range(F):
-                out[r, j] = n - 2 * differ[j]
+@numba.njit(inline="always", cache=True)
+def _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b):
+    """_counts of rows r0 .. r3, or for a lone row (r0 = r1 = r2 = r3: a batch of 1 through a dense
+    layer) its counts computed once and repeated (4 times the popcounts of the tile otherwise)."""
+    if r1 != r0:
+        return _counts(x32, starts[r0], starts[r1], starts[r2], starts[r3], off, wb, b)
+    K, s = off.size, starts[r0]
+    p0, p1 = lanes.zeros(), lanes.zeros()
+    for k in range(K):
+        x = x32[np.uint64(s + off[k])]
+        p0 = lanes.count_add(p0, x, wb, (b * K + k) * lanes.LANES)
+        p1 = lanes.count_add(p1, x, wb, ((b + 1) * K + k) * lanes.LANES)
+    return p0, p1, p0, p1, p0, p1, p0, p1
+
+
+GROUPS_PER_TASK = 16  # groups of 4 rows (a pool window, or 4 rows in a row) per prange task
+
+
+@numba.njit(inline="always", cache=True)
+def _four_rows(g, R):
+    """Rows 4 g .. 4 g + 3 of R, the last row repeated past the end (computed, not stored)."""
+    r0 = 4 * g
+    return r0, min(r0 + 1, R - 1), min(r0 + 2, R - 1), min(r0 + 3, R - 1)
+
+
+def _xnor_matmul_loops(x32, starts, off, wb, n, out):
+    R, F = out.shape
+    o = out.reshape(-1)
+    groups, pairs = (R + 3) // 4, wb.size // (2 * lanes.LANES * off.size)
+    for t in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK * pairs):
+        first, b = t // pairs * GROUPS_PER_TASK, t % pairs * 2  # a task: its groups against one block pair
+        for g in range(first, min(groups, first + GROUPS_PER_TASK)):
+            r0, r1, r2, r3 = _four_rows(g, R)
+            counts = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b)
+            for h in range(2):
+                f = lanes.LANES * (b + h)
+                m = max(0, min(lanes.LANES, F - f))
+                for q in range(min(4, R - r0)):
+                    lanes.store_first(o, (r0 + q) * F + f, lanes.dots(counts[2 * q + h], n), m)
     return out
 
 
-def _xnor_filters_loops(a, w, n):
-    R, K = a.shape
-    F = w.shape[0]
-    out = np.empty((R, F), np.int32)
-    blocks = (R + ROW_BLOCK - 1) // ROW_BLOCK
-    for t in prange(blocks * F):  # one filter's words stay in cache while a block of rows meets them
-        first, j = (t // F) * ROW_BLOCK, t % F
-        for r in range(first, min(R, first + ROW_BLOCK)):
-            differ = 0
-            for k in range(K):
-                differ += popcount(a[r, k] ^ w[j, k])
-            out[r, j] = n - 2 * differ
-    return out
+_xnor_matmul = twin(_xnor_matmul_loops, MIN_WORDS)
 
 
-_xnor_rows, _xnor_filters = twin(_xnor_rows_loops, MIN_STEPS), twin(_xnor_filters_loops, MIN_STEPS)
+def xnor_matmul(a, w, n, wb=None):
+    """Fast xnor_matmul_ref: a (R, words), w (F, words) uint64 -> (R, F) int32; wb = blocked(w) (made
+    here if not given)."""
+    rows, wb = packed_rows(a), blocked(w) if wb is None else wb
+    _check_blocked(wb, w.shape[0], rows.off.size)
+    out = np.empty((a.shape[0], w.shape[0]), np.int32)
+    return _xnor_matmul(rows.starts.size * rows.off.size * w.shape[0], *rows, wb, n, out)
 
 
-def xnor_matmul(a, w, n, wt=None):
-    """Fast xnor_matmul_ref: a (R, words), w (F, words) uint64 -> (R, F) int32; wt = transposed(w)
-    (made here if not given). Long rows run filter by filter over blocks of rows: a filter's words
-    are then read once per block, where row by row they would all stream past every row (4096 x
-    4096 at 64 rows: 2.9 ms against 0.93)."""
-    if a.shape[1] <= FILTERS_AT_ONCE:
-        return _xnor_rows(a.size * w.shape[0], a, w, transposed(w) if wt is None else wt, n)
-    return _xnor_filters(a.size * w.shape[0], a, w, n)
+def _check_blocked(wb, F, K):
+    if wb.shape != (-(-F // 32) * 32 * K,):
+        raise ValueError(f"weights of {wb.shape} for {F} filters of {K} words: expected blocked(w), "
+                         f"({-(-F // 32) * 32 * K},)")
 
 
 def xnor_layer_ref(a, w, n, beta, alpha, b, grid, relu, pool):
@@ -339,34 +323,57 @@ def xnor_layer_ref(a, w, n, beta, alpha, b, grid, relu, pool):
     return y
 
 
-def _xnor_layer_loops(a, w, wt, n, beta, alpha, b, Ho, Wo, relu, pool, out):
+@numba.njit(inline="always", cache=True)
+def _scaled(d, n, beta_r, alpha_f, b_f):
+    """float32 (n - 2 d) (beta_r alpha_f) + b_f, xnor_layer_ref's operations in its order: 16 filters' outputs."""
+    return simd.add(simd.mul(lanes.to_float(lanes.dots(d, n)), simd.mul(simd.splat(beta_r), alpha_f)), b_f)
+
+
+def _xnor_layer_loops(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, out):
     N, Hq, Wq, F = out.shape
-    side = 2 if pool else 1
-    for t in prange(N * Hq):  # one row of outputs
-        image, i = t // Hq, t % Hq
-        differ, best = np.empty(F, np.int64), np.empty(F, np.float32)
-        for j in range(Wq):
-            for q in range(side * side):  # the pixels of the pool window, or the one pixel
-                r = (image * Ho + i * side + q // side) * Wo + j * side + q % side
-                _differences(a, r, w, wt, differ)
-                for f in range(F):
-                    y = np.float32(n - 2 * differ[f]) * (beta[r] * alpha[f]) + b[f]
-                    best[f] = y if q == 0 else max(best[f], y)
-            for f in range(F):
-                out[image, i, j, f] = max(best[f], np.float32(0)) if relu else best[f]
+    R = starts.size
+    o = out.reshape(-1)
+    groups = N * Hq * Wq if pool else (R + 3) // 4  # pool windows, or 4 rows in a row
+    pairs = wb.size // (2 * lanes.LANES * off.size)
+    for t in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK * pairs):
+        first, b = t // pairs * GROUPS_PER_TASK, t % pairs * 2  # a task: its groups against one block pair
+        for g in range(first, min(groups, first + GROUPS_PER_TASK)):
+            if pool:  # the window's 4 pixels
+                r0 = (g // (Hq * Wq) * Ho + g // Wq % Hq * 2) * Wo + g % Wq * 2
+                r1, r2, r3 = r0 + 1, r0 + Wo, r0 + Wo + 1
+            else:
+                r0, r1, r2, r3 = _four_rows(g, R)
+            counts = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b)
+            for h in range(2):
+                f = lanes.LANES * (b + h)
+                m = max(0, min(lanes.LANES, F - f))
+                alpha_f, b_f = simd.load_first(alpha, f, m), simd.load_first(bias, f, m)
+                y0 = _scaled(counts[h], n, beta[r0], alpha_f, b_f)
+                y1 = _scaled(counts[2 + h], n, beta[r1], alpha_f, b_f)
+                y2 = _scaled(counts[4 + h], n, beta[r2], alpha_f, b_f)
+                y3 = _scaled(counts[6 + h], n, beta[r3], alpha_f, b_f)
+                if pool:
+                    y = simd.maximum(simd.maximum(y0, y1), simd.maximum(y2, y3))
+                    simd.store_first(o, g * F + f, simd.maximum(y, simd.splat(0)) if relu else y, m)
+                    continue
+                for q, y in enumerate((y0, y1, y2, y3)):
+                    if r0 + q < R:
+                        simd.store_first(o, (r0 + q) * F + f, simd.maximum(y, simd.splat(0)) if relu else y, m)
     return out
 
 
-_xnor_layer = twin(_xnor_layer_loops, MIN_STEPS)
+_xnor_layer = twin(_xnor_layer_loops, MIN_WORDS)
 
 
-def xnor_layer(a, w, wt, n, beta, alpha, b, grid, relu, pool, out):
-    """Fast xnor_layer_ref, written into out (N, Ho', Wo', F) float32 and returned; wt =
-    transposed(w), kept by the caller. The max-pool is taken on the 4 pixels' outputs as they are
-    made: the full-size output is never written."""
-    (N, Ho, Wo), (F, words), side = grid, w.shape, 2 if pool else 1
-    expected, expected_t = (N, Ho // side, Wo // side, F), (words if words <= FILTERS_AT_ONCE else 0, F)
-    if a.shape[0] != N * Ho * Wo or out.shape != expected or wt.shape != expected_t:
-        raise ValueError(f"xnor_layer: {a.shape[0]} rows for a grid {grid} (pool {pool}) into {out.shape}, expected "
-                         f"{expected}; wt {wt.shape} must be transposed(w), {expected_t}")
-    return _xnor_layer(a.size * w.shape[0], a, w, wt, n, beta, alpha, b, grid[1], grid[2], relu, pool, out)
+def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
+    """Fast xnor_layer_ref, written into out (N, Ho', Wo', F) float32 and returned: rows (Rows) the
+    N Ho Wo rows of pixels (n, i, j), wb = blocked(w), kept by the caller. The max-pool is taken on
+    the 4 pixels' outputs as they are made, in registers: the full-size output is never written."""
+    (N, Ho, Wo), F, side = grid, out.shape[3], 2 if pool else 1
+    if rows.starts.size != N * Ho * Wo or out.shape != (N, Ho // side, Wo // side, F) or beta.size != N * Ho * Wo \
+            or alpha.shape != (F,) or b.shape != (F,):
+        raise ValueError(f"xnor_layer: {rows.starts.size} rows and {beta.size} betas for a grid {grid} (pool {pool}), "
+                         f"into {out.shape}, alpha {alpha.shape} and b {b.shape}: expected one of each per row, "
+                         f"and per filter")
+    _check_blocked(wb, F, rows.off.size)
+    return _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)

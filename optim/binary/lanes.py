@@ -1,0 +1,198 @@
+"""Sixteen popcounts in one register: the XNOR kernels' register tile.
+
+An XNOR product's inner step is d += popcount(a XOR w) (xnor.py). With the
+weights of 16 filters side by side, 32 bits each, one step serves all 16:
+
+    count_add(d, x, wt, i)     d + popcount(x XOR wt[i : i + 16]), lane by lane
+
+(d the int32 lanes of 16 filters' counts, x one uint32 word of the input row, the same in every
+lane, wt uint32), and the counts stay in registers across the whole row: a loop over an array of
+sums loads and stores them at every step, as LLVM cannot keep them in registers by itself (see
+minicnn.simd). With AVX-512 VPOPCNTDQ that is three instructions, vpxord (its broadcast folded in
+from memory), vpopcntd and vpaddd, on 512 bits; without it LLVM spells the popcount with byte
+table lookups (vpshufb) on two 256-bit halves. Also
+
+    zeros()                    [0] * 16
+    dots(d, n)                 n - 2 d: the products of the rows of n signs whose bits differ in d places
+    to_float(d)                float32(d), minicnn.simd's f32x16, for the layers' scaling
+    store_first(out, i, d, m)  out[i : i + m] = d[:m], 0 <= m <= 16 (out int32; a masked store:
+                               out may end before i + 16)
+    sign_bits(x, i, m)         the uint32 whose bit l is x[i + l] >= 0 for l < m, 0 above (x float32,
+                               0 <= m <= 16; a masked load, a compare and the mask's bits: vcmpps
+                               into a k-register, kmovw, where a loop tests and shifts value by value)
+    abs_sum(x, i, m)           sum |x[i : i + m]|, float32, in any order (0 <= m <= 16)
+
+No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + m <= out.size). With NUMBA_DISABLE_JIT=1 the
+operations are the NumPy expressions at the end. Numba's cache does not see this file: after
+editing it, delete the __pycache__ folders.
+"""
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, models, register_model
+
+from minicnn.simd import f32x16
+
+LANES = 16
+
+_I32 = ir.IntType(32)
+_COUNTS = ir.VectorType(_I32, LANES)
+
+
+class Counts16(types.Type):
+    def __init__(self):
+        super().__init__(name="counts16")
+
+
+counts16 = Counts16()
+
+
+@register_model(Counts16)
+class _Counts16Model(models.PrimitiveModel):
+    def __init__(self, dmm, fe_type):
+        super().__init__(dmm, fe_type, _COUNTS)
+
+
+def _splat(builder, value):
+    """The i32 value in all 16 lanes."""
+    one = builder.insert_element(ir.Constant(_COUNTS, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(_COUNTS, [0] * LANES))
+
+
+def _first(builder, m):
+    """The mask of lanes 0 .. m - 1, m an i32."""
+    return builder.icmp_signed("<", ir.Constant(_COUNTS, list(range(LANES))), _splat(builder, m))
+
+
+def _lanes_at(context, builder, array_type, array, index):
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [index]), _COUNTS.as_pointer())
+
+
+@intrinsic
+def zeros(typingctx):
+    return counts16(), lambda context, builder, sig, args: ir.Constant(_COUNTS, None)
+
+
+@intrinsic
+def count_add(typingctx, d, x, wt, i):
+    if not (isinstance(wt, types.Array) and wt.dtype == types.uint32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        d, x, wt, i = args
+        w = builder.load(_lanes_at(context, builder, sig.args[2], wt, i), align=4)
+        xs = _splat(builder, x)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_COUNTS, [_COUNTS]), "llvm.ctpop.v16i32")
+        return builder.add(d, builder.call(ctpop, [builder.xor(xs, w)]))
+
+    return counts16(counts16, types.uint32, wt, types.intp), codegen
+
+
+@intrinsic
+def dots(typingctx, d, n):
+    def codegen(context, builder, sig, args):
+        ns = _splat(builder, context.cast(builder, args[1], sig.args[1], types.int32))
+        return builder.sub(ns, builder.shl(args[0], ir.Constant(_COUNTS, [1] * LANES)))
+
+    return counts16(counts16, n), codegen
+
+
+@intrinsic
+def to_float(typingctx, d):
+    return f32x16(counts16), lambda context, builder, sig, args: builder.sitofp(args[0], ir.VectorType(
+        ir.FloatType(), LANES))
+
+
+@intrinsic
+def store_first(typingctx, out, i, d, m):
+    if not (isinstance(out, types.Array) and out.dtype == types.int32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        out, i, d, m = args
+        first = _first(builder, context.cast(builder, m, sig.args[3], types.int32))
+        target = _lanes_at(context, builder, sig.args[0], out, i)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.VoidType(), [_COUNTS, target.type, _I32, first.type]), "llvm.masked.store.v16i32.p0")
+        builder.call(fn, [d, target, ir.Constant(_I32, 4), first])
+        return context.get_dummy_value()
+
+    return types.none(out, types.intp, counts16, m), codegen
+
+
+@intrinsic
+def sign_bits(typingctx, x, i, m):
+    if not (isinstance(x, types.Array) and x.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        values, _ = _first_floats(context, builder, sig.args[0], args[0], args[1], args[2], sig.args[2])
+        positive = builder.fcmp_ordered(">=", values, ir.Constant(values.type, [0.0] * LANES))
+        return builder.zext(builder.bitcast(positive, ir.IntType(LANES)), _I32)
+
+    return types.uint32(x, types.intp, m), codegen
+
+
+def _first_floats(context, builder, x_type, x, i, m, m_type):
+    """x[i : i + m] then the 16 - m lanes -1.0: a masked load, which reads nothing past the m."""
+    floats = ir.VectorType(ir.FloatType(), LANES)
+    first = _first(builder, context.cast(builder, m, m_type, types.int32))
+    source = builder.bitcast(_lanes_at(context, builder, x_type, x, i), floats.as_pointer())
+    load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        floats, [source.type, _I32, first.type, floats]), "llvm.masked.load.v16f32.p0")
+    return builder.call(load, [source, ir.Constant(_I32, 4), first, ir.Constant(floats, [-1.0] * LANES)]), first
+
+
+@intrinsic
+def abs_sum(typingctx, x, i, m):
+    if not (isinstance(x, types.Array) and x.dtype == types.float32):
+        return None
+
+    def codegen(context, builder, sig, args):
+        values, first = _first_floats(context, builder, sig.args[0], args[0], args[1], args[2], sig.args[2])
+        floats = values.type
+        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]), "llvm.fabs.v16f32")
+        magnitudes = builder.select(first, builder.call(fabs, [values]), ir.Constant(floats, [0.0] * LANES))
+        total = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+            ir.FloatType(), [ir.FloatType(), floats]), "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(total, [ir.Constant(ir.FloatType(), -0.0), magnitudes], fastmath=("reassoc",))
+
+    return types.float32(x, types.intp, m), codegen
+
+
+def _zeros_python():
+    return np.zeros(LANES, np.int32)
+
+
+def _count_add_python(d, x, wt, i):
+    bits = np.unpackbits((np.uint32(x) ^ wt.reshape(-1)[i : i + LANES]).view(np.uint8).reshape(LANES, 4), axis=1)
+    return (d + bits.sum(axis=1)).astype(np.int32)
+
+
+def _dots_python(d, n):
+    return (n - 2 * d).astype(np.int32)
+
+
+def _to_float_python(d):
+    return d.astype(np.float32)
+
+
+def _store_first_python(out, i, d, m):
+    out.reshape(-1)[i : i + m] = d[:m]
+
+
+def _sign_bits_python(x, i, m):
+    return np.uint32(sum(1 << l for l in range(m) if x.reshape(-1)[i + l] >= 0))
+
+
+def _abs_sum_python(x, i, m):
+    return np.abs(x.reshape(-1)[i : i + m]).sum(dtype=np.float32)
+
+
+if numba.config.DISABLE_JIT:
+    zeros, count_add, dots, to_float = _zeros_python, _count_add_python, _dots_python, _to_float_python
+    store_first, sign_bits, abs_sum = _store_first_python, _sign_bits_python, _abs_sum_python
