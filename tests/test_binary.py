@@ -453,31 +453,23 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
     assert abs(minicnn.evaluate(minicnn.load(out), x, y) - accuracy) <= 5e-5
 
 
-@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 70), seeds)
-@example(1, 2, 3, 64, 0)  # whole words
-def test_pixel_signs_match_reference(N, H, W, C, seed):
-    """A pixel's signs in ceil(C/32) words, bit for bit; its sum of |x| to float32 rounding."""
-    x = random_array(seed, (N, H, W, C), np.float32)
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 70), st.integers(1, 3),
+       st.integers(1, 3), st.integers(1, 3), seeds)
+@example(2, 12, 12, 20, 5, 5, 1, 0)  # LeNet-5's conv2
+@example(3, 1, 1, 64, 1, 1, 1, 0)  # a dense layer's rows: 1 x 1 images; whole words
+def test_window_signs_match_reference(N, Hp, Wp, C, KH, KW, stride, seed):
+    """A pixel's signs in ceil(C/32) words, bit for bit; the windows' mean |x| to float32 rounding."""
+    x = random_array(seed, (N, Hp + KH - 1, Wp + KW - 1, C), np.float32)
     x[..., ::5] = 0  # sign(0) = +1
-    words, sums = xnor.pixel_signs_ref(x)
-    assert words.shape == (N, H, W, -(-C // 32))
+    words, beta = xnor.window_signs_ref(x, KH, KW, stride)
+    assert words.shape == (*x.shape[:3], -(-C // 32))
     np.testing.assert_array_equal(np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[..., :C],
                                   x >= 0)
     for build in BUILDS:
         with parallel.forced(build):
-            got_words, got_sums = xnor.pixel_signs(x)
+            got_words, got_beta = xnor.window_signs(x, KH, KW, stride)
         np.testing.assert_array_equal(got_words, words, err_msg=build)
-        np.testing.assert_allclose(got_sums, sums, rtol=1e-5, err_msg=build)
-
-
-@given(st.integers(1, 3), st.integers(0, 8), st.integers(0, 8), st.integers(1, 4), st.integers(1, 4),
-       st.integers(1, 3), seeds)
-def test_window_means_match_reference(N, Hp, Wp, KH, KW, stride, seed):
-    A = np.abs(random_array(seed, (N, Hp + KH, Wp + KW), np.float32))
-    for build in BUILDS:
-        with parallel.forced(build):
-            np.testing.assert_allclose(xnor.window_means(A, KH, KW, stride, 7),
-                                       xnor.window_means_ref(A, KH, KW, stride, 7), rtol=1e-5, err_msg=build)
+        np.testing.assert_allclose(got_beta, beta, rtol=1e-5, err_msg=build)
 
 
 @given(conv_geometry(max_channels=40), seeds)

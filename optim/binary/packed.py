@@ -95,20 +95,10 @@ class PackedBinaryLayer(Layer):
 
     def _xnor_runner(self, padded_shape, K, stride, relu, pool, wb):
         """run(xp, out) for binary inputs xp (N, Hp, Wp, C) float32 of padded_shape, channels last, into out
-        (N, Ho', Wo', F): the pixels' signs packed and |x| summed in one pass (xnor.pixel_signs), beta
-        the K x K windows' means of |x|, the windows' words read in place (their offsets bound here)
-        against wb, the ReLU and the 2x2 pool in the kernel's registers (xnor.xnor_layer)."""
-        N, Hp, Wp, C = padded_shape
-        grid = (N, (Hp - K) // stride + 1, (Wp - K) // stride + 1)
-        rows = xnor.window_rows(np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), K, K, stride)
-
-        def run(xp, out):
-            words, sums = xnor.pixel_signs(xp)
-            beta = xnor.window_means(sums, K, K, stride, self.n)
-            return xnor.xnor_layer(rows._replace(x32=words.reshape(-1)), wb, self.n, beta, self.alpha, self.b, grid,
-                                   relu, pool, out)
-
-        return run
+        (N, Ho', Wo', F): the pixels' signs packed and beta, the K x K windows' means of |x|, in one
+        pass, the windows' words read in place against wb, the ReLU and the 2x2 pool in the kernel's
+        registers (xnor.conv_runner)."""
+        return xnor.conv_runner(padded_shape, K, stride, wb, self.n, self.alpha, self.b, relu, pool)
 
     def backward(self, dout):
         raise NotImplementedError(f"{type(self).__name__} is inference-only: train the Binary layer it was packed from")

@@ -7,7 +7,7 @@ Packing. A row v of n values becomes ceil(n / 64) uint64 words: bit k
 sign +1, and the 64 * words - n padding bits are 0. A float32 weight takes
 32 bits, its sign one: 32x smaller. An image's pixels (N, H, W, C) are
 packed pixel by pixel instead, ceil(C / 32) uint32 words each
-(`pixel_signs`), so that a convolution's window is whole words of the
+(`pixel_signs_ref`, `window_signs`), so that a convolution's window is whole words of the
 image, read in place: no row of signs is ever gathered (`window_rows`).
 
 XNOR-popcount. For a, w in {-1, +1}^n the product a_i w_i is +1 where the
@@ -109,67 +109,63 @@ def pixel_signs_ref(x):
     return words, np.abs(x).sum(axis=-1, dtype=np.float32)
 
 
-def _pixel_signs_loops(x):
-    N, H, W, C = x.shape
-    S = (C + 31) // 32
-    words, sums = np.empty((N * H * W, S), np.uint32), np.empty(N * H * W, np.float32)
-    x = x.reshape(-1)
-    for p in prange(N * H * W):  # the input read once for both, 16 values at a time
-        total = np.float32(0)
-        for s in range(S):
-            word = np.uint32(0)
-            for c in range(32 * s, min(C, 32 * s + 32), 16):
-                m = min(16, C - c)
-                word |= lanes.sign_bits(x, p * C + c, m) << np.uint32(c - 32 * s)
-                total += lanes.abs_sum(x, p * C + c, m)
-            words[p, s] = word
-        sums[p] = total
-    return words.reshape(N, H, W, S), sums.reshape(N, H, W)
-
-
-_pixel_signs = twin(_pixel_signs_loops, MIN_STEPS)
-
-
-def pixel_signs(x):
-    """Fast pixel_signs_ref (the sums in another order: equal to float32 rounding)."""
-    return _pixel_signs(x.size, np.ascontiguousarray(x, dtype=np.float32))
-
-
 def window_means_ref(A, KH, KW, stride, n):
     """(N Ho Wo,) float32: A (N, Hp, Wp) float32 summed over each KH x KW window (stride), / n."""
     windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
     return (windows.sum(axis=(-2, -1), dtype=np.float32) / np.float32(n)).reshape(-1)
 
 
-def _window_means_loops(A, KH, KW, stride, Ho, Wo, n):
-    N, Hp = A.shape[:2]
-    out = np.empty(N * Ho * Wo, np.float32)
-    for image in prange(N):  # separable: KH + KW adds an output, not KH KW
-        lines = np.empty((Hp, Wo), np.float32)  # the sums over kw of every input line
+def window_signs_ref(x, KH, KW, stride):
+    """What a binary-input conv needs of its input x (N, Hp, Wp, C) float32, padded, channels last:
+    (words, beta) = (pixel_signs_ref(x)[0], the KH x KW windows' mean |x|, (N Ho Wo,) float32)."""
+    words, sums = pixel_signs_ref(x)
+    return words, window_means_ref(sums, KH, KW, stride, KH * KW * x.shape[3])
+
+
+def _window_signs_loops(x, KH, KW, stride, words, sums, lines, beta):
+    N, Hp, Wp, C = x.shape
+    S, Wo = words.shape[3], lines.shape[2]
+    Ho = beta.size // (N * Wo)
+    xf, wf, n = x.reshape(-1), words.reshape(-1), np.float32(KH * KW * C)
+    for image in prange(N):  # the image read once, 16 values at a time
         for h in range(Hp):
+            for w in range(Wp):
+                p, total = (image * Hp + h) * Wp + w, np.float32(0)
+                for s in range(S):
+                    word = np.uint32(0)
+                    for c in range(32 * s, min(C, 32 * s + 32), 16):
+                        m = min(16, C - c)
+                        word |= lanes.sign_bits(xf, p * C + c, m) << np.uint32(c - 32 * s)
+                        total += lanes.abs_sum(xf, p * C + c, m)
+                    wf[p * S + s] = word
+                sums[image, h, w] = total
+        for h in range(Hp):  # the means separably: KH + KW adds an output, not KH KW
             for j in range(Wo):
                 total = np.float32(0)
                 for kw in range(KW):
-                    total += A[image, h, j * stride + kw]
-                lines[h, j] = total
+                    total += sums[image, h, j * stride + kw]
+                lines[image, h, j] = total
         for i in range(Ho):
             for j in range(Wo):
                 total = np.float32(0)
                 for kh in range(KH):
-                    total += lines[i * stride + kh, j]
-                out[(image * Ho + i) * Wo + j] = total / np.float32(n)
-    return out
+                    total += lines[image, i * stride + kh, j]
+                beta[(image * Ho + i) * Wo + j] = total / n
 
 
-_window_means = twin(_window_means_loops, MIN_STEPS)
+_window_signs = twin(_window_signs_loops, MIN_STEPS)
 
 
-def window_means(A, KH, KW, stride, n):
-    """Fast window_means_ref (sums in another order): a window's mean |x| from A = sum_c |x|
-    (XNOR-Net's K = A * k), n = KH KW C."""
-    N, Hp, Wp = A.shape
+def window_signs(x, KH, KW, stride):
+    """Fast window_signs_ref (the sums in another order: equal to float32 rounding), in one pass
+    over each image."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    N, Hp, Wp, C = x.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    return _window_means(N * Ho * Wo * (KH + KW), A, KH, KW, stride, Ho, Wo, n)
+    words, beta = np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty(N * Ho * Wo, np.float32)
+    _window_signs(x.size, x, KH, KW, stride, words, np.empty((N, Hp, Wp), np.float32),
+                  np.empty((N, Hp, Wo), np.float32), beta)
+    return words, beta
 
 
 class Rows(NamedTuple):
@@ -202,7 +198,7 @@ def window_rows(words, KH, KW, stride):
 
 def window_filters(signs):
     """(F, KH KW S) uint32: the signs (F, KH, KW, C) of F filters as window_rows reads an image."""
-    return pixel_signs(signs)[0].reshape(signs.shape[0], -1)
+    return pixel_signs_ref(signs)[0].reshape(signs.shape[0], -1)
 
 
 # --------------------------------------------------------------------------
@@ -377,3 +373,26 @@ def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
                          f"and per filter")
     _check_blocked(wb, F, rows.off.size)
     return _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
+
+
+def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
+    """run(xp, out) = xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out) for xp (N, Hp, Wp, C)
+    float32 of padded_shape, channels last, with rows the windows of the words of
+    (words, beta) = window_signs(xp, K, K, stride): a binary-input conv layer (a dense one: K = 1 on
+    (N, 1, 1, C)). Checks, sizes and work arrays are bound here, once, and nothing is checked per
+    call (xp contiguous, out (N, Ho', Wo', F)): at batch 1 they cost as much as the kernels."""
+    N, Hp, Wp, C = padded_shape
+    Ho, Wo = (Hp - K) // stride + 1, (Wp - K) // stride + 1
+    words, beta = np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty(N * Ho * Wo, np.float32)
+    sums, lines = np.empty((N, Hp, Wp), np.float32), np.empty((N, Hp, Wo), np.float32)
+    rows = window_rows(words, K, K, stride)
+    _check_blocked(wb, alpha.size, rows.off.size)
+    if alpha.ndim != 1 or b.shape != alpha.shape:
+        raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")
+    size, work = N * Hp * Wp * C, rows.starts.size * rows.off.size * alpha.size
+
+    def run(xp, out):
+        _window_signs(size, xp, K, K, stride, words, sums, lines, beta)
+        return _xnor_layer(work, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
+
+    return run
