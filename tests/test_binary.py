@@ -324,6 +324,18 @@ def test_predict_runs_binary_layers_in_fused_stages(N, padding, relu_after_pool,
                 np.testing.assert_allclose(packed.predict(x), packed.forward(x), rtol=0, atol=2e-5)
 
 
+@pytest.mark.parametrize("N", [1, 5])
+def test_binary_input_dense_as_the_last_stage(N):
+    """A stage's output is the array it was given (N, F), also when a binary-input dense layer, which
+    runs as N 1 x 1 images, ends the network."""
+    rng = np.random.default_rng(N)
+    model = pack(minicnn.Sequential([Flatten(), BinaryDense(12, 5, binary_input=True, rng=rng)], input_shape=(3, 2, 2)))
+    x = rng.standard_normal((N, 3, 2, 2)).astype(np.float32)
+    out = model.predict(x)
+    assert out.shape == (N, 5)
+    np.testing.assert_allclose(out, model.forward(x), rtol=0, atol=1e-5)
+
+
 def test_binarize_defaults_to_the_middle_and_keeps_the_original():
     model = small_cnn()
     before = [layer.params["W"].copy() for layer in model.layers if layer.params]

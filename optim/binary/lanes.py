@@ -124,6 +124,16 @@ def store_first(typingctx, out, i, d, m):
     return types.none(out, types.intp, counts16, m), codegen
 
 
+def _first_floats(context, builder, x_type, x, i, m, m_type):
+    """x[i : i + m] then the 16 - m lanes -1.0: a masked load, which reads nothing past the m."""
+    floats = ir.VectorType(ir.FloatType(), LANES)
+    first = _first(builder, context.cast(builder, m, m_type, types.int32))
+    source = builder.bitcast(_lanes_at(context, builder, x_type, x, i), floats.as_pointer())
+    load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
+        floats, [source.type, _I32, first.type, floats]), "llvm.masked.load.v16f32.p0")
+    return builder.call(load, [source, ir.Constant(_I32, 4), first, ir.Constant(floats, [-1.0] * LANES)]), first
+
+
 @intrinsic
 def sign_bits(typingctx, x, i, m):
     if not (isinstance(x, types.Array) and x.dtype == types.float32):
@@ -135,16 +145,6 @@ def sign_bits(typingctx, x, i, m):
         return builder.zext(builder.bitcast(positive, ir.IntType(LANES)), _I32)
 
     return types.uint32(x, types.intp, m), codegen
-
-
-def _first_floats(context, builder, x_type, x, i, m, m_type):
-    """x[i : i + m] then the 16 - m lanes -1.0: a masked load, which reads nothing past the m."""
-    floats = ir.VectorType(ir.FloatType(), LANES)
-    first = _first(builder, context.cast(builder, m, m_type, types.int32))
-    source = builder.bitcast(_lanes_at(context, builder, x_type, x, i), floats.as_pointer())
-    load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-        floats, [source.type, _I32, first.type, floats]), "llvm.masked.load.v16f32.p0")
-    return builder.call(load, [source, ir.Constant(_I32, 4), first, ir.Constant(floats, [-1.0] * LANES)]), first
 
 
 @intrinsic

@@ -174,8 +174,13 @@ class PackedBinaryDense(PackedBinaryLayer):
         if self.binary_input:
             order = narrow.input_order(shape)
             wb = self._blocked(("window bits", shape[1:]), lambda: self.signs()[:, order].reshape(F, 1, 1, K))
-            run = self._xnor_runner((N, 1, 1, K), 1, 1, relu, False, wb)
-            return lambda x, out: run(x.reshape(N, 1, 1, K), out.reshape(N, 1, 1, F))
+            xnor_run = self._xnor_runner((N, 1, 1, K), 1, 1, relu, False, wb)
+
+            def run(x, out):  # each row a 1 x 1 image of K channels
+                xnor_run(x.reshape(N, 1, 1, K), out.reshape(N, 1, 1, F))
+                return out
+
+            return run
         if N < ADDSUB_BELOW:
             kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self._in_order("lanes", shape)
             return lambda x, out: kernel(x.reshape(N, K), lanes, self.alpha, self.b, out)

@@ -7,7 +7,7 @@ Packing. A row v of n values becomes ceil(n / 64) uint64 words: bit k
 sign +1, and the 64 * words - n padding bits are 0. A float32 weight takes
 32 bits, its sign one: 32x smaller. An image's pixels (N, H, W, C) are
 packed pixel by pixel instead, ceil(C / 32) uint32 words each
-(`pixel_signs_ref`, `window_signs`), so that a convolution's window is whole words of the
+(`window_signs`), so that a convolution's window is whole words of the
 image, read in place: no row of signs is ever gathered (`window_rows`).
 
 XNOR-popcount. For a, w in {-1, +1}^n the product a_i w_i is +1 where the
@@ -99,6 +99,10 @@ def unpack_signs(packed, n):
     return np.where(bits == 1, np.float32(1), np.float32(-1))
 
 
+# --------------------------------------------------------------------------
+# A binary-input conv's operand: each pixel's signs in words of its own, and beta
+
+
 def pixel_signs_ref(x):
     """x (N, H, W, C) float32 -> (words (N, H, W, S) uint32, S = ceil(C / 32): bit c % 32 of word
     c // 32 is x[..., c] >= 0, padding bits 0; sums (N, H, W) float32 = sum_c |x|, for beta)."""
@@ -187,7 +191,7 @@ def packed_rows(a):
 
 def window_rows(words, KH, KW, stride):
     """Rows of the KH x KW windows (stride) of an image's pixel words (N, Hp, Wp, S) uint32
-    (pixel_signs'), in place: row (n, i, j) is the words of pixels (i stride + kh, j stride + kw)
+    (window_signs'), in place: row (n, i, j) is the words of pixels (i stride + kh, j stride + kw)
     in (kh, kw) order, KH KW S words (`window_filters` packs the weights so)."""
     N, Hp, Wp, S = words.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
