@@ -19,6 +19,8 @@ kernels of `optim.sparse` say it outright with the type `f32x16`, LLVM's
     fma(a, b, c)            a * b + c (llvm.fmuladd: one fused instruction where the CPU has FMA)
     add(a, b)               a + b
     mul(a, b)               a * b
+    absolute(a)             numpy.abs(a)
+    total(a)                a.sum(), float32, its adds in any order (llvm.vector.reduce.fadd, reassociable)
     add_where(a, m, i, b)   a + b in the lanes whose bit of m[i] is 1, a elsewhere (m: uint16 array, lane 0 bit 0)
     permute2(lo, k, j, hi)  concatenate([lo, hi])[k[j : j + 16]]   (k: uint8 array, entries 0..31)
 
@@ -269,6 +271,33 @@ def mul(typingctx, a, b):
 
 
 @intrinsic
+def absolute(typingctx, a):
+    """|a| lane by lane (llvm.fabs: the sign bits cleared)."""
+    if a != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_FLOATS, [_FLOATS]), "llvm.fabs.v16f32")
+        return builder.call(fn, args)
+
+    return f32x16(a), codegen
+
+
+@intrinsic
+def total(typingctx, a):
+    """The sum of the 16 lanes, float32, in whatever order is fastest (a tree of shuffles and adds)."""
+    if a != f32x16:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.FloatType(), [ir.FloatType(), _FLOATS]),
+                                             "llvm.vector.reduce.fadd.v16f32")
+        return builder.call(fn, [ir.Constant(ir.FloatType(), -0.0), args[0]], fastmath=("reassoc",))
+
+    return types.float32(a), codegen
+
+
+@intrinsic
 def add_where(typingctx, a, m, i, b):
     """a + b in the lanes whose bit of m[i] (m a 1-D uint16 array; lane 0: bit 0) is set, a in the
     others: AVX-512's masked add (vaddps with a k-register loaded straight from m); elsewhere LLVM
@@ -392,6 +421,14 @@ def _mul_python(a, b):
     return a * b
 
 
+def _absolute_python(a):
+    return np.abs(a)
+
+
+def _total_python(a):
+    return a.sum(dtype=np.float32)
+
+
 def _add_where_python(a, m, i, b):
     return np.where((int(m[i]) >> np.arange(LANES)) & 1 == 1, a + b, a)
 
@@ -407,7 +444,7 @@ def _transpose16_python(src, i, src_stride, dst, j, dst_stride):
 
 if numba.config.DISABLE_JIT:
     load, store, splat, fma, add = _load_python, _store_python, _splat_python, _fma_python, _add_python
-    mul = _mul_python
+    mul, absolute, total = _mul_python, _absolute_python, _total_python
     add_where = _add_where_python
     broadcast, maximum = _broadcast_python, _maximum_python
     load_first, store_first = _load_first_python, _store_first_python

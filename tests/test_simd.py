@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minicnn import simd
-from minicnn.simd import (LANES, add, add_where, aligned_empty, broadcast, fma, load, load_first, maximum, mul,
-                          permute2, splat, store, store_first, transpose16)
+from minicnn.simd import (LANES, absolute, add, add_where, aligned_empty, broadcast, fma, load, load_first, maximum,
+                          mul, permute2, splat, store, store_first, total, transpose16)
 
 floats = st.floats(-1e6, 1e6, width=32)
 
@@ -24,6 +24,8 @@ def _arithmetic(a, b, c, out):
     store(out, LANES, add(load(a, 0), load(b, 0)))
     store(out, 2 * LANES, splat(a[0]))
     store(out, 3 * LANES, mul(load(a, 0), load(b, 0)))
+    store(out, 4 * LANES, absolute(load(a, 0)))
+    out[5 * LANES] = total(load(c, 0))
 
 
 @numba.njit
@@ -72,9 +74,9 @@ def test_add_where_adds_in_the_lanes_of_the_mask_bits(values, m, i):
 
 
 @given(st.lists(floats, min_size=3 * LANES, max_size=3 * LANES))
-def test_fma_add_splat_mul(values):
+def test_fma_add_splat_mul_absolute_total(values):
     a, b, c = np.array(values, np.float32).reshape(3, LANES)
-    out = np.empty(4 * LANES, np.float32)
+    out = np.empty(5 * LANES + 1, np.float32)
     _arithmetic(a, b, c, out)
     # fma is fused (one rounding) where the CPU has FMA, else a float32 multiply then add. The
     # float64 route to the fused result (a*b exact, then the sum) rounds twice, which can land
@@ -84,7 +86,10 @@ def test_fma_add_splat_mul(values):
     assert (near_fused | (out[:LANES] == a * b + c)).all(), (out[:LANES], fused, a * b + c)
     np.testing.assert_array_equal(out[LANES : 2 * LANES], a + b)
     np.testing.assert_array_equal(out[2 * LANES : 3 * LANES], np.full(LANES, a[0]))
-    np.testing.assert_array_equal(out[3 * LANES :], a * b)
+    np.testing.assert_array_equal(out[3 * LANES : 4 * LANES], a * b)
+    np.testing.assert_array_equal(out[4 * LANES : 5 * LANES], np.abs(a))
+    exact = c.astype(np.float64).sum()  # the lanes' adds in any order: within 16 roundings of the sum
+    assert abs(out[5 * LANES] - exact) <= 16 * np.spacing(np.float32(np.abs(c).sum())), (out[5 * LANES], exact)
 
 
 @given(st.integers(0, LANES), st.integers(0, LANES), st.integers(0, 5), st.integers(0, 5))

@@ -17,10 +17,9 @@ table lookups (vpshufb) on two 256-bit halves. Also
     to_float(d)                float32(d), minicnn.simd's f32x16, for the layers' scaling
     store_first(out, i, d, m)  out[i : i + m] = d[:m], 0 <= m <= 16 (out int32; a masked store:
                                out may end before i + 16)
-    sign_bits(x, i, m)         the uint32 whose bit l is x[i + l] >= 0 for l < m, 0 above (x float32,
-                               0 <= m <= 16; a masked load, a compare and the mask's bits: vcmpps
-                               into a k-register, kmovw, where a loop tests and shifts value by value)
-    abs_sum(x, i, m)           sum |x[i : i + m]|, float32, in any order (0 <= m <= 16)
+    sign_bits(v, m)            the uint32 whose bit l is v[l] >= 0 for l < m, 0 above (v minicnn.simd's
+                               f32x16, 0 <= m <= 16: a compare and the mask's bits, vcmpps into a
+                               k-register and kmovw, where a loop tests and shifts value by value)
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + m <= out.size). With NUMBA_DISABLE_JIT=1 the
 operations are the NumPy expressions at the end. Numba's cache does not see this file: after
@@ -124,44 +123,18 @@ def store_first(typingctx, out, i, d, m):
     return types.none(out, types.intp, counts16, m), codegen
 
 
-def _first_floats(context, builder, x_type, x, i, m, m_type):
-    """x[i : i + m] then the 16 - m lanes -1.0: a masked load, which reads nothing past the m."""
-    floats = ir.VectorType(ir.FloatType(), LANES)
-    first = _first(builder, context.cast(builder, m, m_type, types.int32))
-    source = builder.bitcast(_lanes_at(context, builder, x_type, x, i), floats.as_pointer())
-    load = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-        floats, [source.type, _I32, first.type, floats]), "llvm.masked.load.v16f32.p0")
-    return builder.call(load, [source, ir.Constant(_I32, 4), first, ir.Constant(floats, [-1.0] * LANES)]), first
-
-
 @intrinsic
-def sign_bits(typingctx, x, i, m):
-    if not (isinstance(x, types.Array) and x.dtype == types.float32):
+def sign_bits(typingctx, v, m):
+    if v != f32x16:
         return None
 
     def codegen(context, builder, sig, args):
-        values, _ = _first_floats(context, builder, sig.args[0], args[0], args[1], args[2], sig.args[2])
-        positive = builder.fcmp_ordered(">=", values, ir.Constant(values.type, [0.0] * LANES))
+        v, m = args
+        positive = builder.and_(builder.fcmp_ordered(">=", v, ir.Constant(v.type, [0.0] * LANES)),
+                                _first(builder, context.cast(builder, m, sig.args[1], types.int32)))
         return builder.zext(builder.bitcast(positive, ir.IntType(LANES)), _I32)
 
-    return types.uint32(x, types.intp, m), codegen
-
-
-@intrinsic
-def abs_sum(typingctx, x, i, m):
-    if not (isinstance(x, types.Array) and x.dtype == types.float32):
-        return None
-
-    def codegen(context, builder, sig, args):
-        values, first = _first_floats(context, builder, sig.args[0], args[0], args[1], args[2], sig.args[2])
-        floats = values.type
-        fabs = cgutils.get_or_insert_function(builder.module, ir.FunctionType(floats, [floats]), "llvm.fabs.v16f32")
-        magnitudes = builder.select(first, builder.call(fabs, [values]), ir.Constant(floats, [0.0] * LANES))
-        total = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
-            ir.FloatType(), [ir.FloatType(), floats]), "llvm.vector.reduce.fadd.v16f32")
-        return builder.call(total, [ir.Constant(ir.FloatType(), -0.0), magnitudes], fastmath=("reassoc",))
-
-    return types.float32(x, types.intp, m), codegen
+    return types.uint32(f32x16, m), codegen
 
 
 def _zeros_python():
@@ -185,14 +158,10 @@ def _store_first_python(out, i, d, m):
     out.reshape(-1)[i : i + m] = d[:m]
 
 
-def _sign_bits_python(x, i, m):
-    return np.uint32(sum(1 << l for l in range(m) if x.reshape(-1)[i + l] >= 0))
-
-
-def _abs_sum_python(x, i, m):
-    return np.abs(x.reshape(-1)[i : i + m]).sum(dtype=np.float32)
+def _sign_bits_python(v, m):
+    return np.uint32(sum(1 << l for l in range(m) if v[l] >= 0))
 
 
 if numba.config.DISABLE_JIT:
     zeros, count_add, dots, to_float = _zeros_python, _count_add_python, _dots_python, _to_float_python
-    store_first, sign_bits, abs_sum = _store_first_python, _sign_bits_python, _abs_sum_python
+    store_first, sign_bits = _store_first_python, _sign_bits_python

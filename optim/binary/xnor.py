@@ -134,15 +134,16 @@ def _window_signs_loops(x, KH, KW, stride, words, sums, lines, beta):
     for image in prange(N):  # the image read once, 16 values at a time
         for h in range(Hp):
             for w in range(Wp):
-                p, total = (image * Hp + h) * Wp + w, np.float32(0)
+                p, magnitudes = (image * Hp + h) * Wp + w, simd.splat(0)
                 for s in range(S):
                     word = np.uint32(0)
                     for c in range(32 * s, min(C, 32 * s + 32), 16):
                         m = min(16, C - c)
-                        word |= lanes.sign_bits(xf, p * C + c, m) << np.uint32(c - 32 * s)
-                        total += lanes.abs_sum(xf, p * C + c, m)
+                        v = simd.load_first(xf, p * C + c, m)
+                        word |= lanes.sign_bits(v, m) << np.uint32(c - 32 * s)
+                        magnitudes = simd.add(magnitudes, simd.absolute(v))
                     wf[p * S + s] = word
-                sums[image, h, w] = total
+                sums[image, h, w] = simd.total(magnitudes)  # one sum across the lanes a pixel
         for h in range(Hp):  # the means separably: KH + KW adds an output, not KH KW
             for j in range(Wo):
                 total = np.float32(0)
