@@ -112,8 +112,10 @@ def conv_figures(budget):
         out = np.empty(direct.output_shape(xp.shape, F, K, 1, True), np.float32)
         float_stage, w = direct.conv_block_runner(xp.shape, F, K, 1, False, True), direct.pack_filters(conv.params["W"])
         xnor_stage = packed.fused_conv(xp.shape, False, True)
-        check(np.allclose(xnor_stage(xp, out.copy()), models["XNOR conv"].predict(x).transpose(0, 2, 3, 1)),
-              "the XNOR stage vs predict")
+        for name, stage in (("float32", lambda o: float_stage(xp, w, conv.params["b"], o)),
+                            ("XNOR", lambda o: xnor_stage(xp, o))):
+            check(np.allclose(stage(out.copy()), models[f"{name} conv"].predict(x).transpose(0, 2, 3, 1), rtol=1e-5,
+                              atol=1e-5), f"the {name} stage vs its model's predict")
         stages.append(timed_row(batch, {"float32 conv": lambda: float_stage(xp, w, conv.params["b"], out),
                                         "XNOR conv": lambda: xnor_stage(xp, out)}, budget))
         predicts.append(timed_row(batch, {name: lambda m=m: m.predict(x, batch_size=batch)
@@ -178,11 +180,11 @@ def main(argv=None):
           "the kernel column excludes packing the input)")
     print(table(result["dense"], "batch"), flush=True)
 
-    result["conv2"], result["conv2_predict"] = conv_figures(budget)
+    result["conv2_stage"], result["conv2_predict"] = conv_figures(budget)
     C, F, K, H = CONV
     print(f"\nLeNet-5's conv2, {C} -> {F} channels, {K}x{K} on {H}x{H}, and its 2x2 max-pool, as predict's fused stage"
           " runs them (channels-last input)")
-    print(table(result["conv2"], "batch"), flush=True)
+    print(table(result["conv2_stage"], "batch"), flush=True)
     print("The same, model.predict of the two layers (NCHW input and output: transposes included)")
     print(table(result["conv2_predict"], "batch"), flush=True)
 

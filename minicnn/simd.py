@@ -38,6 +38,10 @@ exception: it is AVX-512's vpermi2ps, a 16-lane table lookup into 32 floats
 held in two registers, and exists only where `HAS_PERMUTE` is true; a
 kernel that uses it must not even be compiled elsewhere.
 
+The helpers `is_array_of` (a typing test), `lanes_at` (a pointer to array[i] seen as lanes)
+and `first_lanes` (the mask of the first n lanes) serve other modules' intrinsics too
+(optim.binary.lanes).
+
 No bounds checks: callers guarantee 0 <= i and i + 16 <= x.size (j
 likewise for k; i + n <= x.size for load_first and store_first). tests/test_simd.py checks each operation against NumPy.
 With NUMBA_DISABLE_JIT=1 the operations are those NumPy expressions (the
@@ -108,14 +112,14 @@ def aligned_empty(n):
     return spare[start : start + n]
 
 
-def _lanes_at(context, builder, array_type, array, index_type, index, lanes_type):
+def lanes_at(context, builder, array_type, array, index_type, index, lanes_type):
     """A pointer to array[index], seen as a vector of `lanes_type`."""
     data = context.make_array(array_type)(context, builder, array).data
     index = context.cast(builder, index, index_type, types.intp)  # a signed GEP index, as wide as a pointer
     return builder.bitcast(builder.gep(data, [index]), lanes_type.as_pointer())
 
 
-def _is_array_of(array, dtype, writable=False):
+def is_array_of(array, dtype, writable=False):
     """A 1-D C-contiguous array of dtype (and writable, if asked): what the operations read 16 at a time."""
     return (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
             and array.dtype == dtype and (array.mutable or not writable))
@@ -124,11 +128,11 @@ def _is_array_of(array, dtype, writable=False):
 @intrinsic
 def load(typingctx, x, i):
     """x[i : i + 16] as a vector; x is a 1-D float32 array."""
-    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer)):
+    if not (is_array_of(x, types.float32) and isinstance(i, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        return builder.load(_lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS), align=4)
+        return builder.load(lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS), align=4)
 
     return f32x16(x, i), codegen
 
@@ -136,11 +140,11 @@ def load(typingctx, x, i):
 @intrinsic
 def store(typingctx, x, i, v):
     """x[i : i + 16] = v."""
-    if not (_is_array_of(x, types.float32, writable=True) and isinstance(i, types.Integer) and v == f32x16):
+    if not (is_array_of(x, types.float32, writable=True) and isinstance(i, types.Integer) and v == f32x16):
         return None
 
     def codegen(context, builder, sig, args):
-        target = _lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
+        target = lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
         builder.store(args[2], target, align=4)
         return context.get_dummy_value()
 
@@ -165,11 +169,11 @@ def splat(typingctx, s):
 def broadcast(typingctx, x, i):
     """x[i] in every lane; x is a 1-D float32 array. LLVM folds the load into the instruction
     that uses it (vbroadcastss, or an fma's {1to16} memory operand)."""
-    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer)):
+    if not (is_array_of(x, types.float32) and isinstance(i, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        s = builder.load(_lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.FloatType()))
+        s = builder.load(lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], ir.FloatType()))
         first = builder.insert_element(ir.Constant(_FLOATS, ir.Undefined), s, ir.Constant(ir.IntType(32), 0))
         return builder.shuffle_vector(first, ir.Constant(_FLOATS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
 
@@ -189,7 +193,7 @@ def maximum(typingctx, a, b):
     return f32x16(a, b), codegen
 
 
-def _first_lanes(builder, n):
+def first_lanes(builder, n):
     """The mask of lanes 0 .. n - 1 (n an i32)."""
     first = builder.insert_element(ir.Constant(_INTS, ir.Undefined), n, ir.Constant(ir.IntType(32), 0))
     lanes = builder.shuffle_vector(first, ir.Constant(_INTS, ir.Undefined), ir.Constant(_INTS, [0] * LANES))
@@ -200,12 +204,12 @@ def _first_lanes(builder, n):
 def load_first(typingctx, x, i, n):
     """[x[i], ..., x[i + n - 1], 0, ..., 0] for 0 <= n <= 16: llvm.masked.load, which reads no
     memory outside the n lanes."""
-    if not (_is_array_of(x, types.float32) and isinstance(i, types.Integer) and isinstance(n, types.Integer)):
+    if not (is_array_of(x, types.float32) and isinstance(i, types.Integer) and isinstance(n, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        source = _lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
-        mask = _first_lanes(builder, context.cast(builder, args[2], sig.args[2], types.int32))
+        source = lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
+        mask = first_lanes(builder, context.cast(builder, args[2], sig.args[2], types.int32))
         fnty = ir.FunctionType(_FLOATS, [source.type, ir.IntType(32), mask.type, _FLOATS])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.load.v16f32.p0")
         return builder.call(fn, [source, ir.Constant(ir.IntType(32), 4), mask, ir.Constant(_FLOATS, [0.0] * LANES)])
@@ -217,13 +221,13 @@ def load_first(typingctx, x, i, n):
 def store_first(typingctx, x, i, v, n):
     """x[i : i + n] = v[:n] for 0 <= n <= 16: llvm.masked.store, which touches no memory
     outside the n lanes (vmaskmovps, or an AVX-512 masked store)."""
-    if not (_is_array_of(x, types.float32, writable=True) and isinstance(i, types.Integer) and v == f32x16
+    if not (is_array_of(x, types.float32, writable=True) and isinstance(i, types.Integer) and v == f32x16
             and isinstance(n, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        target = _lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
-        mask = _first_lanes(builder, context.cast(builder, args[3], sig.args[3], types.int32))
+        target = lanes_at(context, builder, sig.args[0], args[0], sig.args[1], args[1], _FLOATS)
+        mask = first_lanes(builder, context.cast(builder, args[3], sig.args[3], types.int32))
         fnty = ir.FunctionType(ir.VoidType(), [_FLOATS, target.type, ir.IntType(32), mask.type])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.masked.store.v16f32.p0")
         builder.call(fn, [args[2], target, ir.Constant(ir.IntType(32), 4), mask])
@@ -302,11 +306,11 @@ def add_where(typingctx, a, m, i, b):
     """a + b in the lanes whose bit of m[i] (m a 1-D uint16 array; lane 0: bit 0) is set, a in the
     others: AVX-512's masked add (vaddps with a k-register loaded straight from m); elsewhere LLVM
     spreads the 16 bits over the lanes and blends."""
-    if not (a == b == f32x16 and _is_array_of(m, types.uint16) and isinstance(i, types.Integer)):
+    if not (a == b == f32x16 and is_array_of(m, types.uint16) and isinstance(i, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        bits = builder.load(_lanes_at(context, builder, sig.args[1], args[1], sig.args[2], args[2], ir.IntType(16)))
+        bits = builder.load(lanes_at(context, builder, sig.args[1], args[1], sig.args[2], args[2], ir.IntType(16)))
         lanes = builder.bitcast(bits, ir.VectorType(ir.IntType(1), LANES))
         return builder.select(lanes, builder.fadd(args[0], args[3]), args[0])
 
@@ -320,11 +324,11 @@ def permute2(typingctx, lo, k, j, hi):
     k is a 1-D uint8 array of entries 0..31: a quarter of the bytes of int32 lane numbers, and
     the kernels that use it are bound by what they read. AVX-512 only (HAS_PERMUTE): vpermi2ps.
     """
-    if not (lo == hi == f32x16 and _is_array_of(k, types.uint8) and isinstance(j, types.Integer)):
+    if not (lo == hi == f32x16 and is_array_of(k, types.uint8) and isinstance(j, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
-        table = builder.load(_lanes_at(context, builder, sig.args[1], args[1], sig.args[2], args[2], _BYTES), align=1)
+        table = builder.load(lanes_at(context, builder, sig.args[1], args[1], sig.args[2], args[2], _BYTES), align=1)
         table = builder.zext(table, _INTS)
         fnty = ir.FunctionType(_FLOATS, [_FLOATS, _INTS, _FLOATS])
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.x86.avx512.vpermi2var.ps.512")
@@ -349,7 +353,7 @@ def transpose16(typingctx, src, i, src_stride, dst, j, dst_stride):
     and mixes them with two shuffles of constant masks, which LLVM turns into the CPU's shuffles.
     """
     ints = (i, src_stride, j, dst_stride)
-    if not (_is_array_of(src, types.float32) and _is_array_of(dst, types.float32, writable=True)
+    if not (is_array_of(src, types.float32) and is_array_of(dst, types.float32, writable=True)
             and all(isinstance(t, types.Integer) for t in ints)):
         return None
 
@@ -359,7 +363,7 @@ def transpose16(typingctx, src, i, src_stride, dst, j, dst_stride):
 
         def at(array_type, array, start, stride, k):
             index = builder.add(start, builder.mul(stride, ir.Constant(ss.type, k)))
-            return _lanes_at(context, builder, array_type, array, types.intp, index, _FLOATS)
+            return lanes_at(context, builder, array_type, array, types.intp, index, _FLOATS)
 
         rows = [builder.load(at(sig.args[0], src, i, ss, r), align=4) for r in range(LANES)]
         for bit in (8, 4, 2, 1):

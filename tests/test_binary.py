@@ -95,7 +95,7 @@ def test_xnor_dot_hand_computed():
 
 @given(st.integers(1, 70), st.integers(1, 70), lengths, seeds)
 @example(3, 33, 4096, 0)  # a last group of 3 rows; a second pass of 32 filters, one of them real; long rows
-@example(8, 32, 32, 0)  # whole groups and passes; one 32-bit word per row
+@example(8, 32, 32, 0)  # whole groups and passes; rows of one uint64 word, its high half zero
 def test_xnor_matmul_equals_plus_minus_one_dot_exactly(R, F, n, seed):
     a = signs_of(random_array(seed, (R, n)))
     w = signs_of(random_array(seed + 1, (F, n)))
@@ -496,7 +496,7 @@ def test_xnor_conv_on_windows_read_in_place(geom, seed):
     N, C, H, W, F, k, s, p = geom
     xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
     filters = signs_of(random_array(seed + 1, (F, k, k, C))).astype(np.float32)
-    words = xnor.pixel_signs_ref(xp)[0]
+    words = xnor.pixel_words(xp)
     rows = xnor.window_rows(words, k, k, s)
     windows = np.lib.stride_tricks.sliding_window_view(words, (k, k), axis=(1, 2))[:, ::s, ::s]
     Ho, Wo = windows.shape[1:3]
@@ -511,6 +511,29 @@ def test_xnor_conv_on_windows_read_in_place(geom, seed):
             out = xnor.xnor_layer(rows, wb, k * k * C, ones, zeros + 1, zeros, (N, Ho, Wo), False, False,
                                   np.empty((N, Ho, Wo, F), np.float32))
         np.testing.assert_array_equal(out.reshape(-1, F), exact, err_msg=build)
+
+
+@given(conv_geometry(max_channels=40), st.booleans(), st.booleans(), seeds)
+def test_conv_runner_is_the_kernels_call_after_call(geom, relu, pool, seed):
+    """conv_runner's bound offsets and work arrays give, call after call on new inputs, what the checked
+    calls give (window_signs, window_rows, xnor_layer); a wrong shape is refused, not run."""
+    N, C, H, W, F, k, s, p = geom
+    rng = np.random.default_rng(seed)
+    inputs = [np.ascontiguousarray(kernels.pad(rng.standard_normal((N, C, H, W)).astype(np.float32), p)
+                                   .transpose(0, 2, 3, 1)) for _ in range(2)]
+    wb = xnor.blocked(xnor.window_filters(signs_of(rng.standard_normal((F, k, k, C))).astype(np.float32)))
+    alpha, b = rng.random(F, dtype=np.float32), rng.standard_normal(F).astype(np.float32)
+    Ho, Wo = (inputs[0].shape[1] - k) // s + 1, (inputs[0].shape[2] - k) // s + 1
+    pool = pool and min(Ho, Wo) >= 2
+    shape = (N, Ho // 2, Wo // 2, F) if pool else (N, Ho, Wo, F)
+    run = xnor.conv_runner(inputs[0].shape, k, s, wb, k * k * C, alpha, b, relu, pool)
+    for x in (*inputs, inputs[0]):
+        words, beta = xnor.window_signs(x, k, k, s)
+        expected = xnor.xnor_layer(xnor.window_rows(words, k, k, s), wb, k * k * C, beta, alpha, b, (N, Ho, Wo), relu,
+                                   pool, np.empty(shape, np.float32))
+        np.testing.assert_array_equal(run(x, np.empty(shape, np.float32)), expected)
+    with pytest.raises(ValueError, match="a runner for inputs"):
+        run(np.zeros((N + 1, *inputs[0].shape[1:]), np.float32), np.empty(shape, np.float32))
 
 
 @given(st.integers(1, 3), st.integers(1, 7), st.integers(1, 7), st.integers(1, 70), st.integers(1, 2500),

@@ -13,9 +13,11 @@ Modules:
              BinaryConv2D, binarize (float model -> binarized copy), clip_latent.
     packed   inference: PackedBinaryDense, PackedBinaryConv2D (signs stored one
              bit each, alpha and bias in float32), pack (trained -> packed copy).
-    xnor     bit kernels: signs packed into uint64 words (im2row's rows of signs, channels
-             first or last), the XNOR-popcount matrix product, and a binary-input
-             layer's whole output (scales, ReLU, 2x2 pool), each with its NumPy reference.
+    xnor     bit kernels: signs packed into words (a weight row's, or each pixel's channels,
+             whose words a conv's windows then read in place), the XNOR-popcount
+             matrix product, and a binary-input layer's whole output (scales, ReLU, 2x2
+             pool), each with its NumPy reference.
+    lanes    16 popcounts in one register: the XNOR kernels' register tile.
     addsub   real inputs times binary weights: 16 outputs' signs to a uint16,
              masked adds where a float kernel multiply-adds; its NumPy reference.
 """

@@ -33,7 +33,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-from minicnn.simd import f32x16
+from minicnn.simd import f32x16, first_lanes, is_array_of, lanes_at
 
 LANES = 16
 
@@ -61,14 +61,8 @@ def _splat(builder, value):
     return builder.shuffle_vector(one, one, ir.Constant(_COUNTS, [0] * LANES))
 
 
-def _first(builder, m):
-    """The mask of lanes 0 .. m - 1, m an i32."""
-    return builder.icmp_signed("<", ir.Constant(_COUNTS, list(range(LANES))), _splat(builder, m))
-
-
-def _lanes_at(context, builder, array_type, array, index):
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [index]), _COUNTS.as_pointer())
+def _counts_at(context, builder, array_type, array, index):
+    return lanes_at(context, builder, array_type, array, types.intp, index, _COUNTS)
 
 
 @intrinsic
@@ -78,12 +72,12 @@ def zeros(typingctx):
 
 @intrinsic
 def count_add(typingctx, d, x, wt, i):
-    if not (isinstance(wt, types.Array) and wt.dtype == types.uint32):
+    if not (d == counts16 and isinstance(x, types.Integer) and is_array_of(wt, types.uint32)):
         return None
 
     def codegen(context, builder, sig, args):
         d, x, wt, i = args
-        w = builder.load(_lanes_at(context, builder, sig.args[2], wt, i), align=4)
+        w = builder.load(_counts_at(context, builder, sig.args[2], wt, i), align=4)
         xs = _splat(builder, x)
         ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_COUNTS, [_COUNTS]), "llvm.ctpop.v16i32")
         return builder.add(d, builder.call(ctpop, [builder.xor(xs, w)]))
@@ -93,6 +87,9 @@ def count_add(typingctx, d, x, wt, i):
 
 @intrinsic
 def dots(typingctx, d, n):
+    if not (d == counts16 and isinstance(n, types.Integer)):
+        return None
+
     def codegen(context, builder, sig, args):
         ns = _splat(builder, context.cast(builder, args[1], sig.args[1], types.int32))
         return builder.sub(ns, builder.shl(args[0], ir.Constant(_COUNTS, [1] * LANES)))
@@ -102,19 +99,21 @@ def dots(typingctx, d, n):
 
 @intrinsic
 def to_float(typingctx, d):
+    if d != counts16:
+        return None
     return f32x16(counts16), lambda context, builder, sig, args: builder.sitofp(args[0], ir.VectorType(
         ir.FloatType(), LANES))
 
 
 @intrinsic
 def store_first(typingctx, out, i, d, m):
-    if not (isinstance(out, types.Array) and out.dtype == types.int32):
+    if not (d == counts16 and is_array_of(out, types.int32, writable=True)):
         return None
 
     def codegen(context, builder, sig, args):
         out, i, d, m = args
-        first = _first(builder, context.cast(builder, m, sig.args[3], types.int32))
-        target = _lanes_at(context, builder, sig.args[0], out, i)
+        first = first_lanes(builder, context.cast(builder, m, sig.args[3], types.int32))
+        target = _counts_at(context, builder, sig.args[0], out, i)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(
             ir.VoidType(), [_COUNTS, target.type, _I32, first.type]), "llvm.masked.store.v16i32.p0")
         builder.call(fn, [d, target, ir.Constant(_I32, 4), first])
@@ -125,13 +124,13 @@ def store_first(typingctx, out, i, d, m):
 
 @intrinsic
 def sign_bits(typingctx, v, m):
-    if v != f32x16:
+    if not (v == f32x16 and isinstance(m, types.Integer)):
         return None
 
     def codegen(context, builder, sig, args):
         v, m = args
         positive = builder.and_(builder.fcmp_ordered(">=", v, ir.Constant(v.type, [0.0] * LANES)),
-                                _first(builder, context.cast(builder, m, sig.args[1], types.int32)))
+                                first_lanes(builder, context.cast(builder, m, sig.args[1], types.int32)))
         return builder.zext(builder.bitcast(positive, ir.IntType(LANES)), _I32)
 
     return types.uint32(f32x16, m), codegen

@@ -206,7 +206,8 @@ class PackedBinaryDense(PackedBinaryLayer):
 
 
 class PackedBinaryConv2D(PackedBinaryLayer):
-    """Inference-only BinaryConv2D: x (N, C, H, W) -> (N, F, Ho, Wo) float32 through im2row rows."""
+    """Inference-only BinaryConv2D: x (N, C, H, W) -> (N, F, Ho, Wo) float32 (real inputs through im2row rows,
+    binary ones through the XNOR kernel's windows read in place)."""
 
     kind = "packed_binary_conv2d"
 

@@ -103,14 +103,14 @@ def unpack_signs(packed, n):
 # A binary-input conv's operand: each pixel's signs in words of its own, and beta
 
 
-def pixel_signs_ref(x):
-    """x (N, H, W, C) float32 -> (words (N, H, W, S) uint32, S = ceil(C / 32): bit c % 32 of word
-    c // 32 is x[..., c] >= 0, padding bits 0; sums (N, H, W) float32 = sum_c |x|, for beta)."""
+def pixel_words(x):
+    """x (N, H, W, C) float -> (N, H, W, S) uint32, S = ceil(C / 32): bit c % 32 of word c // 32 is
+    x[..., c] >= 0, padding bits 0. The specification of window_signs' words, and how the filters'
+    signs are packed once (window_filters)."""
     S = -(-x.shape[3] // 32)
     bits = np.zeros((*x.shape[:3], 32 * S), np.uint8)
     bits[..., : x.shape[3]] = x >= 0
-    words = np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
-    return words, np.abs(x).sum(axis=-1, dtype=np.float32)
+    return np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
 
 
 def window_means_ref(A, KH, KW, stride, n):
@@ -121,15 +121,14 @@ def window_means_ref(A, KH, KW, stride, n):
 
 def window_signs_ref(x, KH, KW, stride):
     """What a binary-input conv needs of its input x (N, Hp, Wp, C) float32, padded, channels last:
-    (words, beta) = (pixel_signs_ref(x)[0], the KH x KW windows' mean |x|, (N Ho Wo,) float32)."""
-    words, sums = pixel_signs_ref(x)
-    return words, window_means_ref(sums, KH, KW, stride, KH * KW * x.shape[3])
+    (words, beta) = (pixel_words(x), the KH x KW windows' mean |x|, (N Ho Wo,) float32)."""
+    sums = np.abs(x).sum(axis=-1, dtype=np.float32)
+    return pixel_words(x), window_means_ref(sums, KH, KW, stride, KH * KW * x.shape[3])
 
 
-def _window_signs_loops(x, KH, KW, stride, words, sums, lines, beta):
+def _window_signs_loops(x, KH, KW, stride, Ho, Wo, words, sums, lines, beta):
     N, Hp, Wp, C = x.shape
-    S, Wo = words.shape[3], lines.shape[2]
-    Ho = beta.size // (N * Wo)
+    S = words.shape[3]
     xf, wf, n = x.reshape(-1), words.reshape(-1), np.float32(KH * KW * C)
     for image in prange(N):  # the image read once, 16 values at a time
         for h in range(Hp):
@@ -168,7 +167,7 @@ def window_signs(x, KH, KW, stride):
     N, Hp, Wp, C = x.shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
     words, beta = np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty(N * Ho * Wo, np.float32)
-    _window_signs(x.size, x, KH, KW, stride, words, np.empty((N, Hp, Wp), np.float32),
+    _window_signs(x.size, x, KH, KW, stride, Ho, Wo, words, np.empty((N, Hp, Wp), np.float32),
                   np.empty((N, Hp, Wo), np.float32), beta)
     return words, beta
 
@@ -184,8 +183,8 @@ class Rows(NamedTuple):
 
 
 def packed_rows(a):
-    """Rows of a (R, words) uint64, pack_signs' rows: each word as its two 32-bit halves, the low one
-    first (x86 is little-endian)."""
+    """Rows of a (R, words) uint64, pack_signs' rows, each word as its two 32-bit halves (blocked(w)
+    splits the weights' words the same way)."""
     K = 2 * a.shape[1]
     return Rows(np.ascontiguousarray(a).view(np.uint32).reshape(-1), np.arange(a.shape[0]) * K, np.arange(K))
 
@@ -203,7 +202,7 @@ def window_rows(words, KH, KW, stride):
 
 def window_filters(signs):
     """(F, KH KW S) uint32: the signs (F, KH, KW, C) of F filters as window_rows reads an image."""
-    return pixel_signs_ref(signs)[0].reshape(signs.shape[0], -1)
+    return pixel_words(signs).reshape(signs.shape[0], -1)
 
 
 # --------------------------------------------------------------------------
@@ -221,6 +220,8 @@ def blocked(w):
     (F, words) uint64 rows taken as their halves, as wb uint32, flat, (2 ceil(F/32), K, 16),
     wb[b, k, l] = word k of filter 16 b + l (zero filters pad F to a multiple of 32: the kernels run
     2 blocks of 16 filters per pass over a row). Made once per layer and kept."""
+    if w.ndim != 2 or w.dtype not in (np.uint32, np.uint64):
+        raise ValueError(f"filters' words must be a 2-D uint32 or uint64 array, got {w.dtype} {w.shape}")
     w = np.ascontiguousarray(w).view(np.uint32)
     (F, K), blocks = w.shape, -(-w.shape[0] // 32) * 2
     padded = np.zeros((blocks * lanes.LANES, K), np.uint32)
@@ -295,6 +296,10 @@ _xnor_matmul = twin(_xnor_matmul_loops, MIN_WORDS)
 def xnor_matmul(a, w, n, wb=None):
     """Fast xnor_matmul_ref: a (R, words), w (F, words) uint64 -> (R, F) int32; wb = blocked(w) (made
     here if not given)."""
+    if a.dtype != np.uint64 or w.dtype != np.uint64 or a.ndim != 2 or w.ndim != 2 or a.shape[1] != w.shape[1] \
+            or not 0 <= n <= 64 * a.shape[1]:
+        raise ValueError(f"xnor_matmul takes uint64 rows of the same words, n <= 64 words: got {a.dtype} {a.shape}, "
+                         f"{w.dtype} {w.shape}, n = {n}")
     rows, wb = packed_rows(a), blocked(w) if wb is None else wb
     _check_blocked(wb, w.shape[0], rows.off.size)
     out = np.empty((a.shape[0], w.shape[0]), np.int32)
@@ -302,7 +307,7 @@ def xnor_matmul(a, w, n, wb=None):
 
 
 def _check_blocked(wb, F, K):
-    if wb.shape != (-(-F // 32) * 32 * K,):
+    if wb.dtype != np.uint32 or not wb.flags.c_contiguous or wb.shape != (-(-F // 32) * 32 * K,):
         raise ValueError(f"weights of {wb.shape} for {F} filters of {K} words: expected blocked(w), "
                          f"({-(-F // 32) * 32 * K},)")
 
@@ -376,6 +381,10 @@ def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
         raise ValueError(f"xnor_layer: {rows.starts.size} rows and {beta.size} betas for a grid {grid} (pool {pool}), "
                          f"into {out.shape}, alpha {alpha.shape} and b {b.shape}: expected one of each per row, "
                          f"and per filter")
+    if any(v.dtype != np.float32 or not v.flags.c_contiguous for v in (beta, alpha, b, out)) \
+            or not 0 <= n <= 32 * rows.off.size:
+        raise ValueError(f"xnor_layer: beta, alpha, b and out must be contiguous float32, n <= 32 words; got "
+                         f"{beta.dtype}, {alpha.dtype}, {b.dtype}, {out.dtype}, n = {n}")
     _check_blocked(wb, F, rows.off.size)
     return _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
 
@@ -384,8 +393,9 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
     """run(xp, out) = xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out) for xp (N, Hp, Wp, C)
     float32 of padded_shape, channels last, with rows the windows of the words of
     (words, beta) = window_signs(xp, K, K, stride): a binary-input conv layer (a dense one: K = 1 on
-    (N, 1, 1, C)). Checks, sizes and work arrays are bound here, once, and nothing is checked per
-    call (xp contiguous, out (N, Ho', Wo', F)): at batch 1 they cost as much as the kernels."""
+    (N, 1, 1, C)). Checks, sizes and work arrays are bound here, once (at batch 1 they cost as much
+    as the kernels), and each call checks only the two shapes: xp and out float32 and contiguous,
+    as minicnn.inference's stages hand them. Not re-entrant: the work arrays are the runner's."""
     N, Hp, Wp, C = padded_shape
     Ho, Wo = (Hp - K) // stride + 1, (Wp - K) // stride + 1
     words, beta = np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty(N * Ho * Wo, np.float32)
@@ -396,8 +406,12 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
         raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")
     size, work = N * Hp * Wp * C, rows.starts.size * rows.off.size * alpha.size
 
+    out_shape = (N, Ho // 2, Wo // 2, alpha.size) if pool else (N, Ho, Wo, alpha.size)
+
     def run(xp, out):
-        _window_signs(size, xp, K, K, stride, words, sums, lines, beta)
+        if xp.shape != padded_shape or out.shape != out_shape:  # the kernels index by the bound shapes
+            raise ValueError(f"a runner for inputs {padded_shape} into {out_shape} got {xp.shape} into {out.shape}")
+        _window_signs(size, xp, K, K, stride, Ho, Wo, words, sums, lines, beta)
         return _xnor_layer(work, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
 
     return run
