@@ -21,8 +21,8 @@ table lookups (vpshufb) on two 256-bit halves. Also
                                f32x16, 0 <= m <= 16: a compare and the mask's bits, vcmpps into a
                                k-register and kmovw, where a loop tests and shifts value by value)
 
-No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + m <= out.size). With NUMBA_DISABLE_JIT=1 the
-operations are the NumPy expressions at the end. Numba's cache does not see this file: after
+No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + m <= out.size). With
+NUMBA_DISABLE_JIT=1 the operations are the NumPy expressions at the end. Numba's cache does not see this file: after
 editing it, delete the __pycache__ folders.
 """
 
@@ -42,6 +42,8 @@ _COUNTS = ir.VectorType(_I32, LANES)
 
 
 class Counts16(types.Type):
+    """Numba's type for 16 int32 counts, held in registers like any scalar."""
+
     def __init__(self):
         super().__init__(name="counts16")
 
