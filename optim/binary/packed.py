@@ -77,28 +77,19 @@ class PackedBinaryLayer(Layer):
         return self.signs() * self.alpha[:, None]
 
     def rows_forward(self, rows):
-        """out (R, F) float32 from rows (R, n) float32: the layer's product with each row, alpha, b added."""
-        R, F = rows.shape[0], self.alpha.shape[0]
-        if self.binary_input:  # each row a 1 x 1 image of n channels
-            shape = (R, 1, 1, self.n)
-            wb = self._blocked("rows", lambda: self.signs().reshape(F, *shape[1:]))
-            run = self._xnor_runner(shape, 1, 1, False, False, wb)
-            return run(rows.reshape(shape), np.empty((R, 1, 1, F), np.float32)).reshape(R, F)
+        """out (R, F) float32 from rows (R, n) float32 of real inputs: the layer's product with each
+        row, alpha, b added (addsub.py)."""
         return addsub.addsub_dense(rows, self.lanes, self.alpha, self.b)
 
     def _blocked(self, key, signs):
         """xnor.blocked(xnor.window_filters(signs())), signs() the filters' signs (F, KH, KW, C) in the
-        order xnor.window_rows reads an input (a dense layer's (F, 1, 1, n)): made once under `key`."""
+        order xnor.window_rows reads an input (a dense layer's (F, 1, 1, n)): made once under `key`.
+        The XNOR kernel then runs as xnor.conv_runner: the pixels' signs packed and beta, the K x K
+        windows' means of |x|, in one pass, the windows' words read in place against them, the ReLU
+        and the 2x2 pool in the kernel's registers."""
         if key not in self._laid_out:
             self._laid_out[key] = xnor.blocked(xnor.window_filters(signs()))
         return self._laid_out[key]
-
-    def _xnor_runner(self, padded_shape, K, stride, relu, pool, wb):
-        """run(xp, out) for binary inputs xp (N, Hp, Wp, C) float32 of padded_shape, channels last, into out
-        (N, Ho', Wo', F): the pixels' signs packed and beta, the K x K windows' means of |x|, in one
-        pass, the windows' words read in place against wb, the ReLU and the 2x2 pool in the kernel's
-        registers (xnor.conv_runner)."""
-        return xnor.conv_runner(padded_shape, K, stride, wb, self.n, self.alpha, self.b, relu, pool)
 
     def backward(self, dout):
         raise NotImplementedError(f"{type(self).__name__} is inference-only: train the Binary layer it was packed from")
@@ -155,6 +146,8 @@ class PackedBinaryDense(PackedBinaryLayer):
         check_array(x, f"{type(self).__name__} input", ndim=2, finite=False)
         self.output_shape(x.shape[1:])
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.binary_input:  # predict's stage, on a batch of x's shape
+            return self.fused_dense(x.shape, False)(x, np.empty((x.shape[0], self.out_features), np.float32))
         return self.rows_forward(x)
 
     def fused_dense(self, shape, relu):
@@ -162,7 +155,7 @@ class PackedBinaryDense(PackedBinaryLayer):
         inputs met in x's order: the lanes' columns, the weights' rows or their signs put in it once.
 
         Binary inputs: each row of x a 1 x 1 image of K channels for the XNOR kernel (see
-        _xnor_runner), against the weights' signs in x's order; beta = mean |x| per row.
+        _blocked), against the weights' signs in x's order; beta = mean |x| per row.
 
         Below ADDSUB_BELOW rows, the masked adds of addsub.py, which read a bit per weight where
         the float kernel reads 4 bytes: LeNet-5's fc1 at batch 1 took 16 us against 36. From 8
@@ -174,7 +167,7 @@ class PackedBinaryDense(PackedBinaryLayer):
         if self.binary_input:
             order = narrow.input_order(shape)
             wb = self._blocked(("window bits", shape[1:]), lambda: self.signs()[:, order].reshape(F, 1, 1, K))
-            xnor_run = self._xnor_runner((N, 1, 1, K), 1, 1, relu, False, wb)
+            xnor_run = xnor.conv_runner((N, 1, 1, K), 1, 1, wb, self.n, self.alpha, self.b, relu, False)
 
             def run(x, out):  # each row a 1 x 1 image of K channels
                 xnor_run(x.reshape(N, 1, 1, K), out.reshape(N, 1, 1, F))
@@ -251,14 +244,14 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         Real inputs: the float conv kernel (minicnn.direct) on the decoded weights alpha_j * s_ji.
         A conv is arithmetic-bound (its weights stay in cache while many pixels use them), and a
         masked add issues at a multiply-add's rate: read as bits, the weights would buy no speed.
-        Binary inputs: the XNOR kernel on the windows read in place (see _xnor_runner), against the
+        Binary inputs: the XNOR kernel on the windows read in place (see _blocked), against the
         filters' signs in (kh, kw, c) order.
         """
         F, K = self.out_channels, self.kernel_size
         if self.binary_input:
             wb = self._blocked("window bits",
                                lambda: self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1))
-            return self._xnor_runner(padded_shape, K, self.stride, relu, pool, wb)
+            return xnor.conv_runner(padded_shape, K, self.stride, wb, self.n, self.alpha, self.b, relu, pool)
         if "filters" not in self._laid_out:
             self._laid_out["filters"] = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K))
         kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self._laid_out["filters"]

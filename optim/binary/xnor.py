@@ -164,12 +164,18 @@ def window_signs(x, KH, KW, stride):
     """Fast window_signs_ref (the sums in another order: equal to float32 rounding), in one pass
     over each image."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    N, Hp, Wp, C = x.shape
-    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    words, beta = np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty(N * Ho * Wo, np.float32)
-    _window_signs(x.size, x, KH, KW, stride, Ho, Wo, words, np.empty((N, Hp, Wp), np.float32),
-                  np.empty((N, Hp, Wo), np.float32), beta)
+    work = _signs_work(x.shape, KH, KW, stride)
+    _window_signs(x.size, x, KH, KW, stride, *work)
+    _, _, words, _, _, beta = work
     return words, beta
+
+
+def _signs_work(shape, KH, KW, stride):
+    """(Ho, Wo, words, sums, lines, beta): _window_signs' sizes and arrays for inputs of shape (N, Hp, Wp, C)."""
+    N, Hp, Wp, C = shape
+    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
+    return (Ho, Wo, np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty((N, Hp, Wp), np.float32),
+            np.empty((N, Hp, Wo), np.float32), np.empty(N * Ho * Wo, np.float32))
 
 
 class Rows(NamedTuple):
@@ -397,21 +403,19 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
     as the kernels), and each call checks only the two shapes: xp and out float32 and contiguous,
     as minicnn.inference's stages hand them. Not re-entrant: the work arrays are the runner's."""
     N, Hp, Wp, C = padded_shape
-    Ho, Wo = (Hp - K) // stride + 1, (Wp - K) // stride + 1
-    words, beta = np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty(N * Ho * Wo, np.float32)
-    sums, lines = np.empty((N, Hp, Wp), np.float32), np.empty((N, Hp, Wo), np.float32)
+    work = _signs_work(padded_shape, K, K, stride)
+    Ho, Wo, words, _, _, beta = work
     rows = window_rows(words, K, K, stride)
     _check_blocked(wb, alpha.size, rows.off.size)
     if alpha.ndim != 1 or b.shape != alpha.shape:
         raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")
-    size, work = N * Hp * Wp * C, rows.starts.size * rows.off.size * alpha.size
-
+    size, words_x_filters = N * Hp * Wp * C, rows.starts.size * rows.off.size * alpha.size
     out_shape = (N, Ho // 2, Wo // 2, alpha.size) if pool else (N, Ho, Wo, alpha.size)
 
     def run(xp, out):
         if xp.shape != padded_shape or out.shape != out_shape:  # the kernels index by the bound shapes
             raise ValueError(f"a runner for inputs {padded_shape} into {out_shape} got {xp.shape} into {out.shape}")
-        _window_signs(size, xp, K, K, stride, Ho, Wo, words, sums, lines, beta)
-        return _xnor_layer(work, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
+        _window_signs(size, xp, K, K, stride, *work)
+        return _xnor_layer(words_x_filters, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
 
     return run
