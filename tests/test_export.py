@@ -61,12 +61,18 @@ def seed_cnn(data):
 
 
 def check_float(model, data, **options):
-    """The ONNX logits of a float model within 1e-4 of minicnn's (relative), the same classes; the proto."""
+    """The ONNX logits of a float model within 1e-4 of minicnn's (relative), the same classes but where
+    minicnn's two top logits tie within the two's difference (the sums' order decides a tie: a random
+    shared layer's, 5.5e-7 apart, once flipped one image of 2,000 in CI); the proto."""
     proto = to_onnx(model, **options)
     result = agreement(model, proto, data[2])
     assert result["images"] == 2000
     assert result["max_relative_error"] <= 1e-4, result
-    assert result["argmax_agreement"] == 1.0, result
+    if result["argmax_agreement"] < 1.0:
+        expected, logits = model.predict(data[2]), run(proto, data[2])[0]
+        differ = expected.argmax(axis=1) != logits.argmax(axis=1)
+        top_two = np.sort(expected[differ], axis=1)[:, -2:]
+        assert (top_two[:, 1] - top_two[:, 0] <= 2 * np.abs(logits - expected).max()).all(), result
     return proto
 
 
