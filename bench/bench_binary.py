@@ -110,7 +110,8 @@ def conv_figures(budget):
               "packed XNOR conv vs its training-time forward")
         xp = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         out = np.empty(direct.output_shape(xp.shape, F, K, 1, True), np.float32)
-        float_stage, w = direct.conv_block_runner(xp.shape, F, K, 1, False, True), direct.pack_filters(conv.params["W"])
+        float_stage = direct.conv_block_runner(xp.shape, F, K, 1, False, True)
+        w = direct.pack_filters(conv.params["W"], 1, True)
         xnor_stage = packed.fused_conv(xp.shape, False, True)
         for name, stage in (("float32", lambda o: float_stage(xp, w, conv.params["b"], o)),
                             ("XNOR", lambda o: xnor_stage(xp, o))):

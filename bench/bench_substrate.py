@@ -103,7 +103,7 @@ class Minicnn:
     def conv_pool(self, x, W, b, relu):
         """What predict runs for a conv, its ReLU and its 2x2 max-pool: one fused kernel,
         checked against its float64 reference before it is timed."""
-        xp, w = x.transpose(0, 2, 3, 1).copy(), direct.pack_filters(W)
+        xp, w = x.transpose(0, 2, 3, 1).copy(), direct.pack_filters(W, 1, True)
         out = direct.conv_block(xp, w, b, W.shape[0], W.shape[2], 1, relu, True)
         expected = direct.conv_block_ref(*(a.astype(np.float64) for a in (x, W, b)), 1, 0, relu, True)
         np.testing.assert_allclose(out.transpose(0, 3, 1, 2), expected, rtol=1e-4, atol=1e-4)

@@ -11,8 +11,9 @@ kernels.py (the conv's and pool's NumPy references and their im2row and pool ker
 convpool.py (training's conv and 2x2 max-pool as one step);
 inference.py, direct.py, narrow.py, chain.py (what predict runs: fused
 channels-last stages, their register-tiled kernels, and a small batch's
-stages in one parallel loop); simd.py and parallel.py (the vector
-type those kernels use, and the one threaded/serial rule); losses,
+stages in one parallel loop); simd.py, quads.py and parallel.py (the vector
+type those kernels use, its 4 x 4 lanes for one-channel convs, and the one
+threaded/serial rule); losses,
 optimizers, training; serialization and atomic (model files); datasets, zoo,
 summary, timing, checks.
 """

@@ -42,7 +42,7 @@ never waits; the serial build (minicnn.parallel.twin) is the same code.
               (a conv's input channels last and padded, its output channels last)
     raw       S float32 arrays: a conv's W (F, C, K, K) as the layer holds it, a dense layer's W (in, out)
     sources   S float32 arrays: what a conv's packed weights were packed from; empty for a dense layer
-    weights   S float32 arrays: pack_filters of a conv's source; a dense layer's W again
+    weights   S float32 arrays: pack_filters of a conv's source (its stride and pool); a dense layer's W again
     biases    S float32 arrays
     at        S int64 arrays: where a dense layer's input k lies (direct.dense_span), or which row of
               W a narrow layer's input k meets (narrow.narrow_row); empty for a conv
@@ -56,7 +56,7 @@ from llvmlite import ir
 from numba import prange, types
 from numba.extending import intrinsic
 
-from .direct import BLOCK, ROW_SPAN, conv_row, dense_span, pack_filters
+from .direct import BLOCK, ROW_SPAN, conv_row, dense_span, filter_strides, pack_filters
 from .checks import same_bits
 from .kernels import conv_output_size
 from .narrow import MAX_OUTPUTS, narrow_row
@@ -94,7 +94,8 @@ def _task(plan, s, t, acts, weights, biases, at):
             plan[s, 8] != 0, plan[s, 9] != 0
         Ho = (Hp - K) // S + 1
         rows, blocks = (Ho // 2 if pool else Ho), (F + BLOCK - 1) // BLOCK
-        conv_row(acts[s], Hp, Wp, C, weights[s], K * K * C * BLOCK, BLOCK, biases[s], F, K, S, relu, pool,
+        block_stride, tap_stride = filter_strides(C, F, K, S, pool)
+        conv_row(acts[s], Hp, Wp, C, weights[s], block_stride, tap_stride, biases[s], F, K, S, relu, pool,
                  acts[s + 1], t // (rows * blocks), t // blocks % rows, t % blocks)
     elif plan[s, 0] == DENSE:
         C, F, relu = plan[s, 2], plan[s, 3], plan[s, 4] != 0
@@ -149,19 +150,21 @@ def _pause(typingctx):
 
 
 @numba.njit(cache=True)
-def _check_block(W, source, packed, F, C, K, blk):
-    """Filters 32 blk .. 32 blk + 31 of a conv: where W differs from source (bit for bit), source
-    becomes W and packed becomes direct.pack_filters(W) for those filters."""
+def _check_block(W, source, packed, F, C, K, S, pool, blk):
+    """Filters 32 blk .. 32 blk + 31 of a conv (stride S, pool or not): where W differs from source (bit
+    for bit), source becomes W and packed becomes direct.pack_filters(W, S, pool) for those filters."""
     f0, f1, taps = blk * BLOCK, min(F, (blk + 1) * BLOCK), C * K * K
     if same_bits(W[f0 * taps : f1 * taps], source[f0 * taps : f1 * taps]):
         return
     source[f0 * taps : f1 * taps] = W[f0 * taps : f1 * taps]
-    at = blk * taps * BLOCK
+    block_stride, tap_stride = filter_strides(C, F, K, S, pool)
+    repeat = tap_stride // BLOCK  # copies of each weight: 4 for one input channel (direct.QUAD)
     for f in range(f0, f1):
         for c in range(C):
             for kh in range(K):
                 for kw in range(K):
-                    packed[at + ((kh * K + kw) * C + c) * BLOCK + f - f0] = W[((f * C + c) * K + kh) * K + kw]
+                    at = blk * block_stride + ((kh * K + kw) * C + c) * tap_stride + (f - f0) * repeat
+                    packed[at : at + repeat] = W[((f * C + c) * K + kh) * K + kw]
 
 
 @numba.njit(cache=True)
@@ -171,7 +174,8 @@ def _checks(plan, t, raw, sources, weights):
         if plan[s, 0] == CONV:
             blocks = (plan[s, 5] + BLOCK - 1) // BLOCK
             if t < blocks:
-                _check_block(raw[s], sources[s], weights[s], plan[s, 5], plan[s, 4], plan[s, 6], t)
+                _check_block(raw[s], sources[s], weights[s], plan[s, 5], plan[s, 4], plan[s, 6], plan[s, 7],
+                             plan[s, 9] != 0, t)
                 return
             t -= blocks
 
@@ -237,7 +241,7 @@ class Chain:
         """Stage s reads the layer's W and b (float32, C-contiguous, of the layer's shapes, checked by
         the caller) from now on; a conv's W new to it is copied and packed here."""
         if self.plan[s, 0] == CONV and W is not self.given[2 * s]:
-            self.packs[s] = W.reshape(-1).copy(), pack_filters(W)
+            self.packs[s] = W.reshape(-1).copy(), pack_filters(W, self.plan[s, 7], self.plan[s, 9] != 0)
         self.given[2 * s : 2 * s + 2] = W, b
         self.arrays = None
 

@@ -99,7 +99,7 @@ def conv_pool_forward(x, W, b, stride, padding, relu, y=None):
     between calls: a new one of a few MB costs a page fault per 4 KB)."""
     F, _, K, _ = W.shape
     xp = pad_nhwc(x, padding)
-    y = direct.conv_block(xp, direct.pack_filters(W), b, F, K, stride, False, False, out=y)
+    y = direct.conv_block(xp, direct.pack_filters(W, stride, False), b, F, K, stride, False, False, out=y)
     N, Ho, Wo, _ = y.shape
     out = np.empty((N, F, Ho // 2, Wo // 2), np.float32)
     codes = np.empty(out.shape, np.uint8)

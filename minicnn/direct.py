@@ -28,10 +28,25 @@ written.
 With AVX2 (the portable build) a 16-lane sum takes two registers, and the
 tile's sixteen spill: correct, slower.
 
+A conv of one input channel (a first layer on grayscale images, LeNet's
+conv1) leaves lanes of that tile idle: a tap is one weight per filter, and
+20 filters fill 20 of 32 lanes. So where that happens, at stride 1 and
+with a pool after it (`quads`), its vectors hold 4 filters x 4 pixels
+instead, lane 4a + b being filter a at pixel b: a tap is the 4 pixels'
+inputs, one 16-byte load broadcast to the 4 rows (minicnn.quads), times
+each group of 4 filters' weights, which pack_filters stores 4 times over
+(quad_row). The tile is the same 8 pixels (two quads) by 32 filters, but a
+block of F < 32 filters spends ceil(F / 4) vectors a quad: LeNet's conv1
+does 10 multiply-adds a tap, not 16 (1.3-1.4x as fast, 1.7x for 8 filters;
+the same bits). The epilogue takes the pool's pairs of columns from
+neighbouring lanes (quads.swap_pairs), puts each pixel's 4 filters side by
+side (quads.transpose4) and stores them 16 bytes at a time.
+
 Layouts (all float32, C-contiguous):
     xp   (N, Hp, Wp, C)          the input, already zero-padded, channels last
     w    (B, KH, KW, C, 32)      pack_filters(W): B = ceil(F / 32) blocks of 32 filters, zeros past F,
-                                 so that a block's weights are read front to back
+                                 so that a block's weights are read front to back; for a conv in
+                                 quads, (B, KH, KW, 32, 4): each weight 4 times
     out  (N, Ho', Wo', F)        channels last; Ho' = Ho // 2 with pooling
 The kernel takes the weights with two strides (block, tap): a Dense's W
 (in, out) is read in place as blocks 32 apart and taps `out` apart. The
@@ -46,16 +61,18 @@ from numba import prange
 from .checks import check_kernel_array, output_array
 from .kernels import conv2d_forward_ref, conv_output_size, maxpool_forward_ref
 from .parallel import MIN_MACS, twin
-from .simd import LANES, add, aligned_empty, broadcast, fma, load_first, maximum, splat, store_first
+from .quads import quad_first, store_quarter, swap_pairs, transpose4
+from .simd import LANES, add, aligned_empty, broadcast, fma, load, load_first, maximum, splat, store_first
 
 __all__ = [
     "conv_block", "conv_block_ref", "conv_block_runner", "conv_row", "dense_block", "dense_block_ref",
-    "dense_block_runner", "dense_span", "output_shape", "pack_filters",
+    "dense_block_runner", "dense_span", "filter_strides", "output_shape", "pack_filters", "quads",
 ]
 
 BLOCK = 2 * LANES  # filters per register tile
 PIXELS = 8  # output pixels per register tile
 ROW_SPAN = 8 * LANES  # outputs per task of a Dense with fewer rows than a tile
+QUAD = 4  # a one-channel conv's vectors: 4 filters x 4 pixels
 
 
 def conv_block_ref(x, W, b, stride, padding, relu, pool):
@@ -68,24 +85,43 @@ def conv_block_ref(x, W, b, stride, padding, relu, pool):
     return out
 
 
-def pack_filters(W):
-    """W (F, C, KH, KW) as the flat (B, KH, KW, C, 32) array the kernel reads 32 filters at a time,
-    starting on a 64-byte boundary.
+def pack_filters(W, stride, pool):
+    """W (F, C, KH, KW) of a conv of that stride (and 2x2 pool or not) as the flat (B, KH, KW, C, 32)
+    array the kernel reads 32 filters at a time, starting on a 64-byte boundary; for a conv in
+    quads (`quads`), (B, KH, KW, 32, 4), each weight 4 times (the module docstring says why).
     (Read as (KH, KW, C, F) instead, rows of F floats leave a block's 128 bytes straddling cache
     lines: LeNet's conv2 took 1.4x as long.)"""
     F = W.shape[0]
-    blocks = -(-F // BLOCK)
-    shape = (blocks, *W.shape[2:], W.shape[1], BLOCK)
+    blocks, repeat = -(-F // BLOCK), QUAD if quads(W.shape[1], F, stride, pool) else 1
+    shape = (blocks, *W.shape[2:], W.shape[1], BLOCK, repeat)
     # On a 64-byte boundary, each vector load of weights reads one cache line, not two: 3-9% of
     # a conv's time (LeNet-5's conv2 31 -> 28 us at batch 1), and what malloc happened to return
     # made that differ from process to process.
     w = aligned_empty(int(np.prod(shape))).reshape(shape)
     w[...] = 0
-    taps = W.transpose(2, 3, 1, 0)  # (KH, KW, C, F)
+    taps = W.transpose(2, 3, 1, 0)[..., None]  # (KH, KW, C, F, 1)
     for blk in range(blocks):
         width = min(BLOCK, F - blk * BLOCK)
-        w[blk, ..., :width] = taps[..., blk * BLOCK : blk * BLOCK + width]
+        w[blk, ..., :width, :] = taps[..., blk * BLOCK : blk * BLOCK + width, :]
     return w.reshape(-1)
+
+
+@numba.njit(cache=True)
+def quads(C, F, stride, pool):
+    """Whether a conv of C input channels and F filters (stride, 2x2 pool or not) runs in quads
+    (quad_row): one input channel at stride 1 (a quad's inputs are 4 neighbours, one load), a pool
+    after it (its stores then fit the tile; unpooled ones, 8 pixels x 4 filters a group, made the
+    conv 0.7x as fast), and idle lanes in conv_row's tile (F not a multiple of 16: with none, quads
+    ran at 0.87-0.94x)."""
+    return C == 1 and stride == 1 and pool and F % LANES != 0
+
+
+@numba.njit(cache=True)
+def filter_strides(C, F, K, stride, pool):
+    """(block, tap): the strides of pack_filters' layout for a conv of C input channels, F filters,
+    K x K kernels, this stride and pool or not."""
+    tap = BLOCK * QUAD if quads(C, F, stride, pool) else BLOCK
+    return K * K * C * tap, tap
 
 
 def output_shape(xp_shape, F, K, stride, pool):
@@ -110,7 +146,10 @@ def conv_row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, poo
     """Output row r of image n (pooled row r with pool), filters 32 blk .. 32 blk + 31, tile by tile:
     one task of conv_block, whose arguments it takes flat. A function of its own, not the body of
     the prange: inside a parallel loop LLVM compiles it 1.5x slower. (A task per tile instead
-    costs the seed CNN's 9-tap conv a third of its speed.)"""
+    costs the seed CNN's 9-tap conv a third of its speed.) A conv in quads: quad_row."""
+    if quads(C, F, S, pool):
+        quad_row(x, Hp, Wp, w, bias, F, K, relu, out, n, r, blk)
+        return
     Ho, Wo = (Hp - K) // S + 1, (Wp - K) // S + 1
     rows, cols = (Ho // 2, Wo // 2) if pool else (Ho, Wo)
     f0 = blk * BLOCK
@@ -181,6 +220,91 @@ def conv_row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, poo
 
 
 @numba.njit(cache=True)
+def quad_row(x, Hp, Wp, w, bias, F, K, relu, out, n, r, blk):
+    """conv_row for convs that run in quads (`quads`), in vectors of 4 filters x 4 pixels (the
+    module docstring): a tile is the same 8 pixels as conv_row's pooled one, two quads of 4
+    neighbours in conv rows 2r and 2r + 1, columns 4 tile .. 4 tile + 3, by the block's groups of 4
+    filters. A pixel past the last column reads zeros and is not stored. w is pack_filters' layout
+    for quads: blocks K K QUAD BLOCK floats apart, taps QUAD BLOCK apart.
+
+    LLVM compiles the loop of taps well in a function of its own only: inlined into conv_row, or
+    with an unpooled tile's stores below it, the same loop ran at 0.7-0.85x this speed."""
+    Wo = Wp - K + 1
+    rows, cols = (Hp - K + 1) // 2, Wo // 2
+    f0 = blk * BLOCK
+    groups = (min(BLOCK, F - f0) + QUAD - 1) // QUAD  # of 4 filters: vectors in use per quad
+    for tile in range((cols + 1) // 2):
+        j = 4 * tile
+        top, bottom, m = (n * Hp + 2 * r) * Wp + j, (n * Hp + 2 * r + 1) * Wp + j, min(QUAD, Wo - j)
+        z = splat(0.0)
+        a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = z  # groups 0 .. 7 of the top quad
+        b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = z  # of the bottom one
+        for kh in range(K):
+            for kw in range(K):
+                at, xo = ((blk * K + kh) * K + kw) * QUAD * BLOCK, kh * Wp + kw
+                u, v = quad_first(x, top + xo, m), quad_first(x, bottom + xo, m)
+                g = load(w, at)
+                a0, b0 = fma(u, g, a0), fma(v, g, b0)
+                # loop-invariant tests: LLVM splits the loop by them
+                if groups > 1:
+                    g = load(w, at + LANES)
+                    a1, b1 = fma(u, g, a1), fma(v, g, b1)
+                if groups > 2:
+                    g = load(w, at + 2 * LANES)
+                    a2, b2 = fma(u, g, a2), fma(v, g, b2)
+                if groups > 3:
+                    g = load(w, at + 3 * LANES)
+                    a3, b3 = fma(u, g, a3), fma(v, g, b3)
+                if groups > 4:
+                    g = load(w, at + 4 * LANES)
+                    a4, b4 = fma(u, g, a4), fma(v, g, b4)
+                if groups > 5:
+                    g = load(w, at + 5 * LANES)
+                    a5, b5 = fma(u, g, a5), fma(v, g, b5)
+                if groups > 6:
+                    g = load(w, at + 6 * LANES)
+                    a6, b6 = fma(u, g, a6), fma(v, g, b6)
+                if groups > 7:
+                    g = load(w, at + 7 * LANES)
+                    a7, b7 = fma(u, g, a7), fma(v, g, b7)
+        col = j // 2
+        at, two = ((n * rows + r) * cols + col) * F, col + 1 < cols  # two: both pooled outputs in the row
+        _pool_quads(out, at, a0, b0, bias, f0, F, relu, two)
+        if groups > 1:
+            _pool_quads(out, at, a1, b1, bias, f0 + QUAD, F, relu, two)
+        if groups > 2:
+            _pool_quads(out, at, a2, b2, bias, f0 + 2 * QUAD, F, relu, two)
+        if groups > 3:
+            _pool_quads(out, at, a3, b3, bias, f0 + 3 * QUAD, F, relu, two)
+        if groups > 4:
+            _pool_quads(out, at, a4, b4, bias, f0 + 4 * QUAD, F, relu, two)
+        if groups > 5:
+            _pool_quads(out, at, a5, b5, bias, f0 + 5 * QUAD, F, relu, two)
+        if groups > 6:
+            _pool_quads(out, at, a6, b6, bias, f0 + 6 * QUAD, F, relu, two)
+        if groups > 7:
+            _pool_quads(out, at, a7, b7, bias, f0 + 7 * QUAD, F, relu, two)
+
+
+@numba.njit(inline="always", cache=True)
+def _pool_quads(out, at, top, bottom, bias, f, F, relu, two):
+    """Filters f .. f + 3 of a quad_row tile: the maxima of quads top and bottom over pairs of
+    columns, plus the bias (then max(., 0) if relu), at out[at + f] and, if two, out[at + F + f]."""
+    width = min(QUAD, F - f)
+    a = maximum(top, bottom)
+    a = _biased(transpose4(maximum(a, swap_pairs(a))), quad_first(bias, f, width), relu)  # quarters 0, 2: the pairs
+    store_quarter(out, at + f, a, 0, width)
+    if two:
+        store_quarter(out, at + F + f, a, 2, width)
+
+
+@numba.njit(inline="always", cache=True)
+def _biased(a, blo, relu):
+    a = add(a, blo)
+    return maximum(a, splat(0.0)) if relu else a
+
+
+@numba.njit(cache=True)
 def _emit(out, at, lo, hi, blo, bhi, relu, wlo, whi):
     """out[at : at + wlo + whi] = [lo + blo, hi + bhi], first through max(., 0) if relu."""
     lo, hi = add(lo, blo), add(hi, bhi)
@@ -203,7 +327,7 @@ def conv_block_runner(xp_shape, F, K, stride, relu, pool, strides=None):
     """
     N, Hp, Wp, C = xp_shape
     macs = N * conv_output_size(Hp, K, stride, 0) * conv_output_size(Wp, K, stride, 0) * F * K * K * C
-    block_stride, tap_stride = strides or (K * K * C * BLOCK, BLOCK)
+    block_stride, tap_stride = strides or filter_strides(C, F, K, stride, pool)
 
     def run(xp, w, b, out):
         _conv_block(macs, xp.reshape(-1), Hp, Wp, C, w.reshape(-1), block_stride, tap_stride, b, F, K, stride,
@@ -216,7 +340,7 @@ def conv_block_runner(xp_shape, F, K, stride, relu, pool, strides=None):
 def conv_block(xp, w, b, F, K, stride, relu, pool, out=None, strides=None):
     """Fast conv_block_ref on a padded channels-last xp (N, Hp, Wp, C): returns out (N, Ho', Wo', F).
 
-    w = pack_filters(W) for W (F, C, K, K), b (F,), all float32; out, if given, is written in
+    w = pack_filters(W, stride, pool) for W (F, C, K, K), b (F,), all float32; out, if given, is written in
     place. strides: w's (block, tap) strides when it is not pack_filters' layout (dense_block).
     """
     check_kernel_array(xp, "xp")
@@ -224,7 +348,8 @@ def conv_block(xp, w, b, F, K, stride, relu, pool, out=None, strides=None):
         raise ValueError(f"xp must be (N, Hp, Wp, C), got shape {xp.shape}")
     check_kernel_array(b, "b", (F,))
     if strides is None:
-        check_kernel_array(w, "w (pack_filters' output)", (-(-F // BLOCK) * K * K * xp.shape[3] * BLOCK,))
+        check_kernel_array(w, "w (pack_filters' output)",
+                           (-(-F // BLOCK) * filter_strides(xp.shape[3], F, K, stride, pool)[0],))
     out = output_array(out, output_shape(xp.shape, F, K, stride, pool))
     return conv_block_runner(xp.shape, F, K, stride, relu, pool, strides)(xp, w, b, out)
 

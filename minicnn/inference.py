@@ -106,7 +106,7 @@ class _Conv:
         W = self.conv.params["W"]
         if self.source is None or self.source.shape != W.shape or not same_bits(self.source, W):
             self.checked(W, self.conv.params["b"])  # the runner was bound to the layer's geometry
-            self.source, self.w = W.copy(), direct.pack_filters(W)
+            self.source, self.w = W.copy(), direct.pack_filters(W, self.conv.stride, self.pool)
         return self.w
 
     def kernel(self, padded):

@@ -156,7 +156,7 @@ class Conv2D(Layer):
         self.cache = (xp, x.shape)
         if x.dtype != np.float32:
             return kernels.conv2d_forward(x, W, b, S, self.padding)[0]
-        y = direct.conv_block(xp, direct.pack_filters(W), b, self.out_channels, K, S, False, False)
+        y = direct.conv_block(xp, direct.pack_filters(W, S, False), b, self.out_channels, K, S, False, False)
         return np.ascontiguousarray(y.transpose(0, 3, 1, 2))
 
     def backward(self, dout):

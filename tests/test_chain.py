@@ -124,7 +124,7 @@ def test_chain_is_its_tasks_in_order(N, side, C, filters, kernel, pool, units, s
     for s, (w, b) in enumerate(zip(weights, biases)):
         c.set_arrays(s, w, b)
     expected = [a.reshape(-1).copy() for a in acts]
-    read = (direct.pack_filters(weights[0]), *(w.reshape(-1) for w in weights[1:]))
+    read = (direct.pack_filters(weights[0], 1, pool), *(w.reshape(-1) for w in weights[1:]))
     chain.run_stages_ref(c.plan, tuple(expected), read, tuple(biases), tuple(at))
     for mode in ("serial", "threaded"):
         with parallel.forced(mode):
@@ -132,23 +132,24 @@ def test_chain_is_its_tasks_in_order(N, side, C, filters, kernel, pool, units, s
 
 
 @pytest.mark.parametrize("mode", ["serial", "threaded"])
-def test_the_chain_repacks_the_blocks_of_filters_changed_in_place(mode):
+@pytest.mark.parametrize("C", [3, 1])  # one channel: the blocks packed as quads (direct.quads)
+def test_the_chain_repacks_the_blocks_of_filters_changed_in_place(mode, C):
     """The loop's first tasks compare each block of 32 filters with the copy it was packed from."""
-    rows, acts, at, weights, biases = stages_of(np.random.default_rng(5), 2, 9, 3, 70, 3, True, 40)
+    rows, acts, at, weights, biases = stages_of(np.random.default_rng(5), 2, 9, C, 70, 3, True, 40)
     c = chain.Chain(rows, acts, at)
     for s, (w, b) in enumerate(zip(weights, biases)):
         c.set_arrays(s, w, b)
     W = weights[0]
     with parallel.forced(mode):
         c()
-        W[40, 2, 1, 0] = -W[40, 2, 1, 0] - 1.0  # block 1 of 3
+        W[40, C - 1, 1, 0] = -W[40, C - 1, 1, 0] - 1.0  # block 1 of 3
         W[69] *= 2.0  # the last, narrow block
         weights[1][5] += 1.0  # a dense layer's weights are read in place
         got = c().copy()
     source, packed = c.packs[0]
     np.testing.assert_array_equal(source, W.reshape(-1))
-    np.testing.assert_array_equal(packed, direct.pack_filters(W))
+    np.testing.assert_array_equal(packed, direct.pack_filters(W, 1, True))
     expected = [a.reshape(-1).copy() for a in acts]
-    read = (direct.pack_filters(W), *(w.reshape(-1) for w in weights[1:]))
+    read = (direct.pack_filters(W, 1, True), *(w.reshape(-1) for w in weights[1:]))
     chain.run_stages_ref(c.plan, tuple(expected), read, tuple(biases), tuple(at))
     np.testing.assert_array_equal(got, expected[-1].reshape(2, 3))

@@ -11,6 +11,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from minicnn import direct, kernels, narrow, parallel
+from portable import run_without_avx512
 from strategies import random_array
 
 
@@ -38,20 +39,43 @@ def block_geometry(draw):
 @example((2, 4, 13, 13, 17, 3, 1, 1, True, False), 3)  # 17 filters: one lane past a vector
 @example((3, 2, 9, 10, 64, 2, 1, 0, False, False), 4)  # two full blocks; rows end mid-tile
 @example((1, 5, 12, 12, 16, 5, 1, 2, True, True), 5)  # 16 filters: the second vector skipped
+@example((2, 1, 13, 11, 37, 3, 2, 1, True, True), 6)  # one channel at stride 2: not quads
+@example((1, 1, 9, 14, 6, 2, 1, 0, False, True), 7)  # quads: 13 columns, 6 pooled, the last quad 1 wide
+@example((2, 1, 10, 12, 37, 3, 1, 1, False, True), 8)  # quads: 8 groups of 4 filters, then 2 (one 1 wide)
 def test_conv_block_matches_conv_relu_pool(geometry, seed):
     N, C, H, W, F, K, S, P, relu, pool = geometry
     x, Wt, b = random_array(seed, (N, C, H, W)), random_array(seed + 1, (F, C, K, K)), random_array(seed + 2, F)
     expected = direct.conv_block_ref(x, Wt, b, S, P, relu, pool).transpose(0, 2, 3, 1)
-    xp, w = kernels.pad_nhwc(x.astype(np.float32), P), direct.pack_filters(Wt.astype(np.float32))
+    xp, w = kernels.pad_nhwc(x.astype(np.float32), P), direct.pack_filters(Wt.astype(np.float32), S, pool)
     for mode in ("serial", "threaded"):
         with parallel.forced(mode):
             got = direct.conv_block(xp, w, b.astype(np.float32), F, K, S, relu, pool)
         close(got, expected, C * K * K)
 
 
+def test_convs_without_avx512_agree():
+    """The portable build of both tiles (quads, and the other convs'), against the reference: one and
+    three channels, stride 1 and 2, with and without pool, 8, 20 and 37 filters."""
+    run_without_avx512(
+        "import numpy as np\n"
+        "from minicnn import direct, kernels\n"
+        "rng = np.random.default_rng(0)\n"
+        "for C, F, S, pool in ((1, 20, 1, True), (1, 37, 2, True), (1, 8, 1, True), (1, 8, 1, False),\n"
+        "                      (3, 37, 1, True)):\n"
+        "    x, W = rng.standard_normal((2, C, 14, 13)).astype(np.float32), rng.standard_normal((F, C, 3, 3))\n"
+        "    b = rng.standard_normal(F).astype(np.float32)\n"
+        "    w = direct.pack_filters(W.astype(np.float32), S, pool)\n"
+        "    got = direct.conv_block(kernels.pad_nhwc(x, 1), w, b, F, 3, S, True, pool)\n"
+        "    expected = direct.conv_block_ref(x, W, b, S, 1, True, pool).transpose(0, 2, 3, 1)\n"
+        "    assert np.abs(got - expected).max() < 1e-5, (C, F, S, pool)\n"
+        "print('ok')\n"
+    )
+
+
 @given(st.integers(1, 20), st.integers(1, 40), st.integers(1, 300), st.booleans(), st.integers(0, 2**32 - 1))
 @example(7, 30, 300, True, 1)  # fewer rows than a tile: 128-output spans, the last one 44 wide
 @example(17, 9, 129, False, 2)  # two tiles of 8 rows and one row alone; one output past a span
+@example(9, 1, 40, True, 3)  # one input: every row alone (a tile's weights would be read as a conv's quads)
 def test_dense_block_is_a_dense_layer(N, n_in, n_out, relu, seed):
     x, W, b = random_array(seed, (N, n_in)), random_array(seed + 1, (n_in, n_out)), random_array(seed + 2, n_out)
     expected = direct.dense_block_ref(x, W, b, relu)
@@ -61,20 +85,25 @@ def test_dense_block_is_a_dense_layer(N, n_in, n_out, relu, seed):
         close(got, expected, n_in)
 
 
-@given(st.integers(1, 70), st.integers(1, 4), st.integers(1, 5))
-def test_pack_filters_lays_out_blocks_of_32_on_a_cache_line(F, C, K):
+@given(st.integers(1, 70), st.integers(1, 4), st.integers(1, 5), st.integers(1, 2), st.booleans())
+def test_pack_filters_lays_out_blocks_of_32_on_a_cache_line(F, C, K, S, pool):
     W = np.arange(F * C * K * K, dtype=np.float32).reshape(F, C, K, K) + 1
-    w = direct.pack_filters(W)
+    w = direct.pack_filters(W, S, pool)
     assert w.ctypes.data % 64 == 0
-    blocks = w.reshape(-1, K, K, C, direct.BLOCK)  # (B, KH, KW, C, 32)
-    taps = blocks.transpose(0, 4, 3, 1, 2).reshape(-1, C, K, K)  # (B * 32, C, KH, KW)
+    quads = C == 1 and S == 1 and pool and F % 16 != 0
+    assert direct.quads(C, F, S, pool) == quads
+    repeat = direct.QUAD if quads else 1  # each weight once per pixel of a quad
+    blocks = w.reshape(-1, K, K, C, direct.BLOCK, repeat)  # (B, KH, KW, C, 32, repeat)
+    assert w.size == -(-F // direct.BLOCK) * direct.filter_strides(C, F, K, S, pool)[0]
+    np.testing.assert_array_equal(blocks, np.broadcast_to(blocks[..., :1], blocks.shape))
+    taps = blocks[..., 0].transpose(0, 4, 3, 1, 2).reshape(-1, C, K, K)  # (B * 32, C, KH, KW)
     np.testing.assert_array_equal(taps[:F], W)
     np.testing.assert_array_equal(taps[F:], 0)
 
 
 def test_conv_block_writes_into_out_and_refuses_an_out_it_cannot_write_through():
     x = np.ones((2, 6, 6, 3), np.float32)
-    w, b = direct.pack_filters(np.ones((5, 3, 3, 3), np.float32)), np.zeros(5, np.float32)
+    w, b = direct.pack_filters(np.ones((5, 3, 3, 3), np.float32), 1, True), np.zeros(5, np.float32)
     out = np.full((2, 2, 2, 6), -1.0, np.float32)
     with pytest.raises(ValueError, match="not contiguous"):
         direct.conv_block(x, w, b, 5, 3, 1, False, True, out[..., :5])  # the kernel would write a copy

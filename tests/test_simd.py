@@ -1,4 +1,4 @@
-"""minicnn.simd's vector operations, each against the NumPy expression its docstring gives."""
+"""minicnn.simd's vector operations (and minicnn.quads'), each against the NumPy expression its docstring gives."""
 
 import numba
 import numpy as np
@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minicnn import simd
+from minicnn.quads import quad_first, store_quarter, swap_pairs, transpose4
 from minicnn.simd import (LANES, absolute, add, add_where, aligned_empty, broadcast, fma, load, load_first, maximum,
                           mul, permute2, splat, store, store_first, total, transpose16)
 
@@ -90,6 +91,44 @@ def test_fma_add_splat_mul_absolute_total(values):
     np.testing.assert_array_equal(out[4 * LANES : 5 * LANES], np.abs(a))
     exact = c.astype(np.float64).sum()  # the lanes' adds in any order: within 16 roundings of the sum
     assert abs(out[5 * LANES] - exact) <= 16 * np.spacing(np.float32(np.abs(c).sum())), (out[5 * LANES], exact)
+
+
+@numba.njit
+def _quads(src, i, n, out):
+    a = quad_first(src, i, n)
+    store(out, 0, a)
+    store(out, LANES, swap_pairs(a))
+    store(out, 2 * LANES, transpose4(load(out, 3 * LANES)))
+
+
+@numba.njit
+def _quarter(a, q, n, dst, j):
+    store_quarter(dst, j, load(a, 0), q, n)
+
+
+@given(st.integers(0, 4), st.integers(0, 5), st.integers(0, 2**32 - 1))
+def test_quad_first_swap_pairs_and_transpose4(n, i, seed):
+    """4 x 4 lanes, lane 4a + b: row a, column b. The source ends at its last lane read: a read past it
+    would fault or show."""
+    src = np.random.default_rng(seed).standard_normal(i + n).astype(np.float32)
+    out = np.zeros(4 * LANES, np.float32)
+    out[3 * LANES :] = np.arange(LANES)
+    _quads(src, i, n, out)
+    row = np.zeros(4, np.float32)
+    row[:n] = src[i : i + n]
+    np.testing.assert_array_equal(out[:LANES], np.tile(row, 4))
+    np.testing.assert_array_equal(out[LANES : 2 * LANES], np.tile(row[[1, 0, 3, 2]], 4))
+    np.testing.assert_array_equal(out[2 * LANES : 3 * LANES], np.arange(LANES).reshape(4, 4).T.reshape(-1))
+
+
+@given(st.integers(0, 3), st.integers(0, 4), st.integers(0, 5))
+def test_store_quarter_writes_its_lanes_alone(q, n, j):
+    a = np.arange(1, LANES + 1, dtype=np.float32)
+    dst = np.full(j + n, -7.0, np.float32)
+    _quarter(a, q, n, dst, j)
+    expected = np.full_like(dst, -7.0)
+    expected[j:] = a[4 * q : 4 * q + n]
+    np.testing.assert_array_equal(dst, expected)
 
 
 @given(st.integers(0, LANES), st.integers(0, LANES), st.integers(0, 5), st.integers(0, 5))

@@ -252,9 +252,11 @@ class PackedBinaryConv2D(PackedBinaryLayer):
             wb = self._blocked("window bits",
                                lambda: self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1))
             return xnor.conv_runner(padded_shape, K, self.stride, wb, self.n, self.alpha, self.b, relu, pool)
-        if "filters" not in self._laid_out:
-            self._laid_out["filters"] = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K))
-        kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self._laid_out["filters"]
+        key = ("filters", pool)  # pack_filters' layout depends on the pool
+        if key not in self._laid_out:
+            self._laid_out[key] = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K), self.stride,
+                                                      pool)
+        kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self._laid_out[key]
         return lambda xp, out: kernel(xp, w, self.b, out)
 
     def macs(self, in_shape):

@@ -299,7 +299,8 @@ class CSRConv2D(CSRLayer):
         kernel = direct.conv_block_runner(padded_shape, self.out_channels, self.kernel_size, self.stride, relu, pool)
 
         def run(xp, out):
-            filters = self._laid_out_as("filters", lambda: direct.pack_filters(self._laid_out_weight()))
+            filters = self._laid_out_as(("filters", pool),
+                                        lambda: direct.pack_filters(self._laid_out_weight(), self.stride, pool))
             return kernel(xp, filters, self._bias(), out)
 
         return run
