@@ -471,37 +471,41 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
 
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 70), st.integers(1, 3),
        st.integers(1, 3), st.integers(1, 3), seeds)
-@example(2, 12, 12, 20, 5, 5, 1, 0)  # LeNet-5's conv2
+@example(2, 12, 12, 20, 5, 5, 1, 0)  # LeNet-5's conv2: lines of 100 signs in 4 words
 @example(3, 1, 1, 64, 1, 1, 1, 0)  # a dense layer's rows: 1 x 1 images; whole words
+@example(2, 3, 7, 32, 2, 3, 3, 0)  # lines of whole words, stride 3
 def test_window_signs_match_reference(N, Hp, Wp, C, KH, KW, stride, seed):
-    """A pixel's signs in ceil(C/32) words, bit for bit; the windows' mean |x| to float32 rounding."""
+    """Each window line's KW C signs in ceil(KW C / 32) words, bit for bit; the windows' mean |x| to
+    float32 rounding."""
     x = random_array(seed, (N, Hp + KH - 1, Wp + KW - 1, C), np.float32)
     x[..., ::5] = 0  # sign(0) = +1
-    words, beta = xnor.window_signs_ref(x, KH, KW, stride)
-    assert words.shape == (*x.shape[:3], -(-C // 32))
-    np.testing.assert_array_equal(np.unpackbits(words.view(np.uint8), axis=-1, bitorder="little")[..., :C],
-                                  x >= 0)
+    lines, beta = xnor.window_signs_ref(x, KH, KW, stride)
+    Wo = (x.shape[2] - KW) // stride + 1
+    assert lines.shape == (*x.shape[:2], Wo, -(-KW * C // 32))
+    line_values = np.stack([x[:, :, j * stride : j * stride + KW].reshape(N, x.shape[1], -1) for j in range(Wo)], 2)
+    np.testing.assert_array_equal(np.unpackbits(lines.view(np.uint8), axis=-1, bitorder="little")[..., : KW * C],
+                                  line_values >= 0)
     for build in BUILDS:
         with parallel.forced(build):
-            got_words, got_beta = xnor.window_signs(x, KH, KW, stride)
-        np.testing.assert_array_equal(got_words, words, err_msg=build)
+            got_lines, got_beta = xnor.window_signs(x, KH, KW, stride)
+        np.testing.assert_array_equal(got_lines, lines, err_msg=build)
         np.testing.assert_allclose(got_beta, beta, rtol=1e-5, err_msg=build)
 
 
 @given(conv_geometry(max_channels=40), seeds)
 @example((2, 20, 12, 12, 50, 5, 1, 0), 0)  # LeNet-5's conv2
 def test_xnor_conv_on_windows_read_in_place(geom, seed):
-    """window_rows' rows are the im2row rows of the pixels' words, and the kernel's products of them with
-    window_filters' words are the +-1 dot products of the windows' signs with the filters', exactly."""
+    """window_rows' rows are each window's lines, one after the other, and the kernel's products of them
+    with window_filters' words are the +-1 dot products of the windows' signs with the filters', exactly."""
     N, C, H, W, F, k, s, p = geom
     xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
     filters = signs_of(random_array(seed + 1, (F, k, k, C))).astype(np.float32)
-    words = xnor.pixel_words(xp)
-    rows = xnor.window_rows(words, k, k, s)
-    windows = np.lib.stride_tricks.sliding_window_view(words, (k, k), axis=(1, 2))[:, ::s, ::s]
+    lines, _ = xnor.window_signs_ref(xp, k, k, s)
+    rows = xnor.window_rows(lines, k, s)
+    windows = np.lib.stride_tricks.sliding_window_view(lines, k, axis=1)[:, ::s]  # (N, Ho, Wo, L, k)
     Ho, Wo = windows.shape[1:3]
     np.testing.assert_array_equal(rows.x32[rows.starts[:, None] + rows.off],
-                                  windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, -1))
+                                  windows.transpose(0, 1, 2, 4, 3).reshape(N * Ho * Wo, -1))
     sign_windows = np.lib.stride_tricks.sliding_window_view(signs_of(xp), (k, k), axis=(1, 2))[:, ::s, ::s]
     exact = sign_windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, -1) @ filters.reshape(F, -1).T
     ones, zeros = np.ones(N * Ho * Wo, np.float32), np.zeros(F, np.float32)
@@ -528,8 +532,8 @@ def test_conv_runner_is_the_kernels_call_after_call(geom, relu, pool, seed):
     shape = (N, Ho // 2, Wo // 2, F) if pool else (N, Ho, Wo, F)
     run = xnor.conv_runner(inputs[0].shape, k, s, wb, k * k * C, alpha, b, relu, pool)
     for x in (*inputs, inputs[0]):
-        words, beta = xnor.window_signs(x, k, k, s)
-        expected = xnor.xnor_layer(xnor.window_rows(words, k, k, s), wb, k * k * C, beta, alpha, b, (N, Ho, Wo), relu,
+        lines, beta = xnor.window_signs(x, k, k, s)
+        expected = xnor.xnor_layer(xnor.window_rows(lines, k, s), wb, k * k * C, beta, alpha, b, (N, Ho, Wo), relu,
                                    pool, np.empty(shape, np.float32))
         np.testing.assert_array_equal(run(x, np.empty(shape, np.float32)), expected)
     with pytest.raises(ValueError, match="a runner for inputs"):

@@ -13,8 +13,8 @@ Modules:
              BinaryConv2D, binarize (float model -> binarized copy), clip_latent.
     packed   inference: PackedBinaryDense, PackedBinaryConv2D (signs stored one
              bit each, alpha and bias in float32), pack (trained -> packed copy).
-    xnor     bit kernels: signs packed into words (a weight row's, or each pixel's channels,
-             whose words a conv's windows then read in place), the XNOR-popcount
+    xnor     bit kernels: signs packed into words (a weight row's, or each window line's,
+             which a conv's windows then read in place), the XNOR-popcount
              matrix product, and a binary-input layer's whole output (scales, ReLU, 2x2
              pool), each with its NumPy reference.
     lanes    16 popcounts in one register: the XNOR kernels' register tile.

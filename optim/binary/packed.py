@@ -84,9 +84,9 @@ class PackedBinaryLayer(Layer):
     def _blocked(self, key, signs):
         """xnor.blocked(xnor.window_filters(signs())), signs() the filters' signs (F, KH, KW, C) in the
         order xnor.window_rows reads an input (a dense layer's (F, 1, 1, n)): made once under `key`.
-        The XNOR kernel then runs as xnor.conv_runner: the pixels' signs packed and beta, the K x K
-        windows' means of |x|, in one pass, the windows' words read in place against them, the ReLU
-        and the 2x2 pool in the kernel's registers."""
+        The XNOR kernel then runs as xnor.conv_runner: the signs of the input's window lines packed
+        and beta, the K x K windows' means of |x|, in one pass, each window's lines read in place
+        against them, the ReLU and the 2x2 pool in the kernel's registers."""
         if key not in self._laid_out:
             self._laid_out[key] = xnor.blocked(xnor.window_filters(signs()))
         return self._laid_out[key]

@@ -5,10 +5,13 @@ Hubara et al., Binarized Neural Networks, NeurIPS 2016).
 Packing. A row v of n values becomes ceil(n / 64) uint64 words: bit k
 (least significant first) of word w is 1 iff v[64 w + k] >= 0, i.e. the
 sign +1, and the 64 * words - n padding bits are 0. A float32 weight takes
-32 bits, its sign one: 32x smaller. An image's pixels (N, H, W, C) are
-packed pixel by pixel instead, ceil(C / 32) uint32 words each
-(`window_signs`), so that a convolution's window is whole words of the
-image, read in place: no row of signs is ever gathered (`window_rows`).
+32 bits, its sign one: 32x smaller. A binary-input convolution packs its
+input by window lines instead: the KW pixels of a window's row are KW C
+values next to each other in a channels-last image, packed into
+ceil(KW C / 32) uint32 words (`window_signs`). A window is then KH lines'
+words, read in place (`window_rows`): no row of signs is ever gathered.
+LeNet-5's conv2 (C = 20, 5 x 5) reads 20 words a window, 500 bits in 640,
+where words of each pixel's channels took 25 (in 800).
 
 XNOR-popcount. For a, w in {-1, +1}^n the product a_i w_i is +1 where the
 bits agree and -1 where they differ, so
@@ -16,7 +19,7 @@ bits agree and -1 where they differ, so
     dot(a, w) = (n - d) - d = n - 2 d,      d = popcount(a XOR w).
 
 Padding bits are 0 in both rows, their XOR is 0 and they never count, so
-any n works, and a pixel's C channels can fill a 32-bit word partly.
+any n works.
 
 The kernels run the popcounts on 32-bit words, 16 filters' side by side in a
 register (`lanes`: vpxord, vpopcntd and vpaddd where AVX-512 VPOPCNTDQ
@@ -100,88 +103,97 @@ def unpack_signs(packed, n):
 
 
 # --------------------------------------------------------------------------
-# A binary-input conv's operand: each pixel's signs in words of its own, and beta
+# A binary-input conv's operand: each window line's signs, packed, and beta
 
 
-def pixel_words(x):
-    """x (N, H, W, C) float -> (N, H, W, S) uint32, S = ceil(C / 32): bit c % 32 of word c // 32 is
-    x[..., c] >= 0, padding bits 0. The specification of window_signs' words, and how the filters'
-    signs are packed once (window_filters)."""
-    S = -(-x.shape[3] // 32)
-    bits = np.zeros((*x.shape[:3], 32 * S), np.uint8)
-    bits[..., : x.shape[3]] = x >= 0
+def sign_words(v):
+    """v (..., n) float -> (..., ceil(n / 32)) uint32: bit t % 32 of word t // 32 is v[..., t] >= 0,
+    padding bits 0: a window's signs, or a filter's."""
+    S = -(-v.shape[-1] // 32)
+    bits = np.zeros((*v.shape[:-1], 32 * S), np.uint8)
+    bits[..., : v.shape[-1]] = v >= 0
     return np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
 
 
-def window_means_ref(A, KH, KW, stride, n):
-    """(N Ho Wo,) float32: A (N, Hp, Wp) float32 summed over each KH x KW window (stride), / n."""
-    windows = np.lib.stride_tricks.sliding_window_view(A, (KH, KW), axis=(1, 2))[:, ::stride, ::stride]
-    return (windows.sum(axis=(-2, -1), dtype=np.float32) / np.float32(n)).reshape(-1)
+def lines_of(x, KW, stride):
+    """x (N, Hp, Wp, C) -> (N, Hp, Wo, KW C): the window lines, line (n, h, j) being the KW pixels
+    from (h, j stride) on, channels last: KW C values next to each other in x (a view)."""
+    lines = np.lib.stride_tricks.sliding_window_view(x, KW, axis=2)[:, :, ::stride]  # (N, Hp, Wo, C, KW)
+    return lines.transpose(0, 1, 2, 4, 3).reshape(*lines.shape[:3], -1)
 
 
 def window_signs_ref(x, KH, KW, stride):
     """What a binary-input conv needs of its input x (N, Hp, Wp, C) float32, padded, channels last:
-    (words, beta) = (pixel_words(x), the KH x KW windows' mean |x|, (N Ho Wo,) float32)."""
-    sums = np.abs(x).sum(axis=-1, dtype=np.float32)
-    return pixel_words(x), window_means_ref(sums, KH, KW, stride, KH * KW * x.shape[3])
+
+        lines (N, Hp, Wo, L) uint32   sign_words of each window line (lines_of), L = ceil(KW C / 32)
+        beta  (N Ho Wo,) float32      each KH x KW window's mean |x|
+
+    A window is KH lines, rows i stride .. i stride + KH - 1 at column j (window_rows)."""
+    lines = lines_of(x, KW, stride)
+    windows = np.lib.stride_tricks.sliding_window_view(lines, KH, axis=1)[:, ::stride]  # (N, Ho, Wo, KW C, KH)
+    beta = np.abs(windows).mean(axis=(-2, -1), dtype=np.float64).astype(np.float32)
+    return sign_words(lines), beta.reshape(-1)
 
 
-def _window_signs_loops(x, KH, KW, stride, Ho, Wo, words, sums, lines, beta):
+def _window_signs_loops(x, KH, KW, stride, lines, sums, beta):
     N, Hp, Wp, C = x.shape
-    S = words.shape[3]
-    xf, wf, n = x.reshape(-1), words.reshape(-1), np.float32(KH * KW * C)
-    for image in prange(N):  # the image read once, 16 values at a time
-        for h in range(Hp):
-            for w in range(Wp):
-                p, magnitudes = (image * Hp + h) * Wp + w, simd.splat(0)
-                for s in range(S):
-                    word = np.uint32(0)
-                    for c in range(32 * s, min(C, 32 * s + 32), 16):
-                        m = min(16, C - c)
-                        v = simd.load_first(xf, p * C + c, m)
-                        word |= lanes.sign_bits(v, m) << np.uint32(c - 32 * s)
-                        magnitudes = simd.add(magnitudes, simd.absolute(v))
-                    wf[p * S + s] = word
-                sums[image, h, w] = simd.total(magnitudes)  # one sum across the lanes a pixel
-        for h in range(Hp):  # the means separably: KH + KW adds an output, not KH KW
-            for j in range(Wo):
-                total = np.float32(0)
-                for kw in range(KW):
-                    total += sums[image, h, j * stride + kw]
-                lines[image, h, j] = total
-        for i in range(Ho):
-            for j in range(Wo):
-                total = np.float32(0)
-                for kh in range(KH):
-                    total += lines[image, i * stride + kh, j]
-                beta[(image * Ho + i) * Wo + j] = total / n
+    _, _, Wo, L = lines.shape
+    for image in prange(N):
+        _signs_of(x.reshape(-1), Hp, Wp, C, KH, KW, stride, lines.reshape(-1), Wo, L, sums, beta, image)
+    return lines, beta
+
+
+@numba.njit(inline="always", cache=True)
+def _signs_of(x, Hp, Wp, C, KH, KW, stride, lines, Wo, L, sums, beta, image):
+    """window_signs of one image. Each line's KW C values are next to each other in x: 16 a compare
+    (lanes.sign_bits), two compares a word, and the sum of their |x| on the way. Then beta, the
+    windows' sums of KH lines' sums, 16 windows along a row at a time."""
+    run, Ho = KW * C, (Hp - KH) // stride + 1
+    m0, m1 = min(16, run - 32 * (L - 1)), max(0, run - 32 * (L - 1) - 16)  # the last word's lanes in use
+    for row in range(image * Hp, (image + 1) * Hp):
+        at = row * Wp * C  # line (row, j) starts at pixel (row, j stride)
+        for line in range(row * Wo, (row + 1) * Wo):
+            total = simd.splat(0)
+            for k in range(L - 1):
+                v0, v1 = simd.load(x, at + 32 * k), simd.load(x, at + 32 * k + 16)
+                lines[line * L + k] = lanes.sign_bits(v0, 16) | (lanes.sign_bits(v1, 16) << np.uint32(16))
+                total = simd.add(total, simd.add(simd.absolute(v0), simd.absolute(v1)))
+            last = at + 32 * (L - 1)
+            v0, v1 = simd.load_first(x, last, m0), simd.load_first(x, last + 16, m1)
+            lines[line * L + L - 1] = lanes.sign_bits(v0, m0) | (lanes.sign_bits(v1, m1) << np.uint32(16))
+            sums[line] = simd.total(simd.add(total, simd.add(simd.absolute(v0), simd.absolute(v1))))
+            at += stride * C
+    scale = simd.splat(np.float32(1) / np.float32(KH * KW * C))
+    for i in range(Ho):
+        for j in range(0, Wo, lanes.LANES):
+            m, total = min(lanes.LANES, Wo - j), simd.splat(0)
+            for kh in range(KH):
+                total = simd.add(total, simd.load_first(sums, (image * Hp + i * stride + kh) * Wo + j, m))
+            simd.store_first(beta, (image * Ho + i) * Wo + j, simd.mul(total, scale), m)
 
 
 _window_signs = twin(_window_signs_loops, MIN_STEPS)
 
 
 def window_signs(x, KH, KW, stride):
-    """Fast window_signs_ref (the sums in another order: equal to float32 rounding), in one pass
-    over each image."""
+    """Fast window_signs_ref (beta's sums in another order: equal to float32 rounding), each image
+    in one pass: returns (lines, beta)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    work = _signs_work(x.shape, KH, KW, stride)
-    _window_signs(x.size, x, KH, KW, stride, *work)
-    _, _, words, _, _, beta = work
-    return words, beta
+    return _window_signs(x.size, x, KH, KW, stride, *_signs_work(x.shape, KH, KW, stride))
 
 
 def _signs_work(shape, KH, KW, stride):
-    """(Ho, Wo, words, sums, lines, beta): _window_signs' sizes and arrays for inputs of shape (N, Hp, Wp, C)."""
+    """(lines, sums, beta): _window_signs' arrays for inputs of shape (N, Hp, Wp, C)."""
     N, Hp, Wp, C = shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    return (Ho, Wo, np.empty((N, Hp, Wp, -(-C // 32)), np.uint32), np.empty((N, Hp, Wp), np.float32),
-            np.empty((N, Hp, Wo), np.float32), np.empty(N * Ho * Wo, np.float32))
+    return (np.empty((N, Hp, Wo, -(-KW * C // 32)), np.uint32), np.empty(N * Hp * Wo, np.float32),
+            np.empty(N * Ho * Wo, np.float32))
 
 
 class Rows(NamedTuple):
     """The operand of the XNOR kernels: M rows of K uint32 words, row r's word k being
     x32[starts[r] + off[k]] (x32 uint32 flat, starts int64 (M,), off int64 (K,)): rows side by side
-    (`packed_rows`), or a convolution's windows read in place from an image (`window_rows`)."""
+    (`packed_rows`), or a convolution's windows read in place from its lines (`window_rows`)."""
 
     x32: np.ndarray
     starts: np.ndarray
@@ -195,20 +207,22 @@ def packed_rows(a):
     return Rows(np.ascontiguousarray(a).view(np.uint32).reshape(-1), np.arange(a.shape[0]) * K, np.arange(K))
 
 
-def window_rows(words, KH, KW, stride):
-    """Rows of the KH x KW windows (stride) of an image's pixel words (N, Hp, Wp, S) uint32
-    (window_signs'), in place: row (n, i, j) is the words of pixels (i stride + kh, j stride + kw)
-    in (kh, kw) order, KH KW S words (`window_filters` packs the weights so)."""
-    N, Hp, Wp, S = words.shape
-    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    pixels = (np.arange(N)[:, None, None] * Hp + np.arange(Ho)[:, None] * stride) * Wp + np.arange(Wo) * stride
-    off = ((np.arange(KH)[:, None, None] * Wp + np.arange(KW)[:, None]) * S + np.arange(S)).reshape(-1)
-    return Rows(words.reshape(-1), pixels.reshape(-1) * S, off)
+def window_rows(lines, KH, stride):
+    """Rows of the KH x KW windows (stride) read in place from window_signs' lines (N, Hp, Wo, L):
+    row (n, i, j) is the words of lines (n, i stride + kh, j), kh = 0 .. KH - 1 (window_filters packs
+    the weights so)."""
+    N, Hp, Wo, L = lines.shape
+    Ho = (Hp - KH) // stride + 1
+    windows = (np.arange(N)[:, None, None] * Hp + np.arange(Ho)[:, None] * stride) * Wo + np.arange(Wo)
+    off = np.arange(KH)[:, None] * Wo * L + np.arange(L)
+    return Rows(lines.reshape(-1), windows.reshape(-1) * L, off.reshape(-1))
 
 
 def window_filters(signs):
-    """(F, KH KW S) uint32: the signs (F, KH, KW, C) of F filters as window_rows reads an image."""
-    return pixel_words(signs).reshape(signs.shape[0], -1)
+    """(F, KH L) uint32: the signs (F, KH, KW, C) of F filters packed line by line as window_signs
+    packs an image, L = ceil(KW C / 32) words a line."""
+    F, KH = signs.shape[:2]
+    return sign_words(signs.reshape(F, KH, -1)).reshape(F, -1)
 
 
 # --------------------------------------------------------------------------
@@ -322,10 +336,12 @@ def xnor_layer_ref(a, w, n, beta, alpha, b, grid, relu, pool):
     """A binary-input layer's output, channels last: out (N, Ho', Wo', F) float32 of the rows
     a (N Ho Wo, words) of pixels (n, i, j), grid = (N, Ho, Wo), each row's products with w (F, words)
 
-        y = (n - 2 popcount(a XOR w)) beta_r alpha_j + b_j,   then max(y, 0) if relu,
+        y = ((n - 2 popcount(a XOR w)) beta_r) alpha_j + b_j,   then max(y, 0) if relu,
 
-    and with pool, the maximum of each 2x2 window of pixels (Ho' = Ho // 2; else Ho' = Ho)."""
-    y = xnor_matmul_ref(a, w, n).astype(np.float32) * (beta[:, None] * alpha) + b
+    and with pool, the maximum of each 2x2 window of pixels (Ho' = Ho // 2; else Ho' = Ho), in float32
+    in that order. alpha_j >= 0 (means of |W|), so y grows with (n - 2 d) beta_r, rounding included:
+    the fast kernel takes the pool's maximum of those, then scales once."""
+    y = (xnor_matmul_ref(a, w, n).astype(np.float32) * beta[:, None]) * alpha + b
     y = y.reshape(*grid, -1)
     if relu:
         y = np.maximum(y, 0)
@@ -336,42 +352,63 @@ def xnor_layer_ref(a, w, n, beta, alpha, b, grid, relu, pool):
 
 
 @numba.njit(inline="always", cache=True)
-def _scaled(d, n, beta_r, alpha_f, b_f):
-    """float32 (n - 2 d) (beta_r alpha_f) + b_f, xnor_layer_ref's operations in its order: 16 filters' outputs."""
-    return simd.add(simd.mul(lanes.to_float(lanes.dots(d, n)), simd.mul(simd.splat(beta_r), alpha_f)), b_f)
+def _products(d, n, beta_r):
+    """float32 (n - 2 d) beta_r: 16 filters' products with row r, scaled by its beta."""
+    return simd.mul(lanes.to_float(lanes.dots(d, n)), simd.splat(beta_r))
+
+
+@numba.njit(inline="always", cache=True)
+def _store(o, at, z, alpha, bias, f, m, relu):
+    """o[at : at + m] = z alpha + b (then max(., 0) if relu) for filters f .. f + m - 1."""
+    y = simd.add(simd.mul(z, simd.load_first(alpha, f, m)), simd.load_first(bias, f, m))
+    simd.store_first(o, at, simd.maximum(y, simd.splat(0)) if relu else y, m)
 
 
 def _xnor_layer_loops(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, out):
-    N, Hq, Wq, F = out.shape
-    R = starts.size
-    o = out.reshape(-1)
-    groups = N * Hq * Wq if pool else (R + 3) // 4  # pool windows, or 4 rows in a row
+    N, Hq, Wq, _ = out.shape
+    groups = N * Hq * Wq if pool else (starts.size + 3) // 4  # pool windows, or 4 rows in a row
     pairs = wb.size // (2 * lanes.LANES * off.size)
     for t in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK * pairs):
-        first, b = t // pairs * GROUPS_PER_TASK, t % pairs * 2  # a task: its groups against one block pair
-        for g in range(first, min(groups, first + GROUPS_PER_TASK)):
-            if pool:  # the window's 4 pixels
-                r0 = (g // (Hq * Wq) * Ho + g // Wq % Hq * 2) * Wo + g % Wq * 2
-                r1, r2, r3 = r0 + 1, r0 + Wo, r0 + Wo + 1
-            else:
-                r0, r1, r2, r3 = _four_rows(g, R)
-            counts = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b)
-            for h in range(2):
-                f = lanes.LANES * (b + h)
-                m = max(0, min(lanes.LANES, F - f))
-                alpha_f, b_f = simd.load_first(alpha, f, m), simd.load_first(bias, f, m)
-                y0 = _scaled(counts[h], n, beta[r0], alpha_f, b_f)
-                y1 = _scaled(counts[2 + h], n, beta[r1], alpha_f, b_f)
-                y2 = _scaled(counts[4 + h], n, beta[r2], alpha_f, b_f)
-                y3 = _scaled(counts[6 + h], n, beta[r3], alpha_f, b_f)
-                if pool:
-                    y = simd.maximum(simd.maximum(y0, y1), simd.maximum(y2, y3))
-                    simd.store_first(o, g * F + f, simd.maximum(y, simd.splat(0)) if relu else y, m)
-                    continue
-                for q, y in enumerate((y0, y1, y2, y3)):
-                    if r0 + q < R:
-                        simd.store_first(o, (r0 + q) * F + f, simd.maximum(y, simd.splat(0)) if relu else y, m)
+        _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, out.reshape(-1), Hq, Wq, groups,
+                    t // pairs * GROUPS_PER_TASK, t % pairs * 2)
     return out
+
+
+@numba.njit(inline="always", cache=True)
+def _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, o, Hq, Wq, groups, first, b):
+    """Groups first .. first + GROUPS_PER_TASK - 1 against blocks b and b + 1 of the filters: one
+    task of xnor_layer. A pool's windows are counted on from the task's first, not divided out of
+    g (three integer divisions a window)."""
+    R, F = starts.size, alpha.size
+    f0, f1 = lanes.LANES * b, lanes.LANES * (b + 1)
+    m0, m1 = max(0, min(lanes.LANES, F - f0)), max(0, min(lanes.LANES, F - f1))
+    image = i = j = 0  # with pool: the place of window g, counted on from the task's first
+    if pool:
+        image, i, j = first // (Hq * Wq), first // Wq % Hq, first % Wq
+    for g in range(first, min(groups, first + GROUPS_PER_TASK)):
+        if pool:  # the window's 4 pixels
+            r0 = (image * Ho + 2 * i) * Wo + 2 * j
+            r1, r2, r3 = r0 + 1, r0 + Wo, r0 + Wo + 1
+            j += 1
+            if j == Wq:
+                i, j = i + 1, 0
+                if i == Hq:
+                    image, i = image + 1, 0
+        else:
+            r0, r1, r2, r3 = _four_rows(g, R)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b)
+        z0, z2, z4, z6 = _products(c0, n, beta[r0]), _products(c2, n, beta[r1]), _products(c4, n, beta[r2]), \
+            _products(c6, n, beta[r3])  # filters f0 ..
+        z1, z3, z5, z7 = _products(c1, n, beta[r0]), _products(c3, n, beta[r1]), _products(c5, n, beta[r2]), \
+            _products(c7, n, beta[r3])  # filters f1 ..
+        if pool:
+            _store(o, g * F + f0, simd.maximum(simd.maximum(z0, z2), simd.maximum(z4, z6)), alpha, bias, f0, m0, relu)
+            _store(o, g * F + f1, simd.maximum(simd.maximum(z1, z3), simd.maximum(z5, z7)), alpha, bias, f1, m1, relu)
+            continue
+        for q, (lo, hi) in enumerate(((z0, z1), (z2, z3), (z4, z5), (z6, z7))):
+            if r0 + q < R:
+                _store(o, (r0 + q) * F + f0, lo, alpha, bias, f0, m0, relu)
+                _store(o, (r0 + q) * F + f1, hi, alpha, bias, f1, m1, relu)
 
 
 _xnor_layer = twin(_xnor_layer_loops, MIN_WORDS)
@@ -396,16 +433,17 @@ def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
 
 
 def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
-    """run(xp, out) = xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out) for xp (N, Hp, Wp, C)
-    float32 of padded_shape, channels last, with rows the windows of the words of
-    (words, beta) = window_signs(xp, K, K, stride): a binary-input conv layer (a dense one: K = 1 on
-    (N, 1, 1, C)). Checks, sizes and work arrays are bound here, once (at batch 1 they cost as much
-    as the kernels), and each call checks only the two shapes: xp and out float32 and contiguous,
-    as minicnn.inference's stages hand them. Not re-entrant: the work arrays are the runner's."""
+    """run(xp, out) = xnor_layer(window_rows(lines, K, stride), wb, n, beta, alpha, b, grid, relu, pool, out)
+    for xp (N, Hp, Wp, C) float32 of padded_shape, channels last, with (lines, beta) = window_signs(xp, K,
+    K, stride): a binary-input conv layer (a dense one: K = 1 on (N, 1, 1, C)). Checks, sizes and work
+    arrays are bound here, once (at batch 1 they cost as much as the kernels), and each call checks
+    only the two shapes: xp and out float32 and contiguous, as minicnn.inference's stages hand them.
+    Not re-entrant: the work arrays are the runner's."""
     N, Hp, Wp, C = padded_shape
     work = _signs_work(padded_shape, K, K, stride)
-    Ho, Wo, words, _, _, beta = work
-    rows = window_rows(words, K, K, stride)
+    lines, _, beta = work
+    Ho, Wo = (Hp - K) // stride + 1, lines.shape[2]
+    rows = window_rows(lines, K, stride)
     _check_blocked(wb, alpha.size, rows.off.size)
     if alpha.ndim != 1 or b.shape != alpha.shape:
         raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")
