@@ -31,13 +31,13 @@ tile's sixteen spill: correct, slower.
 A conv of one input channel (a first layer on grayscale images, LeNet's
 conv1) leaves lanes of that tile idle: a tap is one weight per filter, and
 20 filters fill 20 of 32 lanes. So where that happens, at stride 1 and
-with a pool after it (`quads`), its vectors hold 4 filters x 4 pixels
+with a pool after it (`in_quads`), its vectors hold 4 filters x 4 pixels
 instead, lane 4a + b being filter a at pixel b: a tap is the 4 pixels'
 inputs, one 16-byte load broadcast to the 4 rows (minicnn.quads), times
 each group of 4 filters' weights, which pack_filters stores 4 times over
 (quad_row). The tile is the same 8 pixels (two quads) by 32 filters, but a
 block of F < 32 filters spends ceil(F / 4) vectors a quad: LeNet's conv1
-does 10 multiply-adds a tap, not 16 (1.3-1.4x as fast, 1.7x for 8 filters;
+does 10 multiply-adds a tap, not 16 (1.3-1.4x as fast, 1.4-1.7x for 8 filters;
 the same bits). The epilogue takes the pool's pairs of columns from
 neighbouring lanes (quads.swap_pairs), puts each pixel's 4 filters side by
 side (quads.transpose4) and stores them 16 bytes at a time.
@@ -46,7 +46,7 @@ Layouts (all float32, C-contiguous):
     xp   (N, Hp, Wp, C)          the input, already zero-padded, channels last
     w    (B, KH, KW, C, 32)      pack_filters(W): B = ceil(F / 32) blocks of 32 filters, zeros past F,
                                  so that a block's weights are read front to back; for a conv in
-                                 quads, (B, KH, KW, 32, 4): each weight 4 times
+                                 quads, (B, KH, KW, 1, 32, 4): each weight 4 times
     out  (N, Ho', Wo', F)        channels last; Ho' = Ho // 2 with pooling
 The kernel takes the weights with two strides (block, tap): a Dense's W
 (in, out) is read in place as blocks 32 apart and taps `out` apart. The
@@ -66,7 +66,7 @@ from .simd import LANES, add, aligned_empty, broadcast, fma, load, load_first, m
 
 __all__ = [
     "conv_block", "conv_block_ref", "conv_block_runner", "conv_row", "dense_block", "dense_block_ref",
-    "dense_block_runner", "dense_span", "filter_strides", "output_shape", "pack_filters", "quads",
+    "dense_block_runner", "dense_span", "filter_strides", "in_quads", "output_shape", "pack_filters",
 ]
 
 BLOCK = 2 * LANES  # filters per register tile
@@ -88,11 +88,11 @@ def conv_block_ref(x, W, b, stride, padding, relu, pool):
 def pack_filters(W, stride, pool):
     """W (F, C, KH, KW) of a conv of that stride (and 2x2 pool or not) as the flat (B, KH, KW, C, 32)
     array the kernel reads 32 filters at a time, starting on a 64-byte boundary; for a conv in
-    quads (`quads`), (B, KH, KW, 32, 4), each weight 4 times (the module docstring says why).
+    quads (`in_quads`), (B, KH, KW, 1, 32, 4), each weight 4 times (the module docstring says why).
     (Read as (KH, KW, C, F) instead, rows of F floats leave a block's 128 bytes straddling cache
     lines: LeNet's conv2 took 1.4x as long.)"""
     F = W.shape[0]
-    blocks, repeat = -(-F // BLOCK), QUAD if quads(W.shape[1], F, stride, pool) else 1
+    blocks, repeat = -(-F // BLOCK), QUAD if in_quads(W.shape[1], F, stride, pool) else 1
     shape = (blocks, *W.shape[2:], W.shape[1], BLOCK, repeat)
     # On a 64-byte boundary, each vector load of weights reads one cache line, not two: 3-9% of
     # a conv's time (LeNet-5's conv2 31 -> 28 us at batch 1), and what malloc happened to return
@@ -107,7 +107,7 @@ def pack_filters(W, stride, pool):
 
 
 @numba.njit(cache=True)
-def quads(C, F, stride, pool):
+def in_quads(C, F, stride, pool):
     """Whether a conv of C input channels and F filters (stride, 2x2 pool or not) runs in quads
     (quad_row): one input channel at stride 1 (a quad's inputs are 4 neighbours, one load), a pool
     after it (its stores then fit the tile; unpooled ones, 8 pixels x 4 filters a group, made the
@@ -120,7 +120,7 @@ def quads(C, F, stride, pool):
 def filter_strides(C, F, K, stride, pool):
     """(block, tap): the strides of pack_filters' layout for a conv of C input channels, F filters,
     K x K kernels, this stride and pool or not."""
-    tap = BLOCK * QUAD if quads(C, F, stride, pool) else BLOCK
+    tap = BLOCK * QUAD if in_quads(C, F, stride, pool) else BLOCK
     return K * K * C * tap, tap
 
 
@@ -147,7 +147,7 @@ def conv_row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, poo
     one task of conv_block, whose arguments it takes flat. A function of its own, not the body of
     the prange: inside a parallel loop LLVM compiles it 1.5x slower. (A task per tile instead
     costs the seed CNN's 9-tap conv a third of its speed.) A conv in quads: quad_row."""
-    if quads(C, F, S, pool):
+    if in_quads(C, F, S, pool):
         quad_row(x, Hp, Wp, w, bias, F, K, relu, out, n, r, blk)
         return
     Ho, Wo = (Hp - K) // S + 1, (Wp - K) // S + 1
@@ -221,7 +221,7 @@ def conv_row(x, Hp, Wp, C, w, block_stride, tap_stride, bias, F, K, S, relu, poo
 
 @numba.njit(cache=True)
 def quad_row(x, Hp, Wp, w, bias, F, K, relu, out, n, r, blk):
-    """conv_row for convs that run in quads (`quads`), in vectors of 4 filters x 4 pixels (the
+    """conv_row for convs that run in quads (`in_quads`), in vectors of 4 filters x 4 pixels (the
     module docstring): a tile is the same 8 pixels as conv_row's pooled one, two quads of 4
     neighbours in conv rows 2r and 2r + 1, columns 4 tile .. 4 tile + 3, by the block's groups of 4
     filters. A pixel past the last column reads zeros and is not stored. w is pack_filters' layout
@@ -268,22 +268,22 @@ def quad_row(x, Hp, Wp, w, bias, F, K, relu, out, n, r, blk):
                     g = load(w, at + 7 * LANES)
                     a7, b7 = fma(u, g, a7), fma(v, g, b7)
         col = j // 2
-        at, two = ((n * rows + r) * cols + col) * F, col + 1 < cols  # two: both pooled outputs in the row
-        _pool_quads(out, at, a0, b0, bias, f0, F, relu, two)
+        o, two = ((n * rows + r) * cols + col) * F, col + 1 < cols  # two: both pooled outputs in the row
+        _pool_quads(out, o, a0, b0, bias, f0, F, relu, two)
         if groups > 1:
-            _pool_quads(out, at, a1, b1, bias, f0 + QUAD, F, relu, two)
+            _pool_quads(out, o, a1, b1, bias, f0 + QUAD, F, relu, two)
         if groups > 2:
-            _pool_quads(out, at, a2, b2, bias, f0 + 2 * QUAD, F, relu, two)
+            _pool_quads(out, o, a2, b2, bias, f0 + 2 * QUAD, F, relu, two)
         if groups > 3:
-            _pool_quads(out, at, a3, b3, bias, f0 + 3 * QUAD, F, relu, two)
+            _pool_quads(out, o, a3, b3, bias, f0 + 3 * QUAD, F, relu, two)
         if groups > 4:
-            _pool_quads(out, at, a4, b4, bias, f0 + 4 * QUAD, F, relu, two)
+            _pool_quads(out, o, a4, b4, bias, f0 + 4 * QUAD, F, relu, two)
         if groups > 5:
-            _pool_quads(out, at, a5, b5, bias, f0 + 5 * QUAD, F, relu, two)
+            _pool_quads(out, o, a5, b5, bias, f0 + 5 * QUAD, F, relu, two)
         if groups > 6:
-            _pool_quads(out, at, a6, b6, bias, f0 + 6 * QUAD, F, relu, two)
+            _pool_quads(out, o, a6, b6, bias, f0 + 6 * QUAD, F, relu, two)
         if groups > 7:
-            _pool_quads(out, at, a7, b7, bias, f0 + 7 * QUAD, F, relu, two)
+            _pool_quads(out, o, a7, b7, bias, f0 + 7 * QUAD, F, relu, two)
 
 
 @numba.njit(inline="always", cache=True)
@@ -327,6 +327,8 @@ def conv_block_runner(xp_shape, F, K, stride, relu, pool, strides=None):
     """
     N, Hp, Wp, C = xp_shape
     macs = N * conv_output_size(Hp, K, stride, 0) * conv_output_size(Wp, K, stride, 0) * F * K * K * C
+    if strides is not None and in_quads(C, F, stride, pool):  # quad_row reads pack_filters' layout only
+        raise ValueError("a conv in quads reads its weights as pack_filters lays them out, not at given strides")
     block_stride, tap_stride = strides or filter_strides(C, F, K, stride, pool)
 
     def run(xp, w, b, out):

@@ -5,7 +5,7 @@ filter a of a group of 4 at pixel b of a quad of 4 neighbours. A tap's
 inputs are one row of 4 floats repeated in the 4 rows (16 bytes loaded and
 broadcast), its weights each filter's weight repeated along its row
 (pack_filters stores them so), and their product is one fused multiply-add
-for 16 outputs. What the epilogue then needs:
+for 16 outputs. What the tile needs:
 
     quad_first(x, i, n)           the row [x[i], ..., x[i + n - 1], 0, ...] (4 lanes, 0 <= n <= 4) in all
                                   4 rows (a masked 16-byte load and a broadcast)

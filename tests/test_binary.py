@@ -545,8 +545,9 @@ def test_conv_runner_is_the_kernels_call_after_call(geom, relu, pool, seed):
 @example(2, 3, 5, 33, 2049, True, True, 0)  # a second pass of 32 filters, one of them real; long rows
 def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):
     """Scaled XNOR products with the ReLU and the 2x2 pool in the registers, bit for bit (the same
-    float32 operations in the same order), odd grids included (the pool drops the last row and
-    column), rows in groups of 4 and a last group cut short."""
+    float32 operations; with a pool, alpha and b applied after the maximum, which rounding keeps
+    equal for alpha >= 0), odd grids included (the pool drops the last row and column), rows in
+    groups of 4 and a last group cut short. A negative alpha is refused."""
     rng = np.random.default_rng(seed)
     a = xnor.pack_signs(rng.standard_normal((N * Ho * Wo, n)).astype(np.float32))
     w = xnor.pack_signs(rng.standard_normal((F, n)).astype(np.float32))
@@ -562,3 +563,5 @@ def test_xnor_layer_matches_reference(N, Ho, Wo, F, n, relu, pool, seed):
                                   out)
         assert got is out
         np.testing.assert_array_equal(out, expected, err_msg=build)
+    with pytest.raises(ValueError, match="alpha scales must be finite and >= 0"):
+        xnor.xnor_layer(xnor.packed_rows(a), xnor.blocked(w), n, beta, -alpha, b, (N, Ho, Wo), relu, pool, out)

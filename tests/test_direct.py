@@ -40,7 +40,9 @@ def block_geometry(draw):
 @example((3, 2, 9, 10, 64, 2, 1, 0, False, False), 4)  # two full blocks; rows end mid-tile
 @example((1, 5, 12, 12, 16, 5, 1, 2, True, True), 5)  # 16 filters: the second vector skipped
 @example((2, 1, 13, 11, 37, 3, 2, 1, True, True), 6)  # one channel at stride 2: not quads
-@example((1, 1, 9, 14, 6, 2, 1, 0, False, True), 7)  # quads: 13 columns, 6 pooled, the last quad 1 wide
+@example((1, 1, 9, 14, 6, 2, 1, 0, False, True), 7)  # quads: 13 columns, 6 pooled (the last column unused)
+@example((1, 1, 9, 12, 6, 2, 1, 0, True, True), 9)  # quads: 11 columns, the last quad 3 wide
+@example((2, 1, 8, 11, 21, 2, 1, 0, True, True), 10)  # quads: 10 columns, the last quad 2 wide; 6 groups
 @example((2, 1, 10, 12, 37, 3, 1, 1, False, True), 8)  # quads: 8 groups of 4 filters, then 2 (one 1 wide)
 def test_conv_block_matches_conv_relu_pool(geometry, seed):
     N, C, H, W, F, K, S, P, relu, pool = geometry
@@ -62,7 +64,7 @@ def test_convs_without_avx512_agree():
         "rng = np.random.default_rng(0)\n"
         "for C, F, S, pool in ((1, 20, 1, True), (1, 37, 2, True), (1, 8, 1, True), (1, 8, 1, False),\n"
         "                      (3, 37, 1, True)):\n"
-        "    x, W = rng.standard_normal((2, C, 14, 13)).astype(np.float32), rng.standard_normal((F, C, 3, 3))\n"
+        "    x, W = rng.standard_normal((2, C, 14, 11)).astype(np.float32), rng.standard_normal((F, C, 3, 3))\n"
         "    b = rng.standard_normal(F).astype(np.float32)\n"
         "    w = direct.pack_filters(W.astype(np.float32), S, pool)\n"
         "    got = direct.conv_block(kernels.pad_nhwc(x, 1), w, b, F, 3, S, True, pool)\n"
@@ -75,7 +77,7 @@ def test_convs_without_avx512_agree():
 @given(st.integers(1, 20), st.integers(1, 40), st.integers(1, 300), st.booleans(), st.integers(0, 2**32 - 1))
 @example(7, 30, 300, True, 1)  # fewer rows than a tile: 128-output spans, the last one 44 wide
 @example(17, 9, 129, False, 2)  # two tiles of 8 rows and one row alone; one output past a span
-@example(9, 1, 40, True, 3)  # one input: every row alone (a tile's weights would be read as a conv's quads)
+@example(9, 1, 40, True, 3)  # one input feature: a 1x1 conv of one channel, 8 rows as a tile and one alone
 def test_dense_block_is_a_dense_layer(N, n_in, n_out, relu, seed):
     x, W, b = random_array(seed, (N, n_in)), random_array(seed + 1, (n_in, n_out)), random_array(seed + 2, n_out)
     expected = direct.dense_block_ref(x, W, b, relu)
@@ -91,7 +93,7 @@ def test_pack_filters_lays_out_blocks_of_32_on_a_cache_line(F, C, K, S, pool):
     w = direct.pack_filters(W, S, pool)
     assert w.ctypes.data % 64 == 0
     quads = C == 1 and S == 1 and pool and F % 16 != 0
-    assert direct.quads(C, F, S, pool) == quads
+    assert direct.in_quads(C, F, S, pool) == quads
     repeat = direct.QUAD if quads else 1  # each weight once per pixel of a quad
     blocks = w.reshape(-1, K, K, C, direct.BLOCK, repeat)  # (B, KH, KW, C, 32, repeat)
     assert w.size == -(-F // direct.BLOCK) * direct.filter_strides(C, F, K, S, pool)[0]

@@ -102,6 +102,11 @@ def _quads(src, i, n, out):
 
 
 @numba.njit
+def _swapped(a, out):
+    store(out, 0, swap_pairs(load(a, 0)))
+
+
+@numba.njit
 def _quarter(a, q, n, dst, j):
     store_quarter(dst, j, load(a, 0), q, n)
 
@@ -118,7 +123,10 @@ def test_quad_first_swap_pairs_and_transpose4(n, i, seed):
     row[:n] = src[i : i + n]
     np.testing.assert_array_equal(out[:LANES], np.tile(row, 4))
     np.testing.assert_array_equal(out[LANES : 2 * LANES], np.tile(row[[1, 0, 3, 2]], 4))
-    np.testing.assert_array_equal(out[2 * LANES : 3 * LANES], np.arange(LANES).reshape(4, 4).T.reshape(-1))
+    lanes = np.arange(LANES)
+    np.testing.assert_array_equal(out[2 * LANES : 3 * LANES], lanes.reshape(4, 4).T.reshape(-1))
+    _swapped(lanes.astype(np.float32), out)
+    np.testing.assert_array_equal(out[:LANES], lanes ^ 1)
 
 
 @given(st.integers(0, 3), st.integers(0, 4), st.integers(0, 5))

@@ -147,7 +147,8 @@ def _window_signs_loops(x, KH, KW, stride, lines, sums, beta):
 def _signs_of(x, Hp, Wp, C, KH, KW, stride, lines, Wo, L, sums, beta, image):
     """window_signs of one image. Each line's KW C values are next to each other in x: 16 a compare
     (lanes.sign_bits), two compares a word, and the sum of their |x| on the way. Then beta, the
-    windows' sums of KH lines' sums, 16 windows along a row at a time."""
+    windows' sums of KH lines' sums, 16 windows along a row at a time. (Every row's lines are
+    packed, those no window reads included, with stride > KH: no zoo network has one.)"""
     run, Ho = KW * C, (Hp - KH) // stride + 1
     m0, m1 = min(16, run - 32 * (L - 1)), max(0, run - 32 * (L - 1) - 16)  # the last word's lanes in use
     for row in range(image * Hp, (image + 1) * Hp):
@@ -165,8 +166,8 @@ def _signs_of(x, Hp, Wp, C, KH, KW, stride, lines, Wo, L, sums, beta, image):
             at += stride * C
     scale = simd.splat(np.float32(1) / np.float32(KH * KW * C))
     for i in range(Ho):
-        for j in range(0, Wo, lanes.LANES):
-            m, total = min(lanes.LANES, Wo - j), simd.splat(0)
+        for j in range(0, Wo, simd.LANES):
+            m, total = min(simd.LANES, Wo - j), simd.splat(0)
             for kh in range(KH):
                 total = simd.add(total, simd.load_first(sums, (image * Hp + i * stride + kh) * Wo + j, m))
             simd.store_first(beta, (image * Ho + i) * Wo + j, simd.mul(total, scale), m)
@@ -326,6 +327,12 @@ def xnor_matmul(a, w, n, wb=None):
     return _xnor_matmul(rows.starts.size * rows.off.size * w.shape[0], *rows, wb, n, out)
 
 
+def _check_alpha(alpha):
+    """The kernels scale after the pool's maximum, which holds for alpha >= 0 and finite (means of |W|)."""
+    if not np.all(np.isfinite(alpha) & (alpha >= 0)):
+        raise ValueError(f"alpha scales must be finite and >= 0 (means of |W|), got min {np.min(alpha)}")
+
+
 def _check_blocked(wb, F, K):
     if wb.dtype != np.uint32 or not wb.flags.c_contiguous or wb.shape != (-(-F // 32) * 32 * K,):
         raise ValueError(f"weights of {wb.shape} for {F} filters of {K} words: expected blocked(w), "
@@ -416,8 +423,9 @@ _xnor_layer = twin(_xnor_layer_loops, MIN_WORDS)
 
 def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
     """Fast xnor_layer_ref, written into out (N, Ho', Wo', F) float32 and returned: rows (Rows) the
-    N Ho Wo rows of pixels (n, i, j), wb = blocked(w), kept by the caller. The max-pool is taken on
-    the 4 pixels' outputs as they are made, in registers: the full-size output is never written."""
+    N Ho Wo rows of pixels (n, i, j), wb = blocked(w), kept by the caller, alpha finite and >= 0.
+    The max-pool is taken on the 4 pixels' (n - 2 d) beta as they are made, in registers, and alpha,
+    b and the ReLU applied once to the maximum: the full-size output is never written."""
     (N, Ho, Wo), F, side = grid, out.shape[3], 2 if pool else 1
     if rows.starts.size != N * Ho * Wo or out.shape != (N, Ho // side, Wo // side, F) or beta.size != N * Ho * Wo \
             or alpha.shape != (F,) or b.shape != (F,):
@@ -429,6 +437,7 @@ def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
         raise ValueError(f"xnor_layer: beta, alpha, b and out must be contiguous float32, n <= 32 words; got "
                          f"{beta.dtype}, {alpha.dtype}, {b.dtype}, {out.dtype}, n = {n}")
     _check_blocked(wb, F, rows.off.size)
+    _check_alpha(alpha)
     return _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
 
 
@@ -447,6 +456,7 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
     _check_blocked(wb, alpha.size, rows.off.size)
     if alpha.ndim != 1 or b.shape != alpha.shape:
         raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")
+    _check_alpha(alpha)
     size, words_x_filters = N * Hp * Wp * C, rows.starts.size * rows.off.size * alpha.size
     out_shape = (N, Ho // 2, Wo // 2, alpha.size) if pool else (N, Ho, Wo, alpha.size)
 
