@@ -365,9 +365,9 @@ def _products(d, n, beta_r):
 
 
 @numba.njit(inline="always", cache=True)
-def _store(o, at, z, alpha, bias, f, m, relu):
-    """o[at : at + m] = z alpha + b (then max(., 0) if relu) for filters f .. f + m - 1."""
-    y = simd.add(simd.mul(z, simd.load_first(alpha, f, m)), simd.load_first(bias, f, m))
+def _store(o, at, z, alpha_f, b_f, m, relu):
+    """o[at : at + m] = z alpha_f + b_f (then max(., 0) if relu): m filters' outputs."""
+    y = simd.add(simd.mul(z, alpha_f), b_f)
     simd.store_first(o, at, simd.maximum(y, simd.splat(0)) if relu else y, m)
 
 
@@ -389,6 +389,9 @@ def _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, 
     R, F = starts.size, alpha.size
     f0, f1 = lanes.LANES * b, lanes.LANES * (b + 1)
     m0, m1 = max(0, min(lanes.LANES, F - f0)), max(0, min(lanes.LANES, F - f1))
+    # loaded once a task: the kernel's stores to o could alias them, so LLVM would reload them
+    alpha0, alpha1 = simd.load_first(alpha, f0, m0), simd.load_first(alpha, f1, m1)
+    bias0, bias1 = simd.load_first(bias, f0, m0), simd.load_first(bias, f1, m1)
     image = i = j = 0  # with pool: the place of window g, counted on from the task's first
     if pool:
         image, i, j = first // (Hq * Wq), first // Wq % Hq, first % Wq
@@ -409,13 +412,13 @@ def _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, 
         z1, z3, z5, z7 = _products(c1, n, beta[r0]), _products(c3, n, beta[r1]), _products(c5, n, beta[r2]), \
             _products(c7, n, beta[r3])  # filters f1 ..
         if pool:
-            _store(o, g * F + f0, simd.maximum(simd.maximum(z0, z2), simd.maximum(z4, z6)), alpha, bias, f0, m0, relu)
-            _store(o, g * F + f1, simd.maximum(simd.maximum(z1, z3), simd.maximum(z5, z7)), alpha, bias, f1, m1, relu)
+            _store(o, g * F + f0, simd.maximum(simd.maximum(z0, z2), simd.maximum(z4, z6)), alpha0, bias0, m0, relu)
+            _store(o, g * F + f1, simd.maximum(simd.maximum(z1, z3), simd.maximum(z5, z7)), alpha1, bias1, m1, relu)
             continue
         for q, (lo, hi) in enumerate(((z0, z1), (z2, z3), (z4, z5), (z6, z7))):
             if r0 + q < R:
-                _store(o, (r0 + q) * F + f0, lo, alpha, bias, f0, m0, relu)
-                _store(o, (r0 + q) * F + f1, hi, alpha, bias, f1, m1, relu)
+                _store(o, (r0 + q) * F + f0, lo, alpha0, bias0, m0, relu)
+                _store(o, (r0 + q) * F + f1, hi, alpha1, bias1, m1, relu)
 
 
 _xnor_layer = twin(_xnor_layer_loops, MIN_WORDS)
