@@ -155,14 +155,11 @@ def _signs_of(x, Hp, Wp, C, KH, KW, stride, lines, Wo, L, sums, beta, image):
         at = row * Wp * C  # line (row, j) starts at pixel (row, j stride)
         for line in range(row * Wo, (row + 1) * Wo):
             total = simd.splat(0)
-            for k in range(L - 1):
-                v0, v1 = simd.load(x, at + 32 * k), simd.load(x, at + 32 * k + 16)
-                lines[line * L + k] = lanes.sign_bits(v0, 16) | (lanes.sign_bits(v1, 16) << np.uint32(16))
-                total = simd.add(total, simd.add(simd.absolute(v0), simd.absolute(v1)))
-            last = at + 32 * (L - 1)
-            v0, v1 = simd.load_first(x, last, m0), simd.load_first(x, last + 16, m1)
-            lines[line * L + L - 1] = lanes.sign_bits(v0, m0) | (lanes.sign_bits(v1, m1) << np.uint32(16))
-            sums[line] = simd.total(simd.add(total, simd.add(simd.absolute(v0), simd.absolute(v1))))
+            for k in range(L - 1):  # whole words: the constant 16 makes the loads plain ones
+                lines[line * L + k], magnitudes = _line_word(x, at + 32 * k, 16, 16)
+                total = simd.add(total, magnitudes)
+            lines[line * L + L - 1], magnitudes = _line_word(x, at + 32 * (L - 1), m0, m1)
+            sums[line] = simd.total(simd.add(total, magnitudes))
             at += stride * C
     scale = simd.splat(np.float32(1) / np.float32(KH * KW * C))
     for i in range(Ho):
@@ -171,6 +168,15 @@ def _signs_of(x, Hp, Wp, C, KH, KW, stride, lines, Wo, L, sums, beta, image):
             for kh in range(KH):
                 total = simd.add(total, simd.load_first(sums, (image * Hp + i * stride + kh) * Wo + j, m))
             simd.store_first(beta, (image * Ho + i) * Wo + j, simd.mul(total, scale), m)
+
+
+@numba.njit(inline="always", cache=True)
+def _line_word(x, at, m0, m1):
+    """(word, |x|): the signs of x[at : at + m0] and x[at + 16 : at + 16 + m1] as bits 0.. and 16.. of
+    one uint32, and those values' magnitudes in 16 float32 lanes (m0, m1 <= 16)."""
+    v0, v1 = simd.load_first(x, at, m0), simd.load_first(x, at + 16, m1)
+    word = lanes.sign_bits(v0, m0) | (lanes.sign_bits(v1, m1) << np.uint32(16))
+    return word, simd.add(simd.absolute(v0), simd.absolute(v1))
 
 
 _window_signs = twin(_window_signs_loops, MIN_STEPS)
