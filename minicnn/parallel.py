@@ -125,7 +125,9 @@ def _renamed(body, suffix):
 def twin(body, min_work=MIN_OUTPUTS, **options):
     """Compile `body` threaded and serial (cached; `options` such as fastmath go to numba.njit).
 
-    Returns run(work, *args): body(*args) in the build `runs_threaded(work, min_work)` picks.
+    Returns run(work, *args): body(*args) in the build `runs_threaded(work, min_work)` picks; run.serial
+    is the serial build itself, for compiled code that runs several kernels in one call (a Numba
+    function can call it; not run).
     """
     threaded = numba.njit(parallel=True, cache=True, **options)(body)
     serial = numba.njit(cache=True, **options)(_renamed(body, "_serial"))
@@ -136,5 +138,5 @@ def twin(body, min_work=MIN_OUTPUTS, **options):
                 return threaded(*args)
         return serial(*args)
 
-    run.__name__, run.__doc__ = body.__name__, body.__doc__
+    run.__name__, run.__doc__, run.serial = body.__name__, body.__doc__, serial
     return run

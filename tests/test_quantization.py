@@ -16,7 +16,7 @@ from minicnn import kernels as FK
 from minicnn import parallel, simd
 from optim import quantization as Q
 from optim.quantization import affine as A
-from optim.quantization import calibration, ops, qat, windows
+from optim.quantization import calibration, chain, ops, qat, windows
 from optim.quantization import fixedpoint as FP
 from optim.quantization import kernels as K
 from optim.quantization import vectors as V
@@ -513,6 +513,61 @@ def test_integer_model_steps_bound_to_shapes_stay_exact(name):
         np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True), err_msg=f"batch {n}")
 
 
+@given(seeds, st.integers(1, 8), st.integers(1, 2), st.booleans(), st.booleans(), st.sampled_from([4, 8]),
+       st.integers(1, 3))
+def test_a_chain_is_the_steps_and_the_references_bit_for_bit(seed, k, stride, pool, second_conv, filters, n):
+    """A one-channel conv (its lines read from shifted copies), its 2x2 pool or none, maybe a conv on
+    its channels read in place, and two dense layers: at small batches predict runs them as one
+    Chain (the second call of a shape; the first binds the steps), with the steps' logits and the
+    references', bit for bit; forced threaded, it runs the steps."""
+    rng = np.random.default_rng(seed)
+    layers = [Conv2D(1, filters, k, stride=stride, rng=rng)] + ([MaxPool2D(2)] if pool else [])
+    C, side = filters, (28 - k) // stride + 1
+    side //= 2 if pool else 1
+    if second_conv and side >= 3:
+        layers += [Conv2D(filters, 5, 3, rng=rng), ReLU()]
+        C, side = 5, side - 2
+    model = Sequential(layers + [Flatten(), Dense(C * side * side, 12, rng=rng), ReLU(), Dense(12, 10, rng=rng)])
+    qmodel = Q.quantize_model(model, rng.random((8, 1, 28, 28), dtype=np.float32))
+    x = rng.random((n, 1, 28, 28), dtype=np.float32)
+    expected = qmodel.predict(x, reference=True)
+    np.testing.assert_array_equal(qmodel.predict(x), expected)  # the steps, bound
+    chain = qmodel.chain_for(x.shape)
+    if C * side * side % 4 == 0:  # the first dense layer's rows are whole words
+        assert chain is not None and chain.runs()
+        np.testing.assert_array_equal(chain(x), expected)
+    else:
+        assert chain is None
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            assert chain is None or chain.runs() == (build == "serial")
+            np.testing.assert_array_equal(qmodel.predict(x), expected, err_msg=build)
+
+
+def test_steps_that_do_not_chain():
+    """A padded conv (im2row's copied rows) and a separate ReLU, or a last layer with codes out: no
+    chain. (The MLP chains: its dense layer reads the input's bytes, NHWC, as they are.)"""
+    rng = np.random.default_rng(3)
+    x = rng.random((2, 1, 28, 28), dtype=np.float32)
+    for name, chained in (("strided, padded, loose relu", False), ("mlp", True)):
+        qmodel = Q.quantize_model(small_models(0)[name], x)
+        np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
+        assert (qmodel.chain_for(x.shape) is not None) == chained, name
+        np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
+    qmodel = Q.quantize_model(small_models(0)["lenet-like"], x)
+    conv, pool = qmodel.layers[:2]
+    for steps in ([], [conv.bind((2, 28, 28, 1), pool)]):  # nothing; a last step with codes, not sums
+        with pytest.raises(ValueError, match="a chain runs convs and dense layers"):
+            chain.Chain(steps, x.shape, qmodel.input_q, np.ones(4))
+    qmodel = Q.quantize_model(small_models(0)["mlp"], x)
+    qmodel.predict(x)
+    assert qmodel.chain_for(x.shape) is not None
+    qmodel.layers[-1] = Q.quantize_model(small_models(1)["mlp"], x).layers[-1]  # ops changed: bound anew
+    assert qmodel.chain_for(x.shape) is None
+    np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
+    np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
+
+
 @pytest.mark.parametrize("name", ["lenet-like", "strided, padded, loose relu", "mlp"])
 @pytest.mark.parametrize("per_channel", [True, False])
 def test_integer_model_within_quantization_bound_of_float_model(name, per_channel):
@@ -755,7 +810,7 @@ def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
     """Without AVX-512: windows read in place (conv1's shifted copies, conv2's 20 channels), the GEMM
     with its pool and requantization (16 lanes in two registers) in both builds, bit for bit with the
     NumPy references; without VNNI (the products spelled out), and with AVX-VNNI (two 256-bit
-    vpdpbusd per 16 lanes), where the CPU can run it."""
+    vpdpbusd per 16 lanes), where the CPU can run it. At batch 1, the same as one Chain."""
     if vnni and "avxvnni" not in simd.host_features():
         pytest.skip("this CPU has no AVX-VNNI (VEX-encoded vpdpbusd): that build cannot run here")
     run_without_avx512(
@@ -768,6 +823,10 @@ def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
         "for build in ('serial', 'threaded'):\n"
         "    with parallel.forced(build):\n"
         "        assert np.array_equal(q.predict(x), q.predict(x, reference=True)), build\n"
+        "x = x[:1]\n"
+        "expected = q.predict(x, reference=True)\n"
+        "assert np.array_equal(q.predict(x), expected) and q.chain_for(x.shape).runs()\n"
+        "assert np.array_equal(q.predict(x), expected)  # the chain\n"
         "print('ok')\n", build)
 
 

@@ -125,6 +125,7 @@ def _quantize_nhwc_loops(x, scale, zero_point, offset, out):
 
 
 _quantize_nhwc = twin(_quantize_nhwc_loops)
+quantize_nhwc_serial = _quantize_nhwc.serial  # its serial build, for compiled callers (chain.py)
 
 
 def quantize_nhwc(x, scale, zero_point, unsigned=False):

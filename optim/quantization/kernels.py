@@ -156,6 +156,7 @@ def _shifted_copies_loops(x, width):
 
 
 _shifted_copies = twin(_shifted_copies_loops)
+shifted_copies_serial = _shifted_copies.serial  # its serial build, for compiled callers (chain.py)
 
 
 def shifted_copies(x, width):
@@ -389,6 +390,7 @@ def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, o
 
 MIN_MACS = 2_000_000  # multiply-adds below which waking the workers costs more than they save
 _qgemm = twin(_qgemm_loops, MIN_MACS)
+qgemm_serial = _qgemm.serial  # its serial build, for compiled callers (chain.py)
 
 
 class Words(NamedTuple):

@@ -31,6 +31,7 @@ from .affine import (
     quantize_nhwc, quantize_weights,
 )
 from .calibration import calibrate, observed_points, plan
+from .chain import Chain, chains
 from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
 
 MAX_BOUND = 4  # input shapes whose steps forward_int keeps: predict's batches and its last, shorter one
@@ -57,7 +58,8 @@ class QuantizedModel:
         self.per_channel = bool(per_channel)
         self.ranges = list(ranges)
         self.output_shape = self.output_shapes()[-1]
-        self._bound, self._bound_to = {}, tuple(self.layers)  # input shape -> forward_int's steps; their ops
+        # forward_int's steps per input shape, the Chains of predict's float inputs per shape, the ops they are of
+        self._bound, self._chains, self._bound_to = {}, {}, tuple(self.layers)
 
     def output_shapes(self):
         """Per-sample output shape of every op, in the float model's (C, H, W) convention."""
@@ -109,7 +111,7 @@ class QuantizedModel:
     def _bind(self, u):
         """_run(u), binding each step to the shape it sees; the steps kept for u's shape."""
         if len(self._bound) >= MAX_BOUND or self._bound_to != tuple(self.layers):  # start over
-            self._bound, self._bound_to = {}, tuple(self.layers)
+            self._bound, self._chains, self._bound_to = {}, {}, tuple(self.layers)
         shape, ops, i, steps = u.shape, self.layers, 0, []
         while i < len(ops):
             op, after = ops[i], ops[i + 1] if i + 1 < len(ops) else None
@@ -122,7 +124,15 @@ class QuantizedModel:
             steps.append(step)
             u = step(u)
         self._bound[shape] = tuple(steps)  # only now: a failed bind leaves no half-made steps
+        if len(shape) == 4 and chains(steps):
+            x_shape = (shape[0], *self.input_shape)
+            self._chains[x_shape] = Chain(steps, x_shape, self.input_q, self.layers[-1].output_scale[0])
         return u
+
+    def chain_for(self, x_shape):
+        """The Chain predict runs float batches of x_shape (N, C, H, W) with, when they run, or None:
+        made when predict first binds the steps of that shape, if they chain (chain.chains)."""
+        return self._chains.get(tuple(x_shape)) if self._bound_to == tuple(self.layers) else None
 
     def dequantize_output(self, out):
         """The last op's codes (int8, or its int32 accumulators) -> float32 reals, NCHW if 4-D."""
@@ -140,11 +150,13 @@ class QuantizedModel:
         outs = []
         for i in range(0, len(x), batch_size):
             batch = x[i : i + batch_size]
+            chain = self.chain_for(batch.shape)
             if reference:
-                out = self.forward_int(self._quantize(batch), reference=True)
+                outs.append(self.dequantize_output(self.forward_int(self._quantize(batch), reference=True)))
+            elif chain is not None and chain.runs():
+                outs.append(chain(batch))  # the steps below in one call, their bits
             else:  # the input quantized straight to the kernels' bytes
-                out = K.signed(self._run(self._quantize(batch, unsigned=True)))
-            outs.append(self.dequantize_output(out))
+                outs.append(self.dequantize_output(K.signed(self._run(self._quantize(batch, unsigned=True)))))
         if not outs:
             return np.zeros((0, *self.output_shape), np.float32)
         return outs[0] if len(outs) == 1 else np.concatenate(outs)

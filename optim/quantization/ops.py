@@ -36,6 +36,26 @@ from .affine import QMAX, QMIN, WMAX, check_scale, check_zero_point
 from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier
 
 
+class BoundGemm:
+    """A conv's (with its 2x2 pool) or a dense layer's kernels' step for inputs of one shape, whose
+    GEMM reads its input's bytes u without copying windows: run(u) = qgemm(Words(x32, starts, off),
+    packed, epilogue, window) reshaped to out_shape, with x32 u's own words (copies None) or those of
+    line_words' shifted copies of u (copies = (N, H, W, width): kernels.shifted_copies of u as
+    (N, H, W), rows of `width` bytes). chain.py reads the same fields to run a model's steps in one
+    compiled call."""
+
+    def __init__(self, starts, off, packed, epilogue, window, out_shape, copies=None):
+        self.starts, self.off, self.packed, self.epilogue = starts, off, packed, epilogue
+        self.window, self.out_shape, self.copies = window, out_shape, copies
+        self.gemm = K.qgemm_runner(starts, off, packed, epilogue, window)
+
+    def __call__(self, u):
+        if self.copies is not None:
+            N, H, W, width = self.copies
+            u = K.shifted_copies(u.reshape(N, H, W), width)
+        return self.gemm(windows.as_words(u)).reshape(self.out_shape)
+
+
 class _IntLinear:
     """Shared part of IntConv2D and IntDense: int8 rows times int8 weights, int32
     accumulators, then either requantized to int8 or (last layer) kept int32.
@@ -181,7 +201,8 @@ class IntConv2D(_IntLinear):
     def bind(self, x_shape, pool=None):
         """run(u): forward, then the IntMaxPool2D `pool` if given, on the kernels' bytes (u =
         K.unsigned(x) in, the same of the codes out, or the int32 sums), for inputs x of x_shape
-        (N, H, W, C), with the windows' layout, offsets and weights chosen once.
+        (N, H, W, C), with the windows' layout, offsets and weights chosen once: a BoundGemm where
+        the windows are read in place or as lines (windows.py), else a step on im2row's rows.
 
         A 2x2 pool of stride 2 is taken inside the GEMM, on each window's 4 int32 sums before they
         are requantized: the same codes (requantization and its clamp never decrease, so the
@@ -192,34 +213,28 @@ class IntConv2D(_IntLinear):
             return lambda x: pool.forward(conv(x))  # the bytes keep the codes' order
         N, Ho, Wo, F = self._output_nhwc(x_shape)
         side = 2 if pool is not None else 1
-        x32_of, starts, off, packed = self._words(x_shape, side)
-        gemm, out_shape = K.qgemm_runner(starts, off, packed, self.epilogue, side * side), \
-            (N, Ho // side, Wo // side, F)
-        return lambda x: gemm(x32_of(x)).reshape(out_shape)
-
-    def _words(self, x_shape, pool):
-        """(x32_of, starts, off, packed): the Words of an input x of x_shape are (x32_of(x), starts,
-        off), read in place where the lines of a window are whole words (windows.py), else copied by
-        im2row, the rows in windows.pool_order if pool > 1; packed their weights. (Packed other
-        ways than self.packed, the weights keep its column sums, so self.epilogue serves them all.)"""
         _, _, KH, KW = self.W.shape
-        S, order = self.stride, None
-        in_place = windows.conv_fits_words(x_shape, self.padding)
-        if in_place:
-            words_of, packed = (lambda x: windows.conv_words(x, KH, KW, S, pool)), self.packed
-        elif windows.line_fits_words(x_shape, KW, self.padding):
-            if self._line_packed is None:
+        S, out_shape, sample = self.stride, (N, Ho // side, Wo // side, F), np.zeros(x_shape, np.uint8)
+        if windows.conv_fits_words(x_shape, self.padding):  # the windows' lines are whole words of the input
+            w = windows.conv_words(sample, KH, KW, S, side)
+            return BoundGemm(w.starts, w.off, self.packed, self.epilogue, side * side, out_shape)
+        if windows.line_fits_words(x_shape, KW, self.padding):  # one channel: lines in 4 shifted copies
+            if self._line_packed is None:  # (its column sums are self.packed's: self.epilogue serves it)
                 self._line_packed = windows.line_weights(self.W)
-            words_of, packed = (lambda x: windows.line_words(x, KH, KW, S, pool)), self._line_packed
-        else:  # im2row's rows, padding read as the code of the real 0 (its byte), pixel by pixel: put in pool order
-            fill = self.in_q[1] + 128
-            words_of, packed = (lambda x: windows.rows_words(
-                K.im2row_nhwc(x, KH, KW, S, self.padding, fill, self.wt.shape[1]), self.packed)), self.packed
-            N, Ho, Wo, _ = self._output_nhwc(x_shape)
-            order = windows.pool_order(N, Ho, Wo, pool)
-        _, starts, off = words_of(np.zeros(x_shape, np.uint8))  # the offsets depend on the shape alone
-        x32_of = windows.as_words if in_place else (lambda x: words_of(x).x32)  # read in place: the input itself
-        return x32_of, (starts if order is None else starts[order]), off, packed
+            w = windows.line_words(sample, KH, KW, S, side)
+            H, W = x_shape[1:3]
+            return BoundGemm(w.starts, w.off, self._line_packed, self.epilogue, side * side, out_shape,
+                             (N, H, W, 4 * windows.line_width(W, KW)))
+        # else im2row's rows, padding read as the code of the real 0 (its byte), pixel by pixel: in pool order
+        fill = self.in_q[1] + 128
+
+        def rows_of(x):
+            return windows.rows_words(K.im2row_nhwc(x, KH, KW, S, self.padding, fill, self.wt.shape[1]), self.packed)
+
+        w = rows_of(sample)
+        gemm = K.qgemm_runner(w.starts[windows.pool_order(N, Ho, Wo, side)], w.off, self.packed, self.epilogue,
+                              side * side)
+        return lambda x: gemm(rows_of(x).x32).reshape(out_shape)
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -285,9 +300,9 @@ class IntDense(_IntLinear):
         elif tuple(x_shape[1:]) != (K_,):
             self.output_shape(x_shape[1:])  # raises, naming the shape
         sample = windows.rows_words(np.zeros((N, K_), np.uint8), packed)
-        gemm = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue)
         if K_ == 4 * packed.wp.shape[1]:  # rows of whole words: the input's own bytes
-            return lambda x: gemm(windows.as_words(x))
+            return BoundGemm(sample.starts, sample.off, packed, self.epilogue, 1, (N, self.W.shape[1]))
+        gemm = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue)
         return lambda x: gemm(windows.rows_words(x.reshape(N, K_), packed).x32)
 
     def output_shape(self, in_shape):

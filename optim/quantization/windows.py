@@ -23,8 +23,8 @@ import numpy as np
 
 from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns, shifted_copies
 
-__all__ = ["as_words", "conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_words",
-           "pool_order", "rows_words"]
+__all__ = ["as_words", "conv_fits_words", "conv_words", "line_fits_words", "line_weights", "line_width",
+           "line_words", "pool_order", "rows_words"]
 
 
 def as_words(x):
@@ -112,11 +112,16 @@ def line_words(x, KH, KW, stride, pool=1):
     return Words(as_words(copies), starts, off)
 
 
+def line_width(W, KW):
+    """The words per row of line_words' copies of an image W pixels wide, for lines of KW bytes: the
+    last window's last word inside its row."""
+    return W // ROW_ALIGN + -(-KW // ROW_ALIGN) + 1
+
+
 @functools.lru_cache(maxsize=16)
 def _line_offsets(N, H, W, KH, KW, stride, pool):
     """(starts, off, words per row of a copy) of line_words, kept per shape. Read-only."""
-    L = -(-KW // ROW_ALIGN)
-    Wq = W // ROW_ALIGN + L + 1  # the last window's last word inside its row
+    L, Wq = -(-KW // ROW_ALIGN), line_width(W, KW)
     Ho, Wo = (H - KH) // stride + 1, (W - KW) // stride + 1
     n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
     starts = ((((j % ROW_ALIGN) * N + n) * H + i) * Wq + j // ROW_ALIGN).reshape(-1)[pool_order(N, Ho, Wo, pool)]
