@@ -513,40 +513,40 @@ def test_integer_model_steps_bound_to_shapes_stay_exact(name):
         np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True), err_msg=f"batch {n}")
 
 
-@given(seeds, st.integers(1, 8), st.integers(1, 2), st.booleans(), st.booleans(), st.sampled_from([4, 8]),
+@given(seeds, st.integers(1, 8), st.integers(1, 2), st.integers(0, 1), st.booleans(), st.sampled_from([0, 3, 4]),
        st.integers(1, 3))
-def test_a_chain_is_the_steps_and_the_references_bit_for_bit(seed, k, stride, pool, second_conv, filters, n):
-    """A one-channel conv (its lines read from shifted copies), its 2x2 pool or none, maybe a conv on
-    its channels read in place, and two dense layers: at small batches predict runs them as one
-    Chain (the second call of a shape; the first binds the steps), with the steps' logits and the
-    references', bit for bit; forced threaded, it runs the steps."""
+def test_a_chain_is_the_steps_and_the_references_bit_for_bit(seed, k, stride, padding, pool, second, n):
+    """A one-channel conv (its lines read from shifted copies, or with padding im2row's rows), its 2x2
+    pool or none, maybe a second conv (on 4 channels read in place, on 3 through im2row) and two dense
+    layers (the first on rows padded to whole words where they are not): at small batches predict
+    runs them as one Chain (the second call of a shape; the first binds the steps), with the steps'
+    logits and the references', bit for bit; forced threaded, it runs the steps."""
     rng = np.random.default_rng(seed)
-    layers = [Conv2D(1, filters, k, stride=stride, rng=rng)] + ([MaxPool2D(2)] if pool else [])
-    C, side = filters, (28 - k) // stride + 1
+    layers = [Conv2D(1, second or 5, k, stride=stride, padding=padding, rng=rng)] + ([MaxPool2D(2)] if pool else [])
+    C, side = second or 5, (28 + 2 * padding - k) // stride + 1
     side //= 2 if pool else 1
-    if second_conv and side >= 3:
-        layers += [Conv2D(filters, 5, 3, rng=rng), ReLU()]
-        C, side = 5, side - 2
-    model = Sequential(layers + [Flatten(), Dense(C * side * side, 12, rng=rng), ReLU(), Dense(12, 10, rng=rng)])
+    if second and side >= 3:
+        layers += [Conv2D(second, 6, 3, rng=rng), ReLU()]
+        C, side = 6, side - 2
+    model = Sequential(layers + [Flatten(), Dense(C * side * side, 13, rng=rng), ReLU(), Dense(13, 10, rng=rng)])
     qmodel = Q.quantize_model(model, rng.random((8, 1, 28, 28), dtype=np.float32))
     x = rng.random((n, 1, 28, 28), dtype=np.float32)
     expected = qmodel.predict(x, reference=True)
     np.testing.assert_array_equal(qmodel.predict(x), expected)  # the steps, bound
     chain = qmodel.chain_for(x.shape)
-    if C * side * side % 4 == 0:  # the first dense layer's rows are whole words
-        assert chain is not None and chain.runs()
-        np.testing.assert_array_equal(chain(x), expected)
-    else:
-        assert chain is None
+    assert chain is not None and chain.runs()
+    np.testing.assert_array_equal(chain(x), expected)
+    with pytest.raises(ValueError, match="this chain runs inputs of shape"):
+        chain(np.concatenate([x, x]))
     for build in ("serial", "threaded"):
         with parallel.forced(build):
-            assert chain is None or chain.runs() == (build == "serial")
+            assert chain.runs() == (build == "serial")
             np.testing.assert_array_equal(qmodel.predict(x), expected, err_msg=build)
 
 
 def test_steps_that_do_not_chain():
-    """A padded conv (im2row's copied rows) and a separate ReLU, or a last layer with codes out: no
-    chain. (The MLP chains: its dense layer reads the input's bytes, NHWC, as they are.)"""
+    """A separate ReLU, or a last layer with codes out: no chain. (The MLP chains: its first dense
+    layer reads the input's bytes, NHWC, as they are.)"""
     rng = np.random.default_rng(3)
     x = rng.random((2, 1, 28, 28), dtype=np.float32)
     for name, chained in (("strided, padded, loose relu", False), ("mlp", True)):

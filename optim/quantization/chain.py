@@ -3,17 +3,18 @@
 Why. Each step of QuantizedModel.predict is a Python call into Numba: the
 dispatcher checks a dozen arguments and the step allocates its output and
 views its input. A GEMM of no rows costs 1.7 us that way, and LeNet-5's
-predict at batch 1 makes seven such calls (quantize, four layers, the last
-two with their copies, dequantize) in its 40 us.
+predict at batch 1 made six such calls (quantize, conv1's shifted copies,
+four GEMMs) and dequantized in NumPy: 40.8 us, 28.7 as one call (the seed
+CNN 20.3 -> 12.4; the Zen 4 of session 16).
 
-What. A Chain runs a model whose steps are all `ops.BoundGemm` (convs whose
-windows are read in place or as lines, each with its 2x2 pool or none, and
-dense layers on rows of whole words), ending in a dense layer's int32 sums,
-as one Numba function:
+What. A Chain runs a model whose steps are all `ops.BoundGemm` (its convs,
+each with its 2x2 pool or none, and its dense layers), ending in a dense
+layer's int32 sums, as one Numba function:
 
     u      = the input quantized to its bytes, NHWC       (affine.quantize_nhwc's loops)
     u      = qgemm(words of u, layer s), s = 0 .. S - 2   (kernels.qgemm's loops; the words are u's
-                                                           own, or its shifted copies: kernels.shifted_copies)
+                                                           own, its shifted copies or im2row's rows
+                                                           of it: BoundGemm)
     sums   = qgemm(words of u, layer S - 1), int32
     logits = float32(sums * S_in S_w)                     (QuantizedModel.dequantize_output)
 
@@ -23,7 +24,8 @@ where every one of those kernels would run serial under minicnn.parallel's
 rule (`runs`): at small batches, which is where the calls cost most.
 
     plan    int64 (S, PLAN_COLUMNS): per layer the qgemm window, its epilogue's z_out, lo, hi and F,
-            whether its words are shifted copies, and the copies' N, H, W and width
+            where its words come from (OWN, COPIES, ROWS) and BoundGemm's rows (its copies' N, H, W
+            and width in the same columns)
     starts, offs, wps, biases, m0s, shifts
             the layers' qgemm operands (tuples of S arrays: BoundGemm's, wp flattened)
     scale   float64 (F,): S_in S_w of the last layer's sums
@@ -32,16 +34,18 @@ rule (`runs`): at small batches, which is where the calls cost most.
 import numba
 import numpy as np
 
+from minicnn.kernels import conv_output_size
 from minicnn.parallel import MIN_OUTPUTS, runs_threaded
 
 from .affine import quantize_nhwc_serial
-from .kernels import MIN_MACS, ROW_ALIGN, qgemm_serial, shifted_copies_serial
+from .kernels import MIN_MACS, ROW_ALIGN, im2row_nhwc_serial, qgemm_serial, shifted_copies_serial
 from .ops import BoundGemm
 
 __all__ = ["Chain"]
 
-WINDOW, Z_OUT, LO, HI, F_OUT, COPIES, N_, H_, W_, WIDTH = range(10)
-PLAN_COLUMNS = 10
+WINDOW, Z_OUT, LO, HI, F_OUT, SOURCE, N_, H_, W_, C_, KH, KW, STRIDE, PAD, FILL, WIDTH = range(16)
+PLAN_COLUMNS = 16
+OWN, COPIES, ROWS = range(3)  # a layer's words: its input's bytes, their shifted copies, im2row's rows
 
 
 class Chain:
@@ -51,11 +55,9 @@ class Chain:
 
     def __init__(self, steps, x_shape, input_q, scale):
         if not chains(steps):
-            raise ValueError("a chain runs convs and dense layers whose windows are read in place or as lines "
-                             "(BoundGemm), ending in a dense layer's int32 sums")
+            raise ValueError("a chain runs convs and dense layers (BoundGemm), ending in a dense layer's int32 sums")
         self.x_shape, self.input_q, self.scale = tuple(x_shape), input_q, np.asarray(scale, np.float64)
-        self.plan = np.array([[s.window, s.epilogue.z_out, s.epilogue.lo, s.epilogue.hi, s.epilogue.F,
-                               s.copies is not None, *(s.copies or (0, 0, 0, 0))] for s in steps], np.int64)
+        self.plan = np.array([_plan_row(s) for s in steps], np.int64)
         self.operands = (tuple(s.starts for s in steps), tuple(s.off for s in steps),
                          tuple(s.packed.wp.reshape(-1) for s in steps),
                          *(tuple(getattr(s.epilogue, name) for s in steps) for name in ("bias", "m0", "shift")))
@@ -67,6 +69,10 @@ class Chain:
             loads.append(s.starts.size * ROW_ALIGN * s.off.size * s.epilogue.F / MIN_MACS)  # qgemm_runner's work
             if s.copies is not None:
                 loads.append(ROW_ALIGN * int(np.prod(s.copies[:3])) / MIN_OUTPUTS)  # shifted_copies'
+            if s.rows is not None:
+                N, H, W, _, KH_, KW_, S, P, _, width = s.rows
+                Ho, Wo = conv_output_size(H, KH_, S, P), conv_output_size(W, KW_, S, P)
+                loads.append(N * Ho * Wo * width / MIN_OUTPUTS)  # im2row_nhwc's
         self.load = max(loads)
 
     def runs(self):
@@ -74,7 +80,9 @@ class Chain:
         return not runs_threaded(self.load, 1.0)
 
     def __call__(self, x):
-        """float32 logits (N, F) of x (N, C, H, W) float, x.shape == x_shape."""
+        """float32 logits (N, F) of x (N, C, H, W) float, x.shape == x_shape (the kernels check no index)."""
+        if x.shape != self.x_shape:
+            raise ValueError(f"this chain runs inputs of shape {self.x_shape}, got {x.shape}")
         x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)  # as quantize_nhwc
         return _run(x, self.input_q[0], self.input_q[1], self.plan, *self.operands, self.scale)
 
@@ -87,11 +95,24 @@ def chains(steps):
             and steps[-1].epilogue.m0.size == 0 and len(steps[-1].out_shape) == 2)
 
 
+def _plan_row(step):
+    e = step.epilogue
+    if step.copies is not None:
+        N, H, W, width = step.copies
+        source, geometry = COPIES, (N, H, W, 1, 0, 0, 0, 0, 0, width)
+    else:
+        source, geometry = (OWN, (0,) * 10) if step.rows is None else (ROWS, step.rows)
+    return [step.window, e.z_out, e.lo, e.hi, e.F, source, *geometry]
+
+
 @numba.njit(cache=True)
 def _layer(u, p, starts, off, wp, bias, m0, shift, out):
     """One layer's qgemm (plan row p) on the bytes u (flat) the layer before wrote, into out."""
-    if p[COPIES]:
+    if p[SOURCE] == COPIES:
         x32 = shifted_copies_serial(u.reshape((p[N_], p[H_], p[W_])), p[WIDTH]).reshape(-1).view(np.uint32)
+    elif p[SOURCE] == ROWS:
+        x32 = im2row_nhwc_serial(u.reshape((p[N_], p[H_], p[W_], p[C_])), p[KH], p[KW], p[STRIDE], p[PAD], p[FILL],
+                                 p[WIDTH]).reshape(-1).view(np.uint32)
     else:
         x32 = u.view(np.uint32)
     qgemm_serial(x32, starts, p[WINDOW], off, wp, bias, m0, shift, p[Z_OUT], p[LO], p[HI], out)

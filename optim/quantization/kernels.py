@@ -122,6 +122,7 @@ def _im2row_nhwc_loops(x, KH, KW, stride, padding, fill, width):
 
 
 _im2row_nhwc = twin(_im2row_nhwc_loops)
+im2row_nhwc_serial = _im2row_nhwc.serial  # its serial build, for compiled callers (chain.py)
 
 
 def im2row_nhwc(x, KH, KW, stride, padding, fill, width):

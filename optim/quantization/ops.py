@@ -37,22 +37,36 @@ from .fixedpoint import INT32_MAX, INT32_MIN, quantize_multiplier
 
 
 class BoundGemm:
-    """A conv's (with its 2x2 pool) or a dense layer's kernels' step for inputs of one shape, whose
-    GEMM reads its input's bytes u without copying windows: run(u) = qgemm(Words(x32, starts, off),
-    packed, epilogue, window) reshaped to out_shape, with x32 u's own words (copies None) or those of
-    line_words' shifted copies of u (copies = (N, H, W, width): kernels.shifted_copies of u as
-    (N, H, W), rows of `width` bytes). chain.py reads the same fields to run a model's steps in one
-    compiled call."""
+    """A conv's (with its 2x2 pool) or a dense layer's kernels' step for inputs of one shape:
+    run(u) = qgemm(Words(x32, starts, off), packed, epilogue, window) reshaped to out_shape, x32 the
+    words of
 
-    def __init__(self, starts, off, packed, epilogue, window, out_shape, copies=None):
+        u itself                    copies and rows None: a conv's windows read in place, or a dense
+                                    layer's rows of whole words
+        copies = (N, H, W, width)   kernels.shifted_copies(u as (N, H, W), width): a one-channel conv's
+                                    lines (windows.line_words)
+        rows = (N, H, W, C, KH, KW, stride, padding, fill, width)
+                                    kernels.im2row_nhwc(u as (N, H, W, C), KH, ...): a conv's windows
+                                    copied; a dense layer's rows padded to whole words are those of a
+                                    1x1 conv on an image of one pixel and K channels
+
+    starts is kept read-only (chain.py's tuples of them must be one array type). chain.py reads these
+    fields to run a model's steps in one compiled call."""
+
+    def __init__(self, starts, off, packed, epilogue, window, out_shape, copies=None, rows=None):
+        if starts.flags.writeable:
+            starts = starts.copy()
+            starts.flags.writeable = False
         self.starts, self.off, self.packed, self.epilogue = starts, off, packed, epilogue
-        self.window, self.out_shape, self.copies = window, out_shape, copies
+        self.window, self.out_shape, self.copies, self.rows = window, out_shape, copies, rows
         self.gemm = K.qgemm_runner(starts, off, packed, epilogue, window)
 
     def __call__(self, u):
         if self.copies is not None:
             N, H, W, width = self.copies
             u = K.shifted_copies(u.reshape(N, H, W), width)
+        elif self.rows is not None:
+            u = K.im2row_nhwc(u.reshape(self.rows[:4]), *self.rows[4:])
         return self.gemm(windows.as_words(u)).reshape(self.out_shape)
 
 
@@ -201,8 +215,8 @@ class IntConv2D(_IntLinear):
     def bind(self, x_shape, pool=None):
         """run(u): forward, then the IntMaxPool2D `pool` if given, on the kernels' bytes (u =
         K.unsigned(x) in, the same of the codes out, or the int32 sums), for inputs x of x_shape
-        (N, H, W, C), with the windows' layout, offsets and weights chosen once: a BoundGemm where
-        the windows are read in place or as lines (windows.py), else a step on im2row's rows.
+        (N, H, W, C), with the windows' layout, offsets and weights chosen once: a BoundGemm whose
+        windows are read in place or as lines (windows.py), else copied by im2row.
 
         A 2x2 pool of stride 2 is taken inside the GEMM, on each window's 4 int32 sums before they
         are requantized: the same codes (requantization and its clamp never decrease, so the
@@ -226,15 +240,10 @@ class IntConv2D(_IntLinear):
             return BoundGemm(w.starts, w.off, self._line_packed, self.epilogue, side * side, out_shape,
                              (N, H, W, 4 * windows.line_width(W, KW)))
         # else im2row's rows, padding read as the code of the real 0 (its byte), pixel by pixel: in pool order
-        fill = self.in_q[1] + 128
-
-        def rows_of(x):
-            return windows.rows_words(K.im2row_nhwc(x, KH, KW, S, self.padding, fill, self.wt.shape[1]), self.packed)
-
-        w = rows_of(sample)
-        gemm = K.qgemm_runner(w.starts[windows.pool_order(N, Ho, Wo, side)], w.off, self.packed, self.epilogue,
-                              side * side)
-        return lambda x: gemm(rows_of(x).x32).reshape(out_shape)
+        rows = (*x_shape, KH, KW, S, self.padding, self.in_q[1] + 128, self.wt.shape[1])
+        w = windows.rows_words(K.im2row_nhwc(sample, *rows[4:]), self.packed)
+        return BoundGemm(w.starts[windows.pool_order(N, Ho, Wo, side)], w.off, self.packed, self.epilogue,
+                         side * side, out_shape, rows=rows)
 
     def _output_nhwc(self, x_shape):
         N, H, W, C = x_shape
@@ -299,11 +308,9 @@ class IntDense(_IntLinear):
             packed = known[1]
         elif tuple(x_shape[1:]) != (K_,):
             self.output_shape(x_shape[1:])  # raises, naming the shape
-        sample = windows.rows_words(np.zeros((N, K_), np.uint8), packed)
-        if K_ == 4 * packed.wp.shape[1]:  # rows of whole words: the input's own bytes
-            return BoundGemm(sample.starts, sample.off, packed, self.epilogue, 1, (N, self.W.shape[1]))
-        gemm = K.qgemm_runner(sample.starts, sample.off, packed, self.epilogue)
-        return lambda x: gemm(windows.rows_words(x.reshape(N, K_), packed).x32)
+        sample, width = windows.rows_words(np.zeros((N, K_), np.uint8), packed), 4 * packed.wp.shape[1]
+        rows = None if K_ == width else (N, 1, 1, K_, 1, 1, 1, 0, 0, width)  # else the input's own bytes
+        return BoundGemm(sample.starts, sample.off, packed, self.epilogue, 1, (N, self.W.shape[1]), rows=rows)
 
     def output_shape(self, in_shape):
         if tuple(in_shape) != (self.W.shape[0],):
