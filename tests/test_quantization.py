@@ -278,13 +278,16 @@ def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
 
 
 @pytest.mark.parametrize("build", ["threaded", "serial"])
-def test_qgemm_builds_match_reference(build):
-    """qgemm picks the threaded or the serial build by size; both must be exact."""
+@pytest.mark.parametrize("F", [45, 11])
+def test_qgemm_builds_match_reference(build, F):
+    """qgemm picks the threaded or the serial build by size; both must be exact, for pairs of filter
+    blocks and for a single block (F <= 16: a kernel of its own)."""
     rng = np.random.default_rng(len(build))
-    a, wt = random_codes(rng, (67, 203)), random_codes(rng, (45, 203), -127)
-    bias = rng.integers(-(2**20), 2**20, 45).astype(np.int32)
-    m0, shift = rng.integers(2**30, 2**31, 45).astype(np.int32), rng.integers(-31, 2, 45).astype(np.int8)
+    a, wt = random_codes(rng, (67, 203)), random_codes(rng, (F, 203), -127)
+    bias = rng.integers(-(2**20), 2**20, F).astype(np.int32)
+    m0, shift = rng.integers(2**30, 2**31, F).astype(np.int32), rng.integers(-31, 2, F).astype(np.int8)
     packed = K.pack_weights(wt)
+    assert packed.wp.shape[0] == (1 if F <= 16 else 4)
     with parallel.forced(build):
         ours = qgemm8(windows.rows_words(K.unsigned(a), packed), packed, bias, m0, shift, 5, 5, 127)
         ours32 = qgemm32(windows.rows_words(K.unsigned(a), packed), packed, bias, INT32_MIN)

@@ -38,7 +38,7 @@ from minicnn.kernels import conv_output_size
 from minicnn.parallel import MIN_OUTPUTS, runs_threaded
 
 from .affine import quantize_nhwc_serial
-from .kernels import MIN_MACS, ROW_ALIGN, im2row_nhwc_serial, qgemm_serial, shifted_copies_serial
+from .kernels import MIN_MACS, ROW_ALIGN, im2row_nhwc_serial, qgemm_block_serial, qgemm_serial, shifted_copies_serial
 from .ops import BoundGemm
 
 __all__ = ["Chain"]
@@ -115,7 +115,10 @@ def _layer(u, p, starts, off, wp, bias, m0, shift, out):
                                  p[WIDTH]).reshape(-1).view(np.uint32)
     else:
         x32 = u.view(np.uint32)
-    qgemm_serial(x32, starts, p[WINDOW], off, wp, bias, m0, shift, p[Z_OUT], p[LO], p[HI], out)
+    if wp.size == 64 * off.size:  # one block of 16 filters (kernels.pack_weights)
+        qgemm_block_serial(x32, starts, p[WINDOW], off, wp, bias, m0, shift, p[Z_OUT], p[LO], p[HI], out)
+    else:
+        qgemm_serial(x32, starts, p[WINDOW], off, wp, bias, m0, shift, p[Z_OUT], p[LO], p[HI], out)
 
 
 @numba.njit(cache=True)

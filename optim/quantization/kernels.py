@@ -45,7 +45,7 @@ from minicnn.simd import HAS_VNNI
 
 from .affine import QMAX, QMIN, WMAX
 from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE, multiply_by_quantized_multiplier
-from .vectors import LANES, dot4_add, finish16, load16, max16, store16, zeros16
+from .vectors import LANES, add16, dot4_add, finish16, load16, max16, store16, zeros16
 
 
 # --------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def shifted_copies(x, width):
 class PackedWeights(NamedTuple):
     """The operand of the fast kernels for weights wt int8 (F, K).
 
-    wp int8 (2 ceil(F/32), ceil(K/4), 16, 4), zero-padded: wp[b, g, l, j] =
+    wp int8 (2 ceil(F/32), ceil(K/4), 16, 4) (one block for F <= 16), zero-padded: wp[b, g, l, j] =
     wt[16 b + l, 4 g + j], the dot4_add operand of filters 16b .. 16b + 15 and
     columns 4g .. 4g + 3 (without VNNI, each (b, g)'s 64 bytes in the order (j // 2, l, j % 2):
     the pairs of columns that vpmaddwd adds, see vectors.dot4_add); colsum int32 (F,) = sum_k wt[f, k], for the 128
@@ -191,7 +191,8 @@ def pack_weights(wt):
 
     F is padded with zero filters to a multiple of 32: the kernels run 2 blocks
     of 16 filters per pass over a row, and a zero block costs less than the
-    extra passes a remainder would take."""
+    extra passes a remainder would take. At most 16 filters (a classifier's
+    10, a narrowed conv's) are one block, which a kernel of its own runs."""
     if wt.dtype != np.int8 or wt.ndim != 2:
         raise ValueError(f"weights must be a 2-D int8 array, got {wt.dtype} {wt.shape}")
     F, K_ = wt.shape
@@ -199,7 +200,7 @@ def pack_weights(wt):
         raise ValueError(f"weight codes must lie in [-{WMAX}, {WMAX}] (symmetric int8), got {wt.min()}")
     if K_ > MAX_K:
         raise ValueError(f"{K_} products per output could overflow the int32 accumulators (at most {MAX_K})")
-    Fb, G = -(-F // 32) * 2, -(-K_ // 4)  # whole passes of 2 blocks: see _row_sums
+    Fb, G = (1 if F <= LANES else -(-F // 32) * 2), -(-K_ // 4)  # whole passes of 2 blocks: see _row_sums
     padded = np.zeros((Fb * LANES, G * 4), dtype=np.int8)
     padded[:F, :K_] = wt
     wp = padded.reshape(Fb, LANES, G, 4).transpose(0, 2, 1, 3)
@@ -303,7 +304,7 @@ ROWS_PER_TASK = 64
 
 class Epilogue(NamedTuple):
     """What qgemm does with each output's sum s (exact, int32), per filter f < F, the arrays padded to
-    the 32 ceil(F/32) filters of the packed weights:
+    the packed weights' filters (16 for F <= 16, else 32 ceil(F/32)):
 
         unsigned codes   clamp(MBQM(s + bias[f], m0[f], shift[f]) + z_out, lo, hi), uint8
         int32            max(s + bias[f], lo)                           (m0 and shift empty)
@@ -389,9 +390,53 @@ def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, o
     return out
 
 
+@numba.njit(inline="always", cache=True)
+def _four_rows_block(x32, t0, t1, t2, t3, off, wp):
+    """The sums of a single block of 16 filters for the four rows whose words start at t0 .. t3."""
+    p, q, u, v = zeros16(), zeros16(), zeros16(), zeros16()
+    for g in range(off.size):
+        o, i = off[g], g * 64
+        p, q = dot4_add(p, x32[np.uint64(t0 + o)], wp, i), dot4_add(q, x32[np.uint64(t1 + o)], wp, i)
+        u, v = dot4_add(u, x32[np.uint64(t2 + o)], wp, i), dot4_add(v, x32[np.uint64(t3 + o)], wp, i)
+    return p, q, u, v
+
+
+def _qgemm_block_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
+    """_qgemm_loops for at most 16 filters, packed as one block: four rows (or one pool window) a pass,
+    the last few rows alone. A kernel of its own: the pair loops with a test for a lone block ran the
+    AVX2 build's GEMM 1.5x slower (session 13)."""
+    F = out.shape[1]
+    o = out.reshape(-1)
+    rows_end = starts.size // window * window
+    for task in prange((rows_end + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
+        start, end = task * ROWS_PER_TASK, min(rows_end, (task + 1) * ROWS_PER_TASK)
+        if window == 4:
+            for r0 in range(start, end, 4):
+                p, q, u, v = _four_rows_block(x32, starts[r0], starts[r0 + 1], starts[r0 + 2], starts[r0 + 3], off, wp)
+                finish16(o, r0 // 4 * F, max16(max16(p, q), max16(u, v)), bias, m0, shift, 0, z_out, lo, hi, F)
+            continue
+        fours = start + (end - start) // 4 * 4
+        for r0 in range(start, fours, 4):
+            p, q, u, v = _four_rows_block(x32, starts[r0], starts[r0 + 1], starts[r0 + 2], starts[r0 + 3], off, wp)
+            finish16(o, r0 * F, p, bias, m0, shift, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 1) * F, q, bias, m0, shift, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 2) * F, u, bias, m0, shift, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 3) * F, v, bias, m0, shift, 0, z_out, lo, hi, F)
+        for r in range(fours, end):  # window 1 here; two sums, so that one vpdpbusd need not wait for the last
+            p, q, t = zeros16(), zeros16(), starts[r]
+            for g in range(0, off.size - 1, 2):
+                p = dot4_add(p, x32[np.uint64(t + off[g])], wp, g * 64)
+                q = dot4_add(q, x32[np.uint64(t + off[g + 1])], wp, g * 64 + 64)
+            if off.size % 2:
+                p = dot4_add(p, x32[np.uint64(t + off[off.size - 1])], wp, off.size * 64 - 64)
+            finish16(o, r * F, add16(p, q), bias, m0, shift, 0, z_out, lo, hi, F)
+    return out
+
+
 MIN_MACS = 2_000_000  # multiply-adds below which waking the workers costs more than they save
 _qgemm = twin(_qgemm_loops, MIN_MACS)
-qgemm_serial = _qgemm.serial  # its serial build, for compiled callers (chain.py)
+_qgemm_block = twin(_qgemm_block_loops, MIN_MACS)
+qgemm_serial, qgemm_block_serial = _qgemm.serial, _qgemm_block.serial  # for compiled callers (chain.py)
 
 
 class Words(NamedTuple):
@@ -430,7 +475,8 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
                          f"{LANES * packed.wp.shape[0]}")
     shape, dtype = (starts.size // window, epilogue.F), (np.uint8 if epilogue.m0.size else np.int32)
     work, wp, fixed = starts.size * 4 * off.size * epilogue.F, packed.wp.reshape(-1), tuple(epilogue[:6])
-    return lambda x32: _qgemm(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))
+    kernel = _qgemm_block if packed.wp.shape[0] == 1 else _qgemm
+    return lambda x32: kernel(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))
 
 
 # --------------------------------------------------------------------------

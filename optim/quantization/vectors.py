@@ -12,6 +12,7 @@ int32x16, i an index):
     zeros16()                         [0] * 16
     load16(a, i)                      a[i : i + 16]                  (a int32)
     max16(u, v)                       maximum(u, v)
+    add16(u, v)                       u + v                          (wrapping, as the machine adds)
     dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 16, u the 4 bytes of x (uint32),
                                       unsigned; wp int8 (without VNNI: wp[i + 32 (j // 2) + 2 l + j % 2],
                                       kernels.pack_weights' layout for vpmaddwd)
@@ -118,6 +119,11 @@ def _smin(builder, u, v):
 @intrinsic
 def max16(typingctx, u, v):
     return int32x16(int32x16, int32x16), lambda context, builder, sig, args: _smax(builder, *args)
+
+
+@intrinsic
+def add16(typingctx, u, v):
+    return int32x16(int32x16, int32x16), lambda context, builder, sig, args: builder.add(*args)
 
 
 def _portable_dpbusd(builder, acc, x, w):
@@ -293,6 +299,10 @@ def _max16_python(u, v):
     return np.maximum(u, v)
 
 
+def _add16_python(u, v):
+    return (u.astype(np.int64) + v).astype(np.int32)  # wraps like the machine's add
+
+
 def _dot4_add_python(acc, x, wp, i):
     u = np.array([(int(x) >> (8 * j)) & 255 for j in range(4)], np.int64)
     w = wp.reshape(-1)[i : i + 4 * LANES]
@@ -317,5 +327,6 @@ def _finish16_python(out, i, v, bias, m0, shift, f, z, lo, hi, n):
 
 
 if numba.config.DISABLE_JIT:
-    zeros16, load16, max16, dot4_add = _zeros16_python, _load16_python, _max16_python, _dot4_add_python
+    zeros16, load16, max16, add16 = _zeros16_python, _load16_python, _max16_python, _add16_python
+    dot4_add = _dot4_add_python
     requantize16, store16, finish16 = _requantize16_python, _store16_python, _finish16_python
