@@ -126,8 +126,8 @@ def twin(body, min_work=MIN_OUTPUTS, **options):
     """Compile `body` threaded and serial (cached; `options` such as fastmath go to numba.njit).
 
     Returns run(work, *args): body(*args) in the build `runs_threaded(work, min_work)` picks; run.serial
-    is the serial build itself, for compiled code that runs several kernels in one call (a Numba
-    function can call it; not run).
+    is the serial build itself, for compiled code that runs several kernels in one call (run is a
+    Python function, which compiled code cannot call).
     """
     threaded = numba.njit(parallel=True, cache=True, **options)(body)
     serial = numba.njit(cache=True, **options)(_renamed(body, "_serial"))

@@ -259,6 +259,8 @@ def test_im2row_nhwc_matches_reference(geom, seed):
 
 
 @given(st.integers(1, 70), st.integers(1, 300), st.integers(1, 40), seeds, st.booleans())
+@example(7, 33, 16, 0, False)  # the last width of one block of filters
+@example(7, 33, 17, 0, False)  # the first of a pair
 def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     rng = np.random.default_rng(seed)
     a, wt = random_codes(rng, (M, Kdim)), random_codes(rng, (F, Kdim), -127)
@@ -395,6 +397,20 @@ def test_int_conv_pooled_before_requantizing_gives_the_same_codes(seed, geom, re
                 np.testing.assert_array_equal(K.signed(step(K.unsigned(x))), expected, err_msg=build)
 
 
+@numba.njit
+def lanes_add(u, v):
+    out = np.empty(u.size, np.int32)
+    for i in range(0, u.size, 16):
+        V.store16(out, i, V.add16(V.load16(u, i), V.load16(v, i)))
+    return out
+
+
+def test_add16_wraps_as_int32_addition():
+    u = np.array([INT32_MAX, INT32_MIN, -1, 0, 1, 2**30] * 3 + [5, -7], np.int32)
+    v = np.array([1, -1, 1, 0, -1, 2**30] * 3 + [INT32_MAX, INT32_MIN], np.int32)
+    np.testing.assert_array_equal(lanes_add(u, v), (u.astype(np.int64) + v).astype(np.int32))
+
+
 @given(seeds, st.integers(0, 30))
 def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits):
     """Many values at once, every shift and multiplier in range, and a third of the lanes exact ties
@@ -517,11 +533,12 @@ def test_integer_model_steps_bound_to_shapes_stay_exact(name):
 
 
 @given(seeds, st.integers(1, 8), st.integers(1, 2), st.integers(0, 1), st.booleans(), st.sampled_from([0, 3, 4]),
-       st.integers(1, 3))
-def test_a_chain_is_the_steps_and_the_references_bit_for_bit(seed, k, stride, padding, pool, second, n):
+       st.sampled_from([13, 40]), st.integers(1, 3))
+def test_a_chain_is_the_steps_and_the_references_bit_for_bit(seed, k, stride, padding, pool, second, units, n):
     """A one-channel conv (its lines read from shifted copies, or with padding im2row's rows), its 2x2
     pool or none, maybe a second conv (on 4 channels read in place, on 3 through im2row) and two dense
-    layers (the first on rows padded to whole words where they are not): at small batches predict
+    layers (the first on rows padded to whole words where they are not; its units one block of filters
+    or a pair): at small batches predict
     runs them as one Chain (the second call of a shape; the first binds the steps), with the steps'
     logits and the references', bit for bit; forced threaded, it runs the steps."""
     rng = np.random.default_rng(seed)
@@ -531,16 +548,17 @@ def test_a_chain_is_the_steps_and_the_references_bit_for_bit(seed, k, stride, pa
     if second and side >= 3:
         layers += [Conv2D(second, 6, 3, rng=rng), ReLU()]
         C, side = 6, side - 2
-    model = Sequential(layers + [Flatten(), Dense(C * side * side, 13, rng=rng), ReLU(), Dense(13, 10, rng=rng)])
+    model = Sequential(layers + [Flatten(), Dense(C * side * side, units, rng=rng), ReLU(), Dense(units, 10, rng=rng)])
     qmodel = Q.quantize_model(model, rng.random((8, 1, 28, 28), dtype=np.float32))
     x = rng.random((n, 1, 28, 28), dtype=np.float32)
     expected = qmodel.predict(x, reference=True)
     np.testing.assert_array_equal(qmodel.predict(x), expected)  # the steps, bound
     chain = qmodel.chain_for(x.shape)
-    assert chain is not None and chain.runs()
-    np.testing.assert_array_equal(chain(x), expected)
+    with parallel.forced("auto"):
+        assert chain is not None and chain.runs()
+    np.testing.assert_array_equal(chain(x, qmodel.input_q), expected)
     with pytest.raises(ValueError, match="this chain runs inputs of shape"):
-        chain(np.concatenate([x, x]))
+        chain(np.concatenate([x, x]), qmodel.input_q)
     for build in ("serial", "threaded"):
         with parallel.forced(build):
             assert chain.runs() == (build == "serial")
@@ -561,13 +579,31 @@ def test_steps_that_do_not_chain():
     conv, pool = qmodel.layers[:2]
     for steps in ([], [conv.bind((2, 28, 28, 1), pool)]):  # nothing; a last step with codes, not sums
         with pytest.raises(ValueError, match="a chain runs convs and dense layers"):
-            chain.Chain(steps, x.shape, qmodel.input_q, np.ones(4))
+            chain.Chain(steps, x.shape, np.ones(4))
     qmodel = Q.quantize_model(small_models(0)["mlp"], x)
     qmodel.predict(x)
     assert qmodel.chain_for(x.shape) is not None
     qmodel.layers[-1] = Q.quantize_model(small_models(1)["mlp"], x).layers[-1]  # ops changed: bound anew
     assert qmodel.chain_for(x.shape) is None
     np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
+    np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
+
+
+def test_a_chain_is_made_for_predicts_inputs_and_reads_the_input_scale_each_call():
+    """Codes of another shape through forward_int, as many bytes as predict's input (the dense layer
+    takes any 4-D shape of its size), bind their steps but make no chain that predict's inputs would
+    meet; and the chain quantizes with the model's input (S, Z) as it is at the call, as the steps do."""
+    rng = np.random.default_rng(4)
+    model = Sequential([Conv2D(4, 2, 3, rng=rng), Flatten(), Dense(2 * 8 * 8, 10, rng=rng)], input_shape=(4, 10, 10))
+    qmodel = Q.quantize_model(model, rng.random((8, 4, 10, 10), dtype=np.float32))
+    x = rng.random((1, 4, 10, 10), dtype=np.float32)
+    q = rng.integers(-128, 128, (1, 6, 18, 4)).astype(np.int8)  # 432 bytes, not 400: conv output 4 x 16 x 2
+    np.testing.assert_array_equal(qmodel.forward_int(q), qmodel.forward_int(q, reference=True))
+    assert qmodel.chain_for(x.shape) is None
+    for _ in range(2):  # bind, then the chain
+        np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
+    assert qmodel.chain_for(x.shape) is not None
+    qmodel.input_q = (qmodel.input_q[0] * 2, qmodel.input_q[1] + 3)
     np.testing.assert_array_equal(qmodel.predict(x), qmodel.predict(x, reference=True))
 
 

@@ -135,5 +135,10 @@ def quantize_nhwc(x, scale, zero_point, unsigned=False):
     x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)
     N, C, H, W = x.shape
     out = np.empty((N, H, W, C), np.uint8 if unsigned else np.int8)
-    work = 2 * x.size  # elements read and written
-    return _quantize_nhwc(work, x, float(scale), int(zero_point), 128 if unsigned else 0, out)
+    return _quantize_nhwc(quantize_work(x.shape), x, float(scale), int(zero_point), 128 if unsigned else 0, out)
+
+
+def quantize_work(x_shape):
+    """quantize_nhwc's work on inputs of x_shape, in minicnn.parallel's unit for it: elements read and
+    written (break-even MIN_OUTPUTS)."""
+    return 2 * int(np.prod(x_shape))

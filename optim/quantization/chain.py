@@ -21,7 +21,9 @@ layer's int32 sums, as one Numba function:
 These are the serial builds of the kernels the steps call, on the same
 operands, so the output is the steps' bit for bit. The chain runs only
 where every one of those kernels would run serial under minicnn.parallel's
-rule (`runs`): at small batches, which is where the calls cost most.
+rule (`runs`): at small batches, which is where the calls cost most. (The
+float32 model's minicnn.chain is another thing: one parallel loop whose
+tasks both cores take, for batches big enough to run threaded.)
 
     plan    int64 (S, PLAN_COLUMNS): per layer the qgemm window, its epilogue's z_out, lo, hi and F,
             where its words come from (OWN, COPIES, ROWS) and BoundGemm's rows (its copies' N, H, W
@@ -34,11 +36,10 @@ rule (`runs`): at small batches, which is where the calls cost most.
 import numba
 import numpy as np
 
-from minicnn.kernels import conv_output_size
 from minicnn.parallel import MIN_OUTPUTS, runs_threaded
 
-from .affine import quantize_nhwc_serial
-from .kernels import MIN_MACS, ROW_ALIGN, im2row_nhwc_serial, qgemm_block_serial, qgemm_serial, shifted_copies_serial
+from .affine import quantize_nhwc_serial, quantize_work
+from .kernels import im2row_nhwc_serial, qgemm_serial, shifted_copies_serial
 from .ops import BoundGemm
 
 __all__ = ["Chain"]
@@ -50,41 +51,30 @@ OWN, COPIES, ROWS = range(3)  # a layer's words: its input's bytes, their shifte
 
 class Chain:
     """predict's batch of float inputs x (N, C, H, W) in one call, for `steps` (a QuantizedModel's,
-    bound to x's shape) that are all BoundGemm, the last with int32 sums out and a 2-D output.
-    input_q = (S, Z) of the model's input; scale float64 (F,) dequantizes the last layer's sums."""
+    bound to the codes of x's shape) that are all BoundGemm, the last with int32 sums out and a 2-D
+    output; scale float64 (F,) dequantizes the last layer's sums."""
 
-    def __init__(self, steps, x_shape, input_q, scale):
+    def __init__(self, steps, x_shape, scale):
         if not chains(steps):
             raise ValueError("a chain runs convs and dense layers (BoundGemm), ending in a dense layer's int32 sums")
-        self.x_shape, self.input_q, self.scale = tuple(x_shape), input_q, np.asarray(scale, np.float64)
+        self.x_shape, self.scale = tuple(x_shape), np.asarray(scale, np.float64)
         self.plan = np.array([_plan_row(s) for s in steps], np.int64)
         self.operands = (tuple(s.starts for s in steps), tuple(s.off for s in steps),
                          tuple(s.packed.wp.reshape(-1) for s in steps),
                          *(tuple(getattr(s.epilogue, name) for s in steps) for name in ("bias", "m0", "shift")))
-        # the largest work / break-even among the kernels the steps run: one of them runs threaded iff
-        # runs_threaded(load, 1) (the rule: work >= min_work, with more than one thread)
-        N, C, H, W = self.x_shape
-        loads = [2 * N * C * H * W / MIN_OUTPUTS]  # quantize_nhwc's elements read and written
-        for s in steps:
-            loads.append(s.starts.size * ROW_ALIGN * s.off.size * s.epilogue.F / MIN_MACS)  # qgemm_runner's work
-            if s.copies is not None:
-                loads.append(ROW_ALIGN * int(np.prod(s.copies[:3])) / MIN_OUTPUTS)  # shifted_copies'
-            if s.rows is not None:
-                N, H, W, _, KH_, KW_, S, P, _, width = s.rows
-                Ho, Wo = conv_output_size(H, KH_, S, P), conv_output_size(W, KW_, S, P)
-                loads.append(N * Ho * Wo * width / MIN_OUTPUTS)  # im2row_nhwc's
-        self.load = max(loads)
+        self.load = max(quantize_work(x_shape) / MIN_OUTPUTS, *(s.load for s in steps))  # see BoundGemm
 
     def runs(self):
         """Whether the chain runs now: every kernel of the steps would run serial (minicnn.parallel)."""
         return not runs_threaded(self.load, 1.0)
 
-    def __call__(self, x):
-        """float32 logits (N, F) of x (N, C, H, W) float, x.shape == x_shape (the kernels check no index)."""
+    def __call__(self, x, input_q):
+        """float32 logits (N, F) of x (N, C, H, W) float, x.shape == x_shape (the kernels check no index),
+        quantized with input_q = (S, Z) (the model's, read as its steps read it: at each call)."""
         if x.shape != self.x_shape:
             raise ValueError(f"this chain runs inputs of shape {self.x_shape}, got {x.shape}")
         x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)  # as quantize_nhwc
-        return _run(x, self.input_q[0], self.input_q[1], self.plan, *self.operands, self.scale)
+        return _run(x, float(input_q[0]), int(input_q[1]), self.plan, *self.operands, self.scale)
 
 
 def chains(steps):
@@ -115,14 +105,12 @@ def _layer(u, p, starts, off, wp, bias, m0, shift, out):
                                  p[WIDTH]).reshape(-1).view(np.uint32)
     else:
         x32 = u.view(np.uint32)
-    if wp.size == 64 * off.size:  # one block of 16 filters (kernels.pack_weights)
-        qgemm_block_serial(x32, starts, p[WINDOW], off, wp, bias, m0, shift, p[Z_OUT], p[LO], p[HI], out)
-    else:
-        qgemm_serial(x32, starts, p[WINDOW], off, wp, bias, m0, shift, p[Z_OUT], p[LO], p[HI], out)
+    qgemm_serial(x32, starts, p[WINDOW], off, wp, bias, m0, shift, p[Z_OUT], p[LO], p[HI], out)
 
 
 @numba.njit(cache=True)
 def _run(x, in_scale, in_zero, plan, starts, offs, wps, biases, m0s, shifts, scale):
+    """The chain's logits float32 (N, F) of x float (N, C, H, W): see the module's docstring."""
     N, C, H, W = x.shape
     u = np.empty(x.size, np.uint8)
     quantize_nhwc_serial(x, in_scale, in_zero, 128, u.reshape((N, H, W, C)))

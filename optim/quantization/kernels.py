@@ -19,7 +19,8 @@ or the int32 sums themselves for the last layer, and a conv followed by a
 The weights are packed once per layer (`pack_weights`) so that one VNNI
 instruction (vpdpbusd, see `vectors.dot4_add`) adds 4 products to each of 16 filters'
 int32 sums: the kernel broadcasts 4 bytes of a row from memory and runs them
-against 2 blocks of 16 filters, no horizontal sums, no padding of K beyond 4.
+against 2 blocks of 16 filters (a layer of at most 16 filters is one block,
+run by a kernel of its own), no horizontal sums, no padding of K beyond 4.
 (Flipped in the kernel instead, each broadcast took a register and a
 shuffle port: LeNet-5's int8 predict at batch 256 ran 1.2x slower.) Rows
 are independent, so `prange` splits them over cores; the epilogue
@@ -127,9 +128,15 @@ im2row_nhwc_serial = _im2row_nhwc.serial  # its serial build, for compiled calle
 
 def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
     """Fast im2row_nhwc, same contract as im2row_nhwc_ref; serial for small inputs (batch 1)."""
-    N, H, W, _ = x.shape
-    rows = N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding)
-    return _im2row_nhwc(rows * width, np.ascontiguousarray(x), KH, KW, stride, padding, fill, width)
+    work = im2row_work(x.shape, KH, KW, stride, padding, width)
+    return _im2row_nhwc(work, np.ascontiguousarray(x), KH, KW, stride, padding, fill, width)
+
+
+def im2row_work(x_shape, KH, KW, stride, padding, width):
+    """im2row_nhwc's work on inputs of x_shape (N, H, W, C), in minicnn.parallel's unit for it: bytes
+    written (break-even MIN_OUTPUTS)."""
+    N, H, W, _ = x_shape
+    return N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding) * width
 
 
 def shifted_copies_ref(x, width):
@@ -164,7 +171,13 @@ def shifted_copies(x, width):
     """Fast shifted_copies_ref, same contract; serial for small inputs (batch 1)."""
     if width < x.shape[2]:
         raise ValueError(f"shifted copies of rows of {x.shape[2]} bytes need a width >= {x.shape[2]}, got {width}")
-    return _shifted_copies(ROW_ALIGN * x.size, np.ascontiguousarray(x), width)
+    return _shifted_copies(shifted_copies_work(x.shape), np.ascontiguousarray(x), width)
+
+
+def shifted_copies_work(x_shape):
+    """shifted_copies' work on inputs of x_shape (N, H, W), in minicnn.parallel's unit for it: bytes
+    copied (break-even MIN_OUTPUTS)."""
+    return ROW_ALIGN * int(np.prod(x_shape))
 
 
 # --------------------------------------------------------------------------
@@ -200,7 +213,7 @@ def pack_weights(wt):
         raise ValueError(f"weight codes must lie in [-{WMAX}, {WMAX}] (symmetric int8), got {wt.min()}")
     if K_ > MAX_K:
         raise ValueError(f"{K_} products per output could overflow the int32 accumulators (at most {MAX_K})")
-    Fb, G = (1 if F <= LANES else -(-F // 32) * 2), -(-K_ // 4)  # whole passes of 2 blocks: see _row_sums
+    Fb, G = (1 if F <= LANES else -(-F // 32) * 2), -(-K_ // 4)  # one block, or whole passes of 2
     padded = np.zeros((Fb * LANES, G * 4), dtype=np.int8)
     padded[:F, :K_] = wt
     wp = padded.reshape(Fb, LANES, G, 4).transpose(0, 2, 1, 3)
@@ -436,7 +449,22 @@ def _qgemm_block_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo,
 MIN_MACS = 2_000_000  # multiply-adds below which waking the workers costs more than they save
 _qgemm = twin(_qgemm_loops, MIN_MACS)
 _qgemm_block = twin(_qgemm_block_loops, MIN_MACS)
-qgemm_serial, qgemm_block_serial = _qgemm.serial, _qgemm_block.serial  # for compiled callers (chain.py)
+_qgemm_pairs_serial, _qgemm_block_serial = _qgemm.serial, _qgemm_block.serial
+
+
+@numba.njit(inline="always", cache=True)
+def one_block(wp, off):
+    """Whether weights wp (PackedWeights.wp flattened) of off.size words a row are one block of 16 filters."""
+    return wp.size == 64 * off.size
+
+
+@numba.njit(cache=True)
+def qgemm_serial(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
+    """The serial GEMM of qgemm_runner's run, for compiled callers (chain.py): the one-block build for at
+    most 16 filters, else the pairs'."""
+    if one_block(wp, off):
+        return _qgemm_block_serial(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out)
+    return _qgemm_pairs_serial(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out)
 
 
 class Words(NamedTuple):
@@ -474,9 +502,16 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
                          f"of {packed.wp.shape[1]} words and an epilogue of {epilogue.bias.size} filters for "
                          f"{LANES * packed.wp.shape[0]}")
     shape, dtype = (starts.size // window, epilogue.F), (np.uint8 if epilogue.m0.size else np.int32)
-    work, wp, fixed = starts.size * 4 * off.size * epilogue.F, packed.wp.reshape(-1), tuple(epilogue[:6])
-    kernel = _qgemm_block if packed.wp.shape[0] == 1 else _qgemm
+    wp, fixed = packed.wp.reshape(-1), tuple(epilogue[:6])
+    kernel = _qgemm_block if one_block(wp, off) else _qgemm
+    work = qgemm_work(starts, off, epilogue.F)
     return lambda x32: kernel(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))
+
+
+def qgemm_work(starts, off, F):
+    """The work of a qgemm of those rows and words for F filters, in minicnn.parallel's unit for it
+    (multiply-adds; its break-even MIN_MACS)."""
+    return starts.size * ROW_ALIGN * off.size * F
 
 
 # --------------------------------------------------------------------------

@@ -109,10 +109,12 @@ class QuantizedModel:
         return u
 
     def _bind(self, u):
-        """_run(u), binding each step to the shape it sees; the steps kept for u's shape."""
-        if len(self._bound) >= MAX_BOUND or self._bound_to != tuple(self.layers):  # start over
-            self._bound, self._chains, self._bound_to = {}, {}, tuple(self.layers)
-        shape, ops, i, steps = u.shape, self.layers, 0, []
+        """_run(u), binding each step to the shape it sees; the steps kept for u's shape, and for a
+        float input's (predict's) their Chain where they chain."""
+        ops = tuple(self.layers)  # one read: another thread may change the ops meanwhile
+        if len(self._bound) >= MAX_BOUND or self._bound_to != ops:  # start over
+            self._bound, self._chains, self._bound_to = {}, {}, ops
+        shape, i, steps = u.shape, 0, []
         while i < len(ops):
             op, after = ops[i], ops[i + 1] if i + 1 < len(ops) else None
             if isinstance(op, IntConv2D) and isinstance(after, IntMaxPool2D):
@@ -123,10 +125,11 @@ class QuantizedModel:
                 step, i = op.bind(u.shape), i + 1
             steps.append(step)
             u = step(u)
-        self._bound[shape] = tuple(steps)  # only now: a failed bind leaves no half-made steps
-        if len(shape) == 4 and chains(steps):
-            x_shape = (shape[0], *self.input_shape)
-            self._chains[x_shape] = Chain(steps, x_shape, self.input_q, self.layers[-1].output_scale[0])
+        if self._bound_to == ops:  # only now: a failed bind leaves no half-made steps, nor one for other ops
+            self._bound[shape] = tuple(steps)
+            x_shape = (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else None
+            if x_shape is not None and x_shape[1:] == self.input_shape and chains(steps):  # predict's inputs
+                self._chains[x_shape] = Chain(steps, x_shape, ops[-1].output_scale[0])
         return u
 
     def chain_for(self, x_shape):
@@ -150,11 +153,10 @@ class QuantizedModel:
         outs = []
         for i in range(0, len(x), batch_size):
             batch = x[i : i + batch_size]
-            chain = self.chain_for(batch.shape)
             if reference:
                 outs.append(self.dequantize_output(self.forward_int(self._quantize(batch), reference=True)))
-            elif chain is not None and chain.runs():
-                outs.append(chain(batch))  # the steps below in one call, their bits
+            elif (chain := self.chain_for(batch.shape)) is not None and chain.runs():
+                outs.append(chain(batch, self.input_q))  # the steps below in one call, their bits
             else:  # the input quantized straight to the kernels' bytes
                 outs.append(self.dequantize_output(K.signed(self._run(self._quantize(batch, unsigned=True)))))
         if not outs:

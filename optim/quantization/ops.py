@@ -29,6 +29,7 @@ import numpy as np
 
 from minicnn.checks import check_bool, check_int, check_number, check_positive_int
 from minicnn.kernels import conv_output_size
+from minicnn.parallel import MIN_OUTPUTS
 
 from . import kernels as K
 from . import windows
@@ -50,16 +51,22 @@ class BoundGemm:
                                     copied; a dense layer's rows padded to whole words are those of a
                                     1x1 conv on an image of one pixel and K channels
 
-    starts is kept read-only (chain.py's tuples of them must be one array type). chain.py reads these
-    fields to run a model's steps in one compiled call."""
+    starts and off are kept read-only (chain.py's tuples of them must be one array type). load: the
+    largest work / break-even of the step's kernels (minicnn.parallel's rule runs one of them threaded
+    iff runs_threaded(load, 1)). chain.py reads these fields to run a model's steps in one compiled
+    call."""
 
     def __init__(self, starts, off, packed, epilogue, window, out_shape, copies=None, rows=None):
-        if starts.flags.writeable:
-            starts = starts.copy()
-            starts.flags.writeable = False
+        starts, off = _read_only(starts), _read_only(off)
         self.starts, self.off, self.packed, self.epilogue = starts, off, packed, epilogue
         self.window, self.out_shape, self.copies, self.rows = window, out_shape, copies, rows
         self.gemm = K.qgemm_runner(starts, off, packed, epilogue, window)
+        loads = [K.qgemm_work(starts, off, epilogue.F) / K.MIN_MACS]
+        if copies is not None:
+            loads.append(K.shifted_copies_work(copies[:3]) / MIN_OUTPUTS)
+        if rows is not None:
+            loads.append(K.im2row_work(rows[:4], *rows[4:8], rows[9]) / MIN_OUTPUTS)
+        self.load = max(loads)
 
     def __call__(self, u):
         if self.copies is not None:
@@ -68,6 +75,13 @@ class BoundGemm:
         elif self.rows is not None:
             u = K.im2row_nhwc(u.reshape(self.rows[:4]), *self.rows[4:])
         return self.gemm(windows.as_words(u)).reshape(self.out_shape)
+
+
+def _read_only(a):
+    if a.flags.writeable:
+        a = a.copy()
+        a.flags.writeable = False
+    return a
 
 
 class _IntLinear:
