@@ -249,8 +249,8 @@ def test_im2row_nhwc_matches_reference(geom, seed):
     width = K.padded_width(k * k * C)
     for build in ("threaded", "serial"):
         with parallel.forced(build):
-            rows = K.im2row_nhwc(x, k, k, s, p, fill, width)
-        np.testing.assert_array_equal(rows, K.im2row_nhwc_ref(x, k, k, s, p, fill, width), err_msg=build)
+            rows = windows.im2row_nhwc(x, k, k, s, p, fill, width)
+        np.testing.assert_array_equal(rows, windows.im2row_nhwc_ref(x, k, k, s, p, fill, width), err_msg=build)
     assert rows.shape[1] % K.ROW_ALIGN == 0 and np.all(rows[:, k * k * C:] == 0)
     # The unpadded columns are the float im2row's, reordered from (c, kh, kw) to (kh, kw, c).
     float_rows = FK.im2row_ref(FK.pad(x.transpose(0, 3, 1, 2).astype(np.float64) - fill, p), k, k, s) + fill
@@ -323,7 +323,7 @@ def test_qgemm_on_windows_read_in_place_is_qgemm_on_im2row(N, C, H, W, F, k, str
     rng = np.random.default_rng(seed)
     x, wt = random_codes(rng, (N, H, W, C)), random_codes(rng, (F, k * k * C), -127)
     assert windows.conv_fits_words(x.shape, 0) and not windows.conv_fits_words(x.shape, 1)
-    rows = K.im2row_nhwc_ref(x, k, k, stride, 0, 0, k * k * C)
+    rows = windows.im2row_nhwc_ref(x, k, k, stride, 0, 0, k * k * C)
     u = K.unsigned(x)
     assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.conv_words(u, k, k, stride, pool), K.pack_weights(wt),
                                            rows, wt, rng, (N, (H - k) // stride + 1, (W - k) // stride + 1))
@@ -824,11 +824,11 @@ def test_cli_quantize(tmp_path, capsys):
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 13), st.integers(0, 6), seeds)
 def test_shifted_copies_match_reference(N, H, W, extra, seed):
     x = random_codes(np.random.default_rng(seed), (N, H, W))
-    expected = K.shifted_copies_ref(x, W + extra)
+    expected = windows.shifted_copies_ref(x, W + extra)
     assert expected.shape == (4, N, H, W + extra)
     for build in ("serial", "threaded"):
         with parallel.forced(build):
-            np.testing.assert_array_equal(K.shifted_copies(x, W + extra), expected, err_msg=build)
+            np.testing.assert_array_equal(windows.shifted_copies(x, W + extra), expected, err_msg=build)
 
 
 @given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 14), st.integers(1, 20), st.integers(1, 8),
@@ -838,7 +838,7 @@ def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F,
     rng = np.random.default_rng(seed)
     x, Wq = random_codes(rng, (N, H, W, 1)), random_codes(rng, (F, 1, KH, KW), -127)
     assert windows.line_fits_words(x.shape, KW, 0) and not windows.line_fits_words(x.shape, KW, 1)
-    rows = K.im2row_nhwc_ref(x, KH, KW, stride, 0, 0, KH * KW)
+    rows = windows.im2row_nhwc_ref(x, KH, KW, stride, 0, 0, KH * KW)
     assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.line_words(K.unsigned(x), KH, KW, stride, pool),
                                            windows.line_weights(Wq), rows, Wq.transpose(0, 2, 3, 1).reshape(F, -1),
                                            rng, (N, (H - KH) // stride + 1, (W - KW) // stride + 1))

@@ -16,10 +16,12 @@ What lives where:
                     and rounding shift, in NumPy (the references' arithmetic)
     vectors.py      int32x16: 16 int32 sums in a register, VNNI's 4-byte dot product, and the
                     requantization on 16 lanes at once (LLVM IR through Numba intrinsics)
-    kernels.py      Numba kernels on int8 NHWC: im2row, int8 GEMM on VNNI with int32 sums, a
-                    2x2 max-pool and the requantization in its epilogue, max-pool; a NumPy
-                    reference for each
-    windows.py      the GEMM's rows as words: im2row's, or a conv's windows read in place
+    kernels.py      Numba kernels on int8 NHWC: int8 GEMM on VNNI with int32 sums, a 2x2
+                    max-pool and the requantization in its epilogue (one block of 16 filters or
+                    pairs of them), max-pool; a NumPy reference for each
+    windows.py      the GEMM's rows as words: copied by im2row, read from a one-channel image's
+                    shifted copies, or a conv's windows read in place
+    chain.py        a small batch of predict as one compiled call: the steps' kernels back to back
     ops.py          IntConv2D, IntDense, IntMaxPool2D, IntFlatten, IntReLU
     model.py        QuantizedModel, its file format (kind "quantized_int8"), convert and
                     post-training quantize_model

@@ -39,8 +39,9 @@ import numpy as np
 from minicnn.parallel import MIN_OUTPUTS, runs_threaded
 
 from .affine import quantize_nhwc_serial, quantize_work
-from .kernels import im2row_nhwc_serial, qgemm_serial, shifted_copies_serial
+from .kernels import qgemm_serial
 from .ops import BoundGemm
+from .windows import im2row_nhwc_serial, shifted_copies_serial
 
 __all__ = ["Chain"]
 
@@ -86,6 +87,7 @@ def chains(steps):
 
 
 def _plan_row(step):
+    """A BoundGemm's row of the plan (the module's docstring)."""
     e = step.epilogue
     if step.copies is not None:
         N, H, W, width = step.copies

@@ -1,11 +1,11 @@
-"""The int8 kernels of the integer model: im2row, int8 GEMM with int32 sums, max-pool.
+"""The int8 kernels of the integer model: int8 GEMM with int32 sums, max-pool.
 
 Jacob et al., CVPR 2018 (integer-only inference); the requantization is
 TFLite's fixed point (`fixedpoint`). Activations are int8 codes q in NHWC
 layout inside the integer model, which the fast kernels read and write as
 the unsigned bytes q + 128 (`unsigned`: the sign bit flipped, the same
 order), the operand vpdpbusd takes as it is. A convolution's receptive
-field, gathered by `im2row_nhwc`, is a contiguous row
+field, gathered by `windows.im2row_nhwc`, is a contiguous row
 
     rows[(n*Ho + i)*Wo + j, (kh*KW + kw)*C + c] = x[n, i*S + kh - P, j*S + kw - P, c]
 
@@ -40,7 +40,6 @@ import numba
 import numpy as np
 from numba import prange
 
-from minicnn.kernels import conv_output_size
 from minicnn.parallel import twin
 from minicnn.simd import HAS_VNNI
 
@@ -50,7 +49,7 @@ from .vectors import LANES, add16, dot4_add, finish16, load16, max16, store16, z
 
 
 # --------------------------------------------------------------------------
-# im2row on NHWC bytes, padding with the zero point's byte
+# The kernels' bytes, and rows of whole words
 
 
 ROW_ALIGN = 4  # the kernels read rows 4 bytes (one dot4_add group) at a time
@@ -79,105 +78,6 @@ def signed(u):
     """int8 codes u - 128 of the kernels' bytes u uint8: unsigned's inverse. (int32 sums, a last
     layer's output, are returned as they are.)"""
     return np.bitwise_xor(u, np.uint8(0x80)).view(np.int8) if u.dtype == np.uint8 else u
-
-
-def im2row_nhwc_ref(x, KH, KW, stride, padding, fill, width):
-    """rows (N*Ho*Wo, width), x's dtype, of x (N, H, W, C), padded spatially with `fill`;
-    columns KH*KW*C .. width - 1 are 0 (width >= KH*KW*C)."""
-    p = padding
-    xp = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)), constant_values=fill)
-    windows = np.lib.stride_tricks.sliding_window_view(xp, (KH, KW), axis=(1, 2))
-    windows = windows[:, ::stride, ::stride]  # (N, Ho, Wo, C, KH, KW)
-    N, Ho, Wo, C = windows.shape[:4]
-    return pad_columns(windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, KH * KW * C), width)
-
-
-def _im2row_nhwc_loops(x, KH, KW, stride, padding, fill, width):
-    N, H, W, C = x.shape
-    # conv_output_size spelled out: compiled code cannot call the Python function
-    Ho = (H + 2 * padding - KH) // stride + 1
-    Wo = (W + 2 * padding - KW) // stride + 1
-    rows = np.empty((N * Ho * Wo, width), dtype=x.dtype)
-    xf, out, run = x.reshape(-1), rows.reshape(-1), KW * C
-    for t in prange(N * Ho):
-        n, i = t // Ho, t % Ho
-        for j in range(Wo):
-            row = (t * Wo + j) * width
-            at, w0 = row, j * stride - padding
-            for kh in range(KH):
-                h = i * stride + kh - padding
-                if 0 <= h < H and 0 <= w0 and w0 + KW <= W:  # a window line inside the image: KW*C bytes in a row
-                    src = ((n * H + h) * W + w0) * C
-                    for k in range(run):  # unsigned indices: no negative-index test, so the copy vectorises
-                        out[np.uint64(at + k)] = xf[np.uint64(src + k)]
-                else:
-                    for kw in range(KW):
-                        w = w0 + kw
-                        inside = 0 <= h < H and 0 <= w < W
-                        for c in range(C):
-                            out[at + kw * C + c] = xf[((n * H + h) * W + w) * C + c] if inside else fill
-                at += run
-            for k in range(at, row + width):
-                out[np.uint64(k)] = 0
-    return rows
-
-
-_im2row_nhwc = twin(_im2row_nhwc_loops)
-im2row_nhwc_serial = _im2row_nhwc.serial  # its serial build, for compiled callers (chain.py)
-
-
-def im2row_nhwc(x, KH, KW, stride, padding, fill, width):
-    """Fast im2row_nhwc, same contract as im2row_nhwc_ref; serial for small inputs (batch 1)."""
-    work = im2row_work(x.shape, KH, KW, stride, padding, width)
-    return _im2row_nhwc(work, np.ascontiguousarray(x), KH, KW, stride, padding, fill, width)
-
-
-def im2row_work(x_shape, KH, KW, stride, padding, width):
-    """im2row_nhwc's work on inputs of x_shape (N, H, W, C), in minicnn.parallel's unit for it: bytes
-    written (break-even MIN_OUTPUTS)."""
-    N, H, W, _ = x_shape
-    return N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding) * width
-
-
-def shifted_copies_ref(x, width):
-    """(4, N, H, width), x's dtype: copy s of x (N, H, W), bytes, is x shifted left by s bytes,
-    zero-filled (width >= W): copies[s, n, h, j] = x[n, h, j + s] where j + s < W, else 0."""
-    N, H, W = x.shape
-    copies = np.zeros((ROW_ALIGN, N, H, width), x.dtype)
-    for s in range(min(ROW_ALIGN, W)):
-        copies[s, :, :, : W - s] = x[:, :, s:]
-    return copies
-
-
-def _shifted_copies_loops(x, width):
-    N, H, W = x.shape
-    out = np.empty((ROW_ALIGN, N, H, width), x.dtype)
-    xf, of = x.reshape(-1), out.reshape(-1)
-    for t in prange(N * H):
-        for s in range(ROW_ALIGN):
-            src, dst, inside = t * W + s, (s * N * H + t) * width, max(0, W - s)
-            for j in range(inside):  # unsigned indices: the copy vectorises
-                of[np.uint64(dst + j)] = xf[np.uint64(src + j)]
-            for j in range(inside, width):
-                of[np.uint64(dst + j)] = 0
-    return out
-
-
-_shifted_copies = twin(_shifted_copies_loops)
-shifted_copies_serial = _shifted_copies.serial  # its serial build, for compiled callers (chain.py)
-
-
-def shifted_copies(x, width):
-    """Fast shifted_copies_ref, same contract; serial for small inputs (batch 1)."""
-    if width < x.shape[2]:
-        raise ValueError(f"shifted copies of rows of {x.shape[2]} bytes need a width >= {x.shape[2]}, got {width}")
-    return _shifted_copies(shifted_copies_work(x.shape), np.ascontiguousarray(x), width)
-
-
-def shifted_copies_work(x_shape):
-    """shifted_copies' work on inputs of x_shape (N, H, W), in minicnn.parallel's unit for it: bytes
-    copied (break-even MIN_OUTPUTS)."""
-    return ROW_ALIGN * int(np.prod(x_shape))
 
 
 # --------------------------------------------------------------------------

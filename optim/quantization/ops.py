@@ -44,10 +44,10 @@ class BoundGemm:
 
         u itself                    copies and rows None: a conv's windows read in place, or a dense
                                     layer's rows of whole words
-        copies = (N, H, W, width)   kernels.shifted_copies(u as (N, H, W), width): a one-channel conv's
+        copies = (N, H, W, width)   windows.shifted_copies(u as (N, H, W), width): a one-channel conv's
                                     lines (windows.line_words)
         rows = (N, H, W, C, KH, KW, stride, padding, fill, width)
-                                    kernels.im2row_nhwc(u as (N, H, W, C), KH, ...): a conv's windows
+                                    windows.im2row_nhwc(u as (N, H, W, C), KH, ...): a conv's windows
                                     copied; a dense layer's rows padded to whole words are those of a
                                     1x1 conv on an image of one pixel and K channels
 
@@ -63,17 +63,17 @@ class BoundGemm:
         self.gemm = K.qgemm_runner(starts, off, packed, epilogue, window)
         loads = [K.qgemm_work(starts, off, epilogue.F) / K.MIN_MACS]
         if copies is not None:
-            loads.append(K.shifted_copies_work(copies[:3]) / MIN_OUTPUTS)
+            loads.append(windows.shifted_copies_work(copies[:3]) / MIN_OUTPUTS)
         if rows is not None:
-            loads.append(K.im2row_work(rows[:4], *rows[4:8], rows[9]) / MIN_OUTPUTS)
+            loads.append(windows.im2row_work(rows[:4], *rows[4:8], rows[9]) / MIN_OUTPUTS)
         self.load = max(loads)
 
     def __call__(self, u):
         if self.copies is not None:
             N, H, W, width = self.copies
-            u = K.shifted_copies(u.reshape(N, H, W), width)
+            u = windows.shifted_copies(u.reshape(N, H, W), width)
         elif self.rows is not None:
-            u = K.im2row_nhwc(u.reshape(self.rows[:4]), *self.rows[4:])
+            u = windows.im2row_nhwc(u.reshape(self.rows[:4]), *self.rows[4:])
         return self.gemm(windows.as_words(u)).reshape(self.out_shape)
 
 
@@ -222,7 +222,7 @@ class IntConv2D(_IntLinear):
     def forward(self, x, reference=False):
         if reference:
             _, _, KH, KW = self.W.shape
-            rows = K.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])
+            rows = windows.im2row_nhwc_ref(x, KH, KW, self.stride, self.padding, self.in_q[1], self.wt.shape[1])
             return self.matmul_ref(rows).reshape(self._output_nhwc(x.shape))
         return K.signed(self.bind(x.shape)(K.unsigned(x)))
 
@@ -255,7 +255,7 @@ class IntConv2D(_IntLinear):
                              (N, H, W, 4 * windows.line_width(W, KW)))
         # else im2row's rows, padding read as the code of the real 0 (its byte), pixel by pixel: in pool order
         rows = (*x_shape, KH, KW, S, self.padding, self.in_q[1] + 128, self.wt.shape[1])
-        w = windows.rows_words(K.im2row_nhwc(sample, *rows[4:]), self.packed)
+        w = windows.rows_words(windows.im2row_nhwc(sample, *rows[4:]), self.packed)
         return BoundGemm(w.starts[windows.pool_order(N, Ho, Wo, side)], w.off, self.packed, self.epilogue,
                          side * side, out_shape, rows=rows)
 
