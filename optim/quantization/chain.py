@@ -4,8 +4,8 @@ Why. Each step of QuantizedModel.predict is a Python call into Numba: the
 dispatcher checks a dozen arguments and the step allocates its output and
 views its input. A GEMM of no rows costs 1.7 us that way, and LeNet-5's
 predict at batch 1 made six such calls (quantize, conv1's shifted copies,
-four GEMMs) and dequantized in NumPy: 40.8 us, 28.7 as one call (the seed
-CNN 20.3 -> 12.4; the Zen 4 of session 16).
+four GEMMs) and dequantized in NumPy: 40.8 us, 26.5 as one call (the seed
+CNN 20.3 -> 11.1; the Zen 4 of session 16).
 
 What. A Chain runs a model whose steps are all `ops.BoundGemm` (its convs,
 each with its 2x2 pool or none, and its dense layers), ending in a dense
