@@ -37,9 +37,10 @@ from minicnn.checks import check_kernel_array, output_array
 from minicnn.parallel import MIN_MACS, twin
 from minicnn.simd import LANES, add, add_where, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["addsub_dense", "addsub_dense_ref", "addsub_dense_runner", "pack_lanes"]
+__all__ = ["ADDSUB_BELOW", "addsub_dense", "addsub_dense_ref", "addsub_dense_runner", "addsub_dense_serial", "pack_lanes"]
 
 ROWS = 8  # rows per tile
+ADDSUB_BELOW = 8  # rows: a real-input PackedBinaryDense runs these kernels below, the float one from here
 
 
 def pack_lanes(signs):
@@ -161,19 +162,24 @@ def _addsub_dense_loops(x, lanes, alpha, b, relu, out):
             _span(xf, lf, alpha, b, of, r, g, 8 * s - g, n, F, relu)
         else:
             _group(xf, lf, alpha, b, of, r, s, n, F, relu)
-    return out
 
 
 # A weight is a bit here, so the threads pay where they do for the conv kernels (LeNet-5's fc1 at
 # batch 1, 400 K masked adds: 9 us serial, 12 us threaded).
-_addsub_dense = twin(_addsub_dense_loops, min_work=MIN_MACS)
+_addsub_dense = twin(_addsub_dense_loops, min_work=MIN_MACS, _nrt=False)  # why no NRT: xnor.py's _window_signs
+addsub_dense_serial = _addsub_dense.serial  # for compiled callers (chain.py)
 
 
 def addsub_dense_runner(x_shape, F, relu):
     """addsub_dense for x of x_shape (R, n) and F outputs, nothing checked: returns
     run(x, lanes, alpha, b, out) -> out (minicnn.direct.conv_block_runner says why)."""
     work = x_shape[0] * x_shape[1] * F
-    return lambda x, lanes, alpha, b, out: _addsub_dense(work, x, lanes, alpha, b, relu, out)
+
+    def run(x, lanes, alpha, b, out):
+        _addsub_dense(work, x, lanes, alpha, b, relu, out)
+        return out
+
+    return run
 
 
 def addsub_dense(x, lanes, alpha, b, relu=False, out=None):

@@ -140,7 +140,6 @@ def _window_signs_loops(x, KH, KW, stride, lines, sums, beta):
     _, _, Wo, L = lines.shape
     for image in prange(N):
         _signs_of(x.reshape(-1), Hp, Wp, C, KH, KW, stride, lines.reshape(-1), Wo, L, sums, beta, image)
-    return lines, beta
 
 
 @numba.njit(inline="always", cache=True)
@@ -179,18 +178,25 @@ def _line_word(x, at, m0, m1):
     return word, simd.add(simd.absolute(v0), simd.absolute(v1))
 
 
-_window_signs = twin(_window_signs_loops, MIN_STEPS)
+# The bit kernels are compiled without Numba's reference counts (NRT): each call of a helper that
+# takes arrays counts every one up and down, two atomic operations and a call each, and that cost
+# ~100 ns a task of xnor_layer (LeNet-5's fc1 at batch 1: 2.9 us, 1.5 without). Their loops
+# allocate nothing and return nothing, which is what a kernel without them must keep to.
+_window_signs = twin(_window_signs_loops, MIN_STEPS, _nrt=False)
+window_signs_serial = _window_signs.serial  # for compiled callers (chain.py)
 
 
 def window_signs(x, KH, KW, stride):
     """Fast window_signs_ref (beta's sums in another order: equal to float32 rounding), each image
     in one pass: returns (lines, beta)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    return _window_signs(x.size, x, KH, KW, stride, *_signs_work(x.shape, KH, KW, stride))
+    lines, sums, beta = signs_work(x.shape, KH, KW, stride)
+    _window_signs(x.size, x, KH, KW, stride, lines, sums, beta)
+    return lines, beta
 
 
-def _signs_work(shape, KH, KW, stride):
-    """(lines, sums, beta): _window_signs' arrays for inputs of shape (N, Hp, Wp, C)."""
+def signs_work(shape, KH, KW, stride):
+    """(lines, sums, beta): window_signs' arrays for inputs of shape (N, Hp, Wp, C)."""
     N, Hp, Wp, C = shape
     Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
     return (np.empty((N, Hp, Wo, -(-KW * C // 32)), np.uint32), np.empty(N * Hp * Wo, np.float32),
@@ -314,10 +320,9 @@ def _xnor_matmul_loops(x32, starts, off, wb, n, out):
                 m = max(0, min(lanes.LANES, F - f))
                 for q in range(min(4, R - r0)):
                     lanes.store_first(o, (r0 + q) * F + f, lanes.dots(counts[2 * q + h], n), m)
-    return out
 
 
-_xnor_matmul = twin(_xnor_matmul_loops, MIN_WORDS)
+_xnor_matmul = twin(_xnor_matmul_loops, MIN_WORDS, _nrt=False)
 
 
 def xnor_matmul(a, w, n, wb=None):
@@ -330,7 +335,8 @@ def xnor_matmul(a, w, n, wb=None):
     rows, wb = packed_rows(a), blocked(w) if wb is None else wb
     _check_blocked(wb, w.shape[0], rows.off.size)
     out = np.empty((a.shape[0], w.shape[0]), np.int32)
-    return _xnor_matmul(rows.starts.size * rows.off.size * w.shape[0], *rows, wb, n, out)
+    _xnor_matmul(rows.starts.size * rows.off.size * w.shape[0], *rows, wb, n, out)
+    return out
 
 
 def _check_alpha(alpha):
@@ -384,7 +390,6 @@ def _xnor_layer_loops(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, 
     for t in prange((groups + GROUPS_PER_TASK - 1) // GROUPS_PER_TASK * pairs):
         _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, out.reshape(-1), Hq, Wq, groups,
                     t // pairs * GROUPS_PER_TASK, t % pairs * 2)
-    return out
 
 
 @numba.njit(inline="always", cache=True)
@@ -427,7 +432,8 @@ def _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, 
                 _store(o, (r0 + q) * F + f1, hi, alpha1, bias1, m1, relu)
 
 
-_xnor_layer = twin(_xnor_layer_loops, MIN_WORDS)
+_xnor_layer = twin(_xnor_layer_loops, MIN_WORDS, _nrt=False)
+xnor_layer_serial = _xnor_layer.serial  # for compiled callers (chain.py)
 
 
 def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
@@ -447,7 +453,8 @@ def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
                          f"{beta.dtype}, {alpha.dtype}, {b.dtype}, {out.dtype}, n = {n}")
     _check_blocked(wb, F, rows.off.size)
     _check_alpha(alpha)
-    return _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
+    _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
+    return out
 
 
 def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
@@ -458,7 +465,7 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
     only the two shapes: xp and out float32 and contiguous, as minicnn.inference's stages hand them.
     Not re-entrant: the work arrays are the runner's."""
     N, Hp, Wp, C = padded_shape
-    work = _signs_work(padded_shape, K, K, stride)
+    work = signs_work(padded_shape, K, K, stride)
     lines, _, beta = work
     Ho, Wo = (Hp - K) // stride + 1, lines.shape[2]
     rows = window_rows(lines, K, stride)
@@ -473,6 +480,7 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
         if xp.shape != padded_shape or out.shape != out_shape:  # the kernels index by the bound shapes
             raise ValueError(f"a runner for inputs {padded_shape} into {out_shape} got {xp.shape} into {out.shape}")
         _window_signs(size, xp, K, K, stride, *work)
-        return _xnor_layer(words_x_filters, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
+        _xnor_layer(words_x_filters, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
+        return out
 
     return run
