@@ -59,10 +59,10 @@ from numba.extending import intrinsic
 from .direct import BLOCK, ROW_SPAN, conv_row, dense_span, filter_strides, pack_filters
 from .checks import same_bits
 from .kernels import conv_output_size
-from .narrow import MAX_OUTPUTS, narrow_row
+from .narrow import MAX_OUTPUTS, input_order, narrow_row
 from .parallel import MIN_MACS, twin
 
-__all__ = ["Chain", "conv_stage", "dense_stage", "run_stages_ref"]
+__all__ = ["PLAN_COLUMNS", "Chain", "conv_stage", "dense_at", "dense_stage", "refresh_filters", "run_stages_ref", "task"]
 
 CONV, DENSE, NARROW = 0, 1, 2
 PLAN_COLUMNS = 10
@@ -86,30 +86,37 @@ def dense_stage(N, C, F, relu):
     return [DENSE, N * -(-F // ROW_SPAN), C, F, int(relu), 0, 0, 0, 0, 0], N * C * F
 
 
+def dense_at(x_shape, F):
+    """A dense stage's `at` for inputs of x_shape (N, ...) (a 4-D one a Flatten's, channels last) and F
+    outputs: which row of W input k meets (narrow.narrow_row), or where input k lies (direct.dense_span)."""
+    order = input_order(x_shape)
+    return order if F <= MAX_OUTPUTS else np.argsort(order)
+
+
 @numba.njit(cache=True)
-def _task(plan, s, t, acts, weights, biases, at):
-    """Task t of stage s."""
-    if plan[s, 0] == CONV:
-        Hp, Wp, C, F, K, S, relu, pool = plan[s, 2], plan[s, 3], plan[s, 4], plan[s, 5], plan[s, 6], plan[s, 7], \
-            plan[s, 8] != 0, plan[s, 9] != 0
+def task(row, t, x, w, b, at, out):
+    """Task t of the stage whose plan row is `row` (conv_stage's or dense_stage's), on its flat float32
+    arrays: x its input, w and b its weights (a conv's packed) and bias, at its input order, out its output."""
+    if row[0] == CONV:
+        Hp, Wp, C, F, K, S, relu, pool = row[2], row[3], row[4], row[5], row[6], row[7], row[8] != 0, row[9] != 0
         Ho = (Hp - K) // S + 1
         rows, blocks = (Ho // 2 if pool else Ho), (F + BLOCK - 1) // BLOCK
         block_stride, tap_stride = filter_strides(C, F, K, S, pool)
-        conv_row(acts[s], Hp, Wp, C, weights[s], block_stride, tap_stride, biases[s], F, K, S, relu, pool,
-                 acts[s + 1], t // (rows * blocks), t // blocks % rows, t % blocks)
-    elif plan[s, 0] == DENSE:
-        C, F, relu = plan[s, 2], plan[s, 3], plan[s, 4] != 0
+        conv_row(x, Hp, Wp, C, w, block_stride, tap_stride, b, F, K, S, relu, pool, out,
+                 t // (rows * blocks), t // blocks % rows, t % blocks)
+    elif row[0] == DENSE:
+        C, F, relu = row[2], row[3], row[4] != 0
         spans = (F + ROW_SPAN - 1) // ROW_SPAN
-        dense_span(acts[s], at[s], weights[s], biases[s], relu, acts[s + 1], t // spans, t % spans * ROW_SPAN, C, F)
+        dense_span(x, at, w, b, relu, out, t // spans, t % spans * ROW_SPAN, C, F)
     else:
-        narrow_row(acts[s], at[s], weights[s], biases[s], plan[s, 4] != 0, acts[s + 1], t, plan[s, 2], plan[s, 3])
+        narrow_row(x, at, w, b, row[4] != 0, out, t, row[2], row[3])
 
 
 def run_stages_ref(plan, acts, weights, biases, at):
     """The same tasks one after the other, in order: what the claims amount to."""
     for s in range(len(plan)):
         for t in range(plan[s, 1]):
-            _task(plan, s, t, acts, weights, biases, at)
+            task(plan[s], t, acts[s], weights[s], biases[s], at[s], acts[s + 1])
 
 
 @intrinsic
@@ -168,6 +175,14 @@ def _check_block(W, source, packed, F, C, K, S, pool, blk):
 
 
 @numba.njit(cache=True)
+def refresh_filters(row, W, source, packed):
+    """A conv stage's packed weights made to follow W (flat): every block of 32 filters where W differs
+    from source (what packed was packed from) copied and packed again (the serial form of the check tasks)."""
+    for blk in range((row[5] + BLOCK - 1) // BLOCK):
+        _check_block(W, source, packed, row[5], row[4], row[6], row[7], row[9] != 0, blk)
+
+
+@numba.njit(cache=True)
 def _checks(plan, t, raw, sources, weights):
     """Check task t: the t-th block of 32 filters, counting the conv stages' blocks in order."""
     for s in range(plan.shape[0]):
@@ -204,7 +219,7 @@ def _run_stages_loops(plan, acts, raw, sources, weights, biases, at, counters, c
                 # have, so the count reaches `first` exactly when they have.
                 while _load_acquire(counters, 1) < first:
                     _pause()
-                _task(plan, s, t - first, acts, weights, biases, at)
+                task(plan[s], t - first, acts[s], weights[s], biases[s], at[s], acts[s + 1])
             _fetch_add(counters, 1, 1)
 
 

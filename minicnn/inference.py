@@ -39,6 +39,16 @@ a chain if its chain_params() gives (W, b) in the float layer's layout
 (float32, kept between calls while they do not change): optim's weight-shared
 and pruned layers do, where predict would run them on their dense weights.
 
+A small batch of another network of fused stages can run as one step that
+a layer's class offers: the first layer whose class has
+
+    network_chain(stages, shape) -> run(x) or None     (stages: a tuple of Stage, shape: x's)
+
+gives run(x), the last stage's output for x of that shape (NCHW after a
+conv), or None, and the stages run one by one. optim's packed binary layers
+offer it (optim/binary/chain.py: their kernels and minicnn.chain's tasks in
+one compiled call).
+
 A stage runs float32 layers of exactly the types above, and layers of
 other libraries that offer a stage their own kernel: a layer whose `fused`
 is true and that has
@@ -61,15 +71,17 @@ input's sign can flip where rounding moves a value across 0).
 Docs: docs/techniques.md, "The float32 baseline".
 """
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import direct, narrow
-from .chain import Chain, conv_stage, dense_stage
+from .chain import Chain, conv_stage, dense_at, dense_stage
 from .checks import check_kernel_array, same_bits
 from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from .parallel import MIN_MACS
 
-__all__ = ["Inference"]
+__all__ = ["Inference", "Stage", "float_params"]
 
 MAX_BOUND = 4  # input shapes whose steps are kept: predict's batches and its last, shorter one
 CHAIN_BATCH = direct.PIXELS  # smaller batches of a plain conv/dense network run as one minicnn.chain
@@ -77,6 +89,16 @@ CHAIN_BATCH = direct.PIXELS  # smaller batches of a plain conv/dense network run
 
 def _float32(layer):
     return all(p.dtype == np.float32 for p in layer.params.values())
+
+
+class Stage(NamedTuple):
+    """A fused stage as a layer's network_chain sees it (module docstring): a conv (with its ReLU and
+    2x2 max-pool, or not) or a dense layer (with its ReLU; after a Flatten when its input is 4-D)."""
+
+    layer: object
+    conv: bool
+    relu: bool
+    pool: bool
 
 
 class _Buffers:
@@ -282,7 +304,9 @@ class Inference:
     def _bind(self, x):
         """Run the stages on x, binding each step to the shape it sees."""
         shape = x.shape
-        chain = self._bind_chain(shape) if self.chains and x.ndim == 4 and len(x) < CHAIN_BATCH else None
+        chain = None
+        if x.ndim == 4 and len(x) < CHAIN_BATCH:
+            chain = self._bind_chain(shape) if self.chains else self._offered_chain(shape)
         if chain is not None:
             steps, x = [chain], chain(x)
         else:
@@ -335,9 +359,7 @@ class Inference:
                 if K != stage.dense.in_features:
                     raise ValueError(f"Dense expects {stage.dense.in_features} input features, got {K}")
                 rows.append(dense_stage(N, K, O, stage.relu))  # a 4-D input is a Flatten's: read in its order
-                order = narrow.input_order(x_shape)
-                where = order if O <= narrow.MAX_OUTPUTS else np.argsort(order)
-                x_shape = (N, O)
+                where, x_shape = dense_at(x_shape, O), (N, O)
             shapes.append(x_shape)
             at.append(where)
         if sum(macs for _, macs in rows) < MIN_MACS:
@@ -349,17 +371,27 @@ class Inference:
         def run(x):
             inside[...] = x.transpose(0, 2, 3, 1)
             for s, (stage, layer) in enumerate(layers):
-                W, b = _chain_params(layer)
+                W, b = float_params(layer)
                 if not chain.knows(s, W, b):  # a new array: checked once (its values are read in place)
                     chain.set_arrays(s, *stage.checked(W, b))
             return chain()
 
         return run
 
+    def _offered_chain(self, shape):
+        """The one step a layer's class offers for a small batch of shape (N, C, H, W) of these stages
+        (the first layer whose class has network_chain; none if a stage is not fused), or None."""
+        offers = [type(layer).network_chain for layer in self.layers if hasattr(type(layer), "network_chain")]
+        if not offers or any(isinstance(stage, _Layer) for stage in self.stages):
+            return None
+        stages = tuple(Stage(stage.conv, True, stage.relu, stage.pool) if isinstance(stage, _Conv)
+                       else Stage(stage.dense, False, stage.relu, False) for stage in self.stages)
+        return offers[0](stages, shape)
 
-def _chain_params(layer):
-    """(W, b) of a stage's layer as a chain reads them: a Conv2D's or a Dense's params, or what
-    another layer's chain_params() gives (None when it runs a kernel of its own)."""
+
+def float_params(layer):
+    """(W, b) of a stage's layer as the float32 kernels read them: a Conv2D's or a Dense's params, or
+    what another layer's chain_params() gives (None when it runs a kernel of its own)."""
     if type(layer) in (Conv2D, Dense):
         return layer.params["W"], layer.params["b"]
     offer = getattr(layer, "chain_params", None)
@@ -374,7 +406,7 @@ def _chains(stages):
     denses = stages[len(convs):]
     return bool(convs and denses) and stages[: len(convs)] == convs and denses[0].channels_last and all(
         s is convs[0] or s.conv.padding == 0 for s in convs) and all(isinstance(s, _Dense) for s in denses) and all(
-        _chain_params(s.conv if isinstance(s, _Conv) else s.dense) is not None for s in stages)
+        float_params(s.conv if isinstance(s, _Conv) else s.dense) is not None for s in stages)
 
 
 def _layout(axes, fused, shape):

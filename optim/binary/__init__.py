@@ -20,6 +20,8 @@ Modules:
     lanes    16 popcounts in one register: the XNOR kernels' register tile.
     addsub   real inputs times binary weights: 16 outputs' signs to a uint16,
              masked adds where a float kernel multiply-adds; its NumPy reference.
+    chain    a small batch of a packed network in one compiled call: the
+             stages' serial kernels back to back (predict's, via minicnn.inference).
 """
 
 from .layers import BinaryConv2D, BinaryDense, binarize, clip_latent

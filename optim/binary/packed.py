@@ -29,11 +29,8 @@ from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 from minicnn.serialization import stored_array
 
-from . import addsub, xnor
+from . import addsub, chain, xnor
 from .layers import BinaryConv2D, BinaryDense
-
-ADDSUB_BELOW = 8  # rows: PackedBinaryDense.fused_dense's add/subtract kernel below, the float one from here
-
 
 class PackedBinaryLayer(Layer):
     """Shared storage of the inference layers: F rows of n signs, packed, with alpha and b.
@@ -66,6 +63,9 @@ class PackedBinaryLayer(Layer):
         Wm = np.asarray(Wm, np.float32)
         alpha = np.abs(Wm).mean(axis=1)
         return cls(xnor.pack_signs(Wm), alpha, np.asarray(b, np.float32), binary_input=binary_input, **geometry)
+
+    # minicnn.inference's offer: a small batch of a network of these layers in one compiled call
+    network_chain = staticmethod(chain.network_chain)
 
     def signs(self):
         """The weights' signs (F, n) float32 in {-1, +1}."""
@@ -157,7 +157,7 @@ class PackedBinaryDense(PackedBinaryLayer):
         Binary inputs: each row of x a 1 x 1 image of K channels for the XNOR kernel (see
         _blocked), against the weights' signs in x's order; beta = mean |x| per row.
 
-        Below ADDSUB_BELOW rows, the masked adds of addsub.py, which read a bit per weight where
+        Below addsub.ADDSUB_BELOW rows, the masked adds of addsub.py, which read a bit per weight where
         the float kernel reads 4 bytes: LeNet-5's fc1 at batch 1 took 16 us against 36. From 8
         rows on, a tile of 8 rows reads each weight once for all 8 and the two ran level or the
         float kernel ahead (0.87-1.16x on fc1 and on a 336 -> 319 layer), so the float kernel
@@ -165,22 +165,27 @@ class PackedBinaryDense(PackedBinaryLayer):
         """
         N, K, F = shape[0], self.in_features, self.out_features
         if self.binary_input:
-            order = narrow.input_order(shape)
-            wb = self._blocked(("window bits", shape[1:]), lambda: self.signs()[:, order].reshape(F, 1, 1, K))
-            xnor_run = xnor.conv_runner((N, 1, 1, K), 1, 1, wb, self.n, self.alpha, self.b, relu, False)
+            xnor_run = xnor.conv_runner((N, 1, 1, K), 1, 1, self.window_bits(shape), self.n, self.alpha, self.b, relu,
+                                        False)
 
             def run(x, out):  # each row a 1 x 1 image of K channels
                 xnor_run(x.reshape(N, 1, 1, K), out.reshape(N, 1, 1, F))
                 return out
 
             return run
-        if N < ADDSUB_BELOW:
-            kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self._in_order("lanes", shape)
+        if N < addsub.ADDSUB_BELOW:
+            kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self.in_order("lanes", shape)
             return lambda x, out: kernel(x.reshape(N, K), lanes, self.alpha, self.b, out)
-        kernel, W = direct.dense_block_runner((N, K), F, relu), self._in_order("W", shape)
+        kernel, W = direct.dense_block_runner((N, K), F, relu), self.in_order("W", shape)
         return lambda x, out: kernel(x.reshape(N, K), W, self.b, out)
 
-    def _in_order(self, what, shape):
+    def window_bits(self, shape):
+        """The XNOR kernel's weights (_blocked) for a stage's binary inputs of `shape`, each row a 1 x 1
+        image of its K values in the order narrow.input_order gives them; kept."""
+        order, F = narrow.input_order(shape), self.out_features
+        return self._blocked(("window bits", shape[1:]), lambda: self.signs()[:, order].reshape(F, 1, 1, self.n))
+
+    def in_order(self, what, shape):
         """The lanes' columns ("lanes") or the decoded W (in, out)'s rows ("W") in the order of a stage's
         inputs of `shape` (narrow.input_order); kept."""
         key = (what, shape[1:])
@@ -249,15 +254,26 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         """
         F, K = self.out_channels, self.kernel_size
         if self.binary_input:
-            wb = self._blocked("window bits",
-                               lambda: self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1))
-            return xnor.conv_runner(padded_shape, K, self.stride, wb, self.n, self.alpha, self.b, relu, pool)
-        key = ("filters", pool)  # pack_filters' layout depends on the pool
+            return xnor.conv_runner(padded_shape, K, self.stride, self.window_bits(), self.n, self.alpha, self.b,
+                                    relu, pool)
+        kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self.filters(pool)
+        return lambda xp, out: kernel(xp, w, self.b, out)
+
+    def window_bits(self, shape=None):
+        """The XNOR kernel's weights (_blocked): the filters' signs in (kh, kw, c) order; kept. (`shape`,
+        a dense layer's argument, does not matter to a conv.)"""
+        F, K = self.out_channels, self.kernel_size
+        return self._blocked("window bits",
+                             lambda: self.signs().reshape(F, self.in_channels, K, K).transpose(0, 2, 3, 1))
+
+    def filters(self, pool):
+        """The decoded weights alpha_j * s_ji in direct.pack_filters' layout for a stage with or without
+        its 2x2 pool (the layout depends on it); kept."""
+        key, F, K = ("filters", pool), self.out_channels, self.kernel_size
         if key not in self._laid_out:
             self._laid_out[key] = direct.pack_filters(self.decoded().reshape(F, self.in_channels, K, K), self.stride,
                                                       pool)
-        kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self._laid_out[key]
-        return lambda xp, out: kernel(xp, w, self.b, out)
+        return self._laid_out[key]
 
     def macs(self, in_shape):
         _, Ho, Wo = self.output_shape(in_shape)
