@@ -15,8 +15,7 @@ last), in three kinds:
     FLOAT   every task of the stage's minicnn.chain plan row, in order (minicnn.chain.task): a
             Conv2D, whose packed weights first follow W (minicnn.chain.refresh_filters), a Dense,
             a layer that gives float params (minicnn.inference.float_params), or a real-input
-            PackedBinaryConv2D on its decoded filters (and a real-input PackedBinaryDense from
-            addsub.ADDSUB_BELOW rows on, on its decoded weights)
+            PackedBinaryConv2D on its decoded filters
     XNOR    xnor.window_signs' loops, then xnor_layer's: a binary-input PackedBinaryConv2D, or a
             binary-input PackedBinaryDense, each row a 1 x 1 image of K channels
     ADDSUB  addsub_dense's loops: a real-input PackedBinaryDense below addsub.ADDSUB_BELOW rows
@@ -157,8 +156,9 @@ def _stage(stage, x_shape):
 def network_chain(stages, x_shape):
     """minicnn.inference's offer for a small batch: run(x) -> the last stage's output for x of x_shape
     (N, C, H, W) (a buffer the next call overwrites), the stages (minicnn.inference.Stage) as one
-    compiled call; None where a stage is of none of the kinds, a conv after the first is padded, or
-    a kernel would run threaded (module docstring)."""
+    compiled call; None where a stage is of none of the kinds (a real-input PackedBinaryDense from
+    addsub.ADDSUB_BELOW rows on, a layer with a kernel of its own), a conv after the first is
+    padded, or a kernel would run threaded (module docstring)."""
     N, C, H, W = x_shape
     if not stages[0].conv or any(s.conv and s.layer.padding for s in stages[1:]):
         return None
