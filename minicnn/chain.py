@@ -62,7 +62,9 @@ from .kernels import conv_output_size
 from .narrow import MAX_OUTPUTS, input_order, narrow_row
 from .parallel import MIN_MACS, twin
 
-__all__ = ["PLAN_COLUMNS", "Chain", "conv_stage", "dense_at", "dense_stage", "refresh_filters", "run_stages_ref", "task"]
+__all__ = [
+    "PLAN_COLUMNS", "Chain", "conv_stage", "dense_at", "dense_stage", "refresh_filters", "run_stages_ref", "task",
+]
 
 CONV, DENSE, NARROW = 0, 1, 2
 PLAN_COLUMNS = 10
@@ -95,8 +97,9 @@ def dense_at(x_shape, F):
 
 @numba.njit(cache=True)
 def task(row, t, x, w, b, at, out):
-    """Task t of the stage whose plan row is `row` (conv_stage's or dense_stage's), on its flat float32
-    arrays: x its input, w and b its weights (a conv's packed) and bias, at its input order, out its output."""
+    """Task t of the stage whose plan row is `row` (conv_stage's or dense_stage's), on its flat arrays:
+    x its input, w and b its weights (a conv's packed) and bias, out its output (float32), at its
+    input order (int64, dense_at's; empty for a conv)."""
     if row[0] == CONV:
         Hp, Wp, C, F, K, S, relu, pool = row[2], row[3], row[4], row[5], row[6], row[7], row[8] != 0, row[9] != 0
         Ho = (Hp - K) // S + 1

@@ -65,8 +65,8 @@ from .quads import quad_first, store_quarter, swap_pairs, transpose4
 from .simd import LANES, add, aligned_empty, broadcast, fma, load, load_first, maximum, splat, store_first
 
 __all__ = [
-    "conv_block", "conv_block_ref", "conv_block_runner", "conv_row", "dense_block", "dense_block_ref",
-    "dense_block_runner", "dense_span", "filter_strides", "in_quads", "output_shape", "pack_filters",
+    "DENSE_MIN_MACS", "conv_block", "conv_block_ref", "conv_block_runner", "conv_row", "dense_block",
+    "dense_block_ref", "dense_block_runner", "dense_span", "filter_strides", "in_quads", "output_shape", "pack_filters",
 ]
 
 BLOCK = 2 * LANES  # filters per register tile
@@ -393,7 +393,8 @@ def dense_span(x, at, w, b, relu, out, n, f0, C, F):
 
 # Half the conv kernels' break-even: each multiply-add here reads a weight of its own, so two
 # cores' caches pay sooner (LeNet-5's fc1 at batch 1, 400 K: 33 us serial, 25 us threaded).
-_dense_rows = twin(_dense_rows_loops, min_work=MIN_MACS // 2)
+DENSE_MIN_MACS = MIN_MACS // 2
+_dense_rows = twin(_dense_rows_loops, min_work=DENSE_MIN_MACS)
 
 
 def dense_block_ref(x, W, b, relu):

@@ -42,12 +42,14 @@ and pruned layers do, where predict would run them on their dense weights.
 A small batch of another network of fused stages can run as one step that
 a layer's class offers: the first layer whose class has
 
-    network_chain(stages, shape) -> run(x) or None     (stages: a tuple of Stage, shape: x's)
+    network_chain(stages, shape) -> chain or None     (stages: a tuple of Stage, shape: x's)
 
-gives run(x), the last stage's output for x of that shape (NCHW after a
-conv), or None, and the stages run one by one. optim's packed binary layers
-offer it (optim/binary/chain.py: their kernels and minicnn.chain's tasks in
-one compiled call).
+gives a chain, or None and the stages run one by one. chain(x) is the last
+stage's output for x of that shape (NCHW after a conv), and chain.runs()
+whether minicnn.parallel's rule lets it run now: the chain is bound with
+the shape, the rule read at each call, and where it says no, the stages run.
+optim's packed binary layers offer it (optim/binary/chain.py: their serial
+kernels and minicnn.chain's tasks in one compiled call).
 
 A stage runs float32 layers of exactly the types above, and layers of
 other libraries that offer a stage their own kernel: a layer whose `fused`
@@ -81,7 +83,7 @@ from .checks import check_kernel_array, same_bits
 from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from .parallel import MIN_MACS
 
-__all__ = ["Inference", "Stage", "float_params"]
+__all__ = ["Inference", "Stage", "checked_params", "float_params"]
 
 MAX_BOUND = 4  # input shapes whose steps are kept: predict's batches and its last, shorter one
 CHAIN_BATCH = direct.PIXELS  # smaller batches of a plain conv/dense network run as one minicnn.chain
@@ -165,10 +167,7 @@ class _Conv:
         return run
 
     def checked(self, W, b):
-        """(W, b), checked to be what the kernels of a stage of this layer's geometry read."""
-        conv = self.conv
-        return (check_kernel_array(W, "Conv2D weight", (conv.out_channels, conv.in_channels, *(conv.kernel_size,) * 2)),
-                check_kernel_array(b, "Conv2D bias", (conv.out_channels,)))
+        return checked_params(self.conv, True, W, b)
 
 
 class _Dense:
@@ -214,9 +213,7 @@ class _Dense:
         return run
 
     def checked(self, W, b):
-        """(W, b), checked to be what the kernels of a stage of this layer's geometry read."""
-        K, O = self.dense.in_features, self.dense.out_features
-        return check_kernel_array(W, "Dense weight", (K, O)), check_kernel_array(b, "Dense bias", (O,))
+        return checked_params(self.dense, False, W, b)
 
 
 class _Layer:
@@ -379,14 +376,42 @@ class Inference:
         return run
 
     def _offered_chain(self, shape):
-        """The one step a layer's class offers for a small batch of shape (N, C, H, W) of these stages
-        (the first layer whose class has network_chain; none if a stage is not fused), or None."""
+        """The one step of a small batch of shape (N, C, H, W) that a layer's class offers for these
+        stages (the first layer whose class has network_chain; none if a stage is not fused), or
+        None: its chain while chain.runs(), else the stages, bound at the first such call."""
         offers = [type(layer).network_chain for layer in self.layers if hasattr(type(layer), "network_chain")]
         if not offers or any(isinstance(stage, _Layer) for stage in self.stages):
             return None
         stages = tuple(Stage(stage.conv, True, stage.relu, stage.pool) if isinstance(stage, _Conv)
                        else Stage(stage.dense, False, stage.relu, False) for stage in self.stages)
-        return offers[0](stages, shape)
+        chain = offers[0](stages, shape)
+        if chain is None:
+            return None
+        steps = None
+
+        def run(x):
+            nonlocal steps
+            if chain.runs():
+                return chain(x)
+            if steps is None:  # the rule says threaded now (a forced mode, more threads): the stages
+                steps, out = self._bind_stages(x)
+                return out
+            for step in steps:
+                x = step(x)
+            return x
+
+        run.chain = chain
+        return run
+
+
+def checked_params(layer, conv, W, b):
+    """(W, b) of a conv (conv true) or dense layer, checked to be what the float32 kernels of a stage
+    of the layer's geometry read: C-contiguous float32 arrays of a Conv2D's or a Dense's shapes."""
+    if conv:
+        shape = (layer.out_channels, layer.in_channels, layer.kernel_size, layer.kernel_size)
+        return check_kernel_array(W, "Conv2D weight", shape), check_kernel_array(b, "Conv2D bias", shape[:1])
+    shape = (layer.in_features, layer.out_features)
+    return check_kernel_array(W, "Dense weight", shape), check_kernel_array(b, "Dense bias", shape[1:])
 
 
 def float_params(layer):
@@ -401,7 +426,7 @@ def float_params(layer):
 def _chains(stages):
     """Whether the stages can run as one minicnn.chain: float32 Conv2D stages (padded in the first
     alone: a later stage's input is the buffer an earlier one wrote), then Dense stages, the first
-    of them after a Flatten; each stage's layer giving its _chain_params."""
+    of them after a Flatten; each stage's layer giving its float_params."""
     convs = [s for s in stages if isinstance(s, _Conv)]
     denses = stages[len(convs):]
     return bool(convs and denses) and stages[: len(convs)] == convs and denses[0].channels_last and all(

@@ -27,8 +27,8 @@ from .parallel import MIN_MACS, twin
 from .simd import LANES, add, broadcast, fma, load_first, maximum, splat, store_first
 
 __all__ = [
-    "MAX_OUTPUTS", "flatten_order", "input_order", "narrow_dense", "narrow_dense_ref", "narrow_dense_runner",
-    "narrow_row",
+    "MAX_OUTPUTS", "NARROW_MIN_MACS", "flatten_order", "input_order", "narrow_dense", "narrow_dense_ref",
+    "narrow_dense_runner", "narrow_row",
 ]
 
 MAX_OUTPUTS = LANES
@@ -108,7 +108,8 @@ def narrow_row(x, order, w, b, relu, out, r, K, O):
 # Half the conv kernels' break-even: a classifier runs right after the network's last conv
 # stage, whose worker thread is then still awake (the seed CNN's predict at batch 256, whose
 # classifier does 13.8 M multiply-adds: 1.85 ms with it serial, 1.39 ms threaded).
-_narrow_dense = twin(_narrow_dense_loops, min_work=MIN_MACS // 2)
+NARROW_MIN_MACS = MIN_MACS // 2
+_narrow_dense = twin(_narrow_dense_loops, min_work=NARROW_MIN_MACS)
 
 
 def narrow_dense_runner(x_shape, O, relu):

@@ -37,7 +37,9 @@ from minicnn.checks import check_kernel_array, output_array
 from minicnn.parallel import MIN_MACS, twin
 from minicnn.simd import LANES, add, add_where, broadcast, fma, load_first, maximum, splat, store_first
 
-__all__ = ["ADDSUB_BELOW", "addsub_dense", "addsub_dense_ref", "addsub_dense_runner", "addsub_dense_serial", "pack_lanes"]
+__all__ = [
+    "ADDSUB_BELOW", "addsub_dense", "addsub_dense_ref", "addsub_dense_runner", "addsub_dense_serial", "pack_lanes",
+]
 
 ROWS = 8  # rows per tile
 ADDSUB_BELOW = 8  # rows: a real-input PackedBinaryDense runs these kernels below, the float one from here

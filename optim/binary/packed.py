@@ -32,6 +32,7 @@ from minicnn.serialization import stored_array
 from . import addsub, chain, xnor
 from .layers import BinaryConv2D, BinaryDense
 
+
 class PackedBinaryLayer(Layer):
     """Shared storage of the inference layers: F rows of n signs, packed, with alpha and b.
 

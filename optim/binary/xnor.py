@@ -333,22 +333,25 @@ def xnor_matmul(a, w, n, wb=None):
         raise ValueError(f"xnor_matmul takes uint64 rows of the same words, n <= 64 words: got {a.dtype} {a.shape}, "
                          f"{w.dtype} {w.shape}, n = {n}")
     rows, wb = packed_rows(a), blocked(w) if wb is None else wb
-    _check_blocked(wb, w.shape[0], rows.off.size)
+    check_blocked(wb, w.shape[0], rows.off.size)
     out = np.empty((a.shape[0], w.shape[0]), np.int32)
     _xnor_matmul(rows.starts.size * rows.off.size * w.shape[0], *rows, wb, n, out)
     return out
 
 
-def _check_alpha(alpha):
-    """The kernels scale after the pool's maximum, which holds for alpha >= 0 and finite (means of |W|)."""
+def check_alpha(alpha):
+    """Raise ValueError unless alpha is finite and >= 0 (means of |W|): the kernels scale after the
+    pool's maximum, which holds for those."""
     if not np.all(np.isfinite(alpha) & (alpha >= 0)):
         raise ValueError(f"alpha scales must be finite and >= 0 (means of |W|), got min {np.min(alpha)}")
 
 
-def _check_blocked(wb, F, K):
+def check_blocked(wb, F, K):
+    """wb, checked to be blocked(w) of F filters of K words a row, as the kernels read it."""
     if wb.dtype != np.uint32 or not wb.flags.c_contiguous or wb.shape != (-(-F // 32) * 32 * K,):
         raise ValueError(f"weights of {wb.shape} for {F} filters of {K} words: expected blocked(w), "
                          f"({-(-F // 32) * 32 * K},)")
+    return wb
 
 
 def xnor_layer_ref(a, w, n, beta, alpha, b, grid, relu, pool):
@@ -451,8 +454,8 @@ def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
             or not 0 <= n <= 32 * rows.off.size:
         raise ValueError(f"xnor_layer: beta, alpha, b and out must be contiguous float32, n <= 32 words; got "
                          f"{beta.dtype}, {alpha.dtype}, {b.dtype}, {out.dtype}, n = {n}")
-    _check_blocked(wb, F, rows.off.size)
-    _check_alpha(alpha)
+    check_blocked(wb, F, rows.off.size)
+    check_alpha(alpha)
     _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
     return out
 
@@ -469,10 +472,10 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
     lines, _, beta = work
     Ho, Wo = (Hp - K) // stride + 1, lines.shape[2]
     rows = window_rows(lines, K, stride)
-    _check_blocked(wb, alpha.size, rows.off.size)
+    check_blocked(wb, alpha.size, rows.off.size)
     if alpha.ndim != 1 or b.shape != alpha.shape:
         raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")
-    _check_alpha(alpha)
+    check_alpha(alpha)
     size, words_x_filters = N * Hp * Wp * C, rows.starts.size * rows.off.size * alpha.size
     out_shape = (N, Ho // 2, Wo // 2, alpha.size) if pool else (N, Ho, Wo, alpha.size)
 
