@@ -142,7 +142,10 @@ def _window_signs_loops(x, KH, KW, stride, lines, sums, beta):
         _signs_of(x.reshape(-1), Hp, Wp, C, KH, KW, stride, lines.reshape(-1), Wo, L, sums, beta, image)
 
 
-@numba.njit(inline="always", cache=True)
+# A function of its own, not inlined: inlined into the threaded build's loop it compiled 1.36x slower
+# than in the serial one (0.97 against 0.71 us an image on one thread), and two threads ran LeNet-5's
+# conv2 signs at batch 256 1.23x faster than one, not 1.8x.
+@numba.njit(cache=True, _nrt=False)
 def _signs_of(x, Hp, Wp, C, KH, KW, stride, lines, Wo, L, sums, beta, image):
     """window_signs of one image. Each line's KW C values are next to each other in x: 16 a compare
     (lanes.sign_bits), two compares a word, and the sum of their |x| on the way. Then beta, the
