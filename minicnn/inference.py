@@ -379,12 +379,13 @@ class Inference:
         """The one step of a small batch of shape (N, C, H, W) that a layer's class offers for these
         stages (the first layer whose class has network_chain; none if a stage is not fused), or
         None: its chain while chain.runs(), else the stages, bound at the first such call."""
-        offers = [type(layer).network_chain for layer in self.layers if hasattr(type(layer), "network_chain")]
-        if not offers or any(isinstance(stage, _Layer) for stage in self.stages):
+        offer = next((type(layer).network_chain for layer in self.layers if hasattr(type(layer), "network_chain")),
+                     None)
+        if offer is None or any(isinstance(stage, _Layer) for stage in self.stages):
             return None
         stages = tuple(Stage(stage.conv, True, stage.relu, stage.pool) if isinstance(stage, _Conv)
                        else Stage(stage.dense, False, stage.relu, False) for stage in self.stages)
-        chain = offers[0](stages, shape)
+        chain = offer(stages, shape)
         if chain is None:
             return None
         steps = None

@@ -168,7 +168,7 @@ def _addsub_dense_loops(x, lanes, alpha, b, relu, out):
 
 # A weight is a bit here, so the threads pay where they do for the conv kernels (LeNet-5's fc1 at
 # batch 1, 400 K masked adds: 9 us serial, 12 us threaded).
-_addsub_dense = twin(_addsub_dense_loops, min_work=MIN_MACS, _nrt=False)  # why no NRT: xnor.py's _window_signs
+_addsub_dense = twin(_addsub_dense_loops, min_work=MIN_MACS, _nrt=False)  # no NRT: xnor.py says why
 addsub_dense_serial = _addsub_dense.serial  # for compiled callers (chain.py)
 
 

@@ -100,7 +100,7 @@ class _Pools:
     add(a) gives a's [start, stop) in its dtype's array."""
 
     def __init__(self):
-        self.parts = {np.dtype(t): [] for t in POOLS}
+        self.parts = {np.dtype(t): [] for t in POOLS}  # dtype -> [(start, array)]
         self.sizes = dict.fromkeys(self.parts, 0)
 
     def add(self, a):
@@ -108,20 +108,17 @@ class _Pools:
         if a.dtype not in self.parts:
             raise TypeError(f"a chain's arrays are {', '.join(map(str, self.parts))}: got {a.dtype}")
         start, line = self.sizes[a.dtype], 64 // a.dtype.itemsize
-        self.parts[a.dtype].append(a)
+        self.parts[a.dtype].append((start, a))
         self.sizes[a.dtype] += -(-a.size // line) * line
         return start, start + a.size
 
     def arrays(self):
         arrays = []
         for dtype, parts in self.parts.items():
-            size = self.sizes[dtype]
-            pool = simd.aligned_empty(size * dtype.itemsize // 4).view(dtype)  # 64-byte aligned
+            pool = simd.aligned_empty(self.sizes[dtype] * dtype.itemsize // 4).view(dtype)
             pool[...] = 0  # the first input's border, and what the padding between parts holds
-            at = 0
-            for a in parts:
-                pool[at : at + a.size] = a
-                at += -(-a.size // (64 // dtype.itemsize)) * (64 // dtype.itemsize)
+            for start, a in parts:
+                pool[start : start + a.size] = a
             arrays.append(pool)
         return tuple(arrays)
 
