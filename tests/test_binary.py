@@ -62,6 +62,7 @@ def _lanes_ops(x, wt, i, n, m, out, as_float, values):
     d = lanes.count_add(lanes.count_add(lanes.zeros(), x, wt, i), x, wt, i)  # twice: the counts add
     lanes.store_first(out, 0, d, 16)
     lanes.store_first(out, 16, lanes.dots(d, n), m)
+    lanes.store_first(out, 32, lanes.widen(lanes.count_add(lanes.zeros8(), x, wt, i)), 16)  # 8 counts, 8 zeros
     simd.store(as_float, 0, lanes.to_float(d))
     return lanes.sign_bits(simd.load(values, 0), m)
 
@@ -71,14 +72,15 @@ def _lanes_ops(x, wt, i, n, m, out, as_float, values):
 def test_lanes_ops_are_the_numpy_popcounts(x, words, i, n, m, seed):
     """lanes' operations against their NumPy meaning; the masked store writes m lanes, no more."""
     wt = np.array(words, np.uint32)
-    out, as_float = np.full(32, -7, np.int32), np.empty(16, np.float32)
+    out, as_float = np.full(48, -7, np.int32), np.empty(16, np.float32)
     values = random_array(seed, (16,), np.float32)
     values[::3] = 0  # sign(0) = +1
     bits = _lanes_ops(np.uint32(x), wt, i, n, m, out, as_float, values)
     counts = 2 * np.array([bin(x ^ int(v)).count("1") for v in wt[i : i + 16]])
     np.testing.assert_array_equal(out[:16], counts)
     np.testing.assert_array_equal(out[16 : 16 + m], (n - 2 * counts)[:m])
-    assert (out[16 + m :] == -7).all()
+    assert (out[16 + m : 32] == -7).all()
+    np.testing.assert_array_equal(out[32:], np.r_[counts[:8] // 2, np.zeros(8)])
     np.testing.assert_array_equal(as_float, counts.astype(np.float32))
     assert bits == sum(1 << lane for lane in range(m) if values[lane] >= 0)
 

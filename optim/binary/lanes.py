@@ -13,6 +13,9 @@ from memory), vpopcntd and vpaddd, on 512 bits; without it LLVM spells the popco
 table lookups (vpshufb) on two 256-bit halves. Also
 
     zeros()                    [0] * 16
+    zeros8(), widen(d8)        [0] * 8, the counts of a block of at most 8 filters (count_add reads 8
+                               weights for them: half the lane work on a 256-bit register), and
+                               those 8 lanes followed by 8 zeros: counts of 16 lanes again
     dots(d, n)                 n - 2 d: the products of the rows of n signs whose bits differ in d places
     to_float(d)                float32(d), minicnn.simd's f32x16, for the layers' scaling
     store_first(out, i, d, m)  out[i : i + m] = d[:m], 0 <= m <= 16 (out int32; a masked store:
@@ -21,7 +24,7 @@ table lookups (vpshufb) on two 256-bit halves. Also
                                f32x16, 0 <= m <= 16: a compare and the mask's bits, vcmpps into a
                                k-register and kmovw, where a loop tests and shifts value by value)
 
-No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + m <= out.size). With
+No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + 8 for 8 counts) (i + m <= out.size). With
 NUMBA_DISABLE_JIT=1 the operations are the NumPy expressions at the end. Numba's cache does not see this file: after
 editing it, delete the __pycache__ folders.
 """
@@ -39,32 +42,34 @@ LANES = 16
 
 _I32 = ir.IntType(32)
 _COUNTS = ir.VectorType(_I32, LANES)
+_COUNTS8 = ir.VectorType(_I32, LANES // 2)
 
 
-class Counts16(types.Type):
-    """Numba's type for 16 int32 counts, held in registers like any scalar."""
+class Counts(types.Type):
+    """Numba's type for `lanes` int32 counts (16, or 8), held in registers like any scalar."""
 
-    def __init__(self):
-        super().__init__(name="counts16")
-
-
-counts16 = Counts16()
+    def __init__(self, lanes):
+        self.lanes = lanes
+        super().__init__(name=f"counts{lanes}")
 
 
-@register_model(Counts16)
-class _Counts16Model(models.PrimitiveModel):
+counts16, counts8 = Counts(LANES), Counts(LANES // 2)
+
+
+@register_model(Counts)
+class _CountsModel(models.PrimitiveModel):
     def __init__(self, dmm, fe_type):
-        super().__init__(dmm, fe_type, _COUNTS)
+        super().__init__(dmm, fe_type, ir.VectorType(_I32, fe_type.lanes))
 
 
-def _splat(builder, value):
-    """The i32 value in all 16 lanes."""
-    one = builder.insert_element(ir.Constant(_COUNTS, None), value, ir.Constant(_I32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_COUNTS, [0] * LANES))
+def _splat(builder, value, lanes_type=_COUNTS):
+    """The i32 value in all lanes."""
+    one = builder.insert_element(ir.Constant(lanes_type, None), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, one, ir.Constant(lanes_type, [0] * lanes_type.count))
 
 
-def _counts_at(context, builder, array_type, array, index):
-    return lanes_at(context, builder, array_type, array, types.intp, index, _COUNTS)
+def _counts_at(context, builder, array_type, array, index, lanes_type=_COUNTS):
+    return lanes_at(context, builder, array_type, array, types.intp, index, lanes_type)
 
 
 @intrinsic
@@ -73,18 +78,36 @@ def zeros(typingctx):
 
 
 @intrinsic
+def zeros8(typingctx):
+    return counts8(), lambda context, builder, sig, args: ir.Constant(_COUNTS8, None)
+
+
+@intrinsic
+def widen(typingctx, d):
+    if d != counts8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.shuffle_vector(args[0], ir.Constant(_COUNTS8, None), ir.Constant(_COUNTS, list(range(LANES))))
+
+    return counts16(counts8), codegen
+
+
+@intrinsic
 def count_add(typingctx, d, x, wt, i):
-    if not (d == counts16 and isinstance(x, types.Integer) and is_array_of(wt, types.uint32)):
+    if not (isinstance(d, Counts) and isinstance(x, types.Integer) and is_array_of(wt, types.uint32)):
         return None
 
     def codegen(context, builder, sig, args):
         d, x, wt, i = args
-        w = builder.load(_counts_at(context, builder, sig.args[2], wt, i), align=4)
-        xs = _splat(builder, x)
-        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_COUNTS, [_COUNTS]), "llvm.ctpop.v16i32")
+        counts = d.type
+        w = builder.load(_counts_at(context, builder, sig.args[2], wt, i, counts), align=4)
+        xs = _splat(builder, x, counts)
+        ctpop = cgutils.get_or_insert_function(builder.module, ir.FunctionType(counts, [counts]),
+                                               f"llvm.ctpop.v{counts.count}i32")
         return builder.add(d, builder.call(ctpop, [builder.xor(xs, w)]))
 
-    return counts16(counts16, types.uint32, wt, types.intp), codegen
+    return d(d, types.uint32, wt, types.intp), codegen
 
 
 @intrinsic
@@ -142,8 +165,17 @@ def _zeros_python():
     return np.zeros(LANES, np.int32)
 
 
+def _zeros8_python():
+    return np.zeros(LANES // 2, np.int32)
+
+
+def _widen_python(d):
+    return np.concatenate([d, np.zeros(LANES // 2, np.int32)])
+
+
 def _count_add_python(d, x, wt, i):
-    bits = np.unpackbits((np.uint32(x) ^ wt.reshape(-1)[i : i + LANES]).view(np.uint8).reshape(LANES, 4), axis=1)
+    n = d.size
+    bits = np.unpackbits((np.uint32(x) ^ wt.reshape(-1)[i : i + n]).view(np.uint8).reshape(n, 4), axis=1)
     return (d + bits.sum(axis=1)).astype(np.int32)
 
 
@@ -165,4 +197,5 @@ def _sign_bits_python(v, m):
 
 if numba.config.DISABLE_JIT:
     zeros, count_add, dots, to_float = _zeros_python, _count_add_python, _dots_python, _to_float_python
+    zeros8, widen = _zeros8_python, _widen_python
     store_first, sign_bits = _store_first_python, _sign_bits_python
