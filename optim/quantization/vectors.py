@@ -18,8 +18,9 @@ int32x16, i an index):
                                       kernels.pack_weights' layout for vpmaddwd)
     requantize16(v, m0, shift, i, z, lo, hi)
                                       clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
-                                      + z, lo, hi): `fixedpoint`'s arithmetic on int32 lanes (z, lo, hi
-                                      int32 with lo - z and hi - z in int32, as the codes' bytes are)
+                                      + z, lo, hi): `fixedpoint`'s arithmetic on int32 lanes (m0 >= 0, as
+                                      quantize_multiplier makes it; z, lo, hi int32 with lo - z and hi - z
+                                      in int32, as the codes' bytes are)
     store16(out, i, v)                out[i : i + 16] = v              (out int32)
     finish16(out, i, v, bias, m0, shift, f, z, lo, hi, n)
                                       a GEMM's epilogue: out[i : i + n] = the first n lanes (none if n <= 0;
@@ -57,7 +58,7 @@ from numba.extending import intrinsic, models, register_model
 
 from minicnn.simd import HAS_VNNI, HAS_VNNI_512
 
-from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
+from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier
 
 LANES = 16
 
@@ -172,25 +173,35 @@ def dot4_add(typingctx, acc, x, wp, i):
 
 def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
     """fixedpoint.multiply_by_quantized_multiplier(v, m0, shift) + z, clamped to [lo, hi], on the 16
-    int32 lanes themselves (z, lo and hi int32 with lo - z and hi - z in int32, as the codes' are).
+    int32 lanes themselves, for m0 in [0, 2^31) (quantize_multiplier's; int8_epilogue checks it) and
+    z, lo and hi int32 with lo - z and hi - z in int32, as the codes' are.
 
-    Only the product needs 64 bits: x m0 runs as two vpmuldq (32 x 32 -> 64 bits, the even lanes,
-    then the odd ones shifted down), and SaturatingRoundingDoublingHighMul's (x m0 + 2^30) >> 31
-    (its nudge and its division toward zero meet there) is bits 31..62 of each sum, put back in
-    place by a shift and a blend. It fits int32 but for x = m0 = -2^31, whose 2^31 reads as -2^31,
-    a value no other pair gives: that one saturates. RoundingDivideByPOT by e is TFLite's
-    (x >> e) + [(x & mask) > (mask >> 1) + [x < 0]], mask = 2^e - 1, which cannot overflow.
-    About 43 vector instructions per 16 outputs in a loop, where <16 x i64> (two registers per
-    value with AVX-512) took about 58."""
+    x 2^left, saturated, is computed only where a lane has left = max(shift, 0) > 0: multipliers
+    below 1, every layer's in practice, have none, and the branch is the same for every window of a
+    layer. Only the product needs 64 bits: x m0 runs as two vpmuldq (32 x 32 -> 64 bits, the even
+    lanes, then the odd ones shifted down), and SaturatingRoundingDoublingHighMul's (x m0 + 2^30) >> 31
+    (its nudge and its division toward zero meet there) is bits 31..62 of each sum, put back in place
+    by a shift and a blend. It fits int32: its one overflow, x = m0 = -2^31, needs a negative m0.
+    RoundingDivideByPOT by e is TFLite's (x >> e) + [(x & mask) > (mask >> 1) + [x < 0]], mask =
+    2^e - 1, which cannot overflow. About 30 vector instructions per 16 outputs without a left shift,
+    where <16 x i64> (two registers per value with AVX-512) and the saturation took about 58."""
     def const(c, lanes=LANES, width=32):
         return ir.Constant(ir.VectorType(ir.IntType(width), lanes), [c] * lanes)
 
     zero, one = const(0), const(1)
     shift = builder.sext(shift, _V16I32)
     left, right = _smax(builder, shift, zero), _smax(builder, builder.sub(zero, shift), zero)
-    shifted = builder.shl(v, left)  # x 2^left, saturated where it overflows: the sign's extreme
-    extreme = builder.xor(builder.ashr(v, const(31)), const(INT32_MAX))
-    x = builder.select(builder.icmp_signed("!=", builder.ashr(shifted, left), v), extreme, shifted)
+    any_left = builder.icmp_unsigned("!=", builder.bitcast(builder.icmp_signed(">", shift, zero), ir.IntType(LANES)),
+                                     ir.Constant(ir.IntType(LANES), 0))
+    before = builder.block
+    with builder.if_then(any_left, likely=False):
+        shifted = builder.shl(v, left)  # x 2^left, saturated where it overflows: the sign's extreme
+        extreme = builder.xor(builder.ashr(v, const(31)), const(INT32_MAX))
+        saturated = builder.select(builder.icmp_signed("!=", builder.ashr(shifted, left), v), extreme, shifted)
+        shifted_block = builder.block
+    x = builder.phi(_V16I32)
+    x.add_incoming(v, before)
+    x.add_incoming(saturated, shifted_block)
     v8i64 = ir.VectorType(_I64, 8)
     x64, m64, c32 = builder.bitcast(x, v8i64), builder.bitcast(m0, v8i64), const(32, 8, 64)
     nudge = const(1 << 30, 8, 64)
@@ -200,8 +211,6 @@ def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
     even, odd = builder.lshr(even, const(31, 8, 64)), builder.shl(odd, const(1, 8, 64))  # bits 31..62 in place
     high = builder.shuffle_vector(builder.bitcast(even, _V16I32), builder.bitcast(odd, _V16I32),
                                   _indices(l + LANES * (l % 2) for l in range(LANES)))
-    wrapped = builder.icmp_signed("==", high, const(INT32_MIN))  # 2^31: the one overflow, x = m0 = -2^31
-    high = builder.select(wrapped, const(INT32_MAX), high)
     mask = builder.sub(builder.shl(one, right), one)
     threshold = builder.add(builder.ashr(mask, one), builder.lshr(high, const(31)))
     up = builder.zext(builder.icmp_signed(">", builder.and_(high, mask), threshold), _V16I32)
