@@ -822,23 +822,30 @@ def test_cli_quantize(tmp_path, capsys):
     assert "invalid choice: 4" in capsys.readouterr().err
 
 
-@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 13), st.integers(0, 6), seeds)
-def test_shifted_copies_match_reference(N, H, W, extra, seed):
-    x = random_codes(np.random.default_rng(seed), (N, H, W))
-    expected = windows.shifted_copies_ref(x, W + extra)
-    assert expected.shape == (4, N, H, W + extra)
+@given(st.integers(1, 200), st.integers(0, 9), seeds)
+def test_shifted_copies_match_reference(M, extra, seed):
+    x = random_codes(np.random.default_rng(seed), (M,))
+    expected = windows.shifted_copies_ref(x, M + extra)
+    assert expected.shape == (4, M + extra)
+    np.testing.assert_array_equal(expected[1, : M - 1], x[1:])  # the copy shifted by a byte
     for build in ("serial", "threaded"):
         with parallel.forced(build):
-            np.testing.assert_array_equal(windows.shifted_copies(x, W + extra), expected, err_msg=build)
+            np.testing.assert_array_equal(windows.shifted_copies(x, M + extra), expected, err_msg=build)
+    with pytest.raises(ValueError, match="need a size >= "):
+        windows.shifted_copies(x, M - 1)
 
 
-@given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 14), st.integers(1, 20), st.integers(1, 8),
+@given(st.integers(1, 3), st.integers(1, 12), st.integers(1, 4), st.integers(1, 20), st.integers(1, 8),
        st.integers(1, 8), st.integers(1, 3), seeds)
-def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W, F, KH, KW, stride, seed):
+def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W4, F, KH, KW, stride, seed):
+    """Lines read from the shifted copies, those that end their row running into the next row's
+    bytes (which meet zero weights), against im2row's rows; rows not of whole words take im2row."""
+    W = 4 * W4
     assume(H >= KH and W >= KW)
     rng = np.random.default_rng(seed)
     x, Wq = random_codes(rng, (N, H, W, 1)), random_codes(rng, (F, 1, KH, KW), -127)
     assert windows.line_fits_words(x.shape, KW, 0) and not windows.line_fits_words(x.shape, KW, 1)
+    assert not windows.line_fits_words((N, H, W + 1, 1), KW, 0)
     rows = windows.im2row_nhwc_ref(x, KH, KW, stride, 0, 0, KH * KW)
     assert_qgemm_on_words_is_qgemm_on_rows(lambda pool: windows.line_words(K.unsigned(x), KH, KW, stride, pool),
                                            windows.line_weights(Wq), rows, Wq.transpose(0, 2, 3, 1).reshape(F, -1),

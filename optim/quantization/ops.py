@@ -44,8 +44,8 @@ class BoundGemm:
 
         u itself                    copies and rows None: a conv's windows read in place, or a dense
                                     layer's rows of whole words
-        copies = (N, H, W, width)   windows.shifted_copies(u as (N, H, W), width): a one-channel conv's
-                                    lines (windows.line_words)
+        copies = size               windows.shifted_copies(u flat, size): a one-channel conv's lines
+                                    (windows.line_words)
         rows = (N, H, W, C, KH, KW, stride, padding, fill, width)
                                     windows.im2row_nhwc(u as (N, H, W, C), KH, ...): a conv's windows
                                     copied; a dense layer's rows padded to whole words are those of a
@@ -63,15 +63,14 @@ class BoundGemm:
         self.gemm = K.qgemm_runner(starts, off, packed, epilogue, window)
         loads = [K.qgemm_work(starts, off, epilogue.F) / K.MIN_MACS]
         if copies is not None:
-            loads.append(windows.shifted_copies_work(copies[:3]) / MIN_OUTPUTS)
+            loads.append(windows.shifted_copies_work(copies) / MIN_OUTPUTS)
         if rows is not None:
             loads.append(windows.im2row_work(rows[:4], *rows[4:8], rows[9]) / MIN_OUTPUTS)
         self.load = max(loads)
 
     def __call__(self, u):
         if self.copies is not None:
-            N, H, W, width = self.copies
-            u = windows.shifted_copies(u.reshape(N, H, W), width)
+            u = windows.shifted_copies(u.reshape(-1), self.copies)
         elif self.rows is not None:
             u = windows.im2row_nhwc(u.reshape(self.rows[:4]), *self.rows[4:])
         return self.gemm(windows.as_words(u)).reshape(self.out_shape)
@@ -250,9 +249,8 @@ class IntConv2D(_IntLinear):
             if self._line_packed is None:  # (its column sums are self.packed's: self.epilogue serves it)
                 self._line_packed = windows.line_weights(self.W)
             w = windows.line_words(sample, KH, KW, S, side)
-            H, W = x_shape[1:3]
             return BoundGemm(w.starts, w.off, self._line_packed, self.epilogue, side * side, out_shape,
-                             (N, H, W, 4 * windows.line_width(W, KW)))
+                             windows.copies_size(sample.size, KW))
         # else im2row's rows, padding read as the code of the real 0 (its byte), pixel by pixel: in pool order
         rows = (*x_shape, KH, KW, S, self.padding, self.in_q[1] + 128, self.wt.shape[1])
         w = windows.rows_words(windows.im2row_nhwc(sample, *rows[4:]), self.packed)

@@ -7,9 +7,9 @@ conv's window needs no copy when its lines are whole words in the image:
 
     conv_words   no padding and C a multiple of 4: the window of output pixel (n, i, j) is
                  KH lines of KW C contiguous bytes, line kh at pixel (n, i S + kh, j S)
-    line_words   one channel (KW <= 8): a line of KW bytes starts anywhere in a word, so the
-                 image is copied 4 times, shifted by 0-3 bytes, and a line is read as
-                 L = ceil(KW / 4) words of the copy where it starts on a word; its 4L - KW
+    line_words   one channel (KW <= 8, rows of whole words): a line of KW bytes starts anywhere
+                 in a word, so the input is copied 4 times, shifted by 0-3 bytes, and a line is
+                 read as L = ceil(KW / 4) words of the copy where it starts on a word; its 4L - KW
                  bytes past the window meet zero weights (line_weights)
 
 against im2row (`im2row_nhwc`, here with the shifted copies and a NumPy reference of each), which
@@ -29,7 +29,7 @@ from minicnn.parallel import twin
 from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns
 
 __all__ = ["as_words", "conv_fits_words", "conv_words", "im2row_nhwc", "im2row_nhwc_ref", "im2row_work",
-           "line_fits_words", "line_weights", "line_width", "line_words", "pool_order", "rows_words", "shifted_copies",
+           "copies_size", "line_fits_words", "line_weights", "line_words", "pool_order", "rows_words", "shifted_copies",
            "shifted_copies_ref", "shifted_copies_work"]
 
 
@@ -95,27 +95,24 @@ def im2row_work(x_shape, KH, KW, stride, padding, width):
     return N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding) * width
 
 
-def shifted_copies_ref(x, width):
-    """(4, N, H, width), x's dtype: copy s of x (N, H, W), bytes, is x shifted left by s bytes,
-    zero-filled (width >= W): copies[s, n, h, j] = x[n, h, j + s] where j + s < W, else 0."""
-    N, H, W = x.shape
-    copies = np.zeros((ROW_ALIGN, N, H, width), x.dtype)
-    for s in range(min(ROW_ALIGN, W)):
-        copies[s, :, :, : W - s] = x[:, :, s:]
+def shifted_copies_ref(x, size):
+    """(4, size), x's dtype: copy s of x (M,), bytes, is x shifted left by s bytes, zero-filled (size
+    >= M): copies[s, k] = x[k + s] where k + s < M, else 0."""
+    copies = np.zeros((ROW_ALIGN, size), x.dtype)
+    for s in range(min(ROW_ALIGN, x.size)):
+        copies[s, : x.size - s] = x[s:]
     return copies
 
 
-def _shifted_copies_loops(x, width):
-    N, H, W = x.shape
-    out = np.empty((ROW_ALIGN, N, H, width), x.dtype)
-    xf, of = x.reshape(-1), out.reshape(-1)
-    for t in prange(N * H):
-        for s in range(ROW_ALIGN):
-            src, dst, inside = t * W + s, (s * N * H + t) * width, max(0, W - s)
-            for j in range(inside):  # unsigned indices: the copy vectorises
-                of[np.uint64(dst + j)] = xf[np.uint64(src + j)]
-            for j in range(inside, width):
-                of[np.uint64(dst + j)] = 0
+def _shifted_copies_loops(x, size):
+    out = np.empty((ROW_ALIGN, size), x.dtype)
+    of = out.reshape(-1)
+    for s in prange(ROW_ALIGN):  # four long copies: they vectorise (copies of each 28-byte row did not)
+        inside, dst = max(0, x.size - s), s * size
+        for k in range(inside):  # unsigned indices: no negative-index test in the loop
+            of[np.uint64(dst + k)] = x[np.uint64(k + s)]
+        for k in range(inside, size):
+            of[np.uint64(dst + k)] = 0
     return out
 
 
@@ -123,17 +120,17 @@ _shifted_copies = twin(_shifted_copies_loops)
 shifted_copies_serial = _shifted_copies.serial  # its serial build, for compiled callers (chain.py)
 
 
-def shifted_copies(x, width):
+def shifted_copies(x, size):
     """Fast shifted_copies_ref, same contract; serial for small inputs (batch 1)."""
-    if width < x.shape[2]:
-        raise ValueError(f"shifted copies of rows of {x.shape[2]} bytes need a width >= {x.shape[2]}, got {width}")
-    return _shifted_copies(shifted_copies_work(x.shape), np.ascontiguousarray(x), width)
+    if x.ndim != 1 or size < x.size:
+        raise ValueError(f"shifted copies of {x.shape} bytes (flat) need a size >= {x.size}, got {size}")
+    return _shifted_copies(shifted_copies_work(x.size), np.ascontiguousarray(x), size)
 
 
-def shifted_copies_work(x_shape):
-    """shifted_copies' work on inputs of x_shape (N, H, W), in minicnn.parallel's unit for it: bytes
-    copied (break-even MIN_OUTPUTS)."""
-    return ROW_ALIGN * int(np.prod(x_shape))
+def shifted_copies_work(size):
+    """shifted_copies' work for x of `size` bytes, in minicnn.parallel's unit for it: bytes copied
+    (break-even MIN_OUTPUTS)."""
+    return ROW_ALIGN * size
 
 
 # --------------------------------------------------------------------------
@@ -201,8 +198,10 @@ def _window_offsets(N, H, W, C, KH, KW, stride, pool):
 
 
 def line_fits_words(x_shape, KW, padding):
-    """Whether line_words reads a conv's windows from an input of x_shape (N, H, W, C)."""
-    return padding == 0 and x_shape[3] == 1 and KW <= 2 * ROW_ALIGN
+    """Whether line_words reads a conv's windows from an input of x_shape (N, H, W, C): one channel,
+    no padding, lines of at most 8 bytes, and rows of whole words (a line then starts on a word of
+    the same copy in every row)."""
+    return padding == 0 and x_shape[3] == 1 and KW <= 2 * ROW_ALIGN and x_shape[2] % ROW_ALIGN == 0
 
 
 def line_weights(W):
@@ -217,29 +216,30 @@ def line_weights(W):
 
 def line_words(x, KH, KW, stride, pool=1):
     """The Words of the windows of x bytes (N, H, W, 1), for line_fits_words inputs and
-    line_weights: line kh of output pixel (n, i, j) is words j' // 4 .. j' // 4 + L - 1 of row
-    i S + kh in the copy shifted by j' % 4 bytes, j' = j S (pool > 1: the pixels in pool_order)."""
-    N, H, W, _ = x.shape
-    starts, off, Wq = _line_offsets(N, H, W, KH, KW, stride, pool)
-    copies = shifted_copies(x.reshape(N, H, W), ROW_ALIGN * Wq)
-    return Words(as_words(copies), starts, off)
+    line_weights: line kh of output pixel (n, i, j), which starts at byte p = ((n H + i S + kh) W +
+    j S) of x, is words p // 4 .. p // 4 + L - 1 of the copy shifted by p % 4 bytes (copies_size's,
+    L = ceil(KW / 4); pool > 1: the pixels in pool_order). Its 4 L - KW bytes past the window, the
+    next row's where the line ends its row, meet line_weights' zeros."""
+    starts, off = _line_offsets(*x.shape[:3], KH, KW, stride, pool)
+    return Words(as_words(shifted_copies(x.reshape(-1), copies_size(x.size, KW))), starts, off)
 
 
-def line_width(W, KW):
-    """The words per row of line_words' copies of an image W pixels wide, for lines of KW bytes: the
-    last window's last word inside its row."""
-    return W // ROW_ALIGN + -(-KW // ROW_ALIGN) + 1
+def copies_size(M, KW):
+    """The bytes of each of line_words' shifted copies of an input of M bytes, for lines of KW bytes:
+    the last line's last word inside."""
+    return M + ROW_ALIGN * -(-KW // ROW_ALIGN)
 
 
 @functools.lru_cache(maxsize=16)
 def _line_offsets(N, H, W, KH, KW, stride, pool):
-    """(starts, off, words per row of a copy) of line_words, kept per shape. Read-only."""
-    L, Wq = -(-KW // ROW_ALIGN), line_width(W, KW)
+    """(starts, off) of line_words, kept per shape. Read-only."""
+    L, words = -(-KW // ROW_ALIGN), copies_size(N * H * W, KW) // ROW_ALIGN
     Ho, Wo = (H - KH) // stride + 1, (W - KW) // stride + 1
     n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
-    starts = ((((j % ROW_ALIGN) * N + n) * H + i) * Wq + j // ROW_ALIGN).reshape(-1)[pool_order(N, Ho, Wo, pool)]
+    first = (n * H + i) * W + j  # the first line's first byte; W % 4 == 0, so every line's shift is j's
+    starts = ((first % ROW_ALIGN) * words + first // ROW_ALIGN).reshape(-1)[pool_order(N, Ho, Wo, pool)]
     starts = starts.astype(np.int64)
     kh, line = np.ix_(np.arange(KH), np.arange(L))
-    off = (kh * Wq + line).reshape(-1).astype(np.int64)
+    off = (kh * (W // ROW_ALIGN) + line).reshape(-1).astype(np.int64)
     starts.flags.writeable = off.flags.writeable = False
-    return starts, off, Wq
+    return starts, off
