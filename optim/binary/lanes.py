@@ -13,9 +13,10 @@ from memory), vpopcntd and vpaddd, on 512 bits; without it LLVM spells the popco
 table lookups (vpshufb) on two 256-bit halves. Also
 
     zeros()                    [0] * 16
-    zeros8(), widen(d8)        [0] * 8, the counts of a block of at most 8 filters (count_add reads 8
+    zeros8(), widen(d)         [0] * 8, the counts of a block of at most 8 filters (count_add reads 8
                                weights for them: half the lane work on a 256-bit register), and
-                               those 8 lanes followed by 8 zeros: counts of 16 lanes again
+                               d's 8 lanes followed by 8 zeros: counts of 16 lanes again (16 counts
+                               are returned as they are)
     dots(d, n)                 n - 2 d: the products of the rows of n signs whose bits differ in d places
     to_float(d)                float32(d), minicnn.simd's f32x16, for the layers' scaling
     store_first(out, i, d, m)  out[i : i + m] = d[:m], 0 <= m <= 16 (out int32; a masked store:
@@ -84,6 +85,8 @@ def zeros8(typingctx):
 
 @intrinsic
 def widen(typingctx, d):
+    if d == counts16:  # already 16 lanes: the same value
+        return counts16(counts16), lambda context, builder, sig, args: args[0]
     if d != counts8:
         return None
 
@@ -170,7 +173,7 @@ def _zeros8_python():
 
 
 def _widen_python(d):
-    return np.concatenate([d, np.zeros(LANES // 2, np.int32)])
+    return np.concatenate([d, np.zeros(LANES - d.size, np.int32)])
 
 
 def _count_add_python(d, x, wt, i):

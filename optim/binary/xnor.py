@@ -266,33 +266,19 @@ def blocked(w):
 
 
 @numba.njit(inline="always", cache=True)
-def _counts(x32, s0, s1, s2, s3, off, wb, b):
+def _counts(x32, s0, s1, s2, s3, off, wb, b, zero):
     """popcount(row XOR filter) of the rows whose words start at s0 .. s3 (Rows) against the 32 filters
     of blocks b and b + 1 of wb = blocked(w): 8 lanes.counts16, row by row, block by block, held in
-    registers across the row (each 64-byte load of weights serves 4 rows)."""
+    registers across the row (each 64-byte load of weights serves 4 rows). Block b + 1's counts start
+    from `zero`: lanes.zeros(), or lanes.zeros8() where it holds at most 8 filters, counted
+    on 8 lanes, a 256-bit register (LeNet-5's conv2, 50 = 16 + 16 + 16 + 2 filters: 56 lanes of
+    popcounts where 64 ran), then widened."""
     K = off.size
-    p0, p1, q0, q1 = lanes.zeros(), lanes.zeros(), lanes.zeros(), lanes.zeros()
-    u0, u1, v0, v1 = lanes.zeros(), lanes.zeros(), lanes.zeros(), lanes.zeros()
+    p0, q0, u0, v0 = lanes.zeros(), lanes.zeros(), lanes.zeros(), lanes.zeros()
+    p1 = q1 = u1 = v1 = zero
     for k in range(K):
         i, j, o = (b * K + k) * lanes.LANES, ((b + 1) * K + k) * lanes.LANES, off[k]
         # unsigned indices: no negative-index test in the loop
-        x0, x1, x2, x3 = x32[np.uint64(s0 + o)], x32[np.uint64(s1 + o)], x32[np.uint64(s2 + o)], x32[np.uint64(s3 + o)]
-        p0, p1 = lanes.count_add(p0, x0, wb, i), lanes.count_add(p1, x0, wb, j)
-        q0, q1 = lanes.count_add(q0, x1, wb, i), lanes.count_add(q1, x1, wb, j)
-        u0, u1 = lanes.count_add(u0, x2, wb, i), lanes.count_add(u1, x2, wb, j)
-        v0, v1 = lanes.count_add(v0, x3, wb, i), lanes.count_add(v1, x3, wb, j)
-    return p0, p1, q0, q1, u0, u1, v0, v1
-
-
-@numba.njit(inline="always", cache=True)
-def _counts_half(x32, s0, s1, s2, s3, off, wb, b):
-    """_counts where block b + 1 holds at most 8 filters (LeNet-5's conv2: 50 = 16 + 16 + 16 + 2): its
-    counts on 8 lanes, a 256-bit register, then widened. Of conv2's 64 lanes of popcounts, 56."""
-    K = off.size
-    p0, q0, u0, v0 = lanes.zeros(), lanes.zeros(), lanes.zeros(), lanes.zeros()
-    p1, q1, u1, v1 = lanes.zeros8(), lanes.zeros8(), lanes.zeros8(), lanes.zeros8()
-    for k in range(K):
-        i, j, o = (b * K + k) * lanes.LANES, ((b + 1) * K + k) * lanes.LANES, off[k]
         x0, x1, x2, x3 = x32[np.uint64(s0 + o)], x32[np.uint64(s1 + o)], x32[np.uint64(s2 + o)], x32[np.uint64(s3 + o)]
         p0, p1 = lanes.count_add(p0, x0, wb, i), lanes.count_add(p1, x0, wb, j)
         q0, q1 = lanes.count_add(q0, x1, wb, i), lanes.count_add(q1, x1, wb, j)
@@ -302,20 +288,15 @@ def _counts_half(x32, s0, s1, s2, s3, off, wb, b):
 
 
 @numba.njit(inline="always", cache=True)
-def _half(F, b):
-    """Whether block b + 1 of F filters holds at most 8 (_counts_half)."""
-    return F - lanes.LANES * (b + 1) <= lanes.LANES // 2
-
-
-@numba.njit(inline="always", cache=True)
-def _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b, half):
-    """_counts of rows r0 .. r3 (_counts_half's if half), or for a lone row (r0 = r1 = r2 = r3: a batch
-    of 1 through a dense layer) its counts computed once and repeated (4 times the popcounts of the
-    tile otherwise)."""
+def _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b, F):
+    """_counts of rows r0 .. r3 (block b + 1 on 8 lanes if it holds at most 8 of the F filters), or for
+    a lone row (r0 = r1 = r2 = r3: a batch of 1 through a dense layer) its counts computed once and
+    repeated (4 times the popcounts of the tile otherwise)."""
     if r1 != r0:
-        if half:
-            return _counts_half(x32, starts[r0], starts[r1], starts[r2], starts[r3], off, wb, b)
-        return _counts(x32, starts[r0], starts[r1], starts[r2], starts[r3], off, wb, b)
+        s0, s1, s2, s3 = starts[r0], starts[r1], starts[r2], starts[r3]
+        if F - lanes.LANES * (b + 1) <= lanes.LANES // 2:
+            return _counts(x32, s0, s1, s2, s3, off, wb, b, lanes.zeros8())
+        return _counts(x32, s0, s1, s2, s3, off, wb, b, lanes.zeros())
     K, s = off.size, starts[r0]
     p0, p1 = lanes.zeros(), lanes.zeros()
     for k in range(K):
@@ -343,7 +324,7 @@ def _xnor_matmul_loops(x32, starts, off, wb, n, out):
         first, b = t // pairs * GROUPS_PER_TASK, t % pairs * 2  # a task: its groups against one block pair
         for g in range(first, min(groups, first + GROUPS_PER_TASK)):
             r0, r1, r2, r3 = _four_rows(g, R)
-            counts = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b, _half(F, b))
+            counts = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b, F)
             for h in range(2):
                 f = lanes.LANES * (b + h)
                 m = max(0, min(lanes.LANES, F - f))
@@ -435,7 +416,6 @@ def _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, 
     # loaded once a task: the kernel's stores to o could alias them, so LLVM would reload them
     alpha0, alpha1 = simd.load_first(alpha, f0, m0), simd.load_first(alpha, f1, m1)
     bias0, bias1 = simd.load_first(bias, f0, m0), simd.load_first(bias, f1, m1)
-    half = _half(F, b)
     image = i = j = 0  # with pool: the place of window g, counted on from the task's first
     if pool:
         image, i, j = first // (Hq * Wq), first // Wq % Hq, first % Wq
@@ -450,7 +430,7 @@ def _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, 
                     image, i = image + 1, 0
         else:
             r0, r1, r2, r3 = _four_rows(g, R)
-        c0, c1, c2, c3, c4, c5, c6, c7 = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b, half)
+        c0, c1, c2, c3, c4, c5, c6, c7 = _counts_of(x32, starts, r0, r1, r2, r3, off, wb, b, F)
         z0, z2, z4, z6 = _products(c0, n, beta[r0]), _products(c2, n, beta[r1]), _products(c4, n, beta[r2]), \
             _products(c6, n, beta[r3])  # filters f0 ..
         z1, z3, z5, z7 = _products(c1, n, beta[r0]), _products(c3, n, beta[r1]), _products(c5, n, beta[r2]), \
