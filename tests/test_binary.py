@@ -15,7 +15,7 @@ from minicnn.inference import Inference
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
 from optim.binary import (
     BinaryConv2D, BinaryDense, PackedBinaryConv2D, PackedBinaryDense, addsub, binarize, clip_latent, lanes, pack,
-    xnor,
+    windows, xnor,
 )
 from portable import run_without_avx512
 from strategies import conv_geometry, random_array
@@ -473,45 +473,54 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
 
 @given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5), st.integers(1, 70), st.integers(1, 3),
        st.integers(1, 3), st.integers(1, 3), seeds)
-@example(2, 12, 12, 20, 5, 5, 1, 0)  # LeNet-5's conv2: lines of 100 signs in 4 words
+@example(2, 12, 12, 20, 5, 5, 1, 0)  # LeNet-5's conv2: lines of 100 signs in 4 words, 5 tails of 4 bits in one
+@example(2, 4, 4, 1, 3, 3, 2, 0)  # one channel, 3 x 3, stride 2: lines of one word, a window's 9 signs in one
 @example(3, 1, 1, 64, 1, 1, 1, 0)  # a dense layer's rows: 1 x 1 images; whole words
 @example(2, 3, 7, 32, 2, 3, 3, 0)  # lines of whole words, stride 3
 def test_window_signs_match_reference(N, Hp, Wp, C, KH, KW, stride, seed):
-    """Each window line's KW C signs in ceil(KW C / 32) words, bit for bit; the windows' mean |x| to
-    float32 rounding."""
+    """Each window line's KW C signs in ceil(KW C / 32) words, and where they fit, the KH lines' last
+    words from each line down side by side in its slot, bit for bit; the windows' mean |x| to float32
+    rounding."""
     x = random_array(seed, (N, Hp + KH - 1, Wp + KW - 1, C), np.float32)
     x[..., ::5] = 0  # sign(0) = +1
-    lines, beta = xnor.window_signs_ref(x, KH, KW, stride)
-    Wo = (x.shape[2] - KW) // stride + 1
-    assert lines.shape == (*x.shape[:2], Wo, -(-KW * C // 32))
+    lines, beta = windows.window_signs_ref(x, KH, KW, stride)
+    Wo, L, t = (x.shape[2] - KW) // stride + 1, -(-KW * C // 32), windows.tail_bits(KH, KW, C)
+    assert lines.shape == (*x.shape[:2], Wo, windows.line_slot(KH, KW, C)) and lines.shape[3] == L + (t > 0)
     line_values = np.stack([x[:, :, j * stride : j * stride + KW].reshape(N, x.shape[1], -1) for j in range(Wo)], 2)
-    np.testing.assert_array_equal(np.unpackbits(lines.view(np.uint8), axis=-1, bitorder="little")[..., : KW * C],
-                                  line_values >= 0)
+    bits = np.unpackbits(lines[..., :L].copy().view(np.uint8), axis=-1, bitorder="little")
+    np.testing.assert_array_equal(bits[..., : KW * C], line_values >= 0)
+    if t:  # each line's tail word: the last words of the KH lines from it down, t bits each
+        tails = np.zeros(lines.shape[:3], np.uint32)
+        for h in range(x.shape[1]):
+            for kh in range(min(KH, x.shape[1] - h)):
+                tails[:, h] |= lines[:, h + kh, :, L - 1] << np.uint32(t * kh)
+        np.testing.assert_array_equal(lines[..., L], tails)
     for build in BUILDS:
         with parallel.forced(build):
-            got_lines, got_beta = xnor.window_signs(x, KH, KW, stride)
+            got_lines, got_beta = windows.window_signs(x, KH, KW, stride)
         np.testing.assert_array_equal(got_lines, lines, err_msg=build)
         np.testing.assert_allclose(got_beta, beta, rtol=1e-5, err_msg=build)
 
 
 @given(conv_geometry(max_channels=40), seeds)
 @example((2, 20, 12, 12, 50, 5, 1, 0), 0)  # LeNet-5's conv2
+@example((2, 1, 9, 9, 3, 3, 1, 0), 0)  # one channel: a window's 9 signs in one word
 def test_xnor_conv_on_windows_read_in_place(geom, seed):
-    """window_rows' rows are each window's lines, one after the other, and the kernel's products of them
-    with window_filters' words are the +-1 dot products of the windows' signs with the filters', exactly."""
+    """window_rows' rows are each window's signs as window_filters packs a filter's (lines, or lines
+    and tails), and the kernel's products of them with window_filters' words are the +-1 dot products
+    of the windows' signs with the filters', exactly."""
     N, C, H, W, F, k, s, p = geom
     xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
     filters = signs_of(random_array(seed + 1, (F, k, k, C))).astype(np.float32)
-    lines, _ = xnor.window_signs_ref(xp, k, k, s)
-    rows = xnor.window_rows(lines, k, s)
-    windows = np.lib.stride_tricks.sliding_window_view(lines, k, axis=1)[:, ::s]  # (N, Ho, Wo, L, k)
-    Ho, Wo = windows.shape[1:3]
-    np.testing.assert_array_equal(rows.x32[rows.starts[:, None] + rows.off],
-                                  windows.transpose(0, 1, 2, 4, 3).reshape(N * Ho * Wo, -1))
+    lines, _ = windows.window_signs_ref(xp, k, k, s)
+    rows = windows.window_rows(lines, k, s, windows.tail_bits(k, k, C) > 0)
     sign_windows = np.lib.stride_tricks.sliding_window_view(signs_of(xp), (k, k), axis=(1, 2))[:, ::s, ::s]
-    exact = sign_windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, -1) @ filters.reshape(F, -1).T
+    Ho, Wo = sign_windows.shape[1:3]
+    sign_windows = sign_windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, k, k, C)
+    np.testing.assert_array_equal(rows.x32[rows.starts[:, None] + rows.off], windows.window_filters(sign_windows))
+    exact = sign_windows.reshape(N * Ho * Wo, -1) @ filters.reshape(F, -1).T
     ones, zeros = np.ones(N * Ho * Wo, np.float32), np.zeros(F, np.float32)
-    wb = xnor.blocked(xnor.window_filters(filters))
+    wb = xnor.blocked(windows.window_filters(filters))
     for build in BUILDS:
         with parallel.forced(build):
             out = xnor.xnor_layer(rows, wb, k * k * C, ones, zeros + 1, zeros, (N, Ho, Wo), False, False,
@@ -527,16 +536,17 @@ def test_conv_runner_is_the_kernels_call_after_call(geom, relu, pool, seed):
     rng = np.random.default_rng(seed)
     inputs = [np.ascontiguousarray(kernels.pad(rng.standard_normal((N, C, H, W)).astype(np.float32), p)
                                    .transpose(0, 2, 3, 1)) for _ in range(2)]
-    wb = xnor.blocked(xnor.window_filters(signs_of(rng.standard_normal((F, k, k, C))).astype(np.float32)))
+    wb = xnor.blocked(windows.window_filters(signs_of(rng.standard_normal((F, k, k, C))).astype(np.float32)))
     alpha, b = rng.random(F, dtype=np.float32), rng.standard_normal(F).astype(np.float32)
     Ho, Wo = (inputs[0].shape[1] - k) // s + 1, (inputs[0].shape[2] - k) // s + 1
     pool = pool and min(Ho, Wo) >= 2
     shape = (N, Ho // 2, Wo // 2, F) if pool else (N, Ho, Wo, F)
-    run = xnor.conv_runner(inputs[0].shape, k, s, wb, k * k * C, alpha, b, relu, pool)
+    run = windows.conv_runner(inputs[0].shape, k, s, wb, k * k * C, alpha, b, relu, pool)
     for x in (*inputs, inputs[0]):
-        lines, beta = xnor.window_signs(x, k, k, s)
-        expected = xnor.xnor_layer(xnor.window_rows(lines, k, s), wb, k * k * C, beta, alpha, b, (N, Ho, Wo), relu,
-                                   pool, np.empty(shape, np.float32))
+        lines, beta = windows.window_signs(x, k, k, s)
+        rows = windows.window_rows(lines, k, s, windows.tail_bits(k, k, C) > 0)
+        expected = xnor.xnor_layer(rows, wb, k * k * C, beta, alpha, b, (N, Ho, Wo), relu, pool,
+                                   np.empty(shape, np.float32))
         np.testing.assert_array_equal(run(x, np.empty(shape, np.float32)), expected)
     with pytest.raises(ValueError, match="a runner for inputs"):
         run(np.zeros((N + 1, *inputs[0].shape[1:]), np.float32), np.empty(shape, np.float32))

@@ -11,7 +11,7 @@ import minicnn
 from minicnn import parallel
 from minicnn.inference import Inference
 from minicnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
-from optim.binary import BinaryConv2D, BinaryDense, addsub, binarize, pack, xnor
+from optim.binary import BinaryConv2D, BinaryDense, addsub, binarize, pack, windows, xnor
 from portable import run_without_avx512
 
 seeds = st.integers(0, 2**31 - 1)
@@ -187,7 +187,7 @@ def test_a_packed_layer_of_bad_scales_is_refused():
             Inference(model.layers)(x)
 
 
-@pytest.mark.parametrize("kernel", [xnor.window_signs_serial, xnor.xnor_layer_serial, addsub.addsub_dense_serial])
+@pytest.mark.parametrize("kernel", [windows.window_signs_serial, xnor.xnor_layer_serial, addsub.addsub_dense_serial])
 def test_kernels_without_reference_counts_return_nothing(kernel):
     """Compiled without Numba's runtime, a kernel that returned an array would hand its caller one
     whose count nobody raised: what the chain calls returns None."""

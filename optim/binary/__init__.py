@@ -13,10 +13,11 @@ Modules:
              BinaryConv2D, binarize (float model -> binarized copy), clip_latent.
     packed   inference: PackedBinaryDense, PackedBinaryConv2D (signs stored one
              bit each, alpha and bias in float32), pack (trained -> packed copy).
-    xnor     bit kernels: signs packed into words (a weight row's, or each window line's,
-             which a conv's windows then read in place), the XNOR-popcount
-             matrix product, and a binary-input layer's whole output (scales, ReLU, 2x2
+    xnor     bit kernels: signs packed into words, the XNOR-popcount matrix
+             product, and a binary-input layer's whole output (scales, ReLU, 2x2
              pool), each with its NumPy reference.
+    windows  a binary-input conv's operand: its input's window lines' signs packed
+             once (and beta), its windows then read in place; NumPy references.
     lanes    16 popcounts in one register: the XNOR kernels' register tile.
     addsub   real inputs times binary weights: 16 outputs' signs to a uint16,
              masked adds where a float kernel multiply-adds; its NumPy reference.

@@ -16,7 +16,7 @@ last), in three kinds:
             Conv2D, whose packed weights first follow W (minicnn.chain.refresh_filters), a Dense,
             a layer that gives float params (minicnn.inference.float_params), or a real-input
             PackedBinaryConv2D on its decoded filters
-    XNOR    xnor.window_signs' loops, then xnor_layer's: a binary-input PackedBinaryConv2D, or a
+    XNOR    windows.window_signs' loops, then xnor.xnor_layer's: a binary-input PackedBinaryConv2D, or a
             binary-input PackedBinaryDense, each row a 1 x 1 image of K channels
     ADDSUB  addsub_dense's loops: a real-input PackedBinaryDense below addsub.ADDSUB_BELOW rows
 
@@ -42,7 +42,7 @@ from minicnn.chain import conv_stage, dense_at, dense_stage, refresh_filters, ta
 from minicnn.inference import checked_params, float_params
 from minicnn.parallel import MIN_MACS, runs_threaded
 
-from . import addsub, xnor
+from . import addsub, windows, xnor
 
 __all__ = ["Chain", "network_chain"]
 
@@ -82,8 +82,8 @@ def _run(plan, f32, u32, u16, i64, raw):
                 row[GEOMETRY + 9]
             Ho, Wo, side = (Hp - K) // S + 1, (Wp - K) // S + 1, 2 if pool else 1
             lines, beta = _slot(u32, row, LINES), _slot(f32, row, BETA)
-            xnor.window_signs_serial(x.reshape((N, Hp, Wp, C)), K, K, S, lines.reshape((N, Hp, Wo, (K * C + 31) // 32)),
-                                     _slot(f32, row, SUMS), beta)
+            windows.window_signs_serial(x.reshape((N, Hp, Wp, C)), K, K, S,
+                                        lines.reshape((N, Hp, Wo, windows.line_slot(K, K, C))), _slot(f32, row, SUMS), beta)
             xnor.xnor_layer_serial(lines, _slot(i64, row, AT), _slot(i64, row, OFF), _slot(u32, row, BITS), n, beta,
                                    first, second, Ho, Wo, relu != 0, pool != 0,
                                    out.reshape((N, Ho // side, Wo // side, F)))
@@ -168,8 +168,8 @@ def _stage(stage, x_shape):
         slots = {BITS: layer.in_order("lanes", x_shape)}
         return kind, [N, K, F, int(relu)], slots, (layer.alpha, layer.b), N * K * F / MIN_MACS, out_shape
     xs = x_shape if conv else (N, 1, 1, K)
-    lines, sums, beta = xnor.signs_work(xs, k, k, S)
-    rows = xnor.window_rows(lines, k, S)
+    lines, sums, beta = windows.signs_work(xs, k, k, S)
+    rows = windows.window_rows(lines, k, S, windows.tail_bits(k, k, xs[3]) > 0)
     wb = xnor.check_blocked(layer.window_bits(x_shape), F, rows.off.size)
     xnor.check_alpha(layer.alpha)
     slots = {SUMS: sums, BETA: beta, LINES: lines, BITS: wb, AT: rows.starts.astype(np.int64),

@@ -29,7 +29,7 @@ from minicnn.layers import Conv2D, Dense, Layer
 from minicnn.model import Sequential
 from minicnn.serialization import stored_array
 
-from . import addsub, chain, xnor
+from . import addsub, chain, windows, xnor
 from .layers import BinaryConv2D, BinaryDense
 
 
@@ -83,13 +83,13 @@ class PackedBinaryLayer(Layer):
         return addsub.addsub_dense(rows, self.lanes, self.alpha, self.b)
 
     def _blocked(self, key, signs):
-        """xnor.blocked(xnor.window_filters(signs())), signs() the filters' signs (F, KH, KW, C) in the
-        order xnor.window_rows reads an input (a dense layer's (F, 1, 1, n)): made once under `key`.
-        The XNOR kernel then runs as xnor.conv_runner: the signs of the input's window lines packed
+        """xnor.blocked(windows.window_filters(signs())), signs() the filters' signs (F, KH, KW, C) in
+        the order windows.window_rows reads an input (a dense layer's (F, 1, 1, n)): made once under
+        `key`. The XNOR kernel then runs as windows.conv_runner: the signs of the input's window lines packed
         and beta, the K x K windows' means of |x|, in one pass, each window's lines read in place
         against them, the ReLU and the 2x2 pool in the kernel's registers."""
         if key not in self._laid_out:
-            self._laid_out[key] = xnor.blocked(xnor.window_filters(signs()))
+            self._laid_out[key] = xnor.blocked(windows.window_filters(signs()))
         return self._laid_out[key]
 
     def backward(self, dout):
@@ -166,7 +166,7 @@ class PackedBinaryDense(PackedBinaryLayer):
         """
         N, K, F = shape[0], self.in_features, self.out_features
         if self.binary_input:
-            xnor_run = xnor.conv_runner((N, 1, 1, K), 1, 1, self.window_bits(shape), self.n, self.alpha, self.b, relu,
+            xnor_run = windows.conv_runner((N, 1, 1, K), 1, 1, self.window_bits(shape), self.n, self.alpha, self.b, relu,
                                         False)
 
             def run(x, out):  # each row a 1 x 1 image of K channels
@@ -255,7 +255,7 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         """
         F, K = self.out_channels, self.kernel_size
         if self.binary_input:
-            return xnor.conv_runner(padded_shape, K, self.stride, self.window_bits(), self.n, self.alpha, self.b,
+            return windows.conv_runner(padded_shape, K, self.stride, self.window_bits(), self.n, self.alpha, self.b,
                                     relu, pool)
         kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self.filters(pool)
         return lambda xp, out: kernel(xp, w, self.b, out)

@@ -6,12 +6,7 @@ Packing. A row v of n values becomes ceil(n / 64) uint64 words: bit k
 (least significant first) of word w is 1 iff v[64 w + k] >= 0, i.e. the
 sign +1, and the 64 * words - n padding bits are 0. A float32 weight takes
 32 bits, its sign one: 32x smaller. A binary-input convolution packs its
-input by window lines instead: the KW pixels of a window's row are KW C
-values next to each other in a channels-last image, packed into
-ceil(KW C / 32) uint32 words (`window_signs`). A window is then KH lines'
-words, read in place (`window_rows`): no row of signs is ever gathered.
-LeNet-5's conv2 (C = 20, 5 x 5) reads 20 words a window, 500 bits in 640,
-where words of each pixel's channels took 25 (in 800).
+input by window lines instead, and reads its windows in place (windows.py).
 
 XNOR-popcount. For a, w in {-1, +1}^n the product a_i w_i is +1 where the
 bits agree and -1 where they differ, so
@@ -46,7 +41,7 @@ from minicnn.parallel import twin
 from . import lanes
 
 # Threads pay from this many inner-loop steps (a value packed or summed) on:
-# below it a batch-1 LeNet-5 layer runs faster on one thread.
+# below it a batch-1 LeNet-5 layer runs faster on one thread (here and in windows.py).
 MIN_STEPS = 1 << 16
 # The same for the popcount kernels, counted in words x filters (rows x words x filters): LeNet-5's
 # conv2 at batch 1, 80,000, ran in 6.6 us on one thread and 9.0 on two; at batch 4, 320,000, 19 and 14.
@@ -103,113 +98,13 @@ def unpack_signs(packed, n):
 
 
 # --------------------------------------------------------------------------
-# A binary-input conv's operand: each window line's signs, packed, and beta
-
-
-def sign_words(v):
-    """v (..., n) float -> (..., ceil(n / 32)) uint32: bit t % 32 of word t // 32 is v[..., t] >= 0,
-    padding bits 0: a window's signs, or a filter's."""
-    S = -(-v.shape[-1] // 32)
-    bits = np.zeros((*v.shape[:-1], 32 * S), np.uint8)
-    bits[..., : v.shape[-1]] = v >= 0
-    return np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
-
-
-def lines_of(x, KW, stride):
-    """x (N, Hp, Wp, C) -> (N, Hp, Wo, KW C): the window lines, line (n, h, j) being the KW pixels
-    from (h, j stride) on, channels last: KW C values next to each other in x (a view)."""
-    lines = np.lib.stride_tricks.sliding_window_view(x, KW, axis=2)[:, :, ::stride]  # (N, Hp, Wo, C, KW)
-    return lines.transpose(0, 1, 2, 4, 3).reshape(*lines.shape[:3], -1)
-
-
-def window_signs_ref(x, KH, KW, stride):
-    """What a binary-input conv needs of its input x (N, Hp, Wp, C) float32, padded, channels last:
-
-        lines (N, Hp, Wo, L) uint32   sign_words of each window line (lines_of), L = ceil(KW C / 32)
-        beta  (N Ho Wo,) float32      each KH x KW window's mean |x|
-
-    A window is KH lines, rows i stride .. i stride + KH - 1 at column j (window_rows)."""
-    lines = lines_of(x, KW, stride)
-    windows = np.lib.stride_tricks.sliding_window_view(lines, KH, axis=1)[:, ::stride]  # (N, Ho, Wo, KW C, KH)
-    beta = np.abs(windows).mean(axis=(-2, -1), dtype=np.float64).astype(np.float32)
-    return sign_words(lines), beta.reshape(-1)
-
-
-def _window_signs_loops(x, KH, KW, stride, lines, sums, beta):
-    N, Hp, Wp, C = x.shape
-    _, _, Wo, L = lines.shape
-    for image in prange(N):
-        _signs_of(x.reshape(-1), Hp, Wp, C, KH, KW, stride, lines.reshape(-1), Wo, L, sums, beta, image)
-
-
-# A function of its own, not inlined: inlined into the threaded build's loop it compiled 1.36x slower
-# than in the serial one (0.97 against 0.71 us an image on one thread), and two threads ran LeNet-5's
-# conv2 signs at batch 256 1.23x faster than one, not 1.8x.
-@numba.njit(cache=True, _nrt=False)
-def _signs_of(x, Hp, Wp, C, KH, KW, stride, lines, Wo, L, sums, beta, image):
-    """window_signs of one image. Each line's KW C values are next to each other in x: 16 a compare
-    (lanes.sign_bits), two compares a word, and the sum of their |x| on the way. Then beta, the
-    windows' sums of KH lines' sums, 16 windows along a row at a time. (Every row's lines are
-    packed, those no window reads included, with stride > KH: no zoo network has one.)"""
-    run, Ho = KW * C, (Hp - KH) // stride + 1
-    m0, m1 = min(16, run - 32 * (L - 1)), max(0, run - 32 * (L - 1) - 16)  # the last word's lanes in use
-    for row in range(image * Hp, (image + 1) * Hp):
-        at = row * Wp * C  # line (row, j) starts at pixel (row, j stride)
-        for line in range(row * Wo, (row + 1) * Wo):
-            total = simd.splat(0)
-            for k in range(L - 1):  # whole words: the constant 16 makes the loads plain ones
-                lines[line * L + k], magnitudes = _line_word(x, at + 32 * k, 16, 16)
-                total = simd.add(total, magnitudes)
-            lines[line * L + L - 1], magnitudes = _line_word(x, at + 32 * (L - 1), m0, m1)
-            sums[line] = simd.total(simd.add(total, magnitudes))
-            at += stride * C
-    scale = simd.splat(np.float32(1) / np.float32(KH * KW * C))
-    for i in range(Ho):
-        for j in range(0, Wo, simd.LANES):
-            m, total = min(simd.LANES, Wo - j), simd.splat(0)
-            for kh in range(KH):
-                total = simd.add(total, simd.load_first(sums, (image * Hp + i * stride + kh) * Wo + j, m))
-            simd.store_first(beta, (image * Ho + i) * Wo + j, simd.mul(total, scale), m)
-
-
-@numba.njit(inline="always", cache=True)
-def _line_word(x, at, m0, m1):
-    """(word, |x|): the signs of x[at : at + m0] and x[at + 16 : at + 16 + m1] as bits 0.. and 16.. of
-    one uint32, and those values' magnitudes in 16 float32 lanes (m0, m1 <= 16)."""
-    v0, v1 = simd.load_first(x, at, m0), simd.load_first(x, at + 16, m1)
-    word = lanes.sign_bits(v0, m0) | (lanes.sign_bits(v1, m1) << np.uint32(16))
-    return word, simd.add(simd.absolute(v0), simd.absolute(v1))
-
-
-# The bit kernels are compiled without Numba's reference counts (NRT): each call of a helper that
-# takes arrays counts every one up and down, two atomic operations and a call each, and that cost
-# ~100 ns a task of xnor_layer (LeNet-5's fc1 at batch 1: 2.9 us, 1.5 without). Their loops
-# allocate nothing and return nothing, which is what a kernel without them must keep to.
-_window_signs = twin(_window_signs_loops, MIN_STEPS, _nrt=False)
-window_signs_serial = _window_signs.serial  # for compiled callers (chain.py)
-
-
-def window_signs(x, KH, KW, stride):
-    """Fast window_signs_ref (beta's sums in another order: equal to float32 rounding), each image
-    in one pass: returns (lines, beta)."""
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    lines, sums, beta = signs_work(x.shape, KH, KW, stride)
-    _window_signs(x.size, x, KH, KW, stride, lines, sums, beta)
-    return lines, beta
-
-
-def signs_work(shape, KH, KW, stride):
-    """(lines, sums, beta): window_signs' arrays for inputs of shape (N, Hp, Wp, C)."""
-    N, Hp, Wp, C = shape
-    Ho, Wo = (Hp - KH) // stride + 1, (Wp - KW) // stride + 1
-    return (np.empty((N, Hp, Wo, -(-KW * C // 32)), np.uint32), np.empty(N * Hp * Wo, np.float32),
-            np.empty(N * Ho * Wo, np.float32))
+# The kernels' operand
 
 
 class Rows(NamedTuple):
     """The operand of the XNOR kernels: M rows of K uint32 words, row r's word k being
     x32[starts[r] + off[k]] (x32 uint32 flat, starts int64 (M,), off int64 (K,)): rows side by side
-    (`packed_rows`), or a convolution's windows read in place from its lines (`window_rows`)."""
+    (`packed_rows`), or a convolution's windows read in place from its lines (windows.window_rows)."""
 
     x32: np.ndarray
     starts: np.ndarray
@@ -223,24 +118,6 @@ def packed_rows(a):
     return Rows(np.ascontiguousarray(a).view(np.uint32).reshape(-1), np.arange(a.shape[0]) * K, np.arange(K))
 
 
-def window_rows(lines, KH, stride):
-    """Rows of the KH x KW windows (stride) read in place from window_signs' lines (N, Hp, Wo, L):
-    row (n, i, j) is the words of lines (n, i stride + kh, j), kh = 0 .. KH - 1 (window_filters packs
-    the weights so)."""
-    N, Hp, Wo, L = lines.shape
-    Ho = (Hp - KH) // stride + 1
-    windows = (np.arange(N)[:, None, None] * Hp + np.arange(Ho)[:, None] * stride) * Wo + np.arange(Wo)
-    off = np.arange(KH)[:, None] * Wo * L + np.arange(L)
-    return Rows(lines.reshape(-1), windows.reshape(-1) * L, off.reshape(-1))
-
-
-def window_filters(signs):
-    """(F, KH L) uint32: the signs (F, KH, KW, C) of F filters packed line by line as window_signs
-    packs an image, L = ceil(KW C / 32) words a line."""
-    F, KH = signs.shape[:2]
-    return sign_words(signs.reshape(F, KH, -1)).reshape(F, -1)
-
-
 # --------------------------------------------------------------------------
 # XNOR-popcount: binary activations times binary weights
 
@@ -252,7 +129,7 @@ def xnor_matmul_ref(a, w, n):
 
 
 def blocked(w):
-    """The weights' operand of the fast kernels: w (F, K) uint32 words (window_filters'), or pack_signs'
+    """The weights' operand of the fast kernels: w (F, K) uint32 words (windows.window_filters'), or pack_signs'
     (F, words) uint64 rows taken as their halves, as wb uint32, flat, (2 ceil(F/32), K, 16),
     wb[b, k, l] = word k of filter 16 b + l (zero filters pad F to a multiple of 32: the kernels run
     2 blocks of 16 filters per pass over a row). Made once per layer and kept."""
@@ -447,6 +324,7 @@ def _layer_task(x32, starts, off, wb, n, beta, alpha, bias, Ho, Wo, relu, pool, 
 
 _xnor_layer = twin(_xnor_layer_loops, MIN_WORDS, _nrt=False)
 xnor_layer_serial = _xnor_layer.serial  # for compiled callers (chain.py)
+run_xnor_layer = _xnor_layer  # (work, *rows, ...): xnor_layer without its checks, for windows.conv_runner
 
 
 def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
@@ -468,32 +346,3 @@ def xnor_layer(rows, wb, n, beta, alpha, b, grid, relu, pool, out):
     check_alpha(alpha)
     _xnor_layer(rows.starts.size * rows.off.size * F, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
     return out
-
-
-def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
-    """run(xp, out) = xnor_layer(window_rows(lines, K, stride), wb, n, beta, alpha, b, grid, relu, pool, out)
-    for xp (N, Hp, Wp, C) float32 of padded_shape, channels last, with (lines, beta) = window_signs(xp, K,
-    K, stride): a binary-input conv layer (a dense one: K = 1 on (N, 1, 1, C)). Checks, sizes and work
-    arrays are bound here, once (at batch 1 they cost as much as the kernels), and each call checks
-    only the two shapes: xp and out float32 and contiguous, as minicnn.inference's stages hand them.
-    Not re-entrant: the work arrays are the runner's."""
-    N, Hp, Wp, C = padded_shape
-    work = signs_work(padded_shape, K, K, stride)
-    lines, _, beta = work
-    Ho, Wo = (Hp - K) // stride + 1, lines.shape[2]
-    rows = window_rows(lines, K, stride)
-    check_blocked(wb, alpha.size, rows.off.size)
-    if alpha.ndim != 1 or b.shape != alpha.shape:
-        raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")
-    check_alpha(alpha)
-    size, words_x_filters = N * Hp * Wp * C, rows.starts.size * rows.off.size * alpha.size
-    out_shape = (N, Ho // 2, Wo // 2, alpha.size) if pool else (N, Ho, Wo, alpha.size)
-
-    def run(xp, out):
-        if xp.shape != padded_shape or out.shape != out_shape:  # the kernels index by the bound shapes
-            raise ValueError(f"a runner for inputs {padded_shape} into {out_shape} got {xp.shape} into {out.shape}")
-        _window_signs(size, xp, K, K, stride, *work)
-        _xnor_layer(words_x_filters, *rows, wb, n, beta, alpha, b, Ho, Wo, relu, pool, out)
-        return out
-
-    return run
