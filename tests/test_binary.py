@@ -475,6 +475,7 @@ def test_cli_quantize_bits_1(tmp_path, capsys):
        st.integers(1, 3), st.integers(1, 3), seeds)
 @example(2, 12, 12, 20, 5, 5, 1, 0)  # LeNet-5's conv2: lines of 100 signs in 4 words, 5 tails of 4 bits in one
 @example(2, 4, 4, 1, 3, 3, 2, 0)  # one channel, 3 x 3, stride 2: lines of one word, a window's 9 signs in one
+@example(1, 3, 3, 8, 2, 2, 1, 0)  # lines of 16 bits: two make a whole tail word
 @example(3, 1, 1, 64, 1, 1, 1, 0)  # a dense layer's rows: 1 x 1 images; whole words
 @example(2, 3, 7, 32, 2, 3, 3, 0)  # lines of whole words, stride 3
 def test_window_signs_match_reference(N, Hp, Wp, C, KH, KW, stride, seed):
@@ -485,7 +486,7 @@ def test_window_signs_match_reference(N, Hp, Wp, C, KH, KW, stride, seed):
     x[..., ::5] = 0  # sign(0) = +1
     lines, beta = windows.window_signs_ref(x, KH, KW, stride)
     Wo, L, t = (x.shape[2] - KW) // stride + 1, -(-KW * C // 32), windows.tail_bits(KH, KW, C)
-    assert lines.shape == (*x.shape[:2], Wo, windows.line_slot(KH, KW, C)) and lines.shape[3] == L + (t > 0)
+    assert lines.shape == (*x.shape[:2], Wo, windows.line_slot(KH, KW, C))
     line_values = np.stack([x[:, :, j * stride : j * stride + KW].reshape(N, x.shape[1], -1) for j in range(Wo)], 2)
     bits = np.unpackbits(lines[..., :L].copy().view(np.uint8), axis=-1, bitorder="little")
     np.testing.assert_array_equal(bits[..., : KW * C], line_values >= 0)
@@ -502,9 +503,22 @@ def test_window_signs_match_reference(N, Hp, Wp, C, KH, KW, stride, seed):
         np.testing.assert_allclose(got_beta, beta, rtol=1e-5, err_msg=build)
 
 
+def test_tails_are_where_they_fit():
+    """LeNet-5's conv2 (5 x 5 x 20: lines of 100 bits) keeps 5 tails of 4 bits in a fifth word a line, and
+    its windows are 16 words; lines of whole words, or tails that do not fit one word, keep none; lines
+    of a mismatched slot are refused."""
+    assert windows.tail_bits(5, 5, 20) == 4 and windows.line_slot(5, 5, 20) == 5
+    lines, _ = windows.window_signs(np.ones((1, 12, 12, 20), np.float32), 5, 5, 1)
+    assert windows.window_rows(lines, 5, 5, 20, 1).off.size == 16
+    assert windows.tail_bits(3, 3, 32) == 0 and windows.tail_bits(5, 5, 30) == 0 and windows.tail_bits(1, 5, 20) == 0
+    with pytest.raises(ValueError, match="words a slot"):
+        windows.window_rows(lines[..., :4], 5, 5, 20, 1)
+
+
 @given(conv_geometry(max_channels=40), seeds)
 @example((2, 20, 12, 12, 50, 5, 1, 0), 0)  # LeNet-5's conv2
 @example((2, 1, 9, 9, 3, 3, 1, 0), 0)  # one channel: a window's 9 signs in one word
+@example((2, 2, 7, 7, 20, 4, 2, 1), 0)  # lines of 8 bits, four to a tail word; stride 2, padding
 def test_xnor_conv_on_windows_read_in_place(geom, seed):
     """window_rows' rows are each window's signs as window_filters packs a filter's (lines, or lines
     and tails), and the kernel's products of them with window_filters' words are the +-1 dot products
@@ -513,7 +527,7 @@ def test_xnor_conv_on_windows_read_in_place(geom, seed):
     xp = np.ascontiguousarray(kernels.pad(random_array(seed, (N, C, H, W), np.float32), p).transpose(0, 2, 3, 1))
     filters = signs_of(random_array(seed + 1, (F, k, k, C))).astype(np.float32)
     lines, _ = windows.window_signs_ref(xp, k, k, s)
-    rows = windows.window_rows(lines, k, s, windows.tail_bits(k, k, C) > 0)
+    rows = windows.window_rows(lines, k, k, C, s)
     sign_windows = np.lib.stride_tricks.sliding_window_view(signs_of(xp), (k, k), axis=(1, 2))[:, ::s, ::s]
     Ho, Wo = sign_windows.shape[1:3]
     sign_windows = sign_windows.transpose(0, 1, 2, 4, 5, 3).reshape(N * Ho * Wo, k, k, C)
@@ -544,7 +558,7 @@ def test_conv_runner_is_the_kernels_call_after_call(geom, relu, pool, seed):
     run = windows.conv_runner(inputs[0].shape, k, s, wb, k * k * C, alpha, b, relu, pool)
     for x in (*inputs, inputs[0]):
         lines, beta = windows.window_signs(x, k, k, s)
-        rows = windows.window_rows(lines, k, s, windows.tail_bits(k, k, C) > 0)
+        rows = windows.window_rows(lines, k, k, C, s)
         expected = xnor.xnor_layer(rows, wb, k * k * C, beta, alpha, b, (N, Ho, Wo), relu, pool,
                                    np.empty(shape, np.float32))
         np.testing.assert_array_equal(run(x, np.empty(shape, np.float32)), expected)

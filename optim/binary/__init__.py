@@ -18,7 +18,7 @@ Modules:
              pool), each with its NumPy reference.
     windows  a binary-input conv's operand: its input's window lines' signs packed
              once (and beta), its windows then read in place; NumPy references.
-    lanes    16 popcounts in one register: the XNOR kernels' register tile.
+    lanes    16 (or 8) popcounts in one register: the XNOR kernels' register tile.
     addsub   real inputs times binary weights: 16 outputs' signs to a uint16,
              masked adds where a float kernel multiply-adds; its NumPy reference.
     chain    a small batch of a packed network in one compiled call: the

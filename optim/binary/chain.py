@@ -83,7 +83,8 @@ def _run(plan, f32, u32, u16, i64, raw):
             Ho, Wo, side = (Hp - K) // S + 1, (Wp - K) // S + 1, 2 if pool else 1
             lines, beta = _slot(u32, row, LINES), _slot(f32, row, BETA)
             windows.window_signs_serial(x.reshape((N, Hp, Wp, C)), K, K, S,
-                                        lines.reshape((N, Hp, Wo, windows.line_slot(K, K, C))), _slot(f32, row, SUMS), beta)
+                                        lines.reshape((N, Hp, Wo, windows.line_slot(K, K, C))),
+                                        _slot(f32, row, SUMS), beta)
             xnor.xnor_layer_serial(lines, _slot(i64, row, AT), _slot(i64, row, OFF), _slot(u32, row, BITS), n, beta,
                                    first, second, Ho, Wo, relu != 0, pool != 0,
                                    out.reshape((N, Ho // side, Wo // side, F)))
@@ -169,7 +170,7 @@ def _stage(stage, x_shape):
         return kind, [N, K, F, int(relu)], slots, (layer.alpha, layer.b), N * K * F / MIN_MACS, out_shape
     xs = x_shape if conv else (N, 1, 1, K)
     lines, sums, beta = windows.signs_work(xs, k, k, S)
-    rows = windows.window_rows(lines, k, S, windows.tail_bits(k, k, xs[3]) > 0)
+    rows = windows.window_rows(lines, k, k, xs[3], S)
     wb = xnor.check_blocked(layer.window_bits(x_shape), F, rows.off.size)
     xnor.check_alpha(layer.alpha)
     slots = {SUMS: sums, BETA: beta, LINES: lines, BITS: wb, AT: rows.starts.astype(np.int64),

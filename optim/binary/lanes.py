@@ -1,4 +1,4 @@
-"""Sixteen popcounts in one register: the XNOR kernels' register tile.
+"""Sixteen (or eight) popcounts in one register: the XNOR kernels' register tile.
 
 An XNOR product's inner step is d += popcount(a XOR w) (xnor.py). With the
 weights of 16 filters side by side, 32 bits each, one step serves all 16:
@@ -38,6 +38,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
 from minicnn.simd import f32x16, first_lanes, is_array_of, lanes_at
+
+__all__ = ["LANES", "count_add", "counts8", "counts16", "dots", "sign_bits", "store_first", "to_float", "widen",
+           "zeros", "zeros8"]
 
 LANES = 16
 

@@ -166,8 +166,8 @@ class PackedBinaryDense(PackedBinaryLayer):
         """
         N, K, F = shape[0], self.in_features, self.out_features
         if self.binary_input:
-            xnor_run = windows.conv_runner((N, 1, 1, K), 1, 1, self.window_bits(shape), self.n, self.alpha, self.b, relu,
-                                        False)
+            xnor_run = windows.conv_runner((N, 1, 1, K), 1, 1, self.window_bits(shape), self.n, self.alpha, self.b,
+                                           relu, False)
 
             def run(x, out):  # each row a 1 x 1 image of K channels
                 xnor_run(x.reshape(N, 1, 1, K), out.reshape(N, 1, 1, F))
@@ -256,7 +256,7 @@ class PackedBinaryConv2D(PackedBinaryLayer):
         F, K = self.out_channels, self.kernel_size
         if self.binary_input:
             return windows.conv_runner(padded_shape, K, self.stride, self.window_bits(), self.n, self.alpha, self.b,
-                                    relu, pool)
+                                       relu, pool)
         kernel, w = direct.conv_block_runner(padded_shape, F, K, self.stride, relu, pool), self.filters(pool)
         return lambda xp, out: kernel(xp, w, self.b, out)
 

@@ -85,7 +85,7 @@ def window_signs_ref(x, KH, KW, stride):
     if t:
         Hp, last = x.shape[1], words[..., -1]
         tails = np.zeros(words.shape[:3], np.uint32)
-        for kh in range(min(KH, Hp)):
+        for kh in range(KH):
             tails[:, : Hp - kh] |= last[:, kh:] << np.uint32(t * kh)
         words = np.concatenate([words, tails[..., None]], axis=3)
     return words, beta.reshape(-1)
@@ -175,11 +175,16 @@ def signs_work(shape, KH, KW, stride):
             np.empty(N * Ho * Wo, np.float32))
 
 
-def window_rows(lines, KH, stride, tails):
-    """xnor.Rows of the KH x KW windows (stride) read in place from window_signs' lines (N, Hp, Wo, S):
-    row (n, i, j) is the words of lines (n, i stride + kh, j), kh = 0 .. KH - 1, or with tails (S = L +
-    1), their first L - 1 words and the tail word of line (n, i stride, j). window_filters packs the weights so."""
+def window_rows(lines, KH, KW, C, stride):
+    """xnor.Rows of the KH x KW windows (stride) read in place from window_signs' lines (N, Hp, Wo, S) of
+    an input of C channels: row (n, i, j) is the words of lines (n, i stride + kh, j), kh = 0 .. KH - 1,
+    or with tails (tail_bits, S = L + 1), their first L - 1 words and the tail word of line (n, i
+    stride, j). window_filters packs the weights so."""
     N, Hp, Wo, S = lines.shape
+    if S != line_slot(KH, KW, C):
+        raise ValueError(f"lines of {S} words a slot for {KH} x {KW} windows of {C} channels, which take "
+                         f"{line_slot(KH, KW, C)}")
+    tails = tail_bits(KH, KW, C) > 0
     Ho, L = (Hp - KH) // stride + 1, S - 1 if tails else S
     windows = (np.arange(N)[:, None, None] * Hp + np.arange(Ho)[:, None] * stride) * Wo + np.arange(Wo)
     off = (np.arange(KH)[:, None] * Wo * S + np.arange(L - 1 if tails else L)).reshape(-1)
@@ -201,7 +206,7 @@ def window_filters(signs):
 
 
 def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
-    """run(xp, out) = xnor.xnor_layer(window_rows(lines, K, stride, tails), wb, n, beta, alpha, b, grid, relu,
+    """run(xp, out) = xnor.xnor_layer(window_rows(lines, K, K, C, stride), wb, n, beta, alpha, b, grid, relu,
     pool, out) for xp (N, Hp, Wp, C) float32 of padded_shape, channels last, with (lines, beta) =
     window_signs(xp, K, K, stride): a binary-input conv layer (a dense one: K = 1 on (N, 1, 1, C)).
     Checks, sizes and work arrays are bound here, once (at batch 1 they cost as much as the kernels),
@@ -211,7 +216,7 @@ def conv_runner(padded_shape, K, stride, wb, n, alpha, b, relu, pool):
     work = signs_work(padded_shape, K, K, stride)
     lines, _, beta = work
     Ho, Wo = (Hp - K) // stride + 1, lines.shape[2]
-    rows = window_rows(lines, K, stride, tail_bits(K, K, C) > 0)
+    rows = window_rows(lines, K, K, C, stride)
     check_blocked(wb, alpha.size, rows.off.size)
     if alpha.ndim != 1 or b.shape != alpha.shape:
         raise ValueError(f"one alpha and one bias per filter, got {alpha.shape} and {b.shape}")

@@ -40,11 +40,16 @@ from minicnn.parallel import twin
 
 from . import lanes
 
+__all__ = ["MIN_STEPS", "MIN_WORDS", "Rows", "blocked", "check_alpha", "check_blocked", "pack_signs", "pack_signs_ref",
+           "packed_rows", "run_xnor_layer", "unpack_signs", "words_for", "xnor_layer", "xnor_layer_ref", "xnor_layer_serial",
+           "xnor_matmul", "xnor_matmul_ref"]
+
 # Threads pay from this many inner-loop steps (a value packed or summed) on:
 # below it a batch-1 LeNet-5 layer runs faster on one thread (here and in windows.py).
 MIN_STEPS = 1 << 16
 # The same for the popcount kernels, counted in words x filters (rows x words x filters): LeNet-5's
-# conv2 at batch 1, 80,000, ran in 6.6 us on one thread and 9.0 on two; at batch 4, 320,000, 19 and 14.
+# conv2 (16 words a window) at batch 4, 204,800, runs in 15.7 us on one thread or two; at batch 8,
+# 409,600, in 24.1 on one and 20.4 on two (xnor_layer with its checks; session 18).
 MIN_WORDS = 1 << 18
 
 

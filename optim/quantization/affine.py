@@ -121,16 +121,17 @@ def _code(v, scale, zero_point, offset):
 def _quantize_nhwc_loops(x, scale, zero_point, offset, out):
     N, C, H, W = x.shape
     xf, of = x.reshape(-1), out.reshape(-1)
-    for n in prange(N):
-        if C == 1:  # the two layouts are one: a flat loop, whose divisions run 8 to a vector
+    if C == 1:  # the two layouts are one: an image is one flat loop, whose divisions run 8 to a vector
+        for n in prange(N):
             for k in range(n * H * W, (n + 1) * H * W):
                 of[np.uint64(k)] = _code(xf[np.uint64(k)], scale, zero_point, offset)
-            continue
-        for i in range(H):
-            for c in range(C):
-                src, dst = ((n * C + c) * H + i) * W, (n * H + i) * W * C + c
-                for j in range(W):
-                    of[np.uint64(dst + j * C)] = _code(xf[np.uint64(src + j)], scale, zero_point, offset)
+        return out
+    for t in prange(N * H):
+        n, i = t // H, t % H
+        for c in range(C):
+            src, dst = ((n * C + c) * H + i) * W, t * W * C + c
+            for j in range(W):
+                of[np.uint64(dst + j * C)] = _code(xf[np.uint64(src + j)], scale, zero_point, offset)
     return out
 
 

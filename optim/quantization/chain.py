@@ -26,8 +26,8 @@ float32 model's minicnn.chain is another thing: one parallel loop whose
 tasks both cores take, for batches big enough to run threaded.)
 
     plan    int64 (S, PLAN_COLUMNS): per layer the qgemm window, its epilogue's z_out, lo, hi and F,
-            where its words come from (OWN, COPIES, ROWS) and BoundGemm's rows (its copies' size in
-            the column of the rows' width)
+            where its words come from (OWN, COPIES, ROWS) and BoundGemm's rows (zeros for its
+            copies)
     starts, offs, wps, biases, m0s, shifts
             the layers' qgemm operands (BoundGemm's, wp flattened), each kind end to end in one array:
             layer s's are [at[s, k], at[s + 1, k]) of the k-th (at int64 (S + 1, 6)). Six arrays, not
@@ -96,7 +96,7 @@ def _plan_row(step):
     """A BoundGemm's row of the plan (the module's docstring)."""
     e = step.epilogue
     if step.copies is not None:
-        source, geometry = COPIES, (0,) * 9 + (step.copies,)
+        source, geometry = COPIES, (0,) * 10
     else:
         source, geometry = (OWN, (0,) * 10) if step.rows is None else (ROWS, step.rows)
     return [step.window, e.z_out, e.lo, e.hi, e.F, source, *geometry]
@@ -107,7 +107,7 @@ def _layer(u, p, at, starts, offs, wps, biases, m0s, shifts, out):
     """One layer's qgemm (plan row p, its operands from at[0] to at[1]) on the bytes u (flat) the layer
     before wrote, into out."""
     if p[SOURCE] == COPIES:
-        x32 = shifted_copies_serial(u, p[WIDTH]).reshape(-1).view(np.uint32)
+        x32 = shifted_copies_serial(u).reshape(-1).view(np.uint32)
     elif p[SOURCE] == ROWS:
         x32 = im2row_nhwc_serial(u.reshape((p[N_], p[H_], p[W_], p[C_])), p[KH], p[KW], p[STRIDE], p[PAD], p[FILL],
                                  p[WIDTH]).reshape(-1).view(np.uint32)

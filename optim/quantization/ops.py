@@ -44,8 +44,8 @@ class BoundGemm:
 
         u itself                    copies and rows None: a conv's windows read in place, or a dense
                                     layer's rows of whole words
-        copies = size               windows.shifted_copies(u flat, size): a one-channel conv's lines
-                                    (windows.line_words)
+        copies = M                  windows.shifted_copies(u flat), u's M bytes: a one-channel conv's
+                                    lines (windows.line_words)
         rows = (N, H, W, C, KH, KW, stride, padding, fill, width)
                                     windows.im2row_nhwc(u as (N, H, W, C), KH, ...): a conv's windows
                                     copied; a dense layer's rows padded to whole words are those of a
@@ -70,7 +70,7 @@ class BoundGemm:
 
     def __call__(self, u):
         if self.copies is not None:
-            u = windows.shifted_copies(u.reshape(-1), self.copies)
+            u = windows.shifted_copies(u.reshape(-1))
         elif self.rows is not None:
             u = windows.im2row_nhwc(u.reshape(self.rows[:4]), *self.rows[4:])
         return self.gemm(windows.as_words(u)).reshape(self.out_shape)
@@ -250,7 +250,7 @@ class IntConv2D(_IntLinear):
                 self._line_packed = windows.line_weights(self.W)
             w = windows.line_words(sample, KH, KW, S, side)
             return BoundGemm(w.starts, w.off, self._line_packed, self.epilogue, side * side, out_shape,
-                             windows.copies_size(sample.size, KW))
+                             sample.size)
         # else im2row's rows, padding read as the code of the real 0 (its byte), pixel by pixel: in pool order
         rows = (*x_shape, KH, KW, S, self.padding, self.in_q[1] + 128, self.wt.shape[1])
         w = windows.rows_words(windows.im2row_nhwc(sample, *rows[4:]), self.packed)

@@ -176,25 +176,26 @@ def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
     int32 lanes themselves, for m0 in [0, 2^31) (quantize_multiplier's; int8_epilogue checks it) and
     z, lo and hi int32 with lo - z and hi - z in int32, as the codes' are.
 
-    x 2^left, saturated, is computed only where a lane has left = max(shift, 0) > 0: multipliers
-    below 1, every layer's in practice, have none, and the branch is the same for every window of a
-    layer. Only the product needs 64 bits: x m0 runs as two vpmuldq (32 x 32 -> 64 bits, the even
+    x 2^left, saturated, is computed only when some lane has left = max(shift, 0) > 0: multipliers
+    below 1, every layer's in practice, have none, and the branch goes the same way for every window
+    of a layer. Only the product needs 64 bits: x m0 runs as two vpmuldq (32 x 32 -> 64 bits, the even
     lanes, then the odd ones shifted down), and SaturatingRoundingDoublingHighMul's (x m0 + 2^30) >> 31
     (its nudge and its division toward zero meet there) is bits 31..62 of each sum, put back in place
     by a shift and a blend. It fits int32: its one overflow, x = m0 = -2^31, needs a negative m0.
     RoundingDivideByPOT by e is TFLite's (x >> e) + [(x & mask) > (mask >> 1) + [x < 0]], mask =
-    2^e - 1, which cannot overflow. About 30 vector instructions per 16 outputs without a left shift,
-    where <16 x i64> (two registers per value with AVX-512) and the saturation took about 58."""
+    2^e - 1, which cannot overflow. About 30 vector instructions per 16 outputs without a left shift;
+    about 43 with the saturation always computed, and 58 on <16 x i64> (two registers per value)."""
     def const(c, lanes=LANES, width=32):
         return ir.Constant(ir.VectorType(ir.IntType(width), lanes), [c] * lanes)
 
     zero, one = const(0), const(1)
     shift = builder.sext(shift, _V16I32)
-    left, right = _smax(builder, shift, zero), _smax(builder, builder.sub(zero, shift), zero)
+    right = _smax(builder, builder.sub(zero, shift), zero)
     any_left = builder.icmp_unsigned("!=", builder.bitcast(builder.icmp_signed(">", shift, zero), ir.IntType(LANES)),
                                      ir.Constant(ir.IntType(LANES), 0))
     before = builder.block
     with builder.if_then(any_left, likely=False):
+        left = _smax(builder, shift, zero)
         shifted = builder.shl(v, left)  # x 2^left, saturated where it overflows: the sign's extreme
         extreme = builder.xor(builder.ashr(v, const(31)), const(INT32_MAX))
         saturated = builder.select(builder.icmp_signed("!=", builder.ashr(shifted, left), v), extreme, shifted)

@@ -29,7 +29,7 @@ from minicnn.parallel import twin
 from .kernels import ROW_ALIGN, Words, pack_weights, pad_columns
 
 __all__ = ["as_words", "conv_fits_words", "conv_words", "im2row_nhwc", "im2row_nhwc_ref", "im2row_work",
-           "copies_size", "line_fits_words", "line_weights", "line_words", "pool_order", "rows_words", "shifted_copies",
+           "line_fits_words", "line_weights", "line_words", "pool_order", "rows_words", "shifted_copies",
            "shifted_copies_ref", "shifted_copies_work"]
 
 
@@ -95,24 +95,25 @@ def im2row_work(x_shape, KH, KW, stride, padding, width):
     return N * conv_output_size(H, KH, stride, padding) * conv_output_size(W, KW, stride, padding) * width
 
 
-def shifted_copies_ref(x, size):
-    """(4, size), x's dtype: copy s of x (M,), bytes, is x shifted left by s bytes, zero-filled (size
-    >= M): copies[s, k] = x[k + s] where k + s < M, else 0."""
-    copies = np.zeros((ROW_ALIGN, size), x.dtype)
+def shifted_copies_ref(x):
+    """(4, M), x's dtype: copy s of x (M,), bytes, is x shifted left by s bytes, zero-filled:
+    copies[s, k] = x[k + s] where k + s < M, else 0."""
+    copies = np.zeros((ROW_ALIGN, x.size), x.dtype)
     for s in range(min(ROW_ALIGN, x.size)):
         copies[s, : x.size - s] = x[s:]
     return copies
 
 
-def _shifted_copies_loops(x, size):
-    out = np.empty((ROW_ALIGN, size), x.dtype)
+def _shifted_copies_loops(x):
+    M = x.size
+    out = np.empty((ROW_ALIGN, M), x.dtype)
     of = out.reshape(-1)
     for s in prange(ROW_ALIGN):  # four long copies: they vectorise (copies of each 28-byte row did not)
-        inside, dst = max(0, x.size - s), s * size
+        inside = max(0, M - s)
         for k in range(inside):  # unsigned indices: no negative-index test in the loop
-            of[np.uint64(dst + k)] = x[np.uint64(k + s)]
-        for k in range(inside, size):
-            of[np.uint64(dst + k)] = 0
+            of[np.uint64(s * M + k)] = x[np.uint64(k + s)]
+        for k in range(inside, M):
+            of[np.uint64(s * M + k)] = 0
     return out
 
 
@@ -120,17 +121,17 @@ _shifted_copies = twin(_shifted_copies_loops)
 shifted_copies_serial = _shifted_copies.serial  # its serial build, for compiled callers (chain.py)
 
 
-def shifted_copies(x, size):
-    """Fast shifted_copies_ref, same contract; serial for small inputs (batch 1)."""
-    if x.ndim != 1 or size < x.size:
-        raise ValueError(f"shifted copies of {x.shape} bytes (flat) need a size >= {x.size}, got {size}")
-    return _shifted_copies(shifted_copies_work(x.size), np.ascontiguousarray(x), size)
+def shifted_copies(x):
+    """Fast shifted_copies_ref, same contract (x 1-D); serial for small inputs (batch 1)."""
+    if x.ndim != 1:
+        raise ValueError(f"shifted copies are of flat bytes, got an array of shape {x.shape}")
+    return _shifted_copies(shifted_copies_work(x.size), np.ascontiguousarray(x))
 
 
-def shifted_copies_work(size):
-    """shifted_copies' work for x of `size` bytes, in minicnn.parallel's unit for it: bytes copied
+def shifted_copies_work(M):
+    """shifted_copies' work for x of M bytes, in minicnn.parallel's unit for it: bytes copied
     (break-even MIN_OUTPUTS)."""
-    return ROW_ALIGN * size
+    return ROW_ALIGN * M
 
 
 # --------------------------------------------------------------------------
@@ -217,23 +218,18 @@ def line_weights(W):
 def line_words(x, KH, KW, stride, pool=1):
     """The Words of the windows of x bytes (N, H, W, 1), for line_fits_words inputs and
     line_weights: line kh of output pixel (n, i, j), which starts at byte p = ((n H + i S + kh) W +
-    j S) of x, is words p // 4 .. p // 4 + L - 1 of the copy shifted by p % 4 bytes (copies_size's,
-    L = ceil(KW / 4); pool > 1: the pixels in pool_order). Its 4 L - KW bytes past the window, the
-    next row's where the line ends its row, meet line_weights' zeros."""
+    j S) of x, is words p // 4 .. p // 4 + L - 1 of the copy shifted by p % 4 bytes (L = ceil(KW /
+    4); pool > 1: the pixels in pool_order). Its 4 L - KW bytes past the window, the next row's
+    where the line ends its row, meet line_weights' zeros; with W a multiple of 4 the last line's
+    last word is the copy's last, M / 4 - 1, so the copies need no more bytes than x."""
     starts, off = _line_offsets(*x.shape[:3], KH, KW, stride, pool)
-    return Words(as_words(shifted_copies(x.reshape(-1), copies_size(x.size, KW))), starts, off)
-
-
-def copies_size(M, KW):
-    """The bytes of each of line_words' shifted copies of an input of M bytes, for lines of KW bytes:
-    the last line's last word inside."""
-    return M + ROW_ALIGN * -(-KW // ROW_ALIGN)
+    return Words(as_words(shifted_copies(x.reshape(-1))), starts, off)
 
 
 @functools.lru_cache(maxsize=16)
 def _line_offsets(N, H, W, KH, KW, stride, pool):
     """(starts, off) of line_words, kept per shape. Read-only."""
-    L, words = -(-KW // ROW_ALIGN), copies_size(N * H * W, KW) // ROW_ALIGN
+    L, words = -(-KW // ROW_ALIGN), N * H * W // ROW_ALIGN
     Ho, Wo = (H - KH) // stride + 1, (W - KW) // stride + 1
     n, i, j = np.ix_(np.arange(N), np.arange(Ho) * stride, np.arange(Wo) * stride)
     first = (n * H + i) * W + j  # the first line's first byte; W % 4 == 0, so every line's shift is j's
