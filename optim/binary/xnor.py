@@ -40,9 +40,11 @@ from minicnn.parallel import twin
 
 from . import lanes
 
-__all__ = ["MIN_STEPS", "MIN_WORDS", "Rows", "blocked", "check_alpha", "check_blocked", "pack_signs", "pack_signs_ref",
-           "packed_rows", "run_xnor_layer", "unpack_signs", "words_for", "xnor_layer", "xnor_layer_ref", "xnor_layer_serial",
-           "xnor_matmul", "xnor_matmul_ref"]
+__all__ = [
+    "MIN_STEPS", "MIN_WORDS", "Rows", "blocked", "check_alpha", "check_blocked", "pack_signs", "pack_signs_ref",
+    "packed_rows", "run_xnor_layer", "unpack_signs", "words_for", "xnor_layer", "xnor_layer_ref", "xnor_layer_serial",
+    "xnor_matmul", "xnor_matmul_ref",
+]
 
 # Threads pay from this many inner-loop steps (a value packed or summed) on:
 # below it a batch-1 LeNet-5 layer runs faster on one thread (here and in windows.py).
