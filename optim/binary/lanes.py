@@ -25,7 +25,7 @@ table lookups (vpshufb) on two 256-bit halves. Also
                                f32x16, 0 <= m <= 16: a compare and the mask's bits, vcmpps into a
                                k-register and kmovw, where a loop tests and shifts value by value)
 
-No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + 8 for 8 counts) (i + m <= out.size). With
+No bounds checks: callers guarantee 0 <= i and i + 16 <= wt.size (i + 8 for 8 counts), i + m <= out.size. With
 NUMBA_DISABLE_JIT=1 the operations are the NumPy expressions at the end. Numba's cache does not see this file: after
 editing it, delete the __pycache__ folders.
 """
