@@ -62,13 +62,17 @@ def tflite_mbqm(x, m0, shift):
 
 
 @numba.njit
-def lanes_mbqm(x, m0, shift):
-    """MultiplyByQuantizedMultiplier of x int32 (16n,), m0 int32 and shift int8 per element, as the
-    kernels run it (vectors.requantize16, with no zero point and no clamp)."""
+def _lanes_mbqm(x, table, shift, z, lo, hi):
     out = np.empty(x.size, np.int32)
     for i in range(0, x.size, 16):
-        V.store16(out, i, V.requantize16(V.load16(x, i), m0, shift, i, 0, INT32_MIN, INT32_MAX))
+        V.store16(out, i, V.requantize16(V.load16(x, i), table, shift, i, z, lo, hi))
     return out
+
+
+def lanes_mbqm(x, m0, shift, z=0, lo=INT32_MIN, hi=INT32_MAX):
+    """MultiplyByQuantizedMultiplier of x int32 (16n,), m0 int32 and shift int8 per element, as the
+    kernels run it (vectors.requantize16; by default with no zero point and no clamp)."""
+    return _lanes_mbqm(x, V.requantization_table(m0, shift), shift, z, lo, hi)
 
 
 def ours_lanes_and_numpy(x, m0, shift):
@@ -166,6 +170,15 @@ def test_quantize_multiplier_edges():
     for bad in (0.0, -0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="multiplier"):
             FP.quantize_multiplier(bad)
+
+
+def test_requantization_table_refuses_what_the_lanes_cannot_run():
+    ok_m0, ok_shift = np.full(16, 2**30, np.int64), np.full(16, -3, np.int8)
+    for m0, shift, message in [(ok_m0[:15], ok_shift[:15], "multiple of 16"), (ok_m0, ok_shift[:8], "one multiplier"),
+                               (-ok_m0, ok_shift, r"\[0, 2\^31\)"), (ok_m0 << 1, ok_shift, r"\[0, 2\^31\)"),
+                               (ok_m0, ok_shift - 29, "shifts must lie"), (ok_m0, ok_shift + 34, "shifts must lie")]:
+        with pytest.raises(ValueError, match=message):
+            V.requantization_table(m0, shift)
 
 
 # --------------------------------------------------------------------------
@@ -427,7 +440,10 @@ def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits):
     m0, shift = np.where(tie, 2**30, m0).astype(np.int32), np.where(tie, -e, shift).astype(np.int8)
     x = np.clip(np.where(tie, odd << e, x), INT32_MIN, INT32_MAX).astype(np.int32)  # x / 2 = odd 2^(e-1)
     x[:6] = [INT32_MIN, INT32_MAX, 0, -1, 1, INT32_MIN + 1]
-    np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), FP.multiply_by_quantized_multiplier(x, m0, shift))
+    expected = FP.multiply_by_quantized_multiplier(x, m0, shift)
+    np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), expected)
+    # a clamp at lo >= z (a fused ReLU) skips the correction of negative results: the same codes
+    np.testing.assert_array_equal(lanes_mbqm(x, m0, shift, 3, 3, 130), np.clip(expected + 3, 3, 130))
 
 
 @given(seeds, conv_geometry(), st.booleans())
@@ -875,6 +891,35 @@ def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
         "assert np.array_equal(q.predict(x), expected) and q.chain_for(x.shape).runs()\n"
         "assert np.array_equal(q.predict(x), expected)  # the chain\n"
         "print('ok')\n", build)
+
+
+def test_requantize16_without_avx512_is_the_numpy_arithmetic():
+    """The AVX2 build's requantization (its 64-bit lanes in four registers, arithmetic shifts spelled
+    out): every shift, exact ties of both roundings, saturating left shifts and the int32 extremes,
+    with and without a clamp that skips the correction of negative results."""
+    run_without_avx512(
+        "import numba, numpy as np\n"
+        "from optim.quantization import fixedpoint as FP, vectors as V\n"
+        "@numba.njit\n"
+        "def lanes(x, table, shift, z, lo, hi):\n"
+        "    out = np.empty(x.size, np.int32)\n"
+        "    for i in range(0, x.size, 16):\n"
+        "        V.store16(out, i, V.requantize16(V.load16(x, i), table, shift, i, z, lo, hi))\n"
+        "    return out\n"
+        "rng = np.random.default_rng(0)\n"
+        "n = 16 * 1024\n"
+        "shift = rng.integers(-31, 31, n).astype(np.int8)\n"
+        "m0 = rng.integers(0, 2**31, n).astype(np.int32)\n"
+        "x = (rng.integers(-2**31, 2**31, n) >> rng.integers(0, 32, n)).astype(np.int32)\n"
+        "tie, e = rng.random(n) < 0.3, rng.integers(1, 20, n)\n"
+        "m0, shift = np.where(tie, 2**30, m0).astype(np.int32), np.where(tie, -e, shift).astype(np.int8)\n"
+        "x = np.where(tie, (2 * rng.integers(-1000, 1000, n) + 1) << e, x).astype(np.int32)\n"
+        "x[:6] = [-2**31, 2**31 - 1, 0, -1, 1, -2**31 + 1]\n"
+        "ref = FP.multiply_by_quantized_multiplier(x, m0, shift)\n"
+        "table = V.requantization_table(m0, shift)\n"
+        "assert np.array_equal(lanes(x, table, shift, 0, -2**31, 2**31 - 1), ref)\n"
+        "assert np.array_equal(lanes(x, table, shift, 3, 3, 130), np.clip(ref + 3, 3, 130))  # a fused ReLU\n"
+        "print('ok')\n")
 
 
 def test_weights_packed_for_another_cpu_are_refused():

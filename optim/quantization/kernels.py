@@ -44,8 +44,8 @@ from minicnn.parallel import twin
 from minicnn.simd import HAS_VNNI
 
 from .affine import QMAX, QMIN, WMAX
-from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE, multiply_by_quantized_multiplier
-from .vectors import LANES, add16, dot4_add, finish16, load16, max16, store16, zeros16
+from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
+from .vectors import LANES, add16, dot4_add, finish16, load16, max16, requantization_table, store16, zeros16
 
 
 # --------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def _four_rows_sums(x32, starts, r, off, wp, acc):
 
 
 @numba.njit(inline="always", cache=True)
-def _pooled_window(x32, starts, r, off, wp, bias, m0, shift, z_out, lo, hi, o, at, F):
+def _pooled_window(x32, starts, r, off, wp, bias, table, shift, z_out, lo, hi, o, at, F):
     """The output of the 2x2 pool window whose 4 pixels are rows r .. r + 3, stored from o[at] on:
     per 32 filters, the maximum of the four rows' sums taken in registers, then the epilogue
     (vectors.finish16; filters f >= F not stored). (Stored in acc and read back by _finish, the
@@ -207,9 +207,9 @@ def _pooled_window(x32, starts, r, off, wp, bias, m0, shift, z_out, lo, hi, o, a
         p0, p1, q0, q1, u0, u1, v0, v1 = _four_rows_pass(
             x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
         f = 16 * b
-        finish16(o, at + f, max16(max16(p0, q0), max16(u0, v0)), bias, m0, shift, f, z_out, lo, hi, min(LANES, F - f))
+        finish16(o, at + f, max16(max16(p0, q0), max16(u0, v0)), bias, table, shift, f, z_out, lo, hi, min(LANES, F - f))
         f += 16
-        finish16(o, at + f, max16(max16(p1, q1), max16(u1, v1)), bias, m0, shift, f, z_out, lo, hi, min(LANES, F - f))
+        finish16(o, at + f, max16(max16(p1, q1), max16(u1, v1)), bias, table, shift, f, z_out, lo, hi, min(LANES, F - f))
 
 
 ROWS_PER_TASK = 64
@@ -220,14 +220,15 @@ class Epilogue(NamedTuple):
     the packed weights' filters (16 for F <= 16, else 32 ceil(F/32)):
 
         unsigned codes   clamp(MBQM(s + bias[f], m0[f], shift[f]) + z_out, lo, hi), uint8
-        int32            max(s + bias[f], lo)                           (m0 and shift empty)
+        int32            max(s + bias[f], lo)                           (table and shift empty)
 
-    bias int32 is the layer's less 128 colsum (the unsigned bytes' offset, PackedWeights), m0 int32,
-    shift int8; z_out, lo and hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built
-    once per layer by `int8_epilogue` or `int32_epilogue`."""
+    bias int32 is the layer's less 128 colsum (the unsigned bytes' offset, PackedWeights), table int64
+    the multipliers m0 and shifts as the lanes take them (vectors.requantization_table), shift int8;
+    z_out, lo and hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built once per layer by
+    `int8_epilogue` or `int32_epilogue`."""
 
     bias: np.ndarray
-    m0: np.ndarray
+    table: np.ndarray
     shift: np.ndarray
     z_out: int
     lo: int
@@ -246,9 +247,8 @@ def int32_epilogue(packed, bias, lo):
     unsigned = np.asarray(bias, np.int64) - 128 * packed.colsum.astype(np.int64)
     if np.abs(unsigned).max(initial=0) > INT32_MAX:
         raise ValueError("bias - 128 sum_k w_k must fit in int32 (the layer's accumulators could overflow)")
-    empty = np.zeros(0, np.int32)
-    return Epilogue(_padded(packed, unsigned, np.int32), empty, empty.astype(np.int8), 0, int(lo), INT32_MAX,
-                    len(bias))
+    return Epilogue(_padded(packed, unsigned, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int8), 0, int(lo),
+                    INT32_MAX, len(bias))
 
 
 def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
@@ -256,31 +256,28 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
     codes written unsigned."""
     if not len(m0) == len(shift) == len(bias):
         raise ValueError(f"one multiplier and shift per filter: got {len(m0)} and {len(shift)} for {len(bias)}")
-    if np.min(m0, initial=0) < 0:
-        raise ValueError("the requantization multipliers must be >= 0 (quantize_multiplier's)")
-    if len(shift) and not SHIFT_RANGE[0] <= np.min(shift) <= np.max(shift) <= SHIFT_RANGE[1]:
-        raise ValueError(f"requantization shifts must lie in {SHIFT_RANGE}, got {np.min(shift)} .. {np.max(shift)}")
     if not QMIN <= min(z_out, lo, hi) <= max(z_out, lo, hi) <= QMAX:  # int8 codes, whose bytes finish16 writes
         raise ValueError(f"the output zero point and clamp must be int8 codes, got {z_out}, [{lo}, {hi}]")
-    e = int32_epilogue(packed, bias, INT32_MIN)
-    return e._replace(m0=_padded(packed, m0, np.int32), shift=_padded(packed, shift, np.int8),
-                      z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
+    shift = _padded(packed, shift, np.int8)
+    table = requantization_table(_padded(packed, m0, np.int64), shift)  # checks m0 and shift
+    return int32_epilogue(packed, bias, INT32_MIN)._replace(
+        table=table, shift=shift, z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
 
 
 @numba.njit(inline="always", cache=True)
-def _finish(acc, rows, F32, bias, m0, shift, z_out, lo, hi, o, at, F):
+def _finish(acc, rows, F32, bias, table, shift, z_out, lo, hi, o, at, F):
     """The outputs of `rows` rows' sums acc[i F32 + f], F values each, stored in the flat o from
     o[at] on, 16 filters at a time (vectors.finish16)."""
     for row in range(rows):
         for f in range(0, F, LANES):
-            finish16(o, at + row * F + f, load16(acc, row * F32 + f), bias, m0, shift, f, z_out, lo, hi,
+            finish16(o, at + row * F + f, load16(acc, row * F32 + f), bias, table, shift, f, z_out, lo, hi,
                      min(LANES, F - f))
 
 
-def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
+def _qgemm_loops(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out):
     """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
     (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to unsigned codes, or
-    int32 when m0 is empty. Rows run 4 at a time (a window of 4 is one pass, finished in registers), the
+    int32 when table is empty. Rows run 4 at a time (a window of 4 is one pass, finished in registers), the
     last few one by one: one loop calling both tiles through a test runs at half speed in the serial
     build."""
     F, F32 = out.shape[1], bias.size
@@ -290,16 +287,16 @@ def _qgemm_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, o
         start, end = task * ROWS_PER_TASK, min(rows_end, (task + 1) * ROWS_PER_TASK)
         if window == 4:
             for r0 in range(start, end, 4):
-                _pooled_window(x32, starts, r0, off, wp, bias, m0, shift, z_out, lo, hi, o, r0 // 4 * F, F)
+                _pooled_window(x32, starts, r0, off, wp, bias, table, shift, z_out, lo, hi, o, r0 // 4 * F, F)
             continue
         acc = np.empty(4 * F32, dtype=np.int32)
         fours = start + (end - start) // 4 * 4
         for r0 in range(start, fours, 4):
             _four_rows_sums(x32, starts, r0, off, wp, acc)
-            _finish(acc, 4, F32, bias, m0, shift, z_out, lo, hi, o, r0 * F, F)
+            _finish(acc, 4, F32, bias, table, shift, z_out, lo, hi, o, r0 * F, F)
         for r in range(fours, end):  # window 1 here
             _row_sums(x32, starts[r], off, wp, acc, 0)
-            _finish(acc, 1, F32, bias, m0, shift, z_out, lo, hi, o, r * F, F)
+            _finish(acc, 1, F32, bias, table, shift, z_out, lo, hi, o, r * F, F)
     return out
 
 
@@ -314,7 +311,7 @@ def _four_rows_block(x32, t0, t1, t2, t3, off, wp):
     return p, q, u, v
 
 
-def _qgemm_block_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
+def _qgemm_block_loops(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out):
     """_qgemm_loops for at most 16 filters, packed as one block: four rows (or one pool window) a pass,
     the last few rows alone. A kernel of its own: the pair loops with a test for a lone block ran the
     AVX2 build's GEMM 1.5x slower (session 13)."""
@@ -326,15 +323,15 @@ def _qgemm_block_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo,
         if window == 4:
             for r0 in range(start, end, 4):
                 p, q, u, v = _four_rows_block(x32, starts[r0], starts[r0 + 1], starts[r0 + 2], starts[r0 + 3], off, wp)
-                finish16(o, r0 // 4 * F, max16(max16(p, q), max16(u, v)), bias, m0, shift, 0, z_out, lo, hi, F)
+                finish16(o, r0 // 4 * F, max16(max16(p, q), max16(u, v)), bias, table, shift, 0, z_out, lo, hi, F)
             continue
         fours = start + (end - start) // 4 * 4
         for r0 in range(start, fours, 4):
             p, q, u, v = _four_rows_block(x32, starts[r0], starts[r0 + 1], starts[r0 + 2], starts[r0 + 3], off, wp)
-            finish16(o, r0 * F, p, bias, m0, shift, 0, z_out, lo, hi, F)
-            finish16(o, (r0 + 1) * F, q, bias, m0, shift, 0, z_out, lo, hi, F)
-            finish16(o, (r0 + 2) * F, u, bias, m0, shift, 0, z_out, lo, hi, F)
-            finish16(o, (r0 + 3) * F, v, bias, m0, shift, 0, z_out, lo, hi, F)
+            finish16(o, r0 * F, p, bias, table, shift, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 1) * F, q, bias, table, shift, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 2) * F, u, bias, table, shift, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 3) * F, v, bias, table, shift, 0, z_out, lo, hi, F)
         for r in range(fours, end):  # window 1 here; two sums, so that one vpdpbusd need not wait for the last
             p, q, t = zeros16(), zeros16(), starts[r]
             for g in range(0, off.size - 1, 2):
@@ -342,7 +339,7 @@ def _qgemm_block_loops(x32, starts, window, off, wp, bias, m0, shift, z_out, lo,
                 q = dot4_add(q, x32[np.uint64(t + off[g + 1])], wp, g * 64 + 64)
             if off.size % 2:
                 p = dot4_add(p, x32[np.uint64(t + off[off.size - 1])], wp, off.size * 64 - 64)
-            finish16(o, r * F, add16(p, q), bias, m0, shift, 0, z_out, lo, hi, F)
+            finish16(o, r * F, add16(p, q), bias, table, shift, 0, z_out, lo, hi, F)
     return out
 
 
@@ -359,12 +356,12 @@ def one_block(wp, off):
 
 
 @numba.njit(cache=True)
-def qgemm_serial(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out):
+def qgemm_serial(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out):
     """The serial GEMM of qgemm_runner's run, for compiled callers (chain.py): the one-block build for at
     most 16 filters, else the pairs'."""
     if one_block(wp, off):
-        return _qgemm_block_serial(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out)
-    return _qgemm_pairs_serial(x32, starts, window, off, wp, bias, m0, shift, z_out, lo, hi, out)
+        return _qgemm_block_serial(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out)
+    return _qgemm_pairs_serial(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out)
 
 
 class Words(NamedTuple):
@@ -401,7 +398,7 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
         raise ValueError(f"qgemm: {starts.size} rows of {off.size} words for windows of {window}, against weights "
                          f"of {packed.wp.shape[1]} words and an epilogue of {epilogue.bias.size} filters for "
                          f"{LANES * packed.wp.shape[0]}")
-    shape, dtype = (starts.size // window, epilogue.F), (np.uint8 if epilogue.m0.size else np.int32)
+    shape, dtype = (starts.size // window, epilogue.F), (np.uint8 if epilogue.table.size else np.int32)
     wp, fixed = packed.wp.reshape(-1), tuple(epilogue[:6])
     kernel = _qgemm_block if one_block(wp, off) else _qgemm
     work = qgemm_work(starts, off, epilogue.F)

@@ -16,16 +16,17 @@ int32x16, i an index):
     dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 16, u the 4 bytes of x (uint32),
                                       unsigned; wp int8 (without VNNI: wp[i + 32 (j // 2) + 2 l + j % 2],
                                       kernels.pack_weights' layout for vpmaddwd)
-    requantize16(v, m0, shift, i, z, lo, hi)
+    requantize16(v, table, shift, i, z, lo, hi)
                                       clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
-                                      + z, lo, hi): `fixedpoint`'s arithmetic on int32 lanes (m0 >= 0, as
+                                      + z, lo, hi): `fixedpoint`'s arithmetic, bit for bit, with
+                                      table = requantization_table(m0, shift) (m0 >= 0, as
                                       quantize_multiplier makes it; z, lo, hi int32 with lo - z and hi - z
                                       in int32, as the codes' bytes are)
     store16(out, i, v)                out[i : i + 16] = v              (out int32)
-    finish16(out, i, v, bias, m0, shift, f, z, lo, hi, n)
+    finish16(out, i, v, bias, table, shift, f, z, lo, hi, n)
                                       a GEMM's epilogue: out[i : i + n] = the first n lanes (none if n <= 0;
-                                      out may end before i + 16) of requantize16(v + bias[f : f + 16], m0,
-                                      shift, f, z, lo, hi) (out uint8), or with m0 empty of
+                                      out may end before i + 16) of requantize16(v + bias[f : f + 16], table,
+                                      shift, f, z, lo, hi) (out uint8), or with table empty of
                                       maximum(v + bias[f : f + 16], lo) (out int32). One operation, not a
                                       Numba function: one taking these arrays, where LLVM did not inline
                                       it (AVX2's longer code), paid their reference counts on every call.
@@ -42,8 +43,8 @@ at half the rate: this CPU retires two 512-bit vpdpbusd per cycle, as many
 as 256-bit ones.)
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= a.size (i + n for
-finish16's out, f + 16 <= bias.size, and m0.size and shift.size where m0 is
-not empty). requantize16 is the epilogue's arithmetic alone, for the tests.
+finish16's out, f + 16 <= bias.size and shift.size, 4 f + 64 <= table.size where table
+is not empty). requantize16 is the epilogue's arithmetic alone, for the tests.
 With NUMBA_DISABLE_JIT=1 the operations are the NumPy expressions at the
 end. Numba's cache does not see this file: after editing it, delete the
 __pycache__ folders.
@@ -58,7 +59,7 @@ from numba.extending import intrinsic, models, register_model
 
 from minicnn.simd import HAS_VNNI, HAS_VNNI_512
 
-from .fixedpoint import INT32_MAX, multiply_by_quantized_multiplier
+from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE
 
 LANES = 16
 
@@ -171,26 +172,53 @@ def dot4_add(typingctx, acc, x, wp, i):
     return int32x16(int32x16, types.uint32, wp, types.intp), codegen
 
 
-def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
+def requantization_table(m0, shift):
+    """The per-filter constants of requantize16, int64 (n // 16, 4, 16) flattened, for multipliers m0
+    int32 in [0, 2^31) (quantize_multiplier's) and shifts int8 in SHIFT_RANGE, n = len(m0) a multiple of 16.
+
+    TFLite's two roundings of x M0 2^(shift - 31) for a right shift e = max(-shift, 0) are one:
+
+        h = floor((x M0 + 2^30) / 2^31)                       SaturatingRoundingDoublingHighMul
+        q = floor((h + 2^(e-1) - [h < 0]) / 2^e)              RoundingDivideByPOT, e > 0 (q = h for e = 0)
+          = floor((x M0 + A - C [x M0 < -2^30]) / 2^S)        (floor(floor(y) / 2^e) = floor(y / 2^e))
+
+    with S = 31 + e, A = 2^30 + 2^(30 + e) and C = 2^31 for e > 0, A = 2^30 and C = 0 for e = 0: a 64-bit
+    product, an add and a shift. Per 16 filters the rows M0, A, C, S, each in the lanes' order for
+    64-bit arithmetic: the even filters' 8 values, then the odd ones'. (A left shift, shift > 0, is applied
+    to x beforehand, saturated, as TFLite does; its lanes have e = 0.)"""
+    m0, shift = np.asarray(m0, np.int64), np.asarray(shift, np.int64)
+    if m0.shape != shift.shape or m0.ndim != 1 or m0.size % LANES:
+        raise ValueError(f"one multiplier and shift per filter, a multiple of {LANES} of them: got {m0.shape} and "
+                         f"{shift.shape}")
+    if m0.size and not (0 <= m0.min() and m0.max() <= INT32_MAX):
+        raise ValueError("the requantization multipliers must lie in [0, 2^31) (quantize_multiplier's)")
+    if shift.size and not SHIFT_RANGE[0] <= shift.min() <= shift.max() <= SHIFT_RANGE[1]:
+        raise ValueError(f"requantization shifts must lie in {SHIFT_RANGE}, got {shift.min()} .. {shift.max()}")
+    e = np.maximum(-shift, 0)
+    rows = np.stack([m0, (1 << 30) + np.where(e > 0, 1 << (30 + e), 0), np.where(e > 0, 1 << 31, 0), 31 + e], axis=1)
+    lanes = rows.reshape(-1, LANES // 2, 2, 4)  # (block, pair, even/odd, row)
+    return np.ascontiguousarray(lanes.transpose(0, 3, 2, 1)).reshape(-1)
+
+
+def _requantize_lanes(builder, v, table, shift, z, lo, hi):
     """fixedpoint.multiply_by_quantized_multiplier(v, m0, shift) + z, clamped to [lo, hi], on the 16
-    int32 lanes themselves, for m0 in [0, 2^31) (quantize_multiplier's; int8_epilogue checks it) and
-    z, lo and hi int32 with lo - z and hi - z in int32, as the codes' are.
+    int32 lanes themselves, with table = the 64 int64 of requantization_table(m0, shift) for these 16
+    filters (<8 x i64> each: M0, A, C, S, even lanes, odd lanes) and shift their <16 x i8> shifts; z, lo
+    and hi int32 with lo - z and hi - z in int32, as the codes' are.
 
     x 2^left, saturated, is computed only when some lane has left = max(shift, 0) > 0: multipliers
     below 1, every layer's in practice, have none, and the branch goes the same way for every window
-    of a layer. Only the product needs 64 bits: x m0 runs as two vpmuldq (32 x 32 -> 64 bits, the even
-    lanes, then the odd ones shifted down), and SaturatingRoundingDoublingHighMul's (x m0 + 2^30) >> 31
-    (its nudge and its division toward zero meet there) is bits 31..62 of each sum, put back in place
-    by a shift and a blend. It fits int32: its one overflow, x = m0 = -2^31, needs a negative m0.
-    RoundingDivideByPOT by e is TFLite's (x >> e) + [(x & mask) > (mask >> 1) + [x < 0]], mask =
-    2^e - 1, which cannot overflow. About 30 vector instructions per 16 outputs without a left shift;
-    about 43 with the saturation always computed, and 58 on <16 x i64> (two registers per value)."""
+    of a layer. Then requantization_table's single rounding: x M0 as two vpmuldq (32 x 32 -> 64 bits, the
+    even lanes, then the odd ones shifted down), + A, - C where x M0 < -2^30, an arithmetic shift by S,
+    and the low halves of the 16 results (each fits int32) put back in order by one shuffle. The
+    correction C matters only for results below 0: a clamp at lo >= z (a fused ReLU) makes them all lo,
+    corrected or not, and skips it. About 17 vector instructions per 16 outputs (21 with the
+    correction), against 30 for TFLite's two roundings spelled out on the int32 lanes."""
     def const(c, lanes=LANES, width=32):
         return ir.Constant(ir.VectorType(ir.IntType(width), lanes), [c] * lanes)
 
-    zero, one = const(0), const(1)
+    zero = const(0)
     shift = builder.sext(shift, _V16I32)
-    right = _smax(builder, builder.sub(zero, shift), zero)
     any_left = builder.icmp_unsigned("!=", builder.bitcast(builder.icmp_signed(">", shift, zero), ir.IntType(LANES)),
                                      ir.Constant(ir.IntType(LANES), 0))
     before = builder.block
@@ -203,45 +231,55 @@ def _requantize_lanes(builder, v, m0, shift, z, lo, hi):
     x = builder.phi(_V16I32)
     x.add_incoming(v, before)
     x.add_incoming(saturated, shifted_block)
-    v8i64 = ir.VectorType(_I64, 8)
-    x64, m64, c32 = builder.bitcast(x, v8i64), builder.bitcast(m0, v8i64), const(32, 8, 64)
-    nudge = const(1 << 30, 8, 64)
-    even = builder.add(builder.mul(builder.ashr(builder.shl(x64, c32), c32), builder.ashr(builder.shl(m64, c32), c32)),
-                       nudge)
-    odd = builder.add(builder.mul(builder.ashr(x64, c32), builder.ashr(m64, c32)), nudge)
-    even, odd = builder.lshr(even, const(31, 8, 64)), builder.shl(odd, const(1, 8, 64))  # bits 31..62 in place
-    high = builder.shuffle_vector(builder.bitcast(even, _V16I32), builder.bitcast(odd, _V16I32),
-                                  _indices(l + LANES * (l % 2) for l in range(LANES)))
-    mask = builder.sub(builder.shl(one, right), one)
-    threshold = builder.add(builder.ashr(mask, one), builder.lshr(high, const(31)))
-    up = builder.zext(builder.icmp_signed(">", builder.and_(high, mask), threshold), _V16I32)
-    q = builder.add(builder.ashr(high, right), up)
+    v8i64, c32 = ir.VectorType(_I64, 8), const(32, 8, 64)
+    x64 = builder.bitcast(x, v8i64)
+    m0, a, c, s = (table[2 * r : 2 * r + 2] for r in range(4))
+    low = lambda u: builder.ashr(builder.shl(u, c32), c32)  # noqa: E731  the low 32 bits, sign-extended: vpmuldq
+    products = [builder.mul(low(x64), low(m0[0])), builder.mul(builder.ashr(x64, c32), low(m0[1]))]
+    sums = [builder.add(p, a_) for p, a_ in zip(products, a)]
+    negative = builder.icmp_signed("<", lo, z)
+    before = builder.block
+    with builder.if_then(negative):
+        corrected = [builder.select(builder.icmp_signed("<", p, const(-(1 << 30), 8, 64)), builder.sub(t, c_), t)
+                     for p, t, c_ in zip(products, sums, c)]
+        corrected_block = builder.block
+    for h in range(2):
+        phi = builder.phi(v8i64)
+        phi.add_incoming(sums[h], before)
+        phi.add_incoming(corrected[h], corrected_block)
+        sums[h] = phi
+    even, odd = (builder.bitcast(builder.ashr(t, s_), _V16I32) for t, s_ in zip(sums, s))
+    q = builder.shuffle_vector(even, odd, _indices(l // 2 * 2 + LANES * (l % 2) for l in range(LANES)))
     # clamp(q + z, lo, hi) = clamp(q, lo - z, hi - z) + z: no int32 overflow on the way
-    return builder.add(_smin(builder, _smax(builder, q, builder.sub(lo, z)), builder.sub(hi, z)), z)
+    lo_z, hi_z = (_splat(builder, builder.sub(b, z), _V16I32) for b in (lo, hi))
+    return builder.add(_smin(builder, _smax(builder, q, lo_z), hi_z), _splat(builder, z, _V16I32))
 
 
-def _requantized(context, builder, v, m0_type, m0, shift_type, shift, i, z, lo, hi):
-    """requantize16's lanes: m0 and shift read from i on, z, lo and hi (int32 values) splat."""
-    m0 = builder.load(_pointer(context, builder, m0_type, m0, i, _V16I32), align=4)
+def _requantized(context, builder, v, table_type, table, shift_type, shift, i, z, lo, hi):
+    """requantize16's lanes: the 16 filters' rows of table from 4 i on and their shifts from i on, z, lo and
+    hi int32 scalars."""
+    at = builder.mul(i, ir.Constant(i.type, 4))
+    rows = [builder.load(_pointer(context, builder, table_type, table, builder.add(at, ir.Constant(i.type, 8 * k)),
+                                  ir.VectorType(_I64, 8)), align=8) for k in range(8)]
     shift = builder.load(_pointer(context, builder, shift_type, shift, i, _V16I8), align=1)
-    return _requantize_lanes(builder, v, m0, shift, *(_splat(builder, a, _V16I32) for a in (z, lo, hi)))
+    return _requantize_lanes(builder, v, rows, shift, z, lo, hi)
 
 
-def _is_epilogue(m0, shift):
-    return isinstance(m0, types.Array) and m0.dtype == types.int32 and isinstance(shift, types.Array) \
+def _is_epilogue(table, shift):
+    return isinstance(table, types.Array) and table.dtype == types.int64 and isinstance(shift, types.Array) \
         and shift.dtype == types.int8
 
 
 @intrinsic
-def requantize16(typingctx, v, m0, shift, i, z, lo, hi):
+def requantize16(typingctx, v, table, shift, i, z, lo, hi):
     def codegen(context, builder, sig, args):
-        v, m0, shift, i, *scalars = args
+        v, table, shift, i, *scalars = args
         z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[4:]))
-        return _requantized(context, builder, v, sig.args[1], m0, sig.args[2], shift, i, z, lo, hi)
+        return _requantized(context, builder, v, sig.args[1], table, sig.args[2], shift, i, z, lo, hi)
 
-    if not _is_epilogue(m0, shift):
+    if not _is_epilogue(table, shift):
         return None
-    return int32x16(int32x16, m0, shift, types.intp, z, lo, hi), codegen
+    return int32x16(int32x16, table, shift, types.intp, z, lo, hi), codegen
 
 
 @intrinsic
@@ -272,26 +310,26 @@ def _store_first(context, builder, out_type, out, i, v, n):
 
 
 @intrinsic
-def finish16(typingctx, out, i, v, bias, m0, shift, f, z, lo, hi, n):
-    if not (_is_epilogue(m0, shift) and isinstance(out, types.Array) and out.dtype in (types.uint8, types.int32)
+def finish16(typingctx, out, i, v, bias, table, shift, f, z, lo, hi, n):
+    if not (_is_epilogue(table, shift) and isinstance(out, types.Array) and out.dtype in (types.uint8, types.int32)
             and isinstance(bias, types.Array) and bias.dtype == types.int32):
         return None
 
     def codegen(context, builder, sig, args):
-        out, i, v, bias, m0, shift, f, *scalars, n = args
+        out, i, v, bias, table, shift, f, *scalars, n = args
         z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[7:10]))
         v = builder.add(v, builder.load(_pointer(context, builder, sig.args[3], bias, f, _V16I32), align=4))
-        codes = builder.icmp_signed(">", context.make_array(sig.args[4])(context, builder, m0).nitems,
+        codes = builder.icmp_signed(">", context.make_array(sig.args[4])(context, builder, table).nitems,
                                     ir.Constant(_I64, 0))
         with builder.if_else(codes) as (requantized, sums):
             with requantized:
                 _store_first(context, builder, sig.args[0], out, i,
-                             _requantized(context, builder, v, sig.args[4], m0, sig.args[5], shift, f, z, lo, hi), n)
+                             _requantized(context, builder, v, sig.args[4], table, sig.args[5], shift, f, z, lo, hi), n)
             with sums:
                 _store_first(context, builder, sig.args[0], out, i, _smax(builder, v, _splat(builder, lo, _V16I32)), n)
         return context.get_dummy_value()
 
-    return types.none(out, types.intp, int32x16, bias, m0, shift, types.intp, z, lo, hi, types.intp), codegen
+    return types.none(out, types.intp, int32x16, bias, table, shift, types.intp, z, lo, hi, types.intp), codegen
 
 
 # The same operations in NumPy: what they mean, and what runs with NUMBA_DISABLE_JIT=1.
@@ -320,18 +358,20 @@ def _dot4_add_python(acc, x, wp, i):
     return (acc + w.astype(np.int64) @ u).astype(np.int32)  # w[l, j], pack_weights' layouts
 
 
-def _requantize16_python(v, m0, shift, i, z, lo, hi):
-    q = multiply_by_quantized_multiplier(v, m0[i : i + LANES], shift[i : i + LANES]) + z
-    return np.clip(q, lo, hi).astype(np.int32)
+def _requantize16_python(v, table, shift, i, z, lo, hi):
+    m0, a, c, s = table[4 * i : 4 * i + 4 * LANES].reshape(4, 2, LANES // 2).transpose(0, 2, 1).reshape(4, LANES)
+    x = np.clip(v.astype(np.int64) << np.maximum(shift[i : i + LANES], 0), INT32_MIN, INT32_MAX)
+    p = x * m0
+    return np.clip(((p + a - c * (p < -(1 << 30))) >> s) + z, lo, hi).astype(np.int32)
 
 
 def _store16_python(out, i, v):
     out.reshape(-1)[i : i + LANES] = v
 
 
-def _finish16_python(out, i, v, bias, m0, shift, f, z, lo, hi, n):
+def _finish16_python(out, i, v, bias, table, shift, f, z, lo, hi, n):
     v = (v.astype(np.int64) + bias[f : f + LANES]).astype(np.int32)  # wraps like the machine's add
-    v = _requantize16_python(v, m0, shift, f, z, lo, hi) if m0.size else np.maximum(v, lo)
+    v = _requantize16_python(v, table, shift, f, z, lo, hi) if table.size else np.maximum(v, lo)
     if n > 0:
         out.reshape(-1)[i : i + n] = v[:n].astype(out.dtype)
 
