@@ -168,48 +168,60 @@ def _row_sums(x32, start, off, wp, acc, at):
 
 
 @numba.njit(inline="always", cache=True)
-def _four_rows_pass(x32, t0, t1, t2, t3, off, wp, b):
-    """The sums of blocks b and b + 1 (32 filters) for the four rows whose words start at t0 .. t3, as
-    _row_sums makes them: 8 vectors (row by row, block by block), each 64-byte load of weights serving
-    4 rows, not one."""
+def _eight_rows_pass(x32, starts, r, s, off, wp, b):
+    """The sums of blocks b and b + 1 (32 filters) for the eight rows r .. r + 3 and s .. s + 3, as
+    _row_sums makes them: 16 vectors (row by row, block by block), each 64-byte load of weights serving
+    8 rows, not one. (With 4 rows a pass, the seed CNN's conv at batch 256 took 1.09x as long.)"""
     G = off.size
-    p0, p1, q0, q1 = zeros16(), zeros16(), zeros16(), zeros16()  # rows t0 and t1, blocks b and b + 1
-    u0, u1, v0, v1 = zeros16(), zeros16(), zeros16(), zeros16()  # rows t2 and t3
+    t0, t1, t2, t3, t4, t5, t6, t7 = (starts[r], starts[r + 1], starts[r + 2], starts[r + 3],
+                                      starts[s], starts[s + 1], starts[s + 2], starts[s + 3])
+    p0, p1, q0, q1, u0, u1, v0, v1 = zeros16(), zeros16(), zeros16(), zeros16(), zeros16(), zeros16(), \
+        zeros16(), zeros16()  # rows r .. r + 3, blocks b and b + 1
+    P0, P1, Q0, Q1, U0, U1, V0, V1 = zeros16(), zeros16(), zeros16(), zeros16(), zeros16(), zeros16(), \
+        zeros16(), zeros16()  # rows s .. s + 3
     for g in range(G):
-        o = off[g]
+        o, i, j = off[g], (b * G + g) * 64, (b * G + g + G) * 64
         x0, x1, x2, x3 = x32[np.uint64(t0 + o)], x32[np.uint64(t1 + o)], x32[np.uint64(t2 + o)], x32[np.uint64(t3 + o)]
-        i, j = (b * G + g) * 64, (b * G + g + G) * 64
         p0, p1, q0, q1 = dot4_add(p0, x0, wp, i), dot4_add(p1, x0, wp, j), dot4_add(q0, x1, wp, i), \
             dot4_add(q1, x1, wp, j)
         u0, u1, v0, v1 = dot4_add(u0, x2, wp, i), dot4_add(u1, x2, wp, j), dot4_add(v0, x3, wp, i), \
             dot4_add(v1, x3, wp, j)
-    return p0, p1, q0, q1, u0, u1, v0, v1
+        x0, x1, x2, x3 = x32[np.uint64(t4 + o)], x32[np.uint64(t5 + o)], x32[np.uint64(t6 + o)], x32[np.uint64(t7 + o)]
+        P0, P1, Q0, Q1 = dot4_add(P0, x0, wp, i), dot4_add(P1, x0, wp, j), dot4_add(Q0, x1, wp, i), \
+            dot4_add(Q1, x1, wp, j)
+        U0, U1, V0, V1 = dot4_add(U0, x2, wp, i), dot4_add(U1, x2, wp, j), dot4_add(V0, x3, wp, i), \
+            dot4_add(V1, x3, wp, j)
+    return p0, p1, q0, q1, u0, u1, v0, v1, P0, P1, Q0, Q1, U0, U1, V0, V1
 
 
 @numba.njit(inline="always", cache=True)
-def _four_rows_sums(x32, starts, r, off, wp, acc):
-    """_row_sums of rows r .. r + 3 at once, row i's from acc[i F'], F' = 32 ceil(F/32)."""
+def _eight_rows_sums(x32, starts, r, off, wp, acc):
+    """_row_sums of rows r .. r + 7 at once, row i's from acc[i F'], F' = 32 ceil(F/32)."""
     F32 = wp.size // (4 * off.size)
     for b in range(0, wp.size // (64 * off.size), 2):
-        sums = _four_rows_pass(x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
-        for row in range(4):
+        sums = _eight_rows_pass(x32, starts, r, r + 4, off, wp, b)
+        for row in range(8):
             store16(acc, row * F32 + 16 * b, sums[2 * row])
             store16(acc, row * F32 + 16 * b + 16, sums[2 * row + 1])
 
 
 @numba.njit(inline="always", cache=True)
-def _pooled_window(x32, starts, r, off, wp, bias, table, shift, z_out, lo, hi, o, at, F):
-    """The output of the 2x2 pool window whose 4 pixels are rows r .. r + 3, stored from o[at] on:
-    per 32 filters, the maximum of the four rows' sums taken in registers, then the epilogue
-    (vectors.finish16; filters f >= F not stored). (Stored in acc and read back by _finish, the
-    sums took a third of the seed CNN's conv at batch 256.)"""
+def _pooled_windows(x32, starts, r, s, off, wp, bias, table, shift, z_out, lo, hi, o, F, both):
+    """The outputs of the 2x2 pool windows whose 4 pixels are rows r .. r + 3 and s .. s + 3, stored
+    at o[r // 4 F] and, if both, o[s // 4 F]: per 32 filters, the maximum of each window's sums taken
+    in registers, then the epilogue (vectors.finish16; filters f >= F not stored). (Stored in acc and
+    read back by _finish, the sums took a third of the seed CNN's conv at batch 256.)"""
     for b in range(0, wp.size // (64 * off.size), 2):
-        p0, p1, q0, q1, u0, u1, v0, v1 = _four_rows_pass(
-            x32, starts[r], starts[r + 1], starts[r + 2], starts[r + 3], off, wp, b)
+        p0, p1, q0, q1, u0, u1, v0, v1, P0, P1, Q0, Q1, U0, U1, V0, V1 = _eight_rows_pass(x32, starts, r, s, off,
+                                                                                           wp, b)
         f = 16 * b
-        finish16(o, at + f, max16(max16(p0, q0), max16(u0, v0)), bias, table, shift, f, z_out, lo, hi, min(LANES, F - f))
-        f += 16
-        finish16(o, at + f, max16(max16(p1, q1), max16(u1, v1)), bias, table, shift, f, z_out, lo, hi, min(LANES, F - f))
+        at, n0, n1 = r // 4 * F + f, min(LANES, F - f), min(LANES, F - f - 16)
+        finish16(o, at, max16(max16(p0, q0), max16(u0, v0)), bias, table, shift, f, z_out, lo, hi, n0)
+        finish16(o, at + 16, max16(max16(p1, q1), max16(u1, v1)), bias, table, shift, f + 16, z_out, lo, hi, n1)
+        if both:
+            at = s // 4 * F + f
+            finish16(o, at, max16(max16(P0, Q0), max16(U0, V0)), bias, table, shift, f, z_out, lo, hi, n0)
+            finish16(o, at + 16, max16(max16(P1, Q1), max16(U1, V1)), bias, table, shift, f + 16, z_out, lo, hi, n1)
 
 
 ROWS_PER_TASK = 64
@@ -277,24 +289,26 @@ def _finish(acc, rows, F32, bias, table, shift, z_out, lo, hi, o, at, F):
 def _qgemm_loops(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out):
     """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
     (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to unsigned codes, or
-    int32 when table is empty. Rows run 4 at a time (a window of 4 is one pass, finished in registers), the
-    last few one by one: one loop calling both tiles through a test runs at half speed in the serial
-    build."""
+    int32 when table is empty. Rows run 8 at a time (two windows of 4 are one pass, finished in registers;
+    a task's odd last window runs as both), the last few one by one: one loop calling both tiles through
+    a test runs at half speed in the serial build."""
     F, F32 = out.shape[1], bias.size
     o = out.reshape(-1)
     rows_end = starts.size // window * window
     for task in prange((rows_end + ROWS_PER_TASK - 1) // ROWS_PER_TASK):
         start, end = task * ROWS_PER_TASK, min(rows_end, (task + 1) * ROWS_PER_TASK)
         if window == 4:
-            for r0 in range(start, end, 4):
-                _pooled_window(x32, starts, r0, off, wp, bias, table, shift, z_out, lo, hi, o, r0 // 4 * F, F)
+            for r0 in range(start, end, 8):
+                both = r0 + 8 <= end
+                _pooled_windows(x32, starts, r0, r0 + 4 if both else r0, off, wp, bias, table, shift, z_out, lo, hi,
+                                o, F, both)
             continue
-        acc = np.empty(4 * F32, dtype=np.int32)
-        fours = start + (end - start) // 4 * 4
-        for r0 in range(start, fours, 4):
-            _four_rows_sums(x32, starts, r0, off, wp, acc)
-            _finish(acc, 4, F32, bias, table, shift, z_out, lo, hi, o, r0 * F, F)
-        for r in range(fours, end):  # window 1 here
+        acc = np.empty(8 * F32, dtype=np.int32)
+        eights = start + (end - start) // 8 * 8
+        for r0 in range(start, eights, 8):
+            _eight_rows_sums(x32, starts, r0, off, wp, acc)
+            _finish(acc, 8, F32, bias, table, shift, z_out, lo, hi, o, r0 * F, F)
+        for r in range(eights, end):  # window 1 here
             _row_sums(x32, starts[r], off, wp, acc, 0)
             _finish(acc, 1, F32, bias, table, shift, z_out, lo, hi, o, r * F, F)
     return out
