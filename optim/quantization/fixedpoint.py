@@ -17,7 +17,8 @@ M = M0 * 2^(shift - 31) with M0 an int32 in [2^30, 2^31) (`quantize_multiplier`)
         an arithmetic shift, a mask and a comparison.
 
 Here they are elementwise int64 NumPy, for the references; the kernels run the
-same arithmetic on 16 lanes at once (`vectors.requantize16`). TFLite leaves the
+same function on 16 lanes at once (`vectors.requantize16`), its two roundings
+made one (`vectors.requantization_table`). TFLite leaves the
 overflow of x * 2^shift undefined (int32 shift in C); here it saturates to
 int32, so every input has a defined result.
 """

@@ -234,7 +234,9 @@ def _requantize_lanes(builder, v, table, shift, z, lo, hi):
     v8i64, c32 = ir.VectorType(_I64, 8), const(32, 8, 64)
     x64 = builder.bitcast(x, v8i64)
     m0, a, c, s = (table[2 * r : 2 * r + 2] for r in range(4))
-    low = lambda u: builder.ashr(builder.shl(u, c32), c32)  # noqa: E731  the low 32 bits, sign-extended: vpmuldq
+    def low(u):  # the low 32 bits, sign-extended: what vpmuldq multiplies
+        return builder.ashr(builder.shl(u, c32), c32)
+
     products = [builder.mul(low(x64), low(m0[0])), builder.mul(builder.ashr(x64, c32), low(m0[1]))]
     sums = [builder.add(p, a_) for p, a_ in zip(products, a)]
     negative = builder.icmp_signed("<", lo, z)
