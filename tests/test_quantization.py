@@ -428,17 +428,19 @@ def test_add16_wraps_as_int32_addition():
 @given(seeds, st.integers(0, 30))
 def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits):
     """Many values at once, every shift and multiplier in range, and a third of the lanes exact ties
-    of the final rounding (M0 = 2^30 halves x = odd 2^e exactly, then the shift by e leaves k + 1/2):
-    the kernels' lanes agree with the reference, value for value."""
+    (M0 = 2^30 halves x = odd 2^e exactly, then the shift by e leaves k + 1/2; odd 2^e +- 1 makes a tie
+    of the first rounding): the kernels' lanes agree with the reference, value for value."""
     rng = np.random.default_rng(seed)
     n = 8 * 512
     shift = rng.integers(*FP.SHIFT_RANGE, n, endpoint=True).astype(np.int8)
     m0 = rng.integers(0, 2**31, n)
     x = rng.integers(-(2**bits), 2**bits, n, endpoint=True)
     tie, e = rng.random(n) < 0.3, rng.integers(1, 20, n)
-    odd = 2 * rng.integers(-1000, 1000, n) + 1
+    odd, nudge = 2 * rng.integers(-1000, 1000, n) + 1, rng.integers(-1, 2, n)
     m0, shift = np.where(tie, 2**30, m0).astype(np.int32), np.where(tie, -e, shift).astype(np.int8)
-    x = np.clip(np.where(tie, odd << e, x), INT32_MIN, INT32_MAX).astype(np.int32)  # x / 2 = odd 2^(e-1)
+    # x / 2 = odd 2^(e-1): a tie of the final rounding; +-1 more, a tie of the first (toward +infinity),
+    # whose result, for -1, is a tie of the second
+    x = np.clip(np.where(tie, (odd << e) + nudge, x), INT32_MIN, INT32_MAX).astype(np.int32)
     x[:6] = [INT32_MIN, INT32_MAX, 0, -1, 1, INT32_MIN + 1]
     expected = FP.multiply_by_quantized_multiplier(x, m0, shift)
     np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), expected)
@@ -913,7 +915,8 @@ def test_requantize16_without_avx512_is_the_numpy_arithmetic():
         "x = (rng.integers(-2**31, 2**31, n) >> rng.integers(0, 32, n)).astype(np.int32)\n"
         "tie, e = rng.random(n) < 0.3, rng.integers(1, 20, n)\n"
         "m0, shift = np.where(tie, 2**30, m0).astype(np.int32), np.where(tie, -e, shift).astype(np.int8)\n"
-        "x = np.where(tie, (2 * rng.integers(-1000, 1000, n) + 1) << e, x).astype(np.int32)\n"
+        "x = np.where(tie, ((2 * rng.integers(-1000, 1000, n) + 1) << e) + rng.integers(-1, 2, n), x)\n"
+        "x = x.astype(np.int32)\n"
         "x[:6] = [-2**31, 2**31 - 1, 0, -1, 1, -2**31 + 1]\n"
         "ref = FP.multiply_by_quantized_multiplier(x, m0, shift)\n"
         "table = V.requantization_table(m0, shift)\n"

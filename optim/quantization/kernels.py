@@ -171,7 +171,8 @@ def _row_sums(x32, start, off, wp, acc, at):
 def _eight_rows_pass(x32, starts, r, s, off, wp, b):
     """The sums of blocks b and b + 1 (32 filters) for the eight rows r .. r + 3 and s .. s + 3, as
     _row_sums makes them: 16 vectors (row by row, block by block), each 64-byte load of weights serving
-    8 rows, not one. (With 4 rows a pass, the seed CNN's conv at batch 256 took 1.09x as long.)"""
+    8 rows, not one. (With 4 rows a pass, the seed CNN's conv at batch 256 took 1.09x as long. AVX2's 16
+    registers cannot hold the 16 sums, which spill, yet its int8 predict gained too: 1.04x-1.09x.)"""
     G = off.size
     t0, t1, t2, t3, t4, t5, t6, t7 = (starts[r], starts[r + 1], starts[r + 2], starts[r + 3],
                                       starts[s], starts[s + 1], starts[s + 2], starts[s + 3])
@@ -270,10 +271,10 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
         raise ValueError(f"one multiplier and shift per filter: got {len(m0)} and {len(shift)} for {len(bias)}")
     if not QMIN <= min(z_out, lo, hi) <= max(z_out, lo, hi) <= QMAX:  # int8 codes, whose bytes finish16 writes
         raise ValueError(f"the output zero point and clamp must be int8 codes, got {z_out}, [{lo}, {hi}]")
-    shift = _padded(packed, shift, np.int8)
+    shift = _padded(packed, shift, np.int64)
     table = requantization_table(_padded(packed, m0, np.int64), shift)  # checks m0 and shift
     return int32_epilogue(packed, bias, INT32_MIN)._replace(
-        table=table, shift=shift, z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
+        table=table, shift=shift.astype(np.int8), z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
 
 
 @numba.njit(inline="always", cache=True)
@@ -290,7 +291,7 @@ def _qgemm_loops(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi
     """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
     (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to unsigned codes, or
     int32 when table is empty. Rows run 8 at a time (two windows of 4 are one pass, finished in registers;
-    a task's odd last window runs as both), the last few one by one: one loop calling both tiles through
+    a task's odd last window is computed as both windows of its pass, stored once), the last few one by one: one loop calling both tiles through
     a test runs at half speed in the serial build."""
     F, F32 = out.shape[1], bias.size
     o = out.reshape(-1)
