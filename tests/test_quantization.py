@@ -62,17 +62,24 @@ def tflite_mbqm(x, m0, shift):
 
 
 @numba.njit
-def _lanes_mbqm(x, table, shift, z, lo, hi):
+def _lanes_mbqm(x, table, z, lo, hi):
     out = np.empty(x.size, np.int32)
     for i in range(0, x.size, 16):
-        V.store16(out, i, V.requantize16(V.load16(x, i), table, shift, i, z, lo, hi))
+        V.store16(out, i, V.requantize16(V.load16(x, i), table, i, z, lo, hi))
     return out
 
 
-def lanes_mbqm(x, m0, shift, z=0, lo=INT32_MIN, hi=INT32_MAX):
+def lanes_mbqm(x, m0, shift, z=0, lo=-V.CLAMP_LIMIT, hi=V.CLAMP_LIMIT):
     """MultiplyByQuantizedMultiplier of x int32 (16n,), m0 int32 and shift int8 per element, as the
     kernels run it (vectors.requantize16; by default with no zero point and no clamp)."""
-    return _lanes_mbqm(x, V.requantization_table(m0, shift), shift, z, lo, hi)
+    return _lanes_mbqm(x, V.requantization_table(m0, shift), z, lo, hi)
+
+
+def lane_clamp(v):
+    """v clamped to lanes_mbqm's default clamp, the widest requantize16 takes: where x 2^shift overflows,
+    TFLite's result and the lanes' are both beyond it, of the same sign (vectors.requantization_table)."""
+    return np.clip(v, -V.CLAMP_LIMIT, V.CLAMP_LIMIT) if isinstance(v, np.ndarray) else min(max(v, -V.CLAMP_LIMIT),
+                                                                                          V.CLAMP_LIMIT)
 
 
 def ours_lanes_and_numpy(x, m0, shift):
@@ -102,7 +109,7 @@ def qgemm32(words, packed, bias, lo, window=1):
 def test_doubling_high_mul_is_tflites(a, b):
     expected = tflite_srdhm(a, b)
     if b >= 0:  # the lanes' contract: multipliers as quantize_multiplier makes them
-        assert ours_lanes_and_numpy(a, b, 0)[0] == expected  # shift 0: the high product alone
+        assert ours_lanes_and_numpy(a, b, 0)[0] == lane_clamp(expected)  # shift 0: the high product alone
     assert int(FP.saturating_rounding_doubling_high_mul(np.array([a]), np.array([b]))[0]) == expected
     if not a == b == INT32_MIN:
         # What the C code means: round(a*b / 2^31), ties toward +infinity.
@@ -140,15 +147,16 @@ def test_rounding_divide_by_pot_ties_go_away_from_zero(exponent, k, negative):
 def test_multiply_by_quantized_multiplier_is_tflites(x, m0, shift):
     expected = tflite_mbqm(x, m0, shift)
     lanes, vector = ours_lanes_and_numpy(x, m0, shift)
-    assert lanes == expected and vector == expected, f"ours {lanes}, {vector}; TFLite {expected}"
+    assert lanes == lane_clamp(expected) and vector == expected, f"ours {lanes}, {vector}; TFLite {expected}"
 
 
 @given(int32s, multipliers, st.integers(-31, 0))
 def test_multiply_by_quantized_multiplier_rounds_x_times_m(x, m0, shift):
     # Two roundings: <= 1/2 of the high product, seen through the shift, then 1/2.
     exact = Fraction(x * m0, 1 << (31 - shift))
-    ours = ours_lanes_and_numpy(x, m0, shift)[0]
-    assert abs(ours - exact) <= Fraction(1, 2) + Fraction(1, 2 << -shift), f"ours {ours}, x*M = {float(exact)}"
+    ours = ours_lanes_and_numpy(x, m0, shift)[0]  # clamped, which brings it no farther from the clamped exact
+    bound = Fraction(1, 2) + Fraction(1, 2 << -shift)
+    assert abs(ours - lane_clamp(exact)) <= bound, f"ours {ours}, x*M = {float(exact)}"
 
 
 @given(st.floats(1e-9, 1e9, allow_nan=False))
@@ -176,7 +184,8 @@ def test_requantization_table_refuses_what_the_lanes_cannot_run():
     ok_m0, ok_shift = np.full(16, 2**30, np.int64), np.full(16, -3, np.int8)
     for m0, shift, message in [(ok_m0[:15], ok_shift[:15], "multiple of 16"), (ok_m0, ok_shift[:8], "one multiplier"),
                                (-ok_m0, ok_shift, r"\[0, 2\^31\)"), (ok_m0 << 1, ok_shift, r"\[0, 2\^31\)"),
-                               (ok_m0, ok_shift - 29, "shifts must lie"), (ok_m0, ok_shift + 34, "shifts must lie")]:
+                               (ok_m0, ok_shift - 29, "shifts must lie"), (ok_m0, ok_shift + 34, "shifts must lie"),
+                               (ok_m0 - 1, ok_shift + 4, "left shift must be at least 2\\^30")]:
         with pytest.raises(ValueError, match=message):
             V.requantization_table(m0, shift)
 
@@ -438,12 +447,13 @@ def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits):
     tie, e = rng.random(n) < 0.3, rng.integers(1, 20, n)
     odd, nudge = 2 * rng.integers(-1000, 1000, n) + 1, rng.integers(-1, 2, n)
     m0, shift = np.where(tie, 2**30, m0).astype(np.int32), np.where(tie, -e, shift).astype(np.int8)
+    m0 = np.where(shift > 0, m0 | 2**30, m0).astype(np.int32)  # quantize_multiplier's M0 where it shifts left
     # x / 2 = odd 2^(e-1): a tie of the final rounding; +-1 more, a tie of the first (toward +infinity),
     # whose result, for -1, is a tie of the second
     x = np.clip(np.where(tie, (odd << e) + nudge, x), INT32_MIN, INT32_MAX).astype(np.int32)
     x[:6] = [INT32_MIN, INT32_MAX, 0, -1, 1, INT32_MIN + 1]
     expected = FP.multiply_by_quantized_multiplier(x, m0, shift)
-    np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), expected)
+    np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), lane_clamp(expected))
     # a clamp at lo >= z (a fused ReLU) skips the correction of negative results: the same codes
     np.testing.assert_array_equal(lanes_mbqm(x, m0, shift, 3, 3, 130), np.clip(expected + 3, 3, 130))
 
@@ -903,10 +913,10 @@ def test_requantize16_without_avx512_is_the_numpy_arithmetic():
         "import numba, numpy as np\n"
         "from optim.quantization import fixedpoint as FP, vectors as V\n"
         "@numba.njit\n"
-        "def lanes(x, table, shift, z, lo, hi):\n"
+        "def lanes(x, table, z, lo, hi):\n"
         "    out = np.empty(x.size, np.int32)\n"
         "    for i in range(0, x.size, 16):\n"
-        "        V.store16(out, i, V.requantize16(V.load16(x, i), table, shift, i, z, lo, hi))\n"
+        "        V.store16(out, i, V.requantize16(V.load16(x, i), table, i, z, lo, hi))\n"
         "    return out\n"
         "rng = np.random.default_rng(0)\n"
         "n = 16 * 1024\n"
@@ -915,13 +925,15 @@ def test_requantize16_without_avx512_is_the_numpy_arithmetic():
         "x = (rng.integers(-2**31, 2**31, n) >> rng.integers(0, 32, n)).astype(np.int32)\n"
         "tie, e = rng.random(n) < 0.3, rng.integers(1, 20, n)\n"
         "m0, shift = np.where(tie, 2**30, m0).astype(np.int32), np.where(tie, -e, shift).astype(np.int8)\n"
+        "m0 = np.where(shift > 0, m0 | 2**30, m0).astype(np.int32)  # quantize_multiplier's where it shifts left\n"
         "x = np.where(tie, ((2 * rng.integers(-1000, 1000, n) + 1) << e) + rng.integers(-1, 2, n), x)\n"
         "x = x.astype(np.int32)\n"
         "x[:6] = [-2**31, 2**31 - 1, 0, -1, 1, -2**31 + 1]\n"
         "ref = FP.multiply_by_quantized_multiplier(x, m0, shift)\n"
         "table = V.requantization_table(m0, shift)\n"
-        "assert np.array_equal(lanes(x, table, shift, 0, -2**31, 2**31 - 1), ref)\n"
-        "assert np.array_equal(lanes(x, table, shift, 3, 3, 130), np.clip(ref + 3, 3, 130))  # a fused ReLU\n"
+        "L = V.CLAMP_LIMIT\n"
+        "assert np.array_equal(lanes(x, table, 0, -L, L), np.clip(ref, -L, L))\n"
+        "assert np.array_equal(lanes(x, table, 3, 3, 130), np.clip(ref + 3, 3, 130))  # a fused ReLU\n"
         "print('ok')\n")
 
 

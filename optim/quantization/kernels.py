@@ -207,7 +207,7 @@ def _eight_rows_sums(x32, starts, r, off, wp, acc):
 
 
 @numba.njit(inline="always", cache=True)
-def _pooled_windows(x32, starts, r, s, off, wp, bias, table, shift, z_out, lo, hi, o, F, both):
+def _pooled_windows(x32, starts, r, s, off, wp, bias, table, z_out, lo, hi, o, F, both):
     """The outputs of the 2x2 pool windows whose 4 pixels are rows r .. r + 3 and s .. s + 3, stored
     at o[r // 4 F] and, if both, o[s // 4 F]: per 32 filters, the maximum of each window's sums taken
     in registers, then the epilogue (vectors.finish16; filters f >= F not stored). (Stored in acc and
@@ -217,12 +217,12 @@ def _pooled_windows(x32, starts, r, s, off, wp, bias, table, shift, z_out, lo, h
                                                                                            wp, b)
         f = 16 * b
         at, n0, n1 = r // 4 * F + f, min(LANES, F - f), min(LANES, F - f - 16)
-        finish16(o, at, max16(max16(p0, q0), max16(u0, v0)), bias, table, shift, f, z_out, lo, hi, n0)
-        finish16(o, at + 16, max16(max16(p1, q1), max16(u1, v1)), bias, table, shift, f + 16, z_out, lo, hi, n1)
+        finish16(o, at, max16(max16(p0, q0), max16(u0, v0)), bias, table, f, z_out, lo, hi, n0)
+        finish16(o, at + 16, max16(max16(p1, q1), max16(u1, v1)), bias, table, f + 16, z_out, lo, hi, n1)
         if both:
             at = s // 4 * F + f
-            finish16(o, at, max16(max16(P0, Q0), max16(U0, V0)), bias, table, shift, f, z_out, lo, hi, n0)
-            finish16(o, at + 16, max16(max16(P1, Q1), max16(U1, V1)), bias, table, shift, f + 16, z_out, lo, hi, n1)
+            finish16(o, at, max16(max16(P0, Q0), max16(U0, V0)), bias, table, f, z_out, lo, hi, n0)
+            finish16(o, at + 16, max16(max16(P1, Q1), max16(U1, V1)), bias, table, f + 16, z_out, lo, hi, n1)
 
 
 ROWS_PER_TASK = 64
@@ -233,16 +233,15 @@ class Epilogue(NamedTuple):
     the packed weights' filters (16 for F <= 16, else 32 ceil(F/32)):
 
         unsigned codes   clamp(MBQM(s + bias[f], m0[f], shift[f]) + z_out, lo, hi), uint8
-        int32            max(s + bias[f], lo)                           (table and shift empty)
+        int32            max(s + bias[f], lo)                           (table empty)
 
     bias int32 is the layer's less 128 colsum (the unsigned bytes' offset, PackedWeights), table int64
-    the multipliers m0 and shifts as the lanes take them (vectors.requantization_table), shift int8;
-    z_out, lo and hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built once per layer by
+    the multipliers m0 and shifts as the lanes take them (vectors.requantization_table); z_out, lo and
+    hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built once per layer by
     `int8_epilogue` or `int32_epilogue`."""
 
     bias: np.ndarray
     table: np.ndarray
-    shift: np.ndarray
     z_out: int
     lo: int
     hi: int
@@ -260,8 +259,7 @@ def int32_epilogue(packed, bias, lo):
     unsigned = np.asarray(bias, np.int64) - 128 * packed.colsum.astype(np.int64)
     if np.abs(unsigned).max(initial=0) > INT32_MAX:
         raise ValueError("bias - 128 sum_k w_k must fit in int32 (the layer's accumulators could overflow)")
-    return Epilogue(_padded(packed, unsigned, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int8), 0, int(lo),
-                    INT32_MAX, len(bias))
+    return Epilogue(_padded(packed, unsigned, np.int32), np.zeros(0, np.int64), 0, int(lo), INT32_MAX, len(bias))
 
 
 def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
@@ -271,23 +269,22 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
         raise ValueError(f"one multiplier and shift per filter: got {len(m0)} and {len(shift)} for {len(bias)}")
     if not QMIN <= min(z_out, lo, hi) <= max(z_out, lo, hi) <= QMAX:  # int8 codes, whose bytes finish16 writes
         raise ValueError(f"the output zero point and clamp must be int8 codes, got {z_out}, [{lo}, {hi}]")
-    shift = _padded(packed, shift, np.int64)
-    table = requantization_table(_padded(packed, m0, np.int64), shift)  # checks m0 and shift
+    table = requantization_table(_padded(packed, m0, np.int64), _padded(packed, shift, np.int64))  # checks them
     return int32_epilogue(packed, bias, INT32_MIN)._replace(
-        table=table, shift=shift.astype(np.int8), z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
+        table=table, z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
 
 
 @numba.njit(inline="always", cache=True)
-def _finish(acc, rows, F32, bias, table, shift, z_out, lo, hi, o, at, F):
+def _finish(acc, rows, F32, bias, table, z_out, lo, hi, o, at, F):
     """The outputs of `rows` rows' sums acc[i F32 + f], F values each, stored in the flat o from
     o[at] on, 16 filters at a time (vectors.finish16)."""
     for row in range(rows):
         for f in range(0, F, LANES):
-            finish16(o, at + row * F + f, load16(acc, row * F32 + f), bias, table, shift, f, z_out, lo, hi,
+            finish16(o, at + row * F + f, load16(acc, row * F32 + f), bias, table, f, z_out, lo, hi,
                      min(LANES, F - f))
 
 
-def _qgemm_loops(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out):
+def _qgemm_loops(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out):
     """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
     (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to unsigned codes, or
     int32 when table is empty. Rows run 8 at a time (two windows of 4 are one pass, finished in registers;
@@ -301,17 +298,17 @@ def _qgemm_loops(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi
         if window == 4:
             for r0 in range(start, end, 8):
                 both = r0 + 8 <= end
-                _pooled_windows(x32, starts, r0, r0 + 4 if both else r0, off, wp, bias, table, shift, z_out, lo, hi,
+                _pooled_windows(x32, starts, r0, r0 + 4 if both else r0, off, wp, bias, table, z_out, lo, hi,
                                 o, F, both)
             continue
         acc = np.empty(8 * F32, dtype=np.int32)
         eights = start + (end - start) // 8 * 8
         for r0 in range(start, eights, 8):
             _eight_rows_sums(x32, starts, r0, off, wp, acc)
-            _finish(acc, 8, F32, bias, table, shift, z_out, lo, hi, o, r0 * F, F)
+            _finish(acc, 8, F32, bias, table, z_out, lo, hi, o, r0 * F, F)
         for r in range(eights, end):  # window 1 here
             _row_sums(x32, starts[r], off, wp, acc, 0)
-            _finish(acc, 1, F32, bias, table, shift, z_out, lo, hi, o, r * F, F)
+            _finish(acc, 1, F32, bias, table, z_out, lo, hi, o, r * F, F)
     return out
 
 
@@ -326,7 +323,7 @@ def _four_rows_block(x32, t0, t1, t2, t3, off, wp):
     return p, q, u, v
 
 
-def _qgemm_block_loops(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out):
+def _qgemm_block_loops(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out):
     """_qgemm_loops for at most 16 filters, packed as one block: four rows (or one pool window) a pass,
     the last few rows alone. A kernel of its own: the pair loops with a test for a lone block ran the
     AVX2 build's GEMM 1.5x slower (session 13)."""
@@ -338,15 +335,15 @@ def _qgemm_block_loops(x32, starts, window, off, wp, bias, table, shift, z_out, 
         if window == 4:
             for r0 in range(start, end, 4):
                 p, q, u, v = _four_rows_block(x32, starts[r0], starts[r0 + 1], starts[r0 + 2], starts[r0 + 3], off, wp)
-                finish16(o, r0 // 4 * F, max16(max16(p, q), max16(u, v)), bias, table, shift, 0, z_out, lo, hi, F)
+                finish16(o, r0 // 4 * F, max16(max16(p, q), max16(u, v)), bias, table, 0, z_out, lo, hi, F)
             continue
         fours = start + (end - start) // 4 * 4
         for r0 in range(start, fours, 4):
             p, q, u, v = _four_rows_block(x32, starts[r0], starts[r0 + 1], starts[r0 + 2], starts[r0 + 3], off, wp)
-            finish16(o, r0 * F, p, bias, table, shift, 0, z_out, lo, hi, F)
-            finish16(o, (r0 + 1) * F, q, bias, table, shift, 0, z_out, lo, hi, F)
-            finish16(o, (r0 + 2) * F, u, bias, table, shift, 0, z_out, lo, hi, F)
-            finish16(o, (r0 + 3) * F, v, bias, table, shift, 0, z_out, lo, hi, F)
+            finish16(o, r0 * F, p, bias, table, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 1) * F, q, bias, table, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 2) * F, u, bias, table, 0, z_out, lo, hi, F)
+            finish16(o, (r0 + 3) * F, v, bias, table, 0, z_out, lo, hi, F)
         for r in range(fours, end):  # window 1 here; two sums, so that one vpdpbusd need not wait for the last
             p, q, t = zeros16(), zeros16(), starts[r]
             for g in range(0, off.size - 1, 2):
@@ -354,7 +351,7 @@ def _qgemm_block_loops(x32, starts, window, off, wp, bias, table, shift, z_out, 
                 q = dot4_add(q, x32[np.uint64(t + off[g + 1])], wp, g * 64 + 64)
             if off.size % 2:
                 p = dot4_add(p, x32[np.uint64(t + off[off.size - 1])], wp, off.size * 64 - 64)
-            finish16(o, r * F, add16(p, q), bias, table, shift, 0, z_out, lo, hi, F)
+            finish16(o, r * F, add16(p, q), bias, table, 0, z_out, lo, hi, F)
     return out
 
 
@@ -371,12 +368,12 @@ def one_block(wp, off):
 
 
 @numba.njit(cache=True)
-def qgemm_serial(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out):
+def qgemm_serial(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out):
     """The serial GEMM of qgemm_runner's run, for compiled callers (chain.py): the one-block build for at
     most 16 filters, else the pairs'."""
     if one_block(wp, off):
-        return _qgemm_block_serial(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out)
-    return _qgemm_pairs_serial(x32, starts, window, off, wp, bias, table, shift, z_out, lo, hi, out)
+        return _qgemm_block_serial(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out)
+    return _qgemm_pairs_serial(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out)
 
 
 class Words(NamedTuple):
@@ -414,7 +411,7 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
                          f"of {packed.wp.shape[1]} words and an epilogue of {epilogue.bias.size} filters for "
                          f"{LANES * packed.wp.shape[0]}")
     shape, dtype = (starts.size // window, epilogue.F), (np.uint8 if epilogue.table.size else np.int32)
-    wp, fixed = packed.wp.reshape(-1), tuple(epilogue[:6])
+    wp, fixed = packed.wp.reshape(-1), tuple(epilogue[:5])
     kernel = _qgemm_block if one_block(wp, off) else _qgemm
     work = qgemm_work(starts, off, epilogue.F)
     return lambda x32: kernel(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))

@@ -16,17 +16,17 @@ int32x16, i an index):
     dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 16, u the 4 bytes of x (uint32),
                                       unsigned; wp int8 (without VNNI: wp[i + 32 (j // 2) + 2 l + j % 2],
                                       kernels.pack_weights' layout for vpmaddwd)
-    requantize16(v, table, shift, i, z, lo, hi)
+    requantize16(v, table, i, z, lo, hi)
                                       clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
                                       + z, lo, hi): `fixedpoint`'s arithmetic, bit for bit, with
                                       table = requantization_table(m0, shift) (m0 >= 0, as
                                       quantize_multiplier makes it; z, lo, hi int32 with lo - z and hi - z
-                                      in int32, as the codes' bytes are)
+                                      within +- CLAMP_LIMIT = 2^30 - 1, as the codes' bytes are)
     store16(out, i, v)                out[i : i + 16] = v              (out int32)
-    finish16(out, i, v, bias, table, shift, f, z, lo, hi, n)
+    finish16(out, i, v, bias, table, f, z, lo, hi, n)
                                       a GEMM's epilogue: out[i : i + n] = the first n lanes (none if n <= 0;
                                       out may end before i + 16) of requantize16(v + bias[f : f + 16], table,
-                                      shift, f, z, lo, hi) (out uint8), or with table empty of
+                                      f, z, lo, hi) (out uint8), or with table empty of
                                       maximum(v + bias[f : f + 16], lo) (out int32). One operation, not a
                                       Numba function: one taking these arrays, where LLVM did not inline
                                       it (AVX2's longer code), paid their reference counts on every call.
@@ -43,8 +43,8 @@ at half the rate: this CPU retires two 512-bit vpdpbusd per cycle, as many
 as 256-bit ones.)
 
 No bounds checks: callers guarantee 0 <= i and i + 16 <= a.size (i + n for
-finish16's out, f + 16 <= bias.size and shift.size, 4 f + 64 <= table.size where table
-is not empty). requantize16 is the epilogue's arithmetic alone, for the tests.
+finish16's out, f + 16 <= bias.size, and 4 f + 64 <= table.size where table is not
+empty). requantize16 is the epilogue's arithmetic alone, for the tests.
 With NUMBA_DISABLE_JIT=1 the operations are the NumPy expressions at the
 end. Numba's cache does not see this file: after editing it, delete the
 __pycache__ folders.
@@ -59,7 +59,7 @@ from numba.extending import intrinsic, models, register_model
 
 from minicnn.simd import HAS_VNNI, HAS_VNNI_512
 
-from .fixedpoint import INT32_MAX, INT32_MIN, SHIFT_RANGE
+from .fixedpoint import INT32_MAX, SHIFT_RANGE
 
 LANES = 16
 
@@ -176,16 +176,19 @@ def requantization_table(m0, shift):
     """The per-filter constants of requantize16, int64 (n // 16, 4, 16) flattened, for multipliers m0
     int32 in [0, 2^31) (quantize_multiplier's) and shifts int8 in SHIFT_RANGE, n = len(m0) a multiple of 16.
 
-    TFLite's two roundings of x M0 2^(shift - 31) for a right shift e = max(-shift, 0) are one:
+    TFLite's two roundings of x M0 2^(shift - 31) for a right shift e = -shift > 0 are one:
 
         h = floor((x M0 + 2^30) / 2^31)                       SaturatingRoundingDoublingHighMul
-        q = floor((h + 2^(e-1) - [h < 0]) / 2^e)              RoundingDivideByPOT, e > 0 (q = h for e = 0)
+        q = floor((h + 2^(e-1) - [h < 0]) / 2^e)              RoundingDivideByPOT
           = floor((x M0 + A - C [x M0 < -2^30]) / 2^S)        (floor(floor(y) / 2^e) = floor(y / 2^e))
 
-    with S = 31 + e, A = 2^30 + 2^(30 + e) and C = 2^31 for e > 0, A = 2^30 and C = 0 for e = 0: a 64-bit
-    product, an add and a shift. Per 16 filters the rows M0, A, C, S, each in the lanes' order for
-    64-bit arithmetic: the even filters' 8 values, then the odd ones'. (A left shift, shift > 0, is applied
-    to x beforehand, saturated, as TFLite does; its lanes have e = 0.)"""
+    with S = 31 + e, A = 2^30 + 2^(30 + e), C = 2^31. For a left shift l = shift >= 0 (no second
+    rounding) h = floor((x 2^l M0 + 2^30) / 2^31) = floor((x M0 + 2^(30 - l)) / 2^(31 - l)): S = 31 - l,
+    A = 2^(30 - l), C = 0. Where x 2^l overflows int32, TFLite saturates x and the result is about M0
+    in size, which for l > 0 is at least 2^30 (quantize_multiplier's, and checked here); this one is
+    larger still, of the same sign: a clamp within +- CLAMP_LIMIT makes both the same.
+    Per 16 filters the rows M0, A, C, S, each in the lanes' order for 64-bit arithmetic: the even
+    filters' 8 values, then the odd ones'."""
     m0, shift = np.asarray(m0, np.int64), np.asarray(shift, np.int64)
     if m0.shape != shift.shape or m0.ndim != 1 or m0.size % LANES:
         raise ValueError(f"one multiplier and shift per filter, a multiple of {LANES} of them: got {m0.shape} and "
@@ -194,46 +197,37 @@ def requantization_table(m0, shift):
         raise ValueError("the requantization multipliers must lie in [0, 2^31) (quantize_multiplier's)")
     if shift.size and not SHIFT_RANGE[0] <= shift.min() <= shift.max() <= SHIFT_RANGE[1]:
         raise ValueError(f"requantization shifts must lie in {SHIFT_RANGE}, got {shift.min()} .. {shift.max()}")
-    e = np.maximum(-shift, 0)
-    rows = np.stack([m0, (1 << 30) + np.where(e > 0, 1 << (30 + e), 0), np.where(e > 0, 1 << 31, 0), 31 + e], axis=1)
+    if np.any((shift > 0) & (m0 < 1 << 30)):
+        raise ValueError("a multiplier with a left shift must be at least 2^30 (quantize_multiplier's M0)")
+    S, right = 31 - shift, shift < 0
+    rows = np.stack([m0, (1 << (S - 1)) + np.where(right, 1 << 30, 0), np.where(right, 1 << 31, 0), S], axis=1)
     lanes = rows.reshape(-1, LANES // 2, 2, 4)  # (block, pair, even/odd, row)
     return np.ascontiguousarray(lanes.transpose(0, 3, 2, 1)).reshape(-1)
 
 
-def _requantize_lanes(builder, v, table, shift, z, lo, hi):
-    """fixedpoint.multiply_by_quantized_multiplier(v, m0, shift) + z, clamped to [lo, hi], on the 16
-    int32 lanes themselves, with table = the 64 int64 of requantization_table(m0, shift) for these 16
-    filters (<8 x i64> each: M0, A, C, S, even lanes, odd lanes) and shift their <16 x i8> shifts; z, lo
-    and hi int32 with lo - z and hi - z in int32, as the codes' are.
+CLAMP_LIMIT = 2**30 - 1  # requantize16's clamp must lie within z +- CLAMP_LIMIT (codes' lie within 255)
 
-    x 2^left, saturated, is computed only when some lane has left = max(shift, 0) > 0: multipliers
-    below 1, every layer's in practice, have none, and the branch goes the same way for every window
-    of a layer. Then requantization_table's single rounding: x M0 as two vpmuldq (32 x 32 -> 64 bits, the
-    even lanes, then the odd ones shifted down), + A, - C where x M0 < -2^30, an arithmetic shift by S,
-    and the low halves of the 16 results (each fits int32) put back in order by one shuffle. The
-    correction C matters only for results below 0: a clamp at lo >= z (a fused ReLU) makes them all lo,
-    corrected or not, and skips it. About 17 vector instructions per 16 outputs (21 with the
-    correction), against 30 for TFLite's two roundings spelled out on the int32 lanes."""
+
+def _requantize_lanes(builder, x, table, z, lo, hi):
+    """clamp(fixedpoint.multiply_by_quantized_multiplier(x, m0, shift) + z, lo, hi) on the 16 int32
+    lanes themselves, with table = the 64 int64 of requantization_table(m0, shift) for these 16 filters
+    (<8 x i64> each: M0, A, C, S, even lanes, odd lanes), and z, lo and hi int32 with lo - z and
+    hi - z within +- CLAMP_LIMIT, as the codes' are.
+
+    requantization_table's single rounding: x M0 as two vpmuldq (32 x 32 -> 64 bits, the even lanes,
+    then the odd ones shifted down), + A, - C where x M0 < -2^30, an arithmetic shift by S, the clamp
+    (on 64 bits: a left shift's result may not fit 32), and the 16 low halves put back in order by one
+    shuffle. No branch on the shifts. The correction C matters only for results below 0: a clamp at
+    lo >= z (a fused ReLU) makes them all lo, corrected or not, and skips it. About 15 vector
+    instructions per 16 outputs (19 with the correction), against 30 for TFLite's two roundings spelled
+    out on the int32 lanes, which tested 16 shifts for a positive one in every epilogue."""
     def const(c, lanes=LANES, width=32):
         return ir.Constant(ir.VectorType(ir.IntType(width), lanes), [c] * lanes)
 
-    zero = const(0)
-    shift = builder.sext(shift, _V16I32)
-    any_left = builder.icmp_unsigned("!=", builder.bitcast(builder.icmp_signed(">", shift, zero), ir.IntType(LANES)),
-                                     ir.Constant(ir.IntType(LANES), 0))
-    before = builder.block
-    with builder.if_then(any_left, likely=False):
-        left = _smax(builder, shift, zero)
-        shifted = builder.shl(v, left)  # x 2^left, saturated where it overflows: the sign's extreme
-        extreme = builder.xor(builder.ashr(v, const(31)), const(INT32_MAX))
-        saturated = builder.select(builder.icmp_signed("!=", builder.ashr(shifted, left), v), extreme, shifted)
-        shifted_block = builder.block
-    x = builder.phi(_V16I32)
-    x.add_incoming(v, before)
-    x.add_incoming(saturated, shifted_block)
     v8i64, c32 = ir.VectorType(_I64, 8), const(32, 8, 64)
     x64 = builder.bitcast(x, v8i64)
     m0, a, c, s = (table[2 * r : 2 * r + 2] for r in range(4))
+
     def low(u):  # the low 32 bits, sign-extended: what vpmuldq multiplies
         return builder.ashr(builder.shl(u, c32), c32)
 
@@ -250,38 +244,36 @@ def _requantize_lanes(builder, v, table, shift, z, lo, hi):
         phi.add_incoming(sums[h], before)
         phi.add_incoming(corrected[h], corrected_block)
         sums[h] = phi
-    even, odd = (builder.bitcast(builder.ashr(t, s_), _V16I32) for t, s_ in zip(sums, s))
+    # clamp(q + z, lo, hi) = clamp(q, lo - z, hi - z) + z: no overflow on the way
+    lo_z, hi_z = (_splat(builder, builder.sext(builder.sub(b, z), _I64), v8i64) for b in (lo, hi))
+    even, odd = (builder.bitcast(_smin(builder, _smax(builder, builder.ashr(t, s_), lo_z), hi_z), _V16I32)
+                 for t, s_ in zip(sums, s))
     q = builder.shuffle_vector(even, odd, _indices(l // 2 * 2 + LANES * (l % 2) for l in range(LANES)))
-    # clamp(q + z, lo, hi) = clamp(q, lo - z, hi - z) + z: no int32 overflow on the way
-    lo_z, hi_z = (_splat(builder, builder.sub(b, z), _V16I32) for b in (lo, hi))
-    return builder.add(_smin(builder, _smax(builder, q, lo_z), hi_z), _splat(builder, z, _V16I32))
+    return builder.add(q, _splat(builder, z, _V16I32))
 
 
-def _requantized(context, builder, v, table_type, table, shift_type, shift, i, z, lo, hi):
-    """requantize16's lanes: the 16 filters' rows of table from 4 i on and their shifts from i on, z, lo and
-    hi int32 scalars."""
+def _requantized(context, builder, v, table_type, table, i, z, lo, hi):
+    """requantize16's lanes: the 16 filters' rows of table from 4 i on, z, lo and hi int32 scalars."""
     at = builder.mul(i, ir.Constant(i.type, 4))
     rows = [builder.load(_pointer(context, builder, table_type, table, builder.add(at, ir.Constant(i.type, 8 * k)),
                                   ir.VectorType(_I64, 8)), align=8) for k in range(8)]
-    shift = builder.load(_pointer(context, builder, shift_type, shift, i, _V16I8), align=1)
-    return _requantize_lanes(builder, v, rows, shift, z, lo, hi)
+    return _requantize_lanes(builder, v, rows, z, lo, hi)
 
 
-def _is_epilogue(table, shift):
-    return isinstance(table, types.Array) and table.dtype == types.int64 and isinstance(shift, types.Array) \
-        and shift.dtype == types.int8
+def _is_table(table):
+    return isinstance(table, types.Array) and table.dtype == types.int64
 
 
 @intrinsic
-def requantize16(typingctx, v, table, shift, i, z, lo, hi):
+def requantize16(typingctx, v, table, i, z, lo, hi):
     def codegen(context, builder, sig, args):
-        v, table, shift, i, *scalars = args
-        z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[4:]))
-        return _requantized(context, builder, v, sig.args[1], table, sig.args[2], shift, i, z, lo, hi)
+        v, table, i, *scalars = args
+        z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[3:]))
+        return _requantized(context, builder, v, sig.args[1], table, i, z, lo, hi)
 
-    if not _is_epilogue(table, shift):
+    if not _is_table(table):
         return None
-    return int32x16(int32x16, table, shift, types.intp, z, lo, hi), codegen
+    return int32x16(int32x16, table, types.intp, z, lo, hi), codegen
 
 
 @intrinsic
@@ -312,26 +304,26 @@ def _store_first(context, builder, out_type, out, i, v, n):
 
 
 @intrinsic
-def finish16(typingctx, out, i, v, bias, table, shift, f, z, lo, hi, n):
-    if not (_is_epilogue(table, shift) and isinstance(out, types.Array) and out.dtype in (types.uint8, types.int32)
+def finish16(typingctx, out, i, v, bias, table, f, z, lo, hi, n):
+    if not (_is_table(table) and isinstance(out, types.Array) and out.dtype in (types.uint8, types.int32)
             and isinstance(bias, types.Array) and bias.dtype == types.int32):
         return None
 
     def codegen(context, builder, sig, args):
-        out, i, v, bias, table, shift, f, *scalars, n = args
-        z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[7:10]))
+        out, i, v, bias, table, f, *scalars, n = args
+        z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[6:9]))
         v = builder.add(v, builder.load(_pointer(context, builder, sig.args[3], bias, f, _V16I32), align=4))
         codes = builder.icmp_signed(">", context.make_array(sig.args[4])(context, builder, table).nitems,
                                     ir.Constant(_I64, 0))
         with builder.if_else(codes) as (requantized, sums):
             with requantized:
                 _store_first(context, builder, sig.args[0], out, i,
-                             _requantized(context, builder, v, sig.args[4], table, sig.args[5], shift, f, z, lo, hi), n)
+                             _requantized(context, builder, v, sig.args[4], table, f, z, lo, hi), n)
             with sums:
                 _store_first(context, builder, sig.args[0], out, i, _smax(builder, v, _splat(builder, lo, _V16I32)), n)
         return context.get_dummy_value()
 
-    return types.none(out, types.intp, int32x16, bias, table, shift, types.intp, z, lo, hi, types.intp), codegen
+    return types.none(out, types.intp, int32x16, bias, table, types.intp, z, lo, hi, types.intp), codegen
 
 
 # The same operations in NumPy: what they mean, and what runs with NUMBA_DISABLE_JIT=1.
@@ -360,10 +352,9 @@ def _dot4_add_python(acc, x, wp, i):
     return (acc + w.astype(np.int64) @ u).astype(np.int32)  # w[l, j], pack_weights' layouts
 
 
-def _requantize16_python(v, table, shift, i, z, lo, hi):
+def _requantize16_python(v, table, i, z, lo, hi):
     m0, a, c, s = table[4 * i : 4 * i + 4 * LANES].reshape(4, 2, LANES // 2).transpose(0, 2, 1).reshape(4, LANES)
-    x = np.clip(v.astype(np.int64) << np.maximum(shift[i : i + LANES], 0), INT32_MIN, INT32_MAX)
-    p = x * m0
+    p = v.astype(np.int64) * m0
     return np.clip(((p + a - c * (p < -(1 << 30))) >> s) + z, lo, hi).astype(np.int32)
 
 
@@ -371,9 +362,9 @@ def _store16_python(out, i, v):
     out.reshape(-1)[i : i + LANES] = v
 
 
-def _finish16_python(out, i, v, bias, table, shift, f, z, lo, hi, n):
+def _finish16_python(out, i, v, bias, table, f, z, lo, hi, n):
     v = (v.astype(np.int64) + bias[f : f + LANES]).astype(np.int32)  # wraps like the machine's add
-    v = _requantize16_python(v, table, shift, f, z, lo, hi) if table.size else np.maximum(v, lo)
+    v = _requantize16_python(v, table, f, z, lo, hi) if table.size else np.maximum(v, lo)
     if n > 0:
         out.reshape(-1)[i : i + n] = v[:n].astype(out.dtype)
 
