@@ -287,9 +287,9 @@ def _finish(acc, rows, F32, bias, table, z_out, lo, hi, o, at, F):
 def _qgemm_loops(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out):
     """out (M, F), M = starts.size // window: output m's sums are the maximum of rows m window ..
     (m + 1) window - 1 (window 1, or 4: a 2x2 max-pool's pixels), requantized to unsigned codes, or
-    int32 when table is empty. Rows run 8 at a time (two windows of 4 are one pass, finished in registers;
-    a task's odd last window is computed as both windows of its pass, stored once), the last few one by one: one loop calling both tiles through
-    a test runs at half speed in the serial build."""
+    int32 when table is empty. Rows run 8 at a time (two windows of 4 are one pass, finished in
+    registers; a task's odd last window is computed as both windows of its pass, stored once), the last
+    few one by one: one loop calling both tiles through a test runs at half speed in the serial build."""
     F, F32 = out.shape[1], bias.size
     o = out.reshape(-1)
     rows_end = starts.size // window * window

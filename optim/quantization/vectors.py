@@ -72,7 +72,6 @@ class Int32x16(types.Type):
 int32x16 = Int32x16()
 _I32, _I64 = ir.IntType(32), ir.IntType(64)
 _V16I32, _V64I8 = ir.VectorType(_I32, LANES), ir.VectorType(ir.IntType(8), 64)
-_V16I8 = ir.VectorType(ir.IntType(8), LANES)
 
 
 @register_model(Int32x16)
