@@ -228,6 +228,30 @@ def test_quantize_nhwc_is_affine_quantize_transposed_bit_for_bit(N, C, H, W, exp
                                           err_msg=build)  # the bytes predict hands its kernels
 
 
+@given(st.integers(1, 3), st.sampled_from([1, 3]), st.floats(1e-4, 10), st.integers(-128, 127),
+       st.sampled_from([np.float32, np.float64]), seeds)
+@example(2, 1, 1 / 255, -128, np.float32, 0)
+def test_quantize_nhwc_by_products_rounds_as_the_division_near_halves(N, C, scale, zero_point, dtype, seed):
+    """quantize_nhwc multiplies by fl32(1/S) and redoes by division the runs with a value near a half:
+    values a few ulps either side of every half, ties, saturating and huge ones, any scale."""
+    rng = np.random.default_rng(seed)
+    half = (rng.integers(-300, 300, (N, C, 5, 6)) + 0.5) * scale
+    x = np.nextafter(half.astype(dtype), rng.choice([-np.inf, np.inf], half.shape).astype(dtype))
+    x = np.where(rng.random(x.shape) < 0.3, half.astype(dtype), x)  # a third: the nearest dtype value to the half
+    x = np.where(rng.random(x.shape) < 0.7, rng.normal(0, 200 * scale, x.shape).astype(dtype), x)  # runs with none
+    x.reshape(-1)[:2] = [1e30 * scale, -1e30 * scale]
+    expected = A.quantize_nhwc_ref(x, scale, zero_point)
+    for build in ("serial", "threaded"):
+        with parallel.forced(build):
+            np.testing.assert_array_equal(A.quantize_nhwc(x, scale, zero_point), expected, err_msg=build)
+
+
+@pytest.mark.parametrize("scale, zero_point", [(2.0**-110, 0), (2.0**110, 0), (0.01, 300), (0.01, -1000)])
+def test_quantize_nhwc_outside_the_products_range_divides(scale, zero_point):
+    x = np.random.default_rng(0).normal(0, 200 * scale, (2, 1, 4, 4)).astype(np.float32)
+    np.testing.assert_array_equal(A.quantize_nhwc(x, scale, zero_point), A.quantize_nhwc_ref(x, scale, zero_point))
+
+
 @given(st.floats(-50, 0), st.floats(0, 50))
 @example(-1.0, 0.2)
 def test_activation_qparams_cover_the_range_and_zero(lo, hi):
