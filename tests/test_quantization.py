@@ -618,6 +618,26 @@ def test_a_chain_is_the_steps_and_the_references_bit_for_bit(seed, k, stride, pa
             np.testing.assert_array_equal(qmodel.predict(x), expected, err_msg=build)
 
 
+@pytest.mark.parametrize("name", ["lenet-like", "mlp"])
+def test_big_batches_map_a_chain_over_groups_of_images_bit_for_bit(name):
+    """Two or more groups of TASK_IMAGES: predict maps the groups' chain over them (one parallel loop, or
+    its serial build), the rest as a smaller batch; the same bits as the references, every build."""
+    rng = np.random.default_rng(5)
+    qmodel = Q.quantize_model(small_models(0)[name], rng.random((8, 1, 28, 28), dtype=np.float32))
+    B = chain.TASK_IMAGES
+    for n in (2 * B, 2 * B + 5, 3 * B - 1):
+        x = rng.random((n, 1, 28, 28), dtype=np.float32)
+        expected = qmodel.predict(x, reference=True)
+        for build in ("serial", "threaded", "auto"):
+            with parallel.forced(build):
+                np.testing.assert_array_equal(qmodel.predict(x), expected, err_msg=f"{n} images, {build}")
+    group = qmodel.chain_for((B, 1, 28, 28))
+    np.testing.assert_array_equal(group.map(x[: 2 * B], qmodel.input_q), expected[: 2 * B])
+    for bad in (x[: B + 1], x[: 2 * B, :, :27]):
+        with pytest.raises(ValueError, match="this chain maps groups of inputs of shape"):
+            group.map(bad, qmodel.input_q)
+
+
 def test_steps_that_do_not_chain():
     """A separate ReLU, or a last layer with codes out: no chain. (The MLP chains: its first dense
     layer reads the input's bytes, NHWC, as they are.)"""

@@ -1,4 +1,4 @@
-"""An int8 model's small batch in one compiled call: its steps' kernels, back to back.
+"""An int8 model's batch in compiled calls: its steps' kernels back to back, on groups of images.
 
 Why. Each step of QuantizedModel.predict is a Python call into Numba: the
 dispatcher checks a dozen arguments and the step allocates its output and
@@ -19,11 +19,22 @@ layer's int32 sums, as one Numba function:
     logits = float32(sums * S_in S_w)                     (QuantizedModel.dequantize_output)
 
 These are the serial builds of the kernels the steps call, on the same
-operands, so the output is the steps' bit for bit. The chain runs only
-where every one of those kernels would run serial under minicnn.parallel's
-rule (`runs`): at small batches, which is where the calls cost most. (The
-float32 model's minicnn.chain is another thing: one parallel loop whose
-tasks both cores take, for batches big enough to run threaded.)
+operands, so the output is the steps' bit for bit. A chain runs a whole
+batch where every one of those kernels would run serial under
+minicnn.parallel's rule (`runs`): at small batches, which is where the
+calls cost most.
+
+Big batches. A chain bound to TASK_IMAGES images (`map`) runs a batch of
+many such groups as one parallel loop, a group per task: each task
+quantizes its images and runs every layer on them, its buffers small enough
+to stay in the core's 1 MB L2 (the largest, LeNet-5's conv2 rows, 16 x 64
+x 500 bytes). The steps instead run one threaded kernel after another, each
+writing the whole batch's output for the next to read back (the seed CNN's
+shifted copies: 800 KB at batch 256). At batch 256 on the Zen 4 of session
+20, the seed CNN's predict took 400-456 us mapped against 457-695 us as
+steps, LeNet-5's 2.04-2.10 ms against 2.15-2.30 (alternating rounds, three
+runs). (The float32 model's minicnn.chain is another thing: one parallel
+loop whose tasks are stages of a small batch.)
 
     plan    int64 (S, PLAN_COLUMNS): per layer the qgemm window, its epilogue's z_out, lo, hi and F,
             where its words come from (OWN, COPIES, ROWS) and BoundGemm's rows (zeros for its
@@ -37,19 +48,21 @@ tasks both cores take, for batches big enough to run threaded.)
 
 import numba
 import numpy as np
+from numba import prange
 
-from minicnn.parallel import MIN_OUTPUTS, runs_threaded
+from minicnn.parallel import MIN_OUTPUTS, runs_threaded, twin
 
 from .affine import quantize_nhwc_serial, quantize_work
 from .kernels import qgemm_serial
 from .ops import BoundGemm
 from .windows import im2row_nhwc_serial, shifted_copies_serial
 
-__all__ = ["Chain"]
+__all__ = ["Chain", "TASK_IMAGES"]
 
 WINDOW, Z_OUT, LO, HI, F_OUT, SOURCE, N_, H_, W_, C_, KH, KW, STRIDE, PAD, FILL, WIDTH = range(16)
 PLAN_COLUMNS = 16
 OWN, COPIES, ROWS = range(3)  # a layer's words: its input's bytes, their shifted copies, im2row's rows
+TASK_IMAGES = 16  # images per task of Chain.map (the module's docstring)
 
 
 class Chain:
@@ -82,6 +95,17 @@ class Chain:
             raise ValueError(f"this chain runs inputs of shape {self.x_shape}, got {x.shape}")
         x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)  # as quantize_nhwc
         return _run(x, float(input_q[0]), int(input_q[1]), self.plan, self.at, *self.operands, self.scale)
+
+    def map(self, x, input_q):
+        """The chain on each group of B = x_shape[0] images of x (M B, C, H, W), as __call__: float32
+        logits (M B, F), in one parallel loop over the groups when their work is worth it (`runs`'s rule)."""
+        B = self.x_shape[0]
+        if x.shape[1:] != self.x_shape[1:] or len(x) % B:
+            raise ValueError(f"this chain maps groups of inputs of shape {self.x_shape}, got {x.shape}")
+        x = np.ascontiguousarray(x, dtype=x.dtype if x.dtype == np.float32 else np.float64)
+        out = np.empty((len(x), self.plan[-1, F_OUT]), np.float32)
+        return _map(self.load * (len(x) // B), x, B, float(input_q[0]), int(input_q[1]), self.plan, self.at,
+                    *self.operands, self.scale, out)
 
 
 def chains(steps):
@@ -137,3 +161,13 @@ def _run(x, in_scale, in_zero, plan, at, starts, offs, wps, biases, tables, scal
         for f in range(sums.shape[1]):
             logits[n, f] = np.float32(sums[n, f] * scale[f])  # float64 product, one rounding: dequantize_output's
     return logits
+
+
+def _map_loops(x, B, in_scale, in_zero, plan, at, starts, offs, wps, biases, tables, scale, out):
+    for k in prange(len(x) // B):
+        out[k * B : (k + 1) * B] = _run(x[k * B : (k + 1) * B], in_scale, in_zero, plan, at, starts, offs, wps,
+                                        biases, tables, scale)
+    return out
+
+
+_map = twin(_map_loops, 1.0)  # work: in units of each kernel's break-even, as Chain.load
