@@ -16,7 +16,7 @@ from minicnn import kernels as FK
 from minicnn import parallel, simd
 from optim import quantization as Q
 from optim.quantization import affine as A
-from optim.quantization import calibration, chain, ops, qat, windows
+from optim.quantization import calibration, chain, narrow, ops, qat, windows
 from optim.quantization import fixedpoint as FP
 from optim.quantization import kernels as K
 from optim.quantization import vectors as V
@@ -308,6 +308,7 @@ def test_im2row_nhwc_matches_reference(geom, seed):
 @given(st.integers(1, 70), st.integers(1, 300), st.integers(1, 40), seeds, st.booleans())
 @example(7, 33, 16, 0, False)  # the last width of one block of filters
 @example(7, 33, 17, 0, False)  # the first of a pair
+@example(9, 300, 11, 1, True)  # narrow: 4 chunks and a tail of 11 words, 9 rows (a last pass of 1 row)
 def test_qgemm_matches_reference(M, Kdim, F, seed, relu):
     rng = np.random.default_rng(seed)
     a, wt = random_codes(rng, (M, Kdim)), random_codes(rng, (F, Kdim), -127)
@@ -927,9 +928,10 @@ def test_qgemm_on_one_channel_lines_read_in_place_is_qgemm_on_im2row(N, H, W4, F
 @pytest.mark.parametrize("build, vnni", [(AVX2_ONLY, False), (AVX_VNNI, True)], ids=["avx2", "avx-vnni"])
 def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
     """Without AVX-512: windows read in place (conv1's shifted copies, conv2's 20 channels), the GEMM
-    with its pool and requantization (16 lanes in two registers) in both builds, bit for bit with the
-    NumPy references; without VNNI (the products spelled out), and with AVX-VNNI (two 256-bit
-    vpdpbusd per 16 lanes), where the CPU can run it. At batch 1, the same as one Chain."""
+    with its pool and requantization (16 lanes in two registers) in both builds, the narrow kernel of
+    the classifiers, bit for bit with the NumPy references; without VNNI (the products spelled out),
+    and with AVX-VNNI (two 256-bit vpdpbusd per 16 lanes), where the CPU can run it. At batch 1, the
+    same as one Chain; the seed CNN at 37 images, two groups mapped by one."""
     if vnni and "avxvnni" not in simd.host_features():
         pytest.skip("this CPU has no AVX-VNNI (VEX-encoded vpdpbusd): that build cannot run here")
     run_without_avx512(
@@ -937,7 +939,10 @@ def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
         "from minicnn import parallel, zoo\n"
         "from optim.quantization import quantize_model, vectors\n"
         f"assert vectors.HAS_VNNI == {vnni} and not vectors.HAS_VNNI_512\n"
-        "x = np.random.default_rng(1).random((9, 1, 28, 28), dtype=np.float32)\n"
+        "x = np.random.default_rng(1).random((37, 1, 28, 28), dtype=np.float32)\n"
+        "s = quantize_model(zoo.build('seed_cnn', seed=0), x, per_channel=True)\n"
+        "assert np.array_equal(s.predict(x), s.predict(x, reference=True))  # groups mapped; the narrow dense\n"
+        "x = x[:9]\n"
         "q = quantize_model(zoo.build('lenet5', seed=0), x, per_channel=True)\n"
         "for build in ('serial', 'threaded'):\n"
         "    with parallel.forced(build):\n"
@@ -1044,3 +1049,39 @@ def test_dot4_add_every_spelling(monkeypatch, spelling):
     w = wp.reshape(16, 4) if vnni else wp.reshape(2, 16, 2).transpose(1, 0, 2).reshape(16, 4)  # w[l, j]
     expected = (u.astype(np.int64)[None, :] * w.astype(np.int64)).sum(axis=1)
     np.testing.assert_array_equal(one_step(x_word, wp), expected)
+
+
+@pytest.mark.parametrize("spelling", ["vnni512", "vnni256", "portable"])
+def test_dot64_add_and_sum16_every_spelling(monkeypatch, spelling):
+    """A row's 64 bytes against a filter's, by each spelling of dot64_add (the portable one sums in other
+    lanes): sum16 of the lanes is the exact dot product, extremes included (as test_dot4_add_every_spelling)."""
+    vnni, wide = spelling != "portable", spelling == "vnni512"
+    if (wide and not V.HAS_VNNI_512) or (vnni and not V.HAS_VNNI):
+        pytest.skip(f"this CPU cannot run the {spelling} spelling")
+    monkeypatch.setattr(V, "HAS_VNNI", vnni)
+    monkeypatch.setattr(V, "HAS_VNNI_512", wide)
+
+    @numba.njit
+    def dot(x32, xi, wd, wi):
+        return V.sum16(V.dot64_add(V.dot64_add(V.zeros16(), x32, xi, wd, wi), x32, xi + 16, wd, wi + 64))
+
+    rng = np.random.default_rng(2)
+    u, w = rng.integers(0, 256, 136).astype(np.uint8), rng.integers(-127, 128, 136).astype(np.int8)
+    u[4:68], w[8:72] = 255, -127  # the largest products, all of one sign
+    expected = int(u[4:132].astype(np.int64) @ w[8:136].astype(np.int64))
+    assert dot(u.view(np.uint32), 1, w, 8) == expected
+    np.testing.assert_array_equal(V._sum16_python(V._dot64_add_python(np.zeros(16, np.int32), u.view(np.uint32), 1,
+                                                                      w, 8)), int(u[4:68].astype(np.int64) @ w[8:72]))
+
+
+def test_narrow_weights_and_when_qgemm_runs_them():
+    """pack_narrow: whole chunks of 64 bytes of at most 12 filters, an even number of them; qgemm runs the
+    narrow kernel on rows of whole runs of words, without a pool window."""
+    wt = np.arange(-60, 60, dtype=np.int8).reshape(3, 40).repeat(4, axis=1)[:, :130]  # K = 130: 33 words, 2 chunks
+    wd = narrow.pack_narrow(wt)
+    assert wd.shape == (4, 128) and np.array_equal(wd[:3], wt[:, :128]) and not wd[3].any()
+    assert narrow.pack_narrow(np.ones((13, 130), np.int8)).size == 0  # a 13th filter: qgemm's lanes are full enough
+    assert narrow.pack_narrow(np.ones((3, 60), np.int8)).size == 0  # 15 words: no whole chunk
+    packed = K.pack_weights(wt)
+    assert K.uses_narrow(packed, np.arange(33), 1)
+    assert not K.uses_narrow(packed, np.arange(33), 4) and not K.uses_narrow(packed, np.arange(33) * 2, 1)

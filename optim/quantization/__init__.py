@@ -19,9 +19,12 @@ What lives where:
     kernels.py      Numba kernels on int8 NHWC: int8 GEMM on VNNI with int32 sums, a 2x2
                     max-pool and the requantization in its epilogue (one block of 16 filters or
                     pairs of them), max-pool; a NumPy reference for each
+    narrow.py       the GEMM of a layer of at most 12 filters (a classifier): its dot products
+                    along the lanes, each row's 64 bytes at a time
     windows.py      the GEMM's rows as words: copied by im2row, read from a one-channel image's
                     shifted copies, or a conv's windows read in place
-    chain.py        a small batch of predict as one compiled call: the steps' kernels back to back
+    chain.py        predict's kernels back to back in one compiled call: a small batch, or groups
+                    of 16 images of a big one in one parallel loop
     ops.py          IntConv2D, IntDense, IntMaxPool2D, IntFlatten, IntReLU
     model.py        QuantizedModel, its file format (kind "quantized_int8"), convert and
                     post-training quantize_model

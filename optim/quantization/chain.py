@@ -39,10 +39,11 @@ loop whose tasks are stages of a small batch.)
     plan    int64 (S, PLAN_COLUMNS): per layer the qgemm window, its epilogue's z_out, lo, hi and F,
             where its words come from (OWN, COPIES, ROWS) and BoundGemm's rows (zeros for its
             copies)
-    starts, offs, wps, biases, tables
-            the layers' qgemm operands (BoundGemm's, wp flattened), each kind end to end in one array:
-            layer s's are [at[s, k], at[s + 1, k]) of the k-th (at int64 (S + 1, 5)). Five arrays, not
-            five tuples of S: the call's arguments cost 0.7 us to pass, not 1.9 (six, in session 16).
+    starts, offs, wps, wds, biases, tables
+            the layers' qgemm operands (BoundGemm's, wp flattened; wd the narrow kernel's weights where
+            the layer runs it, else none), each kind end to end in one array: layer s's are
+            [at[s, k], at[s + 1, k]) of the k-th (at int64 (S + 1, 6)). Six arrays, not six tuples of
+            S: the call's arguments cost 0.7 us to pass, not 1.9 (six tuples, in session 16).
     scale   float64 (F,): S_in S_w of the last layer's sums
 """
 
@@ -53,7 +54,7 @@ from numba import prange
 from minicnn.parallel import MIN_OUTPUTS, runs_threaded, twin
 
 from .affine import quantize_nhwc_serial, quantize_work
-from .kernels import qgemm_serial
+from .kernels import qgemm_serial, uses_narrow
 from .ops import BoundGemm
 from .windows import im2row_nhwc_serial, shifted_copies_serial
 
@@ -75,7 +76,7 @@ class Chain:
             raise ValueError("a chain runs convs and dense layers (BoundGemm), ending in a dense layer's int32 sums")
         self.x_shape, self.scale = tuple(x_shape), np.asarray(scale, np.float64)
         self.plan = np.array([_plan_row(s) for s in steps], np.int64)
-        kinds = [[s.starts, s.off, s.packed.wp.reshape(-1), s.epilogue.bias, s.epilogue.table]
+        kinds = [[s.starts, s.off, s.packed.wp.reshape(-1), _narrow_weights(s), s.epilogue.bias, s.epilogue.table]
                  for s in steps]
         self.at = np.zeros((len(steps) + 1, len(kinds[0])), np.int64)
         self.at[1:] = np.cumsum([[a.size for a in arrays] for arrays in kinds], axis=0)
@@ -116,6 +117,12 @@ def chains(steps):
             and steps[-1].epilogue.table.size == 0 and len(steps[-1].out_shape) == 2)
 
 
+def _narrow_weights(step):
+    """A BoundGemm's narrow weights, flattened, where its GEMM runs the narrow kernel; else none."""
+    narrow = uses_narrow(step.packed, step.off, step.window)
+    return step.packed.wd.reshape(-1) if narrow else np.zeros(0, np.int8)
+
+
 def _plan_row(step):
     """A BoundGemm's row of the plan (the module's docstring)."""
     e = step.epilogue
@@ -127,7 +134,7 @@ def _plan_row(step):
 
 
 @numba.njit(cache=True)
-def _layer(u, p, at, starts, offs, wps, biases, tables, out):
+def _layer(u, p, at, starts, offs, wps, wds, biases, tables, out):
     """One layer's qgemm (plan row p, its operands from at[0] to at[1]) on the bytes u (flat) the layer
     before wrote, into out."""
     if p[SOURCE] == COPIES:
@@ -138,12 +145,12 @@ def _layer(u, p, at, starts, offs, wps, biases, tables, out):
     else:
         x32 = u.view(np.uint32)
     a, b = at[0], at[1]
-    qgemm_serial(x32, starts[a[0] : b[0]], p[WINDOW], offs[a[1] : b[1]], wps[a[2] : b[2]], biases[a[3] : b[3]],
-                 tables[a[4] : b[4]], p[Z_OUT], p[LO], p[HI], out)
+    qgemm_serial(x32, starts[a[0] : b[0]], p[WINDOW], offs[a[1] : b[1]], wps[a[2] : b[2]], wds[a[3] : b[3]],
+                 biases[a[4] : b[4]], tables[a[5] : b[5]], p[Z_OUT], p[LO], p[HI], out)
 
 
 @numba.njit(cache=True)
-def _run(x, in_scale, in_zero, plan, at, starts, offs, wps, biases, tables, scale):
+def _run(x, in_scale, in_zero, plan, at, starts, offs, wps, wds, biases, tables, scale):
     """The chain's logits float32 (N, F) of x float (N, C, H, W): see the module's docstring."""
     N, C, H, W = x.shape
     u = np.empty(x.size, np.uint8)
@@ -152,10 +159,10 @@ def _run(x, in_scale, in_zero, plan, at, starts, offs, wps, biases, tables, scal
     for s in range(last):
         rows = (at[s + 1, 0] - at[s, 0]) // plan[s, WINDOW]
         out = np.empty((rows, plan[s, F_OUT]), np.uint8)
-        _layer(u, plan[s], at[s : s + 2], starts, offs, wps, biases, tables, out)
+        _layer(u, plan[s], at[s : s + 2], starts, offs, wps, wds, biases, tables, out)
         u = out.reshape(-1)
     sums = np.empty((at[last + 1, 0] - at[last, 0], plan[last, F_OUT]), np.int32)
-    _layer(u, plan[last], at[last:], starts, offs, wps, biases, tables, sums)
+    _layer(u, plan[last], at[last:], starts, offs, wps, wds, biases, tables, sums)
     logits = np.empty(sums.shape, np.float32)
     for n in range(sums.shape[0]):
         for f in range(sums.shape[1]):
@@ -163,10 +170,10 @@ def _run(x, in_scale, in_zero, plan, at, starts, offs, wps, biases, tables, scal
     return logits
 
 
-def _map_loops(x, B, in_scale, in_zero, plan, at, starts, offs, wps, biases, tables, scale, out):
+def _map_loops(x, B, in_scale, in_zero, plan, at, starts, offs, wps, wds, biases, tables, scale, out):
     for k in prange(len(x) // B):
         out[k * B : (k + 1) * B] = _run(x[k * B : (k + 1) * B], in_scale, in_zero, plan, at, starts, offs, wps,
-                                        biases, tables, scale)
+                                        wds, biases, tables, scale)
     return out
 
 

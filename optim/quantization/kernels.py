@@ -22,7 +22,9 @@ int32 sums: the kernel broadcasts 4 bytes of a row from memory and runs them
 against 2 blocks of 16 filters (a layer of at most 16 filters is one block,
 run by a kernel of its own), no horizontal sums, no padding of K beyond 4.
 (Flipped in the kernel instead, each broadcast took a register and a
-shuffle port: LeNet-5's int8 predict at batch 256 ran 1.2x slower.) Rows
+shuffle port: LeNet-5's int8 predict at batch 256 ran 1.2x slower.) A dense
+layer of at most 12 filters would leave 4 or more of the 16 lanes idle: it
+runs narrow.py's kernel, whose lanes run along the rows instead. Rows
 are independent, so `prange` splits them over cores; the epilogue
 (bias, requantization, clamp, store: `vectors.finish16`) runs on 16 filters
 at a time, a pool window's sums maximised and finished while still in
@@ -45,6 +47,7 @@ from minicnn.simd import HAS_VNNI
 
 from .affine import QMAX, QMIN, WMAX
 from .fixedpoint import INT32_MAX, INT32_MIN, multiply_by_quantized_multiplier
+from .narrow import narrow_loops, pack_narrow
 from .vectors import LANES, add16, dot4_add, finish16, load16, max16, requantization_table, store16, zeros16
 
 
@@ -97,6 +100,7 @@ class PackedWeights(NamedTuple):
     wp: np.ndarray
     colsum: np.ndarray
     vnni: bool = HAS_VNNI  # the layout's CPU: weights pickled on one CPU and used on another are refused
+    wd: np.ndarray = np.zeros((0, 0), np.int8)  # narrow.pack_narrow(wt): the narrow kernel's, if narrow
 
 
 def pack_weights(wt):
@@ -120,7 +124,7 @@ def pack_weights(wt):
     if not HAS_VNNI:  # dot4_add's vpmaddwd takes columns 0, 1 of the 16 filters, then 2, 3
         wp = wp.reshape(Fb, G, LANES, 2, 2).transpose(0, 1, 3, 2, 4)
     return PackedWeights(np.ascontiguousarray(wp).reshape(Fb, G, LANES, 4),
-                         wt.astype(np.int32).sum(axis=1, dtype=np.int32), HAS_VNNI)
+                         wt.astype(np.int32).sum(axis=1, dtype=np.int32), HAS_VNNI, pack_narrow(wt))
 
 
 MAX_K = INT32_MAX // (255 * WMAX)  # |sum_k u_k w_k| <= K 255 WMAX, u_k the unsigned activations
@@ -358,7 +362,15 @@ def _qgemm_block_loops(x32, starts, window, off, wp, bias, table, z_out, lo, hi,
 MIN_MACS = 2_000_000  # multiply-adds below which waking the workers costs more than they save
 _qgemm = twin(_qgemm_loops, MIN_MACS)
 _qgemm_block = twin(_qgemm_block_loops, MIN_MACS)
-_qgemm_pairs_serial, _qgemm_block_serial = _qgemm.serial, _qgemm_block.serial
+_qgemm_narrow = twin(narrow_loops, MIN_MACS)
+_qgemm_pairs_serial, _qgemm_block_serial, _qgemm_narrow_serial = _qgemm.serial, _qgemm_block.serial, \
+    _qgemm_narrow.serial
+
+
+def uses_narrow(packed, off, window):
+    """Whether qgemm runs narrow.py's kernel: weights packed narrow, rows of whole runs of words (off
+    0, 1, ..., G - 1: a dense layer's), no pool window."""
+    return window == 1 and packed.wd.size > 0 and np.array_equal(off, np.arange(off.size))
 
 
 @numba.njit(inline="always", cache=True)
@@ -368,9 +380,12 @@ def one_block(wp, off):
 
 
 @numba.njit(cache=True)
-def qgemm_serial(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out):
-    """The serial GEMM of qgemm_runner's run, for compiled callers (chain.py): the one-block build for at
-    most 16 filters, else the pairs'."""
+def qgemm_serial(x32, starts, window, off, wp, wd, bias, table, z_out, lo, hi, out):
+    """The serial GEMM of qgemm_runner's run, for compiled callers (chain.py): the narrow build where wd
+    (flattened PackedWeights.wd) is not empty (uses_narrow), the one-block build for at most 16
+    filters, else the pairs'."""
+    if wd.size:
+        return _qgemm_narrow_serial(x32, starts, off.size, ROWS_PER_TASK, wd, wp, bias, table, z_out, lo, hi, out)
     if one_block(wp, off):
         return _qgemm_block_serial(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out)
     return _qgemm_pairs_serial(x32, starts, window, off, wp, bias, table, z_out, lo, hi, out)
@@ -412,8 +427,12 @@ def qgemm_runner(starts, off, packed, epilogue, window=1):
                          f"{LANES * packed.wp.shape[0]}")
     shape, dtype = (starts.size // window, epilogue.F), (np.uint8 if epilogue.table.size else np.int32)
     wp, fixed = packed.wp.reshape(-1), tuple(epilogue[:5])
-    kernel = _qgemm_block if one_block(wp, off) else _qgemm
     work = qgemm_work(starts, off, epilogue.F)
+    if uses_narrow(packed, off, window):
+        wd = packed.wd.reshape(-1)
+        return lambda x32: _qgemm_narrow(work, x32, starts, off.size, ROWS_PER_TASK, wd, wp, *fixed,
+                                         np.empty(shape, dtype))
+    kernel = _qgemm_block if one_block(wp, off) else _qgemm
     return lambda x32: kernel(work, x32, starts, window, off, wp, *fixed, np.empty(shape, dtype))
 
 

@@ -16,6 +16,10 @@ int32x16, i an index):
     dot4_add(v, x, wp, i)             v[l] + sum_j u_j wp[i + 4 l + j], l < 16, u the 4 bytes of x (uint32),
                                       unsigned; wp int8 (without VNNI: wp[i + 32 (j // 2) + 2 l + j % 2],
                                       kernels.pack_weights' layout for vpmaddwd)
+    dot64_add(v, x32, xi, wd, wi)     v + the 64 products of x32[xi : xi + 16]'s bytes (unsigned) with
+                                      wd[wi : wi + 64] (int8), byte by byte, in some lanes: their sum,
+                                      sum16, is the dot product (a row's 64 bytes against a filter's)
+    sum16(v)                          the sum of the 16 lanes (wrapping)
     requantize16(v, table, i, z, lo, hi)
                                       clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
                                       + z, lo, hi): `fixedpoint`'s arithmetic, bit for bit, with
@@ -159,16 +163,56 @@ def dot4_add(typingctx, acc, x, wp, i):
     def codegen(context, builder, sig, args):
         acc, x, wp, i = args
         w = builder.load(_pointer(context, builder, sig.args[2], wp, i, _V16I32), align=1)
-        if not HAS_VNNI:
-            return _portable_dpbusd(builder, acc, x, w)
-        xs = _splat(builder, x, _V16I32)
-        if HAS_VNNI_512:
-            return _vpdpbusd(builder, acc, xs, w, LANES)
-        halves = [_vpdpbusd(builder, *(builder.shuffle_vector(v, v, _indices(range(8 * h, 8 * h + 8)))
-                                        for v in (acc, xs, w)), 8) for h in (0, 1)]
-        return builder.shuffle_vector(*halves, _indices(range(LANES)))
+        return _vnni(builder, acc, x if not HAS_VNNI else _splat(builder, x, _V16I32), w)
 
     return int32x16(int32x16, types.uint32, wp, types.intp), codegen
+
+
+def _portable_dot64(builder, acc, x, w):
+    """vpdpbusd of 64 bytes x and w without VNNI: each half's 32 products, unsigned x by signed w, fit
+    16 bits, and are added in neighbouring pairs (vpmaddwd's pattern, as _portable_dpbusd), then in
+    pairs again; the lanes hold other sums than vpdpbusd's, but the same total."""
+    v32 = ir.VectorType(_I32, 32)
+    x, w = builder.bitcast(x, _V64I8), builder.bitcast(w, _V64I8)
+    for half in range(2):
+        part = _indices(range(32 * half, 32 * half + 32))
+        products = builder.mul(builder.zext(builder.shuffle_vector(x, x, part), v32),
+                               builder.sext(builder.shuffle_vector(w, w, part), v32))
+        acc = builder.add(acc, builder.add(builder.shuffle_vector(products, products, _indices(range(0, 32, 2))),
+                                           builder.shuffle_vector(products, products, _indices(range(1, 32, 2)))))
+    return acc
+
+
+def _vnni(builder, acc, xs, w):
+    """vpdpbusd on 16 lanes: one 512-bit instruction, or two 256-bit ones (AVX-VNNI), or spelled out."""
+    if not HAS_VNNI:
+        return _portable_dpbusd(builder, acc, xs, w)
+    if HAS_VNNI_512:
+        return _vpdpbusd(builder, acc, xs, w, LANES)
+    halves = [_vpdpbusd(builder, *(builder.shuffle_vector(v, v, _indices(range(8 * h, 8 * h + 8)))
+                                    for v in (acc, xs, w)), 8) for h in (0, 1)]
+    return builder.shuffle_vector(*halves, _indices(range(LANES)))
+
+
+@intrinsic
+def dot64_add(typingctx, acc, x32, xi, wd, wi):
+    def codegen(context, builder, sig, args):
+        acc, x32, xi, wd, wi = args
+        x = builder.load(_pointer(context, builder, sig.args[1], x32, xi, _V16I32), align=4)
+        w = builder.load(_pointer(context, builder, sig.args[3], wd, wi, _V16I32), align=1)
+        return _vnni(builder, acc, x, w) if HAS_VNNI else _portable_dot64(builder, acc, x, w)
+
+    return int32x16(int32x16, x32, types.intp, wd, types.intp), codegen
+
+
+@intrinsic
+def sum16(typingctx, v):
+    def codegen(context, builder, sig, args):
+        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_V16I32]),
+                                                "llvm.vector.reduce.add.v16i32")
+        return builder.call(reduce, args)
+
+    return types.int32(int32x16), codegen
 
 
 def requantization_table(m0, shift):
@@ -351,6 +395,15 @@ def _dot4_add_python(acc, x, wp, i):
     return (acc + w.astype(np.int64) @ u).astype(np.int32)  # w[l, j], pack_weights' layouts
 
 
+def _dot64_add_python(acc, x32, xi, wd, wi):
+    x = x32.reshape(-1)[xi : xi + LANES].view(np.uint8).astype(np.int64).reshape(LANES, 4)
+    return (acc + (x * wd.reshape(-1)[wi : wi + 4 * LANES].reshape(LANES, 4)).sum(axis=1)).astype(np.int32)
+
+
+def _sum16_python(v):
+    return v.astype(np.int64).sum().astype(np.int32)  # wraps like the machine's adds
+
+
 def _requantize16_python(v, table, i, z, lo, hi):
     m0, a, c, s = table[4 * i : 4 * i + 4 * LANES].reshape(4, 2, LANES // 2).transpose(0, 2, 1).reshape(4, LANES)
     p = v.astype(np.int64) * m0
@@ -370,5 +423,5 @@ def _finish16_python(out, i, v, bias, table, f, z, lo, hi, n):
 
 if numba.config.DISABLE_JIT:
     zeros16, load16, max16, add16 = _zeros16_python, _load16_python, _max16_python, _add16_python
-    dot4_add = _dot4_add_python
+    dot4_add, dot64_add, sum16 = _dot4_add_python, _dot64_add_python, _sum16_python
     requantize16, store16, finish16 = _requantize16_python, _store16_python, _finish16_python
