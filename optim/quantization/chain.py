@@ -24,17 +24,17 @@ batch where every one of those kernels would run serial under
 minicnn.parallel's rule (`runs`): at small batches, which is where the
 calls cost most.
 
-Big batches. A chain bound to TASK_IMAGES images (`map`) runs a batch of
-many such groups as one parallel loop, a group per task: each task
-quantizes its images and runs every layer on them, its buffers small enough
-to stay in the core's 1 MB L2 (the largest, LeNet-5's conv2 rows, 16 x 64
-x 500 bytes). The steps instead run one threaded kernel after another, each
-writing the whole batch's output for the next to read back (the seed CNN's
-shifted copies: 800 KB at batch 256). At batch 256 on the Zen 4 of session
-20, the seed CNN's predict took 400-456 us mapped against 457-695 us as
-steps, LeNet-5's 2.04-2.10 ms against 2.15-2.30 (alternating rounds, three
-runs). (The float32 model's minicnn.chain is another thing: one parallel
-loop whose tasks are stages of a small batch.)
+Big batches. With AVX-512 (MAPS), a chain bound to TASK_IMAGES images
+(`map`) runs a batch of many such groups as one parallel loop, a group per
+task: each task quantizes its images and runs every layer on them, its
+buffers small enough to stay in the core's 1 MB L2 (the largest, LeNet-5's
+conv2 rows, 16 x 64 x 500 bytes). The steps instead run one threaded kernel
+after another, each writing the whole batch's output for the next to read
+back (the seed CNN's shifted copies: 800 KB at batch 256). At batch 256 on
+the Zen 4 of session 20, the seed CNN's predict took 400-456 us mapped
+against 457-695 us as steps, LeNet-5's 2.04-2.10 ms against 2.15-2.30
+(alternating rounds, three runs). (The float32 model's minicnn.chain is
+another thing: one parallel loop whose tasks are stages of a small batch.)
 
     plan    int64 (S, PLAN_COLUMNS): per layer the qgemm window, its epilogue's z_out, lo, hi and F,
             where its words come from (OWN, COPIES, ROWS) and BoundGemm's rows (zeros for its
@@ -52,18 +52,24 @@ import numpy as np
 from numba import prange
 
 from minicnn.parallel import MIN_OUTPUTS, runs_threaded, twin
+from minicnn.simd import HAS_PERMUTE
 
 from .affine import quantize_nhwc_serial, quantize_work
 from .kernels import qgemm_serial, uses_narrow
 from .ops import BoundGemm
 from .windows import im2row_nhwc_serial, shifted_copies_serial
 
-__all__ = ["Chain", "TASK_IMAGES"]
+__all__ = ["MAPS", "TASK_IMAGES", "Chain"]
 
 WINDOW, Z_OUT, LO, HI, F_OUT, SOURCE, N_, H_, W_, C_, KH, KW, STRIDE, PAD, FILL, WIDTH = range(16)
 PLAN_COLUMNS = 16
 OWN, COPIES, ROWS = range(3)  # a layer's words: its input's bytes, their shifted copies, im2row's rows
 TASK_IMAGES = 16  # images per task of Chain.map (the module's docstring)
+# Where 16 int32 lanes take two registers (AVX2), the GEMM's serial build, which the chain runs,
+# ran the seed CNN's conv on 64 images 1.54x slower than its threaded build on one thread (656 us
+# against 427, session 20's Zen 4 forced to AVX2; the same with AVX-512): mapped, its predict at
+# batch 256 took 1.3-1.5x as long as the steps. There predict keeps to the steps.
+MAPS = HAS_PERMUTE  # AVX-512F
 
 
 class Chain:

@@ -31,7 +31,7 @@ from .affine import (
     quantize_nhwc, quantize_weights,
 )
 from .calibration import calibrate, observed_points, plan
-from .chain import TASK_IMAGES, Chain, chains
+from .chain import MAPS, TASK_IMAGES, Chain, chains
 from .ops import OP_KINDS, IntConv2D, IntDense, IntFlatten, IntMaxPool2D, IntReLU
 
 MAX_BOUND = 4  # input shapes whose steps forward_int keeps: predict's groups (Chain.map), batches, remainders
@@ -163,10 +163,11 @@ class QuantizedModel:
 
     def _predict_fast(self, x):
         """predict's logits of one batch x (N, C, H, W) by the kernels: groups of TASK_IMAGES mapped by
-        one chain where there are two or more, else the batch's own chain where it runs (`Chain.runs`),
-        else the steps, on the input quantized straight to the kernels' bytes. The same bits every way."""
+        one chain where there are two or more (with AVX-512: chain.MAPS), else the batch's own chain
+        where it runs (`Chain.runs`), else the steps, on the input quantized straight to the kernels'
+        bytes. The same bits every way."""
         whole = len(x) // TASK_IMAGES * TASK_IMAGES
-        if whole >= 2 * TASK_IMAGES and (chain := self._group_chain(x.shape[1:])) is not None:
+        if MAPS and whole >= 2 * TASK_IMAGES and (chain := self._group_chain(x.shape[1:])) is not None:
             out = chain.map(x[:whole], self.input_q)
             return out if whole == len(x) else np.concatenate([out, self._predict_fast(x[whole:])])
         if (chain := self.chain_for(x.shape)) is not None and chain.runs():
