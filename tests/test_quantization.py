@@ -1019,6 +1019,17 @@ def test_unsigned_bytes_keep_the_codes_and_their_order(values):
     np.testing.assert_array_equal(np.argsort(u, kind="stable"), np.argsort(q, kind="stable"))
 
 
+def force_spelling(monkeypatch, spelling):
+    """vectors' flags as a CPU of that spelling has them (skipped where this one cannot run it), for the
+    functions compiled next; returns whether it has VNNI."""
+    vnni, wide = spelling != "portable", spelling == "vnni512"
+    if (wide and not V.HAS_VNNI_512) or (vnni and not V.HAS_VNNI):
+        pytest.skip(f"this CPU cannot run the {spelling} spelling")
+    monkeypatch.setattr(V, "HAS_VNNI", vnni)
+    monkeypatch.setattr(V, "HAS_VNNI_512", wide)
+    return vnni
+
+
 @pytest.mark.parametrize("spelling", ["vnni512", "vnni256", "portable"])
 def test_dot4_add_every_spelling(monkeypatch, spelling):
     """The 512-bit VNNI instruction, two 256-bit ones (AVX-VNNI without AVX-512) and the portable
@@ -1028,13 +1039,7 @@ def test_dot4_add_every_spelling(monkeypatch, spelling):
     The flags are read when a function using dot4_add is compiled, so a fresh function compiled
     with them forced off exercises the path such a CPU runs.
     """
-    vnni, wide = spelling != "portable", spelling == "vnni512"
-    if (wide and not V.HAS_VNNI_512) or (vnni and not V.HAS_VNNI):
-        pytest.skip(f"this CPU cannot run the {spelling} spelling")
-    import numba
-
-    monkeypatch.setattr(V, "HAS_VNNI", vnni)
-    monkeypatch.setattr(V, "HAS_VNNI_512", wide)
+    vnni = force_spelling(monkeypatch, spelling)
 
     @numba.njit
     def one_step(x_word, wp):
@@ -1055,11 +1060,7 @@ def test_dot4_add_every_spelling(monkeypatch, spelling):
 def test_dot64_add_and_sum16_every_spelling(monkeypatch, spelling):
     """A row's 64 bytes against a filter's, by each spelling of dot64_add (the portable one sums in other
     lanes): sum16 of the lanes is the exact dot product, extremes included (as test_dot4_add_every_spelling)."""
-    vnni, wide = spelling != "portable", spelling == "vnni512"
-    if (wide and not V.HAS_VNNI_512) or (vnni and not V.HAS_VNNI):
-        pytest.skip(f"this CPU cannot run the {spelling} spelling")
-    monkeypatch.setattr(V, "HAS_VNNI", vnni)
-    monkeypatch.setattr(V, "HAS_VNNI_512", wide)
+    force_spelling(monkeypatch, spelling)
 
     @numba.njit
     def dot(x32, xi, wd, wi):

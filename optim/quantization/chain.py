@@ -31,8 +31,8 @@ buffers small enough to stay in the core's 1 MB L2 (the largest, LeNet-5's
 conv2 rows, 16 x 64 x 500 bytes). The steps instead run one threaded kernel
 after another, each writing the whole batch's output for the next to read
 back (the seed CNN's shifted copies: 800 KB at batch 256). At batch 256 on
-the Zen 4 of session 20, the seed CNN's predict took 400-456 us mapped
-against 457-695 us as steps, LeNet-5's 2.04-2.10 ms against 2.15-2.30
+the Zen 4 of session 20, the seed CNN's predict took 387-451 us mapped
+against 457-695 us as steps, LeNet-5's 2.05-2.12 ms against 2.15-2.30
 (alternating rounds, three runs). (The float32 model's minicnn.chain is
 another thing: one parallel loop whose tasks are stages of a small batch.)
 
@@ -67,8 +67,8 @@ OWN, COPIES, ROWS = range(3)  # a layer's words: its input's bytes, their shifte
 TASK_IMAGES = 16  # images per task of Chain.map (the module's docstring)
 # Where 16 int32 lanes take two registers (AVX2), the GEMM's serial build, which the chain runs,
 # ran the seed CNN's conv on 64 images 1.54x slower than its threaded build on one thread (656 us
-# against 427, session 20's Zen 4 forced to AVX2; the same with AVX-512): mapped, its predict at
-# batch 256 took 1.3-1.5x as long as the steps. There predict keeps to the steps.
+# against 427, session 20's Zen 4 forced to AVX2; with AVX-512, 148 against 150): mapped, the int8
+# predicts at batch 256 took 1.3-1.5x as long as the steps. There predict keeps to the steps.
 MAPS = HAS_PERMUTE  # AVX-512F
 
 

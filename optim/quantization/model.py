@@ -177,8 +177,8 @@ class QuantizedModel:
     def _group_chain(self, image_shape):
         """The Chain of TASK_IMAGES inputs of image_shape (C, H, W), its steps bound first if they are not
         (on zeros: binding runs them); None if they do not chain."""
-        shape = (TASK_IMAGES, *image_shape)
-        if self.chain_for(shape) is None and (shape[0], *shape[2:], shape[1]) not in self._bound:
+        shape, steps_shape = (TASK_IMAGES, *image_shape), (TASK_IMAGES, *image_shape[1:], image_shape[0])
+        if self.chain_for(shape) is None and (steps_shape not in self._bound or self._bound_to != tuple(self.layers)):
             self._run(self._quantize(np.zeros(shape, np.float32), unsigned=True))
         return self.chain_for(shape)
 

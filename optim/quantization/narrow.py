@@ -8,7 +8,7 @@ the end (vectors.sum16):
 
     sums[r, f] = sum_c sum16(dot64(row r's chunk c, filter f's chunk c)) + tail[r, f]
 
-so a row costs F G / 16 vpdpbusd: 10/16 of qgemm's for the classifier. The row's last G mod 16 words
+so a row costs F G / 16 vpdpbusd (F rounded up to even): 10/16 of qgemm's for the classifier. The row's last G mod 16 words
 do not fill a chunk; they take qgemm's layout and instruction (dot4_add on the packed weights' last
 groups), whose lanes are the filters, where the epilogue (vectors.finish16) wants the sums.
 
@@ -24,7 +24,7 @@ from numba import prange
 from .vectors import LANES, add16, dot4_add, dot64_add, finish16, load16, sum16, zeros16
 
 CHUNK = 16  # words of a row per dot64_add (64 bytes)
-MAX_FILTERS = 12  # narrow where qgemm's 16 lanes would be at most 3/4 full
+MAX_FILTERS = 12  # narrow where a quarter or more of qgemm's 16 lanes would idle (measured: F = 10)
 
 
 def pack_narrow(wt):

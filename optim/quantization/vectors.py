@@ -163,7 +163,9 @@ def dot4_add(typingctx, acc, x, wp, i):
     def codegen(context, builder, sig, args):
         acc, x, wp, i = args
         w = builder.load(_pointer(context, builder, sig.args[2], wp, i, _V16I32), align=1)
-        return _vnni(builder, acc, x if not HAS_VNNI else _splat(builder, x, _V16I32), w)
+        if not HAS_VNNI:
+            return _portable_dpbusd(builder, acc, x, w)
+        return _vnni(builder, acc, _splat(builder, x, _V16I32), w)
 
     return int32x16(int32x16, types.uint32, wp, types.intp), codegen
 
@@ -184,9 +186,7 @@ def _portable_dot64(builder, acc, x, w):
 
 
 def _vnni(builder, acc, xs, w):
-    """vpdpbusd on 16 lanes: one 512-bit instruction, or two 256-bit ones (AVX-VNNI), or spelled out."""
-    if not HAS_VNNI:
-        return _portable_dpbusd(builder, acc, xs, w)
+    """vpdpbusd on 16 lanes: one 512-bit instruction, or two 256-bit ones (AVX-VNNI)."""
     if HAS_VNNI_512:
         return _vpdpbusd(builder, acc, xs, w, LANES)
     halves = [_vpdpbusd(builder, *(builder.shuffle_vector(v, v, _indices(range(8 * h, 8 * h + 8)))
