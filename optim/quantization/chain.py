@@ -177,6 +177,7 @@ def _run(x, in_scale, in_zero, plan, at, starts, offs, wps, wds, biases, tables,
 
 
 def _map_loops(x, B, in_scale, in_zero, plan, at, starts, offs, wps, wds, biases, tables, scale, out):
+    """out (M B, F) = _run on each group of B images of x (M B, C, H, W), one task per group."""
     for k in prange(len(x) // B):
         out[k * B : (k + 1) * B] = _run(x[k * B : (k + 1) * B], in_scale, in_zero, plan, at, starts, offs, wps,
                                         wds, biases, tables, scale)

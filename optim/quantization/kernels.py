@@ -22,9 +22,10 @@ int32 sums: the kernel broadcasts 4 bytes of a row from memory and runs them
 against 2 blocks of 16 filters (a layer of at most 16 filters is one block,
 run by a kernel of its own), no horizontal sums, no padding of K beyond 4.
 (Flipped in the kernel instead, each broadcast took a register and a
-shuffle port: LeNet-5's int8 predict at batch 256 ran 1.2x slower.) A dense
-layer of at most 12 filters would leave 4 or more of the 16 lanes idle: it
-runs narrow.py's kernel, whose lanes run along the rows instead. Rows
+shuffle port: LeNet-5's int8 predict at batch 256 ran 1.2x slower.) A layer
+of at most 12 filters on whole rows of words (a classifier) would leave 4 or
+more of the 16 lanes idle: it runs narrow.py's kernel, whose lanes run along
+the rows instead. Rows
 are independent, so `prange` splits them over cores; the epilogue
 (bias, requantization, clamp, store: `vectors.finish16`) runs on 16 filters
 at a time, a pool window's sums maximised and finished while still in
@@ -369,7 +370,7 @@ _qgemm_pairs_serial, _qgemm_block_serial, _qgemm_narrow_serial = _qgemm.serial, 
 
 def uses_narrow(packed, off, window):
     """Whether qgemm runs narrow.py's kernel: weights packed narrow, rows of whole runs of words (off
-    0, 1, ..., G - 1: a dense layer's), no pool window."""
+    0, 1, ..., G - 1: a dense layer's, or im2row's), no pool window."""
     return window == 1 and packed.wd.size > 0 and np.array_equal(off, np.arange(off.size))
 
 

@@ -176,7 +176,9 @@ class QuantizedModel:
 
     def _group_chain(self, image_shape):
         """The Chain of TASK_IMAGES inputs of image_shape (C, H, W), its steps bound first if they are not
-        (on zeros: binding runs them); None if they do not chain."""
+        (on zeros: binding runs them); None if they do not chain (other inputs than images never do)."""
+        if len(image_shape) != 3:
+            return None
         shape, steps_shape = (TASK_IMAGES, *image_shape), (TASK_IMAGES, *image_shape[1:], image_shape[0])
         if self.chain_for(shape) is None and (steps_shape not in self._bound or self._bound_to != tuple(self.layers)):
             self._run(self._quantize(np.zeros(shape, np.float32), unsigned=True))

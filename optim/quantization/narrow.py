@@ -8,13 +8,15 @@ the end (vectors.sum16):
 
     sums[r, f] = sum_c sum16(dot64(row r's chunk c, filter f's chunk c)) + tail[r, f]
 
-so a row costs F G / 16 vpdpbusd (F rounded up to even): 10/16 of qgemm's for the classifier. The row's last G mod 16 words
-do not fill a chunk; they take qgemm's layout and instruction (dot4_add on the packed weights' last
-groups), whose lanes are the filters, where the epilogue (vectors.finish16) wants the sums.
+so a row costs F G / 16 vpdpbusd (F rounded up to even): 10/16 of qgemm's for the classifier. The
+row's last G mod 16 words do not fill a chunk; they take qgemm's layout and instruction (dot4_add on
+the packed weights' last groups), whose lanes are the filters, where the epilogue (vectors.finish16)
+wants the sums.
 
 Rows run 4 at a time against 2 filters: 8 independent sums hide vpdpbusd's latency, and 6 loads
 serve 8 of them. A task's last rows, when fewer than 4, are computed as its last row again and
-stored once. The rows must be whole runs of words (a dense layer's), not a conv's windows.
+stored once. The rows must be whole runs of words (a dense layer's, or im2row's for a conv without a
+pool), not a conv's windows read in place.
 """
 
 import numba

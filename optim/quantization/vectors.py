@@ -202,6 +202,9 @@ def dot64_add(typingctx, acc, x32, xi, wd, wi):
         w = builder.load(_pointer(context, builder, sig.args[3], wd, wi, _V16I32), align=1)
         return _vnni(builder, acc, x, w) if HAS_VNNI else _portable_dot64(builder, acc, x, w)
 
+    if not (isinstance(x32, types.Array) and x32.dtype == types.uint32 and isinstance(wd, types.Array)
+            and wd.dtype == types.int8):  # the indices count their elements: 4-byte words, bytes
+        return None
     return int32x16(int32x16, x32, types.intp, wd, types.intp), codegen
 
 
