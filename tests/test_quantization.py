@@ -69,10 +69,10 @@ def _lanes_mbqm(x, table, z, lo, hi):
     return out
 
 
-def lanes_mbqm(x, m0, shift, z=0, lo=-V.CLAMP_LIMIT, hi=V.CLAMP_LIMIT):
-    """MultiplyByQuantizedMultiplier of x int32 (16n,), m0 int32 and shift int8 per element, as the
-    kernels run it (vectors.requantize16; by default with no zero point and no clamp)."""
-    return _lanes_mbqm(x, V.requantization_table(m0, shift), z, lo, hi)
+def lanes_mbqm(x, m0, shift, z=0, lo=-V.CLAMP_LIMIT, hi=V.CLAMP_LIMIT, bias=None):
+    """MultiplyByQuantizedMultiplier of x int32 (16n,) plus bias, m0 int32 and shift int8 per element, as
+    the kernels run it (vectors.requantize16; by default with no bias, no zero point and no clamp)."""
+    return _lanes_mbqm(x, V.requantization_table(m0, shift, bias), z, lo, hi)
 
 
 def lane_clamp(v):
@@ -467,15 +467,16 @@ def test_add16_wraps_as_int32_addition():
     np.testing.assert_array_equal(lanes_add(u, v), (u.astype(np.int64) + v).astype(np.int32))
 
 
-@given(seeds, st.integers(0, 30))
-def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits):
-    """Many values at once, every shift and multiplier in range, and a third of the lanes exact ties
-    (M0 = 2^30 halves x = odd 2^e exactly, then the shift by e leaves k + 1/2; odd 2^e +- 1 makes a tie
-    of the first rounding): the kernels' lanes agree with the reference, value for value."""
+@given(seeds, st.integers(0, 30), st.booleans())
+def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits, right):
+    """Many values at once, every shift and multiplier in range (or only right shifts, which the table's
+    short path runs), biases, and a third of the lanes exact ties (M0 = 2^30 halves x = odd 2^e exactly,
+    then the shift by e leaves k + 1/2; odd 2^e +- 1 makes a tie of the first rounding): the kernels'
+    lanes and the table's NumPy meaning agree with the reference, value for value."""
     rng = np.random.default_rng(seed)
     n = 8 * 512
-    shift = rng.integers(*FP.SHIFT_RANGE, n, endpoint=True).astype(np.int8)
-    m0 = rng.integers(0, 2**31, n)
+    shift = rng.integers(FP.SHIFT_RANGE[0], -1 if right else FP.SHIFT_RANGE[1], n, endpoint=True).astype(np.int8)
+    m0 = np.where(rng.random(n) < 0.02, 0, rng.integers(0, 2**31, n))
     x = rng.integers(-(2**bits), 2**bits, n, endpoint=True)
     tie, e = rng.random(n) < 0.3, rng.integers(1, 20, n)
     odd, nudge = 2 * rng.integers(-1000, 1000, n) + 1, rng.integers(-1, 2, n)
@@ -489,6 +490,28 @@ def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits):
     np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), lane_clamp(expected))
     # a clamp at lo >= z (a fused ReLU) skips the correction of negative results: the same codes
     np.testing.assert_array_equal(lanes_mbqm(x, m0, shift, 3, 3, 130), np.clip(expected + 3, 3, 130))
+    # a bias, taken into the table: the sums x - bias plus it (both int32) are x
+    bias = rng.integers(-(2**bits), 2**bits, n, endpoint=True)
+    sums = np.clip(x.astype(np.int64) - bias, INT32_MIN, INT32_MAX)
+    bias = (x - sums).astype(np.int32)
+    np.testing.assert_array_equal(lanes_mbqm(sums.astype(np.int32), m0, shift, bias=bias), lane_clamp(expected))
+    table = V.requantization_table(m0, shift, bias)
+    numpy_lanes = np.concatenate([V._requantize16_python(sums[i : i + 16].astype(np.int32), table, i, 3, -5, 130)
+                                  for i in range(0, n, 16)])
+    np.testing.assert_array_equal(numpy_lanes, np.clip(expected + 3, -5, 130))
+    assert (table.reshape(-1, 8, 8)[:, 7, 0] == 0).all() == right  # every group short, or (nearly surely) not
+
+
+def test_requantization_table_takes_the_short_path_where_every_shift_is_right():
+    """Per 16 filters: the short row (S - 32 in order, then zeros) where all shift right or have M0 = 0,
+    the 64-bit shifts S where one does not."""
+    m0, shift = np.full(32, 2**30, np.int64), np.full(32, -3, np.int8)
+    m0[5], shift[5] = 0, 0  # a filter whose result is 0 (quantize_multiplier's (0, 0)): it counts as right
+    shift[20] = 0
+    rows = V.requantization_table(m0, shift).reshape(2, 8, 8)
+    np.testing.assert_array_equal(rows[0, 6].view(np.int32), np.where(np.arange(16) == 5, 0, 2))
+    assert (rows[0, 7] == 0).all()
+    np.testing.assert_array_equal(rows[1, 6:].T.reshape(-1), 31 - np.where(np.arange(16) == 4, 0, -3))
 
 
 @given(seeds, conv_geometry(), st.booleans())
@@ -967,8 +990,9 @@ def test_int8_lenet_without_avx512_matches_the_references(build, vnni):
 
 def test_requantize16_without_avx512_is_the_numpy_arithmetic():
     """The AVX2 build's requantization (its 64-bit lanes in four registers, arithmetic shifts spelled
-    out): every shift, exact ties of both roundings, saturating left shifts and the int32 extremes,
-    with and without a clamp that skips the correction of negative results."""
+    out): every shift, then right shifts only (the table's short path), exact ties of both roundings,
+    saturating left shifts and the int32 extremes, with and without a clamp that skips the correction
+    of negative results."""
     run_without_avx512(
         "import numba, numpy as np\n"
         "from optim.quantization import fixedpoint as FP, vectors as V\n"
@@ -989,11 +1013,14 @@ def test_requantize16_without_avx512_is_the_numpy_arithmetic():
         "x = np.where(tie, ((2 * rng.integers(-1000, 1000, n) + 1) << e) + rng.integers(-1, 2, n), x)\n"
         "x = x.astype(np.int32)\n"
         "x[:6] = [-2**31, 2**31 - 1, 0, -1, 1, -2**31 + 1]\n"
-        "ref = FP.multiply_by_quantized_multiplier(x, m0, shift)\n"
-        "table = V.requantization_table(m0, shift)\n"
         "L = V.CLAMP_LIMIT\n"
-        "assert np.array_equal(lanes(x, table, 0, -L, L), np.clip(ref, -L, L))\n"
-        "assert np.array_equal(lanes(x, table, 3, 3, 130), np.clip(ref + 3, 3, 130))  # a fused ReLU\n"
+        "for right in (False, True):  # every shift, or right shifts only: the table's short path\n"
+        "    s = -1 - np.abs(shift + 1) % 31 if right else shift\n"
+        "    ref = FP.multiply_by_quantized_multiplier(x, m0, s)\n"
+        "    table = V.requantization_table(m0, s)\n"
+        "    assert (table.reshape(-1, 64)[:, 56] == 0).all() == right\n"
+        "    assert np.array_equal(lanes(x, table, 0, -L, L), np.clip(ref, -L, L))\n"
+        "    assert np.array_equal(lanes(x, table, 3, 3, 130), np.clip(ref + 3, 3, 130))  # a fused ReLU\n"
         "print('ok')\n")
 
 

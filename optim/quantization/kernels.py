@@ -241,7 +241,7 @@ class Epilogue(NamedTuple):
         int32            max(s + bias[f], lo)                           (table empty)
 
     bias int32 is the layer's less 128 colsum (the unsigned bytes' offset, PackedWeights), table int64
-    the multipliers m0 and shifts as the lanes take them (vectors.requantization_table); z_out, lo and
+    the multipliers m0, shifts and that bias as the lanes take them (vectors.requantization_table); z_out, lo and
     hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built once per layer by
     `int8_epilogue` or `int32_epilogue`."""
 
@@ -274,9 +274,9 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
         raise ValueError(f"one multiplier and shift per filter: got {len(m0)} and {len(shift)} for {len(bias)}")
     if not QMIN <= min(z_out, lo, hi) <= max(z_out, lo, hi) <= QMAX:  # int8 codes, whose bytes finish16 writes
         raise ValueError(f"the output zero point and clamp must be int8 codes, got {z_out}, [{lo}, {hi}]")
-    table = requantization_table(_padded(packed, m0, np.int64), _padded(packed, shift, np.int64))  # checks them
-    return int32_epilogue(packed, bias, INT32_MIN)._replace(
-        table=table, z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
+    sums = int32_epilogue(packed, bias, INT32_MIN)
+    table = requantization_table(_padded(packed, m0, np.int64), _padded(packed, shift, np.int64), sums.bias)  # checks
+    return sums._replace(table=table, z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
 
 
 @numba.njit(inline="always", cache=True)

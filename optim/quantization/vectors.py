@@ -21,16 +21,16 @@ int32x16, i an index):
                                       sum16, is the dot product (a row's 64 bytes against a filter's)
     sum16(v)                          the sum of the 16 lanes (wrapping)
     requantize16(v, table, i, z, lo, hi)
-                                      clamp(MultiplyByQuantizedMultiplier(v, m0[i : i + 16], shift[i : i + 16])
-                                      + z, lo, hi): `fixedpoint`'s arithmetic, bit for bit, with
-                                      table = requantization_table(m0, shift) (m0 >= 0, as
+                                      clamp(MultiplyByQuantizedMultiplier(v + b[i : i + 16], m0[i : i + 16],
+                                      shift[i : i + 16]) + z, lo, hi): `fixedpoint`'s arithmetic, bit for
+                                      bit, with table = requantization_table(m0, shift, b) (m0 >= 0, as
                                       quantize_multiplier makes it; z, lo, hi int32 with lo - z and hi - z
                                       within +- CLAMP_LIMIT = 2^30 - 1, as the codes' bytes are)
     store16(out, i, v)                out[i : i + 16] = v              (out int32)
     finish16(out, i, v, bias, table, f, z, lo, hi, n)
                                       a GEMM's epilogue: out[i : i + n] = the first n lanes (none if n <= 0;
-                                      out may end before i + 16) of requantize16(v + bias[f : f + 16], table,
-                                      f, z, lo, hi) (out uint8), or with table empty of
+                                      out may end before i + 16) of requantize16(v, table, f, z, lo, hi)
+                                      (out uint8; the table holds the bias), or with table empty of
                                       maximum(v + bias[f : f + 16], lo) (out int32). One operation, not a
                                       Numba function: one taking these arrays, where LLVM did not inline
                                       it (AVX2's longer code), paid their reference counts on every call.
@@ -218,9 +218,10 @@ def sum16(typingctx, v):
     return types.int32(int32x16), codegen
 
 
-def requantization_table(m0, shift):
-    """The per-filter constants of requantize16, int64 (n // 16, 4, 16) flattened, for multipliers m0
-    int32 in [0, 2^31) (quantize_multiplier's) and shifts int8 in SHIFT_RANGE, n = len(m0) a multiple of 16.
+def requantization_table(m0, shift, bias=None):
+    """The per-filter constants of requantize16, int64 (n // 16, 8, 8) flattened, for multipliers m0
+    int32 in [0, 2^31) (quantize_multiplier's), shifts int8 in SHIFT_RANGE and the biases int32 added
+    to the sums first (none: 0), n = len(m0) a multiple of 16.
 
     TFLite's two roundings of x M0 2^(shift - 31) for a right shift e = -shift > 0 are one:
 
@@ -233,57 +234,76 @@ def requantization_table(m0, shift):
     A = 2^(30 - l), C = 0. Where x 2^l overflows int32, TFLite saturates x and the result is about M0
     in size, which for l > 0 is at least 2^30 (quantize_multiplier's, and checked here); this one is
     larger still, of the same sign: a clamp within +- CLAMP_LIMIT makes both the same.
-    Per 16 filters the rows M0, A, C, S, each in the lanes' order for 64-bit arithmetic: the even
-    filters' 8 values, then the odd ones'."""
+
+    x is a sum s plus the bias b, and (s + b) M0 = s M0 + b M0 (|b M0| < 2^62): the table takes b into A
+    and into the correction's test, s M0 < T = -2^30 - b M0 (T = -2^63, never, where C = 0), so the
+    lanes need not add it. Per 16 filters 8 rows of 8, in the lanes' order for 64-bit arithmetic (the even filters'
+    8 values, then the odd ones'): M0, M0; A + b M0, A + b M0; T, T; then S, S, or, where every one
+    of the 16 shifts right (S >= 32: a real multiplier below 1/2, as a layer's nearly always is),
+    the short path's row: S - 32 for the 16 filters in order, as int32 pairs, and a row of zeros
+    (never S's, which are >= 1). A filter with M0 = 0, whose result is 0 whatever its shift, counts as
+    shifting right."""
     m0, shift = np.asarray(m0, np.int64), np.asarray(shift, np.int64)
-    if m0.shape != shift.shape or m0.ndim != 1 or m0.size % LANES:
-        raise ValueError(f"one multiplier and shift per filter, a multiple of {LANES} of them: got {m0.shape} and "
-                         f"{shift.shape}")
+    bias = np.zeros_like(m0) if bias is None else np.asarray(bias, np.int64)
+    if not m0.shape == shift.shape == bias.shape or m0.ndim != 1 or m0.size % LANES:
+        raise ValueError(f"one multiplier, shift and bias per filter, a multiple of {LANES} of them: got "
+                         f"{m0.shape}, {shift.shape} and {bias.shape}")
     if m0.size and not (0 <= m0.min() and m0.max() <= INT32_MAX):
         raise ValueError("the requantization multipliers must lie in [0, 2^31) (quantize_multiplier's)")
     if shift.size and not SHIFT_RANGE[0] <= shift.min() <= shift.max() <= SHIFT_RANGE[1]:
         raise ValueError(f"requantization shifts must lie in {SHIFT_RANGE}, got {shift.min()} .. {shift.max()}")
     if np.any((shift > 0) & (m0 < 1 << 30)):
         raise ValueError("a multiplier with a left shift must be at least 2^30 (quantize_multiplier's M0)")
+    if bias.size and not (-INT32_MAX - 1 <= bias.min() and bias.max() <= INT32_MAX):
+        raise ValueError("the biases must be int32")
+    shift = np.where(m0 == 0, -1, shift)
     S, right = 31 - shift, shift < 0
-    rows = np.stack([m0, (1 << (S - 1)) + np.where(right, 1 << 30, 0), np.where(right, 1 << 31, 0), S], axis=1)
-    lanes = rows.reshape(-1, LANES // 2, 2, 4)  # (block, pair, even/odd, row)
-    return np.ascontiguousarray(lanes.transpose(0, 3, 2, 1)).reshape(-1)
+    A = (1 << (S - 1)) + np.where(right, 1 << 30, 0) + bias * m0
+    T = np.where(right, -(1 << 30) - bias * m0, np.iinfo(np.int64).min)
+    groups = m0.size // LANES
+    rows = np.stack([m0, A, T, S], axis=1).reshape(groups, LANES // 2, 2, 4)  # (block, pair, even/odd, row)
+    table = np.ascontiguousarray(rows.transpose(0, 3, 2, 1)).reshape(groups, 8, 8)
+    short = S.reshape(groups, LANES).min(axis=1) >= 32
+    table[short, 6] = (S.reshape(groups, LANES)[short] - 32).astype(np.int32).view(np.int64).reshape(-1, 8)
+    table[short, 7] = 0
+    return table.reshape(-1)
 
 
 CLAMP_LIMIT = 2**30 - 1  # requantize16's clamp must lie within z +- CLAMP_LIMIT (codes' lie within 255)
 
 
-def _requantize_lanes(builder, x, table, z, lo, hi):
-    """clamp(fixedpoint.multiply_by_quantized_multiplier(x, m0, shift) + z, lo, hi) on the 16 int32
-    lanes themselves, with table = the 64 int64 of requantization_table(m0, shift) for these 16 filters
-    (<8 x i64> each: M0, A, C, S, even lanes, odd lanes), and z, lo and hi int32 with lo - z and
-    hi - z within +- CLAMP_LIMIT, as the codes' are.
+def _requantize_lanes(builder, x, row, z, lo, hi):
+    """clamp(fixedpoint.multiply_by_quantized_multiplier(x + b, m0, shift) + z, lo, hi) on the 16 int32
+    lanes x, row(k) loading the k-th of the 8 rows of requantization_table(m0, shift, b) for these 16
+    filters (<8 x i64>), z, lo and hi int32 with lo - z and hi - z within +- CLAMP_LIMIT, as the
+    codes' are.
 
     requantization_table's single rounding: x M0 as two vpmuldq (32 x 32 -> 64 bits, the even lanes,
-    then the odd ones shifted down), + A, - C where x M0 < -2^30, an arithmetic shift by S, the clamp
-    (on 64 bits: a left shift's result may not fit 32), and the 16 low halves put back in order by one
-    shuffle. No branch on the shifts. The correction C matters only for results below 0: a clamp at
-    lo >= z (a fused ReLU) makes them all lo, corrected or not, and skips it. About 15 vector
-    instructions per 16 outputs (19 with the correction), against 30 for TFLite's two roundings spelled
-    out on the int32 lanes, which tested 16 shifts for a positive one in every epilogue."""
+    then the odd ones shifted down), + A + b M0, - 2^31 where x M0 < T, then the shift by S. The
+    correction matters only for results below 0: a clamp at lo >= z (a fused ReLU) makes them all lo,
+    corrected or not, and skips it. Where every S >= 32 (the table's short row), the sums' high 32-bit
+    halves are floor(sum / 2^32): one shuffle puts them in order, one 32-bit shift by S - 32 ends the
+    division, and the clamp runs on 16 lanes, not 2 x 8. Else each 64-bit sum is shifted by S and
+    clamped (a left shift's result may not fit 32 bits) before its low half is kept. No branch on a
+    lane. About 10 vector instructions per 16 outputs on the short path, 13 on the long one (4 more
+    with the correction), against 15 before the table held the bias and the short row (the seed CNN's
+    conv on 16 images: 37 -> 32 us), and 30 for TFLite's two roundings spelled out on the int32 lanes."""
     def const(c, lanes=LANES, width=32):
         return ir.Constant(ir.VectorType(ir.IntType(width), lanes), [c] * lanes)
 
     v8i64, c32 = ir.VectorType(_I64, 8), const(32, 8, 64)
     x64 = builder.bitcast(x, v8i64)
-    m0, a, c, s = (table[2 * r : 2 * r + 2] for r in range(4))
 
     def low(u):  # the low 32 bits, sign-extended: what vpmuldq multiplies
         return builder.ashr(builder.shl(u, c32), c32)
 
-    products = [builder.mul(low(x64), low(m0[0])), builder.mul(builder.ashr(x64, c32), low(m0[1]))]
-    sums = [builder.add(p, a_) for p, a_ in zip(products, a)]
+    products = [builder.mul(low(x64), low(row(0))), builder.mul(builder.ashr(x64, c32), low(row(1)))]
+    sums = [builder.add(p, row(2 + h)) for h, p in enumerate(products)]
     negative = builder.icmp_signed("<", lo, z)
     before = builder.block
     with builder.if_then(negative):
-        corrected = [builder.select(builder.icmp_signed("<", p, const(-(1 << 30), 8, 64)), builder.sub(t, c_), t)
-                     for p, t, c_ in zip(products, sums, c)]
+        corrected = [builder.select(builder.icmp_signed("<", p, row(4 + h)), builder.sub(t, const(1 << 31, 8, 64)), t)
+                     for h, (p, t) in enumerate(zip(products, sums))]
         corrected_block = builder.block
     for h in range(2):
         phi = builder.phi(v8i64)
@@ -291,19 +311,37 @@ def _requantize_lanes(builder, x, table, z, lo, hi):
         phi.add_incoming(corrected[h], corrected_block)
         sums[h] = phi
     # clamp(q + z, lo, hi) = clamp(q, lo - z, hi - z) + z: no overflow on the way
-    lo_z, hi_z = (_splat(builder, builder.sext(builder.sub(b, z), _I64), v8i64) for b in (lo, hi))
-    even, odd = (builder.bitcast(_smin(builder, _smax(builder, builder.ashr(t, s_), lo_z), hi_z), _V16I32)
-                 for t, s_ in zip(sums, s))
-    q = builder.shuffle_vector(even, odd, _indices(l // 2 * 2 + LANES * (l % 2) for l in range(LANES)))
+    lo_z, hi_z = builder.sub(lo, z), builder.sub(hi, z)
+    halves = [builder.bitcast(t, _V16I32) for t in sums]
+    short = builder.icmp_signed("==", row(7, scalar=True), ir.Constant(_I64, 0))
+    with builder.if_else(short) as (high, wide):
+        with high:
+            q = builder.shuffle_vector(*halves, _indices(l + 1 if l % 2 == 0 else LANES + l for l in range(LANES)))
+            q = builder.ashr(q, builder.bitcast(row(6), _V16I32))
+            q_short = _smin(builder, _smax(builder, q, _splat(builder, lo_z, _V16I32)), _splat(builder, hi_z, _V16I32))
+            short_block = builder.block
+        with wide:
+            bounds = [_splat(builder, builder.sext(b, _I64), v8i64) for b in (lo_z, hi_z)]
+            even, odd = (builder.bitcast(_smin(builder, _smax(builder, builder.ashr(t, row(6 + h)), bounds[0]),
+                                               bounds[1]), _V16I32) for h, t in enumerate(sums))
+            q_wide = builder.shuffle_vector(even, odd, _indices(l // 2 * 2 + LANES * (l % 2) for l in range(LANES)))
+            wide_block = builder.block
+    q = builder.phi(_V16I32)
+    q.add_incoming(q_short, short_block)
+    q.add_incoming(q_wide, wide_block)
     return builder.add(q, _splat(builder, z, _V16I32))
 
 
 def _requantized(context, builder, v, table_type, table, i, z, lo, hi):
     """requantize16's lanes: the 16 filters' rows of table from 4 i on, z, lo and hi int32 scalars."""
     at = builder.mul(i, ir.Constant(i.type, 4))
-    rows = [builder.load(_pointer(context, builder, table_type, table, builder.add(at, ir.Constant(i.type, 8 * k)),
-                                  ir.VectorType(_I64, 8)), align=8) for k in range(8)]
-    return _requantize_lanes(builder, v, rows, z, lo, hi)
+
+    def row(k, scalar=False):
+        pointer = _pointer(context, builder, table_type, table, builder.add(at, ir.Constant(i.type, 8 * k)),
+                           _I64 if scalar else ir.VectorType(_I64, 8))
+        return builder.load(pointer, align=8)
+
+    return _requantize_lanes(builder, v, row, z, lo, hi)
 
 
 def _is_table(table):
@@ -358,14 +396,14 @@ def finish16(typingctx, out, i, v, bias, table, f, z, lo, hi, n):
     def codegen(context, builder, sig, args):
         out, i, v, bias, table, f, *scalars, n = args
         z, lo, hi = (context.cast(builder, a, t, types.int32) for a, t in zip(scalars, sig.args[6:9]))
-        v = builder.add(v, builder.load(_pointer(context, builder, sig.args[3], bias, f, _V16I32), align=4))
         codes = builder.icmp_signed(">", context.make_array(sig.args[4])(context, builder, table).nitems,
                                     ir.Constant(_I64, 0))
         with builder.if_else(codes) as (requantized, sums):
-            with requantized:
+            with requantized:  # the table holds the bias
                 _store_first(context, builder, sig.args[0], out, i,
                              _requantized(context, builder, v, sig.args[4], table, f, z, lo, hi), n)
             with sums:
+                v = builder.add(v, builder.load(_pointer(context, builder, sig.args[3], bias, f, _V16I32), align=4))
                 _store_first(context, builder, sig.args[0], out, i, _smax(builder, v, _splat(builder, lo, _V16I32)), n)
         return context.get_dummy_value()
 
@@ -408,9 +446,15 @@ def _sum16_python(v):
 
 
 def _requantize16_python(v, table, i, z, lo, hi):
-    m0, a, c, s = table[4 * i : 4 * i + 4 * LANES].reshape(4, 2, LANES // 2).transpose(0, 2, 1).reshape(4, LANES)
+    rows = table[4 * i : 4 * i + 4 * LANES].reshape(8, 8)
+    m0, a, t, s = rows.reshape(4, 2, LANES // 2).transpose(0, 2, 1).reshape(4, LANES)  # lane order
     p = v.astype(np.int64) * m0
-    return np.clip(((p + a - c * (p < -(1 << 30))) >> s) + z, lo, hi).astype(np.int32)
+    sums = p + a - (1 << 31) * ((p < t) & (lo < z))  # the correction, which a clamp at lo >= z skips
+    if rows[7, 0] == 0:  # the short path: the high 32 bits, shifted by S - 32
+        q = (sums >> 32).astype(np.int32) >> rows[6].view(np.int32)
+    else:
+        q = sums >> s
+    return (np.clip(q, lo - z, hi - z) + z).astype(np.int32)
 
 
 def _store16_python(out, i, v):
@@ -418,8 +462,10 @@ def _store16_python(out, i, v):
 
 
 def _finish16_python(out, i, v, bias, table, f, z, lo, hi, n):
-    v = (v.astype(np.int64) + bias[f : f + LANES]).astype(np.int32)  # wraps like the machine's add
-    v = _requantize16_python(v, table, f, z, lo, hi) if table.size else np.maximum(v, lo)
+    if table.size:
+        v = _requantize16_python(v, table, f, z, lo, hi)
+    else:
+        v = np.maximum((v.astype(np.int64) + bias[f : f + LANES]).astype(np.int32), lo)  # wraps like the machine's add
     if n > 0:
         out.reshape(-1)[i : i + n] = v[:n].astype(out.dtype)
 
