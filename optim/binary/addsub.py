@@ -35,7 +35,7 @@ from numba import prange
 
 from minicnn.checks import check_kernel_array, output_array
 from minicnn.parallel import MIN_MACS, twin
-from minicnn.simd import LANES, add, add_where, broadcast, fma, load_first, maximum, splat, store_first
+from minicnn.simd import LANES, add, add_where, broadcast, fma, load, load_first, maximum, splat, store_first, total
 
 __all__ = [
     "ADDSUB_BELOW", "addsub_dense", "addsub_dense_ref", "addsub_dense_runner", "addsub_dense_serial", "pack_lanes",
@@ -62,13 +62,18 @@ def addsub_dense_ref(x, signs, alpha, b, relu=False):
     return np.maximum(y, 0) if relu else y
 
 
-@numba.njit(cache=True, fastmath={"reassoc", "nsz"})
+@numba.njit(cache=True)
 def _row_sum(x, start, n):
-    """sum(x[start : start + n]), vectorised (hence reassociated)."""
-    s = np.float32(0)
-    for i in range(start, start + n):
-        s += x[i]
-    return s
+    """sum(x[start : start + n]) as two 16-lane sums, added at the end (so in another order than a loop's).
+    (A plain loop, even with fastmath's reassociation, stayed scalar: the seed CNN's 5,408 inputs took
+    2.6 us a row against 0.3.)"""
+    a0 = a1 = splat(0.0)
+    end = start + n // 32 * 32
+    for i in range(start, end, 32):
+        a0, a1 = add(a0, load(x, i)), add(a1, load(x, i + LANES))
+    for i in range(end, start + n, LANES):
+        a0 = add(a0, load_first(x, i, min(LANES, start + n - i)))
+    return total(add(a0, a1))
 
 
 @numba.njit(cache=True)
