@@ -26,7 +26,7 @@ import zlib
 import numpy as np
 
 from .atomic import atomic_path
-from .checks import check_array, check_labels
+from .checks import check_array, check_labels, check_positive_int
 
 DATASETS = {
     "mnist10k": "10,000 MNIST digits bundled with minicnn (8,000 train / 2,000 test), no download",
@@ -304,3 +304,22 @@ def split_validation(x, y, fraction=0.1, seed=0):
     n_val = max(1, int(round(fraction * len(x))))
     val, fit = order[:n_val], order[n_val:]
     return x[fit], y[fit], x[val], y[val]
+
+
+def shifted_views(x, y, shift=1):
+    """Each image of x (N, C, H, W) and its eight translations by `shift` pixels (up, down, left,
+    right and diagonally, zeros shifted in): (9 N, C, H, W), view by view, and y repeated (9 N,).
+
+    A model's accuracy on a validation split scored this way counts each image nine times, under
+    small displacements of its strokes: a difference between two models of the same network then
+    rests on more than one reading of each image (docs/auto.md measured what it changed).
+    """
+    check_positive_int(shift, "shift")
+    if x.ndim != 4 or min(x.shape[2:]) <= shift:
+        raise ValueError(f"shifted views need images (N, C, H, W) larger than the shift {shift}, got {x.shape}")
+    H, W = x.shape[2:]
+    views = np.zeros((9, *x.shape), x.dtype)
+    for k, (dy, dx) in enumerate((dy, dx) for dy in (-shift, 0, shift) for dx in (-shift, 0, shift)):
+        views[k, :, :, max(dy, 0) : H + min(dy, 0), max(dx, 0) : W + min(dx, 0)] = \
+            x[:, :, max(-dy, 0) : H + min(-dy, 0), max(-dx, 0) : W + min(-dx, 0)]
+    return views.reshape(-1, *x.shape[1:]), np.tile(y, 9)

@@ -94,7 +94,8 @@ def test_decisions_see_validation_images_only(setup, monkeypatch, tmp_path):
     for module in (sensitivity.pruning, sensitivity.structured):
         monkeypatch.setattr(module, "evaluate", spy)
     auto.auto_compress(path, x, y, str(tmp_path / "run"), max_drop=1.0, workers=1, **FAST)
-    assert seen == {hashlib.sha256(np.ascontiguousarray(x_val).tobytes()).hexdigest()}
+    views = minicnn.datasets.shifted_views(x_val, np.zeros(len(x_val), np.int64))[0]  # each with its translations
+    assert seen == {hashlib.sha256(np.ascontiguousarray(views).tobytes()).hexdigest()}
 
 
 def test_resume_skips_finished_trials(setup, first_run, monkeypatch):
@@ -262,6 +263,22 @@ def test_cli_prints_one_line_on_bad_input(setup, tmp_path, capsys):
     assert main(["compress", "--auto", "--model", path, "--validation", "1.5", "--out", str(tmp_path / "v")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "validation fraction must be in (0, 1), got 1.5" in err[0]
+
+
+def test_cli_plain_validation_scores_each_image_once(setup, tmp_path, monkeypatch, capsys):
+    from optim.app.cli import main
+
+    asked = {}
+
+    def stop(*args, **kwargs):
+        asked.update(kwargs)
+        raise ValueError("stopped")
+
+    monkeypatch.setattr(auto, "auto_compress", stop)
+    _, path, *_ = setup
+    for flags, views in (([], True), (["--plain-validation"], False)):
+        assert main(["compress", "--auto", "--model", path, "--out", str(tmp_path), *flags]) == 2
+        assert asked["views"] is views and "stopped" in capsys.readouterr().err
 
 
 def test_front_and_choice_on_made_up_points():

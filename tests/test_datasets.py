@@ -349,3 +349,26 @@ def test_split_validation_is_a_seeded_partition():
     np.testing.assert_array_equal(datasets.split_validation(x, y, 0.25, seed=3)[3], yv)
     with pytest.raises(ValueError, match="fraction"):
         datasets.split_validation(x, y, 1.0)
+
+
+@given(st.integers(1, 3), st.integers(1, 2), st.integers(2, 7), st.integers(2, 7), st.integers(1, 2), st.integers(0, 9))
+def test_shifted_views_are_the_images_translated_with_zeros_shifted_in(N, C, H, W, shift, seed):
+    """View k = 3 (dy / s + 1) + (dx / s + 1) holds image n moved dy rows down and dx columns right:
+    its pixel (i, j) is the image's (i - dy, j - dx), or 0 outside it; the labels follow the images."""
+    if min(H, W) <= shift:
+        with pytest.raises(ValueError, match="larger than the shift"):
+            datasets.shifted_views(np.zeros((N, C, H, W), np.float32), np.zeros(N), shift)
+        return
+    x = np.random.default_rng(seed).random((N, C, H, W)).astype(np.float32)
+    y = np.arange(N) + 3
+    views, labels = datasets.shifted_views(x, y, shift)
+    assert views.shape == (9 * N, C, H, W) and views.dtype == x.dtype
+    np.testing.assert_array_equal(labels, np.tile(y, 9))
+    for k, (dy, dx) in enumerate((dy, dx) for dy in (-shift, 0, shift) for dx in (-shift, 0, shift)):
+        for i in range(H):
+            for j in range(W):
+                inside = 0 <= i - dy < H and 0 <= j - dx < W
+                expected = x[:, :, i - dy, j - dx] if inside else 0
+                np.testing.assert_array_equal(views[k * N : (k + 1) * N, :, i, j], expected)
+    with pytest.raises(ValueError, match="images"):
+        datasets.shifted_views(x.reshape(N, -1), y)

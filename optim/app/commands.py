@@ -219,7 +219,7 @@ def cmd_auto(args):
     result = auto.auto_compress(
         args.model, x_train, y_train, args.out, args.max_drop, objective=args.objective, techniques=args.techniques,
         time_budget=args.time_budget, workers=args.workers, scheduler=args.scheduler, seed=args.seed,
-        epochs=args.auto_epochs, validation=args.validation)
+        epochs=args.auto_epochs, validation=args.validation, views=not args.plain_validation)
     tested = auto.evaluate_chosen(result, x_test, y_test)
     result["test_accuracy"] = tested
     write_file(os.path.join(args.out, "front.json"), json.dumps(result, indent=1))  # now with the test figures
@@ -470,8 +470,10 @@ def add_commands(commands):
     auto.add_argument("--auto-epochs", type=int, default=4, help="retraining epochs of each trial")
     auto.add_argument("--validation", type=float, default=0.1,
                       help="fraction of the training images held out for every decision (default 0.1: 800 of "
-                           "mnist10k's, one image = 0.125 points; a larger one resolves --max-drop more finely "
-                           "and leaves fewer images to retrain on)")
+                           "mnist10k's, each read with its eight one-pixel translations; a larger one resolves "
+                           "--max-drop more finely and leaves fewer images to retrain on)")
+    auto.add_argument("--plain-validation", action="store_true",
+                      help="score each validation image once, not with its eight one-pixel translations")
     p.set_defaults(run=cmd_compress)
 
     p = commands.add_parser("export", help="write a model file (any kind) as ONNX, for ONNX Runtime (optim.export)")
