@@ -316,7 +316,10 @@ def shifted_views(x, y, shift=1):
     """
     check_positive_int(shift, "shift")
     if x.ndim != 4 or min(x.shape[2:]) <= shift:
-        raise ValueError(f"shifted views need images (N, C, H, W) larger than the shift {shift}, got {x.shape}")
+        raise ValueError(f"shifted views need images (N, C, H, W) larger than the shift {shift}, got {x.shape} "
+                         "(compress --auto: --plain-validation scores other inputs as they are)")
+    if len(y) != len(x):
+        raise ValueError(f"one label per image: got {len(y)} labels for {len(x)} images")
     H, W = x.shape[2:]
     views = np.zeros((9, *x.shape), x.dtype)
     for k, (dy, dx) in enumerate((dy, dx) for dy in (-shift, 0, shift) for dx in (-shift, 0, shift)):

@@ -78,7 +78,8 @@ def test_chosen_model_respects_max_drop_on_validation(first_run):
     assert first_run["chosen"]["bytes"]["bytes"] < first_run["baseline"]["bytes"]
 
 
-def test_decisions_see_validation_images_only(setup, monkeypatch, tmp_path):
+@pytest.mark.parametrize("views", [True, False])
+def test_decisions_see_validation_images_only(setup, monkeypatch, tmp_path, views):
     _, path, x, y, _, _ = setup
     _, _, x_val, _ = minicnn.datasets.split_validation(x, y, 0.1, 0)
     seen = set()
@@ -93,9 +94,10 @@ def test_decisions_see_validation_images_only(setup, monkeypatch, tmp_path):
             monkeypatch.setattr(module, "evaluate", spy)
     for module in (sensitivity.pruning, sensitivity.structured):
         monkeypatch.setattr(module, "evaluate", spy)
-    auto.auto_compress(path, x, y, str(tmp_path / "run"), max_drop=1.0, workers=1, **FAST)
-    views = minicnn.datasets.shifted_views(x_val, np.zeros(len(x_val), np.int64))[0]  # each with its translations
-    assert seen == {hashlib.sha256(np.ascontiguousarray(views).tobytes()).hexdigest()}
+    auto.auto_compress(path, x, y, str(tmp_path / "run"), max_drop=1.0, workers=1, views=views, **FAST)
+    if views:  # each image with its eight translations
+        x_val = minicnn.datasets.shifted_views(x_val, np.zeros(len(x_val), np.int64))[0]
+    assert seen == {hashlib.sha256(np.ascontiguousarray(x_val).tobytes()).hexdigest()}
 
 
 def test_resume_skips_finished_trials(setup, first_run, monkeypatch):
@@ -116,8 +118,9 @@ def test_foreign_log_is_refused(setup, first_run):
     other.save(other_path)
     with pytest.raises(ValueError, match="another model file or other settings"):
         auto.auto_compress(other_path, x, y, str(folder / "run1"), max_drop=1.0, **FAST)
-    with pytest.raises(ValueError, match="another model file or other settings"):
-        auto.auto_compress(path, x, y, str(folder / "run1"), max_drop=0.5, **FAST)
+    for other_settings in ({"max_drop": 0.5}, {"max_drop": 1.0, "views": False}):
+        with pytest.raises(ValueError, match="another model file or other settings"):
+            auto.auto_compress(path, x, y, str(folder / "run1"), **other_settings, **FAST)
 
 
 def test_log_from_another_code_version_is_refused(tmp_path, monkeypatch):
@@ -265,7 +268,7 @@ def test_cli_prints_one_line_on_bad_input(setup, tmp_path, capsys):
     assert len(err) == 1 and "validation fraction must be in (0, 1), got 1.5" in err[0]
 
 
-def test_cli_plain_validation_scores_each_image_once(setup, tmp_path, monkeypatch, capsys):
+def test_cli_plain_validation_turns_the_views_off(setup, tmp_path, monkeypatch, capsys):
     from optim.app.cli import main
 
     asked = {}

@@ -307,18 +307,19 @@ def small_cnn(seed=0):
 
 
 @settings(max_examples=10, deadline=None)
-@given(st.integers(1, 20), st.integers(0, 1), st.booleans(), seeds)
-@example(1, 0, False, 0)  # the add/subtract kernel
-@example(9, 1, True, 1)  # the float one on decoded weights, and a row left over
-def test_predict_runs_binary_layers_in_fused_stages(N, padding, relu_after_pool, seed):
+@given(st.integers(1, 20), st.integers(0, 1), st.booleans(), st.sampled_from([12, 21]), seeds)
+@example(1, 0, False, 21, 0)  # the add/subtract kernel
+@example(9, 1, True, 21, 1)  # direct.dense_block on decoded weights, and a row left over
+@example(9, 1, True, 12, 1)  # minicnn.narrow's kernel, as a float Dense of at most 16 outputs
+def test_predict_runs_binary_layers_in_fused_stages(N, padding, relu_after_pool, width, seed):
     """Packed binary layers join predict's stages: with real inputs the add/subtract kernel below
-    ADDSUB_BELOW rows, the float one on decoded weights from there; with binary inputs
-    XNOR-popcount on channels-last signs, the ReLU and pool in its loop. Either way predict is
-    forward."""
+    ADDSUB_BELOW rows, from there the float kernel a Dense of its width runs, on decoded weights;
+    with binary inputs XNOR-popcount on channels-last signs, the ReLU and pool in its loop. Either
+    way predict is forward."""
     rng = np.random.default_rng(seed)
     layers = [Conv2D(1, 4, 5, rng=rng), MaxPool2D(2), Conv2D(4, 8, 3, padding=padding, rng=rng), MaxPool2D(2)]
     layers += [ReLU()] if relu_after_pool else []
-    layers += [Flatten(), Dense(8 * (5 + padding) ** 2, 21, rng=rng), ReLU(), Dense(21, 3, rng=rng)]
+    layers += [Flatten(), Dense(8 * (5 + padding) ** 2, width, rng=rng), ReLU(), Dense(width, 3, rng=rng)]
     model = minicnn.Sequential(layers, input_shape=(1, 28, 28))
     x = rng.random((N, 1, 28, 28), dtype=np.float32)
     for binary_activations in (False, True):

@@ -188,6 +188,9 @@ def test_requantization_table_refuses_what_the_lanes_cannot_run():
                                (ok_m0 - 1, ok_shift + 4, "left shift must be at least 2\\^30")]:
         with pytest.raises(ValueError, match=message):
             V.requantization_table(m0, shift)
+    for bias, message in [(np.zeros(15), "one multiplier, shift and bias"), (np.full(16, 2**31), "int32")]:
+        with pytest.raises(ValueError, match=message):
+            V.requantization_table(ok_m0, ok_shift, bias)
 
 
 # --------------------------------------------------------------------------
@@ -495,6 +498,8 @@ def test_requantize16_is_the_numpy_arithmetic_on_every_lane(seed, bits, right):
     sums = np.clip(x.astype(np.int64) - bias, INT32_MIN, INT32_MAX)
     bias = (x - sums).astype(np.int32)
     np.testing.assert_array_equal(lanes_mbqm(sums.astype(np.int32), m0, shift, bias=bias), lane_clamp(expected))
+    np.testing.assert_array_equal(lanes_mbqm(sums.astype(np.int32), m0, shift, 3, 3, 130, bias),
+                                  np.clip(expected + 3, 3, 130))
     table = V.requantization_table(m0, shift, bias)
     numpy_lanes = np.concatenate([V._requantize16_python(sums[i : i + 16].astype(np.int32), table, i, 3, -5, 130)
                                   for i in range(0, n, 16)])
@@ -510,6 +515,8 @@ def test_requantization_table_takes_the_short_path_where_every_shift_is_right():
     shift[20] = 0
     rows = V.requantization_table(m0, shift).reshape(2, 8, 8)
     np.testing.assert_array_equal(rows[0, 6].view(np.int32), np.where(np.arange(16) == 5, 0, 2))
+    x = np.arange(-16, 16, dtype=np.int32) * 1000
+    np.testing.assert_array_equal(lanes_mbqm(x, m0, shift), FP.multiply_by_quantized_multiplier(x, m0, shift))
     assert (rows[0, 7] == 0).all()
     np.testing.assert_array_equal(rows[1, 6:].T.reshape(-1), 31 - np.where(np.arange(16) == 4, 0, -3))
 
@@ -1016,11 +1023,13 @@ def test_requantize16_without_avx512_is_the_numpy_arithmetic():
         "L = V.CLAMP_LIMIT\n"
         "for right in (False, True):  # every shift, or right shifts only: the table's short path\n"
         "    s = -1 - np.abs(shift + 1) % 31 if right else shift\n"
-        "    ref = FP.multiply_by_quantized_multiplier(x, m0, s)\n"
-        "    table = V.requantization_table(m0, s)\n"
+        "    bias = (rng.integers(-2**20, 2**20, n) * right).astype(np.int32)  # the short path with a bias\n"
+        "    v = (np.clip(x.astype(np.int64) + bias, -2**31, 2**31 - 1) - bias).astype(np.int32)  # v + bias: int32\n"
+        "    ref = FP.multiply_by_quantized_multiplier(v.astype(np.int64) + bias, m0, s)\n"
+        "    table = V.requantization_table(m0, s, bias)\n"
         "    assert (table.reshape(-1, 64)[:, 56] == 0).all() == right\n"
-        "    assert np.array_equal(lanes(x, table, 0, -L, L), np.clip(ref, -L, L))\n"
-        "    assert np.array_equal(lanes(x, table, 3, 3, 130), np.clip(ref + 3, 3, 130))  # a fused ReLU\n"
+        "    assert np.array_equal(lanes(v, table, 0, -L, L), np.clip(ref, -L, L))\n"
+        "    assert np.array_equal(lanes(v, table, 3, 3, 130), np.clip(ref + 3, 3, 130))  # a fused ReLU\n"
         "print('ok')\n")
 
 

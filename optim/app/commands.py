@@ -228,11 +228,13 @@ def cmd_auto(args):
           f"in {result['seconds'] / 60:.1f} min; Pareto front: {len(result['front'])} points ({args.out}/front.json)")
     for message in result["messages"]:
         print(message)
+    validation = "validation (shifted views)" if result["settings"]["views"] else "validation"
     for objective, p in result["chosen"].items():
         mark = " (chosen: chosen.npz)" if objective == args.objective else ""
         print(f"{objective:>8}{mark}: {p['kind']} {p['path']}\n"
-              f"          validation {p['val_accuracy']:.4f} ({100 * (p['val_accuracy'] - base['val_accuracy']):+.2f} "
-              f"points), test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points), "
+              f"          {validation} {p['val_accuracy']:.4f} "
+              f"({100 * (p['val_accuracy'] - base['val_accuracy']):+.2f} points), "
+              f"test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points), "
               f"{p['bytes']:,} bytes ({base['bytes'] / p['bytes']:.1f}x smaller), batch-1 "
               f"{1e3 * p['latency_s']:.3f} ms"
               + ("" if p["key"] == "baseline" else f" ({p['speedup']:.2f}x the base model's speed, timed in alternation)"))

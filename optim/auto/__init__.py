@@ -5,7 +5,8 @@ find per-layer settings of the project's techniques (pruning, weight sharing,
 int8, binary weights, filter pruning) and return the Pareto front of validation
 accuracy, bytes on disk and batch-1 speedup over the base model, with the smallest (or fastest)
 model within the budget. Every decision is taken on a validation split of the
-training images; the test images are looked at once, at the end (evaluate_chosen).
+training images (each image with its eight one-pixel translations); the test
+images are looked at once, at the end (evaluate_chosen).
 
 What lives where:
     sensitivity.py  stage 1: each layer compressed alone by each technique (Han et al. 2015/2016,

@@ -29,10 +29,10 @@ binary with its float layers shared).
 
 Every decision reads validation accuracy only: the images are the training
 images' validation split (minicnn.datasets.split_validation), each read with
-its eight one-pixel translations (minicnn.datasets.shifted_views: 800 images,
-7,200 readings), and this module never sees the test images. The refinement uses accuracy alone (not latency,
-which is measured and noisy), so the trials a seed runs are the same on every
-executor. AMC (He et al., ECCV 2018) and HAQ (Wang et al., CVPR 2019) search
+its eight one-pixel translations (minicnn.datasets.shifted_views), and this
+module never sees the test images. The refinement uses accuracy alone (not
+latency, which is measured and noisy), so the trials a seed runs are the same
+on every executor. AMC (He et al., ECCV 2018) and HAQ (Wang et al., CVPR 2019) search
 the same per-layer space with reinforcement learning, at far more trials.
 """
 
@@ -43,7 +43,7 @@ import time
 import numpy as np
 
 from minicnn.atomic import write_file
-from minicnn.checks import check_number, check_positive_int
+from minicnn.checks import check_bool, check_number, check_positive_int
 from minicnn.datasets import shifted_views, split_validation
 from minicnn.model import check_sequential
 from minicnn.serialization import load
@@ -198,10 +198,10 @@ def auto_compress(model_path, x_train, y_train, out, max_drop, objective="bytes"
     techniques = check_settings(max_drop, objective, techniques, workers, time_budget, epochs)
     model = check_sequential(load(model_path), "compress --auto")
     x_fit, y_fit, x_val, y_val = split_validation(x_train, y_train, validation, seed)
-    if views:
+    if check_bool(views, "views"):
         x_val, y_val = shifted_views(x_val, y_val)
     settings = {"max_drop": max_drop, "objective": objective, "techniques": techniques, "seed": seed,
-                "epochs": epochs, "validation": validation, "views": bool(views), "tolerances": list(tolerances),
+                "epochs": epochs, "validation": validation, "views": views, "tolerances": list(tolerances),
                 "refine_rounds": refine_rounds, "images": int(len(x_train)),
                 "data_sha256": _sha256(x_train, y_train)}
     os.makedirs(out, exist_ok=True)

@@ -161,8 +161,9 @@ class PackedBinaryDense(PackedBinaryLayer):
         Below addsub.ADDSUB_BELOW rows, the masked adds of addsub.py, which read a bit per weight where
         the float kernel reads 4 bytes: LeNet-5's fc1 at batch 1 took 16 us against 36. From 8
         rows on, a tile of 8 rows reads each weight once for all 8 and the two ran level or the
-        float kernel ahead (0.87-1.16x on fc1 and on a 336 -> 319 layer), so the float kernel
-        runs on the decoded weights alpha_j * s_ji.
+        float kernel ahead (0.87-1.16x on fc1 and on a 336 -> 319 layer), so the kernel a float32
+        Dense of the same shape runs (minicnn.inference: minicnn.narrow's for at most 16 outputs,
+        else direct.dense_block's) runs on the decoded weights alpha_j * s_ji.
         """
         N, K, F = shape[0], self.in_features, self.out_features
         if self.binary_input:
@@ -177,6 +178,10 @@ class PackedBinaryDense(PackedBinaryLayer):
         if N < addsub.ADDSUB_BELOW:
             kernel, lanes = addsub.addsub_dense_runner((N, K), F, relu), self.in_order("lanes", shape)
             return lambda x, out: kernel(x.reshape(N, K), lanes, self.alpha, self.b, out)
+        if F <= narrow.MAX_OUTPUTS:
+            kernel, order = narrow.narrow_dense_runner((N, K), F, relu), narrow.input_order(shape)
+            W = self.in_order("W")
+            return lambda x, out: kernel(x.reshape(N, K), order, W, self.b, out)
         kernel, W = direct.dense_block_runner((N, K), F, relu), self.in_order("W", shape)
         return lambda x, out: kernel(x.reshape(N, K), W, self.b, out)
 
@@ -186,12 +191,12 @@ class PackedBinaryDense(PackedBinaryLayer):
         order, F = narrow.input_order(shape), self.out_features
         return self._blocked(("window bits", shape[1:]), lambda: self.signs()[:, order].reshape(F, 1, 1, self.n))
 
-    def in_order(self, what, shape):
+    def in_order(self, what, shape=None):
         """The lanes' columns ("lanes") or the decoded W (in, out)'s rows ("W") in the order of a stage's
-        inputs of `shape` (narrow.input_order); kept."""
-        key = (what, shape[1:])
+        inputs of `shape` (narrow.input_order), or in their own order without one; kept."""
+        key = (what, None if shape is None else shape[1:])
         if key not in self._laid_out:
-            order = narrow.input_order(shape)
+            order = slice(None) if shape is None else narrow.input_order(shape)
             kept = self.lanes[:, order] if what == "lanes" else self.decoded().T[order]
             self._laid_out[key] = np.ascontiguousarray(kept)
         return self._laid_out[key]

@@ -274,9 +274,9 @@ def int8_epilogue(packed, bias, m0, shift, z_out, lo, hi):
         raise ValueError(f"one multiplier and shift per filter: got {len(m0)} and {len(shift)} for {len(bias)}")
     if not QMIN <= min(z_out, lo, hi) <= max(z_out, lo, hi) <= QMAX:  # int8 codes, whose bytes finish16 writes
         raise ValueError(f"the output zero point and clamp must be int8 codes, got {z_out}, [{lo}, {hi}]")
-    sums = int32_epilogue(packed, bias, INT32_MIN)
-    table = requantization_table(_padded(packed, m0, np.int64), _padded(packed, shift, np.int64), sums.bias)  # checks
-    return sums._replace(table=table, z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
+    plain = int32_epilogue(packed, bias, INT32_MIN)  # its bias: the unsigned bytes' one
+    table = requantization_table(_padded(packed, m0, np.int64), _padded(packed, shift, np.int64), plain.bias)  # checks
+    return plain._replace(table=table, z_out=int(z_out) + 128, lo=int(lo) + 128, hi=int(hi) + 128)
 
 
 @numba.njit(inline="always", cache=True)

@@ -24,7 +24,8 @@ int32x16, i an index):
                                       clamp(MultiplyByQuantizedMultiplier(v + b[i : i + 16], m0[i : i + 16],
                                       shift[i : i + 16]) + z, lo, hi): `fixedpoint`'s arithmetic, bit for
                                       bit, with table = requantization_table(m0, shift, b) (m0 >= 0, as
-                                      quantize_multiplier makes it; z, lo, hi int32 with lo - z and hi - z
+                                      quantize_multiplier makes it; v + b within int32, as TFLite's
+                                      accumulator, added exactly; z, lo, hi int32 with lo - z and hi - z
                                       within +- CLAMP_LIMIT = 2^30 - 1, as the codes' bytes are)
     store16(out, i, v)                out[i : i + 16] = v              (out int32)
     finish16(out, i, v, bias, table, f, z, lo, hi, n)
@@ -263,8 +264,9 @@ def requantization_table(m0, shift, bias=None):
     groups = m0.size // LANES
     rows = np.stack([m0, A, T, S], axis=1).reshape(groups, LANES // 2, 2, 4)  # (block, pair, even/odd, row)
     table = np.ascontiguousarray(rows.transpose(0, 3, 2, 1)).reshape(groups, 8, 8)
-    short = S.reshape(groups, LANES).min(axis=1) >= 32
-    table[short, 6] = (S.reshape(groups, LANES)[short] - 32).astype(np.int32).view(np.int64).reshape(-1, 8)
+    by_group = S.reshape(groups, LANES)
+    short = by_group.min(axis=1) >= 32
+    table[short, 6] = (by_group[short] - 32).astype(np.int32).view(np.int64).reshape(-1, 8)
     table[short, 7] = 0
     return table.reshape(-1)
 
@@ -312,10 +314,10 @@ def _requantize_lanes(builder, x, row, z, lo, hi):
         sums[h] = phi
     # clamp(q + z, lo, hi) = clamp(q, lo - z, hi - z) + z: no overflow on the way
     lo_z, hi_z = builder.sub(lo, z), builder.sub(hi, z)
-    halves = [builder.bitcast(t, _V16I32) for t in sums]
     short = builder.icmp_signed("==", row(7, scalar=True), ir.Constant(_I64, 0))
     with builder.if_else(short) as (high, wide):
         with high:
+            halves = [builder.bitcast(t, _V16I32) for t in sums]
             q = builder.shuffle_vector(*halves, _indices(l + 1 if l % 2 == 0 else LANES + l for l in range(LANES)))
             q = builder.ashr(q, builder.bitcast(row(6), _V16I32))
             q_short = _smin(builder, _smax(builder, q, _splat(builder, lo_z, _V16I32)), _splat(builder, hi_z, _V16I32))
