@@ -198,7 +198,8 @@ def auto_compress(model_path, x_train, y_train, out, max_drop, objective="bytes"
     techniques = check_settings(max_drop, objective, techniques, workers, time_budget, epochs)
     model = check_sequential(load(model_path), "compress --auto")
     x_fit, y_fit, x_val, y_val = split_validation(x_train, y_train, validation, seed)
-    if check_bool(views, "views"):
+    views = check_bool(views, "views")  # a plain bool: it goes into the trial log's JSON
+    if views:
         x_val, y_val = shifted_views(x_val, y_val)
     settings = {"max_drop": max_drop, "objective": objective, "techniques": techniques, "seed": seed,
                 "epochs": epochs, "validation": validation, "views": views, "tolerances": list(tolerances),
