@@ -241,9 +241,9 @@ class Epilogue(NamedTuple):
         int32            max(s + bias[f], lo)                           (table empty)
 
     bias int32 is the layer's less 128 colsum (the unsigned bytes' offset, PackedWeights), table int64
-    the multipliers m0, shifts and that bias as the lanes take them (vectors.requantization_table); z_out, lo and
-    hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built once per layer by
-    `int8_epilogue` or `int32_epilogue`."""
+    the multipliers m0, shifts and that bias as the lanes take them (vectors.requantization_table);
+    z_out, lo and hi, for codes, those of the int8 codes plus 128 (`unsigned`). Built once per layer
+    by `int8_epilogue` or `int32_epilogue`."""
 
     bias: np.ndarray
     table: np.ndarray

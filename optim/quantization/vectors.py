@@ -238,12 +238,12 @@ def requantization_table(m0, shift, bias=None):
 
     x is a sum s plus the bias b, and (s + b) M0 = s M0 + b M0 (|b M0| < 2^62): the table takes b into A
     and into the correction's test, s M0 < T = -2^30 - b M0 (T = -2^63, never, where C = 0), so the
-    lanes need not add it. Per 16 filters 8 rows of 8, in the lanes' order for 64-bit arithmetic (the even filters'
-    8 values, then the odd ones'): M0, M0; A + b M0, A + b M0; T, T; then S, S, or, where every one
-    of the 16 shifts right (S >= 32: a real multiplier below 1/2, as a layer's nearly always is),
-    the short path's row: S - 32 for the 16 filters in order, as int32 pairs, and a row of zeros
-    (never S's, which are >= 1). A filter with M0 = 0, whose result is 0 whatever its shift, counts as
-    shifting right."""
+    lanes need not add it. Per 16 filters 8 rows of 8, in the lanes' order for 64-bit arithmetic (the
+    even filters' 8 values, then the odd ones'): M0, M0; A + b M0, A + b M0; T, T; then S, S, or,
+    where every one of the 16 shifts right (S >= 32: a real multiplier below 1/2, as a layer's nearly
+    always is), the short path's row: S - 32 for the 16 filters in order, as int32 pairs, and a row of
+    zeros (never S's, which are >= 1). A filter with M0 = 0, whose result is 0 whatever its shift,
+    counts as shifting right."""
     m0, shift = np.asarray(m0, np.int64), np.asarray(shift, np.int64)
     bias = np.zeros_like(m0) if bias is None else np.asarray(bias, np.int64)
     if not m0.shape == shift.shape == bias.shape or m0.ndim != 1 or m0.size % LANES:
