@@ -240,6 +240,16 @@ def test_binary_layers_are_the_middle_ones_or_the_larger_of_two():
     assert sensitivity.binary_layers(one) == []
 
 
+@pytest.mark.parametrize("tolerance", [0.0, 0.02, 1.0])
+def test_fewest_bits_is_the_bits_curve_read_from_its_low_end(setup, tolerance):
+    _, path, x, y, _, _ = setup
+    model = minicnn.load(path)
+    base = minicnn.evaluate(model, x[:200], y[:200])
+    curves = sensitivity.bits_sensitivity(model, x[:200], y[:200], seed=3)
+    expected = {name: min((b for b, a in curve if base - a <= tolerance), default=8) for name, curve in curves.items()}
+    assert sensitivity.fewest_bits(model, tolerance, x[:200], y[:200], seed=3) == expected
+
+
 def test_each_family_asks_for_what_it_runs():
     table = {"baseline": 0.9, "layers": ["conv1", "fc1", "fc2"],
              "sparsity": {n: [[0.5, 0.9], [0.9, 0.8]] for n in ("conv1", "fc1", "fc2")},

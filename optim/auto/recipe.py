@@ -85,14 +85,6 @@ def _point(kind, model, x_val, y_val, **settings):
             **settings}
 
 
-def fewest_bits(model, tolerance, x_val, y_val, seed):
-    """{layer name: the fewest index bits whose sharing, of that layer alone, loses at most
-    `tolerance` (a fraction) of the model's validation accuracy}; 8 where none does."""
-    base = evaluate(model, x_val, y_val)
-    curves = sensitivity.bits_sensitivity(model, x_val, y_val, seed=seed)
-    return {name: min((b for b, a in curve if base - a <= tolerance), default=8) for name, curve in curves.items()}
-
-
 def _retrain_pruned(model, candidate, x, y, seed, lr):
     names = pruning.layer_names(model)
     targets = {names[n]: s for n, s in candidate["sparsity"].items() if s > 0}
@@ -109,7 +101,7 @@ def _retrain_pruned(model, candidate, x, y, seed, lr):
 def _shared(model, candidate, context, seed, constraint=None):
     """The shared point of a retrained model: each float layer's weights k-means shared with the
     fewest bits its own curve allows, centroids fine-tuned one epoch (`constraint` after each step)."""
-    bits = fewest_bits(model, candidate["bits_tolerance"], context["x_val"], context["y_val"], seed)
+    bits = sensitivity.fewest_bits(model, candidate["bits_tolerance"], context["x_val"], context["y_val"], seed)
     bits = deep_compression.capped_bits(model, bits)
     shared = sharing.share_weights(model, bits, seed=seed)
     fit(shared, context["x_fit"], context["y_fit"], epochs=1, batch_size=64, optimizer=Adam(SHARE_LR), seed=seed + 1,

@@ -13,7 +13,7 @@ are, per layer name (conv1, ..., fc1, ...):
 
     sparsity  magnitude pruning to s          (optim.pruning.sensitivity)
     bits      k-means sharing with 2**b codes (optim.sharing's SharedDense / SharedConv2D);
-              the trials measure this curve again on their pruned layers (recipe.fewest_bits)
+              the trials measure this curve again on their pruned layers (fewest_bits)
     filters   the fraction r of units removed (optim.structured.sensitivity, L1 ranking)
     binary    sign(W) * mean|W| per output    (optim.binary.binarize), no retraining
     int8      the whole model post-training quantized (optim.quantization.quantize_model):
@@ -47,14 +47,27 @@ def _share_one(model, index, bits, seed):
     return Sequential(layers, input_shape=model.input_shape)
 
 
+def _widths(model, index, bits):
+    """The index widths of `bits` worth trying on layer `index`: fewer codes than nonzero weights."""
+    nonzero = int(np.count_nonzero(model.layers[index].params["W"]))
+    return [b for b in bits if 2**b <= nonzero]
+
+
 def bits_sensitivity(model, x_val, y_val, bits=BITS, seed=0):
     """{layer name: [(bits, accuracy)]}: each layer shared alone, no fine-tuning."""
-    curves = {}
-    for name, index in pruning.layer_names(model).items():
-        nonzero = int(np.count_nonzero(model.layers[index].params["W"]))
-        curves[name] = [(b, evaluate(_share_one(model, index, b, seed), x_val, y_val))
-                        for b in bits if 2**b <= nonzero]
-    return curves
+    return {name: [(b, evaluate(_share_one(model, index, b, seed), x_val, y_val)) for b in _widths(model, index, bits)]
+            for name, index in pruning.layer_names(model).items()}
+
+
+def fewest_bits(model, tolerance, x_val, y_val, seed=0):
+    """{layer name: the fewest index bits whose sharing, of that layer alone, loses at most
+    `tolerance` (a fraction) of the model's validation accuracy}; 8 where none does. The curve
+    of bits_sensitivity read from its low end, each layer's reading stopping at the first width
+    within the tolerance: the same answer for a third to a half of the evaluations."""
+    base = evaluate(model, x_val, y_val)
+    return {name: next((b for b in _widths(model, index, BITS)
+                        if base - evaluate(_share_one(model, index, b, seed), x_val, y_val) <= tolerance), 8)
+            for name, index in pruning.layer_names(model).items()}
 
 
 def binary_layers(model):
@@ -123,7 +136,7 @@ def settings_within(table, tolerance):
     """Per-layer settings whose one-shot drop is at most `tolerance` (a fraction, 0.01 = 1 point).
 
     sparsity and filters: `largest_within` their curves. Bits are not read here: a trial
-    reads them off the curve of its pruned layers (recipe.fewest_bits), since the dense
+    reads them off the curve of its pruned layers (fewest_bits), since the dense
     layer's curve says little about a pruned one.
     """
     a0, out = table["baseline"], {}
