@@ -63,7 +63,7 @@ def fewest_bits(model, tolerance, x_val, y_val, seed=0):
     """{layer name: the fewest index bits whose sharing, of that layer alone, loses at most
     `tolerance` (a fraction) of the model's validation accuracy}; 8 where none does. The curve
     of bits_sensitivity read from its low end, each layer's reading stopping at the first width
-    within the tolerance: the same answer for a third to a half of the evaluations."""
+    within the tolerance: the same answer, without scoring the wider ones."""
     base = evaluate(model, x_val, y_val)
     return {name: next((b for b in _widths(model, index, BITS)
                         if base - evaluate(_share_one(model, index, b, seed), x_val, y_val) <= tolerance), 8)
