@@ -251,7 +251,7 @@ def test_fewest_bits_is_the_bits_curve_read_from_its_low_end(setup, tolerance):
 
 
 def test_each_family_asks_for_what_it_runs():
-    table = {"baseline": 0.9, "layers": ["conv1", "fc1", "fc2"],
+    table = {"baseline": 0.9, "layers": ["conv1", "fc1", "fc2"], "weights": {"conv1": 50, "fc1": 800, "fc2": 80},
              "sparsity": {n: [[0.5, 0.9], [0.9, 0.8]] for n in ("conv1", "fc1", "fc2")},
              "filters": {n: [[0.25, 0.9], [0.75, 0.7]] for n in ("conv1", "fc1")}, "binary": {"fc1": 0.5}}
     techniques = list(search.TECHNIQUES)
@@ -264,6 +264,18 @@ def test_each_family_asks_for_what_it_runs():
     binary = search.candidate("binary", table, 10.0, techniques, 4, 0.3)
     assert binary["filters"] == narrow["filters"] and "sparsity" not in binary and binary["share"]
     assert search.candidate("binary", table, None, techniques, 4, 0.3)["filters"] == {}
+
+
+def test_layers_are_pruned_as_far_as_their_share_of_the_weights_allows():
+    """The same curve in every layer: the largest layer reads it at the tolerance, the others at
+    the tolerance times their weights over the largest's; units are removed at the tolerance."""
+    curve = [[0.5, 0.99], [0.9, 0.59]]  # 1 point at 0.5, 41 at 0.9
+    table = {"baseline": 1.0, "layers": ["conv1", "fc1", "fc2"], "weights": {"conv1": 100, "fc1": 10000, "fc2": 2500},
+             "sparsity": {n: curve for n in ("conv1", "fc1", "fc2")}, "filters": {"conv1": curve}}
+    chosen = sensitivity.settings_within(table, 0.21)
+    # tolerances 21, 5.25 and 0.21 points, each read between the grid points (from 0 at sparsity 0)
+    assert chosen["sparsity"] == {"fc1": 0.7, "fc2": 0.542, "conv1": 0.105}
+    assert chosen["filters"] == {"conv1": 0.7}
 
 
 def test_cli_prints_one_line_on_bad_input(setup, tmp_path, capsys):

@@ -7,12 +7,15 @@ validation accuracy) picks every layer's settings at once from the stage-1
 curves (sensitivity.settings_within, each curve followed piecewise-linearly up to
 its first crossing, so tolerances between grid points give new settings):
 
-    s_l(t) = max{s : a_0 - a_l^prune(s) <= t}      sparsity of layer l
-    r_l(t) = max{r : a_0 - a_l^filter(r) <= t}     fraction of units removed (filters, narrow,
-                                                   binary families)
-    b_l    = min{b : a' - a_l^share(b) <= D / L}   index bits of layer l, read in the trial off
-                                                   the curve of the pruned, retrained layer (a'),
-                                                   D = max_drop shared evenly by the L layers
+    s_l(t) = max{s : a_0 - a_l^prune(s) <= t n_l / n_max}   sparsity of layer l: a layer of n_l
+                                                            weights may lose in proportion to them
+                                                            (n_max: the largest layer's)
+    r_l(t) = max{r : a_0 - a_l^filter(r) <= t}              fraction of units removed (filters,
+                                                            narrow, binary families)
+    b_l    = min{b : a' - a_l^share(b) <= D / L}            index bits of layer l, read in the
+                                                            trial off the curve of the pruned,
+                                                            retrained layer (a'), D = max_drop
+                                                            shared evenly by the L layers
 
 so sensitive layers stay dense and wide, redundant ones go far, with no number
 given by hand. Each candidate is retrained (recipe.py) and yields up to three

@@ -100,7 +100,9 @@ def analyse(model, x_fit, x_val, y_val, techniques, seed=0):
     x_fit (N, C, H, W) float32 is used only to calibrate int8 ranges (training images, as
     a deployed model would be calibrated); every accuracy is measured on (x_val, y_val).
     """
-    table = {"baseline": evaluate(model, x_val, y_val), "layers": list(pruning.layer_names(model))}
+    names = pruning.layer_names(model)
+    table = {"baseline": evaluate(model, x_val, y_val), "layers": list(names),
+             "weights": {name: int(model.layers[index].params["W"].size) for name, index in names.items()}}
     if "prune" in techniques:
         table["sparsity"] = {name: [list(p) for p in curve]
                              for name, curve in pruning.sensitivity(model, x_val, y_val, SPARSITIES).items()}
@@ -135,14 +137,22 @@ def largest_within(curve, baseline, tolerance):
 def settings_within(table, tolerance):
     """Per-layer settings whose one-shot drop is at most `tolerance` (a fraction, 0.01 = 1 point).
 
-    sparsity and filters: `largest_within` their curves. Bits are not read here: a trial
-    reads them off the curve of its pruned layers (fewest_bits), since the dense
-    layer's curve says little about a pruned one.
+    filters: `largest_within` each layer's curve at `tolerance`. sparsity: at the tolerance
+    scaled by the layer's weights against the largest layer's, t_l = t * n_l / max n, since
+    pruning a layer buys bytes in proportion to its weights (the seed CNN's conv1 has 320,
+    its dense layer 54,080). Keeping the fewest weights, sum n_l (1 - s_l), under a summed
+    drop sum d_l(s_l) gives n_l = lambda d_l'(s_l); for drops that grow like a power of the
+    sparsity, d_l proportional to n_l s_l: roughly to n_l, the rule here. Bits are not read
+    here: a trial reads them off the curve of its pruned layers (fewest_bits), since the
+    dense layer's curve says little about a pruned one.
     """
     a0, out = table["baseline"], {}
-    for key in ("sparsity", "filters"):
-        if key in table:
-            out[key] = {name: largest_within(curve, a0, tolerance) for name, curve in table[key].items()}
+    if "sparsity" in table:
+        largest = max(table["weights"].values())
+        out["sparsity"] = {name: largest_within(curve, a0, tolerance * table["weights"][name] / largest)
+                           for name, curve in table["sparsity"].items()}
+    if "filters" in table:
+        out["filters"] = {name: largest_within(curve, a0, tolerance) for name, curve in table["filters"].items()}
     return out
 
 
