@@ -47,15 +47,16 @@ def _share_one(model, index, bits, seed):
     return Sequential(layers, input_shape=model.input_shape)
 
 
-def _widths(model, index, bits):
-    """The index widths of `bits` worth trying on layer `index`: fewer codes than nonzero weights."""
+def _bits_curve(model, index, x_val, y_val, bits, seed):
+    """(bits, accuracy) of layer `index` shared alone, for each width of `bits` with fewer codes
+    than the layer has nonzero weights; lazily, so a reader may stop early."""
     nonzero = int(np.count_nonzero(model.layers[index].params["W"]))
-    return [b for b in bits if 2**b <= nonzero]
+    return ((b, evaluate(_share_one(model, index, b, seed), x_val, y_val)) for b in bits if 2**b <= nonzero)
 
 
 def bits_sensitivity(model, x_val, y_val, bits=BITS, seed=0):
     """{layer name: [(bits, accuracy)]}: each layer shared alone, no fine-tuning."""
-    return {name: [(b, evaluate(_share_one(model, index, b, seed), x_val, y_val)) for b in _widths(model, index, bits)]
+    return {name: list(_bits_curve(model, index, x_val, y_val, bits, seed))
             for name, index in pruning.layer_names(model).items()}
 
 
@@ -65,8 +66,7 @@ def fewest_bits(model, tolerance, x_val, y_val, seed=0):
     of bits_sensitivity read from its low end, each layer's reading stopping at the first width
     within the tolerance: the same answer, without scoring the wider ones."""
     base = evaluate(model, x_val, y_val)
-    return {name: next((b for b in _widths(model, index, BITS)
-                        if base - evaluate(_share_one(model, index, b, seed), x_val, y_val) <= tolerance), 8)
+    return {name: next((b for b, a in _bits_curve(model, index, x_val, y_val, BITS, seed) if base - a <= tolerance), 8)
             for name, index in pruning.layer_names(model).items()}
 
 
