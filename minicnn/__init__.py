@@ -29,4 +29,4 @@ __all__ = [
     "Adam", "Conv2D", "Dense", "Flatten", "Layer", "MaxPool2D", "ReLU", "SGD", "Sequential",
     "datasets", "evaluate", "fit", "kernels", "load", "losses", "save", "zoo",
 ]
-__version__ = "0.3.0"
+__version__ = "0.4.0"

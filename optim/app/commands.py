@@ -228,12 +228,14 @@ def cmd_auto(args):
           f"in {result['seconds'] / 60:.1f} min; Pareto front: {len(result['front'])} points ({args.out}/front.json)")
     for message in result["messages"]:
         print(message)
-    validation = "validation (shifted views)" if result["settings"]["views"] else "validation"
+    readings = {"val_accuracy": "validation (shifted views)" if result["settings"]["views"] else "validation"}
+    if result["settings"]["views"]:
+        readings["plain_accuracy"] = "plain"
     for objective, p in result["chosen"].items():
         mark = " (chosen: chosen.npz)" if objective == args.objective else ""
-        print(f"{objective:>8}{mark}: {p['kind']} {p['path']}\n"
-              f"          {validation} {p['val_accuracy']:.4f} "
-              f"({100 * (p['val_accuracy'] - base['val_accuracy']):+.2f} points), "
+        print(f"{objective:>8}{mark}: {p['kind']} {p['path']}\n          "
+              + ", ".join(f"{name} {p[k]:.4f} ({100 * (p[k] - base[k]):+.2f} points)" for k, name in readings.items())
+              + ", "
               f"test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points), "
               f"{p['bytes']:,} bytes ({base['bytes'] / p['bytes']:.1f}x smaller), batch-1 "
               f"{1e3 * p['latency_s']:.3f} ms"

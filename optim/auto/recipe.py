@@ -79,10 +79,12 @@ def model_bytes(model):
             return f.read()
 
 
-def _point(kind, model, x_val, y_val, **settings):
+def _point(kind, model, context, **settings):
+    """A point's two readings of the validation split (pareto.within), its bytes and its file."""
     data = model_bytes(model)
-    return {"kind": kind, "val_accuracy": evaluate(model, x_val, y_val), "bytes": len(data), "file": data,
-            **settings}
+    return {"kind": kind, "val_accuracy": evaluate(model, context["x_val"], context["y_val"]),
+            "plain_accuracy": evaluate(model, context["x_plain"], context["y_plain"]), "bytes": len(data),
+            "file": data, **settings}
 
 
 def _retrain_pruned(model, candidate, x, y, seed, lr):
@@ -113,13 +115,13 @@ def _binary(model, candidate, context, seed):
     trained = binary.binarize(model, layers=sensitivity.binary_layers(model))
     fit(trained, context["x_fit"], context["y_fit"], epochs=BINARY_EPOCHS * candidate["epochs"], batch_size=64,
         optimizer=Adam(1e-3), seed=seed, constraint=binary.clip_latent, verbose=False)
-    points = [_point("binary", binary.pack(trained), context["x_val"], context["y_val"])]
+    points = [_point("binary", binary.pack(trained), context)]
     if candidate.get("share"):
         shared, bits = _shared(trained, candidate, context, seed, constraint=binary.clip_latent)
         # layer_names counts the float layers alone once the others are binary: name them as before
         names = {index: name for name, index in pruning.layer_names(model).items()}
         bits = {names[index]: bits[name] for name, index in pruning.layer_names(trained).items()}
-        points.append(_point("binary-shared", binary.pack(shared), context["x_val"], context["y_val"], bits=bits))
+        points.append(_point("binary-shared", binary.pack(shared), context, bits=bits))
     return points
 
 
@@ -133,21 +135,22 @@ def _remove_filters(model, candidate):
 
 
 def run(candidate, context, seed):
-    """The points of one trial: [{"kind", "val_accuracy", "bytes", "file": the .npz as bytes}], the
-    shared point with its "bits" per layer too.
+    """The points of one trial: [{"kind", "val_accuracy", "plain_accuracy", "bytes", "file": the .npz as
+    bytes}], the shared point with its "bits" per layer too.
 
     context: {"model": the trained Sequential, "x_fit", "y_fit" (N, C, H, W) float32 / (N,) int64
-    retraining images, "x_val", "y_val" the validation split}. The context's model is not changed.
+    retraining images, "x_val", "y_val" the validation readings (the split's images and their
+    shifted views), "x_plain", "y_plain" the split's images alone}. The context's model is not changed.
     """
-    x, y, x_val, y_val = context["x_fit"], context["y_fit"], context["x_val"], context["y_val"]
+    x, y = context["x_fit"], context["y_fit"]
     model, lr = _remove_filters(context["model"].copy(), candidate)
     if candidate["family"] == "binary":
         return _binary(model, candidate, context, seed)
     model = _retrain_pruned(model, candidate, x, y, seed, lr)
-    points = [_point("sparse", to_sparse(model), x_val, y_val)]
+    points = [_point("sparse", to_sparse(model), context)]
     if candidate.get("share"):
         shared, bits = _shared(model, candidate, context, seed)
-        points.append(_point("shared", shared, x_val, y_val, bits=bits))
+        points.append(_point("shared", shared, context, bits=bits))
     if candidate.get("int8"):
-        points.append(_point("int8", quantization.quantize_model(model, x[:sensitivity.CALIBRATION]), x_val, y_val))
+        points.append(_point("int8", quantization.quantize_model(model, x[:sensitivity.CALIBRATION]), context))
     return points

@@ -32,8 +32,9 @@ binary with its float layers shared).
 
 Every decision reads validation accuracy only: the images are the training
 images' validation split (minicnn.datasets.split_validation), each read with
-its eight one-pixel translations (minicnn.datasets.shifted_views), and this
-module never sees the test images. The refinement uses accuracy alone (not
+its eight one-pixel translations (minicnn.datasets.shifted_views), and a trial
+is within max_drop when it is so both on these views and on the plain images
+(pareto.within); this module never sees the test images. The refinement uses accuracy alone (not
 latency, which is measured and noisy), so the trials a seed runs are the same
 on every executor. AMC (He et al., ECCV 2018) and HAQ (Wang et al., CVPR 2019) search
 the same per-layer space with reinforcement learning, at far more trials.
@@ -56,7 +57,7 @@ from . import pareto, sensitivity, trials
 
 TECHNIQUES = ("prune", "share", "int8", "binary", "filters")
 TOLERANCES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # points of one-shot per-layer drop
-CONTEXT_KEYS = ("x_fit", "y_fit", "x_val", "y_val")
+CONTEXT_KEYS = ("x_fit", "y_fit", "x_val", "y_val", "x_plain", "y_plain")
 
 
 def _sha256(*arrays):
@@ -138,6 +139,8 @@ class Run:
     def __init__(self, context, log, runner, table, settings, progress):
         self.context, self.log, self.runner = context, log, runner
         self.table, self.settings, self.progress = table, settings, progress
+        self.baseline = {"val_accuracy": table["baseline"],
+                         "plain_accuracy": evaluate(context["model"], context["x_plain"], context["y_plain"])}
         self.tried = {}  # family -> {tolerance: key}
         self.results = {}  # key -> (candidate, tolerance, points)
         self.latency = {}  # path -> {"latency_s", "speedup" over the base model}
@@ -174,8 +177,7 @@ class Run:
         return fresh
 
     def within(self, key):
-        floor = self.table["baseline"] - self.settings["max_drop"] / 100
-        return any(p["val_accuracy"] >= floor - 1e-12 for p in self.results[key][2])
+        return any(pareto.within(p, self.baseline, self.settings["max_drop"] / 100) for p in self.results[key][2])
 
     def points(self):
         out = []
@@ -193,24 +195,24 @@ def auto_compress(model_path, x_train, y_train, out, max_drop, objective="bytes"
 
     x_train (N, C, H, W) float32, y_train (N,) int64: the training images; a `validation`
     fraction of them is held out (seeded) for every decision, the rest retrains; with `views`,
-    each held-out image is scored with its eight one-pixel translations (shifted_views). No test
-    images come in. Writes to `out`: sensitivity.json/.png, trials.jsonl, models/, front.json,
+    each held-out image is scored with its eight one-pixel translations (shifted_views), and every
+    point is scored on the plain held-out images as well: a point is within `max_drop` when both
+    readings are (pareto.within; without `views` the two are the same). No test images come in. Writes to `out`: sensitivity.json/.png, trials.jsonl, models/, front.json,
     front.png and chosen.npz. Returns the report (what front.json holds).
     """
     started = time.perf_counter()
     techniques = check_settings(max_drop, objective, techniques, workers, time_budget, epochs)
     model = check_sequential(load(model_path), "compress --auto")
-    x_fit, y_fit, x_val, y_val = split_validation(x_train, y_train, validation, seed)
+    x_fit, y_fit, x_plain, y_plain = split_validation(x_train, y_train, validation, seed)
     views = check_bool(views, "views")  # a plain bool: it goes into the trial log's JSON
-    if views:
-        x_val, y_val = shifted_views(x_val, y_val)
+    x_val, y_val = shifted_views(x_plain, y_plain) if views else (x_plain, y_plain)
     settings = {"max_drop": max_drop, "objective": objective, "techniques": techniques, "seed": seed,
                 "epochs": epochs, "validation": validation, "views": views, "tolerances": list(tolerances),
                 "refine_rounds": refine_rounds, "images": int(len(x_train)),
                 "data_sha256": _sha256(x_train, y_train)}
     os.makedirs(out, exist_ok=True)
     log = trials.TrialLog(out, trials.fingerprint(model_path, settings), settings)
-    context = {"model": model, **dict(zip(CONTEXT_KEYS, (x_fit, y_fit, x_val, y_val)))}
+    context = {"model": model, **dict(zip(CONTEXT_KEYS, (x_fit, y_fit, x_val, y_val, x_plain, y_plain)))}
     runner = trials.executor(context, workers, scheduler)  # an unreachable scheduler fails here
     try:
         table = sensitivity.analyse(model, x_fit, x_val, y_val, techniques, seed)
@@ -255,13 +257,12 @@ def _search(search, table, techniques, tolerances, refine_rounds, started, time_
 
 def _report(search, model_path, out, messages, seconds):
     baseline = {"key": "baseline", "kind": "float32", "family": "baseline", "tolerance": None,
-                "path": os.path.abspath(model_path), "val_accuracy": search.table["baseline"],
-                "bytes": os.path.getsize(model_path),
+                "path": os.path.abspath(model_path), **search.baseline, "bytes": os.path.getsize(model_path),
                 **pareto.latency(model_path, search.context["x_val"][:1])}
     points = [baseline] + search.points()
     best = pareto.front(points)
     max_drop = search.settings["max_drop"] / 100
-    chosen = {o: pareto.choose(points, baseline["val_accuracy"], max_drop, o) for o in pareto.OBJECTIVES}
+    chosen = {o: pareto.choose(points, baseline, max_drop, o) for o in pareto.OBJECTIVES}
     objective = search.settings["objective"]
     chosen_path = os.path.join(out, "chosen.npz")
     with open(chosen[objective]["path"], "rb") as f:
