@@ -332,3 +332,20 @@ def test_tolerance_reads_settings_between_grid_points():
     assert sensitivity.largest_within(curve, 0.99, 0.5) == 0.9
     assert search.next_tolerances([1.0, 2.0, 4.0], {1.0: True, 2.0: False, 4.0: False}) == pytest.approx(
         [2 ** (1 / 3), 2 ** (2 / 3)])
+
+
+def test_cli_prints_both_validation_readings_and_test_of_the_chosen(setup, first_run, tmp_path, monkeypatch, capsys):
+    from optim.app.cli import main
+
+    tested = {"baseline": 0.9, "bytes": 0.89, "latency": 0.91}
+    monkeypatch.setattr(auto, "auto_compress", lambda *args, **kwargs: dict(first_run))
+    monkeypatch.setattr(auto, "evaluate_chosen", lambda report, x, y: tested)
+    _, path, *_ = setup
+    assert main(["compress", "--auto", "--model", path, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    chosen, base = first_run["chosen"]["bytes"], first_run["baseline"]
+    drop = 100 * (chosen["plain_accuracy"] - base["plain_accuracy"])
+    assert f"validation (shifted views) {chosen['val_accuracy']:.4f}" in out
+    assert f"plain {chosen['plain_accuracy']:.4f} ({drop:+.2f} points), test 0.8900 (-1.00 points)" in out
+    with open(tmp_path / "front.json") as f:
+        assert json.load(f)["test_accuracy"] == tested

@@ -233,10 +233,9 @@ def cmd_auto(args):
         readings["plain_accuracy"] = "plain"
     for objective, p in result["chosen"].items():
         mark = " (chosen: chosen.npz)" if objective == args.objective else ""
-        print(f"{objective:>8}{mark}: {p['kind']} {p['path']}\n          "
-              + ", ".join(f"{name} {p[k]:.4f} ({100 * (p[k] - base[k]):+.2f} points)" for k, name in readings.items())
-              + ", "
-              f"test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points), "
+        scores = [f"{name} {p[k]:.4f} ({100 * (p[k] - base[k]):+.2f} points)" for k, name in readings.items()]
+        scores.append(f"test {tested[objective]:.4f} ({100 * (tested[objective] - tested['baseline']):+.2f} points)")
+        print(f"{objective:>8}{mark}: {p['kind']} {p['path']}\n          {', '.join(scores)}, "
               f"{p['bytes']:,} bytes ({base['bytes'] / p['bytes']:.1f}x smaller), batch-1 "
               f"{1e3 * p['latency_s']:.3f} ms"
               + ("" if p["key"] == "baseline" else f" ({p['speedup']:.2f}x the base model's speed, timed in alternation)"))

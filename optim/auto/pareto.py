@@ -18,10 +18,10 @@ on the plain images alone, against the base model's a_0 and a'_0,
 
 The smallest model within the budget is the one whose reading is luckiest (the
 winner's curse); two readings must both be lucky for a model beyond the budget
-to pass (docs/auto.md measures what each rule chose).
-Among the points within, the chosen model is the one with the fewest bytes (ties
-broken by higher accuracy, then higher speedup) or the highest speedup (ties
-broken by higher accuracy, then fewer bytes).
+to pass (docs/auto.md measures what each rule chose). Among the points within,
+the chosen model is the one with the fewest bytes (ties broken by higher
+accuracy, then higher speedup) or the highest speedup (ties broken by higher
+accuracy, then fewer bytes).
 
 Latency is measured, not computed: `latency` times model.predict on one image with
 minicnn.timing (warm-up, calibrated repeats, median), in the driver, while no trial

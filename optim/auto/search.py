@@ -34,9 +34,9 @@ Every decision reads validation accuracy only: the images are the training
 images' validation split (minicnn.datasets.split_validation), each read with
 its eight one-pixel translations (minicnn.datasets.shifted_views), and a trial
 is within max_drop when it is so both on these views and on the plain images
-(pareto.within); this module never sees the test images. The refinement uses accuracy alone (not
-latency, which is measured and noisy), so the trials a seed runs are the same
-on every executor. AMC (He et al., ECCV 2018) and HAQ (Wang et al., CVPR 2019) search
+(pareto.within); this module never sees the test images. The refinement uses
+accuracy alone (not latency, which is measured and noisy), so the trials a seed
+runs are the same on every executor. AMC (He et al., ECCV 2018) and HAQ (Wang et al., CVPR 2019) search
 the same per-layer space with reinforcement learning, at far more trials.
 """
 
@@ -197,8 +197,9 @@ def auto_compress(model_path, x_train, y_train, out, max_drop, objective="bytes"
     fraction of them is held out (seeded) for every decision, the rest retrains; with `views`,
     each held-out image is scored with its eight one-pixel translations (shifted_views), and every
     point is scored on the plain held-out images as well: a point is within `max_drop` when both
-    readings are (pareto.within; without `views` the two are the same). No test images come in. Writes to `out`: sensitivity.json/.png, trials.jsonl, models/, front.json,
-    front.png and chosen.npz. Returns the report (what front.json holds).
+    readings are (pareto.within; without `views` the two are the same). No test images come in.
+    Writes to `out`: sensitivity.json/.png, trials.jsonl, models/, front.json, front.png and
+    chosen.npz. Returns the report (what front.json holds).
     """
     started = time.perf_counter()
     techniques = check_settings(max_drop, objective, techniques, workers, time_budget, epochs)
