@@ -36,8 +36,9 @@ its eight one-pixel translations (minicnn.datasets.shifted_views), and a trial
 is within max_drop when it is so both on these views and on the plain images
 (pareto.within); this module never sees the test images. The refinement uses
 accuracy alone (not latency, which is measured and noisy), so the trials a seed
-runs are the same on every executor. AMC (He et al., ECCV 2018) and HAQ (Wang et al., CVPR 2019) search
-the same per-layer space with reinforcement learning, at far more trials.
+runs are the same on every executor. AMC (He et al., ECCV 2018) and HAQ (Wang
+et al., CVPR 2019) search the same per-layer space with reinforcement learning,
+at far more trials.
 """
 
 import hashlib
