@@ -240,7 +240,7 @@ def automatic_compression(model, data, epochs, network, max_drop, time_budget, r
     settings = {"max_drop": max_drop, "objective": "bytes", "time_budget_min": time_budget, "retrain_epochs": epochs,
                 "chosen": {"family": chosen["family"], "kind": chosen["kind"], "tolerance": chosen["tolerance"]},
                 "trials": len({p["key"] for p in report["points"]}) - 1, "search_seconds": round(report["seconds"])}
-    drop = {k: 100 * (chosen[k] - report["baseline"][k]) for k in ("val_accuracy", "plain_accuracy")}
+    drop = {k: 100 * (chosen[k] - report["baseline"][k]) for k in auto.READINGS}
     note = (f"{settings['trials']} trials in {report['seconds'] / 60:.1f} min; validation "
             f"{drop['val_accuracy']:+.2f} points on the shifted views, {drop['plain_accuracy']:+.2f} on the plain "
             "images, against its own base "

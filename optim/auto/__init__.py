@@ -5,7 +5,8 @@ find per-layer settings of the project's techniques (pruning, weight sharing,
 int8, binary weights, filter pruning) and return the Pareto front of validation
 accuracy, bytes on disk and batch-1 speedup over the base model, with the smallest (or fastest)
 model within the budget. Every decision is taken on a validation split of the
-training images (each image with its eight one-pixel translations); the test
+training images (read twice: each image with its eight one-pixel translations,
+and the images alone; a model is within the budget on both); the test
 images are looked at once, at the end (evaluate_chosen).
 
 What lives where:
@@ -18,7 +19,7 @@ What lives where:
     pareto.py       the front (no dominated point), the choice within the budget, latency, the plot
 """
 
-from .pareto import choose, dominates, front
+from .pareto import READINGS, choose, dominates, front, within
 from .search import TECHNIQUES, auto_compress, evaluate_chosen
 
-__all__ = ["TECHNIQUES", "auto_compress", "choose", "dominates", "evaluate_chosen", "front"]
+__all__ = ["READINGS", "TECHNIQUES", "auto_compress", "choose", "dominates", "evaluate_chosen", "front", "within"]

@@ -16,12 +16,14 @@ on the plain images alone, against the base model's a_0 and a'_0,
 
     a >= a_0 - max_drop   and   a' >= a'_0 - max_drop
 
-The smallest model within the budget is the one whose reading is luckiest (the
-winner's curse); two readings must both be lucky for a model beyond the budget
-to pass (docs/auto.md measures what each rule chose). Among the points within,
-the chosen model is the one with the fewest bytes (ties broken by higher
-accuracy, then higher speedup) or the highest speedup (ties broken by higher
-accuracy, then fewer bytes).
+(without the views the two are one number). The smallest model within the
+budget is the one whose reading is luckiest (the winner's curse). The two
+readings share the plain images, but each has its own bias (the base's luck
+on those 800 images; a model's robustness to translation), so a model beyond
+the budget is less often lucky on both (docs/auto.md measures what each rule
+chose). The front reads a alone. Among the points within, the chosen model
+is the one with the fewest bytes (ties broken by higher a, then higher
+speedup) or the highest speedup (ties broken by higher a, then fewer bytes).
 
 Latency is measured, not computed: `latency` times model.predict on one image with
 minicnn.timing (warm-up, calibrated repeats, median), in the driver, while no trial

@@ -178,6 +178,7 @@ class Run:
         return fresh
 
     def within(self, key):
+        """Whether any point of the trial `key` is within the budget on both readings."""
         return any(pareto.within(p, self.baseline, self.settings["max_drop"] / 100) for p in self.results[key][2])
 
     def points(self):
