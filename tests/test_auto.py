@@ -200,9 +200,10 @@ def test_test_images_are_looked_at_once_at_the_end(setup, first_run):
 
 
 def _trial_context(path, x, y):
-    """A trial's context as auto_compress builds it without the views: the plain images read twice."""
+    """A trial's context as auto_compress builds it without the views: the plain images decide."""
     x_fit, y_fit, x_val, y_val = minicnn.datasets.split_validation(x, y, 0.1, 0)
-    return {"model": minicnn.load(path), **dict(zip(search.CONTEXT_KEYS, (x_fit, y_fit, x_val, y_val, x_val, y_val)))}
+    arrays = (x_fit, y_fit, x_val, y_val, x_val, y_val)
+    return {"model": minicnn.load(path), **dict(zip(search.CONTEXT_KEYS, arrays))}
 
 
 def test_filters_family_makes_a_narrower_model_that_loads(setup, tmp_path):
@@ -334,7 +335,8 @@ def test_tolerance_reads_settings_between_grid_points():
         [2 ** (1 / 3), 2 ** (2 / 3)])
 
 
-def test_cli_prints_both_validation_readings_and_test_of_the_chosen(setup, first_run, tmp_path, monkeypatch, capsys):
+def test_cli_prints_both_validation_readings_and_test_of_the_chosen(setup, first_run, tmp_path, monkeypatch,
+                                                                      capsys):
     from optim.app.cli import main
 
     tested = {"baseline": 0.9, "bytes": 0.89, "latency": 0.91}

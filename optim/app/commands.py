@@ -460,7 +460,8 @@ def add_commands(commands):
     p.add_argument("--out", default=None, help="where to save the compressed model (.npz); with --auto, a folder")
     auto = p.add_argument_group("automatic search (--auto, optim.auto): per-layer settings within an accuracy budget")
     auto.add_argument("--auto", action="store_true", help="search per-layer settings instead of the fixed pipeline")
-    auto.add_argument("--max-drop", type=float, default=0.3, help="points of validation accuracy the result may lose, on the shifted views and on the plain images")
+    auto.add_argument("--max-drop", type=float, default=0.3,
+                      help="points of validation accuracy the result may lose, on the views and on the plain images")
     auto.add_argument("--objective", default="bytes", choices=["bytes", "latency"],
                       help="within the budget, choose the smallest file or the lowest batch-1 latency")
     auto.add_argument("--techniques", nargs="+", default=None,

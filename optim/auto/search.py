@@ -54,7 +54,7 @@ from minicnn.model import check_sequential
 from minicnn.serialization import load
 from minicnn.training import evaluate
 
-from . import pareto, sensitivity, trials
+from . import pareto, recipe, sensitivity, trials
 
 TECHNIQUES = ("prune", "share", "int8", "binary", "filters")
 TOLERANCES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # points of one-shot per-layer drop
@@ -140,8 +140,7 @@ class Run:
     def __init__(self, context, log, runner, table, settings, progress):
         self.context, self.log, self.runner = context, log, runner
         self.table, self.settings, self.progress = table, settings, progress
-        self.baseline = {"val_accuracy": table["baseline"],
-                         "plain_accuracy": evaluate(context["model"], context["x_plain"], context["y_plain"])}
+        self.baseline = recipe.readings(context["model"], context)
         self.tried = {}  # family -> {tolerance: key}
         self.results = {}  # key -> (candidate, tolerance, points)
         self.latency = {}  # path -> {"latency_s", "speedup" over the base model}
